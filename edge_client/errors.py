@@ -1,0 +1,46 @@
+"""The project's one exception tree.
+
+    FedpruneError                  any error fedprune reports to a user (exit code 1 by default)
+    ├── ConfigError                bad flags, profile, data file or model file (exit 2)
+    ├── WireError                  a payload that cannot be decoded or fails its checksum
+    │   └── OversizeError          a payload larger than the transport allows
+    ├── BrokerError                the broker cannot be reached or dropped us for good (exit 3)
+    └── ExportError                a model that cannot be converted or fails verification (exit 4)
+
+Third-party errors are caught at the boundary and re-raised as one of these (``raise ... from exc``);
+the command-line programs print ``str(error)`` on one line and exit with ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class FedpruneError(Exception):
+    """Root of every error fedprune raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(FedpruneError):
+    """A user-supplied input (flag, profile, data file, model file) is unusable."""
+
+    exit_code = 2
+
+
+class WireError(FedpruneError):
+    """A message cannot be decoded, has the wrong version or fails its checksum."""
+
+
+class OversizeError(WireError):
+    """A payload is larger than the configured maximum."""
+
+
+class BrokerError(FedpruneError):
+    """The MQTT broker is unreachable."""
+
+    exit_code = 3
+
+
+class ExportError(FedpruneError):
+    """A model cannot be exported, or the export fails verification."""
+
+    exit_code = 4
