@@ -1,0 +1,53 @@
+"""Coordinator-side export: strip pruning wrappers, convert tf_keras models to TFLite, and verify
+the result under LiteRT before it is shipped to devices.
+
+Names are re-exported lazily, so ``converters.cli`` can set TensorFlow's log level before
+TensorFlow is first imported. ``strip`` is not re-exported: once imported, the submodule
+``converters.strip`` shadows any package attribute of that name; use ``converters.strip.strip``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from converters.export import ExportReport, export_run
+    from converters.heldout import HeldOut, load_heldout
+    from converters.strip import kernel_sparsity, load_keras
+    from converters.tflite import Precision, to_tflite
+    from converters.verify import evaluate_keras, evaluate_tflite, latency_ms
+
+__all__ = [
+    "ExportReport",
+    "HeldOut",
+    "Precision",
+    "evaluate_keras",
+    "evaluate_tflite",
+    "export_run",
+    "kernel_sparsity",
+    "latency_ms",
+    "load_heldout",
+    "load_keras",
+    "to_tflite",
+]
+
+_HOME = {
+    "ExportReport": "export",
+    "export_run": "export",
+    "HeldOut": "heldout",
+    "load_heldout": "heldout",
+    "kernel_sparsity": "strip",
+    "load_keras": "strip",
+    "Precision": "tflite",
+    "to_tflite": "tflite",
+    "evaluate_keras": "verify",
+    "evaluate_tflite": "verify",
+    "latency_ms": "verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'converters' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"converters.{_HOME[name]}"), name)
