@@ -1,0 +1,87 @@
+"""``fedprune-client``: run one edge client against a broker (no TensorFlow needed to start)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import device_profiles
+from edge_client import data as local_data
+from edge_client.client import EdgeClient, Identity
+from edge_client.errors import FedpruneError
+from edge_client.transport import MqttTransport
+
+PROG = "fedprune-client"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train on this device's private data in a fedprune run: receive the pruned "
+        "global model over MQTT, train locally keeping pruned weights at zero, send a sparse update.",
+    )
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                   help="broker URL, mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port")
+    p.add_argument("--data", type=Path, required=True,
+                   help=".npz with x (features) and y (integer labels); optional x_test/y_test")
+    p.add_argument("--profile", default="generic-x86-64",
+                   help="device profile name (see fedprune-profiles list) or path to a .toml")
+    p.add_argument("--run", default="default", help="run name, as given to the coordinator")
+    p.add_argument("--id", dest="client_id", default=None,
+                   help="client id (default: hostname plus data file name)")
+    p.add_argument("--trainer", default=None, help="trainer backend (default: the profile's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="local epochs per round (default: what the coordinator announces)")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffling and the held-out split")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (default: run until the coordinator ends)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        profile = device_profiles.load(args.profile)
+        data = local_data.load(args.data, seed=args.seed)
+        identity = Identity(
+            run=args.run,
+            client_id=args.client_id or f"{socket.gethostname()}-{args.data.stem}",
+            profile=profile.name,
+            num_samples=data.num_samples,
+            backend=args.trainer or profile.trainer.value,
+        )
+        transport = MqttTransport(
+            args.broker,
+            client_id=identity.client_id,
+            will=identity.will(),
+            max_payload=profile.max_payload_bytes,
+            on_connect=[identity.hello()],
+        )
+        client = EdgeClient(
+            transport, identity=identity, data=data, local_epochs=args.epochs, seed=args.seed
+        )
+        try:
+            report = client.run(timeout=args.timeout)
+        finally:
+            client.transport.close()
+    except (FedpruneError, device_profiles.ProfileError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        return 130
+    logging.getLogger("fedprune.client").info(
+        "done: %d round(s), %d bytes sent", len(report.rounds), report.bytes_up
+    )
+    return 0 if report.finished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""A device's local data: a ``.npz`` file with arrays ``x`` (features) and ``y`` (integer labels).
+
+Optional ``x_test``/``y_test`` arrays are the device's held-out split; without them the client holds
+out a seeded 20% of ``x``/``y``. Features are reshaped to the model's input shape when training.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_client.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalData:
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    def shaped(self, input_shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Training and held-out features reshaped to ``input_shape`` (without the batch axis)."""
+        shape = (-1, *input_shape)
+        try:
+            return self.x.reshape(shape), self.x_test.reshape(shape)
+        except ValueError as exc:
+            per_sample = int(np.prod(self.x.shape[1:]))
+            raise ConfigError(
+                f"local data has {per_sample} features per sample; the model wants {input_shape}"
+            ) from exc
+
+
+def _check(path: Path, x: np.ndarray, y: np.ndarray, names: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+        raise ConfigError(
+            f"{path}: {names} must be a non-empty batch of samples and a 1-D label array of the"
+            f" same length, got shapes {x.shape} and {y.shape}"
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{path}: labels must be integers, got {y.dtype}")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise ConfigError(f"{path}: features must be finite numbers")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def load(path: Path, *, seed: int = 0, holdout: float = 0.2) -> LocalData:
+    """Load and validate a local data file; every problem is one ``ConfigError`` line."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such data file") from exc
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ConfigError(f"{path}: not a readable .npz data file ({exc})") from exc
+    missing = {"x", "y"} - arrays.keys()
+    if missing:
+        raise ConfigError(f"{path}: missing array(s) {', '.join(sorted(missing))}; need x and y")
+    x, y = _check(path, arrays["x"], arrays["y"], "x/y")
+    if "x_test" in arrays and "y_test" in arrays:
+        x_test, y_test = _check(path, arrays["x_test"], arrays["y_test"], "x_test/y_test")
+        return LocalData(x=x, y=y, x_test=x_test, y_test=y_test)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(len(y) * holdout)) if len(y) >= 5 else 0
+    test, train = order[:n_test], order[n_test:]
+    return LocalData(x=x[train], y=y[train], x_test=x[test], y_test=y[test])

@@ -1,0 +1,78 @@
+"""The ``keras`` trainer: tf_keras on the device (TensorFlow is imported only when it is built)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from edge_client.codec import Model
+from edge_client.trainer import Evaluation, Trainer
+from edge_client.wire import Spec
+
+
+class KerasTrainer(Trainer):
+    """Builds the run's architecture once; each round trains a few epochs in a compiled step that
+    multiplies every masked weight by its mask right after the optimizer update."""
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__(spec)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+        import tf_keras
+
+        self._tf = tf
+        self._keras = tf_keras
+        self.model = tf_keras.models.model_from_json(spec.model_json)
+        self._loss = tf_keras.losses.SparseCategoricalCrossentropy()
+        if spec.optimizer == "adam":
+            self._optimizer: Any = tf_keras.optimizers.Adam(spec.learning_rate)
+        else:
+            self._optimizer = tf_keras.optimizers.SGD(spec.learning_rate, momentum=spec.momentum)
+        self._optimizer.build(self.model.trainable_variables)
+        self._masks = [
+            tf.Variable(tf.ones_like(v), trainable=False) for v in self.model.trainable_variables
+        ]
+        self._step = tf.function(self._train_step)
+
+    def _train_step(self, x: Any, y: Any) -> Any:
+        tf = self._tf
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = self._loss(y, self.model(x, training=True))
+        grads = tape.gradient(loss, variables)
+        self._optimizer.apply_gradients(zip(grads, variables, strict=True))
+        for variable, mask in zip(variables, self._masks, strict=True):
+            variable.assign(variable * mask)
+        return loss
+
+    def _load(self, model: Model) -> None:
+        self.model.set_weights(model.weights)
+        index = {id(w): i for i, w in enumerate(self.model.weights)}
+        for variable, mask_var in zip(self.model.trainable_variables, self._masks, strict=True):
+            i = index[id(variable)]
+            mask = model.masks[i]
+            mask_var.assign(np.ones(variable.shape, np.float32) if mask is None else mask)
+        for v in self._optimizer.variables:
+            v.assign(self._tf.zeros_like(v))
+
+    def fit(
+        self, model: Model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int
+    ) -> list[np.ndarray]:
+        self._load(model)
+        rng = np.random.default_rng(seed)
+        batch = self.spec.batch_size
+        for _ in range(epochs):
+            order = rng.permutation(len(x))
+            for start in range(0, len(x), batch):
+                idx = order[start : start + batch]
+                self._step(x[idx], y[idx])
+        return [np.asarray(w) for w in self.model.get_weights()]
+
+    def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
+        self.model.set_weights(weights)
+        probs = self.model(x, training=False).numpy()
+        loss = float(self._loss(y, probs).numpy())
+        accuracy = float(np.mean(np.argmax(probs, axis=1) == y))
+        return Evaluation(loss=loss, accuracy=accuracy, n=len(y))

@@ -1,0 +1,197 @@
+"""The network behind a small interface. This is the only module that imports paho-mqtt.
+
+Incoming messages are put on a queue that the owner drains from its own thread: nothing runs inside
+paho's callbacks except that, which avoids paho's publish-from-callback deadlocks. Subscriptions are
+renewed on every (re)connect, so a client that lost the broker picks up retained state again.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from edge_client.errors import BrokerError, ConfigError, OversizeError
+
+Incoming = tuple[str, bytes]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerUrl:
+    """``mqtt://host:port`` (3.1.1) or ``mqtt5://host:port`` (MQTT 5)."""
+
+    host: str
+    port: int
+    mqtt5: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerUrl:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtt5", "tcp"):
+            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtt5://")
+        try:
+            port = parts.port or 1883
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r}: bad port") from exc
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r}: no host")
+        return cls(host=parts.hostname, port=port, mqtt5=parts.scheme == "mqtt5")
+
+    def __str__(self) -> str:
+        return f"{'mqtt5' if self.mqtt5 else 'mqtt'}://{self.host}:{self.port}"
+
+
+class Transport(ABC):
+    """Publish bytes to topics and receive what matches the subscriptions, in order."""
+
+    def __init__(self, *, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish one message; payloads over ``max_payload`` are refused before they are sent."""
+        if len(payload) > self.max_payload:
+            raise OversizeError(
+                f"payload of {len(payload)} bytes on {topic} exceeds the maximum {self.max_payload}"
+            )
+        self._publish(topic, payload, qos, retain)
+
+    def get(self, timeout: float) -> Incoming | None:
+        """Next incoming message, or ``None`` after ``timeout`` seconds."""
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    @abstractmethod
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
+
+    @abstractmethod
+    def subscribe(self, pattern: str, qos: int = 1) -> None: ...
+
+    @abstractmethod
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until every QoS>0 message published so far is acknowledged."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class MqttTransport(Transport):
+    """paho-mqtt 2.x client with a last will, automatic reconnect with backoff and resubscription."""
+
+    def __init__(
+        self,
+        url: str | BrokerUrl,
+        *,
+        client_id: str,
+        will: tuple[str, bytes] | None = None,
+        max_payload: int = 256 * 1024,
+        connect_attempts: int = 5,
+        on_connect: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        super().__init__(max_payload=max_payload)
+        self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
+        self._subscriptions: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._lock = threading.Lock()
+        self.reconnects = 0
+        self.announce = list(on_connect or [])
+        protocol = MQTTProtocolVersion.MQTTv5 if self.url.mqtt5 else MQTTProtocolVersion.MQTTv311
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{client_id}-{uuid.uuid4().hex[:6]}",
+            protocol=protocol,
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._connect(connect_attempts)
+
+    def _connect(self, attempts: int) -> None:
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                self._client.connect(self.url.host, self.url.port, keepalive=30)
+                break
+            except OSError as exc:
+                if attempt == attempts:
+                    raise BrokerError(
+                        f"cannot reach the MQTT broker at {self.url} after {attempts} attempts"
+                        f" ({exc.strerror or exc})"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        self._client.loop_start()
+        if not self._connected.wait(timeout=15):
+            self._client.loop_stop()
+            raise BrokerError(f"the MQTT broker at {self.url} did not accept the connection")
+
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+        if getattr(rc, "is_failure", False):
+            return
+        if self._connected.is_set() or self._subscriptions:
+            self.reconnects += 1
+        for pattern, qos in self._subscriptions.items():
+            client.subscribe(pattern, qos)
+        for topic, payload in self.announce:
+            client.publish(topic, payload, qos=1, retain=True)
+        self._connected.set()
+
+    def _on_disconnect(self, *_args: object) -> None:
+        self._connected.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put((msg.topic, bytes(msg.payload)))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def subscribe(self, pattern: str, qos: int = 1) -> None:
+        self._subscriptions[pattern] = qos
+        self._client.subscribe(pattern, qos)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            with self._lock:
+                self._pending = [i for i in self._pending if not i.is_published()]
+                self._pending.append(info)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for info in pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _wait(info, remaining):
+                raise BrokerError(f"the MQTT broker at {self.url} did not acknowledge in time")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def _wait(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError):
+        return False
+    return info.is_published()
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT wildcard matching (``+`` one level, ``#`` the rest)."""
+    return mqtt.topic_matches_sub(pattern, topic)

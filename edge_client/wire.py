@@ -1,0 +1,263 @@
+"""Messages on the wire: msgpack-encoded frozen dataclasses in a versioned envelope, and chunking.
+
+Every message is one msgpack map ``{"v": "1.0", "kind": ..., "run": ..., "sender": ..., "seq": ...,
+"body": {...}}``. The major version also appears in the topic (``fedprune/v1/<run>/...``); a message
+whose major version differs from ours is refused. Large payloads (models, updates) travel as
+``Chunk`` messages that each carry the whole payload's size, chunk count and SHA-256. Nothing is ever
+pickled; see docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import msgpack
+
+from edge_client.errors import OversizeError, WireError
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+
+
+class Kind(StrEnum):
+    """What a message is; one dataclass per kind."""
+
+    HELLO = "hello"
+    OFFLINE = "offline"
+    STATUS = "status"
+    SPEC = "spec"
+    ROUND = "round"
+    CHUNK = "chunk"
+    METRICS = "metrics"
+    NOTICE = "notice"
+
+
+class Phase(StrEnum):
+    """Coordinator phases published on ``coordinator/status``."""
+
+    WAITING = "waiting"
+    TRAINING = "training"
+    FINISHED = "finished"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """Base of all messages: subclasses set ``KIND`` and add their fields."""
+
+    KIND: ClassVar[Kind]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(Message):
+    """A client announces itself (retained on ``clients/<id>/status``)."""
+
+    KIND: ClassVar[Kind] = Kind.HELLO
+    client_id: str
+    profile: str
+    num_samples: int
+    backend: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Offline(Message):
+    """Last will of a client or of the coordinator."""
+
+    KIND: ClassVar[Kind] = Kind.OFFLINE
+    who: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Status(Message):
+    """Coordinator status (retained); its last will is an ``Offline``."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS
+    phase: Phase
+    round: int
+    rounds: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phase", Phase(self.phase))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec(Message):
+    """What every client needs once per run: the architecture and how to train it."""
+
+    KIND: ClassVar[Kind] = Kind.SPEC
+    model_json: str
+    input_shape: list[int]
+    optimizer: str
+    learning_rate: float
+    momentum: float
+    local_epochs: int
+    batch_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Describes a chunked payload: where its chunks are and how to check them."""
+
+    topic: str
+    size: int
+    chunks: int
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Round(Message):
+    """A round announcement (retained on ``round``)."""
+
+    KIND: ClassVar[Kind] = Kind.ROUND
+    round: int
+    model_version: int
+    deadline: float
+    selected: list[str]
+    model: Manifest
+    local_epochs: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk(Message):
+    """One piece of a chunked payload (a model or an update)."""
+
+    KIND: ClassVar[Kind] = Kind.CHUNK
+    index: int
+    count: int
+    size: int
+    sha256: str
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Metrics(Message):
+    """Per-round summary for monitors (retained on ``metrics``)."""
+
+    KIND: ClassVar[Kind] = Kind.METRICS
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Notice(Message):
+    """Coordinator -> one client: accepted or rejected (with the reason)."""
+
+    KIND: ClassVar[Kind] = Kind.NOTICE
+    round: int
+    accepted: bool
+    reason: str
+
+
+_BY_KIND: dict[Kind, type[Message]] = {
+    cls.KIND: cls for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice)
+}
+_NESTED: dict[str, type[Any]] = {"model": Manifest}
+_seq = itertools.count()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Envelope:
+    """A decoded message with its routing fields."""
+
+    version: str
+    run: str
+    sender: str
+    seq: int
+    message: Message = field(repr=False)
+
+
+def encode(message: Message, *, run: str, sender: str) -> bytes:
+    """Serialize one message in its envelope."""
+    body = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    for key, value in body.items():
+        if dataclasses.is_dataclass(value):
+            body[key] = dataclasses.asdict(value)  # type: ignore[arg-type]
+    envelope = {
+        "v": PROTOCOL_VERSION,
+        "kind": message.KIND.value,
+        "run": run,
+        "sender": sender,
+        "seq": next(_seq),
+        "body": body,
+    }
+    return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(payload: bytes) -> Envelope:
+    """Parse and check one message; any problem is a ``WireError`` naming it."""
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable message ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise WireError("message is not a map")
+    version = raw.get("v")
+    if not isinstance(version, str) or version.split(".")[0] != str(PROTOCOL_MAJOR):
+        raise WireError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+    try:
+        cls = _BY_KIND[Kind(raw["kind"])]
+        body = dict(raw["body"])
+        for key, nested in _NESTED.items():
+            if key in body and key in {f.name for f in dataclasses.fields(cls)}:
+                body[key] = nested(**body[key])
+        message = cls(**body)
+        return Envelope(
+            version=version,
+            run=str(raw["run"]),
+            sender=str(raw["sender"]),
+            seq=int(raw["seq"]),
+            message=message,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"malformed message ({exc})") from exc
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split(payload: bytes, *, max_chunk: int) -> Iterator[Chunk]:
+    """Cut a payload into chunks whose data is at most ``max_chunk`` bytes."""
+    if max_chunk < 1:
+        raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
+    digest = sha256(payload)
+    count = max(1, -(-len(payload) // max_chunk))
+    for index in range(count):
+        data = payload[index * max_chunk : (index + 1) * max_chunk]
+        yield Chunk(index=index, count=count, size=len(payload), sha256=digest, data=data)
+
+
+class Reassembler:
+    """Collects the chunks of one payload; duplicates (QoS 1 redelivery) are ignored."""
+
+    def __init__(self, *, max_size: int) -> None:
+        self.max_size = max_size
+        self._parts: dict[int, bytes] = {}
+        self._first: Chunk | None = None
+
+    def add(self, chunk: Chunk) -> bytes | None:
+        """Add a chunk; return the verified payload once complete, else ``None``."""
+        first = self._first
+        if first is None:
+            if chunk.size > self.max_size:
+                raise OversizeError(f"payload of {chunk.size} bytes exceeds {self.max_size}")
+            if not 0 < chunk.count <= chunk.size + 1:
+                raise WireError(f"bad chunk count {chunk.count} for {chunk.size} bytes")
+            self._first = first = chunk
+        elif (chunk.count, chunk.size, chunk.sha256) != (first.count, first.size, first.sha256):
+            raise WireError("chunk does not belong to the payload being assembled")
+        if not 0 <= chunk.index < first.count:
+            raise WireError(f"chunk index {chunk.index} out of range 0..{first.count - 1}")
+        self._parts.setdefault(chunk.index, chunk.data)
+        if len(self._parts) < first.count:
+            return None
+        payload = b"".join(self._parts[i] for i in range(first.count))
+        if len(payload) != first.size or sha256(payload) != first.sha256:
+            raise WireError("reassembled payload fails its size or SHA-256 check")
+        return payload
