@@ -1,0 +1,72 @@
+"""The coordinator's run configuration: validated on construction, saved as the run's config.toml."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.pruning import ScheduleConfig, ScheduleKind
+from edge_client.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything needed to reproduce a run (the broker URL and paths are where, not what)."""
+
+    run: str = "default"
+    broker: str = "mqtt://127.0.0.1:1883"
+    model: str = "cnn"
+    rounds: int = 20
+    min_clients: int = 3
+    clients_per_round: int = 0
+    quorum: float = 1.0
+    round_timeout: float = 60.0
+    join_timeout: float = 120.0
+    local_epochs: int = 2
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    max_payload: int = 256 * 1024
+    heldout: str = ""
+    out: str = "runs"
+    profile: str = "generic-x86-64"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("rounds", self.rounds >= 1, ">= 1"),
+            ("min_clients", self.min_clients >= 1, ">= 1"),
+            ("clients_per_round", self.clients_per_round >= 0, ">= 0 (0 = all)"),
+            ("quorum", 0.0 < self.quorum <= 1.0, "in (0, 1]"),
+            ("round_timeout", self.round_timeout > 0, "> 0"),
+            ("local_epochs", self.local_epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+            ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
+            ("run", self.run.replace("-", "").replace("_", "").isalnum(), "letters, digits, - or _"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        if self.schedule.end_round > self.rounds and self.schedule.kind is not ScheduleKind.CONSTANT:
+            raise ConfigError(
+                f"the pruning schedule ends at round {self.schedule.end_round}, after the last"
+                f" round {self.rounds}: the target sparsity would never be reached"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.run
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["schedule"]["kind"] = self.schedule.kind.value
+        return data

@@ -1,0 +1,50 @@
+"""The global model: built-in presets for 8x8 digits, or a user's Keras file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import tf_keras
+
+from converters.strip import load_keras
+
+layers = tf_keras.layers
+
+
+def cnn() -> tf_keras.Model:
+    """A small CNN for 8x8x1 images: Conv16 -> Dense128 -> 10 (132,650 parameters)."""
+    return tf_keras.Sequential(
+        [
+            layers.Input((8, 8, 1)),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(10, activation="softmax"),
+        ],
+        name="cnn",
+    )
+
+
+def mlp() -> tf_keras.Model:
+    """A 64-64-64-10 MLP for flattened 8x8 images."""
+    return tf_keras.Sequential(
+        [
+            layers.Input((64,)),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(10, activation="softmax"),
+        ],
+        name="mlp",
+    )
+
+
+PRESETS: dict[str, Callable[[], tf_keras.Model]] = {"cnn": cnn, "mlp": mlp}
+
+
+def build(name_or_path: str, *, seed: int = 0) -> tf_keras.Model:
+    """A preset by name, or the model in a .keras/.h5 file (a ``ConfigError`` if it is not one)."""
+    tf_keras.utils.set_random_seed(seed)
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    return load_keras(Path(name_or_path))

@@ -1,0 +1,339 @@
+"""The coordinator's round loop.
+
+Per round: publish the global model (sparse, chunked, retained) and the round announcement (retained);
+collect updates until the quorum or the deadline; validate each (a bad one is counted by reason and
+never touches the model); FedAvg into a streaming sum; write the average into the wrapped model; advance
+the TF-MOT schedule by one step; evaluate; checkpoint; write one metrics line and publish it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.aggregation import FedAvg
+from coordinator.config import RunConfig
+from coordinator.pruning import Pruner
+from coordinator.validation import Limits, Reason, Rejected, classify, validate
+from edge_client.codec import Model, encode_model
+from edge_client.errors import ConfigError, WireError
+from edge_client.topics import Topics
+from edge_client.transport import Transport
+from edge_client.wire import (
+    Chunk,
+    Hello,
+    Manifest,
+    Message,
+    Metrics,
+    Notice,
+    Offline,
+    Phase,
+    Reassembler,
+    Round,
+    Spec,
+    Status,
+    decode,
+    encode,
+    sha256,
+    split,
+)
+
+log = logging.getLogger("fedprune.coordinator")
+
+SENDER = "coordinator"
+ENVELOPE_ROOM = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+
+
+Evaluator = Callable[[], Evaluation | None]
+
+
+@dataclass(kw_only=True)
+class RoundResult:
+    """One line of metrics.jsonl."""
+
+    round: int
+    accuracy: float | None
+    loss: float | None
+    client_accuracy: float | None
+    client_loss: float | None
+    sparsity: float
+    bytes_up: int
+    bytes_down: int
+    dense_bytes_up: int
+    dense_bytes_down: int
+    selected: int
+    reported: int
+    rejected: dict[str, int]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(kw_only=True)
+class _Collect:
+    """State of the round being collected."""
+
+    round: int
+    model: Model
+    selected: set[str]
+    aggregator: FedAvg
+    reported: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_up: int = 0
+    assembling: dict[tuple[str, str], Reassembler] = field(default_factory=dict)
+    done: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        transport: Transport,
+        config: RunConfig,
+        pruner: Pruner,
+        *,
+        evaluate: Evaluator,
+        on_round: Callable[[RoundResult], None] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.transport = transport
+        self.config = config
+        self.pruner = pruner
+        self.evaluate = evaluate
+        self.on_round = on_round or (lambda result: None)
+        self.limits = limits or Limits()
+        self.topics = Topics(config.run)
+        self.clients: dict[str, Hello] = {}
+        self.results: list[RoundResult] = []
+        self._collect: _Collect | None = None
+        self._model_chunks: list[str] = []
+        self._rng = random.Random(config.seed)
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _encode(self, message: Message) -> bytes:
+        return encode(message, run=self.config.run, sender=SENDER)
+
+    def _publish(self, topic: str, message: Message, *, retain: bool = True) -> int:
+        payload = self._encode(message)
+        self.transport.publish(topic, payload, retain=retain)
+        return len(payload)
+
+    def status(self, phase: Phase, round_: int) -> None:
+        status = Status(phase=phase, round=round_, rounds=self.config.rounds)
+        self._publish(self.topics.status, status)
+
+    def spec(self) -> Spec:
+        model = self.pruner.stripped
+        return Spec(
+            model_json=model.to_json(),
+            input_shape=[int(d) for d in model.input_shape[1:]],
+            optimizer=self.config.optimizer,
+            learning_rate=self.config.learning_rate,
+            momentum=self.config.momentum,
+            local_epochs=self.config.local_epochs,
+            batch_size=self.config.batch_size,
+        )
+
+    def _publish_model(self, version: int, model: Model) -> tuple[Manifest, int]:
+        """Publish the model's chunks (retained) and clear the previous version's."""
+        for topic in self._model_chunks:
+            self.transport.publish(topic, b"", retain=True)
+        payload = encode_model(model)
+        prefix = self.topics.model(version)
+        sent = 0
+        self._model_chunks = []
+        for chunk in split(payload, max_chunk=self.config.max_payload - ENVELOPE_ROOM):
+            topic = f"{prefix}/{chunk.index}"
+            sent += self._publish(topic, chunk)
+            self._model_chunks.append(topic)
+        manifest = Manifest(
+            topic=prefix,
+            size=len(payload),
+            chunks=len(self._model_chunks),
+            sha256=sha256(payload),
+        )
+        return manifest, sent
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def pump(self, timeout: float) -> None:
+        """Handle one incoming message, if one arrives within ``timeout`` seconds."""
+        item = self.transport.get(timeout)
+        if item is None:
+            return
+        topic, payload = item
+        parsed = self.topics.parse_update(topic)
+        if parsed is not None:
+            self._on_update_chunk(*parsed, payload)
+            return
+        client_id = self.topics.client_of_status(topic)
+        if client_id is None or not payload:
+            return
+        try:
+            message = decode(payload).message
+        except WireError as exc:
+            log.warning("ignored status of %s: %s", client_id, exc)
+            return
+        if isinstance(message, Hello):
+            if client_id not in self.clients:
+                log.info("client %s joined (%s, %d samples)", client_id, message.profile,
+                         message.num_samples)
+            self.clients[client_id] = message
+        elif isinstance(message, Offline) and self.clients.pop(client_id, None) is not None:
+            log.info("client %s went offline", client_id)
+
+    def _on_update_chunk(self, client_id: str, round_text: str, _index: str, payload: bytes) -> None:
+        state = self._collect
+        if state is None:
+            return
+        state.bytes_up += len(payload)
+        key = (client_id, round_text)
+        try:
+            envelope = decode(payload)
+            chunk = envelope.message
+            if not isinstance(chunk, Chunk):
+                raise WireError(f"expected a chunk, got {chunk.KIND}")
+            if state.done.get(key) == chunk.sha256:
+                return  # a QoS 1 redelivery of an update already handled
+            if round_text != str(state.round):
+                raise Rejected(Reason.ROUND, f"update for round {round_text}, now {state.round}")
+            if client_id not in state.selected:
+                raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
+            limit = self.limits.max_update_bytes
+            complete = state.assembling.setdefault(key, Reassembler(max_size=limit)).add(chunk)
+            if complete is None:
+                return
+            del state.assembling[key]
+            if key in state.done:
+                state.done[key] = chunk.sha256
+                raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
+            state.done[key] = chunk.sha256
+            update = validate(complete, state.model, round_=state.round, limits=self.limits)
+        except WireError as exc:
+            state.assembling.pop(key, None)
+            self._reject(state, client_id, Rejected(classify(exc), str(exc)))
+            return
+        except Rejected as rejected:
+            state.assembling.pop(key, None)
+            self._reject(state, client_id, rejected)
+            return
+        state.aggregator.add(update)
+        state.reported.add(client_id)
+        self._publish(self.topics.inbox(client_id),
+                      Notice(round=state.round, accepted=True, reason=""), retain=False)
+
+    def _reject(self, state: _Collect, client_id: str, rejected: Rejected) -> None:
+        state.rejected[rejected.reason.value] += 1
+        log.warning("round %d: rejected an update from %s: %s", state.round, client_id, rejected)
+        notice = Notice(round=state.round, accepted=False, reason=str(rejected))
+        self._publish(self.topics.inbox(client_id), notice, retain=False)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.transport.subscribe(self.topics.all_client_status)
+        self.transport.subscribe(self.topics.all_updates)
+        self._publish(self.topics.spec, self.spec())
+        self.status(Phase.WAITING, 0)
+
+    def wait_for_clients(self) -> None:
+        deadline = time.monotonic() + self.config.join_timeout
+        while len(self.clients) < self.config.min_clients:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"only {len(self.clients)} of {self.config.min_clients} clients joined within"
+                    f" {self.config.join_timeout:.0f} s"
+                )
+            self.pump(0.2)
+
+    def select(self) -> list[str]:
+        online = sorted(self.clients)
+        k = self.config.clients_per_round
+        return online if k <= 0 or k >= len(online) else sorted(self._rng.sample(online, k))
+
+    def run_round(self, round_: int) -> RoundResult:
+        started = time.perf_counter()
+        while not self.clients:
+            self.pump(0.2)  # everyone dropped: wait for someone to come back
+        model = self.pruner.model()
+        selected = self.select()
+        manifest, model_bytes = self._publish_model(round_, model)
+        announcement = Round(
+            round=round_,
+            model_version=round_,
+            deadline=time.time() + self.config.round_timeout,
+            selected=selected,
+            model=manifest,
+            local_epochs=self.config.local_epochs,
+        )
+        round_bytes = self._publish(self.topics.round, announcement)
+        self.status(Phase.TRAINING, round_)
+        state = _Collect(
+            round=round_,
+            model=model,
+            selected=set(selected),
+            aggregator=FedAvg([w.shape for w in model.weights]),
+        )
+        self._collect = state
+        needed = max(1, math.ceil(self.config.quorum * len(selected)))
+        deadline = time.monotonic() + self.config.round_timeout
+        while len(state.reported) < needed and time.monotonic() < deadline:
+            self.pump(0.1)
+        self._collect = None
+        if state.aggregator.count:
+            self.pruner.set_weights(state.aggregator.apply(model.weights))
+        else:
+            log.warning("round %d: no valid update arrived; the model is unchanged", round_)
+        self.pruner.step(round_)
+        evaluation = self.evaluate()
+        dense = sum(w.size for w in model.weights) * 4
+        client = state.aggregator.client_metrics()
+        result = RoundResult(
+            round=round_,
+            accuracy=None if evaluation is None else evaluation.accuracy,
+            loss=None if evaluation is None else evaluation.loss,
+            client_accuracy=client.get("accuracy"),
+            client_loss=client.get("loss"),
+            sparsity=self.pruner.sparsity(),
+            bytes_up=state.bytes_up,
+            bytes_down=(model_bytes + round_bytes) * len(selected),
+            dense_bytes_up=dense * len(state.reported),
+            dense_bytes_down=dense * len(selected),
+            selected=len(selected),
+            reported=len(state.reported),
+            rejected=dict(state.rejected),
+            seconds=time.perf_counter() - started,
+        )
+        self.results.append(result)
+        self._publish(self.topics.metrics, Metrics(values=result.to_dict()))
+        self.on_round(result)
+        return result
+
+    def run(self) -> list[RoundResult]:
+        self.start()
+        self.wait_for_clients()
+        for round_ in range(1, self.config.rounds + 1):
+            self.run_round(round_)
+        self.finish()
+        return self.results
+
+    def finish(self) -> None:
+        for topic in [*self._model_chunks, self.topics.round]:
+            self.transport.publish(topic, b"", retain=True)
+        self._model_chunks = []
+        self.status(Phase.FINISHED, self.config.rounds)
+        self.transport.flush()
+

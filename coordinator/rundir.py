@@ -1,0 +1,68 @@
+"""The run directory: config.toml, metrics.jsonl, checkpoints/, model/, heldout.npz, export/."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from coordinator.config import RunConfig
+from coordinator.pruning import Pruner
+from coordinator.rounds import RoundResult
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        for sub in ("checkpoints", "model"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        self.metrics = path / "metrics.jsonl"
+        self.metrics.write_text("")
+
+    def write_config(self, config: RunConfig) -> None:
+        data = {k: v for k, v in config.to_dict().items() if v is not None}
+        _atomic(self.path / "config.toml", lambda f: tomli_w.dump(data, f))
+
+    def write_heldout(self, x: np.ndarray, y: np.ndarray) -> Path:
+        path = self.path / "heldout.npz"
+        _atomic(path, lambda f: np.savez(f, x=x, y=y))
+        return path
+
+    def append(self, result: RoundResult) -> None:
+        with self.metrics.open("a") as handle:
+            handle.write(json.dumps(result.to_dict()) + "\n")
+
+    def checkpoint(self, round_: int, pruner: Pruner) -> Path:
+        """Every variable of the wrapped model (weights, masks, thresholds, TF-MOT steps)."""
+        path = self.path / "checkpoints" / f"round-{round_:04d}.npz"
+        arrays = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(pruner.wrapped.get_weights())}
+        _atomic(path, lambda f: np.savez(f, round=round_, **arrays))
+        for old in path.parent.glob("round-*.npz"):
+            if old != path:
+                old.unlink()
+        return path
+
+    def save_models(self, pruner: Pruner) -> tuple[Path, Path]:
+        wrapped = self.path / "model" / "wrapped.keras"
+        stripped = self.path / "model" / "stripped.keras"
+        pruner.wrapped.save(wrapped)
+        pruner.stripped.save(stripped)
+        return wrapped, stripped

@@ -1,0 +1,84 @@
+"""One whole coordinator run: build and wrap the model, serve the rounds, save, export."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tf_keras
+
+from converters.export import ExportReport, export_run
+from coordinator import models
+from coordinator.config import RunConfig
+from coordinator.pruning import Pruner, wrap
+from coordinator.rounds import Coordinator, Evaluation, RoundResult
+from coordinator.rundir import RunDir
+from edge_client import data as local_data
+from edge_client.topics import Topics
+from edge_client.transport import MqttTransport
+from edge_client.wire import Offline, encode
+
+log = logging.getLogger("fedprune.coordinator")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    run_dir: Path
+    results: list[RoundResult]
+    export: ExportReport | None
+
+
+def _evaluator(pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None) -> Callable[
+    [], Evaluation | None
+]:
+    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
+
+    def evaluate() -> Evaluation | None:
+        if x is None or y is None:
+            return None
+        probs = pruner.stripped(x, training=False).numpy()
+        accuracy = float(np.mean(np.argmax(probs, axis=1) == y))
+        return Evaluation(loss=float(loss_fn(y, probs).numpy()), accuracy=accuracy)
+
+    return evaluate
+
+
+def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None) -> Summary:
+    model = models.build(config.model, seed=config.seed)
+    pruner = Pruner(wrap(model, config.schedule))
+    rundir = RunDir(config.run_dir)
+    rundir.write_config(config)
+    x = y = None
+    if config.heldout:
+        heldout = local_data.load(Path(config.heldout), holdout=0.0)
+        x, _ = heldout.shaped([int(d) for d in pruner.stripped.input_shape[1:]])
+        y = heldout.y
+        rundir.write_heldout(x, y)
+
+    def after_round(result: RoundResult) -> None:
+        rundir.append(result)
+        rundir.checkpoint(result.round, pruner)
+        if on_round is not None:
+            on_round(result)
+
+    topics = Topics(config.run)
+    will = encode(Offline(who="coordinator"), run=config.run, sender="coordinator")
+    transport = MqttTransport(
+        config.broker,
+        client_id=f"fedprune-coordinator-{config.run}",
+        will=(topics.status, will),
+        max_payload=config.max_payload,
+    )
+    try:
+        coordinator = Coordinator(
+            transport, config, pruner, evaluate=_evaluator(pruner, x, y), on_round=after_round
+        )
+        results = coordinator.run()
+    finally:
+        transport.close()
+    rundir.save_models(pruner)
+    report = export_run(rundir.path, profile=config.profile) if x is not None else None
+    return Summary(run_dir=rundir.path, results=results, export=report)

@@ -1,0 +1,71 @@
+"""Checks an update must pass before it may touch the global model; failures are data, not errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from edge_client.codec import Model, Update, decode_update
+from edge_client.errors import OversizeError, WireError
+
+
+class Reason(StrEnum):
+    """Why an update was rejected (the keys of ``rejected`` in metrics.jsonl)."""
+
+    VERSION = "version"
+    DECODE = "decode"
+    OVERSIZE = "oversize"
+    ROUND = "round"
+    UNSELECTED = "unselected"
+    DUPLICATE = "duplicate"
+    SHAPE = "shape"
+    NONFINITE = "nonfinite"
+    NORM = "norm"
+    SAMPLES = "samples"
+
+
+class Rejected(Exception):
+    """Raised inside validation only; the coordinator counts it and goes on."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    max_update_bytes: int = 64 * 1024 * 1024
+    max_norm: float = 1e4
+    max_samples: int = 10_000_000
+
+
+def classify(error: WireError) -> Reason:
+    if isinstance(error, OversizeError):
+        return Reason.OVERSIZE
+    if "protocol version" in str(error):
+        return Reason.VERSION
+    return Reason.DECODE
+
+
+def validate(payload: bytes, model: Model, *, round_: int, limits: Limits) -> Update:
+    """Decode and check an update for ``round_`` against ``model``; raise ``Rejected`` if bad."""
+    if len(payload) > limits.max_update_bytes:
+        raise Rejected(Reason.OVERSIZE, f"{len(payload)} bytes > {limits.max_update_bytes}")
+    try:
+        update = decode_update(payload, model)
+    except WireError as exc:
+        reason = Reason.SHAPE if "expected" in str(exc) or "tensors" in str(exc) else Reason.DECODE
+        raise Rejected(reason, str(exc)) from exc
+    if update.round != round_:
+        raise Rejected(Reason.ROUND, f"update is for round {update.round}, not {round_}")
+    if not 0 < update.num_samples <= limits.max_samples:
+        raise Rejected(Reason.SAMPLES, f"num_samples {update.num_samples} out of range")
+    if not all(np.all(np.isfinite(d)) for d in update.deltas):
+        raise Rejected(Reason.NONFINITE, "update contains NaN or Inf")
+    norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in update.deltas)))
+    if norm > limits.max_norm:
+        raise Rejected(Reason.NORM, f"update norm {norm:.3g} > {limits.max_norm:.3g}")
+    return update
