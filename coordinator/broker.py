@@ -22,6 +22,11 @@ from edge_client.errors import BrokerError
 log = logging.getLogger("fedprune.broker")
 
 
+def mosquitto_binary() -> str | None:
+    """Debian installs mosquitto in /usr/sbin, which is not on a normal user's PATH."""
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,16 +46,18 @@ def _wait_listening(port: int, timeout: float) -> bool:
 class EmbeddedBroker:
     """``with EmbeddedBroker() as broker: ... broker.url``; ``kind`` is auto, mosquitto or amqtt."""
 
-    def __init__(self, kind: str = "auto", *, message_size_limit: int = 0) -> None:
+    def __init__(
+        self, kind: str = "auto", *, message_size_limit: int = 0, port: int | None = None
+    ) -> None:
         if kind == "auto":
-            kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
+            kind = "mosquitto" if mosquitto_binary() else "amqtt"
         if kind not in ("mosquitto", "amqtt"):
             raise BrokerError(f"unknown embedded broker {kind!r} (mosquitto or amqtt)")
-        if kind == "mosquitto" and not shutil.which("mosquitto"):
+        if kind == "mosquitto" and not mosquitto_binary():
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
         self.kind = kind
         self.message_size_limit = message_size_limit
-        self.port = free_port()
+        self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,7 +94,7 @@ class EmbeddedBroker:
             lines.append(f"message_size_limit {self.message_size_limit}")
         conf.write_text("\n".join(lines) + "\n")
         self._process = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)],
+            [mosquitto_binary() or "mosquitto", "-c", str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             client_id=identity.client_id,
             will=identity.will(),
             max_payload=profile.max_payload_bytes,
-            on_connect=[identity.hello()],
         )
         client = EdgeClient(
             transport, identity=identity, data=data, local_epochs=args.epochs, seed=args.seed

@@ -1,8 +1,9 @@
 """The network behind a small interface. This is the only module that imports paho-mqtt.
 
 Incoming messages are put on a queue that the owner drains from its own thread: nothing runs inside
-paho's callbacks except that, which avoids paho's publish-from-callback deadlocks. Subscriptions are
-renewed on every (re)connect, so a client that lost the broker picks up retained state again.
+paho's callbacks except that, which avoids paho's publish-from-callback deadlocks. On every reconnect
+the subscriptions are renewed and this side's retained messages are published again (the broker may
+have restarted without them, or replaced one with our last will), so both sides pick up where they were.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ class MqttTransport(Transport):
         will: tuple[str, bytes] | None = None,
         max_payload: int = 256 * 1024,
         connect_attempts: int = 5,
-        on_connect: list[tuple[str, bytes]] | None = None,
     ) -> None:
         super().__init__(max_payload=max_payload)
         self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
@@ -104,7 +104,7 @@ class MqttTransport(Transport):
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
         self.reconnects = 0
-        self.announce = list(on_connect or [])
+        self._retained: dict[str, bytes] = {}
         protocol = MQTTProtocolVersion.MQTTv5 if self.url.mqtt5 else MQTTProtocolVersion.MQTTv311
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -141,11 +141,13 @@ class MqttTransport(Transport):
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
         if getattr(rc, "is_failure", False):
             return
-        if self._connected.is_set() or self._subscriptions:
+        if self._subscriptions or self._retained:
             self.reconnects += 1
         for pattern, qos in self._subscriptions.items():
             client.subscribe(pattern, qos)
-        for topic, payload in self.announce:
+        with self._lock:
+            retained = list(self._retained.items())
+        for topic, payload in retained:
             client.publish(topic, payload, qos=1, retain=True)
         self._connected.set()
 
@@ -164,6 +166,12 @@ class MqttTransport(Transport):
         self._client.subscribe(pattern, qos)
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if retain:
+            with self._lock:
+                if payload:
+                    self._retained[topic] = payload
+                else:
+                    self._retained.pop(topic, None)
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
             with self._lock:

@@ -1,0 +1,69 @@
+"""The main job for real: a mosquitto broker, the coordinator and client processes, a TFLite export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_client.topics import Topics
+from edge_client.transport import MqttTransport
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "coordinator.demo", "--out", str(tmp_path), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def metrics(run_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_federated_pruning_run_over_mosquitto_reaches_accuracy_and_sparsity(
+    mosquitto: str, tmp_path: Path
+) -> None:
+    # Prepare: a separate subscriber counts every update payload byte the broker delivers.
+    run = "e2e"
+    counter = MqttTransport(mosquitto, client_id="byte-counter")
+    counter.subscribe(Topics(run).all_updates)
+
+    # Execute: coordinator here-and-now plus 3 client processes, 80% target sparsity.
+    done = run_demo(tmp_path, "--broker", mosquitto, "--clients", "3", "--run", run)
+    counted = 0
+    while (item := counter.get(timeout=0.5)) is not None:
+        counted += len(item[1])
+    counter.close()
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / run
+    rounds = metrics(run_dir)
+    last = rounds[-1]
+    assert last["accuracy"] >= 0.90
+    assert last["sparsity"] >= 0.75
+    assert all(r["reported"] == 3 and r["rejected"] == {} for r in rounds)
+    assert sum(r["bytes_up"] for r in rounds) == counted
+    assert last["bytes_up"] < 0.3 * last["dense_bytes_up"]
+    export = json.loads((run_dir / "export" / "generic-x86-64" / "export.json").read_text())
+    assert abs(export["tflite_accuracy"] - export["keras_accuracy"]) <= 0.01
+    assert export["tflite_accuracy"] >= 0.89
+    for name in ("config.toml", "model/wrapped.keras", "model/stripped.keras"):
+        assert (run_dir / name).is_file(), name
+    assert len(list((run_dir / "checkpoints").glob("round-*.npz"))) == 1
+    assert "LiteRT accuracy" in done.stdout
+
+
+def test_demo_runs_with_the_embedded_pure_python_broker(tmp_path: Path) -> None:
+    done = run_demo(tmp_path, "--broker", "amqtt", "--clients", "2", "--run", "amqtt",
+                    "--rounds", "4", "--begin-round", "1", "--end-round", "3", "--target", "0.5")
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "embedded amqtt" in done.stdout
+    last = metrics(tmp_path / "amqtt")[-1]
+    assert last["reported"] == 2
+    assert last["sparsity"] == pytest.approx(0.5, abs=0.01)
