@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from converters._quiet import native_log_filtered
+from converters.quiet import native_log_filtered
 from edge_client.errors import FedpruneError
 
 PROG = "fedprune-export"

@@ -1,7 +1,7 @@
 """Sample-weighted FedAvg as a streaming sum: memory of one model however many clients report.
 
-Updates are deltas at the unmasked positions (zeros elsewhere), so the average never touches a pruned
-weight: ``new = old + sum_k(n_k * delta_k) / sum_k(n_k)``.
+Updates are deltas at the unmasked positions (zeros elsewhere), so the average never touches a
+pruned weight: ``new = old + sum_k(n_k * delta_k) / sum_k(n_k)``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ import os
 import sys
 
 import device_profiles
+from converters.quiet import native_log_filtered
+from coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from edge_client.errors import FedpruneError
 
 PROG = "fedprune-coordinator"
@@ -15,74 +17,138 @@ PROG = "fedprune-coordinator"
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The run's options, shared by the coordinator and the demo."""
-    from coordinator.config import RunConfig
-
     d = RunConfig()
     s = d.schedule
     p.add_argument("--run", default=d.run, help="run name: topic root and run directory name")
-    p.add_argument("--model", default=d.model,
-                   help="preset (cnn, mlp) or path to a .keras/.h5 model (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="preset (cnn, mlp) or path to a .keras/.h5 model (default: %(default)s)",
+    )
     p.add_argument("--rounds", type=int, default=d.rounds, help="rounds (default: %(default)s)")
-    p.add_argument("--schedule", choices=["polynomial", "constant", "mean"], default=s.kind.value,
-                   help="pruning schedule, in rounds (default: %(default)s)")
-    p.add_argument("--target", type=float, default=s.target,
-                   help="target sparsity (default: %(default)s)")
-    p.add_argument("--begin-round", type=int, default=s.begin_round,
-                   help="first round that prunes (default: %(default)s)")
-    p.add_argument("--end-round", type=int, default=s.end_round,
-                   help="round at which the target is reached (default: %(default)s)")
-    p.add_argument("--local-epochs", type=int, default=d.local_epochs,
-                   help="epochs each client trains per round (default: %(default)s)")
+    p.add_argument(
+        "--schedule",
+        choices=["polynomial", "constant", "mean"],
+        default=s.kind.value,
+        help="pruning schedule, in rounds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--target", type=float, default=s.target, help="target sparsity (default: %(default)s)"
+    )
+    p.add_argument(
+        "--begin-round",
+        type=int,
+        default=s.begin_round,
+        help="first round that prunes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--end-round",
+        type=int,
+        default=s.end_round,
+        help="round at which the target is reached (default: %(default)s)",
+    )
+    p.add_argument(
+        "--local-epochs",
+        type=int,
+        default=d.local_epochs,
+        help="epochs each client trains per round (default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
     p.add_argument("--lr", type=float, default=d.learning_rate, help="(default: %(default)s)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="(default: %(default)s)")
-    p.add_argument("--round-timeout", type=float, default=d.round_timeout,
-                   help="seconds a round waits for updates (default: %(default)s)")
-    p.add_argument("--quorum", type=float, default=d.quorum,
-                   help="share of selected clients that closes a round early (default: %(default)s)")
-    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round,
-                   help="clients sampled per round, 0 = all online (default: %(default)s)")
-    p.add_argument("--max-payload", type=int, default=d.max_payload,
-                   help="largest MQTT payload in bytes; bigger ones are chunked (default: %(default)s)")
-    p.add_argument("--profile", default=d.profile,
-                   help="device profile of the final export (default: %(default)s)")
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=d.round_timeout,
+        help="seconds a round waits for updates (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quorum",
+        type=float,
+        default=d.quorum,
+        help="share of selected clients that closes a round early (default: %(default)s)",
+    )
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=d.clients_per_round,
+        help="clients sampled per round, 0 = all online (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-payload",
+        type=int,
+        default=d.max_payload,
+        help="largest MQTT payload in bytes; bigger ones are chunked (default: %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        default=d.profile,
+        help="device profile of the final export (default: %(default)s)",
+    )
     p.add_argument("--out", default=d.out, help="folder of run directories (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
 
 
-def config_from(args: argparse.Namespace, **overrides: object) -> object:
-    from coordinator.config import RunConfig
-    from coordinator.pruning import ScheduleConfig, ScheduleKind
-
-    schedule = ScheduleConfig(kind=ScheduleKind(args.schedule), target=args.target,
-                              begin_round=args.begin_round, end_round=args.end_round)
+def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
+    """A validated ``RunConfig`` from the parsed options, with ``overrides`` on top."""
+    schedule = ScheduleConfig(
+        kind=ScheduleKind(args.schedule),
+        target=args.target,
+        begin_round=args.begin_round,
+        end_round=args.end_round,
+    )
     values: dict[str, object] = dict(
-        run=args.run, model=args.model, rounds=args.rounds, schedule=schedule,
-        local_epochs=args.local_epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-        learning_rate=args.lr, momentum=args.momentum, round_timeout=args.round_timeout,
-        quorum=args.quorum, clients_per_round=args.clients_per_round,
-        max_payload=args.max_payload, profile=args.profile, out=args.out, seed=args.seed,
+        run=args.run,
+        model=args.model,
+        rounds=args.rounds,
+        schedule=schedule,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        momentum=args.momentum,
+        round_timeout=args.round_timeout,
+        quorum=args.quorum,
+        clients_per_round=args.clients_per_round,
+        max_payload=args.max_payload,
+        profile=args.profile,
+        out=args.out,
+        seed=args.seed,
     )
     values.update(overrides)
-    return RunConfig(**values)  # type: ignore[arg-type]
+    return RunConfig(**values)  # type: ignore[arg-type]  # checked in __post_init__
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Coordinate a federated training run with TF-MOT pruning over MQTT: publish the "
-        "pruned global model each round, aggregate the clients' sparse updates with FedAvg, prune "
-        "on schedule, and export the final model to TFLite.",
+        description="Coordinate a federated training run with TF-MOT pruning over MQTT: publish "
+        "the pruned global model each round, aggregate the clients' sparse updates with FedAvg, "
+        "prune on schedule, and export the final model to TFLite.",
     )
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
-                   help="broker URL, mqtt://host:port or mqtt5://host:port (default: %(default)s)")
-    p.add_argument("--min-clients", type=int, default=3,
-                   help="clients that must join before round 1 (default: %(default)s)")
-    p.add_argument("--join-timeout", type=float, default=120.0,
-                   help="seconds to wait for them (default: %(default)s)")
-    p.add_argument("--heldout", default="",
-                   help=".npz (x, y) the coordinator evaluates on and exports with (optional)")
+    p.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        help="broker URL, mqtt://host:port or mqtt5://host:port (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-clients",
+        type=int,
+        default=3,
+        help="clients that must join before round 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for them (default: %(default)s)",
+    )
+    p.add_argument(
+        "--heldout",
+        default="",
+        help=".npz (x, y) the coordinator evaluates on and exports with (optional)",
+    )
     add_run_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p
@@ -91,15 +157,24 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         device_profiles.load(args.profile)
-        from coordinator import session
+        config = config_from(
+            args,
+            broker=args.broker,
+            min_clients=args.min_clients,
+            join_timeout=args.join_timeout,
+            heldout=args.heldout,
+        )
+        with native_log_filtered():
+            from coordinator import session
+            from coordinator.progress import round_line
 
-        config = config_from(args, broker=args.broker, min_clients=args.min_clients,
-                             join_timeout=args.join_timeout, heldout=args.heldout)
-        summary = session.run(config, on_round=print_round)  # type: ignore[arg-type]
+        summary = session.run(config, on_round=lambda r: print(round_line(r), flush=True))
     except (FedpruneError, device_profiles.ProfileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
@@ -107,12 +182,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"run directory: {summary.run_dir}")
     return 0
-
-
-def print_round(r: object) -> None:
-    from coordinator.progress import round_line
-
-    print(round_line(r), flush=True)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -1,16 +1,49 @@
-"""The coordinator's run configuration: validated on construction, saved as the run's config.toml."""
+"""The coordinator's run configuration: validated on construction, saved as config.toml."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from coordinator.pruning import ScheduleConfig, ScheduleKind
 from edge_client.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+class ScheduleKind(StrEnum):
+    POLYNOMIAL = "polynomial"
+    CONSTANT = "constant"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """When and how much to prune, counted in rounds.
+
+    ``polynomial``: dense until ``begin_round``, then TF-MOT ``PolynomialDecay`` to ``target`` at
+    ``end_round``. ``constant``: TF-MOT ``ConstantSparsity`` at ``target`` from ``begin_round``.
+    ``mean``: at every round from ``begin_round`` to ``end_round``, prune the weights whose
+    magnitude is below the layer's mean magnitude (``target`` is unused).
+    """
+
+    kind: ScheduleKind = ScheduleKind.POLYNOMIAL
+    target: float = 0.8
+    begin_round: int = 2
+    end_round: int = 12
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ScheduleKind(self.kind))
+        if not 0.0 <= self.target < 1.0:
+            raise ConfigError(f"target sparsity must be in [0, 1), got {self.target}")
+        if self.begin_round < 0:
+            raise ConfigError(f"begin_round must be >= 0, got {self.begin_round}")
+        if self.kind is not ScheduleKind.CONSTANT and self.end_round <= self.begin_round:
+            raise ConfigError(
+                f"end_round ({self.end_round}) must be after begin_round ({self.begin_round})"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +84,19 @@ class RunConfig:
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
             ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
-            ("run", self.run.replace("-", "").replace("_", "").isalnum(), "letters, digits, - or _"),
+            (
+                "run",
+                self.run.replace("-", "").replace("_", "").isalnum(),
+                "letters, digits, - or _",
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        if self.schedule.end_round > self.rounds and self.schedule.kind is not ScheduleKind.CONSTANT:
+        if (
+            self.schedule.end_round > self.rounds
+            and self.schedule.kind is not ScheduleKind.CONSTANT
+        ):
             raise ConfigError(
                 f"the pruning schedule ends at round {self.schedule.end_round}, after the last"
                 f" round {self.rounds}: the target sparsity would never be reached"

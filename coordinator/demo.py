@@ -1,8 +1,8 @@
 """``fedprune-demo``: the whole job on one machine with no flags.
 
-Starts a private broker, splits scikit-learn's digits non-IID across N clients, runs N edge clients as
-separate processes and the coordinator here, prunes to the target sparsity, exports the final model to
-TFLite, checks it with the LiteRT interpreter and prints a summary.
+Starts a private broker, splits scikit-learn's digits non-IID across N clients, runs N edge
+clients as separate processes and the coordinator here, prunes to the target sparsity, exports the
+final model to TFLite, checks it with the LiteRT interpreter and prints a summary.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from converters.quiet import native_log_filtered
 from edge_client.errors import FedpruneError
 
 PROG = "fedprune-demo"
@@ -32,11 +33,18 @@ def parser() -> argparse.ArgumentParser:
         "verified TFLite export. No flags needed.",
     )
     p.add_argument("--clients", type=int, default=5, help="edge client processes (default: 5)")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="Dirichlet alpha of the non-IID split; smaller is more skewed (default: 0.5)")
-    p.add_argument("--broker", default="auto",
-                   help="auto (mosquitto if installed, else the in-process amqtt broker), "
-                   "mosquitto, amqtt, or the URL of a running broker (default: auto)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet alpha of the non-IID split; smaller is more skewed (default: 0.5)",
+    )
+    p.add_argument(
+        "--broker",
+        default="auto",
+        help="auto (mosquitto if installed, else the in-process amqtt broker), "
+        "mosquitto, amqtt, or the URL of a running broker (default: auto)",
+    )
     add_run_arguments(p)
     p.set_defaults(run="", round_timeout=60.0)
     return p
@@ -53,16 +61,32 @@ def _broker(choice: str) -> Iterator[tuple[str, str]]:
         yield broker.url, f"embedded {broker.kind}"
 
 
-def _start_clients(paths: list[Path], url: str, run: str, logs: Path) -> list[subprocess.Popen[bytes]]:
+def _start_clients(
+    paths: list[Path], url: str, run: str, logs: Path
+) -> list[subprocess.Popen[bytes]]:
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     processes = []
     for i, path in enumerate(paths):
-        command = [sys.executable, "-m", "edge_client", "--broker", url, "--data", str(path),
-                   "--run", run, "--id", f"client-{i}", "--seed", str(i)]
+        command = [
+            sys.executable,
+            "-m",
+            "edge_client",
+            "--broker",
+            url,
+            "--data",
+            str(path),
+            "--run",
+            run,
+            "--id",
+            f"client-{i}",
+            "--seed",
+            str(i),
+        ]
         with (logs / f"client-{i}.log").open("wb") as log_file:
-            processes.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                              env=env))
+            processes.append(
+                subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            )
     return processes
 
 
@@ -74,21 +98,29 @@ def main(argv: list[str] | None = None) -> int:
     run = args.run or time.strftime("demo-%Y%m%d-%H%M%S")
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        from coordinator import digits, session
+        with native_log_filtered():
+            from coordinator import digits, session
         from coordinator.cli import config_from
         from coordinator.progress import round_line, summary_lines
 
         run_dir = Path(args.out) / run
-        paths, heldout = digits.write_demo_data(run_dir / "data", args.clients, alpha=args.alpha,
-                                                seed=args.seed)
+        paths, heldout = digits.write_demo_data(
+            run_dir / "data", args.clients, alpha=args.alpha, seed=args.seed
+        )
         with _broker(args.broker) as (url, kind):
-            print(f"fedprune demo: run {run}, {args.clients} clients on non-IID digits "
-                  f"(alpha {args.alpha}), broker {kind} at {url}", flush=True)
+            print(
+                f"fedprune demo: run {run}, {args.clients} clients on non-IID digits "
+                f"(alpha {args.alpha}), broker {kind} at {url}",
+                flush=True,
+            )
             processes = _start_clients(paths, url, run, run_dir / "logs")
-            config = config_from(args, run=run, broker=url, min_clients=args.clients,
-                                 heldout=str(heldout))
-            summary = session.run(config,  # type: ignore[arg-type]
-                                  on_round=lambda r: print(round_line(r), flush=True))
+            config = config_from(
+                args, run=run, broker=url, min_clients=args.clients, heldout=str(heldout)
+            )
+            summary = session.run(
+                config,
+                on_round=lambda r: print(round_line(r), flush=True),
+            )
             for process in processes:
                 process.wait(timeout=30)
         for line in summary_lines(summary, seconds=time.perf_counter() - started):

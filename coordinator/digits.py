@@ -1,4 +1,4 @@
-"""The demo's data: scikit-learn's 8x8 digits (shipped in the package), split non-IID by Dirichlet."""
+"""The demo's data: scikit-learn's 8x8 digits (shipped with it), split non-IID by Dirichlet."""
 
 from __future__ import annotations
 
@@ -55,7 +55,12 @@ def write_demo_data(
         rng = np.random.default_rng(seed + i)
         idx = rng.permutation(idx)
         path = folder / f"client-{i}.npz"
-        np.savez(path, x=x_train[idx[cut:]], y=y_train[idx[cut:]],
-                 x_test=x_train[idx[:cut]], y_test=y_train[idx[:cut]])
+        np.savez(
+            path,
+            x=x_train[idx[cut:]],
+            y=y_train[idx[cut:]],
+            x_test=x_train[idx[:cut]],
+            y_test=y_train[idx[:cut]],
+        )
         paths.append(path)
     return paths, heldout

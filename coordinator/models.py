@@ -8,6 +8,7 @@ from pathlib import Path
 import tf_keras
 
 from converters.strip import load_keras
+from edge_client.errors import ConfigError
 
 layers = tf_keras.layers
 
@@ -47,4 +48,8 @@ def build(name_or_path: str, *, seed: int = 0) -> tf_keras.Model:
     tf_keras.utils.set_random_seed(seed)
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
-    return load_keras(Path(name_or_path))
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        presets = ", ".join(PRESETS)
+        raise ConfigError(f"unknown model {name_or_path!r}: not a preset ({presets}) nor a file")
+    return load_keras(path)

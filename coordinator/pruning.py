@@ -1,7 +1,7 @@
 """Pruning the global model with TF-MOT, one schedule step per round.
 
-The model is wrapped with ``prune_low_magnitude``; its masks are the wrappers' own variables. After a
-round's aggregate is written into the model, ``Pruner.step(round)`` sets every wrapper's
+The model is wrapped with ``prune_low_magnitude``; its masks are the wrappers' own variables.
+After a round's aggregate is written into the model, ``Pruner.step(round)`` sets every wrapper's
 ``pruning_step`` to the round number and runs TF-MOT's ``conditional_mask_update`` followed by its
 ``weight_mask_op``: exactly what a pruning training step does, with rounds as steps. Schedules use
 ``frequency=1`` in rounds, so the final sparsity is reached exactly at ``end_round``.
@@ -9,8 +9,6 @@ round's aggregate is written into the model, ``Pruner.step(round)`` sets every w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -21,55 +19,26 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude,
 )
 
+from coordinator.config import ScheduleConfig, ScheduleKind
 from edge_client.codec import Model
 from edge_client.errors import ConfigError
 
 sparsity = tfmot.sparsity.keras
 
 
-class ScheduleKind(StrEnum):
-    POLYNOMIAL = "polynomial"
-    CONSTANT = "constant"
-    MEAN = "mean"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ScheduleConfig:
-    """When and how much to prune, counted in rounds.
-
-    ``polynomial``: dense until ``begin_round``, then TF-MOT ``PolynomialDecay`` to ``target`` at
-    ``end_round``. ``constant``: TF-MOT ``ConstantSparsity`` at ``target`` from ``begin_round``.
-    ``mean``: at every round from ``begin_round`` to ``end_round``, prune the weights whose magnitude is
-    below the layer's mean magnitude (``target`` is unused).
-    """
-
-    kind: ScheduleKind = ScheduleKind.POLYNOMIAL
-    target: float = 0.8
-    begin_round: int = 2
-    end_round: int = 12
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.target < 1.0:
-            raise ConfigError(f"target sparsity must be in [0, 1), got {self.target}")
-        if self.begin_round < 0:
-            raise ConfigError(f"begin_round must be >= 0, got {self.begin_round}")
-        if self.kind is not ScheduleKind.CONSTANT and self.end_round <= self.begin_round:
-            raise ConfigError(
-                f"end_round ({self.end_round}) must be after begin_round ({self.begin_round})"
-            )
-
-    def build(self) -> sparsity.PruningSchedule:
-        if self.kind is ScheduleKind.POLYNOMIAL:
-            return sparsity.PolynomialDecay(
-                initial_sparsity=0.0,
-                final_sparsity=self.target,
-                begin_step=self.begin_round,
-                end_step=self.end_round,
-                frequency=1,
-            )
-        if self.kind is ScheduleKind.CONSTANT:
-            return sparsity.ConstantSparsity(self.target, begin_step=self.begin_round, frequency=1)
-        return MeanMagnitude(begin_step=self.begin_round, end_step=self.end_round)
+def build_schedule(config: ScheduleConfig) -> sparsity.PruningSchedule:
+    """The TF-MOT schedule for ``config``, with steps counted in rounds and ``frequency=1``."""
+    if config.kind is ScheduleKind.POLYNOMIAL:
+        return sparsity.PolynomialDecay(
+            initial_sparsity=0.0,
+            final_sparsity=config.target,
+            begin_step=config.begin_round,
+            end_step=config.end_round,
+            frequency=1,
+        )
+    if config.kind is ScheduleKind.CONSTANT:
+        return sparsity.ConstantSparsity(config.target, begin_step=config.begin_round, frequency=1)
+    return MeanMagnitude(begin_step=config.begin_round, end_step=config.end_round)
 
 
 class MeanMagnitude(sparsity.PruningSchedule):  # type: ignore[misc]
@@ -100,20 +69,18 @@ def wrap(model: tf_keras.Model, schedule: ScheduleConfig) -> tf_keras.Model:
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     try:
-        return sparsity.prune_low_magnitude(copy, pruning_schedule=schedule.build())
+        return sparsity.prune_low_magnitude(copy, pruning_schedule=build_schedule(schedule))
     except ValueError as exc:
         raise ConfigError(f"cannot prune this model: {exc}") from exc
 
 
 class Pruner:
-    """The global model: wrapped for TF-MOT, seen through its stripped view for weights and masks."""
+    """The global model: wrapped for TF-MOT, read through its stripped view and the masks."""
 
     def __init__(self, wrapped: tf_keras.Model) -> None:
         self.wrapped = wrapped
         self.stripped = sparsity.strip_pruning(wrapped)  # shares the inner layers with ``wrapped``
-        self.wrappers = [
-            layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)
-        ]
+        self.wrappers = [layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)]
         position = {id(v): i for i, v in enumerate(self.stripped.weights)}
         self._mask_of: dict[int, Any] = {}
         for wrapper in self.wrappers:
@@ -137,6 +104,10 @@ class Pruner:
             wrapper.pruning_step.assign(round_)
             if not update_masks:
                 continue
+            # TF-MOT ranks the raw weights: zero the pruned ones first so that whatever was written
+            # there cannot win a place in the new mask, and keep only positions the old mask kept.
+            wrapper.pruning_obj.weight_mask_op()
+            previous = [mask.numpy() for _, mask, _ in wrapper.pruning_vars]
             schedule = wrapper.pruning_schedule
             if isinstance(schedule, MeanMagnitude) and wrapper.pruning_vars:
                 weight = wrapper.pruning_vars[0][0]
@@ -144,6 +115,8 @@ class Pruner:
                 below = tf.reduce_mean(tf.cast(magnitude < tf.reduce_mean(magnitude), tf.float32))
                 schedule.level.assign(below)
             wrapper.pruning_obj.conditional_mask_update()
+            for (_, mask, _), old in zip(wrapper.pruning_vars, previous, strict=True):
+                mask.assign(mask * old)
             wrapper.pruning_obj.weight_mask_op()
 
     def sparsity(self) -> float:

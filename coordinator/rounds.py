@@ -1,9 +1,10 @@
 """The coordinator's round loop.
 
-Per round: publish the global model (sparse, chunked, retained) and the round announcement (retained);
-collect updates until the quorum or the deadline; validate each (a bad one is counted by reason and
-never touches the model); FedAvg into a streaming sum; write the average into the wrapped model; advance
-the TF-MOT schedule by one step; evaluate; checkpoint; write one metrics line and publish it.
+Per round: publish the global model (sparse, chunked, retained) and the round announcement
+(retained); collect updates until the quorum or the deadline; validate each (a bad one is counted
+by reason and never touches the model); FedAvg into a streaming sum; write the average into the
+wrapped model; advance the TF-MOT schedule by one step; evaluate; checkpoint; write one metrics
+line and publish it.
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ class _Collect:
     selected: set[str]
     aggregator: FedAvg
     reported: set[str] = field(default_factory=set)
+    responded: set[str] = field(default_factory=set)  # reported, or rejected: no need to wait
     rejected: Counter[str] = field(default_factory=Counter)
     bytes_up: int = 0
     assembling: dict[tuple[str, str], Reassembler] = field(default_factory=dict)
     done: dict[tuple[str, str], str] = field(default_factory=dict)
+    unreadable: set[tuple[str, str]] = field(default_factory=set)
 
 
 class Coordinator:
@@ -169,43 +172,54 @@ class Coordinator:
 
     # -- receiving -------------------------------------------------------------------------------
 
-    def pump(self, timeout: float) -> None:
-        """Handle one incoming message, if one arrives within ``timeout`` seconds."""
+    def pump(self, timeout: float) -> bool:
+        """Handle one message if one arrives within ``timeout`` seconds; ``False`` if none did."""
         item = self.transport.get(timeout)
         if item is None:
-            return
+            return False
         topic, payload = item
         parsed = self.topics.parse_update(topic)
         if parsed is not None:
             self._on_update_chunk(*parsed, payload)
-            return
+            return True
         client_id = self.topics.client_of_status(topic)
         if client_id is None or not payload:
-            return
+            return True
         try:
             message = decode(payload).message
         except WireError as exc:
             log.warning("ignored status of %s: %s", client_id, exc)
-            return
+            return True
         if isinstance(message, Hello):
             if client_id not in self.clients:
-                log.info("client %s joined (%s, %d samples)", client_id, message.profile,
-                         message.num_samples)
+                log.info(
+                    "client %s joined (%s, %d samples)",
+                    client_id,
+                    message.profile,
+                    message.num_samples,
+                )
             self.clients[client_id] = message
         elif isinstance(message, Offline) and self.clients.pop(client_id, None) is not None:
             log.info("client %s went offline", client_id)
+        return True
 
-    def _on_update_chunk(self, client_id: str, round_text: str, _index: str, payload: bytes) -> None:
+    def _on_update_chunk(
+        self, client_id: str, round_text: str, _index: str, payload: bytes
+    ) -> None:
         state = self._collect
         if state is None:
             return
         state.bytes_up += len(payload)
         key = (client_id, round_text)
+        chunk: Chunk | None = None
         try:
             envelope = decode(payload)
-            chunk = envelope.message
-            if not isinstance(chunk, Chunk):
-                raise WireError(f"expected a chunk, got {chunk.KIND}")
+            message = envelope.message
+            if envelope.sender != client_id:
+                raise Rejected(Reason.SENDER, f"sent as {envelope.sender!r} on {client_id}'s topic")
+            if not isinstance(message, Chunk):
+                raise WireError(f"expected a chunk, got {message.KIND}")
+            chunk = message
             if state.done.get(key) == chunk.sha256:
                 return  # a QoS 1 redelivery of an update already handled
             if round_text != str(state.round):
@@ -222,21 +236,32 @@ class Coordinator:
                 raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
             state.done[key] = chunk.sha256
             update = validate(complete, state.model, round_=state.round, limits=self.limits)
-        except WireError as exc:
+        except (WireError, Rejected) as exc:
             state.assembling.pop(key, None)
-            self._reject(state, client_id, Rejected(classify(exc), str(exc)))
-            return
-        except Rejected as rejected:
-            state.assembling.pop(key, None)
+            # One rejection per update, not per chunk: the rest of a rejected payload's chunks are
+            # ignored like redeliveries; unreadable chunks are counted once per client and round.
+            if chunk is not None:
+                state.done[key] = chunk.sha256
+            elif key in state.unreadable:
+                return
+            else:
+                state.unreadable.add(key)
+            rejected = exc if isinstance(exc, Rejected) else Rejected(classify(exc), str(exc))
             self._reject(state, client_id, rejected)
             return
         state.aggregator.add(update)
         state.reported.add(client_id)
-        self._publish(self.topics.inbox(client_id),
-                      Notice(round=state.round, accepted=True, reason=""), retain=False)
+        state.responded.add(client_id)
+        self._publish(
+            self.topics.inbox(client_id),
+            Notice(round=state.round, accepted=True, reason=""),
+            retain=False,
+        )
 
     def _reject(self, state: _Collect, client_id: str, rejected: Rejected) -> None:
         state.rejected[rejected.reason.value] += 1
+        if client_id in state.selected and rejected.reason not in (Reason.ROUND, Reason.UNSELECTED):
+            state.responded.add(client_id)  # its answer for this round is in: do not wait for it
         log.warning("round %d: rejected an update from %s: %s", state.round, client_id, rejected)
         notice = Notice(round=state.round, accepted=False, reason=str(rejected))
         self._publish(self.topics.inbox(client_id), notice, retain=False)
@@ -250,14 +275,21 @@ class Coordinator:
         self.status(Phase.WAITING, 0)
 
     def wait_for_clients(self) -> None:
+        self._await_clients(self.config.min_clients)
+
+    def _await_clients(self, count: int) -> None:
+        """Wait up to ``join_timeout`` for ``count`` clients online, then read every hello that is
+        already queued, so that clients joining together are all in the first selection."""
         deadline = time.monotonic() + self.config.join_timeout
-        while len(self.clients) < self.config.min_clients:
+        while len(self.clients) < count:
             if time.monotonic() > deadline:
                 raise ConfigError(
-                    f"only {len(self.clients)} of {self.config.min_clients} clients joined within"
+                    f"only {len(self.clients)} of {count} clients online after waiting"
                     f" {self.config.join_timeout:.0f} s"
                 )
             self.pump(0.2)
+        while self.pump(0.0):
+            pass
 
     def select(self) -> list[str]:
         online = sorted(self.clients)
@@ -266,8 +298,7 @@ class Coordinator:
 
     def run_round(self, round_: int) -> RoundResult:
         started = time.perf_counter()
-        while not self.clients:
-            self.pump(0.2)  # everyone dropped: wait for someone to come back
+        self._await_clients(1)  # everyone may have dropped: wait for someone to come back
         model = self.pruner.model()
         selected = self.select()
         manifest, model_bytes = self._publish_model(round_, model)
@@ -290,7 +321,11 @@ class Coordinator:
         self._collect = state
         needed = max(1, math.ceil(self.config.quorum * len(selected)))
         deadline = time.monotonic() + self.config.round_timeout
-        while len(state.reported) < needed and time.monotonic() < deadline:
+        while (
+            len(state.reported) < needed
+            and len(state.responded) < len(selected)
+            and time.monotonic() < deadline
+        ):
             self.pump(0.1)
         self._collect = None
         if state.aggregator.count:
@@ -335,5 +370,5 @@ class Coordinator:
             self.transport.publish(topic, b"", retain=True)
         self._model_chunks = []
         self.status(Phase.FINISHED, self.config.rounds)
-        self.transport.flush()
-
+        if not self.transport.flush(timeout=30):
+            log.warning("the broker did not acknowledge the final status in time")

@@ -31,9 +31,9 @@ class Summary:
     export: ExportReport | None
 
 
-def _evaluator(pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None) -> Callable[
-    [], Evaluation | None
-]:
+def _evaluator(
+    pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None
+) -> Callable[[], Evaluation | None]:
     loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
 
     def evaluate() -> Evaluation | None:

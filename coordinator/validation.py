@@ -1,4 +1,4 @@
-"""Checks an update must pass before it may touch the global model; failures are data, not errors."""
+"""Checks an update must pass before it may touch the global model; failures are data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from enum import StrEnum
 import numpy as np
 
 from edge_client.codec import Model, Update, decode_update
-from edge_client.errors import OversizeError, WireError
+from edge_client.errors import OversizeError, ShapeError, VersionError, WireError
 
 
 class Reason(StrEnum):
@@ -24,6 +24,7 @@ class Reason(StrEnum):
     NONFINITE = "nonfinite"
     NORM = "norm"
     SAMPLES = "samples"
+    SENDER = "sender"
 
 
 class Rejected(Exception):
@@ -42,12 +43,15 @@ class Limits:
     max_samples: int = 10_000_000
 
 
+_BY_ERROR: list[tuple[type[WireError], Reason]] = [
+    (OversizeError, Reason.OVERSIZE),
+    (VersionError, Reason.VERSION),
+    (ShapeError, Reason.SHAPE),
+]
+
+
 def classify(error: WireError) -> Reason:
-    if isinstance(error, OversizeError):
-        return Reason.OVERSIZE
-    if "protocol version" in str(error):
-        return Reason.VERSION
-    return Reason.DECODE
+    return next((r for cls, r in _BY_ERROR if isinstance(error, cls)), Reason.DECODE)
 
 
 def validate(payload: bytes, model: Model, *, round_: int, limits: Limits) -> Update:
@@ -57,8 +61,7 @@ def validate(payload: bytes, model: Model, *, round_: int, limits: Limits) -> Up
     try:
         update = decode_update(payload, model)
     except WireError as exc:
-        reason = Reason.SHAPE if "expected" in str(exc) or "tensors" in str(exc) else Reason.DECODE
-        raise Rejected(reason, str(exc)) from exc
+        raise Rejected(classify(exc), str(exc)) from exc
     if update.round != round_:
         raise Rejected(Reason.ROUND, f"update is for round {update.round}, not {round_}")
     if not 0 < update.num_samples <= limits.max_samples:

@@ -12,32 +12,73 @@ import device_profiles
 from edge_client import data as local_data
 from edge_client.client import EdgeClient, Identity
 from edge_client.errors import FedpruneError
+from edge_client.trainer import check_backend
 from edge_client.transport import MqttTransport
 
 PROG = "fedprune-client"
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train on this device's private data in a fedprune run: receive the pruned "
-        "global model over MQTT, train locally keeping pruned weights at zero, send a sparse update.",
+        "global model over MQTT, train locally keeping pruned weights at zero, send a sparse "
+        "update.",
     )
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
-                   help="broker URL, mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port")
-    p.add_argument("--data", type=Path, required=True,
-                   help=".npz with x (features) and y (integer labels); optional x_test/y_test")
-    p.add_argument("--profile", default="generic-x86-64",
-                   help="device profile name (see fedprune-profiles list) or path to a .toml")
+    p.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        help="broker URL, mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port",
+    )
+    p.add_argument(
+        "--connect-attempts",
+        type=_at_least_one,
+        default=5,
+        metavar="N",
+        help="tries to reach the broker before giving up, 0.5, 1, 2, 4... s apart (default: 5)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help=".npz with x (features) and y (integer labels); optional x_test/y_test",
+    )
+    p.add_argument(
+        "--profile",
+        default="generic-x86-64",
+        help="device profile name (see fedprune-profiles list) or path to a .toml",
+    )
     p.add_argument("--run", default="default", help="run name, as given to the coordinator")
-    p.add_argument("--id", dest="client_id", default=None,
-                   help="client id (default: hostname plus data file name)")
+    p.add_argument(
+        "--id",
+        dest="client_id",
+        default=None,
+        help="client id (default: hostname plus data file name)",
+    )
     p.add_argument("--trainer", default=None, help="trainer backend (default: the profile's)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="local epochs per round (default: what the coordinator announces)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="local epochs per round (default: what the coordinator announces)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling and the held-out split")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="give up after this many seconds (default: run until the coordinator ends)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds (default: run until the coordinator ends)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p
 
@@ -51,18 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = device_profiles.load(args.profile)
         data = local_data.load(args.data, seed=args.seed)
+        backend = args.trainer or profile.trainer.value
+        check_backend(backend)
         identity = Identity(
             run=args.run,
             client_id=args.client_id or f"{socket.gethostname()}-{args.data.stem}",
             profile=profile.name,
             num_samples=data.num_samples,
-            backend=args.trainer or profile.trainer.value,
+            backend=backend,
         )
         transport = MqttTransport(
             args.broker,
             client_id=identity.client_id,
             will=identity.will(),
             max_payload=profile.max_payload_bytes,
+            connect_attempts=args.connect_attempts,
         )
         client = EdgeClient(
             transport, identity=identity, data=data, local_epochs=args.epochs, seed=args.seed

@@ -38,6 +38,7 @@ from edge_client.wire import (
 log = logging.getLogger("fedprune.client")
 
 ENVELOPE_ROOM = 512  # bytes kept free in every publish for the envelope around a chunk
+MAX_MODEL_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(kw_only=True)
@@ -96,8 +97,9 @@ class EdgeClient:
         self._spec: Spec | None = None
         self._trainer: Trainer | None = None
         self._round: Round | None = None
-        self._assembling: dict[int, Reassembler] = {}
-        self._models: dict[int, bytes] = {}
+        self._assembling: dict[str, Reassembler] = {}  # by the payload's SHA-256
+        self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
+        self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
 
     def start(self) -> None:
         t = self.topics
@@ -126,25 +128,45 @@ class EdgeClient:
                 self._spec = message
             elif isinstance(message, Round):
                 self._round = message
+                self._resend_unacknowledged(message.round)
             elif isinstance(message, Chunk):
-                self._add_model_chunk(topic, message)
+                self._add_model_chunk(message)
             elif isinstance(message, Status):
                 self.report.finished = message.phase is Phase.FINISHED
-            elif isinstance(message, Notice) and not message.accepted:
-                self.report.rejected += 1
-                log.warning("round %d: update rejected (%s)", message.round, message.reason)
+            elif isinstance(message, Notice):
+                self._on_notice(message)
         except WireError as exc:
             log.warning("ignored a message on %s: %s", topic, exc)
 
-    def _add_model_chunk(self, topic: str, chunk: Chunk) -> None:
-        version = int(topic.rsplit("/", 2)[-2])
-        if version in self._models:
+    def _add_model_chunk(self, chunk: Chunk) -> None:
+        """Collect model chunks by payload hash; the round's manifest names the hash it wants."""
+        if self._model is not None and self._model[0] == chunk.sha256:
             return
-        assembler = self._assembling.setdefault(version, Reassembler(max_size=512 * 1024 * 1024))
-        payload = assembler.add(chunk)
+        if chunk.sha256 not in self._assembling and len(self._assembling) >= 2:
+            self._assembling.pop(next(iter(self._assembling)))  # an abandoned, older model
+        assembler = self._assembling.setdefault(chunk.sha256, Reassembler(max_size=MAX_MODEL_BYTES))
+        try:
+            payload = assembler.add(chunk)
+        except WireError:
+            del self._assembling[chunk.sha256]
+            raise
         if payload is not None:
-            self._models = {version: payload}  # keep only the newest model
-            self._assembling.pop(version)
+            self._model = (chunk.sha256, payload)
+            del self._assembling[chunk.sha256]
+
+    def _on_notice(self, notice: Notice) -> None:
+        if self._last_update is not None and self._last_update[0] == notice.round:
+            self._last_update = None
+        if not notice.accepted:
+            self.report.rejected += 1
+            log.warning("round %d: update rejected (%s)", notice.round, notice.reason)
+
+    def _resend_unacknowledged(self, round_: int) -> None:
+        """After a reconnect the retained round arrives again: resend an update not yet accepted
+        (the coordinator drops it by hash if the first copy did arrive)."""
+        if self._last_update is not None and self._last_update[0] == round_:
+            log.info("round %d: resending the update after a reconnect", round_)
+            self.send(round_, self._last_update[1])
 
     def _maybe_train(self) -> None:
         round_, spec = self._round, self._spec
@@ -152,11 +174,10 @@ class EdgeClient:
             return
         if self.client_id not in round_.selected or time.time() > round_.deadline:
             return
-        payload = self._models.get(round_.model_version)
-        if payload is None or len(payload) != round_.model.size:
+        if self._model is None or self._model[0] != round_.model.sha256:
             return
         self.report.rounds.append(round_.round)
-        self.train_round(round_, spec, decode_model(payload))
+        self.train_round(round_, spec, decode_model(self._model[1]))
 
     def train_round(self, round_: Round, spec: Spec, model: Model) -> None:
         if self._trainer is None:
@@ -179,7 +200,9 @@ class EdgeClient:
                 "train_seconds": time.perf_counter() - started,
             },
         )
-        sent = self.send(round_.round, encode_update(update, model.masks))
+        payload = encode_update(update, model.masks)
+        self._last_update = (round_.round, payload)
+        sent = self.send(round_.round, payload)
         log.info(
             "round %d: trained %d epoch(s) on %d samples, held-out accuracy %.3f, sent %d bytes",
             round_.round,
@@ -197,6 +220,11 @@ class EdgeClient:
             body = self.identity.encode(chunk)
             self.transport.publish(f"{prefix}/{chunk.index}", body)
             sent += len(body)
-        self.transport.flush(timeout=30)
+        if not self.transport.flush(timeout=30):
+            log.warning(
+                "round %d: the broker has not acknowledged the update yet; it will be"
+                " resent after a reconnect",
+                round_,
+            )
         self.report.bytes_up += sent
         return sent

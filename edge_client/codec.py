@@ -1,9 +1,9 @@
 """Sparse tensor payloads: the global model going down and the updates coming back up.
 
-Down (``encode_model``): per tensor its shape, an optional bitmask (``numpy.packbits``, 1 = kept) and
-float32 values at the kept positions only. Up (``encode_update``): values at the kept positions only;
-both sides know the mask, so it is not sent again. Values are little-endian float32; the container is
-msgpack. See docs/protocol.md for the layout.
+Down (``encode_model``): per tensor its shape, an optional bitmask (``numpy.packbits``, 1 = kept)
+and float32 values at the kept positions only. Up (``encode_update``): values at the kept positions
+only; both sides know the mask, so it is not sent again. Values are little-endian float32; the
+container is msgpack. See docs/protocol.md for the layout.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edge_client.errors import WireError
+from edge_client.errors import ShapeError, WireError
 
 _F32 = np.dtype("<f4")
 
@@ -34,7 +34,7 @@ class Model:
 
 @dataclass(frozen=True, kw_only=True)
 class Update:
-    """A client's result for one round: the delta at kept positions, its sample count and metrics."""
+    """A client's result for one round: the delta at kept positions, sample count and metrics."""
 
     round: int
     num_samples: int
@@ -51,7 +51,7 @@ def _values(array: np.ndarray, mask: np.ndarray | None) -> bytes:
 
 def _unpack(raw: bytes, expected: int, what: str) -> np.ndarray:
     if len(raw) != expected * _F32.itemsize:
-        raise WireError(f"{what}: expected {expected} float32 values, got {len(raw)} bytes")
+        raise ShapeError(f"{what}: expected {expected} float32 values, got {len(raw)} bytes")
     return np.frombuffer(raw, dtype=_F32)
 
 
@@ -59,7 +59,7 @@ def _load(payload: bytes) -> Any:
     try:
         return msgpack.unpackb(payload, raw=False)
     except (ValueError, msgpack.UnpackException) as exc:
-        raise WireError(f"undecodable payload ({exc})") from exc
+        raise WireError(f"undecodable payload ({exc or type(exc).__name__})") from exc
 
 
 def encode_model(model: Model) -> bytes:
@@ -82,7 +82,7 @@ def decode_model(payload: bytes) -> Model:
                 bits = np.unpackbits(np.frombuffer(tensor["mask"], np.uint8), count=size)
                 mask = bits.astype(np.float32).reshape(shape)
             dense = np.zeros(size, dtype=np.float32)
-            kept = size if mask is None else int(mask.sum())
+            kept = size if mask is None else int(np.count_nonzero(mask))
             values = _unpack(tensor["values"], kept, f"tensor {i}")
             if mask is None:
                 dense[:] = values
@@ -111,7 +111,7 @@ def decode_update(payload: bytes, model: Model) -> Update:
         body = _load(payload)
         values = body["values"]
         if len(values) != len(model.weights):
-            raise WireError(f"update has {len(values)} tensors, model has {len(model.weights)}")
+            raise ShapeError(f"update has {len(values)} tensors, model has {len(model.weights)}")
         deltas = []
         for i, (raw, weight, mask) in enumerate(
             zip(values, model.weights, model.masks, strict=True)

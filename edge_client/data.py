@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from edge_client.errors import ConfigError
 
@@ -54,11 +55,16 @@ def _check(path: Path, x: np.ndarray, y: np.ndarray, names: str) -> tuple[np.nda
 def load(path: Path, *, seed: int = 0, holdout: float = 0.2) -> LocalData:
     """Load and validate a local data file; every problem is one ``ConfigError`` line."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, NpzFile):  # a .npy file: one bare array, not x and y
+            raise ConfigError(f"{path}: not a .npz archive (numpy.savez writes one)")
+        with loaded as npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such data file") from exc
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        if not zipfile.is_zipfile(path):  # numpy's own message would talk about pickles
+            raise ConfigError(f"{path}: not a .npz archive (numpy.savez writes one)") from exc
         raise ConfigError(f"{path}: not a readable .npz data file ({exc})") from exc
     missing = {"x", "y"} - arrays.keys()
     if missing:

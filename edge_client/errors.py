@@ -3,12 +3,15 @@
     FedpruneError                  any error fedprune reports to a user (exit code 1 by default)
     ├── ConfigError                bad flags, profile, data file or model file (exit 2)
     ├── WireError                  a payload that cannot be decoded or fails its checksum
+    │   ├── VersionError           a message in another major protocol version
+    │   ├── ShapeError             a tensor payload that does not fit the model
     │   └── OversizeError          a payload larger than the transport allows
     ├── BrokerError                the broker cannot be reached or dropped us for good (exit 3)
     └── ExportError                a model that cannot be converted or fails verification (exit 4)
 
-Third-party errors are caught at the boundary and re-raised as one of these (``raise ... from exc``);
-the command-line programs print ``str(error)`` on one line and exit with ``error.exit_code``.
+Third-party errors are caught at the boundary and re-raised as one of these
+(``raise ... from exc``); the command-line programs print ``str(error)`` on one line and exit with
+``error.exit_code``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ class ConfigError(FedpruneError):
 
 class WireError(FedpruneError):
     """A message cannot be decoded, has the wrong version or fails its checksum."""
+
+
+class VersionError(WireError):
+    """A message in a major protocol version we do not speak."""
+
+
+class ShapeError(WireError):
+    """A tensor payload whose tensors or value counts do not fit the model."""
 
 
 class OversizeError(WireError):

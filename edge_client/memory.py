@@ -41,8 +41,8 @@ class MemoryTransport(Transport):
             if topic_matches(pattern, topic):
                 self.inbox.put((topic, payload))
 
-    def flush(self, timeout: float = 10.0) -> None:
-        return None
+    def flush(self, timeout: float = 10.0) -> bool:
+        return True
 
     def close(self) -> None:
         self.broker.transports.remove(self)

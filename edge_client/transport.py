@@ -1,9 +1,10 @@
 """The network behind a small interface. This is the only module that imports paho-mqtt.
 
 Incoming messages are put on a queue that the owner drains from its own thread: nothing runs inside
-paho's callbacks except that, which avoids paho's publish-from-callback deadlocks. On every reconnect
-the subscriptions are renewed and this side's retained messages are published again (the broker may
-have restarted without them, or replaced one with our last will), so both sides pick up where they were.
+paho's callbacks except that, which avoids paho's publish-from-callback deadlocks. On every
+reconnect the subscriptions are renewed and this side's retained messages are published again (the
+broker may have restarted without them, or replaced one with our last will), so both sides pick up
+where they were.
 """
 
 from __future__ import annotations
@@ -78,15 +79,16 @@ class Transport(ABC):
     def subscribe(self, pattern: str, qos: int = 1) -> None: ...
 
     @abstractmethod
-    def flush(self, timeout: float = 10.0) -> None:
-        """Block until every QoS>0 message published so far is acknowledged."""
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every QoS>0 message published so far is acknowledged; ``False`` if some were
+        not within ``timeout`` (paho still holds them and sends them after a reconnect)."""
 
     @abstractmethod
     def close(self) -> None: ...
 
 
 class MqttTransport(Transport):
-    """paho-mqtt 2.x client with a last will, automatic reconnect with backoff and resubscription."""
+    """paho-mqtt 2.x client with a last will, reconnect with backoff, and resubscription."""
 
     def __init__(
         self,
@@ -138,7 +140,9 @@ class MqttTransport(Transport):
             self._client.loop_stop()
             raise BrokerError(f"the MQTT broker at {self.url} did not accept the connection")
 
-    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object
+    ) -> None:
         if getattr(rc, "is_failure", False):
             return
         if self._subscriptions or self._retained:
@@ -178,14 +182,11 @@ class MqttTransport(Transport):
                 self._pending = [i for i in self._pending if not i.is_published()]
                 self._pending.append(info)
 
-    def flush(self, timeout: float = 10.0) -> None:
+    def flush(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
         with self._lock:
             pending, self._pending = self._pending, []
-        for info in pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not _wait(info, remaining):
-                raise BrokerError(f"the MQTT broker at {self.url} did not acknowledge in time")
+        return all(_wait(info, deadline - time.monotonic()) for info in pending)
 
     def close(self) -> None:
         self._client.disconnect()
@@ -193,6 +194,8 @@ class MqttTransport(Transport):
 
 
 def _wait(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+    if timeout <= 0:
+        return info.is_published()
     try:
         info.wait_for_publish(timeout)
     except (RuntimeError, ValueError):

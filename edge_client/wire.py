@@ -3,8 +3,8 @@
 Every message is one msgpack map ``{"v": "1.0", "kind": ..., "run": ..., "sender": ..., "seq": ...,
 "body": {...}}``. The major version also appears in the topic (``fedprune/v1/<run>/...``); a message
 whose major version differs from ours is refused. Large payloads (models, updates) travel as
-``Chunk`` messages that each carry the whole payload's size, chunk count and SHA-256. Nothing is ever
-pickled; see docs/protocol.md.
+``Chunk`` messages that each carry the whole payload's size, chunk count and SHA-256. Nothing is
+ever pickled; see docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from edge_client.errors import OversizeError, WireError
+from edge_client.errors import OversizeError, VersionError, WireError
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
@@ -194,12 +194,12 @@ def decode(payload: bytes) -> Envelope:
     try:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as exc:
-        raise WireError(f"undecodable message ({exc})") from exc
+        raise WireError(f"undecodable message ({exc or type(exc).__name__})") from exc
     if not isinstance(raw, dict):
         raise WireError("message is not a map")
     version = raw.get("v")
     if not isinstance(version, str) or version.split(".")[0] != str(PROTOCOL_MAJOR):
-        raise WireError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+        raise VersionError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
     try:
         cls = _BY_KIND[Kind(raw["kind"])]
         body = dict(raw["body"])

@@ -1,4 +1,4 @@
-"""The main job for real: a mosquitto broker, the coordinator and client processes, a TFLite export."""
+"""The main job for real: mosquitto, the coordinator, client processes and a TFLite export."""
 
 from __future__ import annotations
 
@@ -59,8 +59,23 @@ def test_federated_pruning_run_over_mosquitto_reaches_accuracy_and_sparsity(
 
 
 def test_demo_runs_with_the_embedded_pure_python_broker(tmp_path: Path) -> None:
-    done = run_demo(tmp_path, "--broker", "amqtt", "--clients", "2", "--run", "amqtt",
-                    "--rounds", "4", "--begin-round", "1", "--end-round", "3", "--target", "0.5")
+    done = run_demo(
+        tmp_path,
+        "--broker",
+        "amqtt",
+        "--clients",
+        "2",
+        "--run",
+        "amqtt",
+        "--rounds",
+        "4",
+        "--begin-round",
+        "1",
+        "--end-round",
+        "3",
+        "--target",
+        "0.5",
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "embedded amqtt" in done.stdout

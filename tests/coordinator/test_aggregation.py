@@ -1,0 +1,126 @@
+"""Sample-weighted FedAvg as a streaming sum (coordinator/aggregation.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.aggregation import FedAvg
+from edge_client.codec import Update
+
+
+def _shapes(rng: np.random.Generator) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in rng.integers(1, 6, size=rng.integers(1, 4))) for _ in range(4)]
+
+
+def _masks(rng: np.random.Generator, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    return [(rng.random(shape) < 0.6).astype(np.float32) for shape in shapes]
+
+
+def _reference(
+    old: list[np.ndarray], deltas: list[list[np.ndarray]], samples: list[int]
+) -> list[np.ndarray]:
+    total = sum(samples)
+    return [
+        (
+            w.astype(np.float64)
+            + sum(n * d[i].astype(np.float64) for n, d in zip(samples, deltas, strict=True)) / total
+        ).astype(np.float32)
+        for i, w in enumerate(old)
+    ]
+
+
+@pytest.mark.parametrize("clients", range(1, 7))
+def test_apply_is_old_plus_sample_weighted_mean_of_deltas(clients: int) -> None:
+    rng = np.random.default_rng(clients)
+    shapes = _shapes(rng)
+    masks = _masks(rng, shapes)
+    old = [
+        (rng.standard_normal(s) * m).astype(np.float32) for s, m in zip(shapes, masks, strict=True)
+    ]
+    deltas = [
+        [
+            (rng.standard_normal(s) * m).astype(np.float32)
+            for s, m in zip(shapes, masks, strict=True)
+        ]
+        for _ in range(clients)
+    ]
+    samples = [int(n) for n in rng.integers(1, 500, size=clients)]
+    fedavg = FedAvg(shapes)
+
+    for d, n in zip(deltas, samples, strict=True):
+        fedavg.add(Update(round=1, num_samples=n, deltas=d))
+    new = fedavg.apply(old)
+
+    assert fedavg.count == clients
+    assert fedavg.total_samples == sum(samples)
+    for got, want, mask, before in zip(
+        new, _reference(old, deltas, samples), masks, old, strict=True
+    ):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got[mask == 0], before[mask == 0])
+        assert not np.any(got[mask == 0])
+
+
+def test_masked_positions_keep_old_value_exactly_even_when_not_zero() -> None:
+    old = [np.array([[1.5, -2.25], [3.0, 0.0]], np.float32)]
+    mask = np.array([[1, 0], [0, 1]], np.float32)
+    fedavg = FedAvg([(2, 2)])
+
+    fedavg.add(
+        Update(round=1, num_samples=3, deltas=[np.array([[1, 0], [0, 2]], np.float32) * mask])
+    )
+    fedavg.add(Update(round=1, num_samples=1, deltas=[np.array([[5, 0], [0, -2]], np.float32)]))
+    new = fedavg.apply(old)
+
+    np.testing.assert_array_equal(new[0], np.array([[1.5 + 2.0, -2.25], [3.0, 1.0]], np.float32))
+
+
+def test_apply_without_updates_returns_the_weights_unchanged() -> None:
+    old = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(3, np.float32)]
+    fedavg = FedAvg([(2, 3), (3,)])
+
+    new = fedavg.apply(old)
+
+    assert fedavg.count == 0
+    for got, want in zip(new, old, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert fedavg.client_metrics() == {}
+
+
+def test_client_metrics_are_weighted_by_held_out_size() -> None:
+    fedavg = FedAvg([(1,)])
+    delta = [np.zeros(1, np.float32)]
+
+    fedavg.add(
+        Update(
+            round=1,
+            num_samples=100,
+            deltas=delta,
+            metrics={"n_eval": 10.0, "loss": 1.0, "accuracy": 0.5},
+        )
+    )
+    fedavg.add(
+        Update(
+            round=1,
+            num_samples=1,
+            deltas=delta,
+            metrics={"n_eval": 30.0, "loss": 0.2, "accuracy": 0.9},
+        )
+    )
+    fedavg.add(
+        Update(
+            round=1,
+            num_samples=50,
+            deltas=delta,
+            metrics={"n_eval": 0.0, "loss": 9.0, "accuracy": 0.0},
+        )
+    )
+    fedavg.add(Update(round=1, num_samples=50, deltas=delta, metrics={"loss": 9.0}))
+
+    metrics = fedavg.client_metrics()
+
+    assert metrics.keys() == {"loss", "accuracy"}
+    assert metrics["loss"] == pytest.approx((10 * 1.0 + 30 * 0.2) / 40)
+    assert metrics["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)

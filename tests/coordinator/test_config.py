@@ -1,0 +1,72 @@
+"""The run configuration refuses bad values on construction, naming them (coordinator/config.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from edge_client.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rounds": 0}, "rounds must be >= 1, got 0"),
+        ({"quorum": 0}, "quorum must be in (0, 1], got 0"),
+        ({"quorum": 1.5}, "quorum must be in (0, 1], got 1.5"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of sgd, adam, got 'rmsprop'"),
+        ({"min_clients": 0}, "min_clients must be >= 1, got 0"),
+        ({"round_timeout": 0.0}, "round_timeout must be > 0, got 0.0"),
+        ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+        ({"max_payload": 1024}, "max_payload must be >= 4096 bytes, got 1024"),
+        ({"run": "a/b"}, "run must be letters, digits, - or _, got 'a/b'"),
+    ],
+)
+def test_bad_value_is_refused_naming_field_and_value(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        RunConfig(**kwargs)  # type: ignore[arg-type]
+
+    assert str(caught.value) == message
+
+
+def test_schedule_ending_after_the_last_round_is_refused() -> None:
+    schedule = ScheduleConfig(begin_round=2, end_round=12)
+
+    with pytest.raises(ConfigError) as caught:
+        RunConfig(rounds=10, schedule=schedule)
+
+    assert "round 12" in str(caught.value)
+    assert "last round 10" in str(caught.value)
+
+
+def test_constant_schedule_may_have_any_end_round() -> None:
+    schedule = ScheduleConfig(kind=ScheduleKind.CONSTANT, begin_round=2, end_round=50)
+
+    config = RunConfig(rounds=5, schedule=schedule)
+
+    assert config.schedule.end_round == 50
+
+
+def test_schedule_ending_on_the_last_round_is_accepted() -> None:
+    config = RunConfig(rounds=12, schedule=ScheduleConfig(begin_round=2, end_round=12))
+
+    assert config.rounds == 12
+
+
+def test_to_dict_is_plain_data_and_run_dir_joins_out_and_run() -> None:
+    config = RunConfig(run="exp-1", out="runs", rounds=12)
+
+    data = config.to_dict()
+
+    assert data["schedule"] == {
+        "kind": "polynomial",
+        "target": 0.8,
+        "begin_round": 2,
+        "end_round": 12,
+    }
+    assert data["rounds"] == 12 and data["optimizer"] == "sgd"
+    assert config.run_dir == Path("runs") / "exp-1"

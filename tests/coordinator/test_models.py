@@ -1,0 +1,88 @@
+"""Model presets and user model files (coordinator/models.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras
+
+from coordinator import models
+from coordinator.config import ScheduleConfig
+from coordinator.pruning import Pruner, wrap
+from edge_client.errors import ConfigError
+
+
+def test_cnn_preset_has_132650_parameters() -> None:
+    model = models.build("cnn")
+
+    assert model.count_params() == 132_650
+    assert model.input_shape == (None, 8, 8, 1)
+    assert model.output_shape == (None, 10)
+
+
+def test_mlp_preset_has_8970_parameters() -> None:
+    model = models.build("mlp")
+
+    assert model.count_params() == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+
+
+def test_build_is_reproducible_for_a_seed() -> None:
+    first = models.build("mlp", seed=7).get_weights()
+    second = models.build("mlp", seed=7).get_weights()
+    other = models.build("mlp", seed=8).get_weights()
+
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], other[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("notes.txt", "not a model", "expected a .keras or .h5 file"),
+        ("model.keras", "not a model either", "model.keras: not a Keras model file ("),
+        ("model.h5", "plain text", "model.h5: not a Keras model file ("),
+        ("missing.keras", None, "no such file"),
+    ],
+)
+def test_unusable_file_is_one_line_config_error(
+    tmp_path: Path, name: str, content: str | None, reason: str
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+
+    with pytest.raises(ConfigError) as caught:
+        models.build(str(path))
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert reason in message
+
+
+def test_user_keras_file_loads_and_wraps(tmp_path: Path) -> None:
+    tf_keras.utils.set_random_seed(3)
+    small = tf_keras.Sequential(
+        [
+            tf_keras.layers.Input((6,)),
+            tf_keras.layers.Dense(5, activation="relu"),
+            tf_keras.layers.Dense(2),
+        ]
+    )
+    path = tmp_path / "small.keras"
+    small.save(path)
+
+    loaded = models.build(str(path))
+    pruner = Pruner(wrap(loaded, ScheduleConfig(target=0.5, begin_round=0, end_round=1)))
+    pruner.step(0)
+    pruner.step(1)
+
+    for got, want in zip(loaded.get_weights(), small.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    model = pruner.model()
+    assert [m.shape for m in model.masks if m is not None] == [(6, 5), (5, 2)]
+    assert [int(np.count_nonzero(m)) for m in model.masks if m is not None] == [15, 5]
+    assert pruner.sparsity() == pytest.approx(20 / 40)

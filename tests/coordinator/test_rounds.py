@@ -1,0 +1,434 @@
+"""The coordinator's round loop over an in-memory broker, against scripted clients (rounds.py).
+
+The broker delivers synchronously into queues. A scripted client answers the round announcement the
+moment it is published, so its update chunks wait in the coordinator's queue, in publish order,
+before the coordinator starts collecting: no threads, and the round closes once its quorum is met.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import pytest
+import tf_keras
+
+from coordinator import models
+from coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from coordinator.pruning import Pruner, wrap
+from coordinator.rounds import Coordinator, RoundResult
+from coordinator.validation import Limits
+from edge_client.codec import Model, Update, decode_model, encode_update
+from edge_client.memory import MemoryBroker, MemoryTransport
+from edge_client.topics import Topics
+from edge_client.wire import Hello, Notice, Reassembler, Round, decode, encode, sha256, split
+
+RUN = "unit"
+TOPICS = Topics(RUN)
+# Pruned to 50% at round 1 and frozen after: the round under test (2) does not move the masks, so
+# the new global weights are exactly the aggregate.
+SCHEDULE = ScheduleConfig(kind=ScheduleKind.POLYNOMIAL, target=0.5, begin_round=0, end_round=1)
+ROUND = 2
+MLP_PARAMS = 8970
+
+Answer = Callable[[Round, Model], None]
+
+
+class ScriptedBroker(MemoryBroker):
+    """A memory broker that calls the scripted clients when a round announcement is published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[Answer] = []
+
+    def route(self, topic: str, payload: bytes, retain: bool) -> None:
+        super().route(topic, payload, retain)
+        if topic == TOPICS.round and payload:
+            announcement = decode(payload).message
+            assert isinstance(announcement, Round)
+            model = self.model(announcement)
+            for answer in self.answers:
+                answer(announcement, model)
+
+    def model(self, announcement: Round) -> Model:
+        """The global model, read back from its retained chunks as a client would."""
+        manifest = announcement.model
+        parts = Reassembler(max_size=manifest.size)
+        payload = None
+        for index in range(manifest.chunks):
+            chunk = decode(self.retained[f"{manifest.topic}/{index}"]).message
+            payload = parts.add(chunk)  # type: ignore[arg-type]
+        assert payload is not None and sha256(payload) == manifest.sha256
+        return decode_model(payload)
+
+    def update_bytes(self) -> int:
+        return sum(len(p) for t, p in self.log if TOPICS.parse_update(t) is not None)
+
+
+class FakeClient:
+    """Joins with a retained hello, publishes update chunks and reads its inbox."""
+
+    def __init__(self, broker: ScriptedBroker, client_id: str) -> None:
+        self.id = client_id
+        self.transport = MemoryTransport(broker)
+        self.transport.subscribe(TOPICS.inbox(client_id))
+        hello = Hello(
+            client_id=client_id, profile="generic-x86-64", num_samples=100, backend="scripted"
+        )
+        self.transport.publish(
+            TOPICS.client_status(client_id), encode(hello, run=RUN, sender=client_id), retain=True
+        )
+
+    def chunks(self, payload: bytes, *, max_chunk: int = 1 << 20) -> list[bytes]:
+        """The payload as encoded chunk messages."""
+        return [encode(c, run=RUN, sender=self.id) for c in split(payload, max_chunk=max_chunk)]
+
+    def publish(self, round_: int, messages: list[bytes]) -> None:
+        for message in messages:
+            index = msgpack.unpackb(message)["body"]["index"]
+            self.transport.publish(f"{TOPICS.update(self.id, round_)}/{index}", message)
+
+    def send(self, round_: int, payload: bytes, *, max_chunk: int = 1 << 20) -> None:
+        self.publish(round_, self.chunks(payload, max_chunk=max_chunk))
+
+    def notices(self) -> list[Notice]:
+        out = []
+        while (item := self.transport.get(0)) is not None:
+            message = decode(item[1]).message
+            assert isinstance(message, Notice)
+            out.append(message)
+        return out
+
+
+def _delta(model: Model, seed: int, scale: float = 0.01) -> list[np.ndarray]:
+    """A random delta that is zero at every pruned position, as a well-behaved client sends."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal(w.shape) * scale * (1 if m is None else m)).astype(np.float32)
+        for w, m in zip(model.weights, model.masks, strict=True)
+    ]
+
+
+def _payload(
+    model: Model,
+    deltas: list[np.ndarray],
+    *,
+    round_: int = ROUND,
+    num_samples: int = 100,
+    masks: list[np.ndarray | None] | None = None,
+) -> bytes:
+    update = Update(round=round_, num_samples=num_samples, deltas=deltas)
+    return encode_update(update, model.masks if masks is None else masks)
+
+
+@dataclass
+class Harness:
+    broker: ScriptedBroker
+    coordinator: Coordinator
+    clients: dict[str, FakeClient]
+
+    def on_round(self, answer: Answer) -> None:
+        self.broker.answers.append(answer)
+
+    def run_round(self) -> tuple[Model, RoundResult, Model]:
+        """The model before the round, the round's result and the model after it."""
+        before = self.coordinator.pruner.model()
+        result = self.coordinator.run_round(ROUND)
+        return before, result, self.coordinator.pruner.model()
+
+
+@pytest.fixture(scope="module")
+def mlp() -> tf_keras.Model:
+    return models.build("mlp", seed=0)
+
+
+@pytest.fixture
+def harness(mlp: tf_keras.Model) -> Callable[..., Harness]:
+    made: list[Harness] = []
+
+    def make(
+        ids: tuple[str, ...] = ("a", "b"), *, limits: Limits | None = None, **overrides: object
+    ) -> Harness:
+        values: dict[str, object] = dict(
+            run=RUN,
+            model="mlp",
+            rounds=2,
+            min_clients=len(ids),
+            round_timeout=2.0,
+            quorum=1.0,
+            schedule=SCHEDULE,
+        )
+        values.update(overrides)
+        broker = ScriptedBroker()
+        clients = {i: FakeClient(broker, i) for i in ids}
+        pruner = Pruner(wrap(mlp, SCHEDULE))
+        pruner.step(0)
+        pruner.step(1)
+        coordinator = Coordinator(
+            MemoryTransport(broker),
+            RunConfig(**values),
+            pruner,  # type: ignore[arg-type]
+            evaluate=lambda: None,
+            limits=limits,
+        )
+        coordinator.start()
+        coordinator.wait_for_clients()
+        made.append(Harness(broker=broker, coordinator=coordinator, clients=clients))
+        return made[-1]
+
+    return make
+
+
+def _assert_weights(got: Model, want: list[np.ndarray]) -> None:
+    for g, w, m in zip(got.weights, want, got.masks, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+        if m is not None:
+            assert not np.any(g[m == 0])
+
+
+def test_harness_model_is_half_pruned_before_the_round(harness: Callable[..., Harness]) -> None:
+    h = harness()
+
+    model = h.coordinator.pruner.model()
+
+    masks = [m for m in model.masks if m is not None]
+    assert len(masks) == 3
+    assert all(abs(m.mean() - 0.5) <= 1 / m.size for m in masks)
+
+
+def test_only_the_good_update_counts_and_rejections_are_counted_by_reason(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(("bad", "late", "good"), quorum=0.3)  # one report closes the round
+    good: list[np.ndarray] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        nan = _delta(model, 1)
+        nan[0].flat[np.flatnonzero(model.masks[0])[0]] = np.nan
+        h.clients["bad"].send(announcement.round, _payload(model, nan))
+        other = announcement.round + 1
+        h.clients["late"].send(other, _payload(model, _delta(model, 2), round_=other))
+        good.extend(_delta(model, 3))
+        h.clients["good"].send(announcement.round, _payload(model, good))
+
+    h.on_round(answer)
+
+    before, result, after = h.run_round()
+
+    assert result.rejected == {"nonfinite": 1, "round": 1}
+    assert (result.selected, result.reported) == (3, 1)
+    _assert_weights(after, [w + d for w, d in zip(before.weights, good, strict=True)])
+    for old, new in zip(before.masks, after.masks, strict=True):
+        assert (old is None and new is None) or np.array_equal(old, new)
+    assert [n.accepted for n in h.clients["good"].notices()] == [True]
+    (notice,) = h.clients["bad"].notices()
+    assert not notice.accepted and notice.reason.startswith("nonfinite")
+    (notice,) = h.clients["late"].notices()
+    assert not notice.accepted and notice.reason.startswith("round")
+
+
+def test_update_in_protocol_version_2_is_rejected_once_as_version(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(quorum=0.5)
+
+    def answer(announcement: Round, model: Model) -> None:
+        messages = []
+        for message in h.clients["a"].chunks(_payload(model, _delta(model, 1)), max_chunk=5000):
+            envelope = msgpack.unpackb(message)
+            envelope["v"] = "2.0"
+            messages.append(msgpack.packb(envelope))
+        h.clients["a"].publish(announcement.round, messages)
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)))
+
+    h.on_round(answer)
+
+    _, result, _ = h.run_round()
+
+    assert result.rejected == {"version": 1}
+    assert result.reported == 1
+
+
+def test_oversize_update_is_rejected_once_however_many_chunks(
+    harness: Callable[..., Harness], mlp: tf_keras.Model
+) -> None:
+    # A client that ignores the mask sends every value: twice the size of a sparse update.
+    pruner = Pruner(wrap(mlp, SCHEDULE))
+    pruner.step(1)
+    model = pruner.model()
+    sparse = len(_payload(model, _delta(model, 0)))
+    h = harness(quorum=0.5, limits=Limits(max_update_bytes=sparse + 1024))
+
+    def answer(announcement: Round, model: Model) -> None:
+        dense = _payload(model, _delta(model, 1), masks=[None] * len(model.weights))
+        assert len(dense) > sparse + 1024
+        h.clients["a"].send(announcement.round, dense, max_chunk=8000)
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)))
+
+    h.on_round(answer)
+
+    _, result, _ = h.run_round()
+
+    assert result.rejected == {"oversize": 1}
+    assert result.reported == 1
+
+
+def test_update_for_another_round_is_rejected_once_however_many_chunks(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(quorum=0.5)
+
+    def answer(announcement: Round, model: Model) -> None:
+        stale = announcement.round - 1
+        h.clients["a"].send(stale, _payload(model, _delta(model, 1), round_=stale), max_chunk=5000)
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)))
+
+    h.on_round(answer)
+
+    _, result, _ = h.run_round()
+
+    assert result.rejected == {"round": 1}
+    assert result.reported == 1
+
+
+def test_unselected_client_is_rejected(harness: Callable[..., Harness]) -> None:
+    h = harness(clients_per_round=1)
+
+    def answer(announcement: Round, model: Model) -> None:
+        (chosen,) = announcement.selected
+        other = next(c for c in h.clients if c != chosen)
+        h.clients[other].send(announcement.round, _payload(model, _delta(model, 1)))
+        h.clients[chosen].send(announcement.round, _payload(model, _delta(model, 2)))
+
+    h.on_round(answer)
+
+    _, result, _ = h.run_round()
+
+    assert result.rejected == {"unselected": 1}
+    assert (result.selected, result.reported) == (1, 1)
+
+
+def test_redelivered_chunks_are_ignored_and_not_counted(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    deltas: dict[str, list[np.ndarray]] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        deltas["a"], deltas["b"] = _delta(model, 1), _delta(model, 2)
+        first, second = h.clients["a"].chunks(
+            _payload(model, deltas["a"], num_samples=30), max_chunk=12_000
+        )
+        # QoS 1: a chunk redelivered while assembling, and again after the update was accepted.
+        h.clients["a"].publish(announcement.round, [first, first, second, second, first])
+        h.clients["b"].send(announcement.round, _payload(model, deltas["b"], num_samples=10))
+
+    h.on_round(answer)
+
+    before, result, after = h.run_round()
+
+    assert result.rejected == {}
+    assert result.reported == 2
+    want = [
+        w + (30 * a + 10 * b) / 40
+        for w, a, b in zip(before.weights, deltas["a"], deltas["b"], strict=True)
+    ]
+    _assert_weights(after, want)
+    assert [n.accepted for n in h.clients["a"].notices()] == [True]
+
+
+def test_second_different_update_from_a_client_is_rejected_as_duplicate(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    deltas: dict[str, list[np.ndarray]] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        deltas["a"], deltas["b"] = _delta(model, 1), _delta(model, 2)
+        h.clients["a"].send(announcement.round, _payload(model, deltas["a"]))
+        h.clients["a"].send(announcement.round, _payload(model, _delta(model, 9, scale=1.0)))
+        h.clients["b"].send(announcement.round, _payload(model, deltas["b"]))
+
+    h.on_round(answer)
+
+    before, result, after = h.run_round()
+
+    assert result.rejected == {"duplicate": 1}
+    assert result.reported == 2
+    want = [
+        w + (a + b) / 2 for w, a, b in zip(before.weights, deltas["a"], deltas["b"], strict=True)
+    ]
+    _assert_weights(after, want)
+
+
+def test_result_counts_bytes_sparsity_and_dense_equivalents(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+
+    def answer(announcement: Round, model: Model) -> None:
+        first, *rest = h.clients["a"].chunks(_payload(model, _delta(model, 1)), max_chunk=6000)
+        h.clients["a"].publish(announcement.round, [first, first, *rest])
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)), max_chunk=7000)
+
+    h.on_round(answer)
+
+    _, result, _ = h.run_round()
+
+    assert result.reported == 2 and result.rejected == {}
+    assert result.bytes_up == h.broker.update_bytes() > 0
+    assert result.sparsity == pytest.approx(h.coordinator.pruner.sparsity())
+    assert result.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert result.dense_bytes_up == 2 * MLP_PARAMS * 4
+    assert result.dense_bytes_down == 2 * MLP_PARAMS * 4
+    assert 0 < result.bytes_up < result.dense_bytes_up
+    assert 0 < result.bytes_down < result.dense_bytes_down
+    assert result.round == ROUND and result.seconds > 0
+    assert result.accuracy is None and result.client_accuracy is None
+
+
+def test_round_closes_at_the_timeout_when_a_client_is_missing(
+    harness: Callable[..., Harness],
+) -> None:
+    timeout = 1.0
+    h = harness(round_timeout=timeout)
+    sent: list[np.ndarray] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        sent.extend(_delta(model, 1))
+        h.clients["a"].send(announcement.round, _payload(model, sent))
+
+    h.on_round(answer)
+    started = time.monotonic()
+
+    before, result, after = h.run_round()
+
+    elapsed = time.monotonic() - started
+    assert timeout <= elapsed < timeout + 0.5
+    assert (result.selected, result.reported) == (2, 1)
+    _assert_weights(after, [w + d for w, d in zip(before.weights, sent, strict=True)])
+
+
+def test_run_serves_every_round_then_clears_the_retained_round(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+
+    def answer(announcement: Round, model: Model) -> None:
+        for seed, client in enumerate(h.clients.values()):
+            client.send(
+                announcement.round, _payload(model, _delta(model, seed), round_=announcement.round)
+            )
+
+    h.on_round(answer)
+
+    results = h.coordinator.run()
+
+    assert [(r.round, r.reported, r.rejected) for r in results] == [(1, 2, {}), (2, 2, {})]
+    assert TOPICS.round not in h.broker.retained
+    assert not any(t.startswith(f"{TOPICS.root}/model/") for t in h.broker.retained)
+    metrics = decode(h.broker.retained[TOPICS.metrics]).message
+    assert metrics.values["round"] == 2  # type: ignore[attr-defined]

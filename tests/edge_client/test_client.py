@@ -1,0 +1,296 @@
+"""The edge client's round loop, driven through an in-memory broker with a numpy trainer."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from edge_client import trainer
+from edge_client.client import ClientReport, EdgeClient, Identity
+from edge_client.codec import Model, decode_update, encode_model
+from edge_client.data import LocalData
+from edge_client.memory import MemoryBroker, MemoryTransport
+from edge_client.topics import Topics
+from edge_client.trainer import Evaluation, Trainer
+from edge_client.wire import (
+    Chunk,
+    Hello,
+    Manifest,
+    Message,
+    Notice,
+    Phase,
+    Reassembler,
+    Round,
+    Spec,
+    Status,
+    decode,
+    encode,
+    sha256,
+    split,
+)
+
+RUN = "kitchen-run"
+CLIENT = "pi-kitchen"
+ROUND = 3
+VERSION = 7
+TOPICS = Topics(RUN)
+
+
+class AddOneTrainer(Trainer):
+    """Adds 1.0 to every weight and keeps masked ones at zero; "evaluates" to fixed numbers."""
+
+    def fit(
+        self, model: Model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int
+    ) -> list[np.ndarray]:
+        return [
+            (w + np.float32(1.0)) * (np.float32(1.0) if m is None else m)
+            for w, m in zip(model.weights, model.masks, strict=True)
+        ]
+
+    def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
+        return Evaluation(loss=0.25, accuracy=0.5, n=len(y))
+
+
+class FinishingBroker(MemoryBroker):
+    """Announces the end of the run once a client's last update chunk arrives, as a coordinator
+    would; this lets ``EdgeClient.run`` return without waiting for a timeout."""
+
+    def route(self, topic: str, payload: bytes, retain: bool) -> None:
+        super().route(topic, payload, retain)
+        if TOPICS.parse_update(topic) is None:
+            return
+        chunk = _chunk(payload)
+        if chunk.index == chunk.count - 1:
+            status = Status(phase=Phase.FINISHED, round=ROUND, rounds=ROUND)
+            super().route(TOPICS.status, _encode(status), True)
+
+
+def _encode(message: Message) -> bytes:
+    return encode(message, run=RUN, sender="coordinator")
+
+
+@pytest.fixture(autouse=True)
+def fake_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(trainer.BACKENDS, "fake", f"{__name__}:AddOneTrainer")
+
+
+@pytest.fixture
+def model() -> Model:
+    """A 20x30 kernel with 40% of it pruned and an unpruned bias; values are multiples of 0.5 so
+    that ``w + 1 - w`` is exactly 1.0 in float32."""
+    rng = np.random.default_rng(11)
+    mask = (rng.random((20, 30)) > 0.4).astype(np.float32)
+    kernel = (rng.integers(-8, 8, size=(20, 30)) * 0.5).astype(np.float32) * mask
+    bias = (rng.integers(-8, 8, size=30) * 0.5).astype(np.float32)
+    return Model(weights=[kernel, bias], masks=[mask, None])
+
+
+@pytest.fixture
+def data() -> LocalData:
+    rng = np.random.default_rng(5)
+    return LocalData(
+        x=rng.normal(size=(24, 4)).astype(np.float32),
+        y=rng.integers(0, 3, size=24),
+        x_test=rng.normal(size=(6, 4)).astype(np.float32),
+        y_test=rng.integers(0, 3, size=6),
+    )
+
+
+def _publish_run(
+    broker: MemoryBroker, model: Model, *, selected: list[str], deadline: float
+) -> None:
+    """What the coordinator leaves retained for a round: spec, model chunks, announcement."""
+    coordinator = MemoryTransport(broker)
+    spec = Spec(
+        model_json="{}",
+        input_shape=[4],
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.0,
+        local_epochs=1,
+        batch_size=8,
+    )
+    coordinator.publish(TOPICS.spec, _encode(spec), retain=True)
+    payload = encode_model(model)
+    chunks = list(split(payload, max_chunk=700))
+    for chunk in chunks:
+        coordinator.publish(f"{TOPICS.model(VERSION)}/{chunk.index}", _encode(chunk), retain=True)
+    manifest = Manifest(
+        topic=TOPICS.model(VERSION), size=len(payload), chunks=len(chunks), sha256=sha256(payload)
+    )
+    announcement = Round(
+        round=ROUND,
+        model_version=VERSION,
+        deadline=deadline,
+        selected=selected,
+        model=manifest,
+        local_epochs=1,
+    )
+    coordinator.publish(TOPICS.round, _encode(announcement), retain=True)
+    coordinator.close()
+
+
+def _client(broker: MemoryBroker, data: LocalData) -> EdgeClient:
+    identity = Identity(
+        run=RUN,
+        client_id=CLIENT,
+        profile="raspberry-pi-4",
+        num_samples=data.num_samples,
+        backend="fake",
+    )
+    return EdgeClient(MemoryTransport(broker, max_payload=1024), identity=identity, data=data)
+
+
+def _chunk(payload: bytes) -> Chunk:
+    chunk = decode(payload).message
+    assert isinstance(chunk, Chunk)
+    return chunk
+
+
+def _update_chunks(broker: MemoryBroker) -> list[tuple[str, bytes]]:
+    return [(t, p) for t, p in broker.log if TOPICS.parse_update(t) is not None]
+
+
+def test_a_selected_client_sends_deltas_of_one_at_kept_positions_and_zero_where_pruned(
+    model: Model, data: LocalData
+) -> None:
+    # Prepare
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=["pi-garage", CLIENT], deadline=time.time() + 60)
+    client = _client(broker, data)
+
+    # Execute
+    report = client.run(timeout=10)
+
+    # Assert
+    sent = _update_chunks(broker)
+    assert len(sent) > 1  # 1024-byte messages force the update into several chunks
+    assert all(t.startswith(TOPICS.update(CLIENT, ROUND) + "/") for t, _ in sent)
+    assembler = Reassembler(max_size=1 << 20)
+    results = [assembler.add(_chunk(p)) for _, p in sent]
+    assert results[-1] is not None
+    update = decode_update(results[-1], model)
+    kernel_mask = model.masks[0]
+    assert kernel_mask is not None
+    np.testing.assert_array_equal(update.deltas[0], np.where(kernel_mask == 1, 1.0, 0.0))
+    np.testing.assert_array_equal(update.deltas[1], np.ones(30))
+    assert (update.round, update.num_samples) == (ROUND, 24)
+    assert {k: update.metrics[k] for k in ("loss", "accuracy", "n_eval")} == {
+        "loss": 0.25,
+        "accuracy": 0.5,
+        "n_eval": 6.0,
+    }
+    assert update.metrics["train_seconds"] >= 0.0
+    assert report.rounds == [ROUND]
+    assert report.finished is True
+    assert report.bytes_up == sum(len(p) for _, p in sent)
+
+
+def test_a_client_announces_itself_with_a_retained_hello(data: LocalData) -> None:
+    # Prepare
+    broker = MemoryBroker()
+    client = _client(broker, data)
+
+    # Execute
+    client.start()
+
+    # Assert
+    hello = decode(broker.retained[TOPICS.client_status(CLIENT)]).message
+    assert hello == Hello(
+        client_id=CLIENT, profile="raspberry-pi-4", num_samples=24, backend="fake"
+    )
+
+
+def test_a_client_not_selected_sends_nothing(model: Model, data: LocalData) -> None:
+    # Prepare
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=["pi-garage"], deadline=time.time() + 60)
+    client = _client(broker, data)
+
+    # Execute
+    report = client.run(timeout=0.2)
+
+    # Assert
+    assert _update_chunks(broker) == []
+    assert [t for t, _ in broker.log if t.startswith(TOPICS.root + "/clients/")] == [
+        TOPICS.client_status(CLIENT)  # only its hello
+    ]
+    assert (report.rounds, report.bytes_up) == ([], 0)
+
+
+def test_a_round_whose_deadline_has_passed_is_skipped(model: Model, data: LocalData) -> None:
+    # Prepare
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() - 1)
+    client = _client(broker, data)
+
+    # Execute
+    report = client.run(timeout=0.2)
+
+    # Assert
+    assert _update_chunks(broker) == []
+    assert (report.rounds, report.bytes_up) == ([], 0)
+
+
+def test_a_finished_coordinator_makes_run_return_at_once(data: LocalData) -> None:
+    # Prepare
+    broker = MemoryBroker()
+    status = Status(phase=Phase.FINISHED, round=10, rounds=10)
+    MemoryTransport(broker).publish(TOPICS.status, _encode(status), retain=True)
+    client = _client(broker, data)
+    started = time.monotonic()
+
+    # Execute
+    report = client.run(timeout=5)
+
+    # Assert
+    assert report.finished is True
+    assert time.monotonic() - started < 1.0
+    assert report.rounds == []
+
+
+def test_a_training_status_does_not_finish_the_client(data: LocalData) -> None:
+    # Prepare
+    client = _client(MemoryBroker(), data)
+    status = Status(phase=Phase.TRAINING, round=2, rounds=10)
+
+    # Execute
+    client.handle(TOPICS.status, _encode(status))
+
+    # Assert
+    assert client.report.finished is False
+
+
+def test_a_rejected_notice_is_counted_and_an_accepted_one_is_not(data: LocalData) -> None:
+    # Prepare
+    client = _client(MemoryBroker(), data)
+    rejected = Notice(round=ROUND, accepted=False, reason="update norm 1e9 exceeds 100")
+    accepted = Notice(round=ROUND + 1, accepted=True, reason="")
+
+    # Execute
+    client.handle(TOPICS.inbox(CLIENT), _encode(rejected))
+    client.handle(TOPICS.inbox(CLIENT), _encode(accepted))
+
+    # Assert
+    assert client.report.rejected == 1
+
+
+def test_a_garbled_message_is_logged_and_ignored(
+    data: LocalData, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    client = _client(MemoryBroker(), data)
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedprune.client"):
+        client.handle(TOPICS.round, b"\xc1 not msgpack")
+        client.handle(TOPICS.round, b"")  # a cleared retained message: silently skipped
+
+    # Assert
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith(f"ignored a message on {TOPICS.round}: undecodable message")
+    assert client.report == ClientReport()

@@ -1,0 +1,142 @@
+"""The edge client imports, and its CLI runs, on a device without TensorFlow installed.
+
+Each test runs a fresh interpreter in which an import hook makes TensorFlow and Keras impossible to
+import, as if they were not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCKED = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "keras")
+
+BLOCKER = textwrap.dedent(
+    f"""
+    import importlib.abc
+    import sys
+
+    BLOCKED = {BLOCKED!r}
+
+    class _NoTensorFlow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+            return None
+
+    sys.meta_path.insert(0, _NoTensorFlow())
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the blocker did not block tensorflow")
+    """
+)
+
+
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_every_edge_client_module_imports_without_tensorflow(tmp_path: Path) -> None:
+    # Prepare
+    code = """
+        import importlib
+        import pkgutil
+
+        import edge_client
+
+        names = sorted(
+            m.name for m in pkgutil.iter_modules(edge_client.__path__, "edge_client.")
+            if m.name not in ("edge_client.keras_trainer", "edge_client.__main__")
+        )
+        for name in names:
+            importlib.import_module(name)
+        print(",".join(names))
+        print(",".join(sorted(n for n in sys.modules if n.partition(".")[0] in BLOCKED)))
+    """
+
+    # Execute
+    result = _run(code, tmp_path)
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    imported, heavy = result.stdout.splitlines()
+    assert {"edge_client.cli", "edge_client.client", "edge_client.wire"} <= set(imported.split(","))
+    assert heavy == ""
+
+
+def test_the_client_cli_prints_its_help_without_tensorflow(tmp_path: Path) -> None:
+    # Prepare
+    code = """
+        import runpy
+        sys.argv = ["fedprune-client", "--help"]
+        runpy.run_module("edge_client", run_name="__main__", alter_sys=True)
+    """
+
+    # Execute
+    result = _run(code, tmp_path)
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fedprune-client")
+    assert "--broker" in result.stdout and "--data" in result.stdout
+
+
+def test_the_client_cli_reports_a_missing_data_file_without_tensorflow(tmp_path: Path) -> None:
+    # Prepare
+    code = """
+        from edge_client.cli import main
+        sys.exit(main(["--data", "missing.npz"]))
+    """
+
+    # Execute
+    result = _run(code, tmp_path)
+
+    # Assert
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == "fedprune-client: error: missing.npz: no such data file"
+
+
+def test_the_keras_trainer_without_tensorflow_is_a_config_error(tmp_path: Path) -> None:
+    # Prepare
+    code = """
+        from edge_client.errors import ConfigError
+        from edge_client.trainer import make_trainer
+        from edge_client.wire import Spec
+
+        spec = Spec(model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1,
+                    momentum=0.0, local_epochs=1, batch_size=8)
+        try:
+            make_trainer("keras", spec)
+        except ConfigError as exc:
+            print(exc)
+    """
+
+    # Execute
+    result = _run(code, tmp_path)
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        "trainer 'keras' needs tensorflow, which is not installed;"
+        " install it or choose another backend"
+    )

@@ -1,0 +1,93 @@
+"""The transport interface: size limits, broker URLs, and giving up on an unreachable broker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edge_client.errors import BrokerError, ConfigError, OversizeError
+from edge_client.memory import MemoryBroker, MemoryTransport
+from edge_client.transport import BrokerUrl, MqttTransport
+
+
+def test_an_oversize_payload_is_refused_before_it_is_sent() -> None:
+    # Prepare
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker, max_payload=1024)
+
+    # Execute
+    with pytest.raises(
+        OversizeError, match="payload of 1025 bytes on a/b exceeds the maximum 1024"
+    ):
+        transport.publish("a/b", b"x" * 1025)
+
+    # Assert
+    assert broker.log == []
+    assert broker.retained == {}
+
+
+def test_a_payload_of_exactly_the_maximum_is_sent() -> None:
+    # Prepare
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker, max_payload=1024)
+
+    # Execute
+    transport.publish("a/b", b"x" * 1024)
+
+    # Assert
+    assert broker.log == [("a/b", b"x" * 1024)]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://h:1", BrokerUrl(host="h", port=1, mqtt5=False)),
+        ("mqtt5://h:2", BrokerUrl(host="h", port=2, mqtt5=True)),
+        ("h:3", BrokerUrl(host="h", port=3, mqtt5=False)),
+        ("mqtt://broker.local", BrokerUrl(host="broker.local", port=1883, mqtt5=False)),
+    ],
+)
+def test_broker_url_accepts_mqtt_and_mqtt5_and_bare_host_port(
+    url: str, expected: BrokerUrl
+) -> None:
+    # Execute
+    parsed = BrokerUrl.parse(url)
+
+    # Assert
+    assert parsed == expected
+
+
+def test_broker_url_prints_as_it_is_parsed() -> None:
+    # Execute / Assert
+    assert str(BrokerUrl.parse("mqtt5://10.0.0.2:8883")) == "mqtt5://10.0.0.2:8883"
+    assert str(BrokerUrl.parse("pi.local:1884")) == "mqtt://pi.local:1884"
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("http://x", "scheme must be mqtt:// or mqtt5://"),
+        ("mqtt://h:port", "bad port"),
+        ("mqtt://h:70000", "bad port"),
+        ("mqtt://:1883", "no host"),
+    ],
+)
+def test_broker_url_rejects_other_schemes_and_bad_ports(url: str, fragment: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=f"broker URL '{url}': {fragment}"):
+        BrokerUrl.parse(url)
+
+
+def test_an_unreachable_broker_is_a_broker_error_naming_the_url(free_port: int) -> None:
+    # Prepare
+    url = f"mqtt://127.0.0.1:{free_port}"
+    started = time.monotonic()
+
+    # Execute
+    with pytest.raises(BrokerError) as caught:
+        MqttTransport(url, client_id="pi-test", connect_attempts=2)
+
+    # Assert
+    assert str(caught.value).startswith(f"cannot reach the MQTT broker at {url} after 2 attempts")
+    assert time.monotonic() - started < 3.0

@@ -1,0 +1,282 @@
+"""Envelope encoding, protocol versions and chunking of large payloads."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_client.errors import OversizeError, WireError
+from edge_client.wire import (
+    PROTOCOL_VERSION,
+    Chunk,
+    Hello,
+    Manifest,
+    Message,
+    Metrics,
+    Notice,
+    Offline,
+    Phase,
+    Reassembler,
+    Round,
+    Spec,
+    Status,
+    decode,
+    encode,
+    split,
+)
+
+PAYLOAD = bytes(range(256)) * 3
+
+MESSAGES: list[Message] = [
+    Hello(client_id="pi-kitchen", profile="raspberry-pi-4", num_samples=1200, backend="keras"),
+    Offline(who="pi-kitchen"),
+    Status(phase=Phase.TRAINING, round=3, rounds=10),
+    Spec(
+        model_json='{"class_name": "Sequential", "config": {"layers": []}}',
+        input_shape=[28, 28, 1],
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.9,
+        local_epochs=2,
+        batch_size=32,
+    ),
+    Round(
+        round=3,
+        model_version=7,
+        deadline=1_700_000_123.5,
+        selected=["pi-kitchen", "pi-garage"],
+        model=Manifest(
+            topic="fedprune/v1/demo/model/7",
+            size=len(PAYLOAD),
+            chunks=2,
+            sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+        ),
+        local_epochs=1,
+    ),
+    Chunk(
+        index=1,
+        count=2,
+        size=len(PAYLOAD),
+        sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+        data=PAYLOAD[384:],
+    ),
+    Metrics(values={"round": 3, "accuracy": 0.91, "sparsity": 0.5, "clients": ["a", "b"]}),
+    Notice(round=3, accepted=False, reason="update norm 1e9 exceeds the limit 100"),
+]
+
+
+def _reversion(payload: bytes, version: str) -> bytes:
+    raw = msgpack.unpackb(payload, raw=False)
+    raw["v"] = version
+    return msgpack.packb(raw, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.KIND.value)
+def test_every_message_kind_survives_encode_and_decode(message: Message) -> None:
+    # Prepare
+    payload = encode(message, run="demo", sender="pi-kitchen")
+
+    # Execute
+    envelope = decode(payload)
+
+    # Assert
+    assert envelope.message == message
+    assert type(envelope.message) is type(message)
+    assert (envelope.version, envelope.run, envelope.sender) == (
+        PROTOCOL_VERSION,
+        "demo",
+        "pi-kitchen",
+    )
+
+
+def test_decoded_status_phase_is_the_enum_member() -> None:
+    # Prepare
+    payload = encode(Status(phase=Phase.FINISHED, round=10, rounds=10), run="demo", sender="c")
+
+    # Execute
+    message = decode(payload).message
+
+    # Assert
+    assert isinstance(message, Status)
+    assert message.phase is Phase.FINISHED
+
+
+def test_sequence_numbers_increase_from_one_message_to_the_next() -> None:
+    # Prepare
+    offline = Offline(who="pi-kitchen")
+
+    # Execute
+    first = decode(encode(offline, run="demo", sender="pi-kitchen")).seq
+    second = decode(encode(offline, run="demo", sender="pi-kitchen")).seq
+
+    # Assert
+    assert second > first
+
+
+def test_a_message_of_another_major_version_is_refused() -> None:
+    # Prepare
+    payload = _reversion(encode(Offline(who="pi-kitchen"), run="demo", sender="x"), "2.0")
+
+    # Execute / Assert
+    with pytest.raises(WireError, match=r"protocol version '2\.0'"):
+        decode(payload)
+
+
+def test_a_message_of_a_newer_minor_version_is_accepted() -> None:
+    # Prepare
+    payload = _reversion(encode(Offline(who="pi-kitchen"), run="demo", sender="x"), "1.7")
+
+    # Execute
+    envelope = decode(payload)
+
+    # Assert
+    assert envelope.version == "1.7"
+    assert envelope.message == Offline(who="pi-kitchen")
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (b"\xc1", "undecodable message"),
+        (b"\x93\x01", "undecodable message"),
+        (msgpack.packb([1, 2, 3]), "not a map"),
+        (msgpack.packb("hello"), "not a map"),
+        (msgpack.packb({"kind": "hello"}), "protocol version None"),
+        (
+            msgpack.packb(
+                {"v": "1.0", "kind": "gossip", "run": "r", "sender": "s", "seq": 0, "body": {}}
+            ),
+            "malformed message",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "v": "1.0",
+                    "kind": "offline",
+                    "run": "r",
+                    "sender": "s",
+                    "seq": 0,
+                    "body": {"who": "x", "extra": 1},
+                }
+            ),
+            "malformed message",
+        ),
+    ],
+    ids=[
+        "reserved-byte",
+        "truncated",
+        "list",
+        "string",
+        "no-version",
+        "unknown-kind",
+        "unknown-field",
+    ],
+)
+def test_garbage_is_a_wire_error(payload: bytes, fragment: str) -> None:
+    # Execute / Assert
+    with pytest.raises(WireError, match=fragment):
+        decode(payload)
+
+
+@given(payload=st.binary(max_size=64))
+def test_arbitrary_bytes_never_raise_anything_but_a_wire_error(payload: bytes) -> None:
+    # Execute / Assert
+    with contextlib.suppress(WireError):
+        decode(payload)
+
+
+@settings(deadline=None)
+@given(
+    payload=st.binary(min_size=0, max_size=5000),
+    max_chunk=st.integers(min_value=1, max_value=700),
+    data=st.data(),
+)
+def test_chunks_in_any_order_with_duplicates_reassemble_to_the_payload(
+    payload: bytes, max_chunk: int, data: st.DataObject
+) -> None:
+    # Prepare
+    chunks = list(split(payload, max_chunk=max_chunk))
+    duplicates = data.draw(st.lists(st.sampled_from(chunks), max_size=10), label="duplicates")
+    delivery = data.draw(st.permutations(chunks + duplicates), label="delivery")
+    assembler = Reassembler(max_size=5000)
+
+    # Execute
+    results = [assembler.add(chunk) for chunk in delivery]
+
+    # Assert
+    first_arrival: dict[int, int] = {}
+    for position, chunk in enumerate(delivery):
+        first_arrival.setdefault(chunk.index, position)
+    complete_at = max(first_arrival.values())
+    assert results[:complete_at] == [None] * complete_at
+    assert results[complete_at] == payload
+    assert all(len(c.data) <= max_chunk for c in chunks)
+
+
+def test_an_empty_payload_is_one_empty_chunk() -> None:
+    # Execute
+    chunks = list(split(b"", max_chunk=100))
+
+    # Assert
+    assert [(c.index, c.count, c.size, c.data) for c in chunks] == [(0, 1, 0, b"")]
+    assert Reassembler(max_size=0).add(chunks[0]) == b""
+
+
+def test_a_corrupted_chunk_fails_the_checksum() -> None:
+    # Prepare
+    first, second = split(PAYLOAD, max_chunk=400)
+    corrupted = dataclasses.replace(second, data=b"\x00" + second.data[1:])
+    assembler = Reassembler(max_size=10_000)
+    assembler.add(first)
+
+    # Execute / Assert
+    with pytest.raises(WireError, match="SHA-256"):
+        assembler.add(corrupted)
+
+
+def test_a_payload_over_the_maximum_size_is_refused_at_its_first_chunk() -> None:
+    # Prepare
+    first = next(split(PAYLOAD, max_chunk=100))
+    assembler = Reassembler(max_size=len(PAYLOAD) - 1)
+
+    # Execute / Assert
+    with pytest.raises(OversizeError, match=f"payload of {len(PAYLOAD)} bytes exceeds 767"):
+        assembler.add(first)
+
+
+@pytest.mark.parametrize("index", [-1, 8], ids=["negative", "past-the-end"])
+def test_a_chunk_index_out_of_range_is_refused(index: int) -> None:
+    # Prepare
+    chunks = list(split(PAYLOAD, max_chunk=100))
+    assert len(chunks) == 8
+    stray = dataclasses.replace(chunks[3], index=index)
+    assembler = Reassembler(max_size=10_000)
+    assembler.add(chunks[0])
+
+    # Execute / Assert
+    with pytest.raises(WireError, match=rf"chunk index {index} out of range 0\.\.7"):
+        assembler.add(stray)
+
+
+def test_a_chunk_of_another_payload_is_refused() -> None:
+    # Prepare
+    ours = next(split(PAYLOAD, max_chunk=100))
+    theirs = list(split(PAYLOAD[::-1], max_chunk=100))[1]
+    assembler = Reassembler(max_size=10_000)
+    assembler.add(ours)
+
+    # Execute / Assert
+    with pytest.raises(WireError, match="does not belong"):
+        assembler.add(theirs)
+
+
+def test_split_refuses_a_chunk_size_below_one() -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="max_chunk must be >= 1, got 0"):
+        list(split(PAYLOAD, max_chunk=0))
