@@ -24,9 +24,10 @@ from edge_client.codec import Model
 from edge_client.errors import ConfigError
 
 sparsity = tfmot.sparsity.keras
+PruningSchedule = sparsity.PruningSchedule
 
 
-def build_schedule(config: ScheduleConfig) -> sparsity.PruningSchedule:
+def build_schedule(config: ScheduleConfig) -> Any:
     """The TF-MOT schedule for ``config``, with steps counted in rounds and ``frequency=1``."""
     if config.kind is ScheduleKind.POLYNOMIAL:
         return sparsity.PolynomialDecay(
@@ -41,7 +42,7 @@ def build_schedule(config: ScheduleConfig) -> sparsity.PruningSchedule:
     return MeanMagnitude(begin_step=config.begin_round, end_step=config.end_round)
 
 
-class MeanMagnitude(sparsity.PruningSchedule):  # type: ignore[misc]
+class MeanMagnitude(PruningSchedule):  # type: ignore[misc,valid-type]
     """Sparsity = share of the layer's weights whose magnitude is below the layer's mean magnitude.
 
     TF-MOT schedules only see the step, so the pruner sets ``level`` from the layer's weights just

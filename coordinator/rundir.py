@@ -53,8 +53,11 @@ class RunDir:
     def checkpoint(self, round_: int, pruner: Pruner) -> Path:
         """Every variable of the wrapped model (weights, masks, thresholds, TF-MOT steps)."""
         path = self.path / "checkpoints" / f"round-{round_:04d}.npz"
-        arrays = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(pruner.wrapped.get_weights())}
-        _atomic(path, lambda f: np.savez(f, round=round_, **arrays))
+        arrays: dict[str, Any] = {"round": np.int64(round_)}
+        arrays.update(
+            (f"w{i:03d}", np.asarray(w)) for i, w in enumerate(pruner.wrapped.get_weights())
+        )
+        _atomic(path, lambda f: np.savez(f, **arrays))
         for old in path.parent.glob("round-*.npz"):
             if old != path:
                 old.unlink()

@@ -107,6 +107,7 @@ class MqttTransport(Transport):
         self._lock = threading.Lock()
         self.reconnects = 0
         self._retained: dict[str, bytes] = {}
+        self._subacks: dict[int, threading.Event] = {}
         protocol = MQTTProtocolVersion.MQTTv5 if self.url.mqtt5 else MQTTProtocolVersion.MQTTv311
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -119,6 +120,7 @@ class MqttTransport(Transport):
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._connect(connect_attempts)
 
     def _connect(self, attempts: int) -> None:
@@ -166,8 +168,21 @@ class MqttTransport(Transport):
         return self._connected.is_set()
 
     def subscribe(self, pattern: str, qos: int = 1) -> None:
+        """Subscribe and wait (up to 10 s) for the broker's acknowledgement, so that nothing
+        published after this returns can be missed."""
         self._subscriptions[pattern] = qos
-        self._client.subscribe(pattern, qos)
+        result, mid = self._client.subscribe(pattern, qos)
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return  # not connected: _on_connect subscribes again
+        with self._lock:
+            acked = self._subacks.setdefault(mid, threading.Event())
+        acked.wait(10)
+        with self._lock:
+            self._subacks.pop(mid, None)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, *_rest: object) -> None:
+        with self._lock:
+            self._subacks.setdefault(mid, threading.Event()).set()
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if retain:
@@ -179,7 +194,7 @@ class MqttTransport(Transport):
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
             with self._lock:
-                self._pending = [i for i in self._pending if not i.is_published()]
+                self._pending = [i for i in self._pending if not _settled(i)]
                 self._pending.append(info)
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -193,14 +208,22 @@ class MqttTransport(Transport):
         self._client.loop_stop()
 
 
-def _wait(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
-    if timeout <= 0:
-        return info.is_published()
+def _settled(info: mqtt.MQTTMessageInfo) -> bool:
+    """Acknowledged, or failed (paho raises for a message it could not hand to a connection)."""
     try:
-        info.wait_for_publish(timeout)
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return True
+
+
+def _wait(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+    """Whether the broker acknowledged the message within ``timeout`` seconds."""
+    try:
+        if timeout > 0:
+            info.wait_for_publish(timeout)
+        return info.is_published()
     except (RuntimeError, ValueError):
         return False
-    return info.is_published()
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -1,0 +1,81 @@
+"""The transport against a real mosquitto, over MQTT 3.1.1 and MQTT 5."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.broker import EmbeddedBroker
+from edge_client.errors import OversizeError
+from edge_client.transport import MqttTransport
+from edge_client.wire import Chunk, Reassembler, decode, encode, split
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("scheme", ["mqtt", "mqtt5"])
+def test_chunked_payload_and_retained_message_arrive_intact(mosquitto: str, scheme: str) -> None:
+    # Prepare
+    url = mosquitto.replace("mqtt://", f"{scheme}://")
+    payload = os.urandom(300_000)
+    sender = MqttTransport(url, client_id="sender", max_payload=64 * 1024)
+    receiver = MqttTransport(url, client_id="receiver")
+    receiver.subscribe("t/chunks/#")
+
+    # Execute
+    for chunk in split(payload, max_chunk=60_000):
+        sender.publish(f"t/chunks/{chunk.index}", encode(chunk, run="r", sender="s"))
+    sender.publish("t/retained", b"state", retain=True)
+    assert sender.flush(timeout=10)
+    late = MqttTransport(url, client_id="late")
+    late.subscribe("t/retained")
+    assembler = Reassembler(max_size=1_000_000)
+    result = None
+    while result is None and (item := receiver.get(timeout=5)) is not None:
+        message = decode(item[1]).message
+        assert isinstance(message, Chunk)
+        result = assembler.add(message)
+    retained = late.get(timeout=5)
+    for transport in (sender, receiver, late):
+        transport.close()
+
+    # Assert
+    assert result == payload
+    assert retained == ("t/retained", b"state")
+
+
+def test_payload_over_the_broker_limit_is_refused_before_it_is_sent() -> None:
+    # Prepare: mosquitto silently drops messages over message_size_limit (STACK_FACTS.md)
+    with EmbeddedBroker("mosquitto", message_size_limit=10_000) as broker:
+        sender = MqttTransport(broker.url, client_id="sender", max_payload=10_000)
+        receiver = MqttTransport(broker.url, client_id="receiver")
+        receiver.subscribe("t/#")
+
+        # Execute
+        with pytest.raises(OversizeError, match="20000 bytes"):
+            sender.publish("t/big", b"x" * 20_000)
+        sender.publish("t/small", b"y" * 9_000)
+        received = receiver.get(timeout=5)
+        sender.close()
+        receiver.close()
+
+    # Assert: only the small one went out
+    assert received == ("t/small", b"y" * 9_000)
+
+
+@pytest.mark.slow
+def test_a_short_run_works_over_mqtt5(mosquitto: str, tmp_path: Path) -> None:
+    url = mosquitto.replace("mqtt://", "mqtt5://")
+    command = [sys.executable, "-m", "coordinator.demo", "--out", str(tmp_path), "--run", "v5",
+               "--broker", url, "--clients", "2", "--rounds", "3", "--begin-round", "1",
+               "--end-round", "2", "--target", "0.5"]  # fmt: skip
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = (tmp_path / "v5" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert '"reported": 2' in last
