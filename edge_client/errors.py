@@ -7,7 +7,8 @@
     │   ├── ShapeError             a tensor payload that does not fit the model
     │   └── OversizeError          a payload larger than the transport allows
     ├── BrokerError                the broker cannot be reached or dropped us for good (exit 3)
-    └── ExportError                a model that cannot be converted or fails verification (exit 4)
+    └── ModelError                 a model that cannot be loaded or run (exit 4)
+        └── ExportError            a model that cannot be converted or fails verification
 
 Third-party errors are caught at the boundary and re-raised as one of these
 (``raise ... from exc``); the command-line programs print ``str(error)`` on one line and exit with
@@ -51,7 +52,11 @@ class BrokerError(FedpruneError):
     exit_code = 3
 
 
-class ExportError(FedpruneError):
-    """A model cannot be exported, or the export fails verification."""
+class ModelError(FedpruneError):
+    """A model file cannot be loaded or run."""
 
     exit_code = 4
+
+
+class ExportError(ModelError):
+    """A model cannot be exported, or the export fails verification."""
