@@ -26,10 +26,12 @@ def _reason(exc: BaseException) -> str:
 
 def load_interpreter(model: bytes | Path, *, num_threads: int = 1) -> Interpreter:
     """A LiteRT interpreter over a model's bytes or file, builtin kernels only, not allocated."""
-    try:
-        content = model.read_bytes() if isinstance(model, Path) else model
-    except OSError as exc:
-        raise ModelError(f"{model}: cannot read the model ({exc.strerror or exc})") from exc
+    content = model
+    if isinstance(model, Path):
+        try:
+            content = model.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"{model}: cannot read the model ({exc.strerror or exc})") from exc
     try:
         return Interpreter(
             model_content=content,
