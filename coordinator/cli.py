@@ -48,6 +48,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="round at which the target is reached (default: %(default)s)",
     )
     p.add_argument(
+        "--structure",
+        default=s.structure,
+        metavar="M:N",
+        help="structured sparsity instead of the schedule: M zeros in every N consecutive weights "
+        "(TF-MOT sparsity_m_by_n, e.g. 2:4), applied at --begin-round",
+    )
+    p.add_argument(
         "--local-epochs",
         type=int,
         default=d.local_epochs,
@@ -97,6 +104,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         target=args.target,
         begin_round=args.begin_round,
         end_round=args.end_round,
+        structure=args.structure,
     )
     values: dict[str, object] = dict(
         run=args.run,

@@ -33,9 +33,14 @@ class ScheduleConfig:
     target: float = 0.8
     begin_round: int = 2
     end_round: int = 12
+    structure: str = ""  # "M:N" (e.g. "2:4"): TF-MOT m-by-n sparsity at begin_round instead
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ScheduleKind(self.kind))
+        if self.structure:
+            m, _, n = self.structure.partition(":")
+            if not (m.isdigit() and n.isdigit() and 0 < int(m) < int(n)):
+                raise ConfigError(f"structure must be M:N with 0 < M < N, got {self.structure!r}")
         if not 0.0 <= self.target < 1.0:
             raise ConfigError(f"target sparsity must be in [0, 1), got {self.target}")
         if self.begin_round < 0:
@@ -44,6 +49,14 @@ class ScheduleConfig:
             raise ConfigError(
                 f"end_round ({self.end_round}) must be after begin_round ({self.begin_round})"
             )
+
+    @property
+    def m_by_n(self) -> tuple[int, int] | None:
+        """``structure`` as TF-MOT's ``sparsity_m_by_n``; ``None`` for magnitude schedules."""
+        if not self.structure:
+            return None
+        m, _, n = self.structure.partition(":")
+        return int(m), int(n)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,12 +106,12 @@ class RunConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        if (
-            self.schedule.end_round > self.rounds
-            and self.schedule.kind is not ScheduleKind.CONSTANT
-        ):
+        schedule = self.schedule
+        at_begin = schedule.m_by_n is not None or schedule.kind is ScheduleKind.CONSTANT
+        last = schedule.begin_round if at_begin else schedule.end_round
+        if last > self.rounds:
             raise ConfigError(
-                f"the pruning schedule ends at round {self.schedule.end_round}, after the last"
+                f"the pruning schedule ends at round {last}, after the last"
                 f" round {self.rounds}: the target sparsity would never be reached"
             )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import subprocess
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.progress import round_line, summary_lines
 
         run_dir = Path(args.out) / run
-        paths, heldout = digits.write_demo_data(
+        heldout = run_dir / "data" / "heldout.npz"
+        config = config_from(args, run=run, min_clients=args.clients, heldout=str(heldout))
+        paths, _ = digits.write_demo_data(
             run_dir / "data", args.clients, alpha=args.alpha, seed=args.seed
         )
         with _broker(args.broker) as (url, kind):
@@ -114,11 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             processes = _start_clients(paths, url, run, run_dir / "logs")
-            config = config_from(
-                args, run=run, broker=url, min_clients=args.clients, heldout=str(heldout)
-            )
             summary = session.run(
-                config,
+                dataclasses.replace(config, broker=url),
                 on_round=lambda r: print(round_line(r), flush=True),
             )
             for process in processes:

@@ -65,12 +65,20 @@ class MeanMagnitude(PruningSchedule):  # type: ignore[misc,valid-type]
         }
 
 
+def pruner_for(model: tf_keras.Model, schedule: ScheduleConfig) -> Pruner:
+    """Wrap ``model`` for ``schedule`` and return its pruner."""
+    offset = schedule.begin_round - 1 if schedule.m_by_n else 0
+    return Pruner(wrap(model, schedule), step_offset=offset)
+
+
 def wrap(model: tf_keras.Model, schedule: ScheduleConfig) -> tf_keras.Model:
     """A pruning-wrapped copy of ``model`` (TF-MOT picks the prunable layers)."""
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     try:
-        return sparsity.prune_low_magnitude(copy, pruning_schedule=build_schedule(schedule))
+        return sparsity.prune_low_magnitude(
+            copy, pruning_schedule=build_schedule(schedule), sparsity_m_by_n=schedule.m_by_n
+        )
     except ValueError as exc:
         raise ConfigError(f"cannot prune this model: {exc}") from exc
 
@@ -78,8 +86,11 @@ def wrap(model: tf_keras.Model, schedule: ScheduleConfig) -> tf_keras.Model:
 class Pruner:
     """The global model: wrapped for TF-MOT, read through its stripped view and the masks."""
 
-    def __init__(self, wrapped: tf_keras.Model) -> None:
+    def __init__(self, wrapped: tf_keras.Model, *, step_offset: int = 0) -> None:
+        """``step_offset`` is subtracted from the round to give TF-MOT's step: m-by-n sparsity is
+        applied at TF-MOT step 1, so a structured run passes ``begin_round - 1``."""
         self.wrapped = wrapped
+        self.step_offset = step_offset
         self.stripped = sparsity.strip_pruning(wrapped)  # shares the inner layers with ``wrapped``
         self.wrappers = [layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)]
         position = {id(v): i for i, v in enumerate(self.stripped.weights)}
@@ -87,7 +98,7 @@ class Pruner:
         for wrapper in self.wrappers:
             for weight, mask, _ in wrapper.pruning_vars:
                 self._mask_of[position[id(weight)]] = mask
-        self.step(-1, update_masks=False)
+        self.step(self.step_offset - 1, update_masks=False)
 
     def model(self) -> Model:
         weights = [np.asarray(w, np.float32) for w in self.stripped.get_weights()]
@@ -102,7 +113,7 @@ class Pruner:
     def step(self, round_: int, *, update_masks: bool = True) -> None:
         """Advance every wrapper's schedule to ``round_`` and apply TF-MOT's mask update."""
         for wrapper in self.wrappers:
-            wrapper.pruning_step.assign(round_)
+            wrapper.pruning_step.assign(round_ - self.step_offset)
             if not update_masks:
                 continue
             # TF-MOT ranks the raw weights: zero the pruned ones first so that whatever was written

@@ -13,7 +13,7 @@ import tf_keras
 from converters.export import ExportReport, export_run
 from coordinator import models
 from coordinator.config import RunConfig
-from coordinator.pruning import Pruner, wrap
+from coordinator.pruning import Pruner, pruner_for
 from coordinator.rounds import Coordinator, Evaluation, RoundResult
 from coordinator.rundir import RunDir
 from edge_client import data as local_data
@@ -48,7 +48,7 @@ def _evaluator(
 
 def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None) -> Summary:
     model = models.build(config.model, seed=config.seed)
-    pruner = Pruner(wrap(model, config.schedule))
+    pruner = pruner_for(model, config.schedule)
     rundir = RunDir(config.run_dir)
     rundir.write_config(config)
     x = y = None

@@ -67,6 +67,19 @@ def test_to_dict_is_plain_data_and_run_dir_joins_out_and_run() -> None:
         "target": 0.8,
         "begin_round": 2,
         "end_round": 12,
+        "structure": "",
     }
     assert data["rounds"] == 12 and data["optimizer"] == "sgd"
     assert config.run_dir == Path("runs") / "exp-1"
+
+
+@pytest.mark.parametrize("structure", ["2", "4:2", "a:b", "0:4", "2:2"])
+def test_bad_structure_names_the_value(structure: str) -> None:
+    with pytest.raises(ConfigError, match=f"structure must be M:N.*{structure!r}"):
+        ScheduleConfig(structure=structure)
+
+
+def test_structured_run_needs_only_to_reach_its_begin_round() -> None:
+    config = RunConfig(rounds=4, schedule=ScheduleConfig(structure="2:4", begin_round=2))
+
+    assert config.schedule.m_by_n == (2, 4)

@@ -10,7 +10,7 @@ import tf_keras
 
 from coordinator import models
 from coordinator.config import ScheduleConfig, ScheduleKind
-from coordinator.pruning import Pruner, wrap
+from coordinator.pruning import Pruner, pruner_for, wrap
 from edge_client.errors import ConfigError
 
 TARGET = 0.8
@@ -256,3 +256,22 @@ def test_constant_schedule_ignores_end_round() -> None:
     config = ScheduleConfig(kind=ScheduleKind.CONSTANT, begin_round=4, end_round=0)
 
     assert config.begin_round == 4
+
+
+def test_structured_two_by_four_is_applied_at_begin_round_and_kept() -> None:
+    # Prepare
+    schedule = ScheduleConfig(structure="2:4", begin_round=3)
+    pruner = pruner_for(models.mlp(), schedule)
+
+    # Execute
+    sparsities = []
+    for round_ in range(1, 7):
+        pruner.step(round_)
+        sparsities.append(pruner.sparsity())
+
+    # Assert: dense before round 3, then exactly 2 of every 4 consecutive input weights kept
+    assert sparsities[:2] == [0.0, 0.0]
+    assert sparsities[2:] == [0.5] * 4
+    for mask in (m for m in pruner.model().masks if m is not None):
+        groups = mask.T.reshape(mask.shape[1], -1, 4)
+        assert np.all(groups.sum(axis=-1) == 2)
