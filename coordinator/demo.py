@@ -22,6 +22,7 @@ from converters.quiet import native_log_filtered
 from edge_client.errors import FedpruneError
 
 PROG = "fedprune-demo"
+DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,6 +35,13 @@ def parser() -> argparse.ArgumentParser:
         "verified TFLite export. No flags needed.",
     )
     p.add_argument("--clients", type=int, default=5, help="edge client processes (default: 5)")
+    p.add_argument(
+        "--client-profiles",
+        default=",".join(DEMO_PROFILES),
+        metavar="P1,P2,...",
+        help="device profiles the clients announce, in turn; each gets its own verified export "
+        "deployed at the end (default: %(default)s)",
+    )
     p.add_argument(
         "--alpha",
         type=float,
@@ -63,27 +71,18 @@ def _broker(choice: str) -> Iterator[tuple[str, str]]:
 
 
 def _start_clients(
-    paths: list[Path], url: str, run: str, logs: Path
+    paths: list[Path], url: str, run: str, run_dir: Path, profiles: list[str]
 ) -> list[subprocess.Popen[bytes]]:
+    """One client process per data file; client i gets profile i modulo the list."""
+    logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     processes = []
     for i, path in enumerate(paths):
-        command = [
-            sys.executable,
-            "-m",
-            "edge_client",
-            "--broker",
-            url,
-            "--data",
-            str(path),
-            "--run",
-            run,
-            "--id",
-            f"client-{i}",
-            "--seed",
-            str(i),
-        ]
+        command = [sys.executable, "-m", "edge_client", "--broker", url, "--data", str(path),
+                   "--run", run, "--id", f"client-{i}", "--seed", str(i),
+                   "--profile", profiles[i % len(profiles)],
+                   "--models", str(run_dir / "devices" / f"client-{i}")]  # fmt: skip
         with (logs / f"client-{i}.log").open("wb") as log_file:
             processes.append(
                 subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(alpha {args.alpha}), broker {kind} at {url}",
                 flush=True,
             )
-            processes = _start_clients(paths, url, run, run_dir / "logs")
+            processes = _start_clients(paths, url, run, run_dir, args.client_profiles.split(","))
             summary = session.run(
                 dataclasses.replace(config, broker=url),
                 on_round=lambda r: print(round_line(r), flush=True),

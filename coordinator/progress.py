@@ -42,12 +42,16 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
             "downlink", sum(r.bytes_down for r in results), sum(r.dense_bytes_down for r in results)
         ),
     ]
-    export = summary.export
-    if export is not None:
+    for profile, export in summary.exports.items():
+        if isinstance(export, str):
+            lines.append(f"  {profile}: no export: {export}")
+            continue
+        sparse = "+sparse" if export.sparse_format else ""
         lines += [
-            f"  tflite     {export.tflite_bytes:,} bytes, gzip {export.gzip_bytes:,} bytes,"
-            f" LiteRT accuracy {export.tflite_accuracy:.4f} (Keras {export.keras_accuracy:.4f})",
-            f"  model      {export.model_path}",
+            f"  {profile}: {export.precision}{sparse} tflite {export.tflite_bytes:,} bytes,"
+            f" gzip {export.gzip_bytes:,}, LiteRT accuracy {export.tflite_accuracy:.4f}"
+            f" (Keras {export.keras_accuracy:.4f}), deployed",
+            f"      {export.model_path}",
         ]
     lines.append(f"  run        {summary.run_dir} (config.toml, metrics.jsonl, model/, export/)")
     return lines

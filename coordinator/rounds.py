@@ -28,6 +28,7 @@ from edge_client.topics import Topics
 from edge_client.transport import Transport
 from edge_client.wire import (
     Chunk,
+    Deployment,
     Hello,
     Manifest,
     Message,
@@ -119,6 +120,7 @@ class Coordinator:
         self.limits = limits or Limits()
         self.topics = Topics(config.run)
         self.clients: dict[str, Hello] = {}
+        self.profiles: set[str] = {config.profile}  # of every client seen, for deployment
         self.results: list[RoundResult] = []
         self._collect: _Collect | None = None
         self._model_chunks: list[str] = []
@@ -199,6 +201,7 @@ class Coordinator:
                     message.num_samples,
                 )
             self.clients[client_id] = message
+            self.profiles.add(message.profile)
         elif isinstance(message, Offline) and self.clients.pop(client_id, None) is not None:
             log.info("client %s went offline", client_id)
         return True
@@ -358,17 +361,39 @@ class Coordinator:
         return result
 
     def run(self) -> list[RoundResult]:
+        self.train()
+        self.finish()
+        return self.results
+
+    def train(self) -> list[RoundResult]:
+        """Announce the run, wait for the clients and run every round."""
         self.start()
         self.wait_for_clients()
         for round_ in range(1, self.config.rounds + 1):
             self.run_round(round_)
-        self.finish()
         return self.results
 
-    def finish(self) -> None:
+    def deploy(self, profile: str, model: bytes, *, precision: str, accuracy: float,
+               export_json: str) -> None:  # fmt: skip
+        """Publish an exported model for one device profile: retained chunks, then the manifest."""
+        prefix = f"{self.topics.deploy(profile)}/chunks"
+        chunks = list(split(model, max_chunk=self.config.max_payload - ENVELOPE_ROOM))
+        for chunk in chunks:
+            self._publish(f"{prefix}/{chunk.index}", chunk)
+        manifest = Manifest(topic=prefix, size=len(model), chunks=len(chunks), sha256=sha256(model))
+        deployment = Deployment(profile=profile, model=manifest, precision=precision,
+                                accuracy=accuracy, export_json=export_json)  # fmt: skip
+        self._publish(self.topics.deploy(profile), deployment)
+
+    def finish(self, *, deployed: list[str] | None = None) -> None:
+        """Clear the round state and say the run is over (and which profiles got a model)."""
         for topic in [*self._model_chunks, self.topics.round]:
             self.transport.publish(topic, b"", retain=True)
         self._model_chunks = []
-        self.status(Phase.FINISHED, self.config.rounds)
+        status = Status(
+            phase=Phase.FINISHED, round=self.config.rounds, rounds=self.config.rounds,
+            deploy=deployed or [],
+        )  # fmt: skip
+        self._publish(self.topics.status, status)
         if not self.transport.flush(timeout=30):
             log.warning("the broker did not acknowledge the final status in time")

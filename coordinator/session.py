@@ -1,4 +1,4 @@
-"""One whole coordinator run: build and wrap the model, serve the rounds, save, export."""
+"""One whole coordinator run: build and wrap the model, serve the rounds, save, export, deploy."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from coordinator.pruning import Pruner, pruner_for
 from coordinator.rounds import Coordinator, Evaluation, RoundResult
 from coordinator.rundir import RunDir
 from edge_client import data as local_data
+from edge_client.errors import ConfigError, ExportError
 from edge_client.topics import Topics
 from edge_client.transport import MqttTransport
 from edge_client.wire import Offline, encode
@@ -28,7 +29,7 @@ log = logging.getLogger("fedprune.coordinator")
 class Summary:
     run_dir: Path
     results: list[RoundResult]
-    export: ExportReport | None
+    exports: dict[str, ExportReport | str]  # by profile: the report, or why there is none
 
 
 def _evaluator(
@@ -76,9 +77,31 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         coordinator = Coordinator(
             transport, config, pruner, evaluate=_evaluator(pruner, x, y), on_round=after_round
         )
-        results = coordinator.run()
+        results = coordinator.train()
+        rundir.save_models(pruner)
+        exports = _export(rundir.path, sorted(coordinator.profiles)) if x is not None else {}
+        for profile, report in exports.items():
+            if isinstance(report, ExportReport):
+                coordinator.deploy(
+                    profile,
+                    report.model_path.read_bytes(),
+                    precision=str(report.precision),
+                    accuracy=report.tflite_accuracy,
+                    export_json=(report.model_path.parent / "export.json").read_text(),
+                )
+        coordinator.finish(deployed=[p for p, r in exports.items() if isinstance(r, ExportReport)])
     finally:
         transport.close()
-    rundir.save_models(pruner)
-    report = export_run(rundir.path, profile=config.profile) if x is not None else None
-    return Summary(run_dir=rundir.path, results=results, export=report)
+    return Summary(run_dir=rundir.path, results=results, exports=exports)
+
+
+def _export(run_dir: Path, profiles: list[str]) -> dict[str, ExportReport | str]:
+    """Export for each profile; a refused or impossible export is its one-line reason."""
+    exports: dict[str, ExportReport | str] = {}
+    for profile in profiles:
+        try:
+            exports[profile] = export_run(run_dir, profile=profile)
+        except (ExportError, ConfigError) as exc:
+            log.warning("no export for %s: %s", profile, exc)
+            exports[profile] = str(exc)
+    return exports

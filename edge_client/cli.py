@@ -11,6 +11,7 @@ from pathlib import Path
 import device_profiles
 from edge_client import data as local_data
 from edge_client.client import EdgeClient, Identity
+from edge_client.deploy import DeploymentReceiver
 from edge_client.errors import FedpruneError
 from edge_client.trainer import check_backend
 from edge_client.transport import MqttTransport
@@ -39,6 +40,19 @@ def parser() -> argparse.ArgumentParser:
         "--broker",
         default="mqtt://127.0.0.1:1883",
         help="broker URL, mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port",
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        default=Path("fedprune-models"),
+        metavar="DIR",
+        help="where the model deployed to this profile is installed, as DIR/PROFILE/model.tflite "
+        "with its export.json (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-deploy",
+        action="store_true",
+        help="do not fetch the model deployed at the end of the run",
     )
     p.add_argument(
         "--connect-attempts",
@@ -108,8 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             max_payload=profile.max_payload_bytes,
             connect_attempts=args.connect_attempts,
         )
+        receiver = None
+        if not args.no_deploy:
+            receiver = DeploymentReceiver(args.models / profile.name, sample=data.x_test[:8])
         client = EdgeClient(
-            transport, identity=identity, data=data, local_epochs=args.epochs, seed=args.seed
+            transport,
+            identity=identity,
+            data=data,
+            local_epochs=args.epochs,
+            seed=args.seed,
+            deploy=receiver,
         )
         try:
             report = client.run(timeout=args.timeout)

@@ -15,12 +15,14 @@ import numpy as np
 
 from edge_client.codec import Model, Update, decode_model, encode_update
 from edge_client.data import LocalData
+from edge_client.deploy import DeploymentReceiver
 from edge_client.errors import WireError
 from edge_client.topics import Topics
 from edge_client.trainer import Trainer, make_trainer
 from edge_client.transport import Transport
 from edge_client.wire import (
     Chunk,
+    Deployment,
     Hello,
     Message,
     Notice,
@@ -85,8 +87,14 @@ class EdgeClient:
         data: LocalData,
         local_epochs: int | None = None,
         seed: int = 0,
+        deploy: DeploymentReceiver | None = None,
+        deploy_wait: float = 60.0,
     ) -> None:
+        """``deploy`` installs the model deployed to this client's profile at the end of the run;
+        the client then waits up to ``deploy_wait`` seconds for it before it exits."""
         self.transport = transport
+        self.deploy = deploy
+        self.deploy_wait = deploy_wait
         self.identity = identity
         self.topics = Topics(identity.run)
         self.client_id = identity.client_id
@@ -100,10 +108,16 @@ class EdgeClient:
         self._assembling: dict[str, Reassembler] = {}  # by the payload's SHA-256
         self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
         self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
+        self._deploy_prefix = self.topics.deploy(identity.profile)
+        self._finished_at: float | None = None  # when the coordinator said it finished
+        self._awaiting_deploy = False
 
     def start(self) -> None:
         t = self.topics
-        for pattern in (t.spec, t.round, t.status, t.all_models, t.inbox(self.client_id)):
+        patterns = [t.spec, t.round, t.status, t.all_models, t.inbox(self.client_id)]
+        if self.deploy is not None:
+            patterns.append(f"{self._deploy_prefix}/#")
+        for pattern in patterns:
             self.transport.subscribe(pattern)
         topic, payload = self.identity.hello()
         self.transport.publish(topic, payload, retain=True)
@@ -117,7 +131,18 @@ class EdgeClient:
             if item is not None:
                 self.handle(*item)
             self._maybe_train()
+            self._check_finished()
         return self.report
+
+    def _check_finished(self) -> None:
+        if self._finished_at is None:
+            return
+        waiting = self._awaiting_deploy and self.deploy is not None and not self.deploy.settled()
+        if waiting and time.monotonic() - self._finished_at < self.deploy_wait:
+            return
+        if waiting:
+            log.warning("the deployed model did not arrive within %.0f s", self.deploy_wait)
+        self.report.finished = True
 
     def handle(self, topic: str, payload: bytes) -> None:
         if not payload:  # a cleared retained message
@@ -129,10 +154,16 @@ class EdgeClient:
             elif isinstance(message, Round):
                 self._round = message
                 self._resend_unacknowledged(message.round)
+            elif isinstance(message, Chunk) and topic.startswith(self._deploy_prefix):
+                if self.deploy is not None:
+                    self.deploy.on_chunk(message)
             elif isinstance(message, Chunk):
                 self._add_model_chunk(message)
-            elif isinstance(message, Status):
-                self.report.finished = message.phase is Phase.FINISHED
+            elif isinstance(message, Deployment) and self.deploy is not None:
+                self.deploy.on_deployment(message)
+            elif isinstance(message, Status) and message.phase is Phase.FINISHED:
+                self._finished_at = time.monotonic()
+                self._awaiting_deploy = self.identity.profile in message.deploy
             elif isinstance(message, Notice):
                 self._on_notice(message)
         except WireError as exc:

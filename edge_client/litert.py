@@ -80,15 +80,18 @@ def latencies_ms(
     """Wall times in milliseconds of ``runs`` single-sample invocations (after ``warmup``)."""
     inp = interpreter.get_input_details()[0]
     batch = _to_input(_reshape(np.asarray(sample)[np.newaxis], input_shape(interpreter)), inp)
-    interpreter.resize_tensor_input(inp["index"], batch.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], batch)
     times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        interpreter.invoke()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000.0)
+    try:
+        interpreter.resize_tensor_input(inp["index"], batch.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], batch)
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            interpreter.invoke()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"LiteRT inference failed: {_reason(exc)}") from exc
     return np.array(times)
 
 

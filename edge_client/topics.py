@@ -39,6 +39,10 @@ class Topics:
         """Prefix of the chunks of one model version; chunk ``i`` is at ``<prefix>/<i>``."""
         return f"{self.root}/model/{version}"
 
+    def deploy(self, profile: str) -> str:
+        """Retained ``Deployment`` of one profile; its chunks are under ``<this>/chunks/<i>``."""
+        return f"{self.root}/deploy/{profile}"
+
     def client_status(self, client_id: str) -> str:
         return f"{self.root}/clients/{client_id}/status"
 

@@ -22,7 +22,7 @@ import msgpack
 from edge_client.errors import OversizeError, VersionError, WireError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1.1: Deployment messages and Status.deploy
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 
@@ -36,6 +36,7 @@ class Kind(StrEnum):
     ROUND = "round"
     CHUNK = "chunk"
     METRICS = "metrics"
+    DEPLOY = "deploy"
     NOTICE = "notice"
 
 
@@ -82,6 +83,7 @@ class Status(Message):
     phase: Phase
     round: int
     rounds: int
+    deploy: list[str] = field(default_factory=list)  # profiles with a deployed model (1.1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", Phase(self.phase))
@@ -145,6 +147,18 @@ class Metrics(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Deployment(Message):
+    """The exported model for one device profile (retained on ``deploy/<profile>``)."""
+
+    KIND: ClassVar[Kind] = Kind.DEPLOY
+    profile: str
+    model: Manifest
+    precision: str
+    accuracy: float
+    export_json: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Notice(Message):
     """Coordinator -> one client: accepted or rejected (with the reason)."""
 
@@ -155,7 +169,8 @@ class Notice(Message):
 
 
 _BY_KIND: dict[Kind, type[Message]] = {
-    cls.KIND: cls for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice)
+    cls.KIND: cls
+    for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice, Deployment)
 }
 _NESTED: dict[str, type[Any]] = {"model": Manifest}
 _seq = itertools.count()
@@ -198,13 +213,19 @@ def decode(payload: bytes) -> Envelope:
     if not isinstance(raw, dict):
         raise WireError("message is not a map")
     version = raw.get("v")
-    if not isinstance(version, str) or version.split(".")[0] != str(PROTOCOL_MAJOR):
+    if not isinstance(version, str):
+        raise VersionError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+    major, _, minor = version.partition(".")
+    if major != str(PROTOCOL_MAJOR) or not minor.isdigit():
         raise VersionError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
     try:
         cls = _BY_KIND[Kind(raw["kind"])]
         body = dict(raw["body"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        if int(minor) > PROTOCOL_MINOR:  # a newer minor may add optional fields: skip them
+            body = {k: v for k, v in body.items() if k in names}
         for key, nested in _NESTED.items():
-            if key in body and key in {f.name for f in dataclasses.fields(cls)}:
+            if key in body and key in names:
                 body[key] = nested(**body[key])
         message = cls(**body)
         return Envelope(

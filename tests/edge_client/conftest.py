@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -14,3 +19,62 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+# Two real TFLite digits classifiers, built once per session in a subprocess, so that the edge
+# client's tests never import TensorFlow themselves.
+N_TEST = 450
+
+BUILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras
+    from sklearn.datasets import load_digits
+
+    out, n_test = Path(sys.argv[1]), int(sys.argv[2])
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:-n_test], order[-n_test:]
+    tf_keras.utils.set_random_seed(0)
+    model = tf_keras.Sequential([
+        tf_keras.layers.Input((64,)),
+        tf_keras.layers.Dense(32, activation="relu"),
+        tf_keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(tf_keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(x[train], y[train], epochs=3, batch_size=32, verbose=0)
+    serve = tf.function(
+        lambda t: model(t, training=False),
+        input_signature=[tf.TensorSpec([None, 64], tf.float32, name="input")],
+    )
+    for name, optimizations in (("float32", []), ("int8", [tf.lite.Optimize.DEFAULT])):
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [serve.get_concrete_function()], model
+        )
+        converter.optimizations = optimizations
+        (out / name).mkdir()
+        (out / name / "model.tflite").write_bytes(converter.convert())
+    np.savez(out / "digits.npz", x=x[test], y=y[test].astype(np.int64))
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with float32/model.tflite, int8/model.tflite and digits.npz (held-out x, y)."""
+    root = tmp_path_factory.mktemp("tflite-models")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD, str(root), str(N_TEST)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root

@@ -58,6 +58,48 @@ def test_federated_pruning_run_over_mosquitto_reaches_accuracy_and_sparsity(
     assert "LiteRT accuracy" in done.stdout
 
 
+def test_each_device_receives_and_runs_the_model_exported_for_its_profile(
+    mosquitto: str, tmp_path: Path
+) -> None:
+    # Execute: three clients, each announcing another device profile
+    profiles = ["raspberry-pi-4", "raspberry-pi-zero-2w", "jetson-nano"]
+    done = run_demo(
+        tmp_path,
+        "--broker",
+        mosquitto,
+        "--clients",
+        "3",
+        "--run",
+        "deploy",
+        "--rounds",
+        "12",
+        "--end-round",
+        "8",
+        "--client-profiles",
+        ",".join(profiles),
+    )
+
+    # Assert: every device installed the export of its own profile, byte for byte, and it runs
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "deploy"
+    precisions = set()
+    for i, profile in enumerate(profiles):
+        exported = run_dir / "export" / profile
+        installed = run_dir / "devices" / f"client-{i}" / profile
+        assert (installed / "model.tflite").read_bytes() == (exported / "model.tflite").read_bytes()
+        meta = json.loads((installed / "export.json").read_text())
+        assert meta["profile"] == profile
+        precisions.add(meta["precision"])
+        infer = subprocess.run(
+            [sys.executable, "-m", "edge_client.infer", str(installed), "--data",
+             str(run_dir / "heldout.npz"), "--json", "--runs", "5"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert infer.returncode == 0, infer.stderr
+        assert json.loads(infer.stdout)["accuracy"] >= meta["keras_accuracy"] - 0.02
+    assert precisions == {"dynamic_int8", "full_int8", "float16"}
+
+
 def test_demo_runs_with_the_embedded_pure_python_broker(tmp_path: Path) -> None:
     done = run_demo(
         tmp_path,
