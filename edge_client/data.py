@@ -39,7 +39,21 @@ class LocalData:
             ) from exc
 
 
-def _check(path: Path, x: np.ndarray, y: np.ndarray, names: str) -> tuple[np.ndarray, np.ndarray]:
+def check_features(path: Path, x: np.ndarray, name: str = "x") -> np.ndarray:
+    """A non-empty batch of finite numbers, as float32."""
+    if x.ndim < 2 or len(x) == 0:
+        raise ConfigError(
+            f"{path}: {name} must be a non-empty batch of samples, got shape {x.shape}"
+        )
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise ConfigError(f"{path}: features must be finite numbers")
+    return x.astype(np.float32)
+
+
+def check_labelled(
+    path: Path, x: np.ndarray, y: np.ndarray, names: str = "x/y"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features plus one integer label per sample."""
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise ConfigError(
             f"{path}: {names} must be a non-empty batch of samples and a 1-D label array of the"
@@ -47,31 +61,34 @@ def _check(path: Path, x: np.ndarray, y: np.ndarray, names: str) -> tuple[np.nda
         )
     if not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{path}: labels must be integers, got {y.dtype}")
-    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-        raise ConfigError(f"{path}: features must be finite numbers")
-    return x.astype(np.float32), y.astype(np.int64)
+    return check_features(path, x), y.astype(np.int64)
 
 
-def load(path: Path, *, seed: int = 0, holdout: float = 0.2) -> LocalData:
-    """Load and validate a local data file; every problem is one ``ConfigError`` line."""
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a ``.npz`` file (never unpickled); problems are one ``ConfigError`` line."""
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, NpzFile):  # a .npy file: one bare array, not x and y
             raise ConfigError(f"{path}: not a .npz archive (numpy.savez writes one)")
         with loaded as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            return {k: npz[k] for k in npz.files}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such data file") from exc
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         if not zipfile.is_zipfile(path):  # numpy's own message would talk about pickles
             raise ConfigError(f"{path}: not a .npz archive (numpy.savez writes one)") from exc
         raise ConfigError(f"{path}: not a readable .npz data file ({exc})") from exc
+
+
+def load(path: Path, *, seed: int = 0, holdout: float = 0.2) -> LocalData:
+    """Load and validate a local data file; every problem is one ``ConfigError`` line."""
+    arrays = read_npz(path)
     missing = {"x", "y"} - arrays.keys()
     if missing:
         raise ConfigError(f"{path}: missing array(s) {', '.join(sorted(missing))}; need x and y")
-    x, y = _check(path, arrays["x"], arrays["y"], "x/y")
+    x, y = check_labelled(path, arrays["x"], arrays["y"])
     if "x_test" in arrays and "y_test" in arrays:
-        x_test, y_test = _check(path, arrays["x_test"], arrays["y_test"], "x_test/y_test")
+        x_test, y_test = check_labelled(path, arrays["x_test"], arrays["y_test"], "x_test/y_test")
         return LocalData(x=x, y=y, x_test=x_test, y_test=y_test)
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = int(round(len(y) * holdout)) if len(y) >= 5 else 0

@@ -13,13 +13,11 @@ import hashlib
 import json
 import os
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.npyio import NpzFile
 
 from edge_client import data as local_data
 from edge_client import litert
@@ -210,27 +208,14 @@ def load_features(path: Path, input_shape: tuple[int, ...] | None = None) -> Fea
     Unlike :func:`edge_client.data.load` the labels are optional and the sample order is kept, so
     predictions line up with the file. With ``input_shape`` each sample must have as many values.
     """
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, NpzFile):
-            raise ConfigError(f"{path}: not a .npz archive (numpy.savez writes one)")
-        with loaded as npz:
-            arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such data file") from exc
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        if not zipfile.is_zipfile(path):
-            raise ConfigError(f"{path}: not a .npz archive (numpy.savez writes one)") from exc
-        raise ConfigError(f"{path}: not a readable .npz data file ({exc})") from exc
+    arrays = local_data.read_npz(path)
     if "x" not in arrays:
         raise ConfigError(f"{path}: missing array x (the features); y (labels) is optional")
     x, y = arrays["x"], arrays.get("y")
     if y is not None:
-        x, y = local_data._check(path, x, y, "x/y")  # the client's own checks, labels included
-    elif x.ndim < 2 or len(x) == 0:
-        raise ConfigError(f"{path}: x must be a non-empty batch of samples, got shape {x.shape}")
-    elif not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
-        raise ConfigError(f"{path}: features must be finite numbers")
+        x, y = local_data.check_labelled(path, x, y)
+    else:
+        x = local_data.check_features(path, x)
     per_sample = int(np.prod(x.shape[1:]))
     if input_shape is not None and per_sample != int(np.prod(input_shape)):
         raise ConfigError(
