@@ -4,6 +4,7 @@ the result under LiteRT before it is shipped to devices.
 Names are re-exported lazily, so ``converters.cli`` can set TensorFlow's log level before
 TensorFlow is first imported. ``strip`` is not re-exported: once imported, the submodule
 ``converters.strip`` shadows any package attribute of that name; use ``converters.strip.strip``.
+``Precision`` is :class:`device_profiles.Precision` itself, re-exported for convenience.
 """
 
 from __future__ import annotations
@@ -12,38 +13,55 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from converters.export import ExportReport, export_run
-    from converters.heldout import HeldOut, load_heldout
+    from converters.export import (
+        ExportReport,
+        export_model,
+        export_profiles,
+        export_run,
+        resolve_profile,
+    )
     from converters.strip import kernel_sparsity, load_keras
-    from converters.tflite import Precision, to_tflite
-    from converters.verify import evaluate_keras, evaluate_tflite, latency_ms
+    from converters.tflite import parse_precision, to_tflite
+    from converters.verify import (
+        evaluate_keras,
+        evaluate_tflite,
+        latency_ms,
+        latency_percentiles_ms,
+    )
+    from device_profiles import Precision
 
 __all__ = [
     "ExportReport",
-    "HeldOut",
     "Precision",
     "evaluate_keras",
     "evaluate_tflite",
+    "export_model",
+    "export_profiles",
     "export_run",
     "kernel_sparsity",
     "latency_ms",
-    "load_heldout",
+    "latency_percentiles_ms",
     "load_keras",
+    "parse_precision",
+    "resolve_profile",
     "to_tflite",
 ]
 
 _HOME = {
-    "ExportReport": "export",
+    "ExportReport": "report",
+    "export_model": "export",
+    "export_profiles": "export",
     "export_run": "export",
-    "HeldOut": "heldout",
-    "load_heldout": "heldout",
+    "resolve_profile": "export",
     "kernel_sparsity": "strip",
     "load_keras": "strip",
     "Precision": "tflite",
+    "parse_precision": "tflite",
     "to_tflite": "tflite",
     "evaluate_keras": "verify",
     "evaluate_tflite": "verify",
     "latency_ms": "verify",
+    "latency_percentiles_ms": "verify",
 }
 
 

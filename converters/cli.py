@@ -1,4 +1,4 @@
-"""``fedprune-export RUN_DIR [--profile NAME] [--data NPZ]``: export a run's model to TFLite."""
+"""``fedprune-export RUN_DIR [--profile NAME_OR_PATH ...] [--all-profiles]``: export per device."""
 
 from __future__ import annotations
 
@@ -6,29 +6,54 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from converters.quiet import native_log_filtered
-from edge_client.errors import FedpruneError
+from edge_client.errors import ExportError, FedpruneError
+
+if TYPE_CHECKING:
+    from converters.export import ExportResult
+    from device_profiles import DeviceProfile
 
 PROG = "fedprune-export"
+DEFAULT_PROFILE = "generic-x86-64"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface, kept separate so it can be documented and tested."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description=(
-            "Convert a run's pruned tf_keras model (RUN_DIR/model/stripped.keras, or "
-            "wrapped.keras) to float32 TFLite, check its accuracy under LiteRT against Keras "
-            "on the held-out set, and write RUN_DIR/export/PROFILE/model.tflite and export.json."
+            "Export a finished run's pruned model (RUN_DIR/model/stripped.keras, or wrapped.keras) "
+            "to TFLite for each device profile: the profile's precision (float32, float16, "
+            "dynamic_int8, full_int8), TFLite's sparse format when the profile asks for it and it "
+            "makes the file smaller, checked under LiteRT against the Keras model on the held-out "
+            "set. Writes RUN_DIR/export/PROFILE/model.tflite and export.json. An export over the "
+            "profile's max_model_bytes, or losing more than its accuracy_tolerance, is refused and "
+            "nothing is written for that profile. Exit status: 0 all exported, 4 some refused, "
+            "2 bad input."
         ),
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="finished run directory")
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--profile",
-        default="generic-x86-64",
-        metavar="NAME",
-        help="device profile the export is for (recorded; default: %(default)s)",
+        dest="profiles",
+        action="extend",
+        nargs="+",
+        metavar="NAME_OR_PATH",
+        help=f"shipped profile name or path to a profile .toml; several allowed "
+        f"(default: {DEFAULT_PROFILE}; see fedprune-profiles list)",
+    )
+    which.add_argument(
+        "--all-profiles", action="store_true", help="export for every shipped profile"
     )
     parser.add_argument(
         "--data",
@@ -36,34 +61,60 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NPZ",
         help="held-out .npz with arrays x and y (default: RUN_DIR/heldout.npz)",
     )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="NPZ",
+        help="full_int8 calibration samples: an .npz with x and y, up to 200 rows of x are used "
+        "(default: the held-out x)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the export and print a summary; on failure one ``error:`` line and its exit code."""
+    """Export for each profile, one line per profile; on bad input one ``error:`` line."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help or a usage error; argparse has already printed.
+    except SystemExit as exc:  # --help or a usage error; the parser has already printed.
         return exc.code if isinstance(exc.code, int) else 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the TensorFlow import
     try:
         with native_log_filtered():
-            from converters.export import export_run
+            from converters.export import export_profiles
+        from device_profiles import available
 
-        report = export_run(args.run_dir, profile=args.profile, data=args.data)
+        profiles: list[str] = (
+            available() if args.all_profiles else args.profiles or [DEFAULT_PROFILE]
+        )
+        width = max(len(Path(p).stem) for p in profiles)
+
+        def show(profile: DeviceProfile, result: ExportResult) -> None:
+            print(f"{profile.name:<{width}}  {_describe(profile, result)}", flush=True)
+
+        with native_log_filtered():  # the int8 calibrator prints to fd 2 on every conversion
+            results = export_profiles(
+                args.run_dir, profiles, args.data, args.calibration, on_result=show
+            )
     except FedpruneError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return error.exit_code
-    print(f"wrote {report.model_path}")
-    print(
-        f"  size   {report.tflite_bytes:,} bytes, gzip {report.gzip_bytes:,} bytes "
-        f"({report.weight_sparsity:.0%} of kernel weights zero)"
+    except OSError as error:  # e.g. an export folder that cannot be written
+        print(f"{PROG}: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    refused = any(isinstance(result, ExportError) for result in results)
+    return ExportError.exit_code if refused else 0
+
+
+def _describe(profile: DeviceProfile, result: ExportResult) -> str:
+    if isinstance(result, ExportError):
+        return "refused: " + str(result).removeprefix(f"profile {profile.name}: ")
+    variant = result.precision.value + ("+sparse" if result.sparse_format else "")
+    return (
+        f"{variant:<19} {result.tflite_bytes:>11,} B  gzip {result.gzip_bytes:>11,} B  "
+        f"accuracy keras {result.keras_accuracy:.4f} litert {result.tflite_accuracy:.4f}  "
+        f"latency p50 {result.latency_ms_p50:.3f} ms p95 {result.latency_ms_p95:.3f} ms "
+        f"({result.threads} threads)  {result.model_path}"
     )
-    print(
-        f"  accuracy on {report.n_eval} held-out samples: keras {report.keras_accuracy:.4f}, "
-        f"tflite {report.tflite_accuracy:.4f}"
-    )
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Hide TensorFlow's import-time C++ log lines, which ``TF_CPP_MIN_LOG_LEVEL`` does not reach.
+"""Hide TensorFlow's C++ log lines, which ``TF_CPP_MIN_LOG_LEVEL`` does not reach.
 
 In TF 2.21 the oneDNN notice is logged by absl before it is initialised, so it reaches stderr
 whatever the log level; only a file-descriptor redirect keeps it out of a one-line CLI error.
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 _NOISE = re.compile(
     r"absl::InitializeLog\(\)|oneDNN custom operations|cpu_feature_guard"
     r"|To enable the following instructions|could not find cuda drivers"
+    r"|fully_quantize: \d+, inference_type:"  # printed by the int8 calibrator on every conversion
 )
 
 

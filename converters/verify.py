@@ -16,6 +16,7 @@ __all__ = [
     "evaluate_keras",
     "evaluate_tflite",
     "latency_ms",
+    "latency_percentiles_ms",
     "load_interpreter",
     "predict_tflite",
 ]
@@ -41,9 +42,26 @@ def evaluate_keras(model: tf_keras.Model, x: np.ndarray, y: np.ndarray) -> float
     return accuracy(model.predict(x, batch_size=BATCH_SIZE, verbose=0), y)
 
 
+def latency_percentiles_ms(
+    model_bytes: bytes,
+    sample: np.ndarray,
+    *,
+    num_threads: int = 1,
+    runs: int = 100,
+    warmup: int = 10,
+) -> tuple[float, float]:
+    """Median and 95th percentile wall time in milliseconds of one single-sample ``invoke``."""
+    interpreter = load_interpreter(model_bytes, num_threads=num_threads)
+    times = latencies_ms(interpreter, sample, runs=runs, warmup=warmup)
+    p50, p95 = np.percentile(times, [50, 95])
+    return float(p50), float(p95)
+
+
 def latency_ms(
     model_bytes: bytes, sample: np.ndarray, *, runs: int = 50, warmup: int = 5, num_threads: int = 1
 ) -> float:
     """Median wall time in milliseconds of one single-sample ``invoke`` (batch of one)."""
-    interpreter = load_interpreter(model_bytes, num_threads=num_threads)
-    return float(np.median(latencies_ms(interpreter, sample, runs=runs, warmup=warmup)))
+    p50, _ = latency_percentiles_ms(
+        model_bytes, sample, num_threads=num_threads, runs=runs, warmup=warmup
+    )
+    return p50

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import tf_keras
 
-from converters.export import ExportReport, export_run
+from converters.export import ExportReport, export_profiles, resolve_profile
+from converters.quiet import native_log_filtered
 from coordinator import models
 from coordinator.config import RunConfig
 from coordinator.pruning import Pruner, pruner_for
 from coordinator.rounds import Coordinator, Evaluation, RoundResult
 from coordinator.rundir import RunDir
 from edge_client import data as local_data
-from edge_client.errors import ConfigError, ExportError
+from edge_client.errors import ConfigError
 from edge_client.topics import Topics
 from edge_client.transport import MqttTransport
 from edge_client.wire import Offline, encode
@@ -95,13 +96,20 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
     return Summary(run_dir=rundir.path, results=results, exports=exports)
 
 
-def _export(run_dir: Path, profiles: list[str]) -> dict[str, ExportReport | str]:
-    """Export for each profile; a refused or impossible export is its one-line reason."""
+def _export(run_dir: Path, names: list[str]) -> dict[str, ExportReport | str]:
+    """Export for each profile; an unknown profile or a refused export is its one-line reason."""
     exports: dict[str, ExportReport | str] = {}
-    for profile in profiles:
+    known = []
+    for name in names:
         try:
-            exports[profile] = export_run(run_dir, profile=profile)
-        except (ExportError, ConfigError) as exc:
-            log.warning("no export for %s: %s", profile, exc)
-            exports[profile] = str(exc)
+            known.append(resolve_profile(name))
+        except ConfigError as exc:  # e.g. a device's own profile file the coordinator lacks
+            exports[name] = str(exc)
+    with native_log_filtered():
+        results = export_profiles(run_dir, known)
+    for profile, result in zip(known, results, strict=True):
+        exports[profile.name] = result if isinstance(result, ExportReport) else str(result)
+    for name, reason in exports.items():
+        if isinstance(reason, str):
+            log.warning("no export for %s: %s", name, reason)
     return exports

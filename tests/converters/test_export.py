@@ -1,118 +1,69 @@
-"""Export of a pruned digits classifier to TFLite, verified under LiteRT."""
+"""Exporting a run directory for device profiles: files written, limits enforced, bad inputs."""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow_model_optimization as tfmot
-import tf_keras
-from sklearn.datasets import load_digits
 
-from converters import export_run, load_keras
-from converters.cli import main
-from converters.strip import strip
+from converters import ExportReport, export_profiles, export_run, load_keras
+from converters.report import REPORT_FILE
 from edge_client.errors import ConfigError, ExportError
 
 SPARSITY = 0.8
-
-
-def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(x))
-    train, test = order[:1347], order[1347:]
-    return x[train], y[train].astype(np.int64), x[test], y[test].astype(np.int64)
-
-
-def _pruned_model(x: np.ndarray, y: np.ndarray) -> tf_keras.Model:
-    """A small CNN trained briefly, then fine-tuned under an 80% constant-sparsity mask."""
-    tf_keras.utils.set_random_seed(0)
-    model = tf_keras.Sequential(
-        [
-            tf_keras.layers.Input((8, 8, 1)),
-            tf_keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
-            tf_keras.layers.Flatten(),
-            tf_keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
-    schedule = tfmot.sparsity.keras.ConstantSparsity(SPARSITY, begin_step=0, frequency=1)
-    wrapped = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
-    wrapped.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
-    wrapped.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
-    return wrapped
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Saved files shared by the tests: wrapped and stripped models and the held-out set."""
-    x_train, y_train, x_test, y_test = _digits()
-    wrapped = _pruned_model(x_train, y_train)
-    root = tmp_path_factory.mktemp("trained")
-    wrapped.save(root / "wrapped.keras")
-    strip(wrapped).save(root / "stripped.keras")
-    np.savez(root / "heldout.npz", x=x_test, y=y_test)
-    return {name: root / name for name in ("wrapped.keras", "stripped.keras", "heldout.npz")}
-
-
-def _run_dir(tmp_path: Path, trained: dict[str, Path], model: str = "stripped.keras") -> Path:
-    run = tmp_path / "run"
-    (run / "model").mkdir(parents=True)
-    (run / "model" / model).write_bytes(trained[model].read_bytes())
-    (run / "heldout.npz").write_bytes(trained["heldout.npz"].read_bytes())
-    return run
+RunFactory = Callable[..., Path]
 
 
 @pytest.mark.slow
-def test_export_run_writes_tflite_and_report(tmp_path: Path, trained: dict[str, Path]) -> None:
-    run = _run_dir(tmp_path, trained)
+def test_export_json_records_the_export_and_matches_the_file(make_run: RunFactory) -> None:
+    run = make_run()
 
-    report = export_run(run, profile="rpi4-64")
+    report = export_run(run, profile="raspberry-pi-4")
 
-    out = run / "export" / "rpi4-64"
-    assert report.model_path == out / "model.tflite"
-    assert (out / "model.tflite").read_bytes()[4:8] == b"TFL3"
-    saved = json.loads((out / "export.json").read_text())
-    assert saved["profile"] == "rpi4-64"
-    assert saved["precision"] == "float32"
-    assert saved["tflite_bytes"] == (out / "model.tflite").stat().st_size
+    out = run / "export" / "raspberry-pi-4"
+    payload = (out / "model.tflite").read_bytes()
+    saved = json.loads((out / REPORT_FILE).read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.tflite"]  # no temp files
+    assert payload[4:8] == b"TFL3"
+    assert saved == report.to_json()
+    assert saved["profile"] == "raspberry-pi-4"
+    assert (saved["precision"], saved["threads"]) == ("dynamic_int8", min(4, os.cpu_count() or 1))
+    assert saved["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert saved["tflite_bytes"] == len(payload)
+    assert saved["gzip_bytes"] == len(gzip.compress(payload, compresslevel=9, mtime=0))
+    assert saved["sparse_format"] is (saved["sparse_format_bytes"] < saved["dense_format_bytes"])
     assert saved["n_eval"] == 450
-    assert saved["run_dir"] == str(run)
-    assert saved["keras_accuracy"] == report.keras_accuracy
-    assert sorted(saved) == sorted(
-        ["profile", "precision", "model_path", "tflite_bytes", "gzip_bytes", "keras_accuracy",
-         "tflite_accuracy", "n_eval", "weight_sparsity", "run_dir", "data", "created"]
-    )  # fmt: skip
+    assert 0 < saved["latency_ms_p50"] <= saved["latency_ms_p95"]
+    assert saved["weight_sparsity"] == pytest.approx(SPARSITY, abs=0.02)
+    assert (saved["source"], saved["data"]) == (str(run), str(run / "heldout.npz"))
+    assert set(saved) == {f.name for f in dataclasses.fields(ExportReport)}
+    assert {"created", "model_path", "keras_accuracy", "tflite_accuracy"} <= set(saved)
 
 
 @pytest.mark.slow
-def test_litert_accuracy_matches_keras(tmp_path: Path, trained: dict[str, Path]) -> None:
-    report = export_run(_run_dir(tmp_path, trained))
+def test_default_profile_exports_float32_within_its_tolerance(make_run: RunFactory) -> None:
+    report = export_run(make_run())
 
+    assert (report.profile, report.precision.value, report.sparse_format) == (
+        "generic-x86-64",
+        "float32",
+        False,
+    )
     assert report.keras_accuracy > 0.85
-    assert abs(report.tflite_accuracy - report.keras_accuracy) <= 0.01
+    assert abs(report.tflite_accuracy - report.keras_accuracy) <= 0.005
+    assert report.gzip_bytes < 0.5 * report.tflite_bytes  # 80% zeros compress
 
 
 @pytest.mark.slow
-def test_pruned_model_gzips_much_smaller(tmp_path: Path, trained: dict[str, Path]) -> None:
-    report = export_run(_run_dir(tmp_path, trained))
-
-    assert report.weight_sparsity == pytest.approx(SPARSITY, abs=0.02)
-    assert report.gzip_bytes < 0.5 * report.tflite_bytes
-
-
-@pytest.mark.slow
-def test_wrapped_model_is_stripped_when_no_stripped_file(
-    tmp_path: Path, trained: dict[str, Path]
-) -> None:
-    run = _run_dir(tmp_path, trained, model="wrapped.keras")
+def test_wrapped_model_is_stripped_when_no_stripped_file(make_run: RunFactory) -> None:
+    run = make_run("wrapped.keras")
 
     report = export_run(run)
 
@@ -121,16 +72,77 @@ def test_wrapped_model_is_stripped_when_no_stripped_file(
 
 
 @pytest.mark.slow
-def test_accuracy_drop_raises_and_writes_nothing(
-    tmp_path: Path, trained: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+def test_model_over_max_model_bytes_is_refused_and_nothing_written(
+    make_run: RunFactory, write_profile: Callable[..., Path]
 ) -> None:
-    run = _run_dir(tmp_path, trained)
-    monkeypatch.setattr("converters.export.evaluate_tflite", lambda *args, **kwargs: 0.5)
+    run = make_run()
+    tiny = write_profile("tiny-device", max_model_bytes=1_000)
 
-    with pytest.raises(ExportError, match="TFLite accuracy 0.5000"):
-        export_run(run)
+    with pytest.raises(ExportError) as caught:
+        export_run(run, profile=str(tiny))
+
+    message = str(caught.value)
+    assert message.startswith("profile tiny-device: the float32 model is ")
+    assert "over max_model_bytes 1,000; nothing written" in message
+    assert "\n" not in message
+    assert not (run / "export").exists()
+
+
+@pytest.mark.slow
+def test_refused_profile_is_data_and_the_others_still_export(
+    make_run: RunFactory, write_profile: Callable[..., Path]
+) -> None:
+    run = make_run()
+    tiny = write_profile("tiny-device", max_model_bytes=1_000)
+    heard: list[str] = []
+
+    results = export_profiles(
+        run, [str(tiny), "jetson-nano"], on_result=lambda p, r: heard.append(p.name)
+    )
+
+    refused, exported = results
+    assert isinstance(refused, ExportError) and "max_model_bytes" in str(refused)
+    assert isinstance(exported, ExportReport) and exported.precision.value == "float16"
+    assert heard == ["tiny-device", "jetson-nano"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["jetson-nano"]
+
+
+@pytest.mark.slow
+def test_same_profile_twice_is_a_config_error(make_run: RunFactory) -> None:
+    run = make_run()
+
+    with pytest.raises(ConfigError, match="'jetson-nano' given twice"):
+        export_profiles(run, ["jetson-nano", "jetson-nano"])
 
     assert not (run / "export").exists()
+
+
+@pytest.mark.parametrize(
+    ("profile", "reason"),
+    [
+        ("no-such-board", "unknown device profile 'no-such-board'"),
+        ("missing/board.toml", "no such file"),
+    ],
+)
+def test_bad_profile_is_a_one_line_config_error(
+    make_run: RunFactory, profile: str, reason: str
+) -> None:
+    run = make_run()
+
+    with pytest.raises(ConfigError, match=reason) as caught:
+        export_run(run, profile=profile)
+
+    assert "\n" not in str(caught.value)
+    assert not (run / "export").exists()
+
+
+def test_invalid_profile_file_names_the_field(
+    make_run: RunFactory, write_profile: Callable[..., Path]
+) -> None:
+    bad = write_profile("bad-board", precision="int4")
+
+    with pytest.raises(ConfigError, match="field 'precision' must be one of .*got 'int4'"):
+        export_run(make_run(), profile=str(bad))
 
 
 def _write_npz_without_y(path: Path) -> None:
@@ -146,28 +158,57 @@ def _write_npy_named_npz(path: Path) -> None:
 @pytest.mark.parametrize(
     ("writer", "reason"),
     [
-        (None, "not found"),
-        (lambda p: p.write_bytes(b"not a zip archive"), "not an .npz archive"),
-        (_write_npy_named_npz, "not an .npz archive"),
-        (_write_npz_without_y, "no array y"),
-        (lambda p: np.savez(p, x=np.zeros((3, 4, 4, 1)), y=np.zeros(3, int)), "model expects"),
+        (None, "no such data file"),
+        (lambda p: p.write_bytes(b"not a zip archive"), "not a .npz archive"),
+        (_write_npy_named_npz, "not a .npz archive"),
+        (_write_npz_without_y, "missing array.*y"),
+        (lambda p: np.savez(p, x=np.zeros((3, 4, 4, 1)), y=np.zeros(3, int)),
+         r"do not fit the model's input \[8, 8, 1\]"),
     ],
     ids=["missing", "garbage", "npy", "no-y", "wrong-shape"],
 )  # fmt: skip
-def test_bad_data_file_raises_config_error(
-    tmp_path: Path, trained: dict[str, Path], writer: Callable[[Path], object] | None, reason: str
+@pytest.mark.parametrize("option", ["data", "calibration"])
+def test_bad_data_or_calibration_file_raises_config_error(
+    make_run: RunFactory,
+    tmp_path: Path,
+    writer: Callable[[Path], object] | None,
+    reason: str,
+    option: str,
 ) -> None:
-    run = _run_dir(tmp_path, trained)
-    data = tmp_path / "bad.npz"
+    if option == "calibration" and writer is _write_npz_without_y:
+        pytest.skip("calibration needs only x (see the test below)")
+    run = make_run()
+    bad = tmp_path / "bad.npz"
     if writer is not None:
-        writer(data)
+        writer(bad)
 
     with pytest.raises(ConfigError, match=reason) as caught:
-        export_run(run, data=data)
+        export_run(run, profile="raspberry-pi-3b", **{option: bad})  # type: ignore[arg-type]
 
-    assert str(data) in str(caught.value)
+    assert str(bad) in str(caught.value)
     assert "\n" not in str(caught.value)
     assert not (run / "export").exists()
+
+
+@pytest.mark.slow
+def test_calibration_samples_need_no_labels(make_run: RunFactory, tmp_path: Path) -> None:
+    run = make_run()
+    with np.load(run / "heldout.npz") as npz:
+        np.savez(tmp_path / "calibration.npz", x=npz["x"][:50])
+
+    report = export_run(run, profile="raspberry-pi-3b", calibration=tmp_path / "calibration.npz")
+
+    assert report.precision == "full_int8"
+    assert report.model_path.is_file()
+
+
+def test_missing_run_dir_and_model_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a run directory"):
+        export_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    np.savez(tmp_path / "empty" / "heldout.npz", x=np.zeros((2, 64)), y=np.zeros(2, int))
+    with pytest.raises(ConfigError, match="no model/stripped.keras or model/wrapped.keras"):
+        export_run(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 garbage", b"\x89HDF\r\n\x1a\n garbage"])
@@ -184,29 +225,3 @@ def test_non_keras_model_file_raises_config_error(tmp_path: Path, content: bytes
 def test_missing_model_file_raises_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a Keras model file \\(no such file\\)"):
         load_keras(tmp_path / "absent.h5")
-
-
-def test_cli_missing_run_dir_prints_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = main([str(tmp_path / "nowhere")])
-
-    err = capsys.readouterr().err
-    assert code == ConfigError.exit_code
-    assert err.count("\n") == 1
-    assert err.startswith("fedprune-export: error: ")
-    assert "nowhere" in err
-
-
-@pytest.mark.slow
-def test_cli_prints_summary(
-    tmp_path: Path, trained: dict[str, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    run = _run_dir(tmp_path, trained)
-
-    code = main([str(run), "--profile", "rpi5"])
-
-    out = capsys.readouterr().out
-    assert code == 0
-    assert str(run / "export" / "rpi5" / "model.tflite") in out
-    assert "keras" in out and "tflite" in out
