@@ -23,8 +23,9 @@ from coordinator.config import RunConfig
 from coordinator.pruning import Pruner
 from coordinator.validation import Limits, Reason, Rejected, classify, validate
 from edge_client.codec import Model, encode_model
-from edge_client.errors import ConfigError, WireError
+from edge_client.errors import ConfigError, FedpruneError, WireError
 from edge_client.topics import Topics
+from edge_client.trainer import backend_class
 from edge_client.transport import Transport
 from edge_client.wire import (
     Chunk,
@@ -111,7 +112,12 @@ class Coordinator:
         evaluate: Evaluator,
         on_round: Callable[[RoundResult], None] | None = None,
         limits: Limits | None = None,
+        build_artifact: Callable[[], bytes] | None = None,
     ) -> None:
+        """``build_artifact`` makes the trainable TFLite artifact that ``litert`` clients train
+        with; it is called once, when the first such client says hello."""
+        self.build_artifact = build_artifact
+        self._artifact_state: str | None = None
         self.transport = transport
         self.config = config
         self.pruner = pruner
@@ -140,9 +146,10 @@ class Coordinator:
         status = Status(phase=phase, round=round_, rounds=self.config.rounds)
         self._publish(self.topics.status, status)
 
-    def spec(self) -> Spec:
+    def spec(self, artifact: Manifest | None = None) -> Spec:
         model = self.pruner.stripped
         return Spec(
+            artifact=artifact,
             model_json=model.to_json(),
             input_shape=[int(d) for d in model.input_shape[1:]],
             optimizer=self.config.optimizer,
@@ -151,6 +158,29 @@ class Coordinator:
             local_epochs=self.config.local_epochs,
             batch_size=self.config.batch_size,
         )
+
+    def _publish_artifact(self) -> None:
+        """Build the trainable TFLite artifact once, for the first client whose trainer needs it,
+        publish its chunks retained and name it in the Spec (published again, retained)."""
+        if self.build_artifact is None:
+            self._artifact_state = "no builder"
+            return
+        try:
+            artifact = self.build_artifact()
+        except FedpruneError as exc:
+            self._artifact_state = str(exc)
+            log.error("litert clients cannot train this model: %s", exc)
+            return
+        chunks = list(split(artifact, max_chunk=self.config.max_payload - ENVELOPE_ROOM))
+        for chunk in chunks:
+            self._publish(f"{self.topics.artifact}/{chunk.index}", chunk)
+        manifest = Manifest(
+            topic=self.topics.artifact, size=len(artifact), chunks=len(chunks),
+            sha256=sha256(artifact),
+        )  # fmt: skip
+        self._publish(self.topics.spec, self.spec(manifest))
+        self._artifact_state = "published"
+        log.info("training artifact published: %d bytes in %d chunks", len(artifact), len(chunks))
 
     def _publish_model(self, version: int, model: Model) -> tuple[Manifest, int]:
         """Publish the model's chunks (retained) and clear the previous version's."""
@@ -193,6 +223,8 @@ class Coordinator:
             log.warning("ignored status of %s: %s", client_id, exc)
             return True
         if isinstance(message, Hello):
+            if self._artifact_state is None and _needs_artifact(message.backend):
+                self._publish_artifact()
             if client_id not in self.clients:
                 log.info(
                     "client %s joined (%s, %d samples)",
@@ -397,3 +429,10 @@ class Coordinator:
         self._publish(self.topics.status, status)
         if not self.transport.flush(timeout=30):
             log.warning("the broker did not acknowledge the final status in time")
+
+
+def _needs_artifact(backend: str) -> bool:
+    try:
+        return backend_class(backend).needs_artifact
+    except ConfigError:  # a backend this side does not know: nothing to build for it
+        return False

@@ -76,7 +76,12 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
     )
     try:
         coordinator = Coordinator(
-            transport, config, pruner, evaluate=_evaluator(pruner, x, y), on_round=after_round
+            transport,
+            config,
+            pruner,
+            evaluate=_evaluator(pruner, x, y),
+            on_round=after_round,
+            build_artifact=lambda: _trainable(pruner, config),
         )
         results = coordinator.train()
         rundir.save_models(pruner)
@@ -94,6 +99,20 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
     finally:
         transport.close()
     return Summary(run_dir=rundir.path, results=results, exports=exports)
+
+
+def _trainable(pruner: Pruner, config: RunConfig) -> bytes:
+    """The training artifact for ``litert`` clients (converters.trainable; built on demand)."""
+    from converters.trainable import build_trainable
+
+    with native_log_filtered():
+        return build_trainable(
+            pruner.stripped,
+            batch_size=config.batch_size,
+            optimizer=config.optimizer,
+            learning_rate=config.learning_rate,
+            momentum=config.momentum,
+        )
 
 
 def _export(run_dir: Path, names: list[str]) -> dict[str, ExportReport | str]:

@@ -50,6 +50,14 @@ def parser() -> argparse.ArgumentParser:
         "with its export.json (default: %(default)s)",
     )
     p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("fedprune-cache"),
+        metavar="DIR",
+        help="where the litert trainer keeps training artifacts, by SHA-256, so that each is "
+        "downloaded once (default: %(default)s)",
+    )
+    p.add_argument(
         "--no-deploy",
         action="store_true",
         help="do not fetch the model deployed at the end of the run",
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             local_epochs=args.epochs,
             seed=args.seed,
             deploy=receiver,
+            cache=args.cache,
         )
         try:
             report = client.run(timeout=args.timeout)

@@ -7,28 +7,32 @@ round again and rejoins it if the deadline has not passed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from edge_client.artifact import ArtifactStore
 from edge_client.codec import Model, Update, decode_model, encode_update
 from edge_client.data import LocalData
 from edge_client.deploy import DeploymentReceiver
 from edge_client.errors import WireError
 from edge_client.topics import Topics
-from edge_client.trainer import Trainer, make_trainer
+from edge_client.trainer import Evaluation, Trainer, backend_class, make_trainer
 from edge_client.transport import Transport
 from edge_client.wire import (
     Chunk,
+    Collector,
     Deployment,
     Hello,
+    Manifest,
     Message,
     Notice,
     Offline,
     Phase,
-    Reassembler,
     Round,
     Spec,
     Status,
@@ -89,11 +93,15 @@ class EdgeClient:
         seed: int = 0,
         deploy: DeploymentReceiver | None = None,
         deploy_wait: float = 60.0,
+        cache: Path | None = None,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
         the client then waits up to ``deploy_wait`` seconds for it before it exits."""
         self.transport = transport
         self.deploy = deploy
+        needs_artifact = backend_class(identity.backend).needs_artifact
+        self.artifacts = ArtifactStore(cache) if needs_artifact else None
+        self._trainer_key: tuple[Spec, Manifest | None] | None = None
         self.deploy_wait = deploy_wait
         self.identity = identity
         self.topics = Topics(identity.run)
@@ -105,7 +113,7 @@ class EdgeClient:
         self._spec: Spec | None = None
         self._trainer: Trainer | None = None
         self._round: Round | None = None
-        self._assembling: dict[str, Reassembler] = {}  # by the payload's SHA-256
+        self._models = Collector(max_size=MAX_MODEL_BYTES)
         self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
         self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
         self._deploy_prefix = self.topics.deploy(identity.profile)
@@ -117,6 +125,8 @@ class EdgeClient:
         patterns = [t.spec, t.round, t.status, t.all_models, t.inbox(self.client_id)]
         if self.deploy is not None:
             patterns.append(f"{self._deploy_prefix}/#")
+        if self.artifacts is not None:
+            patterns.append(f"{t.artifact}/+")
         for pattern in patterns:
             self.transport.subscribe(pattern)
         topic, payload = self.identity.hello()
@@ -154,6 +164,9 @@ class EdgeClient:
             elif isinstance(message, Round):
                 self._round = message
                 self._resend_unacknowledged(message.round)
+            elif isinstance(message, Chunk) and topic.startswith(self.topics.artifact):
+                if self.artifacts is not None:
+                    self.artifacts.on_chunk(message)
             elif isinstance(message, Chunk) and topic.startswith(self._deploy_prefix):
                 if self.deploy is not None:
                     self.deploy.on_chunk(message)
@@ -171,19 +184,9 @@ class EdgeClient:
 
     def _add_model_chunk(self, chunk: Chunk) -> None:
         """Collect model chunks by payload hash; the round's manifest names the hash it wants."""
-        if self._model is not None and self._model[0] == chunk.sha256:
-            return
-        if chunk.sha256 not in self._assembling and len(self._assembling) >= 2:
-            self._assembling.pop(next(iter(self._assembling)))  # an abandoned, older model
-        assembler = self._assembling.setdefault(chunk.sha256, Reassembler(max_size=MAX_MODEL_BYTES))
-        try:
-            payload = assembler.add(chunk)
-        except WireError:
-            del self._assembling[chunk.sha256]
-            raise
+        payload = self._models.add(chunk)
         if payload is not None:
             self._model = (chunk.sha256, payload)
-            del self._assembling[chunk.sha256]
 
     def _on_notice(self, notice: Notice) -> None:
         if self._last_update is not None and self._last_update[0] == notice.round:
@@ -207,18 +210,36 @@ class EdgeClient:
             return
         if self._model is None or self._model[0] != round_.model.sha256:
             return
+        artifact = self._artifact(spec)
+        if self.artifacts is not None and artifact is None:
+            return
         self.report.rounds.append(round_.round)
-        self.train_round(round_, spec, decode_model(self._model[1]))
+        self.train_round(round_, spec, decode_model(self._model[1]), artifact)
 
-    def train_round(self, round_: Round, spec: Spec, model: Model) -> None:
-        if self._trainer is None:
-            self._trainer = make_trainer(self.identity.backend, spec)
+    def _artifact(self, spec: Spec) -> bytes | None:
+        """The training artifact this client's backend needs, once it is here."""
+        if self.artifacts is None or spec.artifact is None:
+            return None
+        return self.artifacts.get(spec.artifact)
+
+    def train_round(
+        self, round_: Round, spec: Spec, model: Model, artifact: bytes | None = None
+    ) -> None:
+        # A new trainer when what it trains changes (the Spec is republished with the artifact).
+        key = (dataclasses.replace(spec, artifact=None), spec.artifact if artifact else None)
+        if self._trainer is None or self._trainer_key != key:
+            self._trainer = make_trainer(self.identity.backend, spec, artifact=artifact)
+            self._trainer_key = key
         x, x_test = self.data.shaped(spec.input_shape)
         started = time.perf_counter()
         epochs = self.local_epochs or round_.local_epochs
         seed = self.seed * 100_003 + round_.round
         new = self._trainer.fit(model, x, self.data.y, epochs=epochs, seed=seed)
-        evaluation = self._trainer.evaluate(new, x_test, self.data.y_test)
+        evaluation = (
+            self._trainer.evaluate(new, x_test, self.data.y_test)
+            if len(self.data.y_test)
+            else Evaluation(loss=0.0, accuracy=0.0, n=0)  # nothing held out: weight 0
+        )
         deltas = [np.asarray(n, np.float32) - w for n, w in zip(new, model.weights, strict=True)]
         update = Update(
             round=round_.round,

@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_client.errors import ModelError, WireError
 from edge_client.litert import load_interpreter, predict
-from edge_client.wire import Chunk, Deployment, Reassembler
+from edge_client.wire import Chunk, Collector, Deployment
 
 log = logging.getLogger("fedprune.client")
 
@@ -53,7 +53,7 @@ class DeploymentReceiver:
         self.sample = sample
         self.expected: Deployment | None = None
         self.results: dict[str, DeployResult] = {}
-        self._parts: dict[str, Reassembler] = {}  # by the model's SHA-256
+        self._parts = Collector(max_size=MAX_MODEL_BYTES)
         self._complete: dict[str, bytes] = {}
 
     @property
@@ -70,19 +70,14 @@ class DeploymentReceiver:
 
     def on_chunk(self, chunk: Chunk) -> DeployResult | None:
         """Add a chunk (they may come before their manifest); install once both are in."""
-        if chunk.sha256 in self.results or chunk.sha256 in self._complete:
+        if chunk.sha256 in self.results:
             return None
-        if chunk.sha256 not in self._parts and len(self._parts) >= 2:
-            self._parts.pop(next(iter(self._parts)))  # an abandoned, older model
-        parts = self._parts.setdefault(chunk.sha256, Reassembler(max_size=MAX_MODEL_BYTES))
         try:
-            payload = parts.add(chunk)
+            payload = self._parts.add(chunk)
         except WireError as exc:
-            del self._parts[chunk.sha256]
             return self._done(chunk.sha256, False, str(exc))
         if payload is None:
             return None
-        del self._parts[chunk.sha256]
         self._complete = {chunk.sha256: payload}
         return self._maybe_install()
 

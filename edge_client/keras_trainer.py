@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edge_client.codec import Model
-from edge_client.trainer import Evaluation, Trainer
+from edge_client.trainer import Evaluation, Trainer, batches
 from edge_client.wire import Spec
 
 
@@ -16,7 +16,7 @@ class KerasTrainer(Trainer):
     """Builds the run's architecture once; each round trains a few epochs in a compiled step that
     multiplies every masked weight by its mask right after the optimizer update."""
 
-    def __init__(self, spec: Spec) -> None:
+    def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
         super().__init__(spec)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
@@ -62,11 +62,8 @@ class KerasTrainer(Trainer):
     ) -> list[np.ndarray]:
         self._load(model)
         rng = np.random.default_rng(seed)
-        batch = self.spec.batch_size
         for _ in range(epochs):
-            order = rng.permutation(len(x))
-            for start in range(0, len(x), batch):
-                idx = order[start : start + batch]
+            for idx in batches(len(x), self.spec.batch_size, rng):
                 self._step(x[idx], y[idx])
         return [np.asarray(w) for w in self.model.get_weights()]
 

@@ -24,6 +24,11 @@ class Topics:
         return f"{self.root}/spec"
 
     @property
+    def artifact(self) -> str:
+        """Prefix of the trainable TFLite artifact's chunks (``<prefix>/<i>``, retained)."""
+        return f"{self.root}/artifact"
+
+    @property
     def round(self) -> str:
         return f"{self.root}/round"
 

@@ -26,10 +26,25 @@ class Evaluation:
     n: int
 
 
-class Trainer(ABC):
-    """Trains one model architecture (given by the run's ``Spec``) round after round."""
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of sample indices in full batches: a fresh permutation, the last batch topped up
+    from its start. Every backend uses this, so the same seed gives the same steps everywhere
+    (and fixed-size batches are what a TFLite training signature needs)."""
+    order = rng.permutation(n)
+    count = max(1, -(-n // batch_size))
+    padded = np.resize(order, count * batch_size)  # np.resize repeats from the start
+    return list(padded.reshape(count, batch_size))
 
-    def __init__(self, spec: Spec) -> None:
+
+class Trainer(ABC):
+    """Trains one model architecture (given by the run's ``Spec``) round after round.
+
+    Backends that train from a TFLite artifact set ``needs_artifact`` and receive its bytes.
+    """
+
+    needs_artifact = False
+
+    def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
         self.spec = spec
 
     @abstractmethod
@@ -45,12 +60,14 @@ class Trainer(ABC):
 # name -> "module:Class"; a new backend is one line here.
 BACKENDS: dict[str, str] = {
     "keras": "edge_client.keras_trainer:KerasTrainer",
+    "litert": "edge_client.litert_trainer:LiteRTTrainer",
 }
 
 
 # What each backend imports when it is built, checked when a client starts.
 REQUIRES: dict[str, tuple[str, ...]] = {
     "keras": ("tensorflow", "tf_keras"),
+    "litert": ("ai_edge_litert",),
 }
 
 
@@ -71,13 +88,25 @@ def check_backend(name: str) -> None:
             )
 
 
-def make_trainer(name: str, spec: Spec) -> Trainer:
+def backend_class(name: str) -> type[Trainer]:
+    """The trainer class of a backend (imported now; its heavy imports wait for construction)."""
     check_backend(name)
     module_name, _, class_name = BACKENDS[name].partition(":")
-    # Backends import their heavy dependencies when built, not when imported: catch both.
     try:
         cls: type[Trainer] = getattr(importlib.import_module(module_name), class_name)
-        return cls(spec)
+    except ImportError as exc:
+        raise ConfigError(
+            f"trainer {name!r} needs {exc.name or 'a missing package'};"
+            " install it or choose another backend"
+        ) from exc
+    return cls
+
+
+def make_trainer(name: str, spec: Spec, *, artifact: bytes | None = None) -> Trainer:
+    cls = backend_class(name)
+    # Backends import their heavy dependencies when built, not when imported: catch both.
+    try:
+        return cls(spec, artifact=artifact)
     except ImportError as exc:
         raise ConfigError(
             f"trainer {name!r} needs {exc.name or 'a missing package'};"

@@ -22,7 +22,7 @@ import msgpack
 from edge_client.errors import OversizeError, VersionError, WireError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1  # 1.1: Deployment messages and Status.deploy
+PROTOCOL_MINOR = 1  # 1.1: Deployment messages, Status.deploy, Spec.artifact
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 
@@ -101,6 +101,7 @@ class Spec(Message):
     momentum: float
     local_epochs: int
     batch_size: int
+    artifact: Manifest | None = None  # the trainable TFLite model for litert clients (1.1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,7 +173,7 @@ _BY_KIND: dict[Kind, type[Message]] = {
     cls.KIND: cls
     for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice, Deployment)
 }
-_NESTED: dict[str, type[Any]] = {"model": Manifest}
+_NESTED: dict[str, type[Any]] = {"model": Manifest, "artifact": Manifest}
 _seq = itertools.count()
 
 
@@ -225,7 +226,7 @@ def decode(payload: bytes) -> Envelope:
         if int(minor) > PROTOCOL_MINOR:  # a newer minor may add optional fields: skip them
             body = {k: v for k, v in body.items() if k in names}
         for key, nested in _NESTED.items():
-            if key in body and key in names:
+            if key in names and isinstance(body.get(key), dict):
                 body[key] = nested(**body[key])
         message = cls(**body)
         return Envelope(
@@ -282,3 +283,35 @@ class Reassembler:
         if len(payload) != first.size or sha256(payload) != first.sha256:
             raise WireError("reassembled payload fails its size or SHA-256 check")
         return payload
+
+
+class Collector:
+    """Reassembles several chunked payloads, told apart by their SHA-256 (a client may see the
+    chunks of a new model before the old one is complete). Keeps at most ``keep`` in progress."""
+
+    def __init__(self, *, max_size: int, keep: int = 2) -> None:
+        self.max_size = max_size
+        self.keep = keep
+        self._parts: dict[str, Reassembler] = {}
+        self._done: set[str] = set()
+
+    def add(self, chunk: Chunk) -> bytes | None:
+        """The payload when ``chunk`` completes it (once per payload), else ``None``."""
+        if chunk.sha256 in self._done:
+            return None
+        if chunk.sha256 not in self._parts and len(self._parts) >= self.keep:
+            self._parts.pop(next(iter(self._parts)))  # the oldest, abandoned payload
+        parts = self._parts.setdefault(chunk.sha256, Reassembler(max_size=self.max_size))
+        try:
+            payload = parts.add(chunk)
+        except WireError:
+            del self._parts[chunk.sha256]
+            raise
+        if payload is not None:
+            del self._parts[chunk.sha256]
+            self._done.add(chunk.sha256)
+        return payload
+
+    def forget(self, sha: str) -> None:
+        """Accept this payload again (e.g. after it was refused and is being resent)."""
+        self._done.discard(sha)

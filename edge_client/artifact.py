@@ -1,0 +1,58 @@
+"""The run's trainable TFLite artifact on the device: sent once, cached by its SHA-256.
+
+The coordinator publishes the artifact's chunks retained and names it in the run's ``Spec``. A
+client with the artifact already in its cache (from an earlier run or process) uses that copy
+after checking its hash; otherwise it collects the chunks and saves the verified artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from edge_client.wire import Chunk, Collector, Manifest, sha256
+
+log = logging.getLogger("fedprune.client")
+
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+
+
+class ArtifactStore:
+    def __init__(self, cache: Path | None) -> None:
+        self.cache = cache
+        self._collector = Collector(max_size=MAX_ARTIFACT_BYTES)
+        self._have: dict[str, bytes] = {}
+
+    def get(self, manifest: Manifest) -> bytes | None:
+        """The artifact ``manifest`` names, if it is here (in memory or in the cache)."""
+        if manifest.sha256 in self._have:
+            return self._have[manifest.sha256]
+        path = self._path(manifest.sha256)
+        if path is None or not path.is_file():
+            return None
+        data = path.read_bytes()
+        if sha256(data) != manifest.sha256:
+            log.warning("ignored a corrupt cached artifact %s", path)
+            return None
+        log.info("training artifact %s taken from the cache", manifest.sha256[:12])
+        self._have = {manifest.sha256: data}
+        return data
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        payload = self._collector.add(chunk)  # checks size and SHA-256 when complete
+        if payload is None:
+            return
+        self._have = {chunk.sha256: payload}
+        path = self._path(chunk.sha256)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+            os.replace(tmp, path)
+        log.info("training artifact %s received (%d bytes)", chunk.sha256[:12], len(payload))
+
+    def _path(self, sha: str) -> Path | None:
+        return None if self.cache is None else self.cache / f"{sha}.tflite"

@@ -1,0 +1,97 @@
+"""The ``litert`` trainer: trains with ai-edge-litert and numpy only, no TensorFlow on the device.
+
+It runs the run's trainable TFLite artifact (built by ``converters.trainable``), whose signatures
+are the contract: ``train(x, y) -> loss`` (one optimizer step on one fixed-size batch, masks
+applied after it), ``infer(x) -> probs``, ``get_weights() -> w000...``, ``set_weights(w000=...)``
+(which also resets the optimizer state: a new round starts fresh) and ``set_masks(m000=...)``. The
+weights are ordered as the stripped Keras model's ``get_weights()``, like every payload on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from edge_client.codec import Model
+from edge_client.errors import ModelError
+from edge_client.trainer import Evaluation, Trainer, batches
+from edge_client.wire import Spec
+
+SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
+
+
+def _name(prefix: str, index: int) -> str:
+    return f"{prefix}{index:03d}"
+
+
+class LiteRTTrainer(Trainer):
+    needs_artifact = True
+
+    def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
+        super().__init__(spec)
+        if artifact is None:
+            raise ModelError("the litert trainer needs the run's trainable TFLite artifact")
+        try:
+            self._interpreter = Interpreter(
+                model_content=artifact,
+                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+            )
+            found = self._interpreter.get_signature_list()
+            missing = [s for s in SIGNATURES if s not in found]
+            if missing:
+                raise ModelError(f"the training artifact lacks signature(s) {', '.join(missing)}")
+            self._run: dict[str, Any] = {
+                s: self._interpreter.get_signature_runner(s) for s in SIGNATURES
+            }
+        except ValueError as exc:
+            raise ModelError(f"LiteRT cannot load the training artifact: {exc}") from exc
+        x_detail = self._run["train"].get_input_details()["x"]
+        self.batch_size = int(x_detail["shape"][0])
+        self._input_shape = tuple(int(d) for d in x_detail["shape"][1:])
+        self._y_dtype = self._run["train"].get_input_details()["y"]["dtype"]
+
+    def _set(self, weights: list[np.ndarray], masks: list[np.ndarray | None] | None) -> None:
+        self._run["set_weights"](
+            **{_name("w", i): np.asarray(w, np.float32) for i, w in enumerate(weights)}
+        )
+        ones = [None] * len(weights) if masks is None else masks
+        self._run["set_masks"](
+            **{
+                _name("m", i): np.ones(w.shape, np.float32) if m is None else m.astype(np.float32)
+                for i, (w, m) in enumerate(zip(weights, ones, strict=True))
+            }
+        )
+
+    def _weights(self, count: int) -> list[np.ndarray]:
+        out = self._run["get_weights"]()
+        return [np.array(out[_name("w", i)], np.float32) for i in range(count)]
+
+    def fit(
+        self, model: Model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int
+    ) -> list[np.ndarray]:
+        self._set(model.weights, model.masks)
+        x = x.reshape((-1, *self._input_shape)).astype(np.float32)
+        y = y.astype(self._y_dtype)
+        rng = np.random.default_rng(seed)
+        for _ in range(epochs):
+            for idx in batches(len(x), self.batch_size, rng):
+                self._run["train"](x=x[idx], y=y[idx])
+        return self._weights(len(model.weights))
+
+    def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
+        self._set(weights, None)
+        x = x.reshape((-1, *self._input_shape)).astype(np.float32)
+        probs = []
+        for start in range(0, len(x), self.batch_size):
+            batch = x[start : start + self.batch_size]
+            padded = np.resize(batch, (self.batch_size, *self._input_shape))  # fixed batch size
+            probs.append(self._run["infer"](x=padded)["probs"][: len(batch)])
+        p = np.concatenate(probs)
+        picked = np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)
+        return Evaluation(
+            loss=float(-np.mean(np.log(picked))),
+            accuracy=float(np.mean(np.argmax(p, axis=1) == y)),
+            n=len(y),
+        )
