@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     )
     from converters.strip import kernel_sparsity, load_keras
     from converters.tflite import parse_precision, to_tflite
+    from converters.trainable import build_trainable
     from converters.verify import (
         evaluate_keras,
         evaluate_tflite,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ExportReport",
     "Precision",
+    "build_trainable",
     "evaluate_keras",
     "evaluate_tflite",
     "export_model",
@@ -58,6 +60,7 @@ _HOME = {
     "Precision": "tflite",
     "parse_precision": "tflite",
     "to_tflite": "tflite",
+    "build_trainable": "trainable",
     "evaluate_keras": "verify",
     "evaluate_tflite": "verify",
     "latency_ms": "verify",

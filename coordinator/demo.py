@@ -82,7 +82,8 @@ def _start_clients(
         command = [sys.executable, "-m", "edge_client", "--broker", url, "--data", str(path),
                    "--run", run, "--id", f"client-{i}", "--seed", str(i),
                    "--profile", profiles[i % len(profiles)],
-                   "--models", str(run_dir / "devices" / f"client-{i}")]  # fmt: skip
+                   "--models", str(run_dir / "devices" / f"client-{i}"),
+                   "--cache", str(run_dir / "devices" / f"client-{i}" / "cache")]  # fmt: skip
         with (logs / f"client-{i}.log").open("wb") as log_file:
             processes.append(
                 subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -159,6 +159,11 @@ class Coordinator:
             batch_size=self.config.batch_size,
         )
 
+    def _can_train(self, hello: Hello) -> bool:
+        """Clients whose trainer needs the artifact cannot train when it could not be built."""
+        failed = self._artifact_state not in (None, "published")
+        return not (failed and _needs_artifact(hello.backend))
+
     def _publish_artifact(self) -> None:
         """Build the trainable TFLite artifact once, for the first client whose trainer needs it,
         publish its chunks retained and name it in the Spec (published again, retained)."""
@@ -327,7 +332,8 @@ class Coordinator:
             pass
 
     def select(self) -> list[str]:
-        online = sorted(self.clients)
+        """Online clients that can train (all, or a seeded sample of ``clients_per_round``)."""
+        online = sorted(c for c, hello in self.clients.items() if self._can_train(hello))
         k = self.config.clients_per_round
         return online if k <= 0 or k >= len(online) else sorted(self._rng.sample(online, k))
 
@@ -336,6 +342,11 @@ class Coordinator:
         self._await_clients(1)  # everyone may have dropped: wait for someone to come back
         model = self.pruner.model()
         selected = self.select()
+        if not selected:
+            raise ConfigError(
+                f"none of the {len(self.clients)} online clients can train this model"
+                f" (their trainer needs the TFLite training artifact: {self._artifact_state})"
+            )
         manifest, model_bytes = self._publish_model(round_, model)
         announcement = Round(
             round=round_,

@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     logging.getLogger("fedprune.client").info(
-        "done: %d round(s), %d bytes sent", len(report.rounds), report.bytes_up
+        "done: %d round(s), %d bytes sent, TensorFlow loaded: %s",
+        len(report.rounds),
+        report.bytes_up,
+        "yes" if "tensorflow" in sys.modules else "no",
     )
     return 0 if report.finished else 1
 

@@ -1,0 +1,465 @@
+"""The LiteRT training artifact: builtin ops only, the signature contract, and training steps that
+match tf_keras (SGD with momentum, Adam) step for step, masks included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from converters.trainable import SIGNATURES, build_trainable
+from coordinator import models
+from edge_client.errors import ConfigError, ExportError
+
+pytestmark = pytest.mark.slow
+
+BATCH = 32
+LR, MOMENTUM, ADAM_LR = 0.05, 0.9, 0.01
+SPARSITY = 0.8
+PARITY = 1e-5  # measured: <= 1.2e-6 (weights) and <= 4.8e-7 (losses) over one epoch
+Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+layers = tf_keras.layers
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model and its training artifact."""
+
+    model: tf_keras.Model
+    artifact: bytes
+    optimizer: str
+
+    def data(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape((-1, *self.model.input_shape[1:]))
+
+
+class Device:
+    """The artifact in one LiteRT interpreter, as a device runs it (no TensorFlow involved)."""
+
+    RESOLVERS = {
+        "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        "xnnpack": OpResolverType.AUTO,
+    }
+
+    def __init__(self, artifact: bytes, resolver: str = "builtin") -> None:
+        self.interpreter = Interpreter(
+            model_content=artifact, experimental_op_resolver_type=self.RESOLVERS[resolver]
+        )
+        self.run = {key: self.interpreter.get_signature_runner(key) for key in SIGNATURES}
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        self.run["set_weights"](**{f"w{i:03d}": w for i, w in enumerate(weights)})
+
+    def set_masks(self, masks: list[np.ndarray | None], weights: list[np.ndarray]) -> None:
+        full = [_ones_if_none(m, w.shape) for w, m in zip(weights, masks, strict=True)]
+        self.run["set_masks"](**{f"m{i:03d}": m for i, m in enumerate(full)})
+
+    def get_weights(self) -> list[np.ndarray]:
+        out = self.run["get_weights"]()
+        return [out[f"w{i:03d}"] for i in range(len(out))]
+
+    def train(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float(self.run["train"](x=x, y=y)["loss"])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        count = -(-len(x) // BATCH)
+        padded = np.resize(x, (count * BATCH, *x.shape[1:]))
+        probs = [self.run["infer"](x=b)["probs"] for b in np.split(padded, count)]
+        return np.concatenate(probs)[: len(x)]
+
+
+def _tanh_variant(name: str) -> Callable[[], tf_keras.Model]:
+    """A preset with tanh instead of relu, for the Adam parity runs. At a relu kink, rounding
+    noise can flip a derivative, and Adam's normalised step makes that visible: one of four
+    relu-CNN Adam epochs differed by 4.4e-4 (SGD and tanh runs stay below 1.2e-6)."""
+
+    def build() -> tf_keras.Model:
+        config = models.build(name).get_config()
+        for layer in config["layers"]:
+            if layer["config"].get("activation") == "relu":
+                layer["config"]["activation"] = "tanh"
+        tf_keras.utils.set_random_seed(0)
+        return tf_keras.Sequential.from_config(config)
+
+    return build
+
+
+def _zoo() -> tf_keras.Model:
+    """Every supported layer kind and option, in a functional chain."""
+    tf_keras.utils.set_random_seed(1)
+    x = inputs = layers.Input((8, 8, 1))
+    x = layers.Conv2D(6, (3, 2), strides=(1, 2), padding="same", activation="tanh")(x)
+    x = layers.ReLU()(x)
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    x = layers.Conv2D(5, 2, padding="valid", use_bias=False, activation="sigmoid")(x)
+    x = layers.AveragePooling2D(2, strides=1, padding="same")(x)
+    x = layers.Conv2D(4, 3, strides=2, padding="same")(x)
+    x = layers.Activation("relu")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dropout(0.5)(x)
+    x = layers.Dense(12, activation="linear")(x)
+    x = layers.Reshape((3, 4))(x)
+    x = layers.Reshape((12,))(x)
+    x = layers.Dense(10)(x)
+    return tf_keras.Model(inputs, layers.Softmax()(x), name="zoo")
+
+
+BUILDS: dict[str, tuple[Callable[[], tf_keras.Model], str]] = {
+    "mlp": (lambda: models.build("mlp"), "sgd"),
+    "cnn": (lambda: models.build("cnn"), "sgd"),
+    "mlp-tanh-adam": (_tanh_variant("mlp"), "adam"),
+    "cnn-tanh-adam": (_tanh_variant("cnn"), "adam"),
+    "zoo": (_zoo, "sgd"),
+}
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, Case]:
+    """Artifacts are built lazily, once per module: a test asks for the ones it needs."""
+    return _Lazy()
+
+
+class _Lazy(dict[str, Case]):
+    def __missing__(self, key: str) -> Case:
+        build, optimizer = BUILDS[key]
+        model = build()
+        lr = ADAM_LR if optimizer == "adam" else LR
+        artifact = build_trainable(
+            model, batch_size=BATCH, optimizer=optimizer, learning_rate=lr, momentum=MOMENTUM
+        )
+        self[key] = Case(model=model, artifact=artifact, optimizer=optimizer)
+        return self[key]
+
+
+def _masks(weights: list[np.ndarray], seed: int = 0) -> list[np.ndarray | None]:
+    """Random SPARSITY masks for kernels, None for biases (as in a codec Model)."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.random(w.shape) >= SPARSITY).astype(np.float32) if w.ndim >= 2 else None
+        for w in weights
+    ]
+
+
+def _masked(weights: list[np.ndarray], masks: list[np.ndarray | None]) -> list[np.ndarray]:
+    return [w if m is None else w * m for w, m in zip(weights, masks, strict=True)]
+
+
+def _epoch(n: int, seed: int) -> list[np.ndarray]:
+    """Sample indices of one epoch in full batches, the last one topped up from the start."""
+    order = np.random.default_rng(seed).permutation(n)
+    count = -(-n // BATCH)
+    return list(np.resize(order, count * BATCH).reshape(count, BATCH))
+
+
+def _keras_steps(
+    case: Case,
+    weights: list[np.ndarray],
+    masks: list[np.ndarray | None],
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    training: bool = True,
+) -> tuple[list[np.ndarray], list[float]]:
+    """The same steps in tf_keras, as edge_client/keras_trainer.py takes them."""
+    model = tf_keras.models.clone_model(case.model)
+    model.set_weights(weights)
+    variables = model.trainable_variables
+    if case.optimizer == "adam":
+        optimizer: Any = tf_keras.optimizers.Adam(ADAM_LR)
+    else:
+        optimizer = tf_keras.optimizers.SGD(LR, momentum=MOMENTUM)
+    optimizer.build(variables)
+    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
+    index = {id(w): i for i, w in enumerate(model.weights)}
+    mask_vars = [tf.constant(_ones_if_none(masks[index[id(v)]], v.shape)) for v in variables]
+
+    @tf.function
+    def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=training))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+        for variable, mask in zip(variables, mask_vars, strict=True):
+            variable.assign(variable * mask)
+        return loss
+
+    losses = [float(step(x, y)) for x, y in batches]
+    return model.get_weights(), losses
+
+
+def _ones_if_none(mask: np.ndarray | None, shape: Any) -> np.ndarray:
+    return np.ones(shape, np.float32) if mask is None else mask
+
+
+def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+# --- the artifact ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "zoo"])
+def test_artifact_holds_builtin_ops_only(cases: dict[str, Case], name: str) -> None:
+    artifact = cases[name].artifact
+
+    codes = schema.ModelT.InitFromPackedBuf(artifact, 0).operatorCodes
+
+    builtin = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in codes]
+    assert [c.customCode for c in codes if c.customCode] == []
+    assert schema.BuiltinOperator.CUSTOM not in builtin
+    assert b"Flex" not in artifact
+    assert schema.BuiltinOperator.VAR_HANDLE in builtin  # weights are resource variables
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_signatures_follow_the_contract(cases: dict[str, Case], name: str) -> None:
+    case = cases[name]
+    shapes = [w.shape for w in case.model.get_weights()]
+    sample = case.model.input_shape[1:]
+
+    device = Device(case.artifact)
+
+    w_names = [f"w{i:03d}" for i in range(len(shapes))]
+    m_names = [f"m{i:03d}" for i in range(len(shapes))]
+    assert device.interpreter.get_signature_list() == {
+        "train": {"inputs": ["x", "y"], "outputs": ["loss"]},
+        "infer": {"inputs": ["x"], "outputs": ["probs"]},
+        "get_weights": {"inputs": [], "outputs": w_names},
+        "set_weights": {"inputs": w_names, "outputs": ["ok"]},
+        "set_masks": {"inputs": m_names, "outputs": ["ok"]},
+    }
+    train_in = device.run["train"].get_input_details()
+    assert (tuple(train_in["x"]["shape"]), train_in["x"]["dtype"]) == ((BATCH, *sample), np.float32)
+    assert (tuple(train_in["y"]["shape"]), train_in["y"]["dtype"]) == ((BATCH,), np.int64)
+    loss = device.run["train"].get_output_details()["loss"]
+    assert (tuple(loss["shape"]), loss["dtype"]) == ((), np.float32)
+    probs = device.run["infer"].get_output_details()["probs"]
+    assert (tuple(probs["shape"]), probs["dtype"]) == ((BATCH, 10), np.float32)
+    out = device.run["get_weights"].get_output_details()
+    assert [tuple(out[n]["shape"]) for n in w_names] == shapes
+    set_in = device.run["set_weights"].get_input_details()
+    assert [tuple(set_in[n]["shape"]) for n in w_names] == shapes
+    assert device.run["set_weights"](
+        **dict(zip(w_names, case.model.get_weights(), strict=True))
+    ) == {"ok": 1}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "zoo"])
+def test_infer_matches_keras_after_set_weights(
+    cases: dict[str, Case], digits: Digits, name: str
+) -> None:
+    case = cases[name]
+    rng = np.random.default_rng(1)
+    weights = [
+        w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in case.model.get_weights()
+    ]
+    keras = tf_keras.models.clone_model(case.model)
+    keras.set_weights(weights)
+    x = case.data(digits[2])
+    device = Device(case.artifact)
+
+    device.set_weights(weights)
+    probs = device.predict(x)
+
+    assert np.abs(probs - keras.predict(x, verbose=0)).max() < 1e-4
+
+
+def test_get_weights_round_trips_what_set_weights_wrote(cases: dict[str, Case]) -> None:
+    case = cases["cnn"]
+    rng = np.random.default_rng(2)
+    weights = [rng.normal(size=w.shape).astype(np.float32) for w in case.model.get_weights()]
+    device = Device(case.artifact)
+    assert _max_diff(device.get_weights(), case.model.get_weights()) == 0.0  # starts at the model
+
+    device.set_weights(weights)
+
+    for got, want in zip(device.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+# --- training parity with tf_keras -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolver", ["builtin", "xnnpack"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "mlp-tanh-adam", "cnn-tanh-adam", "zoo"])
+def test_one_masked_epoch_matches_tf_keras(
+    cases: dict[str, Case], digits: Digits, name: str, resolver: str
+) -> None:
+    # Prepare: the same starting weights, 80% masks and batches on both sides.
+    case = cases[name]
+    masks = _masks(case.model.get_weights())
+    start = _masked(case.model.get_weights(), masks)
+    x, y = case.data(digits[0]), digits[1]
+    batches = [(x[idx], y[idx]) for idx in _epoch(len(x), seed=3)]
+    # The zoo's Dropout is the identity on the device; Keras matches that with training=False.
+    want, want_losses = _keras_steps(case, start, masks, batches, training=name != "zoo")
+    device = Device(case.artifact, resolver)
+    device.set_weights(start)
+    device.set_masks(masks, start)
+
+    # Execute
+    losses = [device.train(xb, yb) for xb, yb in batches]
+
+    # Assert
+    got = device.get_weights()
+    assert _max_diff(got, want) < PARITY
+    assert np.abs(np.array(losses) - want_losses).max() < PARITY
+    for weight, mask in zip(got, masks, strict=True):
+        if mask is not None:
+            assert np.all(weight[mask == 0] == 0.0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-tanh-adam"])
+def test_set_weights_starts_a_fresh_optimizer(
+    cases: dict[str, Case], digits: Digits, name: str
+) -> None:
+    case = cases[name]
+    start = case.model.get_weights()
+    x, y = case.data(digits[0]), digits[1]
+    used, fresh = Device(case.artifact), Device(case.artifact)
+    for idx in _epoch(len(x), seed=4)[:5]:
+        used.train(x[idx], y[idx])  # momentum / Adam moments and step are now non-zero
+
+    used.set_weights(start)
+    fresh.set_weights(start)
+    for idx in _epoch(len(x), seed=5)[:3]:
+        used.train(x[idx], y[idx])
+        fresh.train(x[idx], y[idx])
+
+    for a, b in zip(used.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_training_under_an_80_percent_mask_keeps_zeros_and_learns(
+    cases: dict[str, Case], digits: Digits
+) -> None:
+    # Prepare
+    case = cases["mlp"]
+    masks = _masks(case.model.get_weights(), seed=6)
+    start = _masked(case.model.get_weights(), masks)
+    x_train, y_train, x_test, y_test = digits
+    x_train, x_test = case.data(x_train), case.data(x_test)
+    device = Device(case.artifact)
+    device.set_weights(start)
+    device.set_masks(masks, start)
+    before = float(np.mean(np.argmax(device.predict(x_test), axis=1) == y_test))
+
+    # Execute
+    for epoch in range(8):
+        for idx in _epoch(len(x_train), seed=10 + epoch):
+            device.train(x_train[idx], y_train[idx])
+
+    # Assert
+    weights = device.get_weights()
+    accuracy = float(np.mean(np.argmax(device.predict(x_test), axis=1) == y_test))
+    assert before < 0.3
+    assert accuracy > 0.85
+    for weight, mask in zip(weights, masks, strict=True):
+        if mask is not None:
+            assert np.all(weight[mask == 0] == 0.0)
+            assert np.count_nonzero(weight == 0) / weight.size >= SPARSITY - 0.01
+            assert np.count_nonzero(weight[mask == 1]) == np.count_nonzero(mask)
+
+
+# --- what the litert trainer cannot train ----------------------------------------------------
+
+
+def _sequential(*body: Any, input_shape: tuple[int, ...] = (8, 8, 1)) -> tf_keras.Model:
+    return tf_keras.Sequential(
+        [layers.Input(input_shape), *body, layers.Flatten(), layers.Dense(10, activation="softmax")]
+    )
+
+
+def _lstm() -> tf_keras.Model:
+    return _sequential(layers.LSTM(4, name="lstm"), input_shape=(8, 8))
+
+
+def _batch_norm() -> tf_keras.Model:
+    return _sequential(layers.BatchNormalization(name="bn"))
+
+
+def _dilated() -> tf_keras.Model:
+    return _sequential(layers.Conv2D(4, 3, dilation_rate=2, name="atrous"))
+
+
+def _leaky() -> tf_keras.Model:
+    return _sequential(layers.ReLU(negative_slope=0.1, name="leaky"))
+
+
+def _elu() -> tf_keras.Model:
+    return _sequential(layers.Dense(4, activation="elu", name="dense_elu"), input_shape=(64,))
+
+
+TAIL = (
+    "is not supported by the litert trainer;"
+    ' use the keras trainer (trainer = "keras" in the device profile)'
+)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (_lstm, f"layer 'lstm' (LSTM) {TAIL}"),
+        (_batch_norm, f"layer 'bn' (BatchNormalization) {TAIL}"),
+        (_dilated, f"layer 'atrous' (Conv2D, dilation_rate=(2, 2)) {TAIL}"),
+        (_leaky, f"layer 'leaky' (ReLU, max_value, negative_slope or threshold set) {TAIL}"),
+        (_elu, f"layer 'dense_elu' (Dense, activation 'elu') {TAIL}"),
+    ],
+    ids=["lstm", "batch-norm", "dilated-conv", "leaky-relu", "elu"],
+)
+def test_unsupported_layer_raises_one_line_error_naming_it(
+    build: Callable[[], tf_keras.Model], message: str
+) -> None:
+    with pytest.raises(ExportError) as caught:
+        build_trainable(build(), batch_size=BATCH, learning_rate=LR)
+
+    assert str(caught.value) == message
+    assert "\n" not in str(caught.value)
+
+
+def test_model_with_pruning_wrappers_is_refused() -> None:
+    model = tf_keras.Sequential([layers.Input((64,)), layers.Dense(10, activation="softmax")])
+    schedule = tfmot.sparsity.keras.ConstantSparsity(SPARSITY, begin_step=0)
+    wrapped = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+
+    with pytest.raises(ExportError, match="is a pruning wrapper; strip the model first"):
+        build_trainable(wrapped, batch_size=BATCH, learning_rate=LR)
+
+
+def test_model_without_softmax_output_is_refused() -> None:
+    model = tf_keras.Sequential([layers.Input((64,)), layers.Dense(10)], name="logits")
+
+    with pytest.raises(ExportError, match="'logits' does not end in a softmax"):
+        build_trainable(model, batch_size=BATCH, learning_rate=LR)
+
+
+def test_branching_model_is_refused() -> None:
+    inputs = layers.Input((64,))
+    hidden = layers.Dense(64, activation="relu")(inputs)
+    merged = layers.Add()([hidden, layers.Dense(64)(inputs)])
+    model = tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(merged), name="res")
+
+    with pytest.raises(ExportError, match="'res' is not a single chain of layers"):
+        build_trainable(model, batch_size=BATCH, learning_rate=LR)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer must be one of sgd, adam, got 'rmsprop'"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0.0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_bad_hyperparameters_raise_config_error(kwargs: dict[str, Any], message: str) -> None:
+    settings: dict[str, Any] = {"batch_size": BATCH, "learning_rate": LR} | kwargs
+
+    with pytest.raises(ConfigError, match=message):
+        build_trainable(models.build("mlp"), **settings)

@@ -1,0 +1,88 @@
+"""The litert trainer against the keras trainer: same round, same data and seed, same update; and
+federated runs with litert clients, keras clients and a mix of both."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.trainable import build_trainable
+from coordinator import digits, models
+from edge_client.codec import Model
+from edge_client.keras_trainer import KerasTrainer
+from edge_client.litert_trainer import LiteRTTrainer
+from edge_client.wire import Spec
+
+pytestmark = pytest.mark.integration
+
+# Largest |keras - litert| difference in any weight after 2 epochs from the same start (float32
+# arithmetic in a different order; measured about 1e-6 to 1e-5).
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("preset", ["mlp", "cnn"])
+def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None:
+    # Prepare: an 80%-masked model and 200 digits
+    keras_model = models.build(preset, seed=1)
+    spec = Spec(model_json=keras_model.to_json(), input_shape=list(keras_model.input_shape[1:]),
+                optimizer="sgd", learning_rate=0.05, momentum=0.9, local_epochs=2,
+                batch_size=32)  # fmt: skip
+    rng = np.random.default_rng(0)
+    weights = keras_model.get_weights()
+    masks = [
+        None if w.ndim == 1 else (rng.random(w.shape) > 0.8).astype(np.float32) for w in weights
+    ]
+    start = Model(
+        weights=[w if m is None else w * m for w, m in zip(weights, masks, strict=True)],
+        masks=masks,
+    )
+    x, y = digits.load()
+    x, y = x[:200].reshape((-1, *spec.input_shape)), y[:200]
+    artifact = build_trainable(keras_model, batch_size=32, optimizer="sgd", learning_rate=0.05,
+                               momentum=0.9)  # fmt: skip
+
+    # Execute
+    by_keras = KerasTrainer(spec).fit(start, x, y, epochs=2, seed=7)
+    by_litert = LiteRTTrainer(spec, artifact=artifact).fit(start, x, y, epochs=2, seed=7)
+
+    # Assert: the same weights, the same zeros, and training did move them
+    for ke, li, m, w in zip(by_keras, by_litert, masks, start.weights, strict=True):
+        assert np.max(np.abs(ke - li)) < TOLERANCE
+        assert np.max(np.abs(ke - w)) > 100 * TOLERANCE
+        if m is not None:
+            assert np.all(li[m == 0] == 0.0) and np.all(ke[m == 0] == 0.0)
+
+
+def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "coordinator.demo", "--out", str(tmp_path), "--run", run,
+               "--broker", "mosquitto", "--clients", "4",
+               "--client-profiles", profiles]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last: dict[str, float] = json.loads(
+        (tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]
+    )
+    return last
+
+
+@pytest.mark.slow
+def test_litert_keras_and_mixed_fleets_reach_the_same_accuracy(tmp_path: Path) -> None:
+    keras = _demo(tmp_path, "keras", "generic-x86-64")
+    litert = _demo(tmp_path, "litert", "raspberry-pi-4")
+    mixed = _demo(tmp_path, "mixed", "raspberry-pi-4,generic-x86-64")
+
+    assert keras["accuracy"] >= 0.93 and keras["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert abs(litert["accuracy"] - keras["accuracy"]) <= 0.01
+    assert abs(mixed["accuracy"] - keras["accuracy"]) <= 0.01
+    assert litert["reported"] == mixed["reported"] == 4
+    # The litert clients never imported TensorFlow; the keras ones did.
+    logs = {
+        run: (tmp_path / run / "logs" / "client-1.log").read_text() for run in ("litert", "mixed")
+    }
+    assert "TensorFlow loaded: no" in logs["litert"]
+    assert "TensorFlow loaded: yes" in logs["mixed"]  # client-1 of the mix is generic-x86-64
