@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -105,6 +106,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, because ``ru_maxrss`` survives exec
+    and so reports the parent's peak when that was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -152,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     logging.getLogger("fedprune.client").info(
-        "done: %d round(s), %d bytes sent, TensorFlow loaded: %s",
+        "done: %d round(s), %d bytes sent, peak memory %.1f MB, TensorFlow loaded: %s",
         len(report.rounds),
         report.bytes_up,
+        peak_memory_mb(),
         "yes" if "tensorflow" in sys.modules else "no",
     )
     return 0 if report.finished else 1

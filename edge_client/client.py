@@ -235,6 +235,7 @@ class EdgeClient:
         epochs = self.local_epochs or round_.local_epochs
         seed = self.seed * 100_003 + round_.round
         new = self._trainer.fit(model, x, self.data.y, epochs=epochs, seed=seed)
+        train_seconds = time.perf_counter() - started
         evaluation = (
             self._trainer.evaluate(new, x_test, self.data.y_test)
             if len(self.data.y_test)
@@ -249,17 +250,19 @@ class EdgeClient:
                 "loss": evaluation.loss,
                 "accuracy": evaluation.accuracy,
                 "n_eval": float(evaluation.n),
-                "train_seconds": time.perf_counter() - started,
+                "train_seconds": train_seconds,
             },
         )
         payload = encode_update(update, model.masks)
         self._last_update = (round_.round, payload)
         sent = self.send(round_.round, payload)
         log.info(
-            "round %d: trained %d epoch(s) on %d samples, held-out accuracy %.3f, sent %d bytes",
+            "round %d: trained %d epoch(s) on %d samples in %.3f s, held-out accuracy %.3f,"
+            " sent %d bytes",
             round_.round,
             epochs,
             self.data.num_samples,
+            update.metrics["train_seconds"],
             evaluation.accuracy,
             sent,
         )
