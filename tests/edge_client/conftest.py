@@ -67,6 +67,9 @@ BUILD = textwrap.dedent(
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with float32/model.tflite, int8/model.tflite and digits.npz (held-out x, y)."""
+    prebuilt = os.environ.get("FEDPRUNE_TEST_MODELS")  # built on the host for the ARM run
+    if prebuilt:
+        return Path(prebuilt)
     root = tmp_path_factory.mktemp("tflite-models")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(
