@@ -14,20 +14,11 @@ from edge_client import data as local_data
 from edge_client.client import EdgeClient, Identity
 from edge_client.deploy import DeploymentReceiver
 from edge_client.errors import FedpruneError
+from edge_client.options import at_least_one
 from edge_client.trainer import check_backend
 from edge_client.transport import MqttTransport
 
 PROG = "fedprune-client"
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--connect-attempts",
-        type=_at_least_one,
+        type=at_least_one,
         default=5,
         metavar="N",
         help="tries to reach the broker before giving up, 0.5, 1, 2, 4... s apart (default: 5)",

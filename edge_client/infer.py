@@ -22,6 +22,7 @@ import numpy as np
 from edge_client import data as local_data
 from edge_client import litert
 from edge_client.errors import ConfigError, FedpruneError, ModelError
+from edge_client.options import at_least_one
 
 PROG = "fedprune-infer"
 MODEL_FILE = "model.tflite"
@@ -266,16 +267,6 @@ def _tensor(detail: dict[str, Any]) -> Tensor:
     )
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     cpus = os.cpu_count() or 1
     p = argparse.ArgumentParser(
@@ -301,14 +292,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_at_least_one,
+        type=at_least_one,
         default=cpus,
         metavar="N",
         help=f"interpreter threads (default: {cpus}, this machine's CPU count)",
     )
     p.add_argument(
         "--runs",
-        type=_at_least_one,
+        type=at_least_one,
         default=100,
         metavar="N",
         help=f"timed single-sample invocations, after {WARMUP} warm-up ones (default: 100)",

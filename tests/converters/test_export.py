@@ -154,20 +154,26 @@ def _write_npy_named_npz(path: Path) -> None:
         np.save(f, np.zeros(3))
 
 
+BAD_FILES = [
+    pytest.param(None, "no such data file", id="missing"),
+    pytest.param(lambda p: p.write_bytes(b"not a zip archive"), "not a .npz archive", id="garbage"),
+    pytest.param(_write_npy_named_npz, "not a .npz archive", id="npy"),
+    pytest.param(
+        lambda p: np.savez(p, x=np.zeros((3, 4, 4, 1)), y=np.zeros(3, int)),
+        r"do not fit the model's input \[8, 8, 1\]",
+        id="wrong-shape",
+    ),
+]
+# Held-out data needs labels; calibration samples do not (see the test below).
+CASES = (
+    [pytest.param(*p.values, "data", id=f"data-{p.id}") for p in BAD_FILES]
+    + [pytest.param(_write_npz_without_y, "missing array.*y", "data", id="data-no-y")]
+    + [pytest.param(*p.values, "calibration", id=f"calibration-{p.id}") for p in BAD_FILES]
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("writer", "reason"),
-    [
-        (None, "no such data file"),
-        (lambda p: p.write_bytes(b"not a zip archive"), "not a .npz archive"),
-        (_write_npy_named_npz, "not a .npz archive"),
-        (_write_npz_without_y, "missing array.*y"),
-        (lambda p: np.savez(p, x=np.zeros((3, 4, 4, 1)), y=np.zeros(3, int)),
-         r"do not fit the model's input \[8, 8, 1\]"),
-    ],
-    ids=["missing", "garbage", "npy", "no-y", "wrong-shape"],
-)  # fmt: skip
-@pytest.mark.parametrize("option", ["data", "calibration"])
+@pytest.mark.parametrize(("writer", "reason", "option"), CASES)
 def test_bad_data_or_calibration_file_raises_config_error(
     make_run: RunFactory,
     tmp_path: Path,
@@ -175,8 +181,6 @@ def test_bad_data_or_calibration_file_raises_config_error(
     reason: str,
     option: str,
 ) -> None:
-    if option == "calibration" and writer is _write_npz_without_y:
-        pytest.skip("calibration needs only x (see the test below)")
     run = make_run()
     bad = tmp_path / "bad.npz"
     if writer is not None:
