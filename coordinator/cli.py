@@ -95,6 +95,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default=d.out, help="folder of run directories (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run of the same name"
+    )
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
@@ -123,6 +126,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         profile=args.profile,
         out=args.out,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     values.update(overrides)
     return RunConfig(**values)  # type: ignore[arg-type]  # checked in __post_init__
@@ -186,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FedpruneError, device_profiles.ProfileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except OSError as exc:  # a folder or file we cannot create, read or write
+        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     print(f"run directory: {summary.run_dir}")

@@ -83,6 +83,7 @@ class RunConfig:
     out: str = "runs"
     profile: str = "generic-x86-64"
     seed: int = 0
+    overwrite: bool = False  # replace an earlier run of the same name in out/
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [

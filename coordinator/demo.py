@@ -18,8 +18,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import device_profiles
 from converters.quiet import native_log_filtered
-from edge_client.errors import FedpruneError
+from edge_client.errors import ConfigError, FedpruneError
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
@@ -107,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.out) / run
         heldout = run_dir / "data" / "heldout.npz"
         config = config_from(args, run=run, min_clients=args.clients, heldout=str(heldout))
+        profiles = args.client_profiles.split(",")
+        for profile in profiles:
+            device_profiles.load(profile)  # a bad name fails here, not in five client processes
+        if args.clients < 1 or args.alpha <= 0:
+            raise ConfigError(
+                f"need --clients >= 1 and --alpha > 0, got {args.clients}, {args.alpha}"
+            )
         paths, _ = digits.write_demo_data(
             run_dir / "data", args.clients, alpha=args.alpha, seed=args.seed
         )
@@ -116,18 +124,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"(alpha {args.alpha}), broker {kind} at {url}",
                 flush=True,
             )
-            processes = _start_clients(paths, url, run, run_dir, args.client_profiles.split(","))
+            processes = _start_clients(paths, url, run, run_dir, profiles)
             summary = session.run(
                 dataclasses.replace(config, broker=url),
                 on_round=lambda r: print(round_line(r), flush=True),
             )
-            for process in processes:
-                process.wait(timeout=30)
+            for process in processes:  # each may wait up to 60 s for its deployed model
+                try:
+                    process.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         for line in summary_lines(summary, seconds=time.perf_counter() - started):
             print(line)
-    except FedpruneError as exc:
+    except (FedpruneError, device_profiles.ProfileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return getattr(exc, "exit_code", 2)
+    except OSError as exc:
+        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     finally:

@@ -8,6 +8,8 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from edge_client.errors import ConfigError
+
 
 def load() -> tuple[np.ndarray, np.ndarray]:
     """Images as float32 (N, 8, 8, 1) in [0, 1] and int64 labels."""
@@ -24,7 +26,7 @@ def dirichlet_split(
     Smaller ``alpha`` means more skewed clients. Draws again until every client has ``min_size``.
     """
     if n_clients < 1 or alpha <= 0:
-        raise ValueError(f"need n_clients >= 1 and alpha > 0, got {n_clients} and {alpha}")
+        raise ConfigError(f"need n_clients >= 1 and alpha > 0, got {n_clients} and {alpha}")
     rng = np.random.default_rng(seed)
     for _ in range(1000):
         parts: list[list[int]] = [[] for _ in range(n_clients)]
@@ -35,7 +37,7 @@ def dirichlet_split(
                 part.extend(share.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"cannot give {n_clients} clients {min_size} samples each at alpha={alpha}")
+    raise ConfigError(f"cannot give {n_clients} clients {min_size} samples each at alpha={alpha}")
 
 
 def write_demo_data(

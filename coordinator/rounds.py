@@ -289,6 +289,11 @@ class Coordinator:
             rejected = exc if isinstance(exc, Rejected) else Rejected(classify(exc), str(exc))
             self._reject(state, client_id, rejected)
             return
+        except Exception as exc:  # noqa: BLE001 - the network boundary: a bad update is data
+            state.assembling.pop(key, None)
+            log.exception("round %d: unreadable update chunk from %s", state.round, client_id)
+            self._reject(state, client_id, Rejected(Reason.DECODE, f"unreadable update ({exc!r})"))
+            return
         state.aggregator.add(update)
         state.reported.add(client_id)
         state.responded.add(client_id)
@@ -427,6 +432,14 @@ class Coordinator:
         deployment = Deployment(profile=profile, model=manifest, precision=precision,
                                 accuracy=accuracy, export_json=export_json)  # fmt: skip
         self._publish(self.topics.deploy(profile), deployment)
+
+    def abort(self) -> None:
+        """Tell the clients the run stopped on an error (best effort: the broker may be gone)."""
+        for topic in [*self._model_chunks, self.topics.round]:
+            self.transport.publish(topic, b"", retain=True)
+        status = Status(phase=Phase.ABORTED, round=0, rounds=self.config.rounds)
+        self._publish(self.topics.status, status)
+        self.transport.flush(timeout=5)
 
     def finish(self, *, deployed: list[str] | None = None) -> None:
         """Clear the round state and say the run is over (and which profiles got a model)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import tomli_w
 from coordinator.config import RunConfig
 from coordinator.pruning import Pruner
 from coordinator.rounds import RoundResult
+from edge_client.errors import ConfigError
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -30,11 +32,17 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 class RunDir:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, overwrite: bool = False) -> None:
         self.path = path
+        self.metrics = path / "metrics.jsonl"
+        if self.metrics.exists() and self.metrics.stat().st_size and not overwrite:
+            raise ConfigError(
+                f"{path} holds an earlier run; choose another --run name or pass --overwrite"
+            )
+        if overwrite:
+            shutil.rmtree(path / "export", ignore_errors=True)
         for sub in ("checkpoints", "model"):
             (path / sub).mkdir(parents=True, exist_ok=True)
-        self.metrics = path / "metrics.jsonl"
         self.metrics.write_text("")
 
     def write_config(self, config: RunConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,13 +52,19 @@ def _evaluator(
 def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None) -> Summary:
     model = models.build(config.model, seed=config.seed)
     pruner = pruner_for(model, config.schedule)
-    rundir = RunDir(config.run_dir)
+    rundir = RunDir(config.run_dir, overwrite=config.overwrite)
     rundir.write_config(config)
     x = y = None
     if config.heldout:
         heldout = local_data.load(Path(config.heldout), holdout=0.0)
         x, _ = heldout.shaped([int(d) for d in pruner.stripped.input_shape[1:]])
         y = heldout.y
+        classes = int(pruner.stripped.output_shape[-1])
+        if y.min() < 0 or y.max() >= classes:
+            raise ConfigError(
+                f"{config.heldout}: labels run from {y.min()} to {y.max()}; the model has"
+                f" {classes} classes"
+            )
         rundir.write_heldout(x, y)
 
     def after_round(result: RoundResult) -> None:
@@ -74,15 +81,15 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         will=(topics.status, will),
         max_payload=config.max_payload,
     )
+    coordinator = Coordinator(
+        transport,
+        config,
+        pruner,
+        evaluate=_evaluator(pruner, x, y),
+        on_round=after_round,
+        build_artifact=lambda: _trainable(pruner, config),
+    )
     try:
-        coordinator = Coordinator(
-            transport,
-            config,
-            pruner,
-            evaluate=_evaluator(pruner, x, y),
-            on_round=after_round,
-            build_artifact=lambda: _trainable(pruner, config),
-        )
         results = coordinator.train()
         rundir.save_models(pruner)
         exports = _export(rundir.path, sorted(coordinator.profiles)) if x is not None else {}
@@ -96,6 +103,10 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
                     export_json=(report.model_path.parent / "export.json").read_text(),
                 )
         coordinator.finish(deployed=[p for p, r in exports.items() if isinstance(r, ExportReport)])
+    except BaseException:
+        with contextlib.suppress(Exception):
+            coordinator.abort()
+        raise
     finally:
         transport.close()
     return Summary(run_dir=rundir.path, results=results, exports=exports)

@@ -68,6 +68,13 @@ def validate(payload: bytes, model: Model, *, round_: int, limits: Limits) -> Up
         raise Rejected(Reason.SAMPLES, f"num_samples {update.num_samples} out of range")
     if not all(np.all(np.isfinite(d)) for d in update.deltas):
         raise Rejected(Reason.NONFINITE, "update contains NaN or Inf")
+    metrics = update.metrics
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise Rejected(Reason.NONFINITE, "reported metrics contain NaN or Inf")
+    if not 0.0 <= metrics.get("accuracy", 0.0) <= 1.0 or not (
+        0 <= metrics.get("n_eval", 0.0) <= limits.max_samples
+    ):
+        raise Rejected(Reason.SAMPLES, f"reported metrics out of range: {metrics}")
     norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in update.deltas)))
     if norm > limits.max_norm:
         raise Rejected(Reason.NORM, f"update norm {norm:.3g} > {limits.max_norm:.3g}")

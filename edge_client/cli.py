@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import re
 import resource
 import socket
 import sys
@@ -14,7 +16,7 @@ from edge_client import data as local_data
 from edge_client.client import EdgeClient, Identity
 from edge_client.deploy import DeploymentReceiver
 from edge_client.errors import FedpruneError
-from edge_client.options import at_least_one
+from edge_client.options import at_least_one, name
 from edge_client.trainer import check_backend
 from edge_client.transport import MqttTransport
 
@@ -72,17 +74,20 @@ def parser() -> argparse.ArgumentParser:
         default="generic-x86-64",
         help="device profile name (see fedprune-profiles list) or path to a .toml",
     )
-    p.add_argument("--run", default="default", help="run name, as given to the coordinator")
+    p.add_argument(
+        "--run", type=name, default="default", help="run name, as given to the coordinator"
+    )
     p.add_argument(
         "--id",
         dest="client_id",
+        type=name,
         default=None,
         help="client id (default: hostname plus data file name)",
     )
     p.add_argument("--trainer", default=None, help="trainer backend (default: the profile's)")
     p.add_argument(
         "--epochs",
-        type=int,
+        type=at_least_one,
         default=None,
         help="local epochs per round (default: what the coordinator announces)",
     )
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         check_backend(backend)
         identity = Identity(
             run=args.run,
-            client_id=args.client_id or f"{socket.gethostname()}-{args.data.stem}",
+            client_id=args.client_id
+            or re.sub(r"[^\w.-]", "-", f"{socket.gethostname()}-{args.data.stem}"),
             profile=profile.name,
             num_samples=data.num_samples,
             backend=backend,
@@ -149,10 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = client.run(timeout=args.timeout)
         finally:
-            client.transport.close()
+            # A clean disconnect discards the last will: say "offline" ourselves, so that the
+            # coordinator does not keep selecting a device that has gone.
+            with contextlib.suppress(FedpruneError):
+                transport.publish(*identity.will(), retain=True)
+            transport.flush(timeout=5)
+            transport.close()
     except (FedpruneError, device_profiles.ProfileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except OSError as exc:  # a folder or file we cannot create, read or write
+        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     logging.getLogger("fedprune.client").info(
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_memory_mb(),
         "yes" if "tensorflow" in sys.modules else "no",
     )
-    return 0 if report.finished else 1
+    return 0 if report.finished and not report.aborted else 1
 
 
 if __name__ == "__main__":

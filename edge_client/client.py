@@ -19,7 +19,7 @@ from edge_client.artifact import ArtifactStore
 from edge_client.codec import Model, Update, decode_model, encode_update
 from edge_client.data import LocalData
 from edge_client.deploy import DeploymentReceiver
-from edge_client.errors import WireError
+from edge_client.errors import ConfigError, WireError
 from edge_client.topics import Topics
 from edge_client.trainer import Evaluation, Trainer, backend_class, make_trainer
 from edge_client.transport import Transport
@@ -53,6 +53,7 @@ class ClientReport:
     bytes_up: int = 0
     rejected: int = 0
     finished: bool = False
+    aborted: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +119,7 @@ class EdgeClient:
         self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
         self._deploy_prefix = self.topics.deploy(identity.profile)
         self._finished_at: float | None = None  # when the coordinator said it finished
+        self._live = False  # saw this run waiting or training (so a FINISHED is about it)
         self._awaiting_deploy = False
 
     def start(self) -> None:
@@ -143,6 +145,19 @@ class EdgeClient:
             self._maybe_train()
             self._check_finished()
         return self.report
+
+    def _on_status(self, status: Status) -> None:
+        if status.phase in (Phase.WAITING, Phase.TRAINING):
+            self._live = True
+        elif status.phase is Phase.ABORTED:
+            log.error("the coordinator stopped the run on an error")
+            self.report.aborted = self.report.finished = True
+        elif not (self._live or self.report.rounds):
+            # A retained FINISHED from an earlier run of the same name: wait for the next one.
+            log.info("run %s has already finished; waiting for it to start again", self.topics.run)
+        else:
+            self._finished_at = time.monotonic()
+            self._awaiting_deploy = self.identity.profile in status.deploy
 
     def _check_finished(self) -> None:
         if self._finished_at is None:
@@ -174,12 +189,12 @@ class EdgeClient:
                 self._add_model_chunk(message)
             elif isinstance(message, Deployment) and self.deploy is not None:
                 self.deploy.on_deployment(message)
-            elif isinstance(message, Status) and message.phase is Phase.FINISHED:
-                self._finished_at = time.monotonic()
-                self._awaiting_deploy = self.identity.profile in message.deploy
+            elif isinstance(message, Status):
+                self._on_status(message)
             elif isinstance(message, Notice):
                 self._on_notice(message)
-        except WireError as exc:
+        except (WireError, TypeError, ValueError, KeyError, IndexError) as exc:
+            # Whatever arrives from the network is data: a bad message is logged, never fatal.
             log.warning("ignored a message on %s: %s", topic, exc)
 
     def _add_model_chunk(self, chunk: Chunk) -> None:
@@ -214,7 +229,12 @@ class EdgeClient:
         if self.artifacts is not None and artifact is None:
             return
         self.report.rounds.append(round_.round)
-        self.train_round(round_, spec, decode_model(self._model[1]), artifact)
+        try:
+            model = decode_model(self._model[1])
+        except WireError as exc:
+            log.warning("round %d: the global model cannot be decoded (%s)", round_.round, exc)
+            return
+        self.train_round(round_, spec, model, artifact)
 
     def _artifact(self, spec: Spec) -> bytes | None:
         """The training artifact this client's backend needs, once it is here."""
@@ -231,6 +251,13 @@ class EdgeClient:
             self._trainer = make_trainer(self.identity.backend, spec, artifact=artifact)
             self._trainer_key = key
         x, x_test = self.data.shaped(spec.input_shape)
+        classes = model.weights[-1].shape[-1]  # the output layer's bias
+        labels = np.concatenate([self.data.y, self.data.y_test])
+        if labels.min() < 0 or labels.max() >= classes:
+            raise ConfigError(
+                f"local labels run from {labels.min()} to {labels.max()}; the model has"
+                f" {classes} classes (0..{classes - 1})"
+            )
         started = time.perf_counter()
         epochs = self.local_epochs or round_.local_epochs
         seed = self.seed * 100_003 + round_.round

@@ -52,6 +52,8 @@ def predict(interpreter: Interpreter, x: np.ndarray, *, batch_size: int = BATCH_
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     x = _reshape(x, input_shape(interpreter))
+    if len(x) == 0:
+        raise ModelError("no samples to run the model on")
     outputs: list[np.ndarray] = []
     shape: tuple[int, ...] = ()
     try:

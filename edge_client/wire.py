@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -46,7 +48,7 @@ class Phase(StrEnum):
     WAITING = "waiting"
     TRAINING = "training"
     FINISHED = "finished"
-    OFFLINE = "offline"
+    ABORTED = "aborted"  # the coordinator stopped on an error; clients give up
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +175,6 @@ _BY_KIND: dict[Kind, type[Message]] = {
     cls.KIND: cls
     for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice, Deployment)
 }
-_NESTED: dict[str, type[Any]] = {"model": Manifest, "artifact": Manifest}
 _seq = itertools.count()
 
 
@@ -221,14 +222,7 @@ def decode(payload: bytes) -> Envelope:
         raise VersionError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
     try:
         cls = _BY_KIND[Kind(raw["kind"])]
-        body = dict(raw["body"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        if int(minor) > PROTOCOL_MINOR:  # a newer minor may add optional fields: skip them
-            body = {k: v for k, v in body.items() if k in names}
-        for key, nested in _NESTED.items():
-            if key in names and isinstance(body.get(key), dict):
-                body[key] = nested(**body[key])
-        message = cls(**body)
+        message = _build(cls, raw["body"], newer=int(minor) > PROTOCOL_MINOR)
         return Envelope(
             version=version,
             run=str(raw["run"]),
@@ -238,6 +232,54 @@ def decode(payload: bytes) -> Envelope:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"malformed message ({exc})") from exc
+
+
+def _build(cls: type[Any], body: Any, *, newer: bool) -> Any:
+    """A message (or nested record) from its msgpack map, every field checked against its type.
+    A newer minor may add optional fields: those are dropped, here and in nested records."""
+    if not isinstance(body, dict):
+        raise WireError(f"malformed message (a {cls.__name__} must be a map)")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in body.items():
+        if key not in names:
+            if newer:
+                continue
+            raise WireError(f"malformed message (unknown field {key!r} in a {cls.__name__})")
+        hint = hints[key]
+        nested = next(
+            (a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None
+        )
+        if nested is not None and isinstance(value, dict):
+            value = _build(nested, value, newer=newer)  # type: ignore[arg-type]
+        if not _matches(value, hint):
+            raise WireError(
+                f"malformed message (field {key!r} of a {cls.__name__} has a wrong type)"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        return value in {m.value for m in hint}
+    return isinstance(value, hint)
 
 
 def sha256(data: bytes) -> str:
@@ -262,6 +304,7 @@ class Reassembler:
         self.max_size = max_size
         self._parts: dict[int, bytes] = {}
         self._first: Chunk | None = None
+        self._bytes = 0
 
     def add(self, chunk: Chunk) -> bytes | None:
         """Add a chunk; return the verified payload once complete, else ``None``."""
@@ -276,6 +319,10 @@ class Reassembler:
             raise WireError("chunk does not belong to the payload being assembled")
         if not 0 <= chunk.index < first.count:
             raise WireError(f"chunk index {chunk.index} out of range 0..{first.count - 1}")
+        if chunk.index not in self._parts:
+            self._bytes += len(chunk.data)
+            if self._bytes > first.size:  # never hold more than the declared payload
+                raise WireError(f"chunks carry more than the declared {first.size} bytes")
         self._parts.setdefault(chunk.index, chunk.data)
         if len(self._parts) < first.count:
             return None

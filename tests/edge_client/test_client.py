@@ -235,21 +235,48 @@ def test_a_round_whose_deadline_has_passed_is_skipped(model: Model, data: LocalD
     assert (report.rounds, report.bytes_up) == ([], 0)
 
 
-def test_a_finished_coordinator_makes_run_return_at_once(data: LocalData) -> None:
-    # Prepare
+def test_a_finished_status_of_an_earlier_run_does_not_end_a_new_client(data: LocalData) -> None:
+    # Prepare: a retained FINISHED left by an earlier run of the same name
     broker = MemoryBroker()
     status = Status(phase=Phase.FINISHED, round=10, rounds=10)
     MemoryTransport(broker).publish(TOPICS.status, _encode(status), retain=True)
     client = _client(broker, data)
+
+    # Execute
+    report = client.run(timeout=1.0)
+
+    # Assert: it waits for the run to start again
+    assert report.finished is False
+    assert report.rounds == []
+
+
+def test_the_end_of_a_run_it_saw_makes_run_return_at_once(data: LocalData) -> None:
+    # Prepare: the client is subscribed while the run goes from waiting to finished
+    broker = MemoryBroker()
+    client = _client(broker, data)
+    client.start()
+    coordinator = MemoryTransport(broker)
+    for phase in (Phase.WAITING, Phase.FINISHED):
+        status = Status(phase=phase, round=0, rounds=10)
+        coordinator.publish(TOPICS.status, _encode(status), retain=True)
     started = time.monotonic()
 
     # Execute
     report = client.run(timeout=5)
 
     # Assert
-    assert report.finished is True
+    assert report.finished is True and report.aborted is False
     assert time.monotonic() - started < 1.0
-    assert report.rounds == []
+
+
+def test_an_aborted_run_ends_the_client_as_aborted(data: LocalData) -> None:
+    broker = MemoryBroker()
+    status = Status(phase=Phase.ABORTED, round=0, rounds=10)
+    MemoryTransport(broker).publish(TOPICS.status, _encode(status), retain=True)
+
+    report = _client(broker, data).run(timeout=5)
+
+    assert report.finished is True and report.aborted is True
 
 
 def test_a_training_status_does_not_finish_the_client(data: LocalData) -> None:

@@ -280,3 +280,39 @@ def test_split_refuses_a_chunk_size_below_one() -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="max_chunk must be >= 1, got 0"):
         list(split(PAYLOAD, max_chunk=0))
+
+
+def _envelope(kind: str, body: dict[str, object], version: str = "1.1") -> bytes:
+    message = {"v": version, "kind": kind, "run": "r", "sender": "s", "seq": 0, "body": body}
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("chunk", {"index": "0", "count": 1, "size": 1, "sha256": "x", "data": b"a"}),
+        ("chunk", {"index": True, "count": 1, "size": 1, "sha256": "x", "data": b"a"}),
+        ("hello", {"client_id": "c", "profile": ["p"], "num_samples": 1, "backend": "keras"}),
+        ("status", {"phase": "finished", "round": 1, "rounds": 1, "deploy": 3}),
+        ("status", {"phase": "bogus", "round": 1, "rounds": 1}),
+        ("round", {"round": 1, "model_version": 1, "deadline": "soon", "selected": ["a"],
+                   "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x"},
+                   "local_epochs": 1}),
+        ("round", {"round": 1, "model_version": 1, "deadline": 1.0, "selected": 5,
+                   "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x"},
+                   "local_epochs": 1}),
+    ],
+)  # fmt: skip
+def test_a_field_of_the_wrong_type_is_a_wire_error(kind: str, body: dict[str, object]) -> None:
+    with pytest.raises(WireError, match="wrong type|malformed"):
+        decode(_envelope(kind, body))
+
+
+def test_a_newer_minor_may_add_fields_to_nested_records_too() -> None:
+    body = {"round": 1, "model_version": 1, "deadline": 1.0, "selected": ["a"],
+            "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x", "codec": "zstd"},
+            "local_epochs": 1, "priority": 3}  # fmt: skip
+
+    message = decode(_envelope("round", body, version="1.9")).message
+
+    assert isinstance(message, Round) and message.model.sha256 == "x"
