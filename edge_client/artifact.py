@@ -8,10 +8,9 @@ after checking its hash; otherwise it collects the chunks and saves the verified
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from edge_client.files import write_atomic
 from edge_client.wire import Chunk, Collector, Manifest, sha256
 
 log = logging.getLogger("fedprune.client")
@@ -47,11 +46,10 @@ class ArtifactStore:
         self._have = {chunk.sha256: payload}
         path = self._path(chunk.sha256)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-            os.replace(tmp, path)
+            try:
+                write_atomic(path, payload)
+            except OSError as exc:  # the artifact is still used, just not cached
+                log.warning("cannot cache the training artifact in %s: %s", path.parent, exc)
         log.info("training artifact %s received (%d bytes)", chunk.sha256[:12], len(payload))
 
     def _path(self, sha: str) -> Path | None:

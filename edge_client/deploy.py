@@ -10,32 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge_client.errors import ModelError, WireError
+from edge_client.files import write_atomic
 from edge_client.litert import load_interpreter, predict
 from edge_client.wire import Chunk, Collector, Deployment
 
 log = logging.getLogger("fedprune.client")
 
 MAX_MODEL_BYTES = 256 * 1024 * 1024
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(kw_only=True)
@@ -97,8 +84,8 @@ class DeploymentReceiver:
         if scores.ndim != 2 or scores.shape[1] < 2 or not np.all(np.isfinite(scores)):
             return self._done(sha, False, f"the model's output {scores.shape} is not class scores")
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.folder / "model.tflite", model)
-        _write_atomic(self.folder / "export.json", deployment.export_json.encode())
+        write_atomic(self.folder / "model.tflite", model)
+        write_atomic(self.folder / "export.json", deployment.export_json.encode())
         return self._done(sha, True)
 
     def _done(self, sha: str, saved: bool, reason: str = "") -> DeployResult:

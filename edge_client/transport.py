@@ -105,7 +105,6 @@ class MqttTransport(Transport):
         self._connected = threading.Event()
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
-        self.reconnects = 0
         self._retained: dict[str, bytes] = {}
         self._subacks: dict[int, threading.Event] = {}
         protocol = MQTTProtocolVersion.MQTTv5 if self.url.mqtt5 else MQTTProtocolVersion.MQTTv311
@@ -147,9 +146,7 @@ class MqttTransport(Transport):
     ) -> None:
         if getattr(rc, "is_failure", False):
             return
-        if self._subscriptions or self._retained:
-            self.reconnects += 1
-        for pattern, qos in self._subscriptions.items():
+        for pattern, qos in list(self._subscriptions.items()):
             client.subscribe(pattern, qos)
         with self._lock:
             retained = list(self._retained.items())
@@ -162,10 +159,6 @@ class MqttTransport(Transport):
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put((msg.topic, bytes(msg.payload)))
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
 
     def subscribe(self, pattern: str, qos: int = 1) -> None:
         """Subscribe and wait (up to 10 s) for the broker's acknowledgement, so that nothing

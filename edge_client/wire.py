@@ -358,7 +358,3 @@ class Collector:
             del self._parts[chunk.sha256]
             self._done.add(chunk.sha256)
         return payload
-
-    def forget(self, sha: str) -> None:
-        """Accept this payload again (e.g. after it was refused and is being resent)."""
-        self._done.discard(sha)
