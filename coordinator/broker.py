@@ -33,9 +33,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_listening(port: int, timeout: float) -> bool:
+def _wait_listening(port: int, timeout: float, alive: Any = lambda: True) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return True
@@ -73,7 +73,8 @@ class EmbeddedBroker:
             self._start_mosquitto()
         else:
             self._start_amqtt()
-        if not _wait_listening(self.port, 10):
+        process = self._process
+        if not _wait_listening(self.port, 10, lambda: process is None or process.poll() is None):
             self.stop()
             raise BrokerError(f"the embedded {self.kind} broker did not start on port {self.port}")
         return self
@@ -140,6 +141,8 @@ class EmbeddedBroker:
             except Exception as exc:  # best effort at exit; the thread is a daemon
                 log.debug("amqtt shutdown: %s", exc)
             self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(5)
             self._loop = None
         if self._tmp is not None:
             self._tmp.cleanup()
