@@ -22,9 +22,21 @@ from coordinator.pruning import Pruner, wrap
 from coordinator.rounds import Coordinator, RoundResult
 from coordinator.validation import Limits
 from edge_client.codec import Model, Update, decode_model, encode_update
+from edge_client.errors import ConfigError
 from edge_client.memory import MemoryBroker, MemoryTransport
 from edge_client.topics import Topics
-from edge_client.wire import Hello, Notice, Reassembler, Round, decode, encode, sha256, split
+from edge_client.wire import (
+    Hello,
+    Notice,
+    Phase,
+    Reassembler,
+    Round,
+    Status,
+    decode,
+    encode,
+    sha256,
+    split,
+)
 
 RUN = "unit"
 TOPICS = Topics(RUN)
@@ -432,3 +444,26 @@ def test_run_serves_every_round_then_clears_the_retained_round(
     assert not any(t.startswith(f"{TOPICS.root}/model/") for t in h.broker.retained)
     metrics = decode(h.broker.retained[TOPICS.metrics]).message
     assert metrics.values["round"] == 2  # type: ignore[attr-defined]
+
+
+def test_abort_tells_the_clients_and_clears_the_round(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.run_round()
+
+    h.coordinator.abort()
+
+    status = decode(h.broker.retained[TOPICS.status]).message
+    assert isinstance(status, Status) and status.phase is Phase.ABORTED
+    assert TOPICS.round not in h.broker.retained
+    assert not any(topic.startswith(f"{TOPICS.root}/model/") for topic in h.broker.retained)
+
+
+def test_no_client_able_to_train_stops_the_run(harness: Callable[..., Harness]) -> None:
+    # The artifact litert clients need could not be built: they are not selected, and with
+    # nobody left the round refuses to start instead of waiting out its deadline.
+    h = harness(("a",))
+    h.coordinator.clients["a"] = Hello(client_id="a", profile="p", num_samples=5, backend="litert")
+    h.coordinator._artifact_state = "layer 'lstm' (LSTM) is not supported"
+
+    with pytest.raises(ConfigError, match="none of the 1 online clients can train"):
+        h.coordinator.run_round(ROUND)

@@ -129,3 +129,24 @@ def test_a_norm_just_under_the_limit_passes() -> None:
     )
 
     assert update.deltas[0].flat[0] == 99.0
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        ({"loss": float("nan"), "n_eval": 8.0}, Reason.NONFINITE),
+        ({"accuracy": float("inf"), "n_eval": 8.0}, Reason.NONFINITE),
+        ({"accuracy": 1.5, "n_eval": 8.0}, Reason.SAMPLES),
+        ({"accuracy": 0.5, "n_eval": -1.0}, Reason.SAMPLES),
+    ],
+)
+def test_reported_metrics_must_be_finite_and_in_range(
+    metrics: dict[str, float], reason: Reason
+) -> None:
+    model = _model()
+    update = Update(round=ROUND, num_samples=32, deltas=_deltas(model), metrics=metrics)
+
+    with pytest.raises(Rejected) as caught:
+        validate(encode_update(update, model.masks), model, round_=ROUND, limits=Limits())
+
+    assert caught.value.reason is reason

@@ -316,3 +316,14 @@ def test_a_newer_minor_may_add_fields_to_nested_records_too() -> None:
     message = decode(_envelope("round", body, version="1.9")).message
 
     assert isinstance(message, Round) and message.model.sha256 == "x"
+
+
+def test_chunks_cannot_carry_more_than_the_declared_size() -> None:
+    # A sender declares 10 bytes in 3 chunks, then sends 8 bytes in each.
+    digest = hashlib.sha256(b"0123456789").hexdigest()
+    chunks = [Chunk(index=i, count=3, size=10, sha256=digest, data=b"x" * 8) for i in range(3)]
+    assembler = Reassembler(max_size=1000)
+    assembler.add(chunks[0])
+
+    with pytest.raises(WireError, match="more than the declared 10 bytes"):
+        assembler.add(chunks[1])
