@@ -10,7 +10,7 @@ import sys
 import device_profiles
 from converters.quiet import native_log_filtered
 from coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
-from edge_client.errors import FedpruneError
+from edge_client.errors import FedpruneError, print_error
 
 PROG = "fedprune-coordinator"
 
@@ -187,12 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             from coordinator.progress import round_line
 
         summary = session.run(config, on_round=lambda r: print(round_line(r), flush=True))
-    except (FedpruneError, device_profiles.ProfileError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    except OSError as exc:  # a folder or file we cannot create, read or write
-        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+    except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
+        return print_error(PROG, exc)
     except KeyboardInterrupt:
         return 130
     print(f"run directory: {summary.run_dir}")

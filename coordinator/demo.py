@@ -20,7 +20,7 @@ from pathlib import Path
 
 import device_profiles
 from converters.quiet import native_log_filtered
-from edge_client.errors import ConfigError, FedpruneError
+from edge_client.errors import ConfigError, FedpruneError, print_error
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
@@ -136,12 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     process.kill()
         for line in summary_lines(summary, seconds=time.perf_counter() - started):
             print(line)
-    except (FedpruneError, device_profiles.ProfileError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    except OSError as exc:
-        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+    except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
+        return print_error(PROG, exc)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -15,7 +15,7 @@ import device_profiles
 from edge_client import data as local_data
 from edge_client.client import EdgeClient, Identity
 from edge_client.deploy import DeploymentReceiver
-from edge_client.errors import FedpruneError
+from edge_client.errors import FedpruneError, print_error
 from edge_client.options import at_least_one, name
 from edge_client.trainer import check_backend
 from edge_client.transport import MqttTransport
@@ -161,12 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 transport.publish(*identity.will(), retain=True)
             transport.flush(timeout=5)
             transport.close()
-    except (FedpruneError, device_profiles.ProfileError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    except OSError as exc:  # a folder or file we cannot create, read or write
-        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+    except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
+        return print_error(PROG, exc)
     except KeyboardInterrupt:
         return 130
     logging.getLogger("fedprune.client").info(

@@ -17,6 +17,8 @@ Third-party errors are caught at the boundary and re-raised as one of these
 
 from __future__ import annotations
 
+import sys
+
 
 class FedpruneError(Exception):
     """Root of every error fedprune raises on purpose."""
@@ -60,3 +62,17 @@ class ModelError(FedpruneError):
 
 class ExportError(ModelError):
     """A model cannot be exported, or the export fails verification."""
+
+
+def print_error(prog: str, error: Exception) -> int:
+    """Print ``error`` as one ``prog: error: ...`` line on stderr; return its exit code.
+
+    Our own errors carry their code; an OSError (a file or folder we cannot use) and any other
+    user-input error (a ``ValueError`` such as ``ProfileError``) exit with 2.
+    """
+    if isinstance(error, OSError) and not isinstance(error, FedpruneError):
+        text = f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")
+    else:
+        text = str(error)
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return getattr(error, "exit_code", 2)
