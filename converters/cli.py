@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from converters.quiet import native_log_filtered
-from edge_client.errors import ExportError, FedpruneError
+from edge_client.errors import ExportError, FedpruneError, print_error
 
 if TYPE_CHECKING:
     from converters.export import ExportResult
@@ -95,12 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             results = export_profiles(
                 args.run_dir, profiles, args.data, args.calibration, on_result=show
             )
-    except FedpruneError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except OSError as error:  # e.g. an export folder that cannot be written
-        print(f"{PROG}: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
-        return 1
+    except (FedpruneError, OSError) as error:  # OSError: e.g. an unwritable export folder
+        return print_error(PROG, error)
     refused = any(isinstance(result, ExportError) for result in results)
     return ExportError.exit_code if refused else 0
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_client import data as local_data
 from edge_client import litert
-from edge_client.errors import ConfigError, FedpruneError, ModelError
+from edge_client.errors import ConfigError, FedpruneError, ModelError, print_error
 from edge_client.options import at_least_one
 
 PROG = "fedprune-infer"
@@ -318,9 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         report = infer(args.model, args.data, threads=args.threads, runs=args.runs)
-    except FedpruneError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (FedpruneError, OSError) as exc:
+        return print_error(PROG, exc)
     except KeyboardInterrupt:
         return 130
     if args.json:
