@@ -25,7 +25,7 @@ def one_run(out: Path, broker: str, extra: list[str]) -> dict[str, float]:
         [
             sys.executable,
             "-m",
-            "coordinator.demo",
+            "fedprune.coordinator.demo",
             "--out",
             str(out),
             "--run",

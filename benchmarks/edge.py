@@ -24,10 +24,10 @@ import time
 import venv
 from pathlib import Path
 
-from coordinator import digits
-from coordinator.broker import EmbeddedBroker
-from edge_client.topics import Topics
-from edge_client.transport import MqttTransport
+from fedprune.coordinator import digits
+from fedprune.coordinator.broker import EmbeddedBroker
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.transport import MqttTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,7 +58,7 @@ def one_client(url: str, run: str, python: Path, profile: str, data: Path, heldo
     started = time.perf_counter()
     with log.open("w") as out:
         client = subprocess.Popen(
-            [python, "-m", "edge_client", "--broker", url, "--run", run, "--id", "device",
+            [python, "-m", "fedprune.edge_client", "--broker", url, "--run", run, "--id", "device",
              "--data", str(data), "--profile", profile, "--cache", str(work / "cache"),
              "--models", str(work / "models")],
             stdout=out, stderr=subprocess.STDOUT, cwd=work,

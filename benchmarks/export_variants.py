@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/export_variants.py              # makes 3 demo runs first (~45 s)
     .venv/bin/python benchmarks/export_variants.py RUN_DIR ...  # uses finished run directories
 
-Without run directories it runs ``python -m coordinator.demo`` three times (``--target`` 0.0, 0.80
+Without run directories it runs ``fedprune-demo`` three times (``--target`` 0.0, 0.80
 and 0.90; at 0.0 the polynomial schedule keeps every weight). Each model is exported with
 ``converters.export_model`` for every precision, with and without the sparse format, through a
 profile built here (one thread, no size limit, tolerance 1.0 so nothing is refused); each export is
@@ -27,12 +27,12 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from converters.export import export_model, load_run_model  # noqa: E402
-from converters.quiet import native_log_filtered  # noqa: E402
-from converters.report import ExportReport  # noqa: E402
-from device_profiles import Arch, DeviceProfile, Precision, Trainer  # noqa: E402
-from edge_client import data as npz_data  # noqa: E402
-from edge_client.litert import load_interpreter  # noqa: E402
+from fedprune.converters.export import export_model, load_run_model  # noqa: E402
+from fedprune.converters.quiet import native_log_filtered  # noqa: E402
+from fedprune.converters.report import ExportReport  # noqa: E402
+from fedprune.device_profiles import Arch, DeviceProfile, Precision, Trainer  # noqa: E402
+from fedprune.edge_client import data as npz_data  # noqa: E402
+from fedprune.edge_client.litert import load_interpreter  # noqa: E402
 
 TARGETS = {"dense": "0.0", "p80": "0.8", "p90": "0.9"}
 FLOATS = (Precision.FLOAT32, Precision.FLOAT16)
@@ -50,7 +50,15 @@ def make_runs(out: Path) -> list[Path]:
     runs = []
     for name, target in TARGETS.items():
         print(f"demo run {name} (target {target}) ...", file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "coordinator.demo", "--out", str(out), "--run", name]
+        command = [
+            sys.executable,
+            "-m",
+            "fedprune.coordinator.demo",
+            "--out",
+            str(out),
+            "--run",
+            name,
+        ]
         subprocess.run([*command, "--target", target], check=True, capture_output=True)
         runs.append(out / name)
     return runs

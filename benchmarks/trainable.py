@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: E402
 
-from converters.trainable import build_trainable  # noqa: E402
-from coordinator import models  # noqa: E402
+from fedprune.converters.trainable import build_trainable  # noqa: E402
+from fedprune.coordinator import models  # noqa: E402
 
 BATCH = 32
 

@@ -13,23 +13,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from converters.export import (
+    from fedprune.converters.export import (
         ExportReport,
         export_model,
         export_profiles,
         export_run,
         resolve_profile,
     )
-    from converters.strip import kernel_sparsity, load_keras
-    from converters.tflite import parse_precision, to_tflite
-    from converters.trainable import build_trainable
-    from converters.verify import (
+    from fedprune.converters.strip import kernel_sparsity, load_keras
+    from fedprune.converters.tflite import parse_precision, to_tflite
+    from fedprune.converters.trainable import build_trainable
+    from fedprune.converters.verify import (
         evaluate_keras,
         evaluate_tflite,
         latency_ms,
         latency_percentiles_ms,
     )
-    from device_profiles import Precision
+    from fedprune.device_profiles import Precision
 
 __all__ = [
     "ExportReport",
@@ -70,5 +70,5 @@ _HOME = {
 
 def __getattr__(name: str) -> Any:
     if name not in _HOME:
-        raise AttributeError(f"module 'converters' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"converters.{_HOME[name]}"), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fedprune.converters.{_HOME[name]}"), name)

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from converters.quiet import native_log_filtered
-from edge_client.errors import ExportError, FedpruneError, print_error
+from fedprune import __version__
+from fedprune.converters.quiet import native_log_filtered
+from fedprune.edge_client.errors import ExportError, FedpruneError, print_error
 
 if TYPE_CHECKING:
-    from converters.export import ExportResult
-    from device_profiles import DeviceProfile
+    from fedprune.converters.export import ExportResult
+    from fedprune.device_profiles import DeviceProfile
 
 PROG = "fedprune-export"
 DEFAULT_PROFILE = "generic-x86-64"
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
             "2 bad input."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="finished run directory")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -80,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # must precede the TensorFlow import
     try:
         with native_log_filtered():
-            from converters.export import export_profiles
-        from device_profiles import available
+            from fedprune.converters.export import export_profiles
+        from fedprune.device_profiles import available
 
         profiles: list[str] = (
             available() if args.all_profiles else args.profiles or [DEFAULT_PROFILE]

@@ -29,14 +29,14 @@ from typing import TypeVar
 import numpy as np
 import tf_keras
 
-import device_profiles
-from converters.report import MODEL_FILE, ExportReport, write_export
-from converters.strip import kernel_sparsity, load_keras, strip
-from converters.tflite import sample_shape, to_tflite
-from converters.verify import evaluate_keras, evaluate_tflite, latency_percentiles_ms
-from device_profiles import DeviceProfile, Precision, ProfileError
-from edge_client import data as npz_data
-from edge_client.errors import ConfigError, ExportError, ModelError
+from fedprune import device_profiles
+from fedprune.converters.report import MODEL_FILE, ExportReport, write_export
+from fedprune.converters.strip import kernel_sparsity, load_keras, strip
+from fedprune.converters.tflite import sample_shape, to_tflite
+from fedprune.converters.verify import evaluate_keras, evaluate_tflite, latency_percentiles_ms
+from fedprune.device_profiles import DeviceProfile, Precision, ProfileError
+from fedprune.edge_client import data as npz_data
+from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
 
 __all__ = [
     "DEFAULT_PROFILE",

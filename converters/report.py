@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_profiles import Precision
+from fedprune.device_profiles import Precision
 
 MODEL_FILE = "model.tflite"
 REPORT_FILE = "export.json"

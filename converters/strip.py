@@ -8,8 +8,8 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
-from converters._errors import short_reason
-from edge_client.errors import ConfigError
+from fedprune.converters._errors import short_reason
+from fedprune.edge_client.errors import ConfigError
 
 KERAS_SUFFIXES = (".keras", ".h5")
 

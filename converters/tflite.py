@@ -22,9 +22,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from converters._errors import short_reason
-from device_profiles import Precision
-from edge_client.errors import ConfigError, ExportError
+from fedprune.converters._errors import short_reason
+from fedprune.device_profiles import Precision
+from fedprune.edge_client.errors import ConfigError, ExportError
 
 CALIBRATION_SAMPLES = 200
 """At most this many calibration samples (a seeded random subset) feed full-int8 conversion."""

@@ -36,10 +36,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from converters._errors import short_reason
-from converters.tflite import sample_shape
-from edge_client.errors import ConfigError, ExportError, ModelError
-from edge_client.litert import load_interpreter
+from fedprune.converters._errors import short_reason
+from fedprune.converters.tflite import sample_shape
+from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
+from fedprune.edge_client.litert import load_interpreter
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
 """The signature keys every training artifact holds."""

@@ -9,7 +9,13 @@ from __future__ import annotations
 import numpy as np
 import tf_keras
 
-from edge_client.litert import BATCH_SIZE, accuracy, latencies_ms, load_interpreter, predict
+from fedprune.edge_client.litert import (
+    BATCH_SIZE,
+    accuracy,
+    latencies_ms,
+    load_interpreter,
+    predict,
+)
 
 __all__ = [
     "accuracy",

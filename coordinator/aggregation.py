@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_client.codec import Update
+from fedprune.edge_client.codec import Update
 
 
 class FedAvg:

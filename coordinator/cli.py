@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 
-import device_profiles
-from converters.quiet import native_log_filtered
-from coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
-from edge_client.errors import FedpruneError, print_error
+from fedprune import __version__, device_profiles
+from fedprune.converters.quiet import native_log_filtered
+from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.edge_client.errors import FedpruneError, print_error
 
 PROG = "fedprune-coordinator"
 
@@ -139,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
         "the pruned global model each round, aggregate the clients' sparse updates with FedAvg, "
         "prune on schedule, and export the final model to TFLite.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--broker",
         default="mqtt://127.0.0.1:1883",
@@ -183,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             heldout=args.heldout,
         )
         with native_log_filtered():
-            from coordinator import session
-            from coordinator.progress import round_line
+            from fedprune.coordinator import session
+            from fedprune.coordinator.progress import round_line
 
         summary = session.run(config, on_round=lambda r: print(round_line(r), flush=True))
     except (FedpruneError, device_profiles.ProfileError, OSError) as exc:

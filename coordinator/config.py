@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from edge_client.errors import ConfigError
+from fedprune.edge_client.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
 

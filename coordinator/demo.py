@@ -18,16 +18,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import device_profiles
-from converters.quiet import native_log_filtered
-from edge_client.errors import ConfigError, FedpruneError, print_error
+from fedprune import __version__, device_profiles
+from fedprune.converters.quiet import native_log_filtered
+from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
 
 
 def parser() -> argparse.ArgumentParser:
-    from coordinator.cli import add_run_arguments
+    from fedprune.coordinator.cli import add_run_arguments
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
         "MQTT broker, the coordinator and N edge-client processes on non-IID digits, then a "
         "verified TFLite export. No flags needed.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--clients", type=int, default=5, help="edge client processes (default: 5)")
     p.add_argument(
         "--client-profiles",
@@ -65,7 +66,7 @@ def _broker(choice: str) -> Iterator[tuple[str, str]]:
     if "://" in choice:
         yield choice, "external"
         return
-    from coordinator.broker import EmbeddedBroker
+    from fedprune.coordinator.broker import EmbeddedBroker
 
     with EmbeddedBroker(choice) as broker:
         yield broker.url, f"embedded {broker.kind}"
@@ -80,7 +81,8 @@ def _start_clients(
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     processes = []
     for i, path in enumerate(paths):
-        command = [sys.executable, "-m", "edge_client", "--broker", url, "--data", str(path),
+        command = [sys.executable, "-m", "fedprune.edge_client",
+                   "--broker", url, "--data", str(path),
                    "--run", run, "--id", f"client-{i}", "--seed", str(i),
                    "--profile", profiles[i % len(profiles)],
                    "--models", str(run_dir / "devices" / f"client-{i}"),
@@ -101,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         with native_log_filtered():
-            from coordinator import digits, session
-        from coordinator.cli import config_from
-        from coordinator.progress import round_line, summary_lines
+            from fedprune.coordinator import digits, session
+        from fedprune.coordinator.cli import config_from
+        from fedprune.coordinator.progress import round_line, summary_lines
 
         run_dir = Path(args.out) / run
         heldout = run_dir / "data" / "heldout.npz"

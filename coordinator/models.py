@@ -7,8 +7,8 @@ from pathlib import Path
 
 import tf_keras
 
-from converters.strip import load_keras
-from edge_client.errors import ConfigError
+from fedprune.converters.strip import load_keras
+from fedprune.edge_client.errors import ConfigError
 
 layers = tf_keras.layers
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from coordinator.rounds import RoundResult
-from coordinator.session import Summary
+from fedprune.coordinator.rounds import RoundResult
+from fedprune.coordinator.session import Summary
 
 
 def _kb(n: int) -> str:

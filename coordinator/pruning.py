@@ -19,9 +19,9 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude,
 )
 
-from coordinator.config import ScheduleConfig, ScheduleKind
-from edge_client.codec import Model
-from edge_client.errors import ConfigError
+from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
+from fedprune.edge_client.codec import Model
+from fedprune.edge_client.errors import ConfigError
 
 sparsity = tfmot.sparsity.keras
 PruningSchedule = sparsity.PruningSchedule

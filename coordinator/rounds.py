@@ -18,16 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.aggregation import FedAvg
-from coordinator.config import RunConfig
-from coordinator.pruning import Pruner
-from coordinator.validation import Limits, Reason, Rejected, classify, validate
-from edge_client.codec import Model, encode_model
-from edge_client.errors import ConfigError, FedpruneError, WireError
-from edge_client.topics import Topics
-from edge_client.trainer import backend_class
-from edge_client.transport import Transport
-from edge_client.wire import (
+from fedprune.coordinator.aggregation import FedAvg
+from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.pruning import Pruner
+from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
+from fedprune.edge_client.codec import Model, encode_model
+from fedprune.edge_client.errors import ConfigError, FedpruneError, WireError
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.trainer import backend_class
+from fedprune.edge_client.transport import Transport
+from fedprune.edge_client.wire import (
     Chunk,
     Deployment,
     Hello,

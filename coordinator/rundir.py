@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from coordinator.config import RunConfig
-from coordinator.pruning import Pruner
-from coordinator.rounds import RoundResult
-from edge_client.errors import ConfigError
-from edge_client.files import write_atomic
+from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.pruning import Pruner
+from fedprune.coordinator.rounds import RoundResult
+from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.files import write_atomic
 
 
 def _atomic(path: Path, write: Any) -> None:

@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import tf_keras
 
-from converters.export import ExportReport, export_profiles, resolve_profile
-from converters.quiet import native_log_filtered
-from coordinator import models
-from coordinator.config import RunConfig
-from coordinator.pruning import Pruner, pruner_for
-from coordinator.rounds import Coordinator, Evaluation, RoundResult
-from coordinator.rundir import RunDir
-from edge_client import data as local_data
-from edge_client.errors import ConfigError
-from edge_client.topics import Topics
-from edge_client.transport import MqttTransport
-from edge_client.wire import Offline, encode
+from fedprune.converters.export import ExportReport, export_profiles, resolve_profile
+from fedprune.converters.quiet import native_log_filtered
+from fedprune.coordinator import models
+from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.pruning import Pruner, pruner_for
+from fedprune.coordinator.rounds import Coordinator, Evaluation, RoundResult
+from fedprune.coordinator.rundir import RunDir
+from fedprune.edge_client import data as local_data
+from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.transport import MqttTransport
+from fedprune.edge_client.wire import Offline, encode
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -114,7 +114,7 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
 
 def _trainable(pruner: Pruner, config: RunConfig) -> bytes:
     """The training artifact for ``litert`` clients (converters.trainable; built on demand)."""
-    from converters.trainable import build_trainable
+    from fedprune.converters.trainable import build_trainable
 
     with native_log_filtered():
         return build_trainable(

@@ -7,8 +7,8 @@ from enum import StrEnum
 
 import numpy as np
 
-from edge_client.codec import Model, Update, decode_update
-from edge_client.errors import OversizeError, ShapeError, VersionError, WireError
+from fedprune.edge_client.codec import Model, Update, decode_update
+from fedprune.edge_client.errors import OversizeError, ShapeError, VersionError, WireError
 
 
 class Reason(StrEnum):

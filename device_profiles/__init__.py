@@ -7,9 +7,9 @@ Every problem is reported as a one-line :class:`ProfileError`.
 
 from __future__ import annotations
 
-from device_profiles.catalog import available, load
-from device_profiles.errors import ProfileError
-from device_profiles.profile import Arch, DeviceProfile, Precision, Trainer
+from fedprune.device_profiles.catalog import available, load
+from fedprune.device_profiles.errors import ProfileError
+from fedprune.device_profiles.profile import Arch, DeviceProfile, Precision, Trainer
 
 __all__ = [
     "Arch",

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from device_profiles.cli import main
+from fedprune.device_profiles.cli import main
 
 sys.exit(main())

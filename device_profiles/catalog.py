@@ -6,10 +6,10 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from device_profiles.errors import ProfileError
-from device_profiles.profile import DeviceProfile
+from fedprune.device_profiles.errors import ProfileError
+from fedprune.device_profiles.profile import DeviceProfile
 
-_PACKAGE = "device_profiles"
+_PACKAGE = __name__.rpartition(".")[0]  # this package, wherever it is installed
 _SUFFIX = ".toml"
 
 

@@ -7,9 +7,10 @@ import json
 import sys
 from typing import NoReturn
 
-from device_profiles.catalog import available, load
-from device_profiles.errors import ProfileError
-from device_profiles.profile import DeviceProfile, ProfileValue
+from fedprune import __version__
+from fedprune.device_profiles.catalog import available, load
+from fedprune.device_profiles.errors import ProfileError
+from fedprune.device_profiles.profile import DeviceProfile, ProfileValue
 
 PROG = "fedprune-profiles"
 _COLUMNS = ("NAME", "ARCH", "MEMORY", "PRECISION", "TRAINER")
@@ -47,6 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Device profiles describe the hardware limits and training settings of an "
         "edge device; fedprune uses them to size models, payloads and local training.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("list", help="table of the profiles shipped with fedprune")
     show = commands.add_parser(

@@ -7,7 +7,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from device_profiles.errors import ProfileError
+from fedprune.device_profiles.errors import ProfileError
 
 ProfileValue = str | int | float | bool
 """A value as it appears in a profile file or in :meth:`DeviceProfile.to_dict`."""

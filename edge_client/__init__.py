@@ -4,9 +4,9 @@ Never imports TensorFlow at import time (a test proves it); the ``keras`` traine
 it is built.
 """
 
-from edge_client.client import EdgeClient, Identity
-from edge_client.codec import Model, Update
-from edge_client.errors import (
+from fedprune.edge_client.client import EdgeClient, Identity
+from fedprune.edge_client.codec import Model, Update
+from fedprune.edge_client.errors import (
     BrokerError,
     ConfigError,
     ExportError,
@@ -14,7 +14,7 @@ from edge_client.errors import (
     OversizeError,
     WireError,
 )
-from edge_client.transport import MqttTransport, Transport
+from fedprune.edge_client.transport import MqttTransport, Transport
 
 __all__ = [
     "BrokerError",

@@ -1,5 +1,5 @@
 import sys
 
-from edge_client.cli import main
+from fedprune.edge_client.cli import main
 
 sys.exit(main())

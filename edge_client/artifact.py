@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge_client.files import write_atomic
-from edge_client.wire import Chunk, Collector, Manifest, sha256
+from fedprune.edge_client.files import write_atomic
+from fedprune.edge_client.wire import Chunk, Collector, Manifest, sha256
 
 log = logging.getLogger("fedprune.client")
 

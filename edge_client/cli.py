@@ -11,14 +11,14 @@ import socket
 import sys
 from pathlib import Path
 
-import device_profiles
-from edge_client import data as local_data
-from edge_client.client import EdgeClient, Identity
-from edge_client.deploy import DeploymentReceiver
-from edge_client.errors import FedpruneError, print_error
-from edge_client.options import at_least_one, name
-from edge_client.trainer import check_backend
-from edge_client.transport import MqttTransport
+from fedprune import __version__, device_profiles
+from fedprune.edge_client import data as local_data
+from fedprune.edge_client.client import EdgeClient, Identity
+from fedprune.edge_client.deploy import DeploymentReceiver
+from fedprune.edge_client.errors import FedpruneError, print_error
+from fedprune.edge_client.options import at_least_one, name
+from fedprune.edge_client.trainer import check_backend
+from fedprune.edge_client.transport import MqttTransport
 
 PROG = "fedprune-client"
 
@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
         "global model over MQTT, train locally keeping pruned weights at zero, send a sparse "
         "update.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--broker",
         default="mqtt://127.0.0.1:1883",

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.artifact import ArtifactStore
-from edge_client.codec import Model, Update, decode_model, encode_update
-from edge_client.data import LocalData
-from edge_client.deploy import DeploymentReceiver
-from edge_client.errors import ConfigError, WireError
-from edge_client.topics import Topics
-from edge_client.trainer import Evaluation, Trainer, backend_class, make_trainer
-from edge_client.transport import Transport
-from edge_client.wire import (
+from fedprune.edge_client.artifact import ArtifactStore
+from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
+from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.deploy import DeploymentReceiver
+from fedprune.edge_client.errors import ConfigError, WireError
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.trainer import Evaluation, Trainer, backend_class, make_trainer
+from fedprune.edge_client.transport import Transport
+from fedprune.edge_client.wire import (
     Chunk,
     Collector,
     Deployment,

@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edge_client.errors import ShapeError, WireError
+from fedprune.edge_client.errors import ShapeError, WireError
 
 _F32 = np.dtype("<f4")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.errors import ModelError, WireError
-from edge_client.files import write_atomic
-from edge_client.litert import load_interpreter, predict
-from edge_client.wire import Chunk, Collector, Deployment
+from fedprune.edge_client.errors import ModelError, WireError
+from fedprune.edge_client.files import write_atomic
+from fedprune.edge_client.litert import load_interpreter, predict
+from fedprune.edge_client.wire import Chunk, Collector, Deployment
 
 log = logging.getLogger("fedprune.client")
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_client import data as local_data
-from edge_client import litert
-from edge_client.errors import ConfigError, FedpruneError, ModelError, print_error
-from edge_client.options import at_least_one
+from fedprune import __version__
+from fedprune.edge_client import data as local_data
+from fedprune.edge_client import litert
+from fedprune.edge_client.errors import ConfigError, FedpruneError, ModelError, print_error
+from fedprune.edge_client.options import at_least_one
 
 PROG = "fedprune-infer"
 MODEL_FILE = "model.tflite"
@@ -277,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 2 bad data file or flags, 4 model missing, unreadable or "
         f"changed since export (sha256 in {EXPORT_FILE}).",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "model",
         type=Path,

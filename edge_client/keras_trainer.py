@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.codec import Model
-from edge_client.trainer import Evaluation, Trainer, batches
-from edge_client.wire import Spec
+from fedprune.edge_client.codec import Model
+from fedprune.edge_client.trainer import Evaluation, Trainer, batches
+from fedprune.edge_client.wire import Spec
 
 
 class KerasTrainer(Trainer):

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from edge_client.codec import Model
-from edge_client.errors import ModelError
-from edge_client.trainer import Evaluation, Trainer, batches
-from edge_client.wire import Spec
+from fedprune.edge_client.codec import Model
+from fedprune.edge_client.errors import ModelError
+from fedprune.edge_client.trainer import Evaluation, Trainer, batches
+from fedprune.edge_client.wire import Spec
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_client.transport import Transport, topic_matches
+from fedprune.edge_client.transport import Transport, topic_matches
 
 
 class MemoryBroker:

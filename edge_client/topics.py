@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_client.wire import PROTOCOL_MAJOR
+from fedprune.edge_client.wire import PROTOCOL_MAJOR
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_client.codec import Model
-from edge_client.errors import ConfigError
-from edge_client.wire import Spec
+from fedprune.edge_client.codec import Model
+from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.wire import Spec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +59,8 @@ class Trainer(ABC):
 
 # name -> "module:Class"; a new backend is one line here.
 BACKENDS: dict[str, str] = {
-    "keras": "edge_client.keras_trainer:KerasTrainer",
-    "litert": "edge_client.litert_trainer:LiteRTTrainer",
+    "keras": "fedprune.edge_client.keras_trainer:KerasTrainer",
+    "litert": "fedprune.edge_client.litert_trainer:LiteRTTrainer",
 }
 
 

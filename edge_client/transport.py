@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edge_client.errors import BrokerError, ConfigError, OversizeError
+from fedprune.edge_client.errors import BrokerError, ConfigError, OversizeError
 
 Incoming = tuple[str, bytes]
 

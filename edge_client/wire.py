@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from edge_client.errors import OversizeError, VersionError, WireError
+from fedprune.edge_client.errors import OversizeError, VersionError, WireError
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 1  # 1.1: Deployment messages, Status.deploy, Spec.artifact

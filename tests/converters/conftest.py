@@ -13,9 +13,9 @@ import tensorflow_model_optimization as tfmot
 import tf_keras
 from sklearn.datasets import load_digits
 
-import device_profiles
-from converters.strip import strip
-from device_profiles import DeviceProfile
+from fedprune import device_profiles
+from fedprune.converters.strip import strip
+from fedprune.device_profiles import DeviceProfile
 
 SPARSITY = 0.8
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -69,7 +69,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> dict[st
 @pytest.fixture(scope="session")
 def pruned(trained: dict[str, Path]) -> tf_keras.Model:
     """The 80%-pruned, stripped CNN as a model object."""
-    from converters.strip import load_keras
+    from fedprune.converters.strip import load_keras
 
     return load_keras(trained["stripped.keras"])
 
@@ -77,7 +77,7 @@ def pruned(trained: dict[str, Path]) -> tf_keras.Model:
 @pytest.fixture(scope="session")
 def dense(trained: dict[str, Path]) -> tf_keras.Model:
     """The CNN before pruning."""
-    from converters.strip import load_keras
+    from fedprune.converters.strip import load_keras
 
     return load_keras(trained["dense.keras"])
 

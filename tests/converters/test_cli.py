@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from converters.cli import main
-from device_profiles import available
-from edge_client.errors import ConfigError, ExportError
+from fedprune.converters.cli import main
+from fedprune.device_profiles import available
+from fedprune.edge_client.errors import ConfigError, ExportError
 
 RunFactory = Callable[..., Path]
 

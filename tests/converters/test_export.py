@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters import ExportReport, export_profiles, export_run, load_keras
-from converters.report import REPORT_FILE
-from edge_client.errors import ConfigError, ExportError
+from fedprune.converters import ExportReport, export_profiles, export_run, load_keras
+from fedprune.converters.report import REPORT_FILE
+from fedprune.edge_client.errors import ConfigError, ExportError
 
 SPARSITY = 0.8
 RunFactory = Callable[..., Path]

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import tf_keras
 
-from converters import export_model
-from converters.report import ExportReport
-from converters.tflite import parse_precision, to_tflite
-from device_profiles import DeviceProfile, Precision
-from edge_client.errors import ConfigError, ExportError
-from edge_client.litert import load_interpreter
+from fedprune.converters import export_model
+from fedprune.converters.report import ExportReport
+from fedprune.converters.tflite import parse_precision, to_tflite
+from fedprune.device_profiles import DeviceProfile, Precision
+from fedprune.edge_client.errors import ConfigError, ExportError
+from fedprune.edge_client.litert import load_interpreter
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 ProfileFactory = Callable[..., DeviceProfile]

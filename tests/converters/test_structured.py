@@ -10,10 +10,10 @@ import pytest
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
-from converters import export_model
-from converters.strip import strip
-from device_profiles import DeviceProfile, Precision
-from edge_client.litert import load_interpreter, predict
+from fedprune.converters import export_model
+from fedprune.converters.strip import strip
+from fedprune.device_profiles import DeviceProfile, Precision
+from fedprune.edge_client.litert import load_interpreter, predict
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 

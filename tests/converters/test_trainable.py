@@ -15,9 +15,9 @@ import tf_keras
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from converters.trainable import SIGNATURES, build_trainable
-from coordinator import models
-from edge_client.errors import ConfigError, ExportError
+from fedprune.converters.trainable import SIGNATURES, build_trainable
+from fedprune.coordinator import models
+from fedprune.edge_client.errors import ConfigError, ExportError
 
 pytestmark = pytest.mark.slow
 

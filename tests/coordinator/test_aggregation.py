@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.aggregation import FedAvg
-from edge_client.codec import Update
+from fedprune.coordinator.aggregation import FedAvg
+from fedprune.edge_client.codec import Update
 
 
 def _shapes(rng: np.random.Generator) -> list[tuple[int, ...]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import main
+from fedprune.coordinator.cli import main
 
 
 def _one_line(capsys: pytest.CaptureFixture[str]) -> str:

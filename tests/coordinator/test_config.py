@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
-from edge_client.errors import ConfigError
+from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.edge_client.errors import ConfigError
 
 
 @pytest.mark.parametrize(

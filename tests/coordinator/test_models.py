@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tf_keras
 
-from coordinator import models
-from coordinator.config import ScheduleConfig
-from coordinator.pruning import Pruner, wrap
-from edge_client.errors import ConfigError
+from fedprune.coordinator import models
+from fedprune.coordinator.config import ScheduleConfig
+from fedprune.coordinator.pruning import Pruner, wrap
+from fedprune.edge_client.errors import ConfigError
 
 
 def test_cnn_preset_has_132650_parameters() -> None:

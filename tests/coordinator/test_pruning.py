@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tf_keras
 
-from coordinator import models
-from coordinator.config import ScheduleConfig, ScheduleKind
-from coordinator.pruning import Pruner, pruner_for, wrap
-from edge_client.errors import ConfigError
+from fedprune.coordinator import models
+from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
+from fedprune.coordinator.pruning import Pruner, pruner_for, wrap
+from fedprune.edge_client.errors import ConfigError
 
 TARGET = 0.8
 # An odd ramp: with TF-MOT's own step counting (frequency > 1) the final update could be skipped.

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import tf_keras
 
-from coordinator import models
-from coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
-from coordinator.pruning import Pruner, wrap
-from coordinator.rounds import Coordinator, RoundResult
-from coordinator.validation import Limits
-from edge_client.codec import Model, Update, decode_model, encode_update
-from edge_client.errors import ConfigError
-from edge_client.memory import MemoryBroker, MemoryTransport
-from edge_client.topics import Topics
-from edge_client.wire import (
+from fedprune.coordinator import models
+from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.coordinator.pruning import Pruner, wrap
+from fedprune.coordinator.rounds import Coordinator, RoundResult
+from fedprune.coordinator.validation import Limits
+from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
+from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.wire import (
     Hello,
     Notice,
     Phase,

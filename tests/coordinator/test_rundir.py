@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.rundir import RunDir
-from edge_client.errors import ConfigError
+from fedprune.coordinator.rundir import RunDir
+from fedprune.edge_client.errors import ConfigError
 
 
 def test_an_earlier_run_is_kept_unless_overwrite_is_given(tmp_path: Path) -> None:

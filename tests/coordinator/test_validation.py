@@ -8,8 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from coordinator.validation import Limits, Reason, Rejected, validate
-from edge_client.codec import Model, Update, encode_update
+from fedprune.coordinator.validation import Limits, Reason, Rejected, validate
+from fedprune.edge_client.codec import Model, Update, encode_update
 
 ROUND = 4
 LIMITS = Limits()

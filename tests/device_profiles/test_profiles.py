@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from device_profiles import (
+from fedprune.device_profiles import (
     Arch,
     DeviceProfile,
     Precision,
@@ -17,7 +17,7 @@ from device_profiles import (
     available,
     load,
 )
-from device_profiles.cli import main
+from fedprune.device_profiles.cli import main
 
 SHIPPED = [
     "generic-x86-64",

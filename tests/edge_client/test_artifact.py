@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.artifact import ArtifactStore
-from edge_client.errors import WireError
-from edge_client.wire import Chunk, Manifest, sha256, split
+from fedprune.edge_client.artifact import ArtifactStore
+from fedprune.edge_client.errors import WireError
+from fedprune.edge_client.wire import Chunk, Manifest, sha256, split
 
 
 def manifest_and_chunks(data: bytes) -> tuple[Manifest, list[Chunk]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.cli import main
+from fedprune.edge_client.cli import main
 
 
 @pytest.fixture

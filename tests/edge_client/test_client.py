@@ -8,14 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from edge_client import trainer
-from edge_client.client import ClientReport, EdgeClient, Identity
-from edge_client.codec import Model, decode_update, encode_model
-from edge_client.data import LocalData
-from edge_client.memory import MemoryBroker, MemoryTransport
-from edge_client.topics import Topics
-from edge_client.trainer import Evaluation, Trainer
-from edge_client.wire import (
+from fedprune.edge_client import trainer
+from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
+from fedprune.edge_client.codec import Model, decode_update, encode_model
+from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.trainer import Evaluation, Trainer
+from fedprune.edge_client.wire import (
     Chunk,
     Hello,
     Manifest,

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.data import LocalData, load
-from edge_client.errors import ConfigError
+from fedprune.edge_client.data import LocalData, load
+from fedprune.edge_client.errors import ConfigError
 
 
 def _samples(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.deploy import DeploymentReceiver
-from edge_client.wire import Chunk, Deployment, Manifest, sha256, split
+from fedprune.edge_client.deploy import DeploymentReceiver
+from fedprune.edge_client.wire import Chunk, Deployment, Manifest, sha256, split
 
 
 def deployment(model: bytes, *, sha: str | None = None) -> tuple[Deployment, list[Chunk]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.infer import main
+from fedprune.edge_client.infer import main
 
 VARIANTS = ("float32", "int8")
 N_TEST = 450
@@ -338,7 +338,7 @@ def test_inference_runs_with_tensorflow_unimportable(models: Path) -> None:
         import sys
         for name in ("tensorflow", "tf_keras", "keras"):
             sys.modules[name] = None  # any import of them now fails
-        from edge_client.infer import main
+        from fedprune.edge_client.infer import main
         status = main(sys.argv[1:])
         assert not any(sys.modules.get(n) for n in ("tensorflow", "tf_keras", "keras"))
         sys.exit(status)

@@ -60,11 +60,10 @@ def test_every_edge_client_module_imports_without_tensorflow(tmp_path: Path) -> 
         import importlib
         import pkgutil
 
-        import edge_client
-
+        from fedprune import edge_client
         names = sorted(
-            m.name for m in pkgutil.iter_modules(edge_client.__path__, "edge_client.")
-            if m.name not in ("edge_client.keras_trainer", "edge_client.__main__")
+            m.name for m in pkgutil.iter_modules(edge_client.__path__, "fedprune.edge_client.")
+            if m.name not in ("fedprune.edge_client.keras_trainer", "fedprune.edge_client.__main__")
         )
         for name in names:
             importlib.import_module(name)
@@ -78,7 +77,11 @@ def test_every_edge_client_module_imports_without_tensorflow(tmp_path: Path) -> 
     # Assert
     assert result.returncode == 0, result.stderr
     imported, heavy = result.stdout.splitlines()
-    assert {"edge_client.cli", "edge_client.client", "edge_client.wire"} <= set(imported.split(","))
+    assert {
+        "fedprune.edge_client.cli",
+        "fedprune.edge_client.client",
+        "fedprune.edge_client.wire",
+    } <= set(imported.split(","))
     assert heavy == ""
 
 
@@ -87,7 +90,7 @@ def test_the_client_cli_prints_its_help_without_tensorflow(tmp_path: Path) -> No
     code = """
         import runpy
         sys.argv = ["fedprune-client", "--help"]
-        runpy.run_module("edge_client", run_name="__main__", alter_sys=True)
+        runpy.run_module("fedprune.edge_client", run_name="__main__", alter_sys=True)
     """
 
     # Execute
@@ -102,7 +105,7 @@ def test_the_client_cli_prints_its_help_without_tensorflow(tmp_path: Path) -> No
 def test_the_client_cli_reports_a_missing_data_file_without_tensorflow(tmp_path: Path) -> None:
     # Prepare
     code = """
-        from edge_client.cli import main
+        from fedprune.edge_client.cli import main
         sys.exit(main(["--data", "missing.npz"]))
     """
 
@@ -119,9 +122,9 @@ def test_the_client_cli_reports_a_missing_data_file_without_tensorflow(tmp_path:
 def test_the_keras_trainer_without_tensorflow_is_a_config_error(tmp_path: Path) -> None:
     # Prepare
     code = """
-        from edge_client.errors import ConfigError
-        from edge_client.trainer import make_trainer
-        from edge_client.wire import Spec
+        from fedprune.edge_client.errors import ConfigError
+        from fedprune.edge_client.trainer import make_trainer
+        from fedprune.edge_client.wire import Spec
 
         spec = Spec(model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1,
                     momentum=0.0, local_epochs=1, batch_size=8)

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from edge_client.errors import BrokerError, ConfigError, OversizeError
-from edge_client.memory import MemoryBroker, MemoryTransport
-from edge_client.transport import BrokerUrl, MqttTransport
+from fedprune.edge_client.errors import BrokerError, ConfigError, OversizeError
+from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
+from fedprune.edge_client.transport import BrokerUrl, MqttTransport
 
 
 def test_an_oversize_payload_is_refused_before_it_is_sent() -> None:

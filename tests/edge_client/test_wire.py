@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_client.errors import OversizeError, WireError
-from edge_client.wire import (
+from fedprune.edge_client.errors import OversizeError, WireError
+from fedprune.edge_client.wire import (
     PROTOCOL_VERSION,
     Chunk,
     Hello,

@@ -13,10 +13,19 @@ import msgpack
 import numpy as np
 import pytest
 
-from edge_client.codec import Model, Update, decode_model, encode_update
-from edge_client.topics import Topics
-from edge_client.transport import MqttTransport
-from edge_client.wire import Chunk, Hello, Offline, Reassembler, Round, decode, encode, split
+from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.transport import MqttTransport
+from fedprune.edge_client.wire import (
+    Chunk,
+    Hello,
+    Offline,
+    Reassembler,
+    Round,
+    decode,
+    encode,
+    split,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,7 +108,8 @@ def test_bad_updates_are_rejected_by_reason_and_the_run_goes_on(
     # Prepare: the rogue joins before the coordinator starts, so it is selected from round 1.
     rogue = Rogue(mosquitto)
     rogue.start()
-    command = [sys.executable, "-m", "coordinator.demo", "--out", str(tmp_path), "--run", RUN,
+    command = [sys.executable, "-m", "fedprune.coordinator.demo",
+               "--out", str(tmp_path), "--run", RUN,
                "--broker", mosquitto, "--clients", "2", "--rounds", "10", "--begin-round", "2",
                "--end-round", "7"]  # fmt: skip
 

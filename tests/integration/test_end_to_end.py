@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.topics import Topics
-from edge_client.transport import MqttTransport
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "coordinator.demo", "--out", str(tmp_path), *args]
+    command = [sys.executable, "-m", "fedprune.coordinator.demo", "--out", str(tmp_path), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -91,7 +91,7 @@ def test_each_device_receives_and_runs_the_model_exported_for_its_profile(
         assert meta["profile"] == profile
         precisions.add(meta["precision"])
         infer = subprocess.run(
-            [sys.executable, "-m", "edge_client.infer", str(installed), "--data",
+            [sys.executable, "-m", "fedprune.edge_client.infer", str(installed), "--data",
              str(run_dir / "heldout.npz"), "--json", "--runs", "5"],
             capture_output=True, text=True,
         )  # fmt: skip

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.trainable import build_trainable
-from coordinator import digits, models
-from edge_client.codec import Model
-from edge_client.keras_trainer import KerasTrainer
-from edge_client.litert_trainer import LiteRTTrainer
-from edge_client.wire import Spec
+from fedprune.converters.trainable import build_trainable
+from fedprune.coordinator import digits, models
+from fedprune.edge_client.codec import Model
+from fedprune.edge_client.keras_trainer import KerasTrainer
+from fedprune.edge_client.litert_trainer import LiteRTTrainer
+from fedprune.edge_client.wire import Spec
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,8 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
 
 
 def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:
-    command = [sys.executable, "-m", "coordinator.demo", "--out", str(tmp_path), "--run", run,
+    command = [sys.executable, "-m", "fedprune.coordinator.demo",
+               "--out", str(tmp_path), "--run", run,
                "--broker", "mosquitto", "--clients", "4",
                "--client-profiles", profiles]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

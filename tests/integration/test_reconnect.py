@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker
+from fedprune.coordinator.broker import EmbeddedBroker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,7 +27,7 @@ def test_run_survives_a_broker_restart(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "coordinator.demo",
+        "fedprune.coordinator.demo",
         "--out",
         str(tmp_path),
         "--run",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker
-from edge_client.errors import OversizeError
-from edge_client.transport import MqttTransport
-from edge_client.wire import Chunk, Reassembler, decode, encode, split
+from fedprune.coordinator.broker import EmbeddedBroker
+from fedprune.edge_client.errors import OversizeError
+from fedprune.edge_client.transport import MqttTransport
+from fedprune.edge_client.wire import Chunk, Reassembler, decode, encode, split
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,8 @@ def test_payload_over_the_broker_limit_is_refused_before_it_is_sent() -> None:
 @pytest.mark.slow
 def test_a_short_run_works_over_mqtt5(mosquitto: str, tmp_path: Path) -> None:
     url = mosquitto.replace("mqtt://", "mqtt5://")
-    command = [sys.executable, "-m", "coordinator.demo", "--out", str(tmp_path), "--run", "v5",
+    command = [sys.executable, "-m", "fedprune.coordinator.demo",
+               "--out", str(tmp_path), "--run", "v5",
                "--broker", url, "--clients", "2", "--rounds", "3", "--begin-round", "1",
                "--end-round", "2", "--target", "0.5"]  # fmt: skip
 
