@@ -4,8 +4,8 @@
 # See docs/arm64.md.
 #
 #   scripts/arm64.sh setup               make or refresh the ARM userland and wheels (idempotent)
-#   scripts/arm64.sh python ARGS...      ARM python3.11 with the edge dependencies and this repo
-#   scripts/arm64.sh client ARGS...      fedprune-client (python -m edge_client ARGS...) on ARM
+#   scripts/arm64.sh python ARGS...      ARM python3.11 with fedprune[edge] installed from its wheel
+#   scripts/arm64.sh client ARGS...      fedprune-client (python -m fedprune.edge_client ARGS...) on ARM
 #   scripts/arm64.sh test [PYTEST ARGS]  tests/edge_client and tests/device_profiles on ARM
 #   scripts/arm64.sh clean               delete the cache
 #
@@ -15,7 +15,11 @@
 #                               (Pi 3, Zero 2 W) or cortex-a76 (Pi 5)
 #   FEDPRUNE_ARM64_MIRROR       Debian mirror for debootstrap (default: the one apt uses here)
 #   FEDPRUNE_ARM64_HOST_PYTHON  host Python 3.11 with pip (default: .venv/bin/python, else python3)
+#   FEDPRUNE_WHEEL              fedprune's wheel to install (CI passes the one scripts/build.sh
+#                               made); without it, setup builds one from this checkout
 #
+# The checkout itself is never on the ARM Python's path: the ARM side runs the installed wheel,
+# as a device does.
 # Every command but clean runs setup first; once everything is in place that takes well under 1 s.
 set -euo pipefail
 
@@ -187,14 +191,33 @@ make_site() {
   mv "$partial" "$site"
 }
 
+# 3. fedprune itself, from its wheel, unpacked into the site like its dependencies (replacing
+# an earlier one). Without FEDPRUNE_WHEEL the wheel is built from this checkout (about 2 s).
+install_fedprune() {
+  local wheel=${FEDPRUNE_WHEEL:-} stamp
+  if [ -z "$wheel" ]; then
+    rm -rf "$cache/dist"
+    "$hostpy" -m build --wheel --outdir "$cache/dist" "$repo" >"$cache/build.log" 2>&1 ||
+      die "building fedprune's wheel failed (log: $cache/build.log)"
+    wheel=$(echo "$cache"/dist/fedprune-*.whl)
+  fi
+  [ -f "$wheel" ] || die "no wheel at $wheel"
+  stamp=$(sha256sum "$wheel" | cut -d' ' -f1)
+  [ "$(cat "$site/.fedprune-wheel" 2>/dev/null)" = "$stamp" ] && return
+  rm -rf "$site/fedprune" "$site"/fedprune-*.dist-info
+  "$hostpy" -m zipfile -e "$wheel" "$site"
+  echo "$stamp" >"$site/.fedprune-wheel"
+}
+
 # Sets arm=(...), the command line of the ARM python3.11, with extra PYTHONPATH entries if given.
-# A clean environment: no host site or user packages, bytecode cached under the cache folder
-# (never next to the repository's sources), whatever PYTHONDONTWRITEBYTECODE says on the host.
+# A clean environment: no host site or user packages, bytecode cached under the cache folder,
+# whatever PYTHONDONTWRITEBYTECODE says on the host; PYTHONSAFEPATH keeps the current folder (the
+# checkout, whose fedprune/ holds only the package's root) off the path.
 arm_python() {
-  local path=$repo:$site
+  local path=$site
   for extra in "$@"; do path+=:$extra; done
   arm=(env -u PYTHONHOME -u PYTHONSTARTUP -u PYTHONDONTWRITEBYTECODE -u VIRTUAL_ENV
-    -u PYTHONSAFEPATH PYTHONPATH="$path" PYTHONNOUSERSITE=1 PYTHONPYCACHEPREFIX="$pycache"
+    PYTHONSAFEPATH=1 PYTHONPATH="$path" PYTHONNOUSERSITE=1 PYTHONPYCACHEPREFIX="$pycache"
     FEDPRUNE_ARM64_CPU="$cpu" FEDPRUNE_ARM64_QEMU="$(command -v qemu-aarch64-static)" "$launcher")
 }
 
@@ -223,13 +246,14 @@ setup() {
     make_site
     compile_once "$rootfs/usr/lib/python3.11"
     compile_once "$site"
+    install_fedprune
   ) 9>"$cache/.lock"
   if [ "${1:-}" = verbose ]; then
     arm_python
     log "ready in $((SECONDS - started)) s: $("${arm[@]}" -c 'import platform, sys
 from importlib import metadata as m
 print(platform.machine(), "Python", platform.python_version(), "| " + ", ".join(
-    f"{p} {m.version(p)}" for p in ("numpy", "ai-edge-litert", "paho-mqtt", "msgpack")))')"
+    f"{p} {m.version(p)}" for p in ("fedprune", "numpy", "ai-edge-litert", "paho-mqtt", "msgpack")))')"
     log "qemu -cpu $cpu; disk: $(du -sh "$rootfs" | cut -f1) rootfs, $(du -sh "$wheels" | cut -f1) wheels," \
       "$(du -sh "$site" | cut -f1) site, $(du -sh "$pycache" 2>/dev/null | cut -f1) bytecode"
     log "run: $launcher (use scripts/arm64.sh python ...)"
@@ -279,7 +303,7 @@ case $command in
     paths
     setup
     arm_python
-    exec "${arm[@]}" -m edge_client "$@"
+    exec "${arm[@]}" -m fedprune.edge_client "$@"
     ;;
   test)
     paths

@@ -6,13 +6,11 @@ import, as if they were not installed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "keras")
 
 BLOCKER = textwrap.dedent(
@@ -40,14 +38,10 @@ BLOCKER = textwrap.dedent(
 
 
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    """``code`` in a fresh interpreter that sees fedprune as installed (not the checkout)."""
     return subprocess.run(
         [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
         cwd=cwd,
-        env=env,
         capture_output=True,
         text=True,
         timeout=60,

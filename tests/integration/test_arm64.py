@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fedprune
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "arm64.sh"
 
@@ -61,7 +63,7 @@ PREDICT = textwrap.dedent(
 
     import numpy as np
 
-    from edge_client.litert import load_interpreter, predict
+    from fedprune.edge_client.litert import load_interpreter, predict
 
     interpreter = load_interpreter(Path(sys.argv[1]))
     x = np.load(sys.argv[2])["x"]
@@ -93,13 +95,15 @@ def test_setup_gives_aarch64_python_311_with_the_pinned_litert_and_no_tensorflow
         "python",
         "-c",
         "import importlib.util as u, json, platform; from importlib import metadata as m;"
-        "import ai_edge_litert.interpreter, numpy, paho.mqtt.client, msgpack, edge_client.cli;"
+        "import ai_edge_litert.interpreter, numpy, paho.mqtt.client, msgpack;"
+        "import fedprune, fedprune.edge_client.cli;"
         "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),"
         " 'litert': m.version('ai-edge-litert'), 'numpy': numpy.__version__,"
+        " 'fedprune': fedprune.__version__, 'file': fedprune.__file__,"
         " 'tensorflow': u.find_spec('tensorflow') is not None}))",
     )
 
-    # Assert
+    # Assert: fedprune is the installed wheel, not the checkout
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout)
     assert facts["machine"] == "aarch64"
@@ -107,6 +111,8 @@ def test_setup_gives_aarch64_python_311_with_the_pinned_litert_and_no_tensorflow
     assert facts["litert"] == "2.3.0"
     assert int(facts["numpy"].split(".")[0]) >= 2
     assert facts["tensorflow"] is False
+    assert facts["fedprune"] == fedprune.__version__
+    assert Path(facts["file"]).parts[-3:] == ("site", "fedprune", "__init__.py")
 
 
 def test_a_tflite_model_built_on_the_host_gives_the_same_numbers_under_arm(
@@ -161,7 +167,7 @@ def test_a_federated_run_with_an_emulated_arm_client_completes(
     arm64: None, mosquitto: str, tmp_path: Path
 ) -> None:
     # Prepare: the coordinator and one keras client on the host, one litert client under ARM
-    from coordinator import digits
+    from fedprune.coordinator import digits
 
     paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
     bin_ = Path(sys.executable).parent
