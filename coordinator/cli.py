@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from fedprune import __version__, device_profiles
 from fedprune.converters.quiet import native_log_filtered
@@ -98,6 +99,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run of the same name"
     )
+    p.add_argument(
+        "--deploy-anyway",
+        action="store_true",
+        help="deploy the final model even when it is not better than chance or ends far below "
+        "its first evaluated round (such a run is otherwise exported but not deployed)",
+    )
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
@@ -127,6 +134,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         out=args.out,
         seed=args.seed,
         overwrite=args.overwrite,
+        deploy_anyway=args.deploy_anyway,
     )
     values.update(overrides)
     return RunConfig(**values)  # type: ignore[arg-type]  # checked in __post_init__
@@ -185,15 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         with native_log_filtered():
             from fedprune.coordinator import session
-            from fedprune.coordinator.progress import round_line
+            from fedprune.coordinator.progress import round_line, summary_lines
 
+        started = time.perf_counter()
         summary = session.run(config, on_round=lambda r: print(round_line(r), flush=True))
     except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
         return print_error(PROG, exc)
     except KeyboardInterrupt:
         return 130
-    print(f"run directory: {summary.run_dir}")
-    return 0
+    for line in summary_lines(summary, seconds=time.perf_counter() - started):
+        print(line)
+    return 1 if summary.unhealthy is not None and not config.deploy_anyway else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.topics import check_name
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -81,9 +83,10 @@ class RunConfig:
     max_payload: int = 256 * 1024
     heldout: str = ""
     out: str = "runs"
-    profile: str = "generic-x86-64"
+    profile: str = DEFAULT_PROFILE
     seed: int = 0
     overwrite: bool = False  # replace an earlier run of the same name in out/
+    deploy_anyway: bool = False  # deploy a final model that fails coordinator.health's checks
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -98,12 +101,8 @@ class RunConfig:
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
             ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
-            (
-                "run",
-                self.run.replace("-", "").replace("_", "").isalnum(),
-                "letters, digits, - or _",
-            ),
         ]
+        check_name(self.run, "run name")
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{PROG}: error: client(s) {failed} failed; see {run_dir / 'logs'}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if summary.unhealthy is not None and not config.deploy_anyway else 0
 
 
 if __name__ == "__main__":

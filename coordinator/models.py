@@ -52,4 +52,26 @@ def build(name_or_path: str, *, seed: int = 0) -> tf_keras.Model:
     if not path.suffix and not path.exists():
         presets = ", ".join(PRESETS)
         raise ConfigError(f"unknown model {name_or_path!r}: not a preset ({presets}) nor a file")
-    return load_keras(path)
+    model = load_keras(path)
+    check_classifier(model, str(path))
+    return model
+
+
+def check_classifier(model: tf_keras.Model, source: str) -> None:
+    """fedprune trains classifiers that output class probabilities: one output of shape
+    (batch, classes) made by a softmax. Every trainer's loss, the evaluation and the exports
+    assume it; a logits model would train to chance without an error, so it is refused here."""
+    shape = model.output_shape
+    if not isinstance(shape, tuple) or len(shape) != 2:
+        raise ConfigError(
+            f"{source}: the model must have one output of shape (batch, classes), got {shape}"
+        )
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    if isinstance(last, layers.Softmax) or activation is tf_keras.activations.softmax:
+        return
+    ends_in = getattr(activation, "__name__", None) or type(last).__name__
+    raise ConfigError(
+        f"{source}: the output layer {last.name!r} ends in {ends_in!r}, not a softmax; fedprune"
+        " trains classifiers that output probabilities: give it activation='softmax'"
+    )

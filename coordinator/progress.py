@@ -47,11 +47,14 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
             lines.append(f"  {profile}: no export: {export}")
             continue
         sparse = "+sparse" if export.sparse_format else ""
+        deployed = "deployed" if profile in summary.deployed else "NOT deployed"
         lines += [
             f"  {profile}: {export.precision}{sparse} tflite {export.tflite_bytes:,} bytes,"
             f" gzip {export.gzip_bytes:,}, LiteRT accuracy {export.tflite_accuracy:.4f}"
-            f" (Keras {export.keras_accuracy:.4f}), deployed",
+            f" (Keras {export.keras_accuracy:.4f}), {deployed}",
             f"      {export.model_path}",
         ]
     lines.append(f"  run        {summary.run_dir} (config.toml, metrics.jsonl, model/, export/)")
+    if summary.unhealthy is not None:
+        lines.append(f"  WARNING    the final model looks broken: {summary.unhealthy}")
     return lines

@@ -25,7 +25,7 @@ from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, 
 from fedprune.edge_client.codec import Model, encode_model
 from fedprune.edge_client.errors import ConfigError, FedpruneError, WireError
 from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.trainer import backend_class
+from fedprune.edge_client.trainer import Evaluation, backend_class
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
     Chunk,
@@ -44,20 +44,12 @@ from fedprune.edge_client.wire import (
     decode,
     encode,
     sha256,
-    split,
+    split_to_fit,
 )
 
 log = logging.getLogger("fedprune.coordinator")
 
 SENDER = "coordinator"
-ENVELOPE_ROOM = 512
-
-
-@dataclass(frozen=True, kw_only=True)
-class Evaluation:
-    loss: float
-    accuracy: float
-
 
 Evaluator = Callable[[], Evaluation | None]
 
@@ -115,9 +107,10 @@ class Coordinator:
         build_artifact: Callable[[], bytes] | None = None,
     ) -> None:
         """``build_artifact`` makes the trainable TFLite artifact that ``litert`` clients train
-        with; it is called once, when the first such client says hello."""
+        with; it is called once, at :meth:`start`, so that a model they cannot train is known
+        (and said, in the log and in the Spec) before any device waits for it."""
         self.build_artifact = build_artifact
-        self._artifact_state: str | None = None
+        self.artifact_error: str | None = None  # why litert clients cannot train, if they cannot
         self.transport = transport
         self.config = config
         self.pruner = pruner
@@ -150,6 +143,7 @@ class Coordinator:
         model = self.pruner.stripped
         return Spec(
             artifact=artifact,
+            artifact_error=self.artifact_error,
             model_json=model.to_json(),
             input_shape=[int(d) for d in model.input_shape[1:]],
             optimizer=self.config.optimizer,
@@ -161,31 +155,28 @@ class Coordinator:
 
     def _can_train(self, hello: Hello) -> bool:
         """Clients whose trainer needs the artifact cannot train when it could not be built."""
-        failed = self._artifact_state not in (None, "published")
-        return not (failed and _needs_artifact(hello.backend))
+        return self.artifact_error is None or not _needs_artifact(hello.backend)
 
-    def _publish_artifact(self) -> None:
-        """Build the trainable TFLite artifact once, for the first client whose trainer needs it,
-        publish its chunks retained and name it in the Spec (published again, retained)."""
+    def _publish_artifact(self) -> Manifest | None:
+        """Build the trainable TFLite artifact and publish its chunks retained; its manifest, or
+        ``None`` with :attr:`artifact_error` saying why litert clients cannot train."""
         if self.build_artifact is None:
-            self._artifact_state = "no builder"
-            return
+            self.artifact_error = "this coordinator builds no training artifact"
+            return None
         try:
             artifact = self.build_artifact()
         except FedpruneError as exc:
-            self._artifact_state = str(exc)
-            log.error("litert clients cannot train this model: %s", exc)
-            return
-        chunks = list(split(artifact, max_chunk=self.config.max_payload - ENVELOPE_ROOM))
+            self.artifact_error = str(exc)
+            log.warning("litert devices cannot train this model: %s", exc)
+            return None
+        chunks = list(split_to_fit(artifact, max_payload=self.config.max_payload))
         for chunk in chunks:
             self._publish(f"{self.topics.artifact}/{chunk.index}", chunk)
-        manifest = Manifest(
+        log.info("training artifact published: %d bytes in %d chunks", len(artifact), len(chunks))
+        return Manifest(
             topic=self.topics.artifact, size=len(artifact), chunks=len(chunks),
             sha256=sha256(artifact),
         )  # fmt: skip
-        self._publish(self.topics.spec, self.spec(manifest))
-        self._artifact_state = "published"
-        log.info("training artifact published: %d bytes in %d chunks", len(artifact), len(chunks))
 
     def _publish_model(self, version: int, model: Model) -> tuple[Manifest, int]:
         """Publish the model's chunks (retained) and clear the previous version's."""
@@ -195,7 +186,7 @@ class Coordinator:
         prefix = self.topics.model(version)
         sent = 0
         self._model_chunks = []
-        for chunk in split(payload, max_chunk=self.config.max_payload - ENVELOPE_ROOM):
+        for chunk in split_to_fit(payload, max_payload=self.config.max_payload):
             topic = f"{prefix}/{chunk.index}"
             sent += self._publish(topic, chunk)
             self._model_chunks.append(topic)
@@ -228,14 +219,14 @@ class Coordinator:
             log.warning("ignored status of %s: %s", client_id, exc)
             return True
         if isinstance(message, Hello):
-            if self._artifact_state is None and _needs_artifact(message.backend):
-                self._publish_artifact()
             if client_id not in self.clients:
                 log.info(
-                    "client %s joined (%s, %d samples)",
+                    "client %s joined (%s, %d samples, %s trainer)%s",
                     client_id,
                     message.profile,
                     message.num_samples,
+                    message.backend,
+                    "" if self._can_train(message) else ": it cannot train this model",
                 )
             self.clients[client_id] = message
             self.profiles.add(message.profile)
@@ -316,7 +307,7 @@ class Coordinator:
     def start(self) -> None:
         self.transport.subscribe(self.topics.all_client_status)
         self.transport.subscribe(self.topics.all_updates)
-        self._publish(self.topics.spec, self.spec())
+        self._publish(self.topics.spec, self.spec(self._publish_artifact()))
         self.status(Phase.WAITING, 0)
 
     def wait_for_clients(self) -> None:
@@ -350,7 +341,7 @@ class Coordinator:
         if not selected:
             raise ConfigError(
                 f"none of the {len(self.clients)} online clients can train this model"
-                f" (their trainer needs the TFLite training artifact: {self._artifact_state})"
+                f" (their trainer needs the TFLite training artifact: {self.artifact_error})"
             )
         manifest, model_bytes = self._publish_model(round_, model)
         announcement = Round(
@@ -425,7 +416,7 @@ class Coordinator:
                export_json: str) -> None:  # fmt: skip
         """Publish an exported model for one device profile: retained chunks, then the manifest."""
         prefix = f"{self.topics.deploy(profile)}/chunks"
-        chunks = list(split(model, max_chunk=self.config.max_payload - ENVELOPE_ROOM))
+        chunks = list(split_to_fit(model, max_payload=self.config.max_payload))
         for chunk in chunks:
             self._publish(f"{prefix}/{chunk.index}", chunk)
         manifest = Manifest(topic=prefix, size=len(model), chunks=len(chunks), sha256=sha256(model))

@@ -15,12 +15,14 @@ from fedprune.converters.export import ExportReport, export_profiles, resolve_pr
 from fedprune.converters.quiet import native_log_filtered
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.health import chance_accuracy, verdict
 from fedprune.coordinator.pruning import Pruner, pruner_for
-from fedprune.coordinator.rounds import Coordinator, Evaluation, RoundResult
+from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.rundir import RunDir
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.trainer import Evaluation
 from fedprune.edge_client.transport import MqttTransport
 from fedprune.edge_client.wire import Offline, encode
 
@@ -32,6 +34,8 @@ class Summary:
     run_dir: Path
     results: list[RoundResult]
     exports: dict[str, ExportReport | str]  # by profile: the report, or why there is none
+    deployed: list[str]  # the profiles whose export was published to their devices
+    unhealthy: str | None = None  # why the final model is not fit to deploy (coordinator.health)
 
 
 def _evaluator(
@@ -44,7 +48,7 @@ def _evaluator(
             return None
         probs = pruner.stripped(x, training=False).numpy()
         accuracy = float(np.mean(np.argmax(probs, axis=1) == y))
-        return Evaluation(loss=float(loss_fn(y, probs).numpy()), accuracy=accuracy)
+        return Evaluation(loss=float(loss_fn(y, probs).numpy()), accuracy=accuracy, n=len(y))
 
     return evaluate
 
@@ -92,24 +96,39 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
     try:
         results = coordinator.train()
         rundir.save_models(pruner)
+        unhealthy = verdict(results, None if y is None else chance_accuracy(y))
         exports = _export(rundir.path, sorted(coordinator.profiles)) if x is not None else {}
-        for profile, report in exports.items():
-            if isinstance(report, ExportReport):
-                coordinator.deploy(
-                    profile,
-                    report.model_path.read_bytes(),
-                    precision=str(report.precision),
-                    accuracy=report.tflite_accuracy,
-                    export_json=(report.model_path.parent / "export.json").read_text(),
-                )
-        coordinator.finish(deployed=[p for p, r in exports.items() if isinstance(r, ExportReport)])
+        deployable = {p: r for p, r in exports.items() if isinstance(r, ExportReport)}
+        if unhealthy is not None:
+            log.error(
+                "the final model looks broken: %s; %s", unhealthy,
+                "deploying it anyway (--deploy-anyway)" if config.deploy_anyway
+                else "its exports are not deployed (--deploy-anyway deploys them)",
+            )  # fmt: skip
+            if not config.deploy_anyway:
+                deployable = {}
+        for profile, report in deployable.items():
+            coordinator.deploy(
+                profile,
+                report.model_path.read_bytes(),
+                precision=str(report.precision),
+                accuracy=report.tflite_accuracy,
+                export_json=(report.model_path.parent / "export.json").read_text(),
+            )
+        coordinator.finish(deployed=sorted(deployable))
     except BaseException:
         with contextlib.suppress(Exception):
             coordinator.abort()
         raise
     finally:
         transport.close()
-    return Summary(run_dir=rundir.path, results=results, exports=exports)
+    return Summary(
+        run_dir=rundir.path,
+        results=results,
+        exports=exports,
+        deployed=sorted(deployable),
+        unhealthy=unhealthy,
+    )
 
 
 def _trainable(pruner: Pruner, config: RunConfig) -> bytes:

@@ -7,11 +7,12 @@ Every problem is reported as a one-line :class:`ProfileError`.
 
 from __future__ import annotations
 
-from fedprune.device_profiles.catalog import available, load
+from fedprune.device_profiles.catalog import DEFAULT_PROFILE, available, load
 from fedprune.device_profiles.errors import ProfileError
 from fedprune.device_profiles.profile import Arch, DeviceProfile, Precision, Trainer
 
 __all__ = [
+    "DEFAULT_PROFILE",
     "Arch",
     "DeviceProfile",
     "Precision",

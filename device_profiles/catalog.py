@@ -12,6 +12,9 @@ from fedprune.device_profiles.profile import DeviceProfile
 _PACKAGE = __name__.rpartition(".")[0]  # this package, wherever it is installed
 _SUFFIX = ".toml"
 
+DEFAULT_PROFILE = "generic-x86-64"
+"""The profile every command assumes when none is named: a plain 64-bit PC."""
+
 
 def available() -> list[str]:
     """Names of the shipped profiles, sorted."""

@@ -15,13 +15,11 @@ from fedprune.edge_client.wire import Chunk, Collector, Manifest, sha256
 
 log = logging.getLogger("fedprune.client")
 
-MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
-
 
 class ArtifactStore:
     def __init__(self, cache: Path | None) -> None:
         self.cache = cache
-        self._collector = Collector(max_size=MAX_ARTIFACT_BYTES)
+        self._collector = Collector()
         self._have: dict[str, bytes] = {}
 
     def get(self, manifest: Manifest) -> bytes | None:

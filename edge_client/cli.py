@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile",
-        default="generic-x86-64",
+        default=device_profiles.DEFAULT_PROFILE,
         help="device profile name (see fedprune-profiles list) or path to a .toml",
     )
     p.add_argument(

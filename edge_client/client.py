@@ -38,13 +38,12 @@ from fedprune.edge_client.wire import (
     Status,
     decode,
     encode,
-    split,
+    split_to_fit,
 )
 
 log = logging.getLogger("fedprune.client")
 
-ENVELOPE_ROOM = 512  # bytes kept free in every publish for the envelope around a chunk
-MAX_MODEL_BYTES = 512 * 1024 * 1024
+WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
 
 
 @dataclass(kw_only=True)
@@ -95,9 +94,12 @@ class EdgeClient:
         deploy: DeploymentReceiver | None = None,
         deploy_wait: float = 60.0,
         cache: Path | None = None,
+        wait_report: float = WAIT_REPORT_SECONDS,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
-        the client then waits up to ``deploy_wait`` seconds for it before it exits."""
+        the client then waits up to ``deploy_wait`` seconds for it before it exits. While it
+        cannot train, the client logs what it waits for when that changes, and again every
+        ``wait_report`` seconds."""
         self.transport = transport
         self.deploy = deploy
         needs_artifact = backend_class(identity.backend).needs_artifact
@@ -114,13 +116,16 @@ class EdgeClient:
         self._spec: Spec | None = None
         self._trainer: Trainer | None = None
         self._round: Round | None = None
-        self._models = Collector(max_size=MAX_MODEL_BYTES)
+        self._models = Collector()
         self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
         self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
         self._deploy_prefix = self.topics.deploy(identity.profile)
         self._finished_at: float | None = None  # when the coordinator said it finished
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
         self._awaiting_deploy = False
+        self._status: Status | None = None
+        self.wait_report = wait_report
+        self._waiting: tuple[str, float, float] | None = None  # what, since, last said
 
     def start(self) -> None:
         t = self.topics
@@ -144,9 +149,55 @@ class EdgeClient:
                 self.handle(*item)
             self._maybe_train()
             self._check_finished()
+            self._report_waiting()
         return self.report
 
+    def waiting_for(self) -> str | None:
+        """What keeps this client from training now, in words; ``None`` when nothing does."""
+        run, round_, spec = self.topics.run, self._round, self._spec
+        if self._finished_at is not None:
+            deploy = self._awaiting_deploy and self.deploy is not None
+            return f"the model deployed to profile {self.identity.profile}" if deploy else None
+        if self._status is None and spec is None:
+            return f"the coordinator of run {run!r} (nothing from it on the broker yet)"
+        if spec is None or round_ is None:
+            phase = "" if self._status is None else f" (coordinator {self._status.phase})"
+            return f"run {run!r} to start its first round{phase}"
+        if self.artifacts is not None and spec.artifact is not None and not self._artifact(spec):
+            return f"the training artifact ({spec.artifact.size:,} bytes)"
+        if round_.round in self.report.rounds:
+            return f"the round after round {round_.round}"
+        if self.client_id not in round_.selected:
+            others = len(round_.selected)
+            return f"a round that selects this device (round {round_.round} chose {others} other)"
+        if time.time() > round_.deadline:
+            return f"the next round (round {round_.round}'s deadline passed by this device's clock)"
+        if self._model is None or self._model[0] != round_.model.sha256:
+            return f"round {round_.round}'s model ({round_.model.size:,} bytes)"
+        return None
+
+    def _report_waiting(self) -> None:
+        """Say what the client waits for when that changes, and again while it lasts."""
+        what, now = self.waiting_for(), time.monotonic()
+        if what is None:
+            self._waiting = None
+        elif self._waiting is None or self._waiting[0] != what:
+            log.info("waiting for %s", what)
+            self._waiting = (what, now, now)
+        elif now - self._waiting[2] >= self.wait_report:
+            log.info("still waiting for %s (%.0f s)", what, now - self._waiting[1])
+            self._waiting = (what, self._waiting[1], now)
+
+    def _on_spec(self, spec: Spec) -> None:
+        if spec.artifact_error is not None and self.artifacts is not None:
+            raise ConfigError(
+                f"this device's trainer ({self.identity.backend}) cannot train run"
+                f" {self.topics.run!r}: {spec.artifact_error}"
+            )
+        self._spec = spec
+
     def _on_status(self, status: Status) -> None:
+        self._status = status
         if status.phase in (Phase.WAITING, Phase.TRAINING):
             self._live = True
         elif status.phase is Phase.ABORTED:
@@ -175,7 +226,7 @@ class EdgeClient:
         try:
             message = decode(payload).message
             if isinstance(message, Spec):
-                self._spec = message
+                self._on_spec(message)
             elif isinstance(message, Round):
                 self._round = message
                 self._resend_unacknowledged(message.round)
@@ -298,7 +349,7 @@ class EdgeClient:
         """Publish an update payload in chunks; returns the bytes put on the wire."""
         prefix = self.topics.update(self.client_id, round_)
         sent = 0
-        for chunk in split(payload, max_chunk=self.transport.max_payload - ENVELOPE_ROOM):
+        for chunk in split_to_fit(payload, max_payload=self.transport.max_payload):
             body = self.identity.encode(chunk)
             self.transport.publish(f"{prefix}/{chunk.index}", body)
             sent += len(body)

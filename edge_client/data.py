@@ -54,13 +54,21 @@ def check_labelled(
     path: Path, x: np.ndarray, y: np.ndarray, names: str = "x/y"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features plus one integer label per sample."""
+    if y.ndim == 2 and len(y) == len(x) and y.shape[1] > 1:
+        raise ConfigError(
+            f"{path}: labels of shape {y.shape} look one-hot encoded; fedprune needs one integer"
+            f" class per sample (for one-hot labels: y = y.argmax(axis=1))"
+        )
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise ConfigError(
             f"{path}: {names} must be a non-empty batch of samples and a 1-D label array of the"
             f" same length, got shapes {x.shape} and {y.shape}"
         )
     if not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"{path}: labels must be integers, got {y.dtype}")
+        raise ConfigError(
+            f"{path}: labels must be integer class numbers, got {y.dtype} (y.astype('int64')"
+            " converts whole numbers)"
+        )
     return check_features(path, x), y.astype(np.int64)
 
 

@@ -22,8 +22,6 @@ from fedprune.edge_client.wire import Chunk, Collector, Deployment
 
 log = logging.getLogger("fedprune.client")
 
-MAX_MODEL_BYTES = 256 * 1024 * 1024
-
 
 @dataclass(kw_only=True)
 class DeployResult:
@@ -40,7 +38,7 @@ class DeploymentReceiver:
         self.sample = sample
         self.expected: Deployment | None = None
         self.results: dict[str, DeployResult] = {}
-        self._parts = Collector(max_size=MAX_MODEL_BYTES)
+        self._parts = Collector()
         self._complete: dict[str, bytes] = {}
 
     @property

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.topics import check_name
+
 
 def at_least_one(text: str) -> int:
     """An argparse ``type``: a whole number >= 1, or a usage error naming the value."""
@@ -17,10 +20,8 @@ def at_least_one(text: str) -> int:
 
 
 def name(text: str) -> str:
-    """An argparse ``type`` for run names and client ids: they become MQTT topic levels, so
-    letters, digits, '-', '_' and '.' only."""
-    if not text or not all(c.isalnum() or c in "-_." for c in text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use letters, digits, '-', '_' or '.' (it becomes an MQTT topic level)"
-        )
-    return text
+    """An argparse ``type`` for run names and client ids (:func:`topics.check_name`'s rule)."""
+    try:
+        return check_name(text, "name")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("name ")) from None

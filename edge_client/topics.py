@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.wire import PROTOCOL_MAJOR
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""What a run, a device or a profile may be called: each becomes an MQTT topic level and a folder
+name, so no '/', '+', '#', spaces, or a leading '.' or '-'."""
+
+
+def check_name(text: str, what: str) -> str:
+    """``text`` if it is a valid :data:`NAME`, else a one-line ``ConfigError`` about ``what``."""
+    if not NAME.fullmatch(text):
+        raise ConfigError(
+            f"{what} {text!r}: use letters, digits, '.', '_' or '-', starting with a letter or"
+            " digit (it names an MQTT topic level and a folder)"
+        )
+    return text
 
 
 @dataclass(frozen=True)

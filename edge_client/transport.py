@@ -9,6 +9,7 @@ where they were.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -23,6 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from fedprune.edge_client.errors import BrokerError, ConfigError, OversizeError
 
 Incoming = tuple[str, bytes]
+
+log = logging.getLogger("fedprune.transport")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,22 +127,29 @@ class MqttTransport(Transport):
 
     def _connect(self, attempts: int) -> None:
         delay = 0.5
+        log.info("connecting to the MQTT broker at %s", self.url)
         for attempt in range(1, attempts + 1):
             try:
                 self._client.connect(self.url.host, self.url.port, keepalive=30)
                 break
             except OSError as exc:
+                reason = exc.strerror or str(exc)
                 if attempt == attempts:
                     raise BrokerError(
                         f"cannot reach the MQTT broker at {self.url} after {attempts} attempts"
-                        f" ({exc.strerror or exc})"
+                        f" ({reason})"
                     ) from exc
+                log.warning(
+                    "the MQTT broker at %s is not reachable (%s); attempt %d of %d, next in %.1f s",
+                    self.url, reason, attempt, attempts, delay,
+                )  # fmt: skip
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
         self._client.loop_start()
         if not self._connected.wait(timeout=15):
             self._client.loop_stop()
             raise BrokerError(f"the MQTT broker at {self.url} did not accept the connection")
+        log.info("connected to the MQTT broker at %s", self.url)
 
     def _on_connect(
         self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object

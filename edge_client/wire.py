@@ -1,10 +1,10 @@
 """Messages on the wire: msgpack-encoded frozen dataclasses in a versioned envelope, and chunking.
 
-Every message is one msgpack map ``{"v": "1.0", "kind": ..., "run": ..., "sender": ..., "seq": ...,
-"body": {...}}``. The major version also appears in the topic (``fedprune/v1/<run>/...``); a message
-whose major version differs from ours is refused. Large payloads (models, updates) travel as
-``Chunk`` messages that each carry the whole payload's size, chunk count and SHA-256. Nothing is
-ever pickled; see docs/protocol.md.
+Every message is one msgpack map ``{"v": "1.2", "kind": ..., "run": ..., "sender": ...,
+"seq": ..., "body": {...}}`` (``v`` is :data:`PROTOCOL_VERSION`). The major version also appears
+in the topic (``fedprune/v1/<run>/...``); a message whose major version differs from ours is
+refused. Large payloads (models, updates) travel as ``Chunk`` messages that each carry the whole
+payload's size, chunk count and SHA-256. Nothing is ever pickled; see docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ import msgpack
 from fedprune.edge_client.errors import OversizeError, VersionError, WireError
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1  # 1.1: Deployment messages, Status.deploy, Spec.artifact
+PROTOCOL_MINOR = 2  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+
+ENVELOPE_ROOM = 512
+"""Bytes kept free in every publish for the envelope around a chunk's data."""
+
+MAX_ASSEMBLED_BYTES = 256 * 1024 * 1024
+"""The largest payload a receiver reassembles from chunks: a model, an artifact, a deployment."""
 
 
 class Kind(StrEnum):
@@ -104,6 +110,7 @@ class Spec(Message):
     local_epochs: int
     batch_size: int
     artifact: Manifest | None = None  # the trainable TFLite model for litert clients (1.1)
+    artifact_error: str | None = None  # why there is none: litert clients cannot train (1.2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,6 +293,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def split_to_fit(payload: bytes, *, max_payload: int) -> Iterator[Chunk]:
+    """``payload`` in chunks whose messages, envelope included, fit in ``max_payload`` bytes."""
+    return split(payload, max_chunk=max_payload - ENVELOPE_ROOM)
+
+
 def split(payload: bytes, *, max_chunk: int) -> Iterator[Chunk]:
     """Cut a payload into chunks whose data is at most ``max_chunk`` bytes."""
     if max_chunk < 1:
@@ -336,7 +348,7 @@ class Collector:
     """Reassembles several chunked payloads, told apart by their SHA-256 (a client may see the
     chunks of a new model before the old one is complete). Keeps at most ``keep`` in progress."""
 
-    def __init__(self, *, max_size: int, keep: int = 2) -> None:
+    def __init__(self, *, max_size: int = MAX_ASSEMBLED_BYTES, keep: int = 2) -> None:
         self.max_size = max_size
         self.keep = keep
         self._parts: dict[str, Reassembler] = {}

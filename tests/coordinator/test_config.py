@@ -21,7 +21,11 @@ from fedprune.edge_client.errors import ConfigError
         ({"round_timeout": 0.0}, "round_timeout must be > 0, got 0.0"),
         ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
         ({"max_payload": 1024}, "max_payload must be >= 4096 bytes, got 1024"),
-        ({"run": "a/b"}, "run must be letters, digits, - or _, got 'a/b'"),
+        (
+            {"run": "a/b"},
+            "run name 'a/b': use letters, digits, '.', '_' or '-', starting with a letter or digit"
+            " (it names an MQTT topic level and a folder)",
+        ),
     ],
 )
 def test_bad_value_is_refused_naming_field_and_value(

@@ -69,7 +69,7 @@ def test_user_keras_file_loads_and_wraps(tmp_path: Path) -> None:
         [
             tf_keras.layers.Input((6,)),
             tf_keras.layers.Dense(5, activation="relu"),
-            tf_keras.layers.Dense(2),
+            tf_keras.layers.Dense(2, activation="softmax"),
         ]
     )
     path = tmp_path / "small.keras"
@@ -86,3 +86,51 @@ def test_user_keras_file_loads_and_wraps(tmp_path: Path) -> None:
     assert [m.shape for m in model.masks if m is not None] == [(6, 5), (5, 2)]
     assert [int(np.count_nonzero(m)) for m in model.masks if m is not None] == [15, 5]
     assert pruner.sparsity() == pytest.approx(20 / 40)
+
+
+def _functional(head: str) -> tf_keras.Model:
+    """A user-style Functional classifier of 8x8 images whose output is made by ``head``."""
+    inputs = tf_keras.Input((8, 8, 1))
+    x = tf_keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = tf_keras.layers.Flatten()(x)
+    if head == "logits":
+        x = tf_keras.layers.Dense(10, name="logits")(x)
+    elif head == "softmax-layer":
+        x = tf_keras.layers.Softmax()(tf_keras.layers.Dense(10)(x))
+    elif head == "activation-layer":
+        x = tf_keras.layers.Activation("softmax")(tf_keras.layers.Dense(10)(x))
+    else:
+        x = tf_keras.layers.Dense(10, activation="softmax")(x)
+    return tf_keras.Model(inputs, x, name=f"user-{head}")
+
+
+@pytest.mark.parametrize("head", ["dense-softmax", "softmax-layer", "activation-layer"])
+def test_a_functional_classifier_ending_in_a_softmax_is_accepted(tmp_path: Path, head: str) -> None:
+    # Prepare
+    path = tmp_path / "user.keras"
+    _functional(head).save(path)
+
+    # Execute
+    model = models.build(str(path))
+
+    # Assert
+    assert model.output_shape == (None, 10)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_model_without_a_softmax_output_is_refused_with_one_line(
+    tmp_path: Path, suffix: str
+) -> None:
+    # Prepare: logits out, as many Keras examples end (then trained with from_logits=True)
+    path = tmp_path / f"logits{suffix}"
+    _functional("logits").save(path)
+
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        models.build(str(path))
+
+    # Assert
+    assert str(caught.value) == (
+        f"{path}: the output layer 'logits' ends in 'linear', not a softmax; fedprune trains"
+        " classifiers that output probabilities: give it activation='softmax'"
+    )

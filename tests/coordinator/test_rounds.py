@@ -22,7 +22,7 @@ from fedprune.coordinator.pruning import Pruner, wrap
 from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.validation import Limits
 from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
-from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.errors import ConfigError, ExportError
 from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.wire import (
@@ -31,6 +31,7 @@ from fedprune.edge_client.wire import (
     Phase,
     Reassembler,
     Round,
+    Spec,
     Status,
     decode,
     encode,
@@ -463,7 +464,44 @@ def test_no_client_able_to_train_stops_the_run(harness: Callable[..., Harness]) 
     # nobody left the round refuses to start instead of waiting out its deadline.
     h = harness(("a",))
     h.coordinator.clients["a"] = Hello(client_id="a", profile="p", num_samples=5, backend="litert")
-    h.coordinator._artifact_state = "layer 'lstm' (LSTM) is not supported"
+    h.coordinator.artifact_error = "layer 'lstm' (LSTM) is not supported"
 
     with pytest.raises(ConfigError, match="none of the 1 online clients can train"):
         h.coordinator.run_round(ROUND)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_training_artifact_is_built_at_start_and_a_failure_is_in_the_spec(
+    mlp: tf_keras.Model, fails: bool
+) -> None:
+    # Prepare: a builder that works or refuses the model, as converters.trainable does
+    def build() -> bytes:
+        if fails:
+            raise ExportError("layer 'bn' (BatchNormalization) is not supported")
+        return b"tflite artifact bytes"
+
+    broker = ScriptedBroker()
+    coordinator = Coordinator(
+        MemoryTransport(broker),
+        RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE),
+        Pruner(wrap(mlp, SCHEDULE)),  # type: ignore[arg-type]
+        evaluate=lambda: None,
+        build_artifact=build,
+    )
+
+    # Execute: nothing has joined yet
+    coordinator.start()
+
+    # Assert: the retained Spec says at once whether litert devices can train
+    spec = decode(broker.retained[TOPICS.spec]).message
+    assert isinstance(spec, Spec)
+    litert = Hello(client_id="pi", profile="raspberry-pi-4", num_samples=5, backend="litert")
+    if fails:
+        assert spec.artifact is None
+        assert spec.artifact_error == "layer 'bn' (BatchNormalization) is not supported"
+        assert not coordinator._can_train(litert)
+    else:
+        assert spec.artifact_error is None and spec.artifact is not None
+        assert spec.artifact.sha256 == sha256(b"tflite artifact bytes")
+        assert f"{TOPICS.artifact}/0" in broker.retained
+        assert coordinator._can_train(litert)

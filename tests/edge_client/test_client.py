@@ -12,6 +12,7 @@ from fedprune.edge_client import trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
 from fedprune.edge_client.codec import Model, decode_update, encode_model
 from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation, Trainer
@@ -321,3 +322,59 @@ def test_a_garbled_message_is_logged_and_ignored(
     assert len(messages) == 1
     assert messages[0].startswith(f"ignored a message on {TOPICS.round}: undecodable message")
     assert client.report == ClientReport()
+
+
+def test_a_waiting_client_says_what_it_waits_for_and_says_it_again_while_it_lasts(
+    model: Model, data: LocalData, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: nobody on the broker yet; reports every 0.05 s instead of every 30 s
+    broker = MemoryBroker()
+    client = EdgeClient(
+        MemoryTransport(broker),
+        identity=Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
+                          num_samples=data.num_samples, backend="fake"),
+        data=data,
+        wait_report=0.05,
+    )  # fmt: skip
+    caplog.set_level(logging.INFO, logger="fedprune.client")
+
+    # Execute: wait alone (the loop wakes every 0.5 s), then a round that selects another device
+    client.run(timeout=1.3)
+    alone = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    _publish_run(broker, model, selected=["pi-garage"], deadline=time.time() + 60)
+    client.run(timeout=1.3)
+    unselected = [r.getMessage() for r in caplog.records]
+
+    # Assert: said at once, repeated while it lasts, and said anew when it changes
+    coordinator = "the coordinator of run 'kitchen-run' (nothing from it on the broker yet)"
+    assert alone[0] == f"waiting for {coordinator}"
+    assert len(alone) >= 3
+    assert all(line.startswith(f"still waiting for {coordinator} (") for line in alone[1:])
+    selects = f"a round that selects this device (round {ROUND} chose 1 other)"
+    assert unselected.count(f"waiting for {selects}") == 1
+    assert any(line.startswith(f"still waiting for {selects} (") for line in unselected)
+
+
+def test_a_litert_device_stops_with_one_line_when_its_run_has_no_training_artifact(
+    data: LocalData,
+) -> None:
+    # Prepare: the coordinator could not build the artifact and says why in the Spec
+    broker = MemoryBroker()
+    spec = Spec(
+        model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1, momentum=0.0,
+        local_epochs=1, batch_size=8,
+        artifact_error="layer 'bn' (BatchNormalization) is not supported by the litert trainer",
+    )  # fmt: skip
+    MemoryTransport(broker).publish(TOPICS.spec, _encode(spec), retain=True)
+    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
+                        num_samples=data.num_samples, backend="litert")  # fmt: skip
+    client = EdgeClient(MemoryTransport(broker), identity=identity, data=data)
+
+    # Execute / Assert: a ConfigError, which the command prints as one line and exits 2 on
+    with pytest.raises(ConfigError) as caught:
+        client.run(timeout=5)
+    assert str(caught.value) == (
+        "this device's trainer (litert) cannot train run 'kitchen-run': layer 'bn'"
+        " (BatchNormalization) is not supported by the litert trainer"
+    )

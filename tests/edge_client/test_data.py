@@ -117,6 +117,11 @@ def _float_labels(path: Path) -> None:
     np.savez(path, x=x, y=y.astype(np.float64))
 
 
+def _one_hot_labels(path: Path) -> None:
+    x, y = _samples(10)
+    np.savez(path, x=x, y=np.eye(4, dtype=np.float32)[y % 4])
+
+
 def _nan_features(path: Path) -> None:
     x, y = _samples(10)
     x[3, 1] = np.nan
@@ -137,7 +142,8 @@ def _bad_test_split(path: Path) -> None:
         (_truncated_npz, r"not a \.npz archive"),
         (_without_y, r"missing array\(s\) y; need x and y"),
         (_mismatched_lengths, r"got shapes \(10, 3\) and \(9,\)"),
-        (_float_labels, "labels must be integers, got float64"),
+        (_float_labels, r"labels must be integer class numbers, got float64 \(y.astype"),
+        (_one_hot_labels, r"labels of shape \(10, 4\) look one-hot encoded; .* y.argmax\(axis=1\)"),
         (_nan_features, "features must be finite numbers"),
         (_bad_test_split, r"x_test/y_test must be .* got shapes \(3, 3\) and \(2,\)"),
     ],
@@ -149,6 +155,7 @@ def _bad_test_split(path: Path) -> None:
         "no-y",
         "lengths",
         "float-labels",
+        "one-hot-labels",
         "nan",
         "test-split",
     ],

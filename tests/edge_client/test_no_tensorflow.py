@@ -137,3 +137,23 @@ def test_the_keras_trainer_without_tensorflow_is_a_config_error(tmp_path: Path) 
         "trainer 'keras' needs tensorflow, which is not installed;"
         " install it or choose another backend"
     )
+
+
+def test_the_small_modules_import_without_paho_numpy_or_litert(tmp_path: Path) -> None:
+    # Prepare: what a monitor or an error printer needs, and nothing heavier
+    code = """
+        import fedprune.edge_client
+        import fedprune.edge_client.errors
+        import fedprune.edge_client.topics
+        import fedprune.edge_client.wire
+        heavy = ("paho", "numpy", "ai_edge_litert")
+        print(",".join(sorted(n for n in sys.modules if n.partition(".")[0] in heavy)))
+        print(fedprune.edge_client.ConfigError.__module__)
+    """
+
+    # Execute
+    result = _run(code, tmp_path)
+
+    # Assert: names still resolve from the package, lazily
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["", "fedprune.edge_client.errors"]

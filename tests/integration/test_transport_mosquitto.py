@@ -49,7 +49,8 @@ def test_chunked_payload_and_retained_message_arrive_intact(mosquitto: str, sche
 
 
 def test_payload_over_the_broker_limit_is_refused_before_it_is_sent() -> None:
-    # Prepare: mosquitto silently drops messages over message_size_limit (STACK_FACTS.md)
+    # Prepare: over MQTT 3.1.1, mosquitto acknowledges and silently drops a message over
+    # message_size_limit; paho 2.2 itself would resend an oversize publish forever
     with EmbeddedBroker("mosquitto", message_size_limit=10_000) as broker:
         sender = MqttTransport(broker.url, client_id="sender", max_payload=10_000)
         receiver = MqttTransport(broker.url, client_id="receiver")
