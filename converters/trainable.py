@@ -7,6 +7,20 @@ are built from ``tf.pad``/``tf.slice`` views of the input (no ``Conv2DBackpropFi
 ``StridedSliceGrad``), the batch size is fixed (no ``BroadcastGradientArgs``) and checkpoints are
 replaced by ``get_weights``/``set_weights`` signatures (no ``Save``/``Restore``).
 
+Any model whose layers form one chain from a single input to a single output is accepted, whatever
+API built it (Sequential, Functional, a clone, TF-MOT's stripped copy, a loaded file); nested
+models are flattened into the chain. The chain is read from the model's own graph (``_chain``),
+and a branch, a merge, a layer used twice or a second input or output is refused with one line
+naming it.
+
+BatchNormalization is trained, not folded. Folding it into the preceding kernel would give the
+artifact another weight layout than ``model.get_weights()``, which the coordinator and the keras
+trainer exchange, and would freeze what training changes. In ``train`` it uses the batch
+statistics and updates the moving ones as tf_keras does; its mean, variance and their gradients
+at a fixed batch size are builtins, and one step matches tf_keras's to float rounding. ``infer``
+uses the moving statistics. Only renorm, virtual batches, adjustments, synchronized statistics
+and axes other than the last are refused.
+
 Signatures, for B = ``batch_size``, S = the input shape, K = classes, N = ``len(get_weights())``:
 
     train(x: float32[B, *S], y: int64[B])      -> {"loss": float32[]}
@@ -18,8 +32,11 @@ Signatures, for B = ``batch_size``, S = the input shape, K = classes, N = ``len(
 ``train`` is one optimizer step as tf_keras takes it (mean sparse categorical cross-entropy on the
 final softmax's logits, then the tf_keras SGD-with-momentum or Adam update), after which every
 trainable weight is multiplied by its mask (1 = kept); the returned loss is the one before the
-step. ``set_weights`` also zeroes the optimizer state: each round starts with a fresh optimizer,
-like the keras trainer. Masks start as ones; ``set_masks`` takes one per weight (ones for biases).
+step. The weights are ``model.get_weights()`` in order, non-trainable ones included (a
+BatchNormalization's moving mean and variance, which ``train`` updates and no optimizer touches).
+``set_weights`` also zeroes the optimizer state: each round starts with a fresh optimizer, like
+the keras trainer. Masks start as ones; ``set_masks`` takes one per weight (ones for biases and
+for weights that are not pruned).
 """
 
 from __future__ import annotations
@@ -94,10 +111,17 @@ _ACTIVATIONS: dict[str, _Fn] = {
 @dataclass(frozen=True)
 class _Step:
     """One layer as plain TF: ``activation(body(x))``. The softmax of the last step is left to the
-    loss, which takes its input as logits."""
+    loss, which takes its input as logits. ``train_body`` replaces ``body`` in ``train`` for the
+    layers that behave differently in training (BatchNormalization: batch statistics)."""
 
     body: _Fn
     activation: str
+    train_body: _Fn | None = None
+
+    def run(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+        """The step without its activation, as ``train`` (``training``) or ``infer`` runs it."""
+        body = self.train_body if training and self.train_body is not None else self.body
+        return body(x)
 
 
 class _Unsupported(Exception):
@@ -262,8 +286,46 @@ def _identity(layer: Any, variables: list[tf.Variable]) -> _Step:
     return _Step(_linear, "linear")
 
 
+def _batch_norm(layer: Any, variables: list[tf.Variable]) -> _Step:
+    """tf_keras BatchNormalization over the last axis, in both modes.
+
+    Inference (and a layer with ``trainable=False``, which tf_keras always runs in inference
+    mode) normalizes with the moving statistics. Training normalizes with the batch's mean and
+    biased variance, as ``tf.nn.moments`` computes them, and moves the moving statistics toward
+    them by tf_keras's rule ``v -= (v - batch) * (1 - momentum)``. Mean, square, rsqrt and their
+    gradients at a fixed batch size convert to builtins (MEAN, SQUARED_DIFFERENCE, RSQRT, TILE).
+    """
+    _require(layer, renorm=False, virtual_batch_size=None, adjustment=None, synchronized=False)
+    rank = len(layer.input_shape)
+    if list(layer.axis) != [rank - 1]:
+        raise _Unsupported(f"axis={list(layer.axis)!r}")
+    by_id = {id(w): v for w, v in zip(layer.weights, variables, strict=True)}
+    gamma = by_id[id(layer.gamma)] if layer.scale else None
+    beta = by_id[id(layer.beta)] if layer.center else None
+    moving_mean, moving_var = by_id[id(layer.moving_mean)], by_id[id(layer.moving_variance)]
+    epsilon, decay = float(layer.epsilon), 1.0 - float(layer.momentum)
+    axes = list(range(rank - 1))
+
+    def normalize(x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor) -> tf.Tensor:
+        # tf.nn.batch_normalization's expression: x * inv + (beta - mean * inv).
+        inv = tf.math.rsqrt(variance + epsilon)
+        inv = inv * gamma if gamma is not None else inv
+        return x * inv + (beta - mean * inv if beta is not None else -mean * inv)
+
+    def infer(x: tf.Tensor) -> tf.Tensor:
+        return normalize(x, moving_mean, moving_var)
+
+    def train(x: tf.Tensor) -> tf.Tensor:
+        mean = tf.reduce_mean(x, axes)
+        variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
+        moving_mean.assign_sub((moving_mean - mean) * decay)
+        moving_var.assign_sub((moving_var - variance) * decay)
+        return normalize(x, mean, variance)
+
+    return _Step(infer, "linear", train if layer.trainable else None)
+
+
 _LAYERS: dict[type, _Builder] = {
-    tf_keras.layers.InputLayer: _identity,
     tf_keras.layers.Dense: _dense,
     tf_keras.layers.Conv2D: _conv2d,
     tf_keras.layers.MaxPooling2D: _max_pool,
@@ -274,6 +336,7 @@ _LAYERS: dict[type, _Builder] = {
     tf_keras.layers.Activation: _activation,
     tf_keras.layers.Softmax: _softmax,
     tf_keras.layers.Dropout: _identity,  # dropout is off in on-device training
+    tf_keras.layers.BatchNormalization: _batch_norm,
 }
 
 
@@ -365,15 +428,15 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         self.set_weights = tf.function(self._set_weights, input_signature=w_specs)
         self.set_masks = tf.function(self._set_masks, input_signature=m_specs)
 
-    def _logits(self, x: tf.Tensor) -> tf.Tensor:
+    def _logits(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
         for step in self.steps[:-1]:
-            x = _ACTIVATIONS[step.activation](step.body(x))
-        return self.steps[-1].body(x)
+            x = _ACTIVATIONS[step.activation](step.run(x, training=training))
+        return self.steps[-1].run(x, training=training)
 
     def _train(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
         variables = [self.weights[i] for i in self.trained]
         with tf.GradientTape() as tape:
-            logits = self._logits(x)
+            logits = self._logits(x, training=True)
             picked = tf.nn.log_softmax(logits) * tf.one_hot(y, int(logits.shape[-1]))
             loss = -tf.reduce_mean(tf.reduce_sum(picked, axis=-1))
         self.optimizer.apply(tape.gradient(loss, variables), variables)
@@ -382,7 +445,7 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         return {"loss": loss}
 
     def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probs": tf.nn.softmax(self._logits(x))}
+        return {"probs": tf.nn.softmax(self._logits(x, training=False))}
 
     def _get_weights(self) -> dict[str, tf.Tensor]:
         return {f"w{i:03d}": w.read_value() for i, w in enumerate(self.weights)}
@@ -470,23 +533,62 @@ def _hyper(optimizer: str, batch_size: int, lr: float, momentum: float) -> dict[
 
 
 def _chain(model: tf_keras.Model) -> list[Any]:
-    """The model's layers in order, or an ExportError if they do not form a single chain."""
-    layers = list(model.layers)
-    if not isinstance(model, tf_keras.Sequential):
-        try:
-            chained = all(
-                layer.input is before.output
-                for before, layer in zip(layers, layers[1:], strict=False)
-            )
-            chained = chained and model.output is layers[-1].output and len(model.inputs) == 1
-        except (AttributeError, ValueError):  # a layer used twice has no single input/output
-            chained = False
-        if not chained:
-            raise ExportError(
-                f"model {model.name!r} is not a single chain of layers; the litert trainer"
-                ' needs one (or use the keras trainer: trainer = "keras" in the device profile)'
-            )
-    return layers
+    """The model's layers from input to output, nested models flattened, or an ExportError naming
+    what keeps them from being a single chain (a merge, a layer used twice, several inputs or
+    outputs, a subclassed model).
+
+    Whatever API built the model, the walk follows the model's own graph: back from its output,
+    ``KerasTensor.node`` is the call of a layer that made the tensor *in this model*. A layer's
+    ``input``/``output`` do not do: TF-MOT's ``strip_pruning`` calls the wrapped model's inner
+    layers again in a new graph, so each layer has one node per model, and its ``input`` and
+    ``output`` are those of the first (the copy the pruner wrapped), not of the stripped model.
+    """
+    if getattr(model, "_is_graph_network", False):
+        layers = _walk(model)
+    elif isinstance(model, tf_keras.Sequential):
+        layers = list(model.layers)  # not built on a known input: a chain by construction
+    else:
+        raise _not_a_chain(model, "it is a subclassed model, not a graph of layers")
+    flat = [inner for layer in layers for inner in _unnest(layer)]
+    seen: set[int] = set()
+    for layer in flat:
+        if id(layer) in seen:
+            raise _not_a_chain(model, f"{_named(layer)} is used more than once")
+        seen.add(id(layer))
+    return flat
+
+
+def _walk(model: tf_keras.Model) -> list[Any]:
+    """The layers of a graph model, from the node after its InputLayer to its single output."""
+    for what, tensors in (("inputs", model.inputs), ("outputs", model.outputs)):
+        if len(tensors) != 1:
+            names = ", ".join(repr(t.node.layer.name) for t in tensors)
+            raise _not_a_chain(model, f"it has {len(tensors)} {what} ({names})")
+    layers = []
+    node = model.outputs[0].node
+    while not node.is_input:
+        if len(node.keras_inputs) != 1:
+            reason = f"{_named(node.layer)} takes {len(node.keras_inputs)} inputs"
+            raise _not_a_chain(model, reason)
+        layers.append(node.layer)
+        node = node.keras_inputs[0].node
+    return layers[::-1]
+
+
+def _unnest(layer: Any) -> list[Any]:
+    """A nested model's chain in its place; any other layer as it is."""
+    return _chain(layer) if isinstance(layer, tf_keras.Model) else [layer]
+
+
+def _named(layer: Any) -> str:
+    return f"layer {layer.name!r} ({type(layer).__name__})"
+
+
+def _not_a_chain(model: tf_keras.Model, reason: str) -> ExportError:
+    return ExportError(
+        f"model {model.name!r} is not a single chain of layers: {reason}; the litert trainer"
+        ' needs one (or use the keras trainer: trainer = "keras" in the device profile)'
+    )
 
 
 def _unsupported(layer: Any, detail: str) -> ExportError:
