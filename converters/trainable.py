@@ -57,9 +57,7 @@ from fedprune.converters._errors import short_reason
 from fedprune.converters.tflite import sample_shape
 from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
 from fedprune.edge_client.litert import load_interpreter
-
-SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
-"""The signature keys every training artifact holds."""
+from fedprune.edge_client.litert_trainer import SIGNATURES
 
 _Fn = Callable[[tf.Tensor], tf.Tensor]
 

@@ -20,6 +20,7 @@ from fedprune.edge_client.trainer import Evaluation, Trainer, batches
 from fedprune.edge_client.wire import Spec
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
+"""The signature keys every training artifact holds: the contract with converters.trainable."""
 
 
 def _name(prefix: str, index: int) -> str:
