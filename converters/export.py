@@ -1,10 +1,19 @@
 """Export a model to TFLite for device profiles, verified under LiteRT before anything is written.
 
 The profile decides everything: ``precision`` picks the converter hook, ``sparse_format`` asks for
-TFLite's sparse encoding too (kept only when the raw file is smaller), ``max_model_bytes`` and
-``accuracy_tolerance`` are the limits the export must meet, ``cores`` the interpreter threads the
-latency is measured with. An export that breaks a limit is refused with a one-line ExportError and
-nothing is written.
+TFLite's sparse encoding too, ``max_model_bytes`` and ``accuracy_tolerance`` are the limits the
+export must meet, ``cores`` the interpreter threads the latency is measured with. An export that
+breaks a limit is refused with a one-line ExportError and nothing is written.
+
+Every export is verified in LiteRT's default interpreter (builtin kernels plus the XNNPACK
+delegate), which is what a user's own ``Interpreter(model_path=...)`` gets: a file fedprune writes
+for a device runs there. The sparse encoding is kept only when its file is smaller *and* runs
+there (XNNPACK cannot prepare sparse int8 models); otherwise the dense file is kept and
+``export.json`` says why.
+
+Full int8 calibrates on samples kept apart from those it is scored on: without ``calibration``, a
+share of the held-out rows chosen by content (``tflite.split_calibration``), so that a shuffled
+copy of the same file gives the same export; ``export.json`` records which.
 
 Layout read and written by :func:`export_run` and :func:`export_profiles`::
 
@@ -30,13 +39,30 @@ import numpy as np
 import tf_keras
 
 from fedprune import device_profiles
-from fedprune.converters.report import MODEL_FILE, ExportReport, write_export
+from fedprune.converters.report import MODEL_FILE, Calibration, ExportReport, write_export
 from fedprune.converters.strip import kernel_sparsity, load_keras, strip
-from fedprune.converters.tflite import sample_shape, to_tflite
-from fedprune.converters.verify import evaluate_keras, evaluate_tflite, latency_percentiles_ms
+from fedprune.converters.tflite import (
+    CALIBRATION_RULE,
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SHARE,
+    calibration_subset,
+    sample_shape,
+    samples_sha256,
+    split_calibration,
+    to_tflite,
+)
+from fedprune.converters.verify import evaluate_keras, model_latency
 from fedprune.device_profiles import DeviceProfile, Precision, ProfileError
 from fedprune.edge_client import data as npz_data
 from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
+from fedprune.edge_client.litert import (
+    Runtime,
+    TensorFormat,
+    accuracy,
+    io_formats,
+    open_model,
+    predict,
+)
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -68,18 +94,24 @@ def export_model(
     out_dir: Path,
     source: Path | None = None,
     data: Path | None = None,
+    calibration_source: Path | None = None,
     max_accuracy_drop: float | None = None,
+    int8_io: bool = False,
 ) -> ExportReport:
     """Convert ``model`` as ``profile`` asks, verify it under LiteRT, then write it to ``out_dir``.
 
-    ``x``/``y`` are the held-out samples both models are scored on; ``calibration`` (default:
-    ``x``) feeds full-int8 conversion. ``max_accuracy_drop`` overrides the profile's
-    ``accuracy_tolerance``. ``source`` and ``data`` are only recorded.
+    ``x``/``y`` are the held-out samples both models are scored on. Full int8 calibrates on
+    ``calibration`` when given (then every held-out sample is scored); otherwise on a share of the
+    held-out rows chosen by content, which are then left out of the scoring. ``int8_io`` (full int8
+    profiles only) gives the file int8 input and output. ``max_accuracy_drop`` overrides the
+    profile's ``accuracy_tolerance``. ``source``, ``data`` and ``calibration_source`` (where the
+    model, ``x`` and ``calibration`` came from) are only recorded.
 
     Raises:
-        ConfigError: ``x``, ``y`` or ``calibration`` do not fit the model.
-        ExportError: conversion fails, LiteRT cannot run the result, or it breaks the profile's
-            size or accuracy limit; nothing is written then.
+        ConfigError: ``x``, ``y`` or ``calibration`` do not fit the model, or ``int8_io`` is asked
+            of a profile that is not full int8.
+        ExportError: conversion fails, LiteRT's default interpreter cannot run the result, or it
+            breaks the profile's size or accuracy limit; nothing is written then.
     """
     name = profile.name
     try:
@@ -90,43 +122,57 @@ def export_model(
     y = np.asarray(y).reshape(-1)
     if len(x) == 0 or len(y) != len(x):
         raise ConfigError(f"need held-out samples with one label each, got {len(x)} and {len(y)}")
-    samples = x if calibration is None else _shaped(calibration, shape, "calibration")
+    if int8_io and profile.precision is not Precision.FULL_INT8:
+        raise ConfigError(
+            f"profile {name}: int8 input and output need precision full_int8, "
+            f"not {profile.precision.value}"
+        )
+    given = None if calibration is None else _shaped(calibration, shape, "calibration")
+    scored = _Scored.split(profile, x, y, given, calibration_source, data)
     # Measured here, on the coordinator's machine: more threads than it has would only measure
     # oversubscription, not the device.
     threads = min(profile.cores, os.cpu_count() or 1)
-    encoded = _encode(model, profile, samples)
-    model_bytes = encoded.kept
-    if len(model_bytes) > profile.max_model_bytes:
+    encoded = _encode(model, profile, scored.calibration, int8_io)
+    kept = _choose(name, encoded, scored.x, threads)
+    if len(kept.content) > profile.max_model_bytes:
         raise ExportError(
-            f"profile {name}: the {encoded.variant} model is {len(model_bytes):,} bytes, "
+            f"profile {name}: the {kept.variant} model is {len(kept.content):,} bytes, "
             f"over max_model_bytes {profile.max_model_bytes:,}; nothing written"
         )
-    keras_acc = evaluate_keras(model, x, y)
-    tflite_acc = _litert(name, lambda: evaluate_tflite(model_bytes, x, y, num_threads=threads))
-    _check_accuracy(profile, keras_acc, tflite_acc, len(y), max_accuracy_drop)
-    p50, p95 = _litert(name, lambda: latency_percentiles_ms(model_bytes, x[0], num_threads=threads))
+    keras_acc = evaluate_keras(model, scored.x, scored.y)
+    tflite_acc = accuracy(kept.scores, scored.y)
+    _check_accuracy(profile, keras_acc, tflite_acc, len(scored.y), max_accuracy_drop)
+    latency = _litert(name, lambda: model_latency(kept.content, scored.x[0], num_threads=threads))
     report = ExportReport(
         profile=name,
         precision=profile.precision,
-        sparse_format=encoded.sparse,
+        sparse_format=kept.sparse,
+        sparse_format_rejected=kept.sparse_rejected,
+        runtime=Runtime.DEFAULT.value,
+        input=kept.input,
+        output=kept.output,
         model_path=Path(out_dir) / MODEL_FILE,
-        tflite_bytes=len(model_bytes),
-        gzip_bytes=len(gzip.compress(model_bytes, compresslevel=9, mtime=0)),
-        sha256=hashlib.sha256(model_bytes).hexdigest(),
-        dense_format_bytes=encoded.dense_bytes,
-        sparse_format_bytes=encoded.sparse_bytes,
+        tflite_bytes=len(kept.content),
+        gzip_bytes=len(gzip.compress(kept.content, compresslevel=9, mtime=0)),
+        sha256=hashlib.sha256(kept.content).hexdigest(),
+        dense_format_bytes=len(encoded.dense),
+        sparse_format_bytes=None if encoded.sparse is None else len(encoded.sparse),
         keras_accuracy=keras_acc,
         tflite_accuracy=tflite_acc,
-        n_eval=len(y),
-        latency_ms_p50=p50,
-        latency_ms_p95=p95,
+        n_eval=len(scored.y),
+        calibration=scored.record,
+        latency_ms_p50=latency.p50_ms,
+        latency_ms_p95=latency.p95_ms,
+        latency_ms_iqr=latency.iqr_ms,
+        latency_runs=latency.runs,
+        latency_invokes_per_run=latency.invokes_per_run,
         threads=threads,
         weight_sparsity=kernel_sparsity(model),
         source=source,
         data=data,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    write_export(report, model_bytes)
+    write_export(report, kept.content)
     return report
 
 
@@ -137,21 +183,24 @@ def export_run(
     calibration: Path | None = None,
     *,
     max_accuracy_drop: float | None = None,
+    int8_io: bool = False,
 ) -> ExportReport:
     """Export a finished run's model for one profile to ``RUN_DIR/export/<profile>/``.
 
     ``profile`` is a shipped profile's name, a path to a profile file, or a profile object.
     ``data`` replaces ``RUN_DIR/heldout.npz``; ``calibration`` (an .npz with ``x`` and ``y``, only
-    ``x`` used) replaces the held-out ``x`` as full-int8 calibration samples.
+    ``x`` used) replaces the held-out rows set aside as full-int8 calibration samples. ``int8_io``
+    asks a full-int8 profile for int8 input and output.
 
     Raises:
-        ConfigError: missing run directory, model or data file, or a bad profile.
+        ConfigError: missing run directory, model or data file, a bad profile, or ``int8_io`` for
+            a profile that is not full int8.
         ExportError: as :func:`export_model`.
     """
     run_dir = _existing_run_dir(run_dir)
     chosen = resolve_profile(profile)
     inputs = _RunInputs.load(run_dir, data, calibration)
-    return inputs.export(chosen, max_accuracy_drop)
+    return inputs.export(chosen, max_accuracy_drop, int8_io)
 
 
 def export_profiles(
@@ -161,13 +210,15 @@ def export_profiles(
     calibration: Path | None = None,
     *,
     max_accuracy_drop: float | None = None,
+    int8_io: bool = False,
     on_result: Callable[[DeviceProfile, ExportResult], None] | None = None,
 ) -> list[ExportResult]:
     """Export a run's model for several profiles; a refused profile is data, the others export.
 
     Every profile is resolved and the run's files are loaded before the first export, so a bad
-    profile or data file fails the whole call (ConfigError) instead of half of it. ``on_result``
-    hears each outcome as soon as it is known.
+    profile or data file fails the whole call (ConfigError) instead of half of it. ``int8_io``
+    applies to the full-int8 profiles among them (the others' kernels take floats); at least one
+    must be full int8. ``on_result`` hears each outcome as soon as it is known.
     """
     run_dir = _existing_run_dir(run_dir)
     chosen = [resolve_profile(p) for p in profiles]
@@ -175,11 +226,16 @@ def export_profiles(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"profile {twice[0]!r} given twice (each export goes to export/<name>/)")
+    if int8_io and not any(p.precision is Precision.FULL_INT8 for p in chosen):
+        raise ConfigError(
+            f"int8 input and output need a full_int8 profile; none of {', '.join(names)} is"
+        )
     inputs = _RunInputs.load(run_dir, data, calibration)
     results: list[ExportResult] = []
     for profile in chosen:
+        int8 = int8_io and profile.precision is Precision.FULL_INT8
         try:
-            result: ExportResult = inputs.export(profile, max_accuracy_drop)
+            result: ExportResult = inputs.export(profile, max_accuracy_drop, int8)
         except ExportError as refused:
             result = refused
         results.append(result)
@@ -222,7 +278,8 @@ class _RunInputs:
     data: Path
     x: np.ndarray
     y: np.ndarray
-    calibration: np.ndarray
+    calibration: np.ndarray | None
+    calibration_path: Path | None
 
     @classmethod
     def load(cls, run_dir: Path, data: Path | None, calibration: Path | None) -> _RunInputs:
@@ -232,10 +289,13 @@ class _RunInputs:
         model = load_run_model(run_dir)
         shape = sample_shape(model)
         x = _shaped(heldout.x, shape, str(data_path))
-        samples = x if extra is None else _shaped(extra, shape, str(calibration))
-        return cls(run_dir, model, data_path, x, heldout.y, samples)
+        samples = None if extra is None else _shaped(extra, shape, str(calibration))
+        path = None if calibration is None else Path(calibration)
+        return cls(run_dir, model, data_path, x, heldout.y, samples, path)
 
-    def export(self, profile: DeviceProfile, max_accuracy_drop: float | None) -> ExportReport:
+    def export(
+        self, profile: DeviceProfile, max_accuracy_drop: float | None, int8_io: bool
+    ) -> ExportReport:
         return export_model(
             self.model,
             profile,
@@ -245,8 +305,53 @@ class _RunInputs:
             out_dir=self.run_dir / "export" / profile.name,
             source=self.run_dir,
             data=self.data,
+            calibration_source=self.calibration_path,
             max_accuracy_drop=max_accuracy_drop,
+            int8_io=int8_io,
         )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """The samples an export calibrates on (full int8 only) and the samples it is scored on."""
+
+    calibration: np.ndarray | None
+    record: Calibration | None
+    x: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def split(
+        cls,
+        profile: DeviceProfile,
+        x: np.ndarray,
+        y: np.ndarray,
+        given: np.ndarray | None,
+        given_source: Path | None,
+        data: Path | None,
+    ) -> _Scored:
+        """Given samples calibrate and every held-out row is scored; without them, a content-chosen
+        share of the held-out rows calibrates and only the others are scored."""
+        if profile.precision is not Precision.FULL_INT8:
+            return cls(None, None, x, y)
+        if given is not None:
+            rows = calibration_subset(given)
+            rule = f"at most {CALIBRATION_SAMPLES} distinct rows of x, {CALIBRATION_RULE}"
+            return cls(rows, _record(rows, given_source, rule), x, y)
+        try:
+            split = split_calibration(x)
+        except ConfigError as exc:
+            raise ConfigError(f"profile {profile.name}: {exc}") from exc
+        rule = (
+            f"{CALIBRATION_SHARE:.0%} of the distinct held-out rows (at most "
+            f"{CALIBRATION_SAMPLES}), {CALIBRATION_RULE}; not scored, nor their duplicates"
+        )
+        record = _record(split.calibration, data, rule)
+        return cls(split.calibration, record, x[split.evaluate], y[split.evaluate])
+
+
+def _record(rows: np.ndarray, source: Path | None, rule: str) -> Calibration:
+    return Calibration(source=source, samples=len(rows), rule=rule, sha256=samples_sha256(rows))
 
 
 def _check_accuracy(
@@ -272,31 +377,90 @@ def _check_accuracy(
 
 @dataclass(frozen=True)
 class _Encoded:
-    """The file kept for a profile, and the raw sizes of the encodings that were built."""
+    """The profile's precision in dense format and, when the profile asks for it, sparse format."""
 
-    kept: bytes
-    sparse: bool
-    dense_bytes: int
-    sparse_bytes: int | None
+    dense: bytes
+    sparse: bytes | None
     precision: Precision
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The file kept for a profile, its scores on the held-out samples in the default
+    interpreter, its input and output formats, and why the sparse file was not kept."""
+
+    content: bytes
+    sparse: bool
+    sparse_rejected: str | None
+    scores: np.ndarray
+    input: TensorFormat
+    output: TensorFormat
+    precision: Precision
+
+    @classmethod
+    def verified(
+        cls,
+        content: bytes,
+        precision: Precision,
+        x: np.ndarray,
+        threads: int,
+        *,
+        sparse: bool,
+        sparse_rejected: str | None,
+    ) -> _Kept:
+        """Run ``x`` through ``content`` in the default interpreter (ModelError if it cannot)."""
+        interpreter = open_model(content, num_threads=threads, runtime=Runtime.DEFAULT).interpreter
+        scores = predict(interpreter, x)
+        inp, out = io_formats(interpreter)
+        return cls(content, sparse, sparse_rejected, scores, inp, out, precision)
 
     @property
     def variant(self) -> str:
         return f"{self.precision.value}{' sparse-format' if self.sparse else ''}"
 
 
-def _encode(model: tf_keras.Model, profile: DeviceProfile, calibration: np.ndarray) -> _Encoded:
-    """The profile's precision in dense format and, if asked, sparse format; the smaller is kept."""
+def _encode(
+    model: tf_keras.Model, profile: DeviceProfile, calibration: np.ndarray | None, int8_io: bool
+) -> _Encoded:
+    """The profile's precision in dense format and, if asked, in sparse format too."""
     precision = profile.precision
     try:
-        dense = to_tflite(model, precision=precision, calibration=calibration)
-        if not profile.sparse_format:
-            return _Encoded(dense, False, len(dense), None, precision)
-        sparse = to_tflite(model, precision=precision, sparse=True, calibration=calibration)
+        dense = to_tflite(model, precision=precision, calibration=calibration, int8_io=int8_io)
+        sparse = (
+            to_tflite(
+                model, precision=precision, sparse=True, calibration=calibration, int8_io=int8_io
+            )
+            if profile.sparse_format
+            else None
+        )
     except ExportError as exc:
         raise ExportError(f"profile {profile.name}: {exc}") from exc
-    smaller = len(sparse) < len(dense)
-    return _Encoded(sparse if smaller else dense, smaller, len(dense), len(sparse), precision)
+    return _Encoded(dense, sparse, precision)
+
+
+def _choose(profile_name: str, encoded: _Encoded, x: np.ndarray, threads: int) -> _Kept:
+    """The sparse file if it is smaller and runs ``x`` in the default interpreter, else the dense
+    file, which must run there (a file a user's default ``Interpreter`` cannot run is refused)."""
+    rejected = None
+    if encoded.sparse is not None:
+        if len(encoded.sparse) >= len(encoded.dense):
+            rejected = (
+                f"not smaller: {len(encoded.sparse):,} bytes against {len(encoded.dense):,} "
+                "in dense format"
+            )
+        else:
+            try:
+                return _Kept.verified(
+                    encoded.sparse, encoded.precision, x, threads, sparse=True, sparse_rejected=None
+                )
+            except ModelError as exc:
+                rejected = str(exc)
+    try:
+        return _Kept.verified(
+            encoded.dense, encoded.precision, x, threads, sparse=False, sparse_rejected=rejected
+        )
+    except ModelError as exc:
+        raise ExportError(f"profile {profile_name}: LiteRT verification failed: {exc}") from exc
 
 
 def _litert(profile_name: str, measure: Callable[[], _T]) -> _T:

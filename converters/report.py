@@ -11,9 +11,33 @@ from pathlib import Path
 from typing import Any
 
 from fedprune.device_profiles import Precision
+from fedprune.edge_client.litert import TensorFormat
 
 MODEL_FILE = "model.tflite"
 REPORT_FILE = "export.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Which samples set a full-int8 export's activation ranges.
+
+    ``source`` is the file they came from (``None`` when the caller passed arrays), ``samples``
+    how many distinct rows were used, ``rule`` how they were chosen, and ``sha256`` one digest of
+    the set (of its rows' sorted SHA-256s): two exports calibrated on the same rows show the same.
+    """
+
+    source: Path | None
+    samples: int
+    rule: str
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": None if self.source is None else str(self.source),
+            "samples": self.samples,
+            "rule": self.rule,
+            "sha256": self.sha256,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,13 +46,25 @@ class ExportReport:
 
     ``sparse_format`` says whether the kept file uses TFLite's sparse encoding; when the profile
     asked for it, both encodings were built (``dense_format_bytes``, ``sparse_format_bytes``) and
-    the smaller raw file was kept. Latencies are single-sample invocations on the exporting host
-    with ``threads`` interpreter threads (the profile's cores).
+    the sparse one was kept only if it is smaller and runs in LiteRT's default interpreter;
+    otherwise ``sparse_format_rejected`` says why it was not kept. ``runtime`` is what the file
+    needs to run (and was verified in): LiteRT's default interpreter, as ``Interpreter(model_path=
+    ...)`` creates it. ``input``/``output`` give the dtypes a caller feeds and reads (float32 unless
+    the export was asked for int8 I/O). ``n_eval`` counts the held-out samples both models were
+    scored on; for full int8, ``calibration`` says which samples calibrated it, and samples taken
+    from the held-out set are not among the ``n_eval``. Latencies are single-sample invocations on
+    the exporting host with ``threads`` interpreter threads (the profile's cores, capped by the
+    host's): the median and 95th percentile over ``latency_runs`` timed runs of
+    ``latency_invokes_per_run`` back-to-back invocations each, and the runs' interquartile range.
     """
 
     profile: str
     precision: Precision
     sparse_format: bool
+    sparse_format_rejected: str | None
+    runtime: str
+    input: TensorFormat
+    output: TensorFormat
     model_path: Path
     tflite_bytes: int
     gzip_bytes: int
@@ -38,21 +74,37 @@ class ExportReport:
     keras_accuracy: float
     tflite_accuracy: float
     n_eval: int
+    calibration: Calibration | None
     latency_ms_p50: float
     latency_ms_p95: float
+    latency_ms_iqr: tuple[float, float]
+    latency_runs: int
+    latency_invokes_per_run: int
     threads: int
     weight_sparsity: float
     source: Path | None
     data: Path | None
     created: str
 
+    @property
+    def int8_io(self) -> bool:
+        """Whether the file takes and returns int8 (no float conversion ops at its ends)."""
+        return self.input.dtype == "int8" and self.output.dtype == "int8"
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: paths and the precision as strings, ``None`` as null."""
-        return {
-            f.name: str(v) if isinstance(v, Path | Precision) else v
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
-        }
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: object) -> Any:
+    """``value`` as JSON-ready data: nested records through their ``to_json``, tuples as lists."""
+    if isinstance(value, Path | Precision):
+        return str(value)
+    if isinstance(value, Calibration | TensorFormat):
+        return value.to_json()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def write_export(report: ExportReport, model_bytes: bytes) -> None:

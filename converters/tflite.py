@@ -9,14 +9,22 @@ Each :class:`~device_profiles.Precision` maps to one converter-configuring hook 
 the sparse encoding is one more optimization added on top of any of them. Adding a precision means
 adding one entry there.
 
-Full int8 keeps a float32 input and output: the converter adds one quantize op in front and one
-dequantize op behind, which cost microseconds, and in exchange every consumer (the LiteRT helpers,
-``fedprune-infer``, a user's own code) feeds and reads the same floats as for every other precision.
+Full int8 keeps a float32 input and output by default: the converter adds one quantize op in front
+and one dequantize op behind, which cost microseconds, and in exchange every consumer (the LiteRT
+helpers, ``fedprune-infer``, a user's own code) feeds and reads the same floats as for every other
+precision. ``int8_io`` drops those two ops for callers that already hold int8 data (a camera
+pipeline, a microcontroller port); the input and output then carry their scale and zero point.
+
+Calibration samples are chosen by content, not by position: the rows with the smallest SHA-256 of
+their float32 bytes. A shuffled copy of the same data therefore calibrates on the same rows, in the
+same order, and gives a byte-identical file.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -27,7 +35,11 @@ from fedprune.device_profiles import Precision
 from fedprune.edge_client.errors import ConfigError, ExportError
 
 CALIBRATION_SAMPLES = 200
-"""At most this many calibration samples (a seeded random subset) feed full-int8 conversion."""
+"""At most this many calibration samples feed full-int8 conversion (:func:`calibration_subset`)."""
+CALIBRATION_SHARE = 0.2
+"""Share of the distinct held-out rows set aside for calibration when no other samples are given."""
+CALIBRATION_RULE = "those with the smallest SHA-256 of their float32 bytes"
+"""How calibration rows are chosen, as recorded in ``export.json``."""
 
 _Configure = Callable[[tf.lite.TFLiteConverter, np.ndarray | None], None]
 
@@ -87,18 +99,24 @@ def to_tflite(
     precision: Precision | str = Precision.FLOAT32,
     sparse: bool = False,
     calibration: np.ndarray | None = None,
+    int8_io: bool = False,
 ) -> bytes:
     """Convert a stripped, single-input tf_keras model to TFLite bytes.
 
     ``sparse`` adds ``EXPERIMENTAL_SPARSITY``, which stores sufficiently sparse weight tensors in
     TFLite's sparse format. ``calibration`` (samples shaped like the model's input) is required for
-    full int8 and ignored otherwise.
+    full int8 and ignored otherwise; at most :data:`CALIBRATION_SAMPLES` of them are used, chosen
+    by :func:`calibration_subset`. ``int8_io`` (full int8 only) makes the input and output int8.
 
     Raises:
-        ConfigError: unknown precision, or full int8 without calibration samples.
+        ConfigError: unknown precision, full int8 without calibration samples, or ``int8_io``
+            with another precision.
         ExportError: the model has no known input signature or the converter fails.
     """
-    configure = _CONFIGURE[parse_precision(precision)]
+    chosen = parse_precision(precision)
+    if int8_io and chosen is not Precision.FULL_INT8:
+        raise ConfigError(f"int8 input and output need precision full_int8, not {chosen.value}")
+    configure = _CONFIGURE[chosen]
     spec = _input_spec(model)
     samples = None if calibration is None else calibration_subset(calibration)
     try:
@@ -113,6 +131,9 @@ def to_tflite(
     except Exception as exc:  # Tracing raises ValueError, TypeError, ...
         raise ExportError(f"TFLite conversion failed: {short_reason(exc)}") from exc
     configure(converter, samples)
+    if int8_io:
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
     if sparse:
         converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     try:
@@ -122,11 +143,69 @@ def to_tflite(
 
 
 def calibration_subset(x: np.ndarray, limit: int = CALIBRATION_SAMPLES) -> np.ndarray:
-    """At most ``limit`` rows of ``x`` as float32, a seeded random subset so runs repeat exactly."""
+    """At most ``limit`` distinct rows of ``x`` as float32: those with the smallest SHA-256 of
+    their bytes, in that order. The choice depends on the rows' content only, so a shuffled copy
+    of ``x`` gives the same rows in the same order."""
     x = np.asarray(x, dtype=np.float32)
-    if len(x) <= limit:
-        return x
-    return x[np.sort(np.random.default_rng(0).choice(len(x), size=limit, replace=False))]
+    digests = row_digests(x)
+    first: dict[bytes, int] = {}
+    for index, digest in enumerate(digests):
+        first.setdefault(digest, index)
+    chosen = sorted(first)[:limit]
+    return x[np.array([first[d] for d in chosen], dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """Held-out rows split into calibration samples and the rows the export is judged on.
+
+    ``calibration`` holds distinct rows in :func:`calibration_subset` order; ``evaluate`` marks
+    the rows of the original array that are none of them (a duplicate of a calibration row is
+    left out too, so no calibration sample is ever scored).
+    """
+
+    calibration: np.ndarray
+    evaluate: np.ndarray
+
+
+def split_calibration(
+    x: np.ndarray, *, limit: int = CALIBRATION_SAMPLES, share: float = CALIBRATION_SHARE
+) -> CalibrationSplit:
+    """Set ``share`` of the distinct rows of ``x`` (at least 1, at most ``limit``) aside for
+    calibration, chosen as :func:`calibration_subset` does; every other row is for evaluation.
+
+    Raises:
+        ConfigError: fewer than two distinct rows, so nothing would be left to evaluate on.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    digests = row_digests(x)
+    distinct = len(set(digests))
+    if distinct < 2:
+        raise ConfigError(
+            f"full_int8 calibration needs at least 2 distinct held-out samples, got {distinct} "
+            "(calibration and evaluation samples are kept apart; or give calibration samples)"
+        )
+    count = min(limit, max(1, int(distinct * share)))
+    calibration = calibration_subset(x, count)
+    chosen = set(row_digests(calibration))
+    return CalibrationSplit(
+        calibration=calibration, evaluate=np.array([d not in chosen for d in digests], dtype=bool)
+    )
+
+
+def row_digests(x: np.ndarray) -> list[bytes]:
+    """SHA-256 of each row's float32 bytes (C order): the same values give the same digest
+    whatever the array's dtype, shape per row or row order."""
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) == 0:
+        return []
+    rows = np.ascontiguousarray(x.reshape(len(x), -1))
+    return [hashlib.sha256(row.tobytes()).digest() for row in rows]
+
+
+def samples_sha256(x: np.ndarray) -> str:
+    """One SHA-256 for a set of rows (of their sorted row digests), independent of row order."""
+    return hashlib.sha256(b"".join(sorted(row_digests(x)))).hexdigest()
 
 
 def sample_shape(model: tf_keras.Model) -> tuple[int, ...]:

@@ -4,6 +4,11 @@ The model is a ``.tflite`` file or an export directory (``model.tflite`` plus th
 ``export.json``, whose recorded sha256, when present, must match the file). With ``--data`` the
 samples are classified (and scored when the file has labels); in every case single-sample latency
 is measured, so a device can be checked against its profile without TensorFlow installed.
+
+The model runs in LiteRT's default interpreter (XNNPACK), as the exporter verified it; only a file
+that interpreter cannot prepare (an older sparse-format int8 export) runs on the builtin kernels
+alone, and the report says which runtime was used. Latency is measured as in ``export.json``:
+timed runs of back-to-back invocations after a warm-up (``edge_client.litert.measure_latency``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from fedprune import __version__
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client import litert
 from fedprune.edge_client.errors import ConfigError, FedpruneError, ModelError, print_error
+from fedprune.edge_client.litert import Latency, TensorFormat
 from fedprune.edge_client.options import at_least_one
 
 PROG = "fedprune-infer"
 MODEL_FILE = "model.tflite"
 EXPORT_FILE = "export.json"
-WARMUP = 10
+RUNS = 100
 SHOWN_PREDICTIONS = 20
 
 
@@ -69,32 +75,17 @@ class Features:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Tensor:
-    """A model input or output: dtype and per-sample shape (batch axis left out)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-    def describe(self) -> str:
-        return f"{self.dtype} (N, {', '.join(map(str, self.shape))})"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True, kw_only=True)
 class Report:
     """One invocation's results; ``accuracy``/``predictions`` are ``None`` when not computed."""
 
     model: Path
     model_bytes: int
     export: Export | None
-    input: Tensor
-    output: Tensor
+    runtime: str
+    input: TensorFormat
+    output: TensorFormat
     threads: int
-    runs: int
-    latency_ms_p50: float
-    latency_ms_p95: float
+    latency: Latency
     n: int | None
     accuracy: float | None
     predictions: np.ndarray | None
@@ -107,12 +98,15 @@ class Report:
             "export": self.export.to_json() if self.export else None,
             "input": self.input.to_json(),
             "output": self.output.to_json(),
+            "runtime": self.runtime,
             "n": self.n,
             "accuracy": self.accuracy,
-            "latency_ms_p50": self.latency_ms_p50,
-            "latency_ms_p95": self.latency_ms_p95,
+            "latency_ms_p50": self.latency.p50_ms,
+            "latency_ms_p95": self.latency.p95_ms,
+            "latency_ms_iqr": list(self.latency.iqr_ms),
             "threads": self.threads,
-            "runs": self.runs,
+            "runs": self.latency.runs,
+            "invokes_per_run": self.latency.invokes_per_run,
         }
         if predictions and self.predictions is not None:
             out["predictions"] = self.predictions.tolist()
@@ -123,12 +117,25 @@ class Report:
         rows = [("model", f"{self.model} ({self.model_bytes / 1024:.1f} KiB)")]
         if self.export is not None:
             rows.append(("export", self.export.describe()))
-        rows += [("input", self.input.describe()), ("output", self.output.describe())]
+        rows += [
+            ("runtime", self.runtime),
+            ("input", self.input.describe()),
+            ("output", self.output.describe()),
+        ]
         if self.accuracy is not None:
             rows.append(("accuracy", f"{self.accuracy:.4f} on {self.n} samples"))
-        timing = f"{self.runs} runs, {self.threads} thread{'s' if self.threads > 1 else ''}"
-        p50, p95 = _ms(self.latency_ms_p50), _ms(self.latency_ms_p95)
+        latency = self.latency
+        timing = f"{latency.runs} runs, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        p50, p95 = _ms(latency.p50_ms), _ms(latency.p95_ms)
         rows.append(("latency", f"p50 {p50} ms, p95 {p95} ms ({timing})"))
+        low, high = (_ms(v) for v in latency.iqr_ms)
+        rows.append(
+            (
+                "timing",
+                f"each run {latency.invokes_per_run:,} back-to-back invocations, after "
+                f"{latency.warmup_invokes:,} warm-up ones; middle half of the runs {low}-{high} ms",
+            )
+        )
         text = [f"{key:<9} {value}" for key, value in rows]
         if self.predictions is not None and (all_predictions or self.labels is None):
             text += self._prediction_lines(all_predictions)
@@ -226,15 +233,16 @@ def load_features(path: Path, input_shape: tuple[int, ...] | None = None) -> Fea
     return Features(x=x.astype(np.float32), y=y)
 
 
-def infer(path: Path, data: Path | None = None, *, threads: int = 1, runs: int = 100) -> Report:
+def infer(path: Path, data: Path | None = None, *, threads: int = 1, runs: int = RUNS) -> Report:
     """Load the model (checking its export record), classify ``data`` if given, time one sample."""
     model, export_path = locate(path)
     export = read_export(export_path) if export_path is not None else None
     content = read_model(model, export)
     try:
-        interpreter = litert.load_interpreter(content, num_threads=threads)
+        loaded = litert.open_model(content, num_threads=threads)
     except ModelError as exc:  # its message does not name the file
         raise ModelError(f"{model}: {exc}") from exc
+    interpreter = loaded.interpreter
     shape = litert.input_shape(interpreter)
     features = load_features(data, shape) if data is not None else None
     predictions = accuracy = None
@@ -244,27 +252,21 @@ def infer(path: Path, data: Path | None = None, *, threads: int = 1, runs: int =
         if features.y is not None:
             accuracy = litert.accuracy(scores, features.y)
     sample = features.x[0] if features is not None else np.zeros(shape, np.float32)
-    times = litert.latencies_ms(interpreter, sample, runs=runs, warmup=WARMUP)
+    latency = litert.measure_latency(interpreter, sample, runs=runs)
+    inp, out = litert.io_formats(interpreter)
     return Report(
         model=model,
         model_bytes=len(content),
         export=export,
-        input=_tensor(interpreter.get_input_details()[0]),
-        output=_tensor(interpreter.get_output_details()[0]),
+        runtime=loaded.describe(),
+        input=inp,
+        output=out,
         threads=threads,
-        runs=runs,
-        latency_ms_p50=float(np.percentile(times, 50)),
-        latency_ms_p95=float(np.percentile(times, 95)),
+        latency=latency,
         n=len(features.x) if features is not None else None,
         accuracy=accuracy,
         predictions=predictions,
         labels=features.y if features is not None else None,
-    )
-
-
-def _tensor(detail: dict[str, Any]) -> Tensor:
-    return Tensor(
-        dtype=np.dtype(detail["dtype"]).name, shape=tuple(int(d) for d in detail["shape"][1:])
     )
 
 
@@ -302,9 +304,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runs",
         type=at_least_one,
-        default=100,
+        default=RUNS,
         metavar="N",
-        help=f"timed single-sample invocations, after {WARMUP} warm-up ones (default: 100)",
+        help="timed runs of single-sample inference, each a block of back-to-back invocations "
+        f"lasting about {litert.RUN_SECONDS * 1000:g} ms, after a warm-up of at least "
+        f"{litert.WARMUP_INVOKES} invocations and {litert.WARMUP_SECONDS * 1000:g} ms; latency "
+        f"is the median and 95th percentile of the runs' means (default: {RUNS})",
     )
     p.add_argument(
         "--predictions",

@@ -38,9 +38,22 @@ def test_export_json_records_the_export_and_matches_the_file(make_run: RunFactor
     assert saved["sha256"] == hashlib.sha256(payload).hexdigest()
     assert saved["tflite_bytes"] == len(payload)
     assert saved["gzip_bytes"] == len(gzip.compress(payload, compresslevel=9, mtime=0))
-    assert saved["sparse_format"] is (saved["sparse_format_bytes"] < saved["dense_format_bytes"])
+    # The sparse int8 file is smaller, but XNNPACK cannot prepare it: the dense file is kept.
+    assert saved["sparse_format_bytes"] < saved["dense_format_bytes"] == saved["tflite_bytes"]
+    assert saved["sparse_format"] is False
+    assert saved["sparse_format_rejected"].startswith(
+        "LiteRT's default interpreter (XNNPACK) cannot prepare the model: failed to delegate "
+    )
+    assert saved["runtime"] == "default interpreter (XNNPACK)"
+    assert saved["input"] == {"dtype": "float32", "shape": [8, 8, 1]}
+    assert saved["output"] == {"dtype": "float32", "shape": [10]}
     assert saved["n_eval"] == 450
+    assert saved["calibration"] is None  # dynamic_int8 needs no calibration samples
     assert 0 < saved["latency_ms_p50"] <= saved["latency_ms_p95"]
+    low, high = saved["latency_ms_iqr"]
+    assert 0 < low <= saved["latency_ms_p50"] <= high
+    assert saved["latency_runs"] == 30
+    assert saved["latency_invokes_per_run"] >= 1
     assert saved["weight_sparsity"] == pytest.approx(SPARSITY, abs=0.02)
     assert (saved["source"], saved["data"]) == (str(run), str(run / "heldout.npz"))
     assert set(saved) == {f.name for f in dataclasses.fields(ExportReport)}

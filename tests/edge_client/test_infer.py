@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from fedprune.edge_client.infer import main
+from fedprune.edge_client.litert import LATENCY_RUNS, Runtime, measure_latency, open_model
 
 VARIANTS = ("float32", "int8")
 N_TEST = 450
@@ -203,6 +204,74 @@ def test_without_data_prints_shapes_and_latency(
         r"p50 [\d.e-]+ ms, p95 [\d.e-]+ ms \(5 runs, 1 thread\)", _field(out, "latency")
     )
     assert "accuracy" not in out and "predicted" not in out
+
+
+@pytest.mark.slow
+def test_text_report_names_the_runtime_and_how_latency_was_timed(
+    models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute
+    code = main([str(models / "int8"), "--runs", "4", "--threads", "1"])
+
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0
+    assert _field(out, "runtime") == "default interpreter (XNNPACK)"
+    timing = re.fullmatch(
+        r"each run ([\d,]+) back-to-back invocations, after ([\d,]+) warm-up ones; "
+        r"middle half of the runs ([\d.e-]+)-([\d.e-]+) ms",
+        _field(out, "timing"),
+    )
+    assert timing is not None, out
+    assert int(timing[1].replace(",", "")) >= 1
+    assert int(timing[2].replace(",", "")) >= 10
+    assert float(timing[3]) <= float(timing[4])
+
+
+@pytest.mark.slow
+def test_json_latency_has_its_spread_and_the_invocations_per_run(
+    models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute
+    code = main([str(models / "float32"), "--runs", "9", "--threads", "1", "--json"])
+
+    # Assert
+    report = json.loads(capsys.readouterr().out)
+    low, high = report["latency_ms_iqr"]
+    assert code == 0
+    assert report["runtime"] == "default interpreter (XNNPACK)"
+    assert report["runs"] == 9
+    assert report["invokes_per_run"] >= 1
+    assert 0 < low <= report["latency_ms_p50"] <= high <= report["latency_ms_p95"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_same_bytes_measured_twice_give_medians_within_3x(models: Path, threads: int) -> None:
+    # Prepare: two interpreters over the same bytes, as two exports of the same file would be
+    content = (models / "float32" / "model.tflite").read_bytes()
+    sample = np.zeros(64, np.float32)
+
+    # Execute
+    first, second = (
+        measure_latency(open_model(content, num_threads=threads).interpreter, sample)
+        for _ in range(2)
+    )
+
+    # Assert: a stability check, not a speed one (single invokes once differed 65x)
+    assert first.runs == second.runs == LATENCY_RUNS
+    assert first.invokes_per_run > 1  # a microsecond model is timed in blocks, not one by one
+    ratio = max(first.p50_ms, second.p50_ms) / min(first.p50_ms, second.p50_ms)
+    assert ratio <= 3.0, (first, second)
+
+
+def test_a_model_the_default_interpreter_prepares_does_not_fall_back(models: Path) -> None:
+    # Execute
+    loaded = open_model(models / "int8" / "model.tflite")
+
+    # Assert
+    assert (loaded.runtime, loaded.fallback) == (Runtime.DEFAULT, None)
+    assert loaded.describe() == "default interpreter (XNNPACK)"
 
 
 @pytest.mark.slow
