@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from fedprune import __version__
 from fedprune.converters.quiet import native_log_filtered
+from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.errors import ExportError, FedpruneError, print_error
 
 if TYPE_CHECKING:
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from fedprune.device_profiles import DeviceProfile
 
 PROG = "fedprune-export"
-DEFAULT_PROFILE = "generic-x86-64"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,7 +51,7 @@ from fedprune.converters.tflite import (
     to_tflite,
 )
 from fedprune.converters.verify import evaluate_keras, model_latency
-from fedprune.device_profiles import DeviceProfile, Precision, ProfileError
+from fedprune.device_profiles import DEFAULT_PROFILE, DeviceProfile, Precision, ProfileError
 from fedprune.edge_client import data as npz_data
 from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
 from fedprune.edge_client.litert import (
@@ -63,6 +62,7 @@ from fedprune.edge_client.litert import (
     open_model,
     predict,
 )
+from fedprune.edge_client.topics import check_name
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -74,8 +74,6 @@ __all__ = [
     "resolve_profile",
 ]
 
-DEFAULT_PROFILE = "generic-x86-64"
-_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SLACK = 1e-9  # accuracies are ratios of counts; do not refuse on a rounding error
 
 _T = TypeVar("_T")
@@ -251,11 +249,7 @@ def resolve_profile(profile: str | DeviceProfile) -> DeviceProfile:
             profile = device_profiles.load(str(profile))
         except ProfileError as exc:
             raise ConfigError(str(exc)) from exc
-    if not _PROFILE_NAME.fullmatch(profile.name):
-        raise ConfigError(
-            f"profile name {profile.name!r} cannot name an export folder "
-            "(letters, digits, '.', '_', '-')"
-        )
+    check_name(profile.name, "profile name")  # it names the export folder and an MQTT topic
     return profile
 
 
