@@ -28,11 +28,11 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fedprune.converters.export import export_model, load_run_model  # noqa: E402
-from fedprune.converters.quiet import native_log_filtered  # noqa: E402
 from fedprune.converters.report import ExportReport  # noqa: E402
 from fedprune.device_profiles import Arch, DeviceProfile, Precision, Trainer  # noqa: E402
 from fedprune.edge_client import data as npz_data  # noqa: E402
 from fedprune.edge_client.litert import load_interpreter  # noqa: E402
+from fedprune.edge_client.quiet import native_log_filtered  # noqa: E402
 
 TARGETS = {"dense": "0.0", "p80": "0.8", "p90": "0.9"}
 FLOATS = (Precision.FLOAT32, Precision.FLOAT16)

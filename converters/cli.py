@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from fedprune import __version__
-from fedprune.converters.quiet import native_log_filtered
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.errors import ExportError, FedpruneError, print_error
+from fedprune.edge_client.quiet import native_log_filtered
 
 if TYPE_CHECKING:
     from fedprune.converters.export import ExportResult

@@ -56,7 +56,7 @@ import tf_keras
 from fedprune.converters._errors import short_reason
 from fedprune.converters.tflite import sample_shape
 from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
-from fedprune.edge_client.litert import load_interpreter
+from fedprune.edge_client.litert import Runtime, load_interpreter
 from fedprune.edge_client.litert_trainer import SIGNATURES
 
 _Fn = Callable[[tf.Tensor], tf.Tensor]
@@ -616,10 +616,11 @@ def _convert(module: _Trainable) -> bytes:
 
 
 def _verify(content: bytes) -> None:
-    """Run every signature once on zeros under LiteRT's builtin kernels: an op the device runtime
-    cannot run fails here, at export, and not when the first round starts on a device."""
+    """Run every signature once on zeros in LiteRT's default interpreter, the one the litert
+    trainer uses: an op the device cannot run fails here, at export, and not when the first round
+    starts on a device."""
     try:
-        interpreter = load_interpreter(content)
+        interpreter = load_interpreter(content, runtime=Runtime.DEFAULT)
         for key in SIGNATURES:
             runner = interpreter.get_signature_runner(key)
             details = runner.get_input_details().items()

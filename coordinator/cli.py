@@ -9,9 +9,9 @@ import sys
 import time
 
 from fedprune import __version__, device_profiles
-from fedprune.converters.quiet import native_log_filtered
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.edge_client.errors import FedpruneError, print_error
+from fedprune.edge_client.quiet import native_log_filtered
 
 PROG = "fedprune-coordinator"
 

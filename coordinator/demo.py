@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedprune import __version__, device_profiles
-from fedprune.converters.quiet import native_log_filtered
 from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
+from fedprune.edge_client.quiet import native_log_filtered
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")

@@ -51,7 +51,7 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
         lines += [
             f"  {profile}: {export.precision}{sparse} tflite {export.tflite_bytes:,} bytes,"
             f" gzip {export.gzip_bytes:,}, LiteRT accuracy {export.tflite_accuracy:.4f}"
-            f" (Keras {export.keras_accuracy:.4f}), {deployed}",
+            f" (Keras {export.keras_accuracy:.4f}, {export.n_eval} samples), {deployed}",
             f"      {export.model_path}",
         ]
     lines.append(f"  run        {summary.run_dir} (config.toml, metrics.jsonl, model/, export/)")

@@ -12,7 +12,6 @@ import numpy as np
 import tf_keras
 
 from fedprune.converters.export import ExportReport, export_profiles, resolve_profile
-from fedprune.converters.quiet import native_log_filtered
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.health import chance_accuracy, verdict
@@ -21,6 +20,7 @@ from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.rundir import RunDir
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation
 from fedprune.edge_client.transport import MqttTransport

@@ -17,7 +17,7 @@ import numpy as np
 
 from fedprune.edge_client.errors import ModelError, WireError
 from fedprune.edge_client.files import write_atomic
-from fedprune.edge_client.litert import load_interpreter, predict
+from fedprune.edge_client.litert import open_model, predict
 from fedprune.edge_client.wire import Chunk, Collector, Deployment
 
 log = logging.getLogger("fedprune.client")
@@ -76,7 +76,10 @@ class DeploymentReceiver:
     def _install(self, deployment: Deployment, model: bytes) -> DeployResult:
         sha = deployment.model.sha256
         try:
-            scores = predict(load_interpreter(model), self.sample)
+            loaded = open_model(model)
+            if loaded.fallback is not None:  # an export made before exports ran on XNNPACK
+                log.warning("deployment %s runs on %s", sha[:12], loaded.describe())
+            scores = predict(loaded.interpreter, self.sample)
         except ModelError as exc:
             return self._done(sha, False, str(exc))
         if scores.ndim != 2 or scores.shape[1] < 2 or not np.all(np.isfinite(scores)):

@@ -30,6 +30,7 @@ from fedprune.edge_client import litert
 from fedprune.edge_client.errors import ConfigError, FedpruneError, ModelError, print_error
 from fedprune.edge_client.litert import Latency, TensorFormat
 from fedprune.edge_client.options import at_least_one
+from fedprune.edge_client.quiet import native_log_filtered
 
 PROG = "fedprune-infer"
 MODEL_FILE = "model.tflite"
@@ -324,7 +325,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        report = infer(args.model, args.data, threads=args.threads, runs=args.runs)
+        with native_log_filtered():  # LiteRT announces its XNNPACK delegate on stderr
+            report = infer(args.model, args.data, threads=args.threads, runs=args.runs)
     except (FedpruneError, OSError) as exc:
         return print_error(PROG, exc)
     except KeyboardInterrupt:

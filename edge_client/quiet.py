@@ -1,7 +1,9 @@
-"""Hide TensorFlow's C++ log lines, which ``TF_CPP_MIN_LOG_LEVEL`` does not reach.
+"""Hide TensorFlow's and LiteRT's C++ log lines, which ``TF_CPP_MIN_LOG_LEVEL`` does not reach.
 
-In TF 2.21 the oneDNN notice is logged by absl before it is initialised, so it reaches stderr
-whatever the log level; only a file-descriptor redirect keeps it out of a one-line CLI error.
+In TF 2.21 the oneDNN notice is logged by absl before it is initialised, and LiteRT announces
+every XNNPACK delegate it creates, so both reach stderr whatever the log level; only a
+file-descriptor redirect keeps them out of a command's output and its one-line errors. Standard
+library only: the device's commands use it too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ _NOISE = re.compile(
     r"absl::InitializeLog\(\)|oneDNN custom operations|cpu_feature_guard"
     r"|To enable the following instructions|could not find cuda drivers"
     r"|fully_quantize: \d+, inference_type:"  # printed by the int8 calibrator on every conversion
+    r"|Created TensorFlow Lite XNNPACK delegate for CPU"
 )
 
 
