@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # TensorFlow's own INFO lines ("Assets written to: /tmp/...") say nothing to an operator.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
         device_profiles.load(args.profile)
         config = config_from(

@@ -15,6 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 import tf_keras
+from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
@@ -23,7 +24,6 @@ from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.validation import Limits
 from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
 from fedprune.edge_client.errors import ConfigError, ExportError
-from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.wire import (
     Hello,

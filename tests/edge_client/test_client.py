@@ -7,13 +7,13 @@ import time
 
 import numpy as np
 import pytest
+from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.edge_client import trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
 from fedprune.edge_client.codec import Model, decode_update, encode_model
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation, Trainer
 from fedprune.edge_client.wire import (

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.edge_client.errors import BrokerError, ConfigError, OversizeError
-from fedprune.edge_client.memory import MemoryBroker, MemoryTransport
 from fedprune.edge_client.transport import BrokerUrl, MqttTransport
 
 

@@ -1,4 +1,7 @@
-"""An in-memory broker and transport for unit tests of round logic (no sockets, no threads)."""
+"""An in-memory broker and transport for unit tests of round logic (no sockets, no threads).
+
+A test helper, kept out of the installed package; pytest finds it through ``pythonpath``.
+"""
 
 from __future__ import annotations
 
