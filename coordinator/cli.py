@@ -11,6 +11,7 @@ import time
 from fedprune import __version__, device_profiles
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.edge_client.errors import FedpruneError, print_error
+from fedprune.edge_client.options import add_broker_arguments
 from fedprune.edge_client.quiet import native_log_filtered
 
 PROG = "fedprune-coordinator"
@@ -148,11 +149,7 @@ def parser() -> argparse.ArgumentParser:
         "prune on schedule, and export the final model to TFLite.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument(
-        "--broker",
-        default="mqtt://127.0.0.1:1883",
-        help="broker URL, mqtt://host:port or mqtt5://host:port (default: %(default)s)",
-    )
+    add_broker_arguments(p)
     p.add_argument(
         "--min-clients",
         type=int,
@@ -189,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from(
             args,
             broker=args.broker,
+            ca=args.ca or "",
+            cert=args.cert or "",
+            key=args.key or "",
+            credentials=args.credentials or "",
             min_clients=args.min_clients,
             join_timeout=args.join_timeout,
             heldout=args.heldout,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedprune.device_profiles import DEFAULT_PROFILE
+from fedprune.edge_client.connection import BrokerSettings
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.topics import check_name
 
@@ -67,6 +68,10 @@ class RunConfig:
 
     run: str = "default"
     broker: str = "mqtt://127.0.0.1:1883"
+    ca: str = ""  # TLS and credential files (edge_client.connection); never the secrets themselves
+    cert: str = ""
+    key: str = ""
+    credentials: str = ""
     model: str = "cnn"
     rounds: int = 20
     min_clients: int = 3
@@ -114,6 +119,12 @@ class RunConfig:
                 f"the pruning schedule ends at round {last}, after the last"
                 f" round {self.rounds}: the target sparsity would never be reached"
             )
+
+    def broker_settings(self) -> BrokerSettings:
+        """How to reach the broker (credentials from the file, else the environment)."""
+        return BrokerSettings.load(
+            self.broker, ca=self.ca, cert=self.cert, key=self.key, credentials=self.credentials
+        )
 
     @property
     def run_dir(self) -> Path:

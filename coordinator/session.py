@@ -54,6 +54,7 @@ def _evaluator(
 
 
 def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None) -> Summary:
+    broker = config.broker_settings()  # a bad TLS or credentials file fails before the work
     model = models.build(config.model, seed=config.seed)
     pruner = pruner_for(model, config.schedule)
     rundir = RunDir(config.run_dir, overwrite=config.overwrite)
@@ -80,7 +81,7 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
     topics = Topics(config.run)
     will = encode(Offline(who="coordinator"), run=config.run, sender="coordinator")
     transport = MqttTransport(
-        config.broker,
+        broker,
         client_id=f"fedprune-coordinator-{config.run}",
         will=(topics.status, will),
         max_payload=config.max_payload,

@@ -9,14 +9,20 @@ import re
 import resource
 import socket
 import sys
+import tomllib
 from pathlib import Path
 
 from fedprune import __version__, device_profiles
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client.client import EdgeClient, Identity
 from fedprune.edge_client.deploy import DeploymentReceiver
-from fedprune.edge_client.errors import FedpruneError, print_error
-from fedprune.edge_client.options import at_least_one, name
+from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
+from fedprune.edge_client.options import (
+    add_broker_arguments,
+    at_least_one,
+    broker_settings,
+    name,
+)
 from fedprune.edge_client.trainer import check_backend
 from fedprune.edge_client.transport import MqttTransport
 
@@ -32,10 +38,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
-        "--broker",
-        default="mqtt://127.0.0.1:1883",
-        help="broker URL, mqtt://host:port (MQTT 3.1.1) or mqtt5://host:port",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the device's TOML config: any of " + ", ".join(CONFIG_KEYS) + " (flags override it;"
+        " relative paths are relative to the file)",
     )
+    add_broker_arguments(p)
     p.add_argument(
         "--models",
         type=Path,
@@ -67,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         type=Path,
-        required=True,
-        help=".npz with x (features) and y (integer labels); optional x_test/y_test",
+        help=".npz with x (features) and y (integer labels); optional x_test/y_test (required, "
+        "here or in --config)",
     )
     p.add_argument(
         "--profile",
@@ -115,8 +124,61 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
+    "broker": ("broker", False),
+    "ca": ("ca", True),
+    "cert": ("cert", True),
+    "key": ("key", True),
+    "credentials": ("credentials", True),
+    "run": ("run", False),
+    "id": ("client_id", False),
+    "profile": ("profile", False),
+    "data": ("data", True),
+    "models": ("models", True),
+    "cache": ("cache", True),
+    "trainer": ("trainer", False),
+}
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """A device's config file as argparse defaults (dest -> value); paths made relative to it."""
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
+    defaults = {}
+    for key, value in table.items():
+        if key not in CONFIG_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: {key} must be a non-empty string, got {value!r}")
+        dest, is_path = CONFIG_KEYS[key]
+        relative = key == "profile" and value.endswith(".toml")  # a profile file beside it
+        defaults[dest] = str(path.parent / value) if is_path or relative else value
+    return defaults
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Flags over the ``--config`` file over the built-in defaults."""
+    p = parser()
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", type=Path)
+    config = early.parse_known_args(argv)[0].config
+    if config is not None:
+        p.set_defaults(**read_config(config))
+    args = p.parse_args(argv)
+    if args.data is None:
+        p.error("the following arguments are required: --data (or data = ... in --config)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except ConfigError as exc:
+        return print_error(PROG, exc)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -135,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=backend,
         )
         transport = MqttTransport(
-            args.broker,
+            broker_settings(args),
             client_id=identity.client_id,
             will=identity.will(),
             max_payload=profile.max_payload_bytes,

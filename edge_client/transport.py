@@ -11,46 +11,22 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fedprune.edge_client.errors import BrokerError, ConfigError, OversizeError
+from fedprune.edge_client.connection import BrokerSettings, BrokerUrl
+from fedprune.edge_client.errors import BrokerError, OversizeError
+
+__all__ = ["BrokerSettings", "BrokerUrl", "Incoming", "MqttTransport", "Transport", "topic_matches"]
 
 Incoming = tuple[str, bytes]
 
 log = logging.getLogger("fedprune.transport")
-
-
-@dataclass(frozen=True, kw_only=True)
-class BrokerUrl:
-    """``mqtt://host:port`` (3.1.1) or ``mqtt5://host:port`` (MQTT 5)."""
-
-    host: str
-    port: int
-    mqtt5: bool
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerUrl:
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "mqtt5", "tcp"):
-            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtt5://")
-        try:
-            port = parts.port or 1883
-        except ValueError as exc:
-            raise ConfigError(f"broker URL {url!r}: bad port") from exc
-        if not parts.hostname:
-            raise ConfigError(f"broker URL {url!r}: no host")
-        return cls(host=parts.hostname, port=port, mqtt5=parts.scheme == "mqtt5")
-
-    def __str__(self) -> str:
-        return f"{'mqtt5' if self.mqtt5 else 'mqtt'}://{self.host}:{self.port}"
 
 
 class Transport(ABC):
@@ -91,11 +67,12 @@ class Transport(ABC):
 
 
 class MqttTransport(Transport):
-    """paho-mqtt 2.x client with a last will, reconnect with backoff, and resubscription."""
+    """paho-mqtt 2.x client with a last will, TLS and credentials, reconnect with backoff, and
+    resubscription. The MQTT client id is ``client_id`` itself, so that broker ACLs can name it."""
 
     def __init__(
         self,
-        url: str | BrokerUrl,
+        broker: str | BrokerUrl | BrokerSettings,
         *,
         client_id: str,
         will: tuple[str, bytes] | None = None,
@@ -103,20 +80,23 @@ class MqttTransport(Transport):
         connect_attempts: int = 5,
     ) -> None:
         super().__init__(max_payload=max_payload)
-        self.url = url if isinstance(url, BrokerUrl) else BrokerUrl.parse(url)
+        if isinstance(broker, str):
+            broker = BrokerUrl.parse(broker)
+        self.settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(url=broker)
+        self.url = self.settings.url
         self._subscriptions: dict[str, int] = {}
         self._connected = threading.Event()
+        self._refused: str | None = None  # why the broker turned us away, before it accepted us
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
         self._subacks: dict[int, threading.Event] = {}
         protocol = MQTTProtocolVersion.MQTTv5 if self.url.mqtt5 else MQTTProtocolVersion.MQTTv311
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"{client_id}-{uuid.uuid4().hex[:6]}",
-            protocol=protocol,
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=8)
+        self._secure(self.settings)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._on_connect
@@ -125,6 +105,20 @@ class MqttTransport(Transport):
         self._client.on_subscribe = self._on_subscribe
         self._connect(connect_attempts)
 
+    def _secure(self, settings: BrokerSettings) -> None:
+        if settings.url.tls:
+            try:
+                self._client.tls_set(
+                    ca_certs=None if settings.ca is None else str(settings.ca),
+                    certfile=None if settings.cert is None else str(settings.cert),
+                    keyfile=None if settings.key is None else str(settings.key),
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (ssl.SSLError, OSError) as exc:
+                raise BrokerError(f"cannot use the TLS files for {self.url}: {exc}") from exc
+        if settings.username is not None:
+            self._client.username_pw_set(settings.username, settings.password)
+
     def _connect(self, attempts: int) -> None:
         delay = 0.5
         log.info("connecting to the MQTT broker at %s", self.url)
@@ -132,8 +126,14 @@ class MqttTransport(Transport):
             try:
                 self._client.connect(self.url.host, self.url.port, keepalive=30)
                 break
+            except ssl.SSLError as exc:  # permanent: retrying cannot fix a certificate
+                reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+                raise BrokerError(
+                    f"TLS with the MQTT broker at {self.url} failed: {reason} (check --ca, and"
+                    " --cert/--key if the broker asks for a client certificate)"
+                ) from exc
             except OSError as exc:
-                reason = exc.strerror or str(exc)
+                reason = _unreachable(exc, self.url)
                 if attempt == attempts:
                     raise BrokerError(
                         f"cannot reach the MQTT broker at {self.url} after {attempts} attempts"
@@ -146,15 +146,21 @@ class MqttTransport(Transport):
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
         self._client.loop_start()
-        if not self._connected.wait(timeout=15):
-            self._client.loop_stop()
-            raise BrokerError(f"the MQTT broker at {self.url} did not accept the connection")
+        deadline = time.monotonic() + 15
+        while not self._connected.wait(timeout=0.05):
+            if self._refused is not None or time.monotonic() > deadline:
+                self._client.loop_stop()
+                self._client.disconnect()
+                why = self._refused or "no answer within 15 s"
+                raise BrokerError(f"the MQTT broker at {self.url} refused the connection: {why}")
         log.info("connected to the MQTT broker at %s", self.url)
 
     def _on_connect(
         self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object
     ) -> None:
         if getattr(rc, "is_failure", False):
+            if not self._connected.is_set():
+                self._refused = _refusal(rc, self.settings)
             return
         for pattern, qos in list(self._subscriptions.items()):
             client.subscribe(pattern, qos)
@@ -164,7 +170,17 @@ class MqttTransport(Transport):
             client.publish(topic, payload, qos=1, retain=True)
         self._connected.set()
 
-    def _on_disconnect(self, *_args: object) -> None:
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: object, _f: object, rc: object, *_p: object
+    ) -> None:
+        if self._refused is None and not self._connected.is_set():
+            hint = (
+                "a broker that requires a client certificate does this when none is given"
+                " (--cert, --key)"
+                if self.url.tls
+                else "a TLS listener does this to a plain connection (use mqtts://)"
+            )
+            self._refused = f"it closed the connection before accepting it; {hint}"
         self._connected.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
@@ -209,6 +225,28 @@ class MqttTransport(Transport):
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def _unreachable(exc: OSError, url: BrokerUrl) -> str:
+    """Why a TCP connection failed, in words."""
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing listens on {url.host} port {url.port}: connection refused"
+    if isinstance(exc, TimeoutError):
+        return "no answer: timed out"
+    return exc.strerror or str(exc)
+
+
+def _refusal(rc: object, settings: BrokerSettings) -> str:
+    """The broker's CONNACK refusal, with what to check."""
+    text = str(rc)
+    lowered = text.lower()
+    if "user name or password" in lowered or "not authori" in lowered:
+        if settings.username is None:
+            hint = "it needs credentials: --credentials FILE or FEDPRUNE_MQTT_USERNAME/PASSWORD"
+        else:
+            hint = f"check the credentials of user {settings.username!r}"
+        return f"{text} ({hint})"
+    return text
 
 
 def _settled(info: mqtt.MQTTMessageInfo) -> bool:

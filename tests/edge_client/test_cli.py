@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedprune.edge_client.cli import main
+from fedprune.edge_client.cli import main, parse
 
 
 @pytest.fixture
@@ -98,3 +98,46 @@ def test_help_explains_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("usage: fedprune-client")
     for flag in ("--broker", "--data", "--profile", "--connect-attempts", "--timeout"):
         assert flag in out
+
+
+def test_a_device_config_file_sets_the_options_and_flags_override_it(tmp_path: Path) -> None:
+    # Prepare: a provisioned device's config, paths relative to it
+    config = tmp_path / "pi-1" / "device.toml"
+    config.parent.mkdir()
+    config.write_text(
+        'broker = "mqtts://broker.lan:8883"\nca = "ca.crt"\ncredentials = "credentials.toml"\n'
+        'id = "pi-1"\nrun = "kitchen"\ndata = "local.npz"\n'
+    )
+
+    # Execute
+    args = parse(["--config", str(config), "--run", "garage"])
+
+    # Assert
+    assert (args.broker, args.client_id, args.run) == ("mqtts://broker.lan:8883", "pi-1", "garage")
+    assert (args.ca, args.credentials) == (str(config.parent / "ca.crt"),
+                                           str(config.parent / "credentials.toml"))  # fmt: skip
+    assert args.data == config.parent / "local.npz"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('brokr = "mqtt://b"\n', "unknown key 'brokr' (known: broker, ca, cert, key,"),
+        ("id = 7\n", "id must be a non-empty string, got 7"),
+        ("not toml", "not a readable TOML config file"),
+    ],
+)
+def test_a_bad_device_config_file_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    # Prepare
+    config = tmp_path / "device.toml"
+    config.write_text(text)
+
+    # Execute
+    code = main(["--config", str(config), "--data", "x.npz"])
+
+    # Assert
+    assert code == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith(f"fedprune-client: error: {config}: {message}")

@@ -46,6 +46,8 @@ def test_a_payload_of_exactly_the_maximum_is_sent() -> None:
         ("mqtt5://h:2", BrokerUrl(host="h", port=2, mqtt5=True)),
         ("h:3", BrokerUrl(host="h", port=3, mqtt5=False)),
         ("mqtt://broker.local", BrokerUrl(host="broker.local", port=1883, mqtt5=False)),
+        ("mqtts://broker.local", BrokerUrl(host="broker.local", port=8883, mqtt5=False, tls=True)),
+        ("mqtts5://b:9", BrokerUrl(host="b", port=9, mqtt5=True, tls=True)),
     ],
 )
 def test_broker_url_accepts_mqtt_and_mqtt5_and_bare_host_port(
@@ -62,12 +64,13 @@ def test_broker_url_prints_as_it_is_parsed() -> None:
     # Execute / Assert
     assert str(BrokerUrl.parse("mqtt5://10.0.0.2:8883")) == "mqtt5://10.0.0.2:8883"
     assert str(BrokerUrl.parse("pi.local:1884")) == "mqtt://pi.local:1884"
+    assert str(BrokerUrl.parse("mqtts5://b")) == "mqtts5://b:8883"
 
 
 @pytest.mark.parametrize(
     ("url", "fragment"),
     [
-        ("http://x", "scheme must be mqtt:// or mqtt5://"),
+        ("http://x", "scheme must be mqtt://, mqtts://, mqtt5:// or mqtts5://"),
         ("mqtt://h:port", "bad port"),
         ("mqtt://h:70000", "bad port"),
         ("mqtt://:1883", "no host"),

@@ -1,0 +1,379 @@
+"""Provisioning a fleet: a CA, certificates and broker accounts, and mosquitto's configuration.
+
+It writes files and nothing else. One folder holds a deployment::
+
+    DIR/fleet.toml                    the broker address and every account (active or revoked)
+    DIR/ca/ca.crt, ca.key             the fleet's CA (keep ca.key off the devices)
+    DIR/broker/                       mosquitto.conf, server.crt/.key, ca.crt, passwd, acl
+    DIR/coordinator/, DIR/monitor/    each: ca.crt, <name>.crt/.key, credentials.toml
+    DIR/devices/<id>/                 ca.crt, device.crt/.key, credentials.toml, device.toml
+    DIR/devices/<id>.tar.gz           the same folder packed, to copy onto the device
+
+The broker needs TLS with a client certificate signed by the CA *and* a password (one account per
+device, the account's name is its MQTT client id). The ACL lets a device publish only its own
+``clients/<id>/status`` and ``clients/<id>/update/...``, and read only what devices need; the
+coordinator account owns every fedprune topic and the monitor account reads them all. Revoking a
+device removes its password: its certificate alone cannot log in. Certificates and keys come from
+``cryptography``; password hashes from Debian's ``mosquitto_passwd``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+import shutil
+import subprocess
+import tarfile
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.topics import check_name
+
+COORDINATOR = "fedprune-coordinator"
+MONITOR = "fedprune-monitor"
+FLEET_FILE = "fleet.toml"
+_CA_DAYS, _LEAF_DAYS = 3650, 1095
+
+# What a device account may do, in every run: publish its own status and updates, read its inbox
+# and what the coordinator publishes for all devices.
+DEVICE_ACL = [
+    "write fedprune/v1/+/clients/{id}/status",
+    "write fedprune/v1/+/clients/{id}/update/#",
+    "read fedprune/v1/+/clients/{id}/inbox",
+    "read fedprune/v1/+/coordinator/status",
+    "read fedprune/v1/+/spec",
+    "read fedprune/v1/+/round",
+    "read fedprune/v1/+/metrics",
+    "read fedprune/v1/+/model/#",
+    "read fedprune/v1/+/artifact/#",
+    "read fedprune/v1/+/deploy/#",
+]
+
+
+@dataclass(kw_only=True)
+class Fleet:
+    """``fleet.toml``: where the broker listens and which accounts exist."""
+
+    hosts: list[str]
+    port: int
+    broker_dir: str  # where mosquitto will read its files (paths in mosquitto.conf)
+    devices: dict[str, str] = field(default_factory=dict)  # id -> "active" | "revoked"
+
+    @classmethod
+    def read(cls, folder: Path) -> Fleet:
+        path = folder / FLEET_FILE
+        try:
+            table = tomllib.loads(path.read_text())
+            return cls(
+                hosts=list(table["hosts"]),
+                port=int(table["port"]),
+                broker_dir=str(table["broker_dir"]),
+                devices=dict(table.get("devices", {})),
+            )
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{folder}: not a provisioned folder (no {FLEET_FILE})") from exc
+        except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable ({exc})") from exc
+
+    def write(self, folder: Path) -> None:
+        table = {"hosts": self.hosts, "port": self.port, "broker_dir": self.broker_dir}
+        _write(folder / FLEET_FILE, tomli_w.dumps({**table, "devices": self.devices}).encode())
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.hosts[0]}:{self.port}"
+
+
+def init(
+    folder: Path,
+    *,
+    hosts: Sequence[str],
+    port: int = 8883,
+    devices: Sequence[str] = (),
+    broker_dir: Path | None = None,
+) -> Fleet:
+    """A new deployment in ``folder`` (which must not hold one): CA, broker, coordinator and
+    monitor accounts, and ``devices``."""
+    if (folder / FLEET_FILE).exists():
+        raise ConfigError(f"{folder}: already provisioned; add devices with 'add'")
+    if not hosts:
+        raise ConfigError("give the broker's host name or address (--host), as devices reach it")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port must be in 1..65535, got {port}")
+    _mosquitto_passwd()
+    ca_key, ca_cert = _new_ca()
+    _write_pem(folder / "ca", "ca", ca_key, ca_cert)
+    broker = (broker_dir or folder / "broker").absolute()
+    fleet = Fleet(hosts=list(hosts), port=port, broker_dir=str(broker))
+    server_key, server_cert = _leaf(ca_key, ca_cert, "fedprune-broker", server_names=hosts)
+    _write_pem(folder / "broker", "server", server_key, server_cert, ca_cert)
+    _readable_by_mosquitto(folder / "broker" / "server.key")
+    _write(folder / "broker" / "passwd", b"")
+    for name in (COORDINATOR, MONITOR):
+        _account(folder, fleet, folder / name.removeprefix("fedprune-"), name, "client")
+    fleet.write(folder)
+    add(folder, devices)
+    return Fleet.read(folder)
+
+
+def add(folder: Path, devices: Iterable[str]) -> list[Path]:
+    """New device accounts; returns the bundle (``.tar.gz``) of each."""
+    fleet = Fleet.read(folder)
+    bundles = []
+    for device in devices:
+        check_name(device, "device id")
+        if device in (COORDINATOR, MONITOR) or fleet.devices.get(device) == "active":
+            raise ConfigError(f"device {device!r} already has an account")
+        home = folder / "devices" / device
+        _account(folder, fleet, home, device, "device")
+        _write(home / "device.toml", tomli_w.dumps(_device_config(fleet, device)).encode())
+        fleet.devices[device] = "active"
+        fleet.write(folder)
+        bundles.append(_pack(home))
+    _write_broker_config(folder, fleet)
+    return bundles
+
+
+def revoke(folder: Path, devices: Iterable[str]) -> None:
+    """Remove device accounts (their passwords); reload mosquitto to apply it."""
+    fleet = Fleet.read(folder)
+    for device in devices:
+        if fleet.devices.get(device) != "active":
+            raise ConfigError(f"no active device {device!r} in {folder}")
+        _run_passwd(["-D", str(folder / "broker" / "passwd"), device])
+        fleet.devices[device] = "revoked"
+        fleet.write(folder)
+    _write_broker_config(folder, fleet)
+
+
+def device_names(prefix: str, count: int, taken: Iterable[str] = ()) -> list[str]:
+    """``count`` new ids ``<prefix>-1``, ``<prefix>-2``, ... skipping those ``taken``."""
+    used, n = set(taken), 0
+    names: list[str] = []
+    while len(names) < count:
+        n += 1
+        if f"{prefix}-{n}" not in used:
+            names.append(f"{prefix}-{n}")
+    return names
+
+
+# -- accounts -------------------------------------------------------------------------------------
+
+
+def _account(folder: Path, fleet: Fleet, home: Path, name: str, role: str) -> None:
+    """A certificate, a key and a password for ``name``, written to ``home``."""
+    ca_key, ca_cert = _read_ca(folder)
+    key, cert = _leaf(ca_key, ca_cert, name, client=True)
+    stem = "device" if role == "device" else name.removeprefix("fedprune-")
+    _write_pem(home, stem, key, cert, ca_cert)
+    password = secrets.token_urlsafe(24)
+    _run_passwd(["-b", str(folder / "broker" / "passwd"), name, password])
+    credentials = tomli_w.dumps({"username": name, "password": password}).encode()
+    _write(home / "credentials.toml", credentials, private=True)
+
+
+def _device_config(fleet: Fleet, device: str) -> dict[str, str]:
+    """What ``fedprune-client --config`` reads; paths relative to the bundle."""
+    return {
+        "broker": fleet.url,
+        "ca": "ca.crt",
+        "cert": "device.crt",
+        "key": "device.key",
+        "credentials": "credentials.toml",
+        "id": device,
+    }
+
+
+def _pack(home: Path) -> Path:
+    bundle = home.with_name(home.name + ".tar.gz")
+    with tarfile.open(bundle, "w:gz") as tar:
+        tar.add(home, arcname=home.name)
+    bundle.chmod(0o600)
+    return bundle
+
+
+def _write_broker_config(folder: Path, fleet: Fleet) -> None:
+    broker = Path(fleet.broker_dir)
+    lines = [
+        "# Written by fedprune-provision: a TLS listener with client certificates and passwords,",
+        "# no anonymous access, and the fedprune ACL. Reload mosquitto after adding devices.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {broker / 'passwd'}",
+        f"acl_file {broker / 'acl'}",
+        f"listener {fleet.port}",
+        f"cafile {broker / 'ca.crt'}",
+        f"certfile {broker / 'server.crt'}",
+        f"keyfile {broker / 'server.key'}",
+        "require_certificate true",
+        "use_username_as_clientid true",
+    ]
+    _write(folder / "broker" / "mosquitto.conf", ("\n".join(lines) + "\n").encode())
+    acl = [
+        "# Written by fedprune-provision from fleet.toml: one account per device (its id, which is",
+        "# also its MQTT client id), the coordinator and a read-only monitor.",
+        f"user {COORDINATOR}",
+        "topic readwrite fedprune/#",
+        "",
+        f"user {MONITOR}",
+        "topic read fedprune/#",
+    ]
+    for device, state in fleet.devices.items():
+        if state == "active":
+            acl += [
+                "",
+                f"user {device}",
+                *(f"topic {rule.format(id=device)}" for rule in DEVICE_ACL),
+            ]
+    _write(folder / "broker" / "acl", ("\n".join(acl) + "\n").encode())
+
+
+# -- certificates ---------------------------------------------------------------------------------
+
+
+def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedprune fleet CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=_CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    *,
+    server_names: Sequence[str] = (),
+    client: bool = False,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=_LEAF_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
+    )
+    if server_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in server_names]), critical=False
+        )
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _read_ca(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    try:
+        key = serialization.load_pem_private_key((folder / "ca" / "ca.key").read_bytes(), None)
+        cert = x509.load_pem_x509_certificate((folder / "ca" / "ca.crt").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder / 'ca'}: cannot read the fleet's CA ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{folder / 'ca' / 'ca.key'}: not the EC key fedprune-provision makes")
+    return key, cert
+
+
+def _write_pem(
+    folder: Path,
+    stem: str,
+    key: ec.EllipticCurvePrivateKey,
+    cert: x509.Certificate,
+    ca: x509.Certificate | None = None,
+) -> None:
+    pem = serialization.Encoding.PEM
+    key_bytes = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write(folder / f"{stem}.key", key_bytes, private=True)
+    _write(folder / f"{stem}.crt", cert.public_bytes(pem))
+    if ca is not None:
+        _write(folder / "ca.crt", ca.public_bytes(pem))
+
+
+def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _readable_by_mosquitto(path: Path) -> None:
+    """mosquitto started as root drops to the 'mosquitto' user before it reads its key: give
+    that group read access when we can (as root, where the group exists)."""
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(path, group="mosquitto")
+            path.chmod(0o640)
+    except (LookupError, OSError):  # no such group here: the operator sets the owner
+        pass
+
+
+# -- mosquitto_passwd ------------------------------------------------------------------------------
+
+
+def _mosquitto_passwd() -> str:
+    found = shutil.which("mosquitto_passwd") or (
+        "/usr/bin/mosquitto_passwd" if Path("/usr/bin/mosquitto_passwd").exists() else None
+    )
+    if found is None:
+        raise ConfigError("mosquitto_passwd is not installed (apt-get install mosquitto)")
+    return found
+
+
+def _run_passwd(args: list[str]) -> None:
+    done = subprocess.run([_mosquitto_passwd(), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()
+        raise ConfigError(f"mosquitto_passwd failed: {reason[-1] if reason else done.returncode}")

@@ -1,0 +1,102 @@
+"""``fedprune-provision``: set up a fleet's CA, broker accounts and mosquitto configuration."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedprune import __version__
+from fedprune.coordinator import provision
+from fedprune.edge_client.errors import FedpruneError, print_error
+
+PROG = "fedprune-provision"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Provision a fleet in one folder: a CA, the broker's TLS certificate, one "
+        "account (certificate, key, password) for the coordinator, a read-only monitor and each "
+        "device, and mosquitto's configuration (TLS listener, no anonymous access, an ACL under "
+        "which a device may publish only its own topics). Each device gets a bundle to copy onto "
+        "it; fedprune-client --config BUNDLE/device.toml uses it.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    init = commands.add_parser("init", help="a new deployment (CA, broker, accounts)")
+    init.add_argument("folder", type=Path, metavar="DIR")
+    init.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        required=True,
+        metavar="NAME_OR_IP",
+        help="how devices reach the broker (repeat for several names); the first is put in "
+        "the devices' config",
+    )
+    init.add_argument("--port", type=int, default=8883, help="TLS port (default: %(default)s)")
+    init.add_argument("--devices", type=int, default=0, metavar="N", help="N device accounts")
+    init.add_argument("--prefix", default="device", help="device ids: PREFIX-1, PREFIX-2, ...")
+    init.add_argument(
+        "--broker-dir",
+        type=Path,
+        metavar="PATH",
+        help="where mosquitto will read DIR/broker's files, e.g. /etc/mosquitto/fedprune "
+        "(default: DIR/broker)",
+    )
+    add = commands.add_parser("add", help="new device accounts and bundles")
+    add.add_argument("folder", type=Path, metavar="DIR")
+    add.add_argument("devices", nargs="*", metavar="ID", help="device ids")
+    add.add_argument("--devices", dest="count", type=int, default=0, metavar="N",
+                     help="N more devices named PREFIX-<n>")  # fmt: skip
+    add.add_argument("--prefix", default="device")
+    revoke = commands.add_parser("revoke", help="remove device accounts (then reload mosquitto)")
+    revoke.add_argument("folder", type=Path, metavar="DIR")
+    revoke.add_argument("devices", nargs="+", metavar="ID")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            names = provision.device_names(args.prefix, args.devices)
+            fleet = provision.init(
+                args.folder, hosts=args.hosts, port=args.port, devices=names,
+                broker_dir=args.broker_dir,
+            )  # fmt: skip
+            print(f"provisioned {args.folder}: broker {fleet.url}, {len(names)} device(s)")
+            print(f"  broker:      mosquitto -c {args.folder / 'broker' / 'mosquitto.conf'}")
+            print(f"  coordinator: {_flags(args.folder / 'coordinator', 'coordinator', fleet)}")
+            print(f"  monitor:     {_flags(args.folder / 'monitor', 'monitor', fleet)}")
+            _bundles(args.folder, names)
+        elif args.command == "add":
+            taken = provision.Fleet.read(args.folder).devices
+            names = [*args.devices, *provision.device_names(args.prefix, args.count, taken)]
+            provision.add(args.folder, names)
+            _bundles(args.folder, names)
+            print("reload mosquitto to let them in (systemctl reload mosquitto, or kill -HUP)")
+        else:
+            provision.revoke(args.folder, args.devices)
+            print(f"revoked {', '.join(args.devices)}; reload mosquitto to apply it")
+    except (FedpruneError, OSError) as exc:
+        return print_error(PROG, exc)
+    return 0
+
+
+def _flags(home: Path, stem: str, fleet: provision.Fleet) -> str:
+    return (
+        f"--broker {fleet.url} --ca {home / 'ca.crt'} --cert {home / (stem + '.crt')}"
+        f" --key {home / (stem + '.key')} --credentials {home / 'credentials.toml'}"
+    )
+
+
+def _bundles(folder: Path, names: list[str]) -> None:
+    for name in names:
+        print(f"  device {name}: copy {folder / 'devices' / (name + '.tar.gz')}, then")
+        print(f"      fedprune-client --config {name}/device.toml --data local.npz --profile ...")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

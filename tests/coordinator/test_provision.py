@@ -1,0 +1,106 @@
+"""fedprune-provision's files: accounts, the ACL, device bundles (no broker needed)."""
+
+from __future__ import annotations
+
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from fedprune.coordinator import provision
+from fedprune.edge_client.errors import ConfigError
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    path = tmp_path / "fleet"
+    provision.init(path, hosts=["broker.lan", "10.0.0.5"], port=8883, devices=["pi-1", "pi-2"])
+    return path
+
+
+def test_init_writes_a_ca_a_broker_and_an_account_per_device(folder: Path) -> None:
+    # Execute
+    ca = x509.load_pem_x509_certificate((folder / "ca" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((folder / "broker" / "server.crt").read_bytes())
+    device = x509.load_pem_x509_certificate((folder / "devices/pi-1/device.crt").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    config = tomllib.loads((folder / "devices/pi-1/device.toml").read_text())
+    users = [line.split(":")[0] for line in (folder / "broker/passwd").read_text().splitlines()]
+
+    # Assert: certificates chain to the CA; the broker answers to both names; keys are private
+    assert server.issuer == ca.subject and device.issuer == ca.subject
+    assert names.get_values_for_type(x509.DNSName) == ["broker.lan"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert device.subject.rfc4514_string() == "CN=pi-1"
+    assert config == {
+        "broker": "mqtts://broker.lan:8883",
+        "ca": "ca.crt",
+        "cert": "device.crt",
+        "key": "device.key",
+        "credentials": "credentials.toml",
+        "id": "pi-1",
+    }
+    assert sorted(users) == ["fedprune-coordinator", "fedprune-monitor", "pi-1", "pi-2"]
+    for private in ("devices/pi-1/device.key", "devices/pi-1/credentials.toml", "ca/ca.key"):
+        assert (folder / private).stat().st_mode & 0o077 == 0, private
+
+
+def test_the_acl_lets_a_device_write_only_its_own_topics(folder: Path) -> None:
+    # Execute: the ACL's blocks, one per account
+    blocks = (folder / "broker" / "acl").read_text().split("\n\n")
+
+    # Assert
+    pi1 = next(block for block in blocks if block.startswith("user pi-1\n")).splitlines()
+    writes = [line for line in pi1 if line.startswith("topic write")]
+    assert writes == [
+        "topic write fedprune/v1/+/clients/pi-1/status",
+        "topic write fedprune/v1/+/clients/pi-1/update/#",
+    ]
+    assert not any("pi-2" in line for line in pi1)
+    assert "user fedprune-monitor\ntopic read fedprune/#" in blocks
+
+
+def test_a_bundle_holds_what_the_device_needs_and_not_the_ca_key(folder: Path) -> None:
+    # Execute
+    with tarfile.open(folder / "devices" / "pi-2.tar.gz") as tar:
+        names = sorted(tar.getnames())
+
+    # Assert
+    assert names == ["pi-2", "pi-2/ca.crt", "pi-2/credentials.toml", "pi-2/device.crt",
+                     "pi-2/device.key", "pi-2/device.toml"]  # fmt: skip
+
+
+def test_adding_and_revoking_devices_updates_accounts_and_acl(folder: Path) -> None:
+    # Execute
+    provision.add(folder, ["pi-3"])
+    provision.revoke(folder, ["pi-1"])
+
+    # Assert
+    fleet = provision.Fleet.read(folder)
+    assert fleet.devices == {"pi-1": "revoked", "pi-2": "active", "pi-3": "active"}
+    users = [line.split(":")[0] for line in (folder / "broker/passwd").read_text().splitlines()]
+    assert "pi-1" not in users and "pi-3" in users
+    acl = (folder / "broker" / "acl").read_text()
+    assert "user pi-1\n" not in acl and "user pi-3\n" in acl
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (lambda f: provision.init(f, hosts=["h"]), "already provisioned"),
+        (lambda f: provision.add(f, ["pi-1"]), "device 'pi-1' already has an account"),
+        (lambda f: provision.add(f, ["../etc"]), "device id '../etc': use letters, digits"),
+        (lambda f: provision.revoke(f, ["pi-9"]), "no active device 'pi-9'"),
+        (lambda f: provision.add(f.parent, ["x"]), "not a provisioned folder"),
+    ],
+    ids=["init-twice", "duplicate", "path-as-id", "unknown", "not-provisioned"],
+)
+def test_mistakes_are_one_line_config_errors(folder: Path, action: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        action(folder)  # type: ignore[operator]
+
+
+def test_device_names_skip_the_taken_ones() -> None:
+    assert provision.device_names("pi", 3, taken=["pi-2"]) == ["pi-1", "pi-3", "pi-4"]

@@ -1,0 +1,223 @@
+"""A provisioned fleet on a real mosquitto: TLS with client certificates, one password per
+device, and the ACL fedprune-provision writes (issue 9, the broker's layer)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedprune.coordinator import digits, provision
+from fedprune.coordinator.broker import free_port, mosquitto_binary
+from fedprune.edge_client.connection import BrokerSettings
+from fedprune.edge_client.errors import BrokerError
+from fedprune.edge_client.transport import MqttTransport
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Fleet:
+    folder: Path
+    url: str
+    broker: subprocess.Popen[bytes]
+    etc: Path  # where mosquitto reads the broker folder's files
+
+    def settings(self, who: str, stem: str, **changes: str | None) -> BrokerSettings:
+        home = self.folder / who
+        files: dict[str, str | None] = {
+            "ca": str(home / "ca.crt"),
+            "cert": str(home / f"{stem}.crt"),
+            "key": str(home / f"{stem}.key"),
+            "credentials": str(home / "credentials.toml"),
+        }
+        files.update(changes)
+        return BrokerSettings.load(self.url, environ={}, **files)  # type: ignore[arg-type]
+
+    def flags(self, who: str, stem: str) -> list[str]:
+        home = self.folder / who
+        return ["--broker", self.url, "--ca", str(home / "ca.crt"), "--cert",
+                str(home / f"{stem}.crt"), "--key", str(home / f"{stem}.key"),
+                "--credentials", str(home / "credentials.toml")]  # fmt: skip
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """``fedprune-provision init`` with two devices, its broker folder copied where mosquitto
+    (which drops to the 'mosquitto' user before reading keys) can read it, as an operator copies
+    it to /etc/mosquitto, and mosquitto started with it."""
+    if mosquitto_binary() is None:
+        pytest.fail("mosquitto is not installed: run scripts/setup.sh (apt-get install mosquitto)")
+    folder, port = tmp_path / "fleet", free_port()
+    etc = Path(tempfile.mkdtemp(prefix="fedprune-etc-"))
+    etc.chmod(0o755)
+    done = subprocess.run(
+        [BIN / "fedprune-provision", "init", folder, "--host", "127.0.0.1", "--port", str(port),
+         "--devices", "2", "--prefix", "pi", "--broker-dir", etc / "broker"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shutil.copytree(folder / "broker", etc / "broker")
+    shutil.chown(etc / "broker" / "server.key", group="mosquitto")  # copies keep mode, not group
+    broker = subprocess.Popen(
+        [mosquitto_binary() or "mosquitto", "-c", str(etc / "broker" / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.5)
+    assert broker.poll() is None, "mosquitto did not start with the provisioned configuration"
+    yield Fleet(folder=folder, url=f"mqtts://127.0.0.1:{port}", broker=broker, etc=etc / "broker")
+    broker.terminate()
+    broker.wait(10)
+    shutil.rmtree(etc, ignore_errors=True)
+
+
+def _unpack(bundle: Path, into: Path) -> Path:
+    """The bundle as a device gets it: copied and unpacked somewhere else."""
+    with tarfile.open(bundle) as tar:
+        tar.extractall(into, filter="data")
+    return into / bundle.name.removesuffix(".tar.gz") / "device.toml"
+
+
+def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # Prepare: each device has only its bundle; the coordinator its own account
+    paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
+    configs = [
+        _unpack(fleet.folder / "devices" / f"pi-{i}.tar.gz", tmp_path / f"device-{i}")
+        for i in (1, 2)
+    ]
+    coordinator = subprocess.Popen(
+        [BIN / "fedprune-coordinator", *fleet.flags("coordinator", "coordinator"), "--run",
+         "secure", "--min-clients", "2", "--rounds", "3", "--begin-round", "1", "--end-round",
+         "2", "--heldout", heldout, "--out", tmp_path / "runs", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    # Execute
+    devices = [
+        subprocess.Popen(
+            [
+                BIN / "fedprune-client",
+                "--config",
+                config,
+                "--run",
+                "secure",
+                "--data",
+                data,
+                "--profile",
+                "raspberry-pi-4",
+                "--models",
+                tmp_path / f"models-{i}",
+                "--cache",
+                tmp_path / "cache",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i, (config, data) in enumerate(zip(configs, paths, strict=True))
+    ]
+    logs = [device.communicate(timeout=300)[0] for device in devices]
+    _, err = coordinator.communicate(timeout=300)
+
+    # Assert
+    assert coordinator.returncode == 0, err[-3000:]
+    assert [d.returncode for d in devices] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    rounds = [json.loads(line) for line in (tmp_path / "runs/secure/metrics.jsonl").open()]
+    assert [r["reported"] for r in rounds] == [2, 2, 2]
+    assert all("mqtts://127.0.0.1" in log for log in logs)
+
+
+def test_the_broker_drops_what_a_device_publishes_outside_its_own_topics(fleet: Fleet) -> None:
+    # Prepare: the coordinator's account sees everything under fedprune/
+    coordinator = MqttTransport(fleet.settings("coordinator", "coordinator"), client_id="x")
+    coordinator.subscribe("fedprune/#")
+    device = MqttTransport(fleet.settings("devices/pi-1", "device"), client_id="pi-1")
+    device.subscribe("fedprune/v1/r/clients/+/status")
+
+    # Execute: its own status, another device's status and update, the coordinator's status
+    for topic, payload in [
+        ("fedprune/v1/r/clients/pi-1/status", b"own"),
+        ("fedprune/v1/r/clients/pi-2/status", b"forged offline"),
+        ("fedprune/v1/r/clients/pi-2/update/1/0", b"forged update"),
+        ("fedprune/v1/r/coordinator/status", b"forged finished"),
+        ("fedprune/v1/r/spec", b"forged spec"),
+    ]:
+        device.publish(topic, payload)
+    device.flush(timeout=5)
+    coordinator.publish("fedprune/v1/r/clients/pi-2/status", b"pi-2 hello")
+    coordinator.flush(timeout=5)
+    seen = _drain(coordinator)
+    by_device = _drain(device)
+    coordinator.close()
+    device.close()
+
+    # Assert: only its own topic got through; it cannot read other devices' statuses either
+    assert seen == [
+        ("fedprune/v1/r/clients/pi-1/status", b"own"),
+        ("fedprune/v1/r/clients/pi-2/status", b"pi-2 hello"),
+    ]
+    assert by_device == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"credentials": None}, "refused the connection: Not authorized (it needs credentials"),
+        ({"cert": None, "key": None}, "requires a client certificate does this when none is"),
+        ({"ca": None}, "failed: self-signed certificate in certificate chain (check --ca"),
+    ],
+    ids=["no-password", "no-certificate", "unknown-ca"],
+)
+def test_a_device_without_its_credentials_is_refused_and_told_why(
+    fleet: Fleet, changes: dict[str, str | None], reason: str
+) -> None:
+    # Execute
+    with pytest.raises(BrokerError) as caught:
+        MqttTransport(
+            fleet.settings("devices/pi-1", "device", **changes),
+            client_id="pi-1",
+            connect_attempts=1,
+        )
+
+    # Assert
+    assert reason in str(caught.value)
+
+
+def test_a_revoked_device_is_refused_after_the_broker_reloads(fleet: Fleet) -> None:
+    # Execute: revoke pi-2, then SIGHUP makes mosquitto reread its password file and ACL
+    done = subprocess.run(
+        [BIN / "fedprune-provision", "revoke", fleet.folder, "pi-2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    for name in ("passwd", "acl"):  # the operator copies the changed files again
+        shutil.copy(fleet.folder / "broker" / name, fleet.etc / name)
+    fleet.broker.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+
+    # Assert: pi-2 is out, pi-1 is not
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(BrokerError, match="Not authorized"):
+        MqttTransport(fleet.settings("devices/pi-2", "device"), client_id="pi-2")
+    MqttTransport(fleet.settings("devices/pi-1", "device"), client_id="pi-1").close()
+    assert provision.Fleet.read(fleet.folder).devices == {"pi-1": "active", "pi-2": "revoked"}
+
+
+def _drain(transport: MqttTransport) -> list[tuple[str, bytes]]:
+    items = []
+    while (item := transport.get(timeout=0.5)) is not None:
+        items.append(item)
+    return items
