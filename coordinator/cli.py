@@ -95,6 +95,31 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=d.profile,
         help="device profile of the final export (default: %(default)s)",
     )
+    p.add_argument(
+        "--max-update-bytes",
+        type=int,
+        default=d.max_update_bytes,
+        help="largest update a device may send (default: twice the dense float32 model)",
+    )
+    p.add_argument(
+        "--max-norm",
+        type=float,
+        default=d.max_norm,
+        help="largest L2 norm of an update (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=d.max_samples,
+        help="most samples an update may claim; never more than the device's hello declared "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-pending-bytes",
+        type=int,
+        default=d.max_pending_bytes,
+        help="memory for updates still in assembly, all devices together (default: %(default)s)",
+    )
     p.add_argument("--out", default=d.out, help="folder of run directories (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument(
@@ -136,6 +161,10 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         seed=args.seed,
         overwrite=args.overwrite,
         deploy_anyway=args.deploy_anyway,
+        max_update_bytes=args.max_update_bytes,
+        max_norm=args.max_norm,
+        max_samples=args.max_samples,
+        max_pending_bytes=args.max_pending_bytes,
     )
     values.update(overrides)
     return RunConfig(**values)  # type: ignore[arg-type]  # checked in __post_init__

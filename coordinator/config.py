@@ -92,6 +92,11 @@ class RunConfig:
     seed: int = 0
     overwrite: bool = False  # replace an earlier run of the same name in out/
     deploy_anyway: bool = False  # deploy a final model that fails coordinator.health's checks
+    # What an update may be (coordinator.validation.Limits); 0 bytes = twice the dense model
+    max_update_bytes: int = 0
+    max_norm: float = 1e4
+    max_samples: int = 10_000_000
+    max_pending_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -106,6 +111,10 @@ class RunConfig:
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
             ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
+            ("max_update_bytes", self.max_update_bytes >= 0, ">= 0 (0 = twice the dense model)"),
+            ("max_norm", self.max_norm > 0, "> 0"),
+            ("max_samples", self.max_samples >= 1, ">= 1"),
+            ("max_pending_bytes", self.max_pending_bytes >= 1, ">= 1"),
         ]
         check_name(self.run, "run name")
         for name, ok, rule in checks:

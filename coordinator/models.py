@@ -9,6 +9,7 @@ import tf_keras
 
 from fedprune.converters.strip import load_keras
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.keras_trainer import check_architecture
 
 layers = tf_keras.layers
 
@@ -54,6 +55,10 @@ def build(name_or_path: str, *, seed: int = 0) -> tf_keras.Model:
         raise ConfigError(f"unknown model {name_or_path!r}: not a preset ({presets}) nor a file")
     model = load_keras(path)
     check_classifier(model, str(path))
+    try:
+        check_architecture(model.to_json())  # what devices would refuse to build
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return model
 
 

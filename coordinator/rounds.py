@@ -9,6 +9,7 @@ line and publish it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -18,13 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedprune import device_profiles
 from fedprune.coordinator.aggregation import FedAvg
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
+from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.codec import Model, encode_model
 from fedprune.edge_client.errors import ConfigError, FedpruneError, WireError
-from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.topics import Topics, check_name
 from fedprune.edge_client.trainer import Evaluation, backend_class
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
@@ -89,8 +92,11 @@ class _Collect:
     responded: set[str] = field(default_factory=set)  # reported, or rejected: no need to wait
     rejected: Counter[str] = field(default_factory=Counter)
     bytes_up: int = 0
-    assembling: dict[tuple[str, str], Reassembler] = field(default_factory=dict)
-    done: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Payloads in assembly, by (client, round topic level, SHA-256): a forged or garbled payload on
+    # a device's topic is assembled and judged apart from the device's own.
+    assembling: dict[tuple[str, str, str], Reassembler] = field(default_factory=dict)
+    held: int = 0  # bytes held by all of ``assembling``, bounded by Limits.max_pending_bytes
+    handled: set[tuple[str, str, str]] = field(default_factory=set)  # accepted or rejected
     unreadable: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -119,7 +125,9 @@ class Coordinator:
         self.limits = limits or Limits()
         self.topics = Topics(config.run)
         self.clients: dict[str, Hello] = {}
-        self.profiles: set[str] = {config.profile}  # of every client seen, for deployment
+        # The profile each device announced -> the catalogue profile exported for it; a name from
+        # the network is only ever looked up in the catalogue, never opened as a path.
+        self.profiles: dict[str, str] = {}
         self.results: list[RoundResult] = []
         self._collect: _Collect | None = None
         self._model_chunks: list[str] = []
@@ -218,7 +226,9 @@ class Coordinator:
         except WireError as exc:
             log.warning("ignored status of %s: %s", client_id, exc)
             return True
-        if isinstance(message, Hello):
+        if isinstance(message, Hello) and message.client_id != client_id:
+            log.warning("ignored a hello for %r on %s's status topic", message.client_id, client_id)
+        elif isinstance(message, Hello):
             if client_id not in self.clients:
                 log.info(
                     "client %s joined (%s, %d samples, %s trainer)%s",
@@ -228,8 +238,10 @@ class Coordinator:
                     message.backend,
                     "" if self._can_train(message) else ": it cannot train this model",
                 )
+                exported = _catalogue_profile(client_id, message.profile)
+                if exported is not None:
+                    self.profiles[message.profile] = exported
             self.clients[client_id] = message
-            self.profiles.add(message.profile)
         elif isinstance(message, Offline) and self.clients.pop(client_id, None) is not None:
             log.info("client %s went offline", client_id)
         return True
@@ -251,28 +263,25 @@ class Coordinator:
             if not isinstance(message, Chunk):
                 raise WireError(f"expected a chunk, got {message.KIND}")
             chunk = message
-            if state.done.get(key) == chunk.sha256:
-                return  # a QoS 1 redelivery of an update already handled
+            if (*key, chunk.sha256) in state.handled:
+                return  # a QoS 1 redelivery, or the rest of a payload already judged
             if round_text != str(state.round):
                 raise Rejected(Reason.ROUND, f"update for round {round_text}, now {state.round}")
             if client_id not in state.selected:
                 raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
-            limit = self.limits.max_update_bytes
-            complete = state.assembling.setdefault(key, Reassembler(max_size=limit)).add(chunk)
+            if client_id in state.reported:
+                raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
+            complete = self._assemble(state, (*key, chunk.sha256), chunk)
             if complete is None:
                 return
-            del state.assembling[key]
-            if key in state.done:
-                state.done[key] = chunk.sha256
-                raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
-            state.done[key] = chunk.sha256
-            update = validate(complete, state.model, round_=state.round, limits=self.limits)
+            update = validate(
+                complete, state.model, round_=state.round, limits=self._limits(client_id)
+            )
         except (WireError, Rejected) as exc:
-            state.assembling.pop(key, None)
-            # One rejection per update, not per chunk: the rest of a rejected payload's chunks are
-            # ignored like redeliveries; unreadable chunks are counted once per client and round.
+            # One rejection per payload, not per chunk: the rest of a rejected payload's chunks
+            # are ignored like redeliveries; unreadable chunks count once per client and round.
             if chunk is not None:
-                state.done[key] = chunk.sha256
+                self._drop(state, (*key, chunk.sha256))
             elif key in state.unreadable:
                 return
             else:
@@ -281,7 +290,8 @@ class Coordinator:
             self._reject(state, client_id, rejected)
             return
         except Exception as exc:  # noqa: BLE001 - the network boundary: a bad update is data
-            state.assembling.pop(key, None)
+            if chunk is not None:
+                self._drop(state, (*key, chunk.sha256))
             log.exception("round %d: unreadable update chunk from %s", state.round, client_id)
             self._reject(state, client_id, Rejected(Reason.DECODE, f"unreadable update ({exc!r})"))
             return
@@ -293,6 +303,44 @@ class Coordinator:
             Notice(round=state.round, accepted=True, reason=""),
             retain=False,
         )
+
+    def _assemble(self, state: _Collect, slot: tuple[str, str, str], chunk: Chunk) -> bytes | None:
+        """Add a chunk to its payload; the payload once complete. Memory is bounded per payload
+        (``max_update_bytes``), per device (``max_payloads_per_device`` in assembly) and in all
+        (``max_pending_bytes``), so made-up payloads cannot exhaust the coordinator."""
+        limits = self.limits
+        assembler = state.assembling.get(slot)
+        if assembler is None:
+            mine = sum(1 for other in state.assembling if other[:2] == slot[:2])
+            if mine >= limits.max_payloads_per_device:
+                raise Rejected(Reason.OVERSIZE, f"{slot[0]} has {mine} updates in assembly already")
+            assembler = state.assembling[slot] = Reassembler(max_size=limits.max_update_bytes)
+        before = assembler.held
+        complete = assembler.add(chunk)
+        state.held += assembler.held - before
+        if state.held > limits.max_pending_bytes:
+            raise Rejected(
+                Reason.OVERSIZE,
+                f"updates in assembly hold {state.held:,} bytes > {limits.max_pending_bytes:,}",
+            )
+        if complete is not None:
+            self._drop(state, slot)
+        return complete
+
+    @staticmethod
+    def _drop(state: _Collect, slot: tuple[str, str, str]) -> None:
+        """Forget a payload's chunks; later chunks of it are ignored."""
+        assembler = state.assembling.pop(slot, None)
+        if assembler is not None:
+            state.held -= assembler.held
+        state.handled.add(slot)
+
+    def _limits(self, client_id: str) -> Limits:
+        """The validation limits for one device: no more samples than its hello declared."""
+        hello = self.clients.get(client_id)
+        if hello is None or hello.num_samples >= self.limits.max_samples:
+            return self.limits
+        return dataclasses.replace(self.limits, max_samples=max(1, hello.num_samples))
 
     def _reject(self, state: _Collect, client_id: str, rejected: Rejected) -> None:
         state.rejected[rejected.reason.value] += 1
@@ -444,6 +492,22 @@ class Coordinator:
         self._publish(self.topics.status, status)
         if not self.transport.flush(timeout=30):
             log.warning("the broker did not acknowledge the final status in time")
+
+
+def _catalogue_profile(client_id: str, announced: str) -> str | None:
+    """The shipped profile whose export a device that announced ``announced`` gets: that one if
+    it is in the catalogue, else the default one; ``None`` for a name that cannot name a topic."""
+    try:
+        check_name(announced, "profile")
+    except ConfigError:
+        log.warning("client %s announced an unusable profile name %r: no deployment for it",
+                    client_id, announced[:64])  # fmt: skip
+        return None
+    if announced in device_profiles.available():
+        return announced
+    log.warning("client %s announced profile %r, which is not in the catalogue: it gets the %s"
+                " export", client_id, announced, DEFAULT_PROFILE)  # fmt: skip
+    return DEFAULT_PROFILE
 
 
 def _needs_artifact(backend: str) -> bool:

@@ -18,6 +18,7 @@ from fedprune.coordinator.health import chance_accuracy, verdict
 from fedprune.coordinator.pruning import Pruner, pruner_for
 from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.rundir import RunDir
+from fedprune.coordinator.validation import Limits
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.quiet import native_log_filtered
@@ -91,6 +92,7 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         config,
         pruner,
         evaluate=_evaluator(pruner, x, y),
+        limits=_limits(config, pruner),
         on_round=after_round,
         build_artifact=lambda: _trainable(pruner, config),
     )
@@ -98,8 +100,13 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         results = coordinator.train()
         rundir.save_models(pruner)
         unhealthy = verdict(results, None if y is None else chance_accuracy(y))
-        exports = _export(rundir.path, sorted(coordinator.profiles)) if x is not None else {}
-        deployable = {p: r for p, r in exports.items() if isinstance(r, ExportReport)}
+        wanted = sorted({config.profile, *coordinator.profiles.values()})
+        exports = _export(rundir.path, wanted) if x is not None else {}
+        deployable = {  # by the profile each device announced
+            announced: report
+            for announced, exported in coordinator.profiles.items()
+            if isinstance(report := exports.get(exported), ExportReport)
+        }
         if unhealthy is not None:
             log.error(
                 "the final model looks broken: %s; %s", unhealthy,
@@ -129,6 +136,19 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         exports=exports,
         deployed=sorted(deployable),
         unhealthy=unhealthy,
+    )
+
+
+def _limits(config: RunConfig, pruner: Pruner) -> Limits:
+    """The run's validation limits; by default an update may be twice the dense float32 model
+    (a sparse update is at most the dense values plus a bitmask and framing)."""
+    dense = 4 * sum(int(np.prod(w.shape)) for w in pruner.model().weights)
+    update_bytes = config.max_update_bytes or 2 * dense + 64 * 1024
+    return Limits(
+        max_update_bytes=update_bytes,
+        max_norm=config.max_norm,
+        max_samples=config.max_samples,
+        max_pending_bytes=config.max_pending_bytes,
     )
 
 

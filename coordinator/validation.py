@@ -8,7 +8,13 @@ from enum import StrEnum
 import numpy as np
 
 from fedprune.edge_client.codec import Model, Update, decode_update
-from fedprune.edge_client.errors import OversizeError, ShapeError, VersionError, WireError
+from fedprune.edge_client.errors import (
+    ConfigError,
+    OversizeError,
+    ShapeError,
+    VersionError,
+    WireError,
+)
 
 
 class Reason(StrEnum):
@@ -38,9 +44,26 @@ class Rejected(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
+    """What an update may be. ``max_samples`` is lowered per device to what its hello declared;
+    the last two bound the coordinator's memory for updates still in assembly."""
+
     max_update_bytes: int = 64 * 1024 * 1024
     max_norm: float = 1e4
     max_samples: int = 10_000_000
+    max_payloads_per_device: int = 2
+    max_pending_bytes: int = 512 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_update_bytes", "max_samples", "max_payloads_per_device"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.max_norm > 0:
+            raise ConfigError(f"max_norm must be > 0, got {self.max_norm!r}")
+        if self.max_pending_bytes < self.max_update_bytes:
+            raise ConfigError(
+                f"max_pending_bytes ({self.max_pending_bytes}) must hold one update"
+                f" (max_update_bytes {self.max_update_bytes})"
+            )
 
 
 _BY_ERROR: list[tuple[type[WireError], Reason]] = [
@@ -65,7 +88,9 @@ def validate(payload: bytes, model: Model, *, round_: int, limits: Limits) -> Up
     if update.round != round_:
         raise Rejected(Reason.ROUND, f"update is for round {update.round}, not {round_}")
     if not 0 < update.num_samples <= limits.max_samples:
-        raise Rejected(Reason.SAMPLES, f"num_samples {update.num_samples} out of range")
+        raise Rejected(
+            Reason.SAMPLES, f"num_samples {update.num_samples} not in 1..{limits.max_samples}"
+        )
     if not all(np.all(np.isfinite(d)) for d in update.deltas):
         raise Rejected(Reason.NONFINITE, "update contains NaN or Inf")
     metrics = update.metrics

@@ -1,15 +1,74 @@
-"""The ``keras`` trainer: tf_keras on the device (TensorFlow is imported only when it is built)."""
+"""The ``keras`` trainer: tf_keras on the device (TensorFlow is imported only when it is built).
+
+The architecture arrives over the network as JSON. Building it is the one place where a device
+turns network data into code, so only an allow-list of plain layer classes and named activations
+is built: a ``Lambda`` (which carries Python bytecode) or any custom class is refused with one line
+before TensorFlow sees the JSON.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from fedprune.edge_client.codec import Model
+from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.trainer import Evaluation, Trainer, batches
 from fedprune.edge_client.wire import Spec
+
+ALLOWED_LAYERS = frozenset(
+    {
+        "Sequential", "Functional", "Model", "InputLayer",
+        "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
+        "MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D",
+        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D", "ZeroPadding2D", "Flatten", "Reshape", "Dropout",
+        "BatchNormalization", "LayerNormalization", "Activation", "ReLU", "LeakyReLU", "Softmax",
+        "Add", "Concatenate", "Multiply", "Average",
+    }
+)  # fmt: skip
+"""Layer classes a device builds from the network's JSON; anything else is refused."""
+
+ALLOWED_ACTIVATIONS = frozenset(
+    {"linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "tanh", "softmax", "softplus",
+     "softsign", "elu", "selu", "gelu", "swish", "silu", "exponential"}
+)  # fmt: skip
+
+
+def check_architecture(model_json: str) -> None:
+    """Refuse (``ConfigError``, one line) an architecture that names a layer class or an
+    activation outside the allow-lists; nothing in it is built before this passes."""
+    try:
+        config = json.loads(model_json)
+    except ValueError as exc:
+        raise ConfigError(f"the run's model architecture is not JSON ({exc})") from exc
+    for layer in _layers(config):
+        kind = layer.get("class_name")
+        if not isinstance(kind, str) or kind not in ALLOWED_LAYERS:
+            name = layer.get("config", {}).get("name", "?")
+            raise ConfigError(
+                f"the run's model has layer {name!r} of class {kind!r}, which devices do not"
+                " build from the network (only plain Keras layers: no Lambda, no custom class)"
+            )
+        activation = layer.get("config", {}).get("activation", "linear")
+        if not isinstance(activation, str) or activation not in ALLOWED_ACTIVATIONS:
+            raise ConfigError(
+                f"the run's model has an activation {str(activation)[:60]!r} that devices do not"
+                f" build (one of {', '.join(sorted(ALLOWED_ACTIVATIONS))})"
+            )
+
+
+def _layers(config: Any) -> Iterator[dict[str, Any]]:
+    """Every layer record in a Keras model config, nested models included."""
+    if not isinstance(config, dict) or not isinstance(config.get("config", {}), dict):
+        raise ConfigError("the run's model architecture is not a Keras model config")
+    yield config
+    for layer in config.get("config", {}).get("layers", []) or []:
+        yield from _layers(layer)
 
 
 class KerasTrainer(Trainer):
@@ -22,6 +81,7 @@ class KerasTrainer(Trainer):
         import tensorflow as tf
         import tf_keras
 
+        check_architecture(spec.model_json)
         self._tf = tf
         self._keras = tf_keras
         self.model = tf_keras.models.model_from_json(spec.model_json)

@@ -318,6 +318,11 @@ class Reassembler:
         self._first: Chunk | None = None
         self._bytes = 0
 
+    @property
+    def held(self) -> int:
+        """Bytes of chunk data held so far."""
+        return self._bytes
+
     def add(self, chunk: Chunk) -> bytes | None:
         """Add a chunk; return the verified payload once complete, else ``None``."""
         first = self._first

@@ -134,3 +134,20 @@ def test_a_model_without_a_softmax_output_is_refused_with_one_line(
         f"{path}: the output layer 'logits' ends in 'linear', not a softmax; fedprune trains"
         " classifiers that output probabilities: give it activation='softmax'"
     )
+
+
+def test_a_model_with_a_lambda_layer_is_refused_at_start(tmp_path: Path) -> None:
+    # Prepare: a Lambda carries Python code, which devices never build from the network
+    inputs = tf_keras.Input((4,))
+    x = tf_keras.layers.Lambda(lambda t: t * 2.0, name="double")(inputs)
+    path = tmp_path / "lambda.h5"
+    tf_keras.Model(inputs, tf_keras.layers.Dense(3, activation="softmax")(x)).save(path)
+
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        models.build(str(path))
+
+    # Assert
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ")
+    assert "Lambda" in message and "\n" not in message

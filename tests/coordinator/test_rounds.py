@@ -505,3 +505,116 @@ def test_the_training_artifact_is_built_at_start_and_a_failure_is_in_the_spec(
         assert spec.artifact.sha256 == sha256(b"tflite artifact bytes")
         assert f"{TOPICS.artifact}/0" in broker.retained
         assert coordinator._can_train(litert)
+
+
+def test_a_forged_payload_on_a_device_topic_does_not_cost_the_device_its_update(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: someone else publishes, as "a" and on a's topic, a garbage payload and the first
+    # chunk of a made-up one before a's genuine update arrives (an open broker, no ACL)
+    h = harness()
+    deltas: dict[str, list[np.ndarray]] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        forged = FakeClient.chunks(h.clients["a"], b"\xc1 garbage that is not an update")
+        squatted = FakeClient.chunks(h.clients["a"], b"x" * 50_000, max_chunk=10_000)[:1]
+        h.clients["a"].publish(announcement.round, forged + squatted)
+        deltas["a"], deltas["b"] = _delta(model, 1), _delta(model, 2)
+        h.clients["a"].send(announcement.round, _payload(model, deltas["a"]), max_chunk=12_000)
+        h.clients["b"].send(announcement.round, _payload(model, deltas["b"]))
+
+    h.on_round(answer)
+
+    # Execute
+    before, result, after = h.run_round()
+
+    # Assert: the garbage is rejected once; a's own update counts
+    assert result.rejected == {"decode": 1}
+    assert result.reported == 2
+    want = [
+        w + (a + b) / 2 for w, a, b in zip(before.weights, deltas["a"], deltas["b"], strict=True)
+    ]
+    _assert_weights(after, want)
+
+
+def test_a_device_cannot_claim_more_samples_than_its_hello_declared(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: both said hello with 100 samples; "a" then claims 10,000,000 to dominate FedAvg
+    h = harness()
+
+    def answer(announcement: Round, model: Model) -> None:
+        h.clients["a"].send(
+            announcement.round, _payload(model, _delta(model, 1), num_samples=10**7)
+        )
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)))
+
+    h.on_round(answer)
+
+    # Execute
+    _, result, _ = h.run_round()
+
+    # Assert
+    assert result.rejected == {"samples": 1}
+    assert result.reported == 1
+    (notice,) = h.clients["a"].notices()
+    assert notice.reason == "samples: num_samples 10000000 not in 1..100"
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason"),
+    [
+        (Limits(max_update_bytes=60_000, max_payloads_per_device=2), "a has 2 updates in assembly"),
+        (
+            Limits(max_update_bytes=60_000, max_pending_bytes=60_000, max_payloads_per_device=9),
+            "updates in assembly hold 90,000 bytes > 60,000",
+        ),
+    ],
+    ids=["per-device", "in-total"],
+)
+def test_payloads_in_assembly_are_bounded_per_device_and_in_total(
+    harness: Callable[..., Harness], limits: Limits, reason: str
+) -> None:
+    # Prepare: after b's update, "a" starts three 50 kB payloads and never finishes them
+    h = harness(limits=limits, round_timeout=0.5)
+
+    def answer(announcement: Round, model: Model) -> None:
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)))
+        for filler in (b"x", b"y", b"z"):
+            first = FakeClient.chunks(h.clients["a"], filler * 50_000, max_chunk=30_000)[:1]
+            h.clients["a"].publish(announcement.round, first)
+
+    h.on_round(answer)
+
+    # Execute
+    _, result, _ = h.run_round()
+
+    # Assert: the third start is refused; b's update counted
+    assert result.rejected == {"oversize": 1}
+    assert result.reported == 1
+    (notice,) = h.clients["a"].notices()
+    assert notice.reason.startswith(f"oversize: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("announced", "exported"),
+    [
+        ("raspberry-pi-4", "raspberry-pi-4"),
+        ("my-own-board", "generic-x86-64"),
+        ("../../etc/passwd.toml", None),
+        ("deploy/+/#", None),
+    ],
+)
+def test_a_profile_in_a_hello_is_only_a_catalogue_name(
+    harness: Callable[..., Harness], announced: str, exported: str | None
+) -> None:
+    # Prepare
+    h = harness()
+    hello = Hello(client_id="c", profile=announced, num_samples=5, backend="keras")
+
+    # Execute
+    h.clients["a"].transport.publish(TOPICS.client_status("c"), encode(hello, run=RUN, sender="c"))
+    h.coordinator.pump(0)
+
+    # Assert: never a path, never a topic; unknown names get the default profile's export
+    assert h.coordinator.profiles.get(announced) == exported
