@@ -8,6 +8,7 @@ container is msgpack. See docs/protocol.md for the layout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,13 @@ def _load(payload: bytes) -> Any:
         raise WireError(f"undecodable payload ({exc or type(exc).__name__})") from exc
 
 
+def _declared_limit(tensor: Any) -> int:
+    """The most weights a tensor's own bytes can describe: one mask bit each, or four value
+    bytes each when it has no mask."""
+    mask, values = tensor["mask"], tensor["values"]
+    return 8 * len(mask) if mask is not None else len(values) // _F32.itemsize
+
+
 def encode_model(model: Model) -> bytes:
     tensors = []
     for weight, mask in zip(model.weights, model.masks, strict=True):
@@ -76,7 +84,11 @@ def decode_model(payload: bytes) -> Model:
     try:
         for i, tensor in enumerate(_load(payload)["tensors"]):
             shape = tuple(int(d) for d in tensor["shape"])
-            size = int(np.prod(shape))
+            size = math.prod(shape)
+            if min(shape, default=0) < 0 or size > _declared_limit(tensor):
+                # Checked before anything is allocated: the declared shape must be paid for by
+                # the bytes that came with it (a mask bit or four value bytes per weight).
+                raise ShapeError(f"tensor {i}: shape {list(shape)} does not fit its data")
             mask = None
             if tensor["mask"] is not None:
                 bits = np.unpackbits(np.frombuffer(tensor["mask"], np.uint8), count=size)
@@ -90,7 +102,7 @@ def decode_model(payload: bytes) -> Model:
                 dense[mask.reshape(-1).astype(bool)] = values
             weights.append(dense.reshape(shape))
             masks.append(mask)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed model payload ({exc})") from exc
     return Model(weights=weights, masks=masks)
 
@@ -130,5 +142,5 @@ def decode_update(payload: bytes, model: Model) -> Update:
             deltas=deltas,
             metrics=metrics,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed update payload ({exc})") from exc

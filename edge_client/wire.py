@@ -237,7 +237,7 @@ def decode(payload: bytes) -> Envelope:
             seq=int(raw["seq"]),
             message=message,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed message ({exc})") from exc
 
 
