@@ -1,28 +1,50 @@
-"""Sample-weighted FedAvg as a streaming sum: memory of one model however many clients report.
+"""How the coordinator combines a round's updates: one small interface, one module per rule.
 
-Updates are deltas at the unmasked positions (zeros elsewhere), so the average never touches a
-pruned weight: ``new = old + sum_k(n_k * delta_k) / sum_k(n_k)``.
+    Aggregator          the template: clip each update's norm (optional), keep the clients'
+    │                   metrics, and ``apply`` = old weights + the rule's delta
+    ├── FedAvg          sample-weighted mean, a streaming sum (fedavg.py)
+    └── Stacked         keeps the round's updates, combines them per coordinate
+        ├── Median      coordinate-wise median (median.py)
+        └── TrimmedMean coordinate-wise mean without the extremes (trimmed_mean.py)
+
+Updates are deltas at the kept positions (zeros where pruned), so no rule moves a pruned weight.
+FedAvg weighs each update by the samples its device claims; the robust rules weigh every device
+the same, so neither a large claim nor a few outliers per coordinate decide the result. They keep
+every update of the round in memory (devices x model), FedAvg keeps one sum.
 """
 
 from __future__ import annotations
 
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
 from fedprune.edge_client.codec import Update
+from fedprune.edge_client.errors import ConfigError
 
 
-class FedAvg:
-    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
-        self._sum = [np.zeros(shape, np.float64) for shape in shapes]
-        self.total_samples = 0
+class Aggregator(ABC):
+    def __init__(self, shapes: Sequence[tuple[int, ...]], *, clip_norm: float = 0.0) -> None:
+        """``clip_norm`` > 0 scales any update whose L2 norm exceeds it down to that norm."""
+        if not (clip_norm >= 0 and math.isfinite(clip_norm)):
+            raise ConfigError(f"clip_norm must be >= 0 (0 = off), got {clip_norm!r}")
+        self.shapes = [tuple(s) for s in shapes]
+        self.clip_norm = clip_norm
         self.count = 0
+        self.clipped = 0
         self._metrics: dict[str, float] = {}
         self._metric_weight = 0.0
 
     def add(self, update: Update) -> None:
-        for acc, delta in zip(self._sum, update.deltas, strict=True):
-            acc += update.num_samples * delta.astype(np.float64)
-        self.total_samples += update.num_samples
+        deltas = [d.astype(np.float64) for d in update.deltas]
+        if self.clip_norm:
+            norm = math.sqrt(sum(float(np.sum(np.square(d))) for d in deltas))
+            if norm > self.clip_norm:
+                deltas = [d * (self.clip_norm / norm) for d in deltas]
+                self.clipped += 1
+        self._add(deltas, update.num_samples)
         self.count += 1
         n_eval = update.metrics.get("n_eval", 0.0)
         if n_eval > 0:
@@ -32,12 +54,12 @@ class FedAvg:
             self._metric_weight += n_eval
 
     def apply(self, weights: list[np.ndarray]) -> list[np.ndarray]:
-        """The averaged model; ``weights`` unchanged when nothing was added."""
-        if self.total_samples == 0:
+        """The new model; ``weights`` unchanged when nothing was added."""
+        if self.count == 0:
             return weights
         return [
-            (w.astype(np.float64) + acc / self.total_samples).astype(np.float32)
-            for w, acc in zip(weights, self._sum, strict=True)
+            (w.astype(np.float64) + d).astype(np.float32)
+            for w, d in zip(weights, self._delta(), strict=True)
         ]
 
     def client_metrics(self) -> dict[str, float]:
@@ -45,3 +67,50 @@ class FedAvg:
         if self._metric_weight == 0:
             return {}
         return {k: v / self._metric_weight for k, v in self._metrics.items()}
+
+    @abstractmethod
+    def _add(self, deltas: list[np.ndarray], num_samples: int) -> None:
+        """Take one (clipped, float64) update."""
+
+    @abstractmethod
+    def _delta(self) -> list[np.ndarray]:
+        """The combined delta of everything added (at least one update)."""
+
+
+class Stacked(Aggregator):
+    """Base of the coordinate-wise rules: keeps every update, combines them along axis 0."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], *, clip_norm: float = 0.0) -> None:
+        super().__init__(shapes, clip_norm=clip_norm)
+        self._updates: list[list[np.ndarray]] = []
+
+    def _add(self, deltas: list[np.ndarray], num_samples: int) -> None:
+        self._updates.append(deltas)
+
+    def _delta(self) -> list[np.ndarray]:
+        return [self._combine(np.stack(layer)) for layer in zip(*self._updates, strict=True)]
+
+    @abstractmethod
+    def _combine(self, stacked: np.ndarray) -> np.ndarray:
+        """One tensor's combined delta from its updates stacked on axis 0."""
+
+
+RULES = ("fedavg", "median", "trimmed-mean")
+
+
+def make_aggregator(
+    rule: str, shapes: Sequence[tuple[int, ...]], *, clip_norm: float = 0.0, trim: float = 0.1
+) -> Aggregator:
+    """The aggregator named ``rule`` (one of ``RULES``)."""
+    from fedprune.coordinator.fedavg import FedAvg  # the rules import this module
+    from fedprune.coordinator.median import Median
+    from fedprune.coordinator.trimmed_mean import TrimmedMean
+
+    makers: dict[str, Callable[[], Aggregator]] = {
+        "fedavg": lambda: FedAvg(shapes, clip_norm=clip_norm),
+        "median": lambda: Median(shapes, clip_norm=clip_norm),
+        "trimmed-mean": lambda: TrimmedMean(shapes, clip_norm=clip_norm, trim=trim),
+    }
+    if rule not in makers:
+        raise ConfigError(f"unknown aggregation {rule!r} (one of {', '.join(RULES)})")
+    return makers[rule]()

@@ -9,6 +9,7 @@ import sys
 import time
 
 from fedprune import __version__, device_profiles
+from fedprune.coordinator.aggregation import RULES
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.edge_client.errors import FedpruneError, print_error
 from fedprune.edge_client.options import add_broker_arguments
@@ -96,6 +97,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="device profile of the final export (default: %(default)s)",
     )
     p.add_argument(
+        "--aggregation",
+        choices=RULES,
+        default=d.aggregation,
+        help="how updates are combined: fedavg (weighted by samples), or the robust median and "
+        "trimmed-mean, which weigh every device the same (default: %(default)s)",
+    )
+    p.add_argument(
+        "--clip-norm",
+        type=float,
+        default=d.clip_norm,
+        help="scale any update with a larger L2 norm down to this norm (default: 0 = off)",
+    )
+    p.add_argument(
+        "--trim",
+        type=float,
+        default=d.trim,
+        help="trimmed-mean: share of the largest and of the smallest values dropped per weight "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--max-update-bytes",
         type=int,
         default=d.max_update_bytes,
@@ -161,6 +182,9 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         seed=args.seed,
         overwrite=args.overwrite,
         deploy_anyway=args.deploy_anyway,
+        aggregation=args.aggregation,
+        clip_norm=args.clip_norm,
+        trim=args.trim,
         max_update_bytes=args.max_update_bytes,
         max_norm=args.max_norm,
         max_samples=args.max_samples,

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fedprune.coordinator.aggregation import RULES
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.connection import BrokerSettings
 from fedprune.edge_client.errors import ConfigError
@@ -92,6 +93,9 @@ class RunConfig:
     seed: int = 0
     overwrite: bool = False  # replace an earlier run of the same name in out/
     deploy_anyway: bool = False  # deploy a final model that fails coordinator.health's checks
+    aggregation: str = "fedavg"  # coordinator.aggregation.RULES
+    clip_norm: float = 0.0  # scale updates with a larger L2 norm down to it (0 = off)
+    trim: float = 0.1  # share of the largest and of the smallest values trimmed-mean drops
     # What an update may be (coordinator.validation.Limits); 0 bytes = twice the dense model
     max_update_bytes: int = 0
     max_norm: float = 1e4
@@ -113,6 +117,9 @@ class RunConfig:
             ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
             ("max_update_bytes", self.max_update_bytes >= 0, ">= 0 (0 = twice the dense model)"),
             ("max_norm", self.max_norm > 0, "> 0"),
+            ("aggregation", self.aggregation in RULES, f"one of {', '.join(RULES)}"),
+            ("clip_norm", self.clip_norm >= 0, ">= 0 (0 = off)"),
+            ("trim", 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
             ("max_samples", self.max_samples >= 1, ">= 1"),
             ("max_pending_bytes", self.max_pending_bytes >= 1, ">= 1"),
         ]

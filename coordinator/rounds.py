@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedprune import device_profiles
-from fedprune.coordinator.aggregation import FedAvg
+from fedprune.coordinator.aggregation import Aggregator, make_aggregator
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
@@ -87,7 +87,7 @@ class _Collect:
     round: int
     model: Model
     selected: set[str]
-    aggregator: FedAvg
+    aggregator: Aggregator
     reported: set[str] = field(default_factory=set)
     responded: set[str] = field(default_factory=set)  # reported, or rejected: no need to wait
     rejected: Counter[str] = field(default_factory=Counter)
@@ -406,7 +406,12 @@ class Coordinator:
             round=round_,
             model=model,
             selected=set(selected),
-            aggregator=FedAvg([w.shape for w in model.weights]),
+            aggregator=make_aggregator(
+                self.config.aggregation,
+                [w.shape for w in model.weights],
+                clip_norm=self.config.clip_norm,
+                trim=self.config.trim,
+            ),
         )
         self._collect = state
         needed = max(1, math.ceil(self.config.quorum * len(selected)))

@@ -1,12 +1,14 @@
-"""Sample-weighted FedAvg as a streaming sum (coordinator/aggregation.py)."""
+"""The aggregation rules: FedAvg as a streaming sum, the robust rules, norm clipping."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedprune.coordinator.aggregation import FedAvg
+from fedprune.coordinator.aggregation import make_aggregator
+from fedprune.coordinator.fedavg import FedAvg
 from fedprune.edge_client.codec import Update
+from fedprune.edge_client.errors import ConfigError
 
 
 def _shapes(rng: np.random.Generator) -> list[tuple[int, ...]]:
@@ -124,3 +126,70 @@ def test_client_metrics_are_weighted_by_held_out_size() -> None:
     assert metrics.keys() == {"loss", "accuracy"}
     assert metrics["loss"] == pytest.approx((10 * 1.0 + 30 * 0.2) / 40)
     assert metrics["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+
+
+def _update(values: list[float], num_samples: int = 10) -> Update:
+    return Update(round=1, num_samples=num_samples, deltas=[np.array(values, np.float32)])
+
+
+@pytest.mark.parametrize(
+    ("rule", "want"),
+    [
+        ("fedavg", [10_000 * 1000 / 1030 + 3 / 1030 * 10, 0.0]),
+        ("median", [1.0, 0.0]),
+        ("trimmed-mean", [1.0, 0.0]),
+    ],
+)
+def test_robust_rules_ignore_an_outlier_and_its_claimed_samples(
+    rule: str, want: list[float]
+) -> None:
+    # Prepare: three honest devices move weight 0 by 1.0; one claims 1,000 samples and 10,000
+    aggregator = make_aggregator(rule, [(2,)], trim=0.25)
+    for _ in range(3):
+        aggregator.add(_update([1.0, 0.0]))
+    aggregator.add(_update([10_000.0, 0.0], num_samples=1000))
+
+    # Execute
+    (new,) = aggregator.apply([np.zeros(2, np.float32)])
+
+    # Assert: FedAvg follows the liar; the robust rules do not (pruned weight 1 stays put)
+    np.testing.assert_allclose(new, np.float32(want), rtol=1e-5)
+
+
+def test_trimmed_mean_drops_the_given_share_at_each_end() -> None:
+    # Prepare: ten devices, values 0..9 for one weight; trim 0.2 drops two at each end
+    aggregator = make_aggregator("trimmed-mean", [(1,)], trim=0.2)
+    for value in range(10):
+        aggregator.add(_update([float(value)]))
+
+    # Execute / Assert: mean of 2..7
+    np.testing.assert_allclose(aggregator.apply([np.zeros(1, np.float32)])[0], [4.5])
+
+
+def test_norm_clipping_scales_large_updates_down_to_the_limit() -> None:
+    # Prepare: one update of norm 5 (3, 4) and one of norm 0.5, clipped at 1
+    aggregator = make_aggregator("fedavg", [(2,)], clip_norm=1.0)
+    aggregator.add(_update([3.0, 4.0]))
+    aggregator.add(_update([0.3, 0.4]))
+
+    # Execute
+    (new,) = aggregator.apply([np.zeros(2, np.float32)])
+
+    # Assert: (0.6, 0.8) and (0.3, 0.4) averaged; one update was clipped
+    np.testing.assert_allclose(new, [0.45, 0.6], rtol=1e-6)
+    assert aggregator.clipped == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rule": "krum"}, "unknown aggregation 'krum' (one of fedavg, median, trimmed-mean)"),
+        ({"rule": "trimmed-mean", "trim": 0.5}, "trim must be in [0, 0.5), got 0.5"),
+        ({"rule": "median", "clip_norm": -1.0}, "clip_norm must be >= 0 (0 = off), got -1.0"),
+    ],
+)
+def test_bad_aggregation_settings_are_one_line(kwargs: dict[str, object], message: str) -> None:
+    rule = str(kwargs.pop("rule"))
+    with pytest.raises(ConfigError) as caught:
+        make_aggregator(rule, [(1,)], **kwargs)  # type: ignore[arg-type]
+    assert str(caught.value) == message

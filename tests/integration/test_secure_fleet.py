@@ -90,7 +90,7 @@ def _unpack(bundle: Path, into: Path) -> Path:
     return into / bundle.name.removesuffix(".tar.gz") / "device.toml"
 
 
-def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device(
+def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device_and_robust_rule(
     fleet: Fleet, tmp_path: Path
 ) -> None:
     # Prepare: each device has only its bundle; the coordinator its own account
@@ -102,7 +102,8 @@ def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device(
     coordinator = subprocess.Popen(
         [BIN / "fedprune-coordinator", *fleet.flags("coordinator", "coordinator"), "--run",
          "secure", "--min-clients", "2", "--rounds", "3", "--begin-round", "1", "--end-round",
-         "2", "--heldout", heldout, "--out", tmp_path / "runs", "-q"],
+         "2", "--heldout", heldout, "--out", tmp_path / "runs", "-q",
+         "--aggregation", "trimmed-mean", "--trim", "0.25", "--clip-norm", "50"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -138,6 +139,7 @@ def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device(
     assert [d.returncode for d in devices] == [0, 0], "\n".join(log[-2000:] for log in logs)
     rounds = [json.loads(line) for line in (tmp_path / "runs/secure/metrics.jsonl").open()]
     assert [r["reported"] for r in rounds] == [2, 2, 2]
+    assert rounds[-1]["accuracy"] >= 0.5  # learned under TLS with clipping and a trimmed mean
     assert all("mqtts://127.0.0.1" in log for log in logs)
 
 

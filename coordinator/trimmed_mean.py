@@ -1,0 +1,27 @@
+"""Coordinate-wise trimmed mean (Yin et al., 2018): per weight, drop the ``trim`` share of the
+largest and of the smallest deltas, average the rest."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedprune.coordinator.aggregation import Stacked
+from fedprune.edge_client.errors import ConfigError
+
+
+class TrimmedMean(Stacked):
+    def __init__(
+        self, shapes: Sequence[tuple[int, ...]], *, clip_norm: float = 0.0, trim: float = 0.1
+    ) -> None:
+        if not 0.0 <= trim < 0.5:
+            raise ConfigError(f"trim must be in [0, 0.5), got {trim!r}")
+        super().__init__(shapes, clip_norm=clip_norm)
+        self.trim = trim
+
+    def _combine(self, stacked: np.ndarray) -> np.ndarray:
+        k = math.floor(self.trim * len(stacked))
+        ordered = np.sort(stacked, axis=0)
+        return np.asarray(ordered[k : len(stacked) - k].mean(axis=0))
