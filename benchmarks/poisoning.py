@@ -1,6 +1,6 @@
 """Poisoned devices against each aggregation rule: final accuracy, as a Markdown table.
 
-    .venv/bin/python benchmarks/poisoning.py [--rounds 12] [--seed 0] [--clip-norm 5]
+    .venv/bin/python benchmarks/poisoning.py [--rounds 20] [--seed 0] [--clip-norm 5]
 
 Digits split over 10 devices (Dirichlet alpha 0.5), the CNN preset, TF-MOT pruning to 80% as in
 the demo. The real parts of a round run in one process, without MQTT: the keras trainer trains
@@ -103,7 +103,7 @@ def run(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-norm", type=float, default=5.0)
     args = p.parse_args()
