@@ -97,6 +97,19 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="device profile of the final export (default: %(default)s)",
     )
     p.add_argument(
+        "--signing-key",
+        default=d.signing_key,
+        metavar="FILE",
+        help="sign everything the coordinator publishes with this Ed25519 key (with --device-keys)",
+    )
+    p.add_argument(
+        "--device-keys",
+        default=d.device_keys,
+        metavar="DIR",
+        help="folder of <device id>.pub verify keys; messages not signed by one of them are "
+        "dropped, and unsigned devices refused (fedprune-provision writes both)",
+    )
+    p.add_argument(
         "--aggregation",
         choices=RULES,
         default=d.aggregation,
@@ -182,6 +195,8 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         seed=args.seed,
         overwrite=args.overwrite,
         deploy_anyway=args.deploy_anyway,
+        signing_key=args.signing_key,
+        device_keys=args.device_keys,
         aggregation=args.aggregation,
         clip_norm=args.clip_norm,
         trim=args.trim,

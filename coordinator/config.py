@@ -12,6 +12,7 @@ from fedprune.coordinator.aggregation import RULES
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.connection import BrokerSettings
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.signing import SigningKey, Trust, load_signing_key
 from fedprune.edge_client.topics import check_name
 
 OPTIMIZERS = ("sgd", "adam")
@@ -73,6 +74,8 @@ class RunConfig:
     cert: str = ""
     key: str = ""
     credentials: str = ""
+    signing_key: str = ""  # the coordinator's Ed25519 signing key (edge_client.signing)
+    device_keys: str = ""  # folder of <device id>.pub: with it, unsigned devices are refused
     model: str = "cnn"
     rounds: int = 20
     min_clients: int = 3
@@ -135,6 +138,14 @@ class RunConfig:
                 f"the pruning schedule ends at round {last}, after the last"
                 f" round {self.rounds}: the target sparsity would never be reached"
             )
+
+    def signatures(self) -> tuple[SigningKey | None, Trust]:
+        """The coordinator's signing key and the devices it trusts (both, or unsigned)."""
+        if bool(self.signing_key) != bool(self.device_keys):
+            raise ConfigError("signed operation needs both --signing-key and --device-keys")
+        if not self.signing_key:
+            return None, Trust()
+        return load_signing_key(self.signing_key), Trust.from_folder(self.device_keys)
 
     def broker_settings(self) -> BrokerSettings:
         """How to reach the broker (credentials from the file, else the environment)."""

@@ -6,7 +6,10 @@ It writes files and nothing else. One folder holds a deployment::
     DIR/ca/ca.crt, ca.key             the fleet's CA (keep ca.key off the devices)
     DIR/broker/                       mosquitto.conf, server.crt/.key, ca.crt, passwd, acl
     DIR/coordinator/, DIR/monitor/    each: ca.crt, <name>.crt/.key, credentials.toml
-    DIR/devices/<id>/                 ca.crt, device.crt/.key, credentials.toml, device.toml
+    DIR/coordinator/signing.key       the coordinator's Ed25519 signing key; coordinator.pub
+    DIR/coordinator/device-keys/      <id>.pub: every enrolled device's verify key
+    DIR/devices/<id>/                 ca.crt, device.crt/.key, credentials.toml, device.toml,
+                                      signing.key (the device's) and coordinator.pub
     DIR/devices/<id>.tar.gz           the same folder packed, to copy onto the device
 
 The broker needs TLS with a client certificate signed by the CA *and* a password (one account per
@@ -38,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.signing import new_keypair
 from fedprune.edge_client.topics import check_name
 
 COORDINATOR = "fedprune-coordinator"
@@ -122,6 +126,9 @@ def init(
     _write(folder / "broker" / "passwd", b"")
     for name in (COORDINATOR, MONITOR):
         _account(folder, fleet, folder / name.removeprefix("fedprune-"), name, "client")
+    home = folder / "coordinator"
+    new_keypair(home / "signing.key", home / "coordinator.pub")
+    (home / "device-keys").mkdir(exist_ok=True)
     fleet.write(folder)
     add(folder, devices)
     return Fleet.read(folder)
@@ -137,6 +144,8 @@ def add(folder: Path, devices: Iterable[str]) -> list[Path]:
             raise ConfigError(f"device {device!r} already has an account")
         home = folder / "devices" / device
         _account(folder, fleet, home, device, "device")
+        new_keypair(home / "signing.key", folder / "coordinator" / "device-keys" / f"{device}.pub")
+        shutil.copy(folder / "coordinator" / "coordinator.pub", home / "coordinator.pub")
         _write(home / "device.toml", tomli_w.dumps(_device_config(fleet, device)).encode())
         fleet.devices[device] = "active"
         fleet.write(folder)
@@ -146,12 +155,14 @@ def add(folder: Path, devices: Iterable[str]) -> list[Path]:
 
 
 def revoke(folder: Path, devices: Iterable[str]) -> None:
-    """Remove device accounts (their passwords); reload mosquitto to apply it."""
+    """Remove device accounts (their passwords and verify keys); reload mosquitto and restart the
+    coordinator to apply it."""
     fleet = Fleet.read(folder)
     for device in devices:
         if fleet.devices.get(device) != "active":
             raise ConfigError(f"no active device {device!r} in {folder}")
         _run_passwd(["-D", str(folder / "broker" / "passwd"), device])
+        (folder / "coordinator" / "device-keys" / f"{device}.pub").unlink(missing_ok=True)
         fleet.devices[device] = "revoked"
         fleet.write(folder)
     _write_broker_config(folder, fleet)
@@ -191,6 +202,8 @@ def _device_config(fleet: Fleet, device: str) -> dict[str, str]:
         "cert": "device.crt",
         "key": "device.key",
         "credentials": "credentials.toml",
+        "signing_key": "signing.key",
+        "coordinator_key": "coordinator.pub",
         "id": device,
     }
 

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(f"provisioned {args.folder}: broker {fleet.url}, {len(names)} device(s)")
             print(f"  broker:      mosquitto -c {args.folder / 'broker' / 'mosquitto.conf'}")
-            print(f"  coordinator: {_flags(args.folder / 'coordinator', 'coordinator', fleet)}")
+            home = args.folder / "coordinator"
+            print(f"  coordinator: {_flags(home, 'coordinator', fleet)} --signing-key"
+                  f" {home / 'signing.key'} --device-keys {home / 'device-keys'}")  # fmt: skip
             print(f"  monitor:     {_flags(args.folder / 'monitor', 'monitor', fleet)}")
             _bundles(args.folder, names)
         elif args.command == "add":
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             print("reload mosquitto to let them in (systemctl reload mosquitto, or kill -HUP)")
         else:
             provision.revoke(args.folder, args.devices)
-            print(f"revoked {', '.join(args.devices)}; reload mosquitto to apply it")
+            print(
+                f"revoked {', '.join(args.devices)}; reload mosquitto and restart the coordinator"
+            )
     except (FedpruneError, OSError) as exc:
         return print_error(PROG, exc)
     return 0

@@ -26,11 +26,14 @@ from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.codec import Model, encode_model
-from fedprune.edge_client.errors import ConfigError, FedpruneError, WireError
+from fedprune.edge_client.errors import ConfigError, FedpruneError, SignatureError, WireError
+from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics, check_name
 from fedprune.edge_client.trainer import Evaluation, backend_class
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
+    COORDINATOR,
+    UNSIGNED,
     Chunk,
     Deployment,
     Hello,
@@ -52,7 +55,7 @@ from fedprune.edge_client.wire import (
 
 log = logging.getLogger("fedprune.coordinator")
 
-SENDER = "coordinator"
+SENDER = COORDINATOR
 
 Evaluator = Callable[[], Evaluation | None]
 
@@ -111,11 +114,16 @@ class Coordinator:
         on_round: Callable[[RoundResult], None] | None = None,
         limits: Limits | None = None,
         build_artifact: Callable[[], bytes] | None = None,
+        signer: SigningKey | None = None,
+        trust: Trust = UNSIGNED,
     ) -> None:
         """``build_artifact`` makes the trainable TFLite artifact that ``litert`` clients train
         with; it is called once, at :meth:`start`, so that a model they cannot train is known
         (and said, in the log and in the Spec) before any device waits for it."""
         self.build_artifact = build_artifact
+        self.signer = signer  # signs everything the coordinator publishes
+        self.trust = trust  # the enrolled devices' verify keys: what is not theirs is dropped
+        self.dropped = 0  # device messages refused for a missing or bad signature
         self.artifact_error: str | None = None  # why litert clients cannot train, if they cannot
         self.transport = transport
         self.config = config
@@ -136,7 +144,7 @@ class Coordinator:
     # -- publishing ------------------------------------------------------------------------------
 
     def _encode(self, message: Message) -> bytes:
-        return encode(message, run=self.config.run, sender=SENDER)
+        return encode(message, run=self.config.run, sender=SENDER, signer=self.signer)
 
     def _publish(self, topic: str, message: Message, *, retain: bool = True) -> int:
         payload = self._encode(message)
@@ -222,7 +230,11 @@ class Coordinator:
         if client_id is None or not payload:
             return True
         try:
-            message = decode(payload).message
+            message = decode(payload, self.trust).message
+        except SignatureError as exc:
+            self.dropped += 1
+            log.warning("dropped a status message on %s's topic: %s", client_id, exc)
+            return True
         except WireError as exc:
             log.warning("ignored status of %s: %s", client_id, exc)
             return True
@@ -256,7 +268,7 @@ class Coordinator:
         key = (client_id, round_text)
         chunk: Chunk | None = None
         try:
-            envelope = decode(payload)
+            envelope = decode(payload, self.trust)
             message = envelope.message
             if envelope.sender != client_id:
                 raise Rejected(Reason.SENDER, f"sent as {envelope.sender!r} on {client_id}'s topic")
@@ -277,6 +289,13 @@ class Coordinator:
             update = validate(
                 complete, state.model, round_=state.round, limits=self._limits(client_id)
             )
+        except SignatureError as exc:
+            # Not the device's: counted and logged, and kept away from the device's round state.
+            state.rejected[Reason.SIGNATURE.value] += 1
+            self.dropped += 1
+            log.warning("round %d: dropped an update chunk on %s's topic: %s", state.round,
+                        client_id, exc)  # fmt: skip
+            return
         except (WireError, Rejected) as exc:
             # One rejection per payload, not per chunk: the rest of a rejected payload's chunks
             # are ignored like redeliveries; unreadable chunks count once per client and round.
@@ -344,7 +363,8 @@ class Coordinator:
 
     def _reject(self, state: _Collect, client_id: str, rejected: Rejected) -> None:
         state.rejected[rejected.reason.value] += 1
-        if client_id in state.selected and rejected.reason not in (Reason.ROUND, Reason.UNSELECTED):
+        not_its_answer = (Reason.ROUND, Reason.UNSELECTED, Reason.SENDER)
+        if client_id in state.selected and rejected.reason not in not_its_answer:
             state.responded.add(client_id)  # its answer for this round is in: do not wait for it
         log.warning("round %d: rejected an update from %s: %s", state.round, client_id, rejected)
         notice = Notice(round=state.round, accepted=False, reason=str(rejected))

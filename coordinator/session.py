@@ -25,7 +25,7 @@ from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation
 from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import Offline, encode
+from fedprune.edge_client.wire import COORDINATOR, Offline, encode
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -55,7 +55,8 @@ def _evaluator(
 
 
 def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None) -> Summary:
-    broker = config.broker_settings()  # a bad TLS or credentials file fails before the work
+    broker = config.broker_settings()  # a bad TLS, credentials or key file fails before the work
+    signer, trust = config.signatures()
     model = models.build(config.model, seed=config.seed)
     pruner = pruner_for(model, config.schedule)
     rundir = RunDir(config.run_dir, overwrite=config.overwrite)
@@ -80,7 +81,7 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
             on_round(result)
 
     topics = Topics(config.run)
-    will = encode(Offline(who="coordinator"), run=config.run, sender="coordinator")
+    will = encode(Offline(who=COORDINATOR), run=config.run, sender=COORDINATOR, signer=signer)
     transport = MqttTransport(
         broker,
         client_id=f"fedprune-coordinator-{config.run}",
@@ -95,6 +96,8 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         limits=_limits(config, pruner),
         on_round=after_round,
         build_artifact=lambda: _trainable(pruner, config),
+        signer=signer,
+        trust=trust,
     )
     try:
         results = coordinator.train()

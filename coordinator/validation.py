@@ -31,6 +31,7 @@ class Reason(StrEnum):
     NORM = "norm"
     SAMPLES = "samples"
     SENDER = "sender"
+    SIGNATURE = "signature"  # not signed by the device whose topic it came on: dropped
 
 
 class Rejected(Exception):

@@ -23,8 +23,10 @@ from fedprune.edge_client.options import (
     broker_settings,
     name,
 )
+from fedprune.edge_client.signing import Trust, load_signing_key, load_verify_key
 from fedprune.edge_client.trainer import check_backend
 from fedprune.edge_client.transport import MqttTransport
+from fedprune.edge_client.wire import COORDINATOR
 
 PROG = "fedprune-client"
 
@@ -96,6 +98,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trainer", default=None, help="trainer backend (default: the profile's)")
     p.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="this device's Ed25519 signing key: its hello, status and updates are signed",
+    )
+    p.add_argument(
+        "--coordinator-key",
+        metavar="FILE",
+        help="the coordinator's verify key: messages it did not sign are dropped",
+    )
+    p.add_argument(
         "--epochs",
         type=at_least_one,
         default=None,
@@ -137,6 +149,8 @@ CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
     "models": ("models", True),
     "cache": ("cache", True),
     "trainer": ("trainer", False),
+    "signing_key": ("signing_key", True),
+    "coordinator_key": ("coordinator_key", True),
 }
 
 
@@ -188,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         data = local_data.load(args.data, seed=args.seed)
         backend = args.trainer or profile.trainer.value
         check_backend(backend)
+        if bool(args.signing_key) != bool(args.coordinator_key):
+            raise ConfigError("signed operation needs both --signing-key and --coordinator-key")
+        signer = load_signing_key(args.signing_key) if args.signing_key else None
+        trust = (
+            Trust.of({COORDINATOR: load_verify_key(args.coordinator_key)}) if signer else Trust()
+        )
         identity = Identity(
+            signer=signer,
             run=args.run,
             client_id=args.client_id
             or re.sub(r"[^\w.-]", "-", f"{socket.gethostname()}-{args.data.stem}"),
@@ -214,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             deploy=receiver,
             cache=args.cache,
+            trust=trust,
         )
         try:
             report = client.run(timeout=args.timeout)

@@ -19,11 +19,13 @@ from fedprune.edge_client.artifact import ArtifactStore
 from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.deploy import DeploymentReceiver
-from fedprune.edge_client.errors import ConfigError, WireError
+from fedprune.edge_client.errors import ConfigError, SignatureError, WireError
+from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation, Trainer, backend_class, make_trainer
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
+    UNSIGNED,
     Chunk,
     Collector,
     Deployment,
@@ -53,6 +55,7 @@ class ClientReport:
     rejected: int = 0
     finished: bool = False
     aborted: bool = False
+    dropped: int = 0  # messages refused for a missing or bad signature
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,9 +67,10 @@ class Identity:
     profile: str
     num_samples: int
     backend: str
+    signer: SigningKey | None = field(default=None, repr=False, compare=False)
 
     def encode(self, message: Message) -> bytes:
-        return encode(message, run=self.run, sender=self.client_id)
+        return encode(message, run=self.run, sender=self.client_id, signer=self.signer)
 
     def hello(self) -> tuple[str, bytes]:
         message = Hello(
@@ -95,11 +99,14 @@ class EdgeClient:
         deploy_wait: float = 60.0,
         cache: Path | None = None,
         wait_report: float = WAIT_REPORT_SECONDS,
+        trust: Trust = UNSIGNED,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
         the client then waits up to ``deploy_wait`` seconds for it before it exits. While it
         cannot train, the client logs what it waits for when that changes, and again every
-        ``wait_report`` seconds."""
+        ``wait_report`` seconds. ``trust`` holds the coordinator's verify key: with it, every
+        message that is not signed by the coordinator is dropped, counted and logged."""
+        self.trust = trust
         self.transport = transport
         self.deploy = deploy
         needs_artifact = backend_class(identity.backend).needs_artifact
@@ -224,7 +231,7 @@ class EdgeClient:
         if not payload:  # a cleared retained message
             return
         try:
-            message = decode(payload).message
+            message = decode(payload, self.trust).message
             if isinstance(message, Spec):
                 self._on_spec(message)
             elif isinstance(message, Round):
@@ -244,6 +251,9 @@ class EdgeClient:
                 self._on_status(message)
             elif isinstance(message, Notice):
                 self._on_notice(message)
+        except SignatureError as exc:
+            self.report.dropped += 1
+            log.warning("dropped a message on %s: %s", topic, exc)
         except (WireError, TypeError, ValueError, KeyError, IndexError) as exc:
             # Whatever arrives from the network is data: a bad message is logged, never fatal.
             log.warning("ignored a message on %s: %s", topic, exc)

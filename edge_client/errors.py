@@ -3,6 +3,7 @@
     FedpruneError                  any error fedprune reports to a user (exit code 1 by default)
     ├── ConfigError                bad flags, profile, data file or model file (exit 2)
     ├── WireError                  a payload that cannot be decoded or fails its checksum
+    │   ├── SignatureError         unsigned, wrongly signed, or signed by a key we do not trust
     │   ├── VersionError           a message in another major protocol version
     │   ├── ShapeError             a tensor payload that does not fit the model
     │   └── OversizeError          a payload larger than the transport allows
@@ -34,6 +35,10 @@ class ConfigError(FedpruneError):
 
 class WireError(FedpruneError):
     """A message cannot be decoded, has the wrong version or fails its checksum."""
+
+
+class SignatureError(WireError):
+    """A message whose signature is missing, wrong, or made with a key we do not trust."""
 
 
 class VersionError(WireError):

@@ -22,13 +22,24 @@ from typing import Any, ClassVar
 import msgpack
 
 from fedprune.edge_client.errors import OversizeError, VersionError, WireError
+from fedprune.edge_client.signing import SigningKey, Trust
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 2  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error
+PROTOCOL_MINOR = 3  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+# 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes)
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
-"""Bytes kept free in every publish for the envelope around a chunk's data."""
+"""Bytes kept free in every publish for the envelope around a chunk's data (and a signature)."""
+
+COORDINATOR = "coordinator"
+"""The sender id of every message the coordinator publishes."""
+
+SIGNED = "signed"
+"""The outer kind of a signed message."""
+
+UNSIGNED = Trust()
+"""The trust of a receiver that takes unsigned messages (the demo, tests)."""
 
 MAX_ASSEMBLED_BYTES = 256 * 1024 * 1024
 """The largest payload a receiver reassembles from chunks: a model, an artifact, a deployment."""
@@ -194,10 +205,11 @@ class Envelope:
     sender: str
     seq: int
     message: Message = field(repr=False)
+    signed: bool = False  # carried a signature that the receiver's Trust checked
 
 
-def encode(message: Message, *, run: str, sender: str) -> bytes:
-    """Serialize one message in its envelope."""
+def encode(message: Message, *, run: str, sender: str, signer: SigningKey | None = None) -> bytes:
+    """Serialize one message in its envelope; with ``signer``, wrapped with its signature."""
     body = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
     for key, value in body.items():
         if dataclasses.is_dataclass(value):
@@ -210,11 +222,35 @@ def encode(message: Message, *, run: str, sender: str) -> bytes:
         "seq": next(_seq),
         "body": body,
     }
-    return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
+    inner: bytes = msgpack.packb(envelope, use_bin_type=True)
+    if signer is None:
+        return inner
+    signed = {
+        "v": PROTOCOL_VERSION,
+        "kind": SIGNED,
+        "signed": inner,
+        "sig": signer.sign(inner).signature,
+    }
+    return msgpack.packb(signed, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def decode(payload: bytes) -> Envelope:
-    """Parse and check one message; any problem is a ``WireError`` naming it."""
+def decode(payload: bytes, trust: Trust = UNSIGNED) -> Envelope:
+    """Parse and check one message; any problem is a ``WireError`` naming it. A ``trust`` with
+    keys also requires the sender's valid signature (``SignatureError`` otherwise)."""
+    raw = _map(payload)
+    if raw.get("kind") != SIGNED:
+        envelope = _envelope(raw)
+        trust.check(envelope.sender, None, None)
+        return envelope
+    signed, signature = raw.get("signed"), raw.get("sig")
+    if not isinstance(signed, bytes) or not isinstance(signature, bytes):
+        raise WireError("malformed signed message")
+    envelope = _envelope(_map(signed))
+    trust.check(envelope.sender, signed, signature)
+    return dataclasses.replace(envelope, signed=True)
+
+
+def _map(payload: bytes) -> dict[Any, Any]:
     try:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as exc:
@@ -227,9 +263,14 @@ def decode(payload: bytes) -> Envelope:
     major, _, minor = version.partition(".")
     if major != str(PROTOCOL_MAJOR) or not minor.isdigit():
         raise VersionError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+    return raw
+
+
+def _envelope(raw: dict[Any, Any]) -> Envelope:
+    version = str(raw["v"])
     try:
         cls = _BY_KIND[Kind(raw["kind"])]
-        message = _build(cls, raw["body"], newer=int(minor) > PROTOCOL_MINOR)
+        message = _build(cls, raw["body"], newer=int(version.partition(".")[2]) > PROTOCOL_MINOR)
         return Envelope(
             version=version,
             run=str(raw["run"]),

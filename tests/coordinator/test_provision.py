@@ -40,10 +40,18 @@ def test_init_writes_a_ca_a_broker_and_an_account_per_device(folder: Path) -> No
         "cert": "device.crt",
         "key": "device.key",
         "credentials": "credentials.toml",
+        "signing_key": "signing.key",
+        "coordinator_key": "coordinator.pub",
         "id": "pi-1",
     }
     assert sorted(users) == ["fedprune-coordinator", "fedprune-monitor", "pi-1", "pi-2"]
-    for private in ("devices/pi-1/device.key", "devices/pi-1/credentials.toml", "ca/ca.key"):
+    assert sorted(p.name for p in (folder / "coordinator/device-keys").iterdir()) == [
+        "pi-1.pub",
+        "pi-2.pub",
+    ]
+    private_files = ("devices/pi-1/device.key", "devices/pi-1/credentials.toml", "ca/ca.key",
+                     "devices/pi-1/signing.key", "coordinator/signing.key")  # fmt: skip
+    for private in private_files:
         assert (folder / private).stat().st_mode & 0o077 == 0, private
 
 
@@ -68,8 +76,9 @@ def test_a_bundle_holds_what_the_device_needs_and_not_the_ca_key(folder: Path) -
         names = sorted(tar.getnames())
 
     # Assert
-    assert names == ["pi-2", "pi-2/ca.crt", "pi-2/credentials.toml", "pi-2/device.crt",
-                     "pi-2/device.key", "pi-2/device.toml"]  # fmt: skip
+    assert names == ["pi-2", "pi-2/ca.crt", "pi-2/coordinator.pub", "pi-2/credentials.toml",
+                     "pi-2/device.crt", "pi-2/device.key", "pi-2/device.toml",
+                     "pi-2/signing.key"]  # fmt: skip
 
 
 def test_adding_and_revoking_devices_updates_accounts_and_acl(folder: Path) -> None:
@@ -84,6 +93,8 @@ def test_adding_and_revoking_devices_updates_accounts_and_acl(folder: Path) -> N
     assert "pi-1" not in users and "pi-3" in users
     acl = (folder / "broker" / "acl").read_text()
     assert "user pi-1\n" not in acl and "user pi-3\n" in acl
+    keys = sorted(p.stem for p in (folder / "coordinator/device-keys").iterdir())
+    assert keys == ["pi-2", "pi-3"]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.validation import Limits
 from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
 from fedprune.edge_client.errors import ConfigError, ExportError
+from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.wire import (
     Hello,
@@ -101,7 +102,10 @@ class FakeClient:
 
     def publish(self, round_: int, messages: list[bytes]) -> None:
         for message in messages:
-            index = msgpack.unpackb(message)["body"]["index"]
+            raw = msgpack.unpackb(message)
+            if "signed" in raw:  # a signed message: the chunk is in the envelope it wraps
+                raw = msgpack.unpackb(raw["signed"])
+            index = raw["body"]["index"]
             self.transport.publish(f"{TOPICS.update(self.id, round_)}/{index}", message)
 
     def send(self, round_: int, payload: bytes, *, max_chunk: int = 1 << 20) -> None:
@@ -618,3 +622,39 @@ def test_a_profile_in_a_hello_is_only_a_catalogue_name(
 
     # Assert: never a path, never a topic; unknown names get the default profile's export
     assert h.coordinator.profiles.get(announced) == exported
+
+
+def test_with_device_keys_an_unsigned_update_in_a_devices_name_is_dropped_and_its_own_counts(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: the coordinator knows a's and b's verify keys; someone without a key sends an
+    # update on a's topic, as a, before a's own signed one
+    h = harness()
+    keys = {name: SigningKey.generate() for name in ("a", "b")}
+    h.coordinator.trust = Trust.of({name: key.verify_key for name, key in keys.items()})
+    deltas: dict[str, list[np.ndarray]] = {}
+
+    def signed(name: str, payload: bytes) -> list[bytes]:
+        chunks = split(payload, max_chunk=1 << 20)
+        return [encode(c, run=RUN, sender=name, signer=keys[name]) for c in chunks]
+
+    def answer(announcement: Round, model: Model) -> None:
+        forged = _payload(model, _delta(model, 9, scale=1.0), num_samples=100)
+        h.clients["a"].send(announcement.round, forged)
+        for name, seed in (("a", 1), ("b", 2)):
+            deltas[name] = _delta(model, seed)
+            h.clients[name].publish(announcement.round, signed(name, _payload(model, deltas[name])))
+
+    h.on_round(answer)
+
+    # Execute
+    before, result, after = h.run_round()
+
+    # Assert: the forgery is counted, never reaches a's state; a's and b's updates count
+    assert result.rejected == {"signature": 1}
+    assert result.reported == 2
+    want = [
+        w + (a + b) / 2 for w, a, b in zip(before.weights, deltas["a"], deltas["b"], strict=True)
+    ]
+    _assert_weights(after, want)
+    assert h.coordinator.dropped == 1

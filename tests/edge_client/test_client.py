@@ -14,6 +14,7 @@ from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
 from fedprune.edge_client.codec import Model, decode_update, encode_model
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation, Trainer
 from fedprune.edge_client.wire import (
@@ -378,3 +379,31 @@ def test_a_litert_device_stops_with_one_line_when_its_run_has_no_training_artifa
         "this device's trainer (litert) cannot train run 'kitchen-run': layer 'bn'"
         " (BatchNormalization) is not supported by the litert trainer"
     )
+
+
+def test_with_the_coordinator_key_a_forged_finished_status_is_dropped_and_counted(
+    data: LocalData,
+) -> None:
+    # Prepare: a stranger leaves an unsigned FINISHED, then the real (signed) WAITING arrives
+    key = SigningKey.generate()
+    broker = MemoryBroker()
+    stranger = MemoryTransport(broker)
+    status = Status(phase=Phase.FINISHED, round=ROUND, rounds=ROUND)
+    stranger.publish(TOPICS.status, _encode(status), retain=True)
+    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
+                        num_samples=data.num_samples, backend="fake")  # fmt: skip
+    client = EdgeClient(
+        MemoryTransport(broker), identity=identity, data=data,
+        trust=Trust.of({"coordinator": key.verify_key}),
+    )  # fmt: skip
+
+    # Execute
+    client.start()
+    client.handle(TOPICS.status, broker.retained[TOPICS.status])
+    waiting = Status(phase=Phase.WAITING, round=0, rounds=ROUND)
+    client.handle(TOPICS.status, encode(waiting, run=RUN, sender="coordinator", signer=key))
+
+    # Assert: the forgery did not end the client; the genuine status was taken
+    assert client.report.dropped == 1
+    assert client.report.finished is False
+    assert client.waiting_for() == f"run {RUN!r} to start its first round (coordinator waiting)"

@@ -103,7 +103,9 @@ def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device_and_rob
         [BIN / "fedprune-coordinator", *fleet.flags("coordinator", "coordinator"), "--run",
          "secure", "--min-clients", "2", "--rounds", "3", "--begin-round", "1", "--end-round",
          "2", "--heldout", heldout, "--out", tmp_path / "runs", "-q",
-         "--aggregation", "trimmed-mean", "--trim", "0.25", "--clip-norm", "50"],
+         "--aggregation", "trimmed-mean", "--trim", "0.25", "--clip-norm", "50",
+         "--signing-key", fleet.folder / "coordinator/signing.key",
+         "--device-keys", fleet.folder / "coordinator/device-keys"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

@@ -1,0 +1,87 @@
+"""Signed messages: the receiver checks who sent them (Ed25519, edge_client.signing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from fedprune.edge_client.errors import ConfigError, SignatureError
+from fedprune.edge_client.signing import (
+    SigningKey,
+    Trust,
+    load_signing_key,
+    load_verify_key,
+    new_keypair,
+)
+from fedprune.edge_client.wire import Offline, Phase, Status, decode, encode
+
+COORDINATOR_KEY = SigningKey.generate()
+STRANGER_KEY = SigningKey.generate()
+TRUST = Trust.of({"coordinator": COORDINATOR_KEY.verify_key})
+FINISHED = Status(phase=Phase.FINISHED, round=3, rounds=3)
+
+
+def test_a_signed_message_from_a_trusted_sender_decodes() -> None:
+    envelope = decode(
+        encode(FINISHED, run="r", sender="coordinator", signer=COORDINATOR_KEY), TRUST
+    )
+
+    assert envelope.signed and envelope.message == FINISHED and envelope.sender == "coordinator"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (encode(FINISHED, run="r", sender="coordinator"), "unsigned message from 'coordinator'"),
+        (encode(FINISHED, run="r", sender="coordinator", signer=STRANGER_KEY),
+         "bad signature on a message from 'coordinator'"),
+        (encode(Offline(who="pi"), run="r", sender="pi", signer=STRANGER_KEY),
+         "no key for sender 'pi'"),
+    ],
+    ids=["unsigned", "wrong-key", "unknown-sender"],
+)  # fmt: skip
+def test_unsigned_wrongly_signed_or_unknown_senders_are_refused(
+    payload: bytes, reason: str
+) -> None:
+    with pytest.raises(SignatureError, match=reason):
+        decode(payload, TRUST)
+
+
+def test_a_signature_covers_every_byte_of_the_envelope() -> None:
+    # Prepare: a genuine signed FINISHED whose inner envelope is changed to another run
+    outer = msgpack.unpackb(
+        encode(FINISHED, run="r", sender="coordinator", signer=COORDINATOR_KEY), raw=False
+    )
+    inner = msgpack.unpackb(outer["signed"], raw=False)
+    inner["run"] = "other-run"
+    outer["signed"] = msgpack.packb(inner, use_bin_type=True)
+
+    # Execute / Assert: a replay into another run does not verify
+    with pytest.raises(SignatureError, match="bad signature"):
+        decode(msgpack.packb(outer, use_bin_type=True), TRUST)
+
+
+def test_a_receiver_without_keys_takes_signed_and_unsigned_messages() -> None:
+    signed = encode(FINISHED, run="r", sender="coordinator", signer=STRANGER_KEY)
+    assert decode(signed).message == FINISHED
+    assert decode(encode(FINISHED, run="r", sender="coordinator")).message == FINISHED
+
+
+def test_key_files_round_trip_and_bad_ones_are_one_line(tmp_path: Path) -> None:
+    # Prepare
+    new_keypair(tmp_path / "signing.key", tmp_path / "signing.pub")
+    (tmp_path / "bad.pub").write_text("not hex\n")
+
+    # Execute
+    key = load_signing_key(tmp_path / "signing.key")
+    public = load_verify_key(tmp_path / "signing.pub")
+
+    # Assert
+    assert key.verify_key == public
+    assert (tmp_path / "signing.key").stat().st_mode & 0o077 == 0
+    with pytest.raises(ConfigError, match="bad.pub: a verify key file holds 64 hex characters"):
+        load_verify_key(tmp_path / "bad.pub")
+    (tmp_path / "bad.pub").unlink()
+    assert dict(Trust.from_folder(tmp_path).keys) == {"signing": public}
