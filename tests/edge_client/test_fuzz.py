@@ -1,6 +1,7 @@
-"""Every decoder of network bytes, fuzzed: only clean rejections, no crash, bounded memory.
+"""Every decoder of network bytes, signed envelopes included, fuzzed: only clean rejections, no
+crash, bounded memory.
 
-Each property runs 2,500 generated inputs in the default run (12,500 in all), from arbitrary bytes
+Each property runs 2,000 generated inputs in the default run (12,000 in all), from arbitrary bytes
 and from structured inputs that get past the first checks: msgpack maps shaped like envelopes and
 payloads, and valid payloads with bytes flipped.
 """
@@ -25,9 +26,10 @@ from fedprune.edge_client.codec import (
     encode_update,
 )
 from fedprune.edge_client.errors import WireError
-from fedprune.edge_client.wire import Chunk, Kind, Reassembler, decode
+from fedprune.edge_client.signing import SigningKey, Trust
+from fedprune.edge_client.wire import Chunk, Kind, Offline, Reassembler, decode, encode
 
-EXAMPLES = 2_500
+EXAMPLES = 2_000
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_ALLOCATION = 8 * 1024 * 1024  # bytes any one decode may allocate for these small inputs
 
@@ -41,6 +43,8 @@ values = st.recursive(
     ),
     max_leaves=12,
 )  # fmt: skip
+
+TRUST = Trust.of({"coordinator": SigningKey.generate().verify_key})
 
 MODEL = Model(
     weights=[np.arange(12, dtype=np.float32).reshape(3, 4), np.ones(4, np.float32)],
@@ -184,3 +188,21 @@ def test_chunk_sequences_never_hold_more_than_declared(chunks: list[Chunk]) -> N
         except WireError:
             break
         assert assembler.held <= 1_000
+
+
+@FUZZ
+@given(
+    st.binary(max_size=512)
+    | st.builds(
+        lambda signed, sig: msgpack.packb(
+            {"v": "1.3", "kind": "signed", "signed": signed, "sig": sig}, use_bin_type=True
+        ),
+        st.binary(max_size=256)
+        | st.builds(
+            lambda s: encode(s, run="r", sender="coordinator"), st.just(Offline(who="coordinator"))
+        ),
+        st.binary(min_size=0, max_size=80),
+    )  # fmt: skip
+)
+def test_signed_envelopes_with_a_trust(data: bytes) -> None:
+    _clean(lambda d: decode(d, TRUST), data)

@@ -14,7 +14,18 @@ import pytest
 from fedprune.coordinator import digits
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import Chunk, Phase, Round, Status, decode, encode
+from fedprune.edge_client.wire import (
+    Chunk,
+    Deployment,
+    Manifest,
+    Phase,
+    Round,
+    Status,
+    decode,
+    encode,
+    sha256,
+    split,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,8 +34,9 @@ RUN = "signed"
 
 
 class Stranger(threading.Thread):
-    """Waits for round 1, then forges: a retained FINISHED status and a round from the
-    'coordinator', and an update chunk from 'pi-1' on pi-1's topic; none of them signed."""
+    """Waits for round 1, then forges, none of it signed: from the 'coordinator' a retained
+    FINISHED status, a round, a model chunk and a deployment (a model of its own for the
+    devices' profile); from 'pi-1', on pi-1's topic, an update chunk."""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
@@ -51,6 +63,19 @@ class Stranger(threading.Thread):
             chunk = Chunk(index=0, count=1, size=4, sha256="0" * 64, data=b"evil")
             self.transport.publish(f"{self.topics.update('pi-1', announcement.round)}/0",
                                    encode(chunk, run=RUN, sender="pi-1"))  # fmt: skip
+            self.transport.publish(f"{announcement.model.topic}/0",
+                                   encode(chunk, run=RUN, sender="coordinator"))  # fmt: skip
+            model = b"a tflite file of the stranger's"
+            prefix = f"{self.topics.deploy('raspberry-pi-4')}/chunks"
+            (evil,) = split(model, max_chunk=1 << 20)
+            self.transport.publish(f"{prefix}/0", encode(evil, run=RUN, sender="coordinator"),
+                                   retain=True)  # fmt: skip
+            manifest = Manifest(topic=prefix, size=len(model), chunks=1, sha256=sha256(model))
+            deployment = Deployment(profile="raspberry-pi-4", model=manifest, precision="float32",
+                                    accuracy=1.0, export_json="{}")  # fmt: skip
+            self.transport.publish(self.topics.deploy("raspberry-pi-4"),
+                                   encode(deployment, run=RUN, sender="coordinator"),
+                                   retain=True)  # fmt: skip
             self.transport.flush(timeout=5)
             self.forged.set()
 
@@ -119,3 +144,6 @@ def test_forgeries_on_an_open_broker_are_dropped_and_the_run_is_unharmed(
     assert [r["reported"] for r in rounds] == [2, 2, 2]
     assert sum(r["rejected"].get("signature", 0) for r in rounds) == 1
     assert all("unsigned message from 'coordinator'" in log for log in logs)
+    exported = (tmp_path / "runs" / RUN / "export" / "raspberry-pi-4" / "model.tflite").read_bytes()
+    for i in (1, 2):  # each installed the coordinator's export, not the stranger's file
+        assert (tmp_path / f"m-{i}" / "raspberry-pi-4" / "model.tflite").read_bytes() == exported
