@@ -12,6 +12,7 @@ from fedprune import __version__
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.errors import ExportError, FedpruneError, print_error
 from fedprune.edge_client.quiet import native_log_filtered
+from fedprune.edge_client.terminal import steps
 
 if TYPE_CHECKING:
     from fedprune.converters.export import ExportResult
@@ -98,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         width = max(len(Path(p).stem) for p in profiles)
 
-        def show(profile: DeviceProfile, result: ExportResult) -> None:
-            print(f"{profile.name:<{width}}  {_describe(profile, result)}", flush=True)
+        # The int8 calibrator prints to fd 2 on every conversion: filtered; the bar is on stdout.
+        with native_log_filtered(), steps(len(profiles), "exporting") as bar:
 
-        with native_log_filtered():  # the int8 calibrator prints to fd 2 on every conversion
+            def show(profile: DeviceProfile, result: ExportResult) -> None:
+                bar.advance(f"{profile.name:<{width}}  {_describe(profile, result)}")
+
             results = export_profiles(
                 args.run_dir,
                 profiles,
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.calibration,
                 int8_io=args.int8_io,
                 on_result=show,
+                on_start=lambda profile: bar.describe(f"exporting {profile.name}"),
             )
     except (FedpruneError, OSError) as error:  # OSError: e.g. an unwritable export folder
         return print_error(PROG, error)

@@ -210,13 +210,15 @@ def export_profiles(
     max_accuracy_drop: float | None = None,
     int8_io: bool = False,
     on_result: Callable[[DeviceProfile, ExportResult], None] | None = None,
+    on_start: Callable[[DeviceProfile], None] | None = None,
 ) -> list[ExportResult]:
     """Export a run's model for several profiles; a refused profile is data, the others export.
 
     Every profile is resolved and the run's files are loaded before the first export, so a bad
     profile or data file fails the whole call (ConfigError) instead of half of it. ``int8_io``
     applies to the full-int8 profiles among them (the others' kernels take floats); at least one
-    must be full int8. ``on_result`` hears each outcome as soon as it is known.
+    must be full int8. ``on_start`` hears each profile as its export begins, ``on_result`` each
+    outcome as soon as it is known.
     """
     run_dir = _existing_run_dir(run_dir)
     chosen = [resolve_profile(p) for p in profiles]
@@ -231,6 +233,8 @@ def export_profiles(
     inputs = _RunInputs.load(run_dir, data, calibration)
     results: list[ExportResult] = []
     for profile in chosen:
+        if on_start is not None:
+            on_start(profile)
         int8 = int8_io and profile.precision is Precision.FULL_INT8
         try:
             result: ExportResult = inputs.export(profile, max_accuracy_drop, int8)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from fedprune import __version__, device_profiles
 from fedprune.coordinator.aggregation import RULES
@@ -165,6 +168,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="deploy the final model even when it is not better than chance or ends far below "
         "its first evaluated round (such a run is otherwise exported but not deployed)",
     )
+    p.add_argument(
+        "--install-wait",
+        type=float,
+        default=d.install_wait,
+        help="seconds devices get to confirm the deployed model before the run ends "
+        "(default: %(default)s)",
+    )
+    watch = p.add_argument_group(
+        "monitoring",
+        "Addresses are PORT or :PORT (loopback only) or HOST:PORT (0.0.0.0:PORT: every "
+        "interface). fedprune-monitor shows the same from any machine that reaches the broker.",
+    )
+    watch.add_argument(
+        "--dashboard", metavar="[HOST:]PORT", help="serve the live web dashboard of this run"
+    )
+    watch.add_argument(
+        "--metrics-port",
+        metavar="[HOST:]PORT",
+        help="expose Prometheus metrics on http://HOST:PORT/metrics",
+    )
 
 
 def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
@@ -195,6 +218,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         seed=args.seed,
         overwrite=args.overwrite,
         deploy_anyway=args.deploy_anyway,
+        install_wait=args.install_wait,
         signing_key=args.signing_key,
         device_keys=args.device_keys,
         aggregation=args.aggregation,
@@ -207,6 +231,31 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
     )
     values.update(overrides)
     return RunConfig(**values)  # type: ignore[arg-type]  # checked in __post_init__
+
+
+@contextlib.contextmanager
+def monitoring(args: argparse.Namespace, config: RunConfig) -> Iterator[dict[str, Any]]:
+    """The dashboard and the metrics endpoint that ``args`` ask for, as ``session.run``'s
+    keyword arguments, served while the run lasts."""
+    from fedprune.edge_client.dashboard import Dashboard, parse_address
+
+    extra: dict[str, Any] = {"observers": [], "listeners": []}
+    with contextlib.ExitStack() as stack:
+        if args.metrics_port:
+            from fedprune.coordinator.prometheus import Metrics
+
+            metrics = Metrics(config.run, rounds=config.rounds)
+            host, port = parse_address(args.metrics_port)
+            port = metrics.serve((host, port))
+            stack.callback(metrics.close)
+            print(f"Prometheus metrics at http://{host}:{port}/metrics", flush=True)
+            extra["observers"].append(metrics)
+        if args.dashboard:
+            dashboard = Dashboard(parse_address(args.dashboard)).start()
+            stack.callback(dashboard.close)
+            print(f"dashboard at {dashboard.url}", flush=True)
+            extra["listeners"].append(dashboard.show)
+        yield extra
 
 
 def parser() -> argparse.ArgumentParser:
@@ -267,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             from fedprune.coordinator.progress import round_line, summary_lines
 
         started = time.perf_counter()
-        summary = session.run(config, on_round=lambda r: print(round_line(r), flush=True))
+        with monitoring(args, config) as extra:
+            summary = session.run(
+                config, on_round=lambda r: print(round_line(r), flush=True), **extra
+            )
     except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
         return print_error(PROG, exc)
     except KeyboardInterrupt:

@@ -96,6 +96,7 @@ class RunConfig:
     seed: int = 0
     overwrite: bool = False  # replace an earlier run of the same name in out/
     deploy_anyway: bool = False  # deploy a final model that fails coordinator.health's checks
+    install_wait: float = 15.0  # seconds devices get to confirm a deployed model before the end
     aggregation: str = "fedavg"  # coordinator.aggregation.RULES
     clip_norm: float = 0.0  # scale updates with a larger L2 norm down to it (0 = off)
     trim: float = 0.1  # share of the largest and of the smallest values trimmed-mean drops
@@ -112,6 +113,7 @@ class RunConfig:
             ("clients_per_round", self.clients_per_round >= 0, ">= 0 (0 = all)"),
             ("quorum", 0.0 < self.quorum <= 1.0, "in (0, 1]"),
             ("round_timeout", self.round_timeout > 0, "> 0"),
+            ("install_wait", self.install_wait >= 0, ">= 0"),
             ("local_epochs", self.local_epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),

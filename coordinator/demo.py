@@ -21,6 +21,8 @@ from pathlib import Path
 from fedprune import __version__, device_profiles
 from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
 from fedprune.edge_client.quiet import native_log_filtered
+from fedprune.edge_client.terminal import steps
+from fedprune.edge_client.wire import Telemetry
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
@@ -94,6 +96,18 @@ def _start_clients(
     return processes
 
 
+def _doing(snapshot: Telemetry) -> str:
+    """What the run is doing, for the progress bar."""
+    run = snapshot.run
+    if run.phase == "waiting":
+        return f"waiting for the clients ({sum(d.online for d in snapshot.devices)} online)"
+    if run.phase == "training":
+        progress = snapshot.progress
+        done = "" if progress is None else f" ({len(progress.reported)}/{len(progress.selected)})"
+        return f"round {run.round}{done}"
+    return run.phase
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with native_log_filtered():
             from fedprune.coordinator import digits, session
-        from fedprune.coordinator.cli import config_from
+        from fedprune.coordinator.cli import config_from, monitoring
         from fedprune.coordinator.progress import round_line, summary_lines
 
         run_dir = Path(args.out) / run
@@ -127,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             processes = _start_clients(paths, url, run, run_dir, profiles)
-            summary = session.run(
-                dataclasses.replace(config, broker=url),
-                on_round=lambda r: print(round_line(r), flush=True),
-            )
+            with monitoring(args, config) as extra, steps(config.rounds, "starting") as bar:
+                extra["listeners"].append(lambda snapshot: bar.describe(_doing(snapshot)))
+                summary = session.run(
+                    dataclasses.replace(config, broker=url),
+                    on_round=lambda r: bar.advance(round_line(r)),
+                    **extra,
+                )
             for process in processes:  # each may wait up to 60 s for its deployed model
                 try:
                     process.wait(timeout=90)
@@ -138,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                     process.kill()
         for line in summary_lines(summary, seconds=time.perf_counter() - started):
             print(line)
+        from fedprune.coordinator import report
+
+        print(f"  report     {report.write(summary.run_dir)} (open it in a browser)")
     except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
         return print_error(PROG, exc)
     except KeyboardInterrupt:

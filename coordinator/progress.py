@@ -54,7 +54,11 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
             f" (Keras {export.keras_accuracy:.4f}, {export.n_eval} samples), {deployed}",
             f"      {export.model_path}",
         ]
-    lines.append(f"  run        {summary.run_dir} (config.toml, metrics.jsonl, model/, export/)")
+    if summary.deployed and summary.not_installed:
+        lines.append(f"  devices    {', '.join(summary.not_installed)} did not confirm the deployed"
+                     " model")  # fmt: skip
+    lines.append(f"  run        {summary.run_dir} (config.toml, metrics.jsonl, devices.json,"
+                 " model/, export/)")  # fmt: skip
     if summary.unhealthy is not None:
         lines.append(f"  WARNING    the final model looks broken: {summary.unhealthy}")
     return lines

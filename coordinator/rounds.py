@@ -22,7 +22,9 @@ from typing import Any
 from fedprune import device_profiles
 from fedprune.coordinator.aggregation import Aggregator, make_aggregator
 from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.observer import Observer, Observers
 from fedprune.coordinator.pruning import Pruner
+from fedprune.coordinator.telemetry import Telemetry
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.codec import Model, encode_model
@@ -51,6 +53,9 @@ from fedprune.edge_client.wire import (
     encode,
     sha256,
     split_to_fit,
+)
+from fedprune.edge_client.wire import (
+    Telemetry as TelemetrySnapshot,
 )
 
 log = logging.getLogger("fedprune.coordinator")
@@ -116,10 +121,12 @@ class Coordinator:
         build_artifact: Callable[[], bytes] | None = None,
         signer: SigningKey | None = None,
         trust: Trust = UNSIGNED,
+        observers: list[Observer] | None = None,
     ) -> None:
         """``build_artifact`` makes the trainable TFLite artifact that ``litert`` clients train
         with; it is called once, at :meth:`start`, so that a model they cannot train is known
-        (and said, in the log and in the Spec) before any device waits for it."""
+        (and said, in the log and in the Spec) before any device waits for it. ``observers``
+        hear what happens, next to :attr:`telemetry` (which monitors read on the broker)."""
         self.build_artifact = build_artifact
         self.signer = signer  # signs everything the coordinator publishes
         self.trust = trust  # the enrolled devices' verify keys: what is not theirs is dropped
@@ -140,6 +147,10 @@ class Coordinator:
         self._collect: _Collect | None = None
         self._model_chunks: list[str] = []
         self._rng = random.Random(config.seed)
+        self.telemetry = Telemetry(config, publish=self._publish_telemetry,
+                                   signed=signer is not None)  # fmt: skip
+        self.observer = Observers(self.telemetry, *(observers or []))
+        self._trimmed_telemetry = False
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -154,6 +165,24 @@ class Coordinator:
     def status(self, phase: Phase, round_: int) -> None:
         status = Status(phase=phase, round=round_, rounds=self.config.rounds)
         self._publish(self.topics.status, status)
+        self.observer.phase(phase, round_)
+
+    def _publish_telemetry(self, snapshot: TelemetrySnapshot) -> None:
+        """Publish a snapshot retained, made smaller until it fits in one message."""
+        payload = self._encode(snapshot)
+        while len(payload) > self.transport.max_payload:
+            smaller = _shrunk(snapshot)
+            if smaller is None:
+                log.warning("telemetry does not fit in %d bytes", self.transport.max_payload)
+                return
+            snapshot, payload = smaller, self._encode(smaller)
+            if not self._trimmed_telemetry:
+                self._trimmed_telemetry = True
+                log.warning(
+                    "telemetry is trimmed to fit in one message (%d bytes): it lists fewer"
+                    " devices, events or rounds", self.transport.max_payload,
+                )  # fmt: skip
+        self.transport.publish(self.topics.telemetry, payload, retain=True)
 
     def spec(self, artifact: Manifest | None = None) -> Spec:
         model = self.pruner.stripped
@@ -218,6 +247,7 @@ class Coordinator:
 
     def pump(self, timeout: float) -> bool:
         """Handle one message if one arrives within ``timeout`` seconds; ``False`` if none did."""
+        self.observer.tick()
         item = self.transport.get(timeout)
         if item is None:
             return False
@@ -254,8 +284,10 @@ class Coordinator:
                 if exported is not None:
                     self.profiles[message.profile] = exported
             self.clients[client_id] = message
+            self.observer.hello(message)
         elif isinstance(message, Offline) and self.clients.pop(client_id, None) is not None:
             log.info("client %s went offline", client_id)
+            self.observer.left(client_id)
         return True
 
     def _on_update_chunk(
@@ -265,6 +297,7 @@ class Coordinator:
         if state is None:
             return
         state.bytes_up += len(payload)
+        self.observer.received(client_id, len(payload))
         key = (client_id, round_text)
         chunk: Chunk | None = None
         try:
@@ -293,6 +326,7 @@ class Coordinator:
             # Not the device's: counted and logged, and kept away from the device's round state.
             state.rejected[Reason.SIGNATURE.value] += 1
             self.dropped += 1
+            self.observer.rejected(client_id, Reason.SIGNATURE.value, str(exc))
             log.warning("round %d: dropped an update chunk on %s's topic: %s", state.round,
                         client_id, exc)  # fmt: skip
             return
@@ -317,6 +351,7 @@ class Coordinator:
         state.aggregator.add(update)
         state.reported.add(client_id)
         state.responded.add(client_id)
+        self.observer.accepted(client_id, update)
         self._publish(
             self.topics.inbox(client_id),
             Notice(round=state.round, accepted=True, reason=""),
@@ -367,6 +402,7 @@ class Coordinator:
         if client_id in state.selected and rejected.reason not in not_its_answer:
             state.responded.add(client_id)  # its answer for this round is in: do not wait for it
         log.warning("round %d: rejected an update from %s: %s", state.round, client_id, rejected)
+        self.observer.rejected(client_id, rejected.reason.value, rejected.detail)
         notice = Notice(round=state.round, accepted=False, reason=str(rejected))
         self._publish(self.topics.inbox(client_id), notice, retain=False)
 
@@ -421,6 +457,8 @@ class Coordinator:
             local_epochs=self.config.local_epochs,
         )
         round_bytes = self._publish(self.topics.round, announcement)
+        self.observer.round_started(round_, selected, announcement.deadline,
+                                    model_bytes + round_bytes)  # fmt: skip
         self.status(Phase.TRAINING, round_)
         state = _Collect(
             round=round_,
@@ -469,6 +507,7 @@ class Coordinator:
         )
         self.results.append(result)
         self._publish(self.topics.metrics, Metrics(values=result.to_dict()))
+        self.observer.round_ended(result, sorted(state.selected - state.responded))
         self.on_round(result)
         return result
 
@@ -486,8 +525,9 @@ class Coordinator:
         return self.results
 
     def deploy(self, profile: str, model: bytes, *, precision: str, accuracy: float,
-               export_json: str) -> None:  # fmt: skip
-        """Publish an exported model for one device profile: retained chunks, then the manifest."""
+               export_json: str) -> str:  # fmt: skip
+        """Publish an exported model for one device profile: retained chunks, then the manifest.
+        Returns the model's SHA-256, which a device's hello names once it installed it."""
         prefix = f"{self.topics.deploy(profile)}/chunks"
         chunks = list(split_to_fit(model, max_payload=self.config.max_payload))
         for chunk in chunks:
@@ -496,6 +536,24 @@ class Coordinator:
         deployment = Deployment(profile=profile, model=manifest, precision=precision,
                                 accuracy=accuracy, export_json=export_json)  # fmt: skip
         self._publish(self.topics.deploy(profile), deployment)
+        self.observer.deployed(profile, manifest.sha256, accuracy)
+        return manifest.sha256
+
+    def await_installs(self, deployed: dict[str, str], timeout: float) -> list[str]:
+        """Give the online devices of each deployed profile (``deployed``: profile -> SHA-256)
+        up to ``timeout`` seconds to say they run the new model; those that have not, by id."""
+
+        def missing() -> list[str]:
+            return sorted(
+                client_id
+                for client_id, hello in self.clients.items()
+                if hello.profile in deployed and hello.installed != deployed[hello.profile]
+            )
+
+        end = time.monotonic() + timeout
+        while missing() and time.monotonic() < end:
+            self.pump(0.1)
+        return missing()
 
     def abort(self) -> None:
         """Tell the clients the run stopped on an error (best effort: the broker may be gone)."""
@@ -517,6 +575,22 @@ class Coordinator:
         self._publish(self.topics.status, status)
         if not self.transport.flush(timeout=30):
             log.warning("the broker did not acknowledge the final status in time")
+
+
+def _shrunk(snapshot: TelemetrySnapshot) -> TelemetrySnapshot | None:
+    """A smaller snapshot: first only the latest events and rounds, then half the devices (the
+    run's ``devices_total`` still counts them all), then fewer events and rounds; ``None`` when
+    nothing is left to drop."""
+    events, rounds, devices = snapshot.events, snapshot.rounds, snapshot.devices
+    if len(events) > 10 or len(rounds) > 20:
+        return dataclasses.replace(snapshot, events=events[-10:], rounds=rounds[-20:])
+    if devices:
+        return dataclasses.replace(snapshot, devices=devices[: len(devices) // 2])
+    if events or rounds:
+        return dataclasses.replace(
+            snapshot, events=events[len(events) // 2 + 1 :], rounds=rounds[len(rounds) // 2 + 1 :]
+        )
+    return None
 
 
 def _catalogue_profile(client_id: str, announced: str) -> str | None:

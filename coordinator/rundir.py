@@ -1,4 +1,5 @@
-"""The run directory: config.toml, metrics.jsonl, checkpoints/, model/, heldout.npz, export/."""
+"""The run directory: config.toml, metrics.jsonl, devices.json, checkpoints/, model/, heldout.npz,
+export/."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import numpy as np
 import tomli_w
 
 from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.rounds import RoundResult
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.files import write_atomic
+from fedprune.edge_client.telemetry import as_json
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -47,6 +50,11 @@ class RunDir:
         path = self.path / "heldout.npz"
         _atomic(path, lambda f: np.savez(f, x=x, y=y))
         return path
+
+    def write_devices(self, ledger: Ledger) -> None:
+        """devices.json: the ledger (every device and what it did) and the latest events."""
+        data = {"devices": as_json(ledger.rows()), "events": as_json(list(ledger.events))}
+        write_atomic(self.path / "devices.json", json.dumps(data, indent=1).encode())
 
     def append(self, result: RoundResult) -> None:
         with self.metrics.open("a") as handle:

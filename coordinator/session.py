@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from fedprune.converters.export import ExportReport, export_profiles, resolve_pr
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.health import chance_accuracy, verdict
+from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.pruning import Pruner, pruner_for
 from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.rundir import RunDir
@@ -25,7 +27,7 @@ from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation
 from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import COORDINATOR, Offline, encode
+from fedprune.edge_client.wire import COORDINATOR, Offline, Telemetry, encode
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -37,6 +39,8 @@ class Summary:
     exports: dict[str, ExportReport | str]  # by profile: the report, or why there is none
     deployed: list[str]  # the profiles whose export was published to their devices
     unhealthy: str | None = None  # why the final model is not fit to deploy (coordinator.health)
+    not_installed: list[str] = dataclasses.field(default_factory=list)  # devices that did not
+    # confirm the deployed model within the install wait
 
 
 def _evaluator(
@@ -54,7 +58,15 @@ def _evaluator(
     return evaluate
 
 
-def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None) -> Summary:
+def run(
+    config: RunConfig,
+    *,
+    on_round: Callable[[RoundResult], None] | None = None,
+    observers: list[Observer] | None = None,
+    listeners: list[Callable[[Telemetry], None]] | None = None,
+) -> Summary:
+    """Serve the run to its end. ``observers`` hear the round loop's events (Prometheus metrics);
+    ``listeners`` get each snapshot monitors get (the coordinator's own dashboard)."""
     broker = config.broker_settings()  # a bad TLS, credentials or key file fails before the work
     signer, trust = config.signatures()
     model = models.build(config.model, seed=config.seed)
@@ -77,6 +89,7 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
     def after_round(result: RoundResult) -> None:
         rundir.append(result)
         rundir.checkpoint(result.round, pruner)
+        rundir.write_devices(coordinator.telemetry.ledger)
         if on_round is not None:
             on_round(result)
 
@@ -98,12 +111,16 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         build_artifact=lambda: _trainable(pruner, config),
         signer=signer,
         trust=trust,
+        observers=observers,
     )
+    coordinator.telemetry.listeners.extend(listeners or [])
+    not_installed: list[str] = []
     try:
         results = coordinator.train()
         rundir.save_models(pruner)
         unhealthy = verdict(results, None if y is None else chance_accuracy(y))
         wanted = sorted({config.profile, *coordinator.profiles.values()})
+        coordinator.telemetry.stage("exporting")
         exports = _export(rundir.path, wanted) if x is not None else {}
         deployable = {  # by the profile each device announced
             announced: report
@@ -118,15 +135,27 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
             )  # fmt: skip
             if not config.deploy_anyway:
                 deployable = {}
-        for profile, report in deployable.items():
-            coordinator.deploy(
+        if deployable:
+            coordinator.telemetry.stage("deploying")
+        shas = {
+            profile: coordinator.deploy(
                 profile,
                 report.model_path.read_bytes(),
                 precision=str(report.precision),
                 accuracy=report.tflite_accuracy,
                 export_json=(report.model_path.parent / "export.json").read_text(),
             )
+            for profile, report in deployable.items()
+        }
+        if shas:
+            not_installed = coordinator.await_installs(shas, timeout=config.install_wait)
+            if not_installed:
+                log.warning(
+                    "%d device(s) did not confirm the deployed model within %.0f s: %s",
+                    len(not_installed), config.install_wait, ", ".join(not_installed),
+                )  # fmt: skip
         coordinator.finish(deployed=sorted(deployable))
+        rundir.write_devices(coordinator.telemetry.ledger)
     except BaseException:
         with contextlib.suppress(Exception):
             coordinator.abort()
@@ -139,6 +168,7 @@ def run(config: RunConfig, *, on_round: Callable[[RoundResult], None] | None = N
         exports=exports,
         deployed=sorted(deployable),
         unhealthy=unhealthy,
+        not_installed=not_installed,
     )
 
 

@@ -6,22 +6,22 @@ import argparse
 import contextlib
 import logging
 import re
-import resource
 import socket
 import sys
-import tomllib
 from pathlib import Path
 
 from fedprune import __version__, device_profiles
 from fedprune.edge_client import data as local_data
-from fedprune.edge_client.client import EdgeClient, Identity
+from fedprune.edge_client.client import EdgeClient, Identity, peak_memory_mb
 from fedprune.edge_client.deploy import DeploymentReceiver
 from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
 from fedprune.edge_client.options import (
     add_broker_arguments,
+    add_config_argument,
     at_least_one,
     broker_settings,
     name,
+    parse_with_config,
 )
 from fedprune.edge_client.signing import Trust, load_signing_key, load_verify_key
 from fedprune.edge_client.trainer import check_backend
@@ -39,13 +39,7 @@ def parser() -> argparse.ArgumentParser:
         "update.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="the device's TOML config: any of " + ", ".join(CONFIG_KEYS) + " (flags override it;"
-        " relative paths are relative to the file)",
-    )
+    add_config_argument(p, CONFIG_KEYS)
     add_broker_arguments(p)
     p.add_argument(
         "--models",
@@ -124,18 +118,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def peak_memory_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM, because ``ru_maxrss`` survives exec
-    and so reports the parent's peak when that was larger."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
     "broker": ("broker", False),
     "ca": ("ca", True),
@@ -154,35 +136,10 @@ CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
 }
 
 
-def read_config(path: Path) -> dict[str, str]:
-    """A device's config file as argparse defaults (dest -> value); paths made relative to it."""
-    try:
-        table = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
-    defaults = {}
-    for key, value in table.items():
-        if key not in CONFIG_KEYS:
-            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})")
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: {key} must be a non-empty string, got {value!r}")
-        dest, is_path = CONFIG_KEYS[key]
-        relative = key == "profile" and value.endswith(".toml")  # a profile file beside it
-        defaults[dest] = str(path.parent / value) if is_path or relative else value
-    return defaults
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Flags over the ``--config`` file over the built-in defaults."""
     p = parser()
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--config", type=Path)
-    config = early.parse_known_args(argv)[0].config
-    if config is not None:
-        p.set_defaults(**read_config(config))
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv, CONFIG_KEYS)
     if args.data is None:
         p.error("the following arguments are required: --data (or data = ... in --config)")
     return args

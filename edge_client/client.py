@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from fedprune.edge_client.artifact import ArtifactStore
 from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
 from fedprune.edge_client.data import LocalData
-from fedprune.edge_client.deploy import DeploymentReceiver
+from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
 from fedprune.edge_client.errors import ConfigError, SignatureError, WireError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
@@ -72,12 +73,14 @@ class Identity:
     def encode(self, message: Message) -> bytes:
         return encode(message, run=self.run, sender=self.client_id, signer=self.signer)
 
-    def hello(self) -> tuple[str, bytes]:
+    def hello(self, installed: str | None = None) -> tuple[str, bytes]:
+        """The hello, naming the deployed model this device runs (by SHA-256) if it has one."""
         message = Hello(
             client_id=self.client_id,
             profile=self.profile,
             num_samples=self.num_samples,
             backend=self.backend,
+            installed=installed,
         )
         return Topics(self.run).client_status(self.client_id), self.encode(message)
 
@@ -143,7 +146,11 @@ class EdgeClient:
             patterns.append(f"{t.artifact}/+")
         for pattern in patterns:
             self.transport.subscribe(pattern)
-        topic, payload = self.identity.hello()
+        self._say_hello()
+
+    def _say_hello(self) -> None:
+        installed = None if self.deploy is None else self.deploy.installed_sha256
+        topic, payload = self.identity.hello(installed)
         self.transport.publish(topic, payload, retain=True)
 
     def run(self, *, timeout: float | None = None) -> ClientReport:
@@ -242,11 +249,11 @@ class EdgeClient:
                     self.artifacts.on_chunk(message)
             elif isinstance(message, Chunk) and topic.startswith(self._deploy_prefix):
                 if self.deploy is not None:
-                    self.deploy.on_chunk(message)
+                    self._installed(self.deploy.on_chunk(message))
             elif isinstance(message, Chunk):
                 self._add_model_chunk(message)
             elif isinstance(message, Deployment) and self.deploy is not None:
-                self.deploy.on_deployment(message)
+                self._installed(self.deploy.on_deployment(message))
             elif isinstance(message, Status):
                 self._on_status(message)
             elif isinstance(message, Notice):
@@ -257,6 +264,11 @@ class EdgeClient:
         except (WireError, TypeError, ValueError, KeyError, IndexError) as exc:
             # Whatever arrives from the network is data: a bad message is logged, never fatal.
             log.warning("ignored a message on %s: %s", topic, exc)
+
+    def _installed(self, result: DeployResult | None) -> None:
+        """Tell the coordinator (in a new hello) which model this device now runs."""
+        if result is not None and result.saved:
+            self._say_hello()
 
     def _add_model_chunk(self, chunk: Chunk) -> None:
         """Collect model chunks by payload hash; the round's manifest names the hash it wants."""
@@ -339,6 +351,7 @@ class EdgeClient:
                 "accuracy": evaluation.accuracy,
                 "n_eval": float(evaluation.n),
                 "train_seconds": train_seconds,
+                "peak_memory_mb": peak_memory_mb(),
             },
         )
         payload = encode_update(update, model.masks)
@@ -371,3 +384,15 @@ class EdgeClient:
             )
         self.report.bytes_up += sent
         return sent
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, because ``ru_maxrss`` survives exec
+    and so reports the parent's peak when that was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import tomllib
+from pathlib import Path
 
 from fedprune.edge_client.connection import PASSWORD_ENV, USERNAME_ENV, BrokerSettings
 from fedprune.edge_client.errors import ConfigError
@@ -57,3 +59,47 @@ def broker_settings(args: argparse.Namespace) -> BrokerSettings:
     return BrokerSettings.load(
         args.broker, ca=args.ca, cert=args.cert, key=args.key, credentials=args.credentials
     )
+
+
+def read_config(path: Path, keys: dict[str, tuple[str, bool]]) -> dict[str, str]:
+    """A config file (a device's, a monitor's) as argparse defaults (dest -> value). ``keys``
+    maps each key it may hold to (argparse dest, is a path); paths are made relative to it."""
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
+    defaults = {}
+    for key, value in table.items():
+        if key not in keys:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(keys)})")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: {key} must be a non-empty string, got {value!r}")
+        dest, is_path = keys[key]
+        relative = key == "profile" and value.endswith(".toml")  # a profile file beside it
+        defaults[dest] = str(path.parent / value) if is_path or relative else value
+    return defaults
+
+
+def add_config_argument(p: argparse.ArgumentParser, keys: dict[str, tuple[str, bool]]) -> None:
+    """``--config FILE``: a TOML file that may set any of ``keys`` (:func:`parse_with_config`)."""
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML config: any of " + ", ".join(keys) + " (flags override it; relative paths are"
+        " relative to the file)",
+    )
+
+
+def parse_with_config(
+    p: argparse.ArgumentParser, argv: list[str] | None, keys: dict[str, tuple[str, bool]]
+) -> argparse.Namespace:
+    """Flags over the ``--config`` file over the built-in defaults."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", type=Path)
+    config = early.parse_known_args(argv)[0].config
+    if config is not None:
+        p.set_defaults(**read_config(config, keys))
+    return p.parse_args(argv)

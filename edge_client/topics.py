@@ -53,6 +53,11 @@ class Topics:
         return f"{self.root}/metrics"
 
     @property
+    def telemetry(self) -> str:
+        """The retained ``Telemetry`` snapshot that monitors show."""
+        return f"{self.root}/telemetry"
+
+    @property
     def all_models(self) -> str:
         return f"{self.root}/model/+/+"
 

@@ -1,6 +1,6 @@
 """Messages on the wire: msgpack-encoded frozen dataclasses in a versioned envelope, and chunking.
 
-Every message is one msgpack map ``{"v": "1.2", "kind": ..., "run": ..., "sender": ...,
+Every message is one msgpack map ``{"v": "1.4", "kind": ..., "run": ..., "sender": ...,
 "seq": ..., "body": {...}}`` (``v`` is :data:`PROTOCOL_VERSION`). The major version also appears
 in the topic (``fedprune/v1/<run>/...``); a message whose major version differs from ours is
 refused. Large payloads (models, updates) travel as ``Chunk`` messages that each carry the whole
@@ -23,10 +23,12 @@ import msgpack
 
 from fedprune.edge_client.errors import OversizeError, VersionError, WireError
 from fedprune.edge_client.signing import SigningKey, Trust
+from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 3  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
-# 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes)
+PROTOCOL_MINOR = 4  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+# 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
+# 1.4: Telemetry, Hello.installed
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -57,6 +59,7 @@ class Kind(StrEnum):
     METRICS = "metrics"
     DEPLOY = "deploy"
     NOTICE = "notice"
+    TELEMETRY = "telemetry"
 
 
 class Phase(StrEnum):
@@ -84,6 +87,7 @@ class Hello(Message):
     profile: str
     num_samples: int
     backend: str
+    installed: str | None = None  # SHA-256 of the deployed model it runs (1.4)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,9 +193,21 @@ class Notice(Message):
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Telemetry(Message):
+    """Everything a monitor shows (retained on ``telemetry``; see edge_client.telemetry)."""
+
+    KIND: ClassVar[Kind] = Kind.TELEMETRY
+    run: RunInfo
+    progress: Progress | None
+    rounds: list[dict[str, Any]]  # the last rounds' metrics.jsonl lines
+    devices: list[DeviceRow]
+    events: list[Event]  # the latest, oldest first
+
+
 _BY_KIND: dict[Kind, type[Message]] = {
     cls.KIND: cls
-    for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice, Deployment)
+    for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice, Deployment, Telemetry)
 }
 _seq = itertools.count()
 
@@ -210,10 +226,7 @@ class Envelope:
 
 def encode(message: Message, *, run: str, sender: str, signer: SigningKey | None = None) -> bytes:
     """Serialize one message in its envelope; with ``signer``, wrapped with its signature."""
-    body = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    for key, value in body.items():
-        if dataclasses.is_dataclass(value):
-            body[key] = dataclasses.asdict(value)  # type: ignore[arg-type]
+    body = {f.name: _plain(getattr(message, f.name)) for f in dataclasses.fields(message)}
     envelope = {
         "v": PROTOCOL_VERSION,
         "kind": message.KIND.value,
@@ -248,6 +261,15 @@ def decode(payload: bytes, trust: Trust = UNSIGNED) -> Envelope:
     envelope = _envelope(_map(signed))
     trust.check(envelope.sender, signed, signature)
     return dataclasses.replace(envelope, signed=True)
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as msgpack takes it: nested records (alone or in a list) become maps."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _map(payload: bytes) -> dict[Any, Any]:
@@ -301,6 +323,10 @@ def _build(cls: type[Any], body: Any, *, newer: bool) -> Any:
         )
         if nested is not None and isinstance(value, dict):
             value = _build(nested, value, newer=newer)  # type: ignore[arg-type]
+        elif typing.get_origin(hint) is list and isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            if dataclasses.is_dataclass(item):
+                value = [_build(item, v, newer=newer) for v in value]  # type: ignore[arg-type]
         if not _matches(value, hint):
             raise WireError(
                 f"malformed message (field {key!r} of a {cls.__name__} has a wrong type)"

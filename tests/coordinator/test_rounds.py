@@ -39,6 +39,7 @@ from fedprune.edge_client.wire import (
     sha256,
     split,
 )
+from fedprune.edge_client.wire import Telemetry as TelemetrySnapshot
 
 RUN = "unit"
 TOPICS = Topics(RUN)
@@ -184,9 +185,10 @@ def harness(mlp: tf_keras.Model) -> Callable[..., Harness]:
         pruner = Pruner(wrap(mlp, SCHEDULE))
         pruner.step(0)
         pruner.step(1)
+        config = RunConfig(**values)  # type: ignore[arg-type]
         coordinator = Coordinator(
-            MemoryTransport(broker),
-            RunConfig(**values),
+            MemoryTransport(broker, max_payload=config.max_payload),
+            config,
             pruner,  # type: ignore[arg-type]
             evaluate=lambda: None,
             limits=limits,
@@ -658,3 +660,50 @@ def test_with_device_keys_an_unsigned_update_in_a_devices_name_is_dropped_and_it
     ]
     _assert_weights(after, want)
     assert h.coordinator.dropped == 1
+
+
+def test_telemetry_on_the_broker_tells_who_reported_who_was_rejected_and_who_was_late(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(("a", "b", "c"), round_timeout=0.5)
+
+    def answer(announcement: Round, model: Model) -> None:
+        h.clients["a"].send(announcement.round, _payload(model, _delta(model, 1)))
+        bad = _delta(model, 2)
+        bad[0][bad[0] != 0] = np.inf
+        h.clients["b"].send(announcement.round, _payload(model, bad))
+        # c says nothing: late
+
+    h.on_round(answer)
+
+    h.run_round()
+
+    snapshot = decode(h.broker.retained[TOPICS.telemetry]).message
+    assert isinstance(snapshot, TelemetrySnapshot)
+    rows = {d.id: d for d in snapshot.devices}
+    assert (rows["a"].selected, rows["a"].reported, rows["a"].rejected, rows["a"].late) == (
+        1,
+        1,
+        0,
+        0,
+    )
+    assert (rows["b"].reported, rows["b"].rejected) == (0, 1)
+    assert rows["b"].last_reason.startswith("nonfinite")
+    assert (rows["c"].reported, rows["c"].late) == (0, 1)
+    assert rows["a"].bytes_up == h.broker.update_bytes() - rows["b"].bytes_up
+    assert snapshot.rounds[-1]["round"] == ROUND and snapshot.progress is None
+    assert snapshot.run.phase == "training" and snapshot.run.devices_total == 3
+
+
+def test_telemetry_lists_fewer_devices_rather_than_exceed_the_payload_limit(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(tuple(f"device-{i:04d}" for i in range(60)), max_payload=4096)
+
+    h.coordinator.telemetry.send()
+
+    snapshot = decode(h.broker.retained[TOPICS.telemetry]).message
+    assert isinstance(snapshot, TelemetrySnapshot)
+    assert len(h.broker.retained[TOPICS.telemetry]) <= 4096
+    assert 0 < len(snapshot.devices) < 60 and snapshot.run.devices_total == 60
+    assert snapshot.devices == sorted(snapshot.devices, key=lambda d: d.id)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedprune.edge_client.errors import OversizeError, WireError
+from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 from fedprune.edge_client.wire import (
     PROTOCOL_VERSION,
     Chunk,
@@ -26,10 +27,30 @@ from fedprune.edge_client.wire import (
     Round,
     Spec,
     Status,
+    Telemetry,
     decode,
     encode,
     split,
 )
+
+SNAPSHOT = Telemetry(
+    run=RunInfo(
+        name="demo", session="abc123", phase="training", round=3, rounds=10, deadline=1e9 + 60,
+        model_version=3, sparsity_target=0.8, sparsity=0.39, started=1e9, updated=1e9 + 30,
+        config={"model": "cnn", "quorum": 1.0}, signed=True, devices_total=2,
+    ),
+    progress=Progress(round=3, started=1e9 + 20, deadline=1e9 + 60, selected=["a", "b"],
+                      reported=["a"], rejected={"norm": 1}, bytes_up=1234),
+    rounds=[{"round": 2, "accuracy": 0.9, "rejected": {}}],
+    devices=[
+        DeviceRow(id="a", profile="raspberry-pi-4", trainer="litert", samples=100, online=True,
+                  joined=1e9, last_seen=1e9 + 25, reported=2, train_seconds=0.5),
+        DeviceRow(id="b", profile="generic-x86-64", trainer="keras", samples=50, online=False,
+                  joined=1e9, last_seen=1e9 + 5, rejected=1, last_reason="norm: too large",
+                  model="ab" * 32, model_accuracy=0.97),
+    ],
+    events=[Event(time=1e9 + 21, kind="reject", text="norm: too large", device="b")],
+)  # fmt: skip
 
 PAYLOAD = bytes(range(256)) * 3
 
@@ -68,6 +89,15 @@ MESSAGES: list[Message] = [
     ),
     Metrics(values={"round": 3, "accuracy": 0.91, "sparsity": 0.5, "clients": ["a", "b"]}),
     Notice(round=3, accepted=False, reason="update norm 1e9 exceeds the limit 100"),
+    SNAPSHOT,
+    dataclasses.replace(SNAPSHOT, progress=None, devices=[], events=[]),
+    Hello(
+        client_id="pi-1",
+        profile="raspberry-pi-4",
+        num_samples=1,
+        backend="litert",
+        installed="ab" * 32,
+    ),
 ]
 
 
@@ -282,6 +312,10 @@ def test_split_refuses_a_chunk_size_below_one() -> None:
         list(split(PAYLOAD, max_chunk=0))
 
 
+def _plain(record: object) -> dict[str, object]:
+    return dataclasses.asdict(record)  # type: ignore[call-overload,no-any-return]
+
+
 def _envelope(kind: str, body: dict[str, object], version: str = "1.1") -> bytes:
     message = {"v": version, "kind": kind, "run": "r", "sender": "s", "seq": 0, "body": body}
     return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
@@ -301,6 +335,12 @@ def _envelope(kind: str, body: dict[str, object], version: str = "1.1") -> bytes
         ("round", {"round": 1, "model_version": 1, "deadline": 1.0, "selected": 5,
                    "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x"},
                    "local_epochs": 1}),
+        ("telemetry", {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [],
+                       "devices": [{"id": "a"}], "events": []}),
+        ("telemetry", {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [],
+                       "devices": ["a"], "events": []}),
+        ("telemetry", {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [],
+                       "devices": [], "events": [{"time": "now", "kind": "join", "text": ""}]}),
     ],
 )  # fmt: skip
 def test_a_field_of_the_wrong_type_is_a_wire_error(kind: str, body: dict[str, object]) -> None:
@@ -327,3 +367,22 @@ def test_chunks_cannot_carry_more_than_the_declared_size() -> None:
 
     with pytest.raises(WireError, match="more than the declared 10 bytes"):
         assembler.add(chunks[1])
+
+
+def test_a_newer_minor_may_add_fields_to_records_in_a_list() -> None:
+    device = {**_plain(SNAPSHOT.devices[0]), "temperature": 61.5}
+    body = {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [], "devices": [device],
+            "events": []}  # fmt: skip
+
+    message = decode(_envelope("telemetry", body, version="1.9")).message
+
+    assert isinstance(message, Telemetry)
+    assert message.devices == [SNAPSHOT.devices[0]]
+
+
+def test_an_older_hello_without_installed_still_decodes() -> None:
+    body = {"client_id": "c", "profile": "p", "num_samples": 1, "backend": "keras"}
+
+    message = decode(_envelope("hello", body, version="1.3")).message
+
+    assert isinstance(message, Hello) and message.installed is None

@@ -1,0 +1,199 @@
+"""The coordinator's live account of a run, published retained for monitors.
+
+:class:`Telemetry` is an :class:`~fedprune.coordinator.observer.Observer`: from the round loop's
+hooks it keeps the run's header, the round in progress, the last rounds' metrics and the device
+:class:`~fedprune.coordinator.ledger.Ledger`. When something changed it builds one
+:class:`~fedprune.edge_client.wire.Telemetry` snapshot, at most every ``interval`` seconds (and at
+once at a round's end or a change of phase), hands it to ``publish`` (the coordinator signs it and
+puts it on the ``telemetry`` topic) and to every listener (the web dashboard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.ledger import Ledger
+from fedprune.coordinator.observer import Observer
+from fedprune.edge_client.codec import Update
+from fedprune.edge_client.telemetry import Progress, RunInfo
+from fedprune.edge_client.wire import Hello, Phase
+from fedprune.edge_client.wire import Telemetry as Snapshot
+
+if TYPE_CHECKING:
+    from fedprune.coordinator.rounds import RoundResult
+
+ROUNDS_KEPT = 200
+"""The last rounds' metrics a snapshot carries (a whole run, for the runs people make)."""
+
+Listener = Callable[[Snapshot], None]
+
+
+def config_summary(config: RunConfig) -> dict[str, Any]:
+    """What an operator wants to see of a run's configuration, in one line of a header."""
+    schedule = config.schedule
+    return {
+        "model": config.model,
+        "aggregation": config.aggregation,
+        "schedule": f"{schedule.kind.value} to {schedule.target:g}"
+        + (f" ({schedule.structure})" if schedule.structure else ""),
+        "min_clients": config.min_clients,
+        "clients_per_round": config.clients_per_round or "all",
+        "quorum": config.quorum,
+        "round_timeout": config.round_timeout,
+        "local_epochs": config.local_epochs,
+        "optimizer": f"{config.optimizer} lr {config.learning_rate:g}",
+    }
+
+
+class Telemetry(Observer):
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        publish: Callable[[Snapshot], None],
+        signed: bool = False,
+        interval: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.publish = publish
+        self.listeners: list[Listener] = []
+        self.ledger = Ledger(clock=clock)
+        self.session = uuid.uuid4().hex[:12]
+        self.signed = signed
+        self.interval = interval
+        self._clock = clock
+        self._phase = Phase.WAITING.value
+        self._round = 0
+        self._started = clock()
+        self._progress: Progress | None = None
+        self._rounds: deque[dict[str, Any]] = deque(maxlen=ROUNDS_KEPT)
+        self._sparsity = 0.0
+        self._dirty = True
+        self._sent_at = 0.0
+        self.last: Snapshot | None = None
+
+    # -- the loop's hooks ------------------------------------------------------------------------
+
+    def phase(self, phase: Phase, round_: int) -> None:
+        self._round = round_
+        self.stage(phase.value)
+
+    def stage(self, name: str) -> None:
+        """Enter a phase, or a stage the devices need not know of (exporting, deploying)."""
+        if name != self._phase:
+            self.ledger.event("phase", f"{name} at round {self._round}")
+        self._phase = name
+        if name != Phase.TRAINING.value:
+            self._progress = None
+        self._changed(now=True)
+
+    def hello(self, hello: Hello) -> None:
+        self.ledger.hello(hello)
+        self._changed()
+
+    def left(self, client_id: str) -> None:
+        self.ledger.left(client_id)
+        self._changed()
+
+    def round_started(self, round_: int, selected: list[str], deadline: float,
+                      bytes_down: int) -> None:  # fmt: skip
+        self._round = round_
+        self.ledger.selected(selected, bytes_down)
+        self._progress = Progress(
+            round=round_, started=self._clock(), deadline=deadline, selected=list(selected),
+            reported=[], rejected={}, bytes_up=0,
+        )  # fmt: skip
+        self._changed(now=True)
+
+    def received(self, client_id: str, nbytes: int) -> None:
+        self.ledger.received(client_id, nbytes)
+        if self._progress is not None:
+            self._progress = dataclasses.replace(
+                self._progress, bytes_up=self._progress.bytes_up + nbytes
+            )
+        self._changed()
+
+    def accepted(self, client_id: str, update: Update) -> None:
+        self.ledger.accepted(client_id, update)
+        if self._progress is not None:
+            reported = [*self._progress.reported, client_id]
+            self._progress = dataclasses.replace(self._progress, reported=reported)
+        self._changed()
+
+    def rejected(self, client_id: str, reason: str, text: str) -> None:
+        if reason == "signature":  # not the device's doing: an event, not a mark on its row
+            self.ledger.event("drop", f"not signed by {client_id}: {text}", client_id)
+        else:
+            self.ledger.rejected(client_id, reason, text)
+        if self._progress is not None:
+            rejected = dict(self._progress.rejected)
+            rejected[reason] = rejected.get(reason, 0) + 1
+            self._progress = dataclasses.replace(self._progress, rejected=rejected)
+        self._changed()
+
+    def round_ended(self, result: RoundResult, late: list[str]) -> None:
+        self.ledger.late(late, result.round)
+        self._progress = None
+        self._rounds.append(result.to_dict())
+        self._sparsity = result.sparsity
+        acc = "-" if result.accuracy is None else f"{result.accuracy:.3f}"
+        self.ledger.event(
+            "round",
+            f"round {result.round}: accuracy {acc}, sparsity {result.sparsity:.2f},"
+            f" {result.reported}/{result.selected} reported",
+        )
+        self._changed(now=True)
+
+    def deployed(self, profile: str, sha256: str, accuracy: float) -> None:
+        self.ledger.deployed(sha256, accuracy)
+        self.ledger.event("deploy", f"{profile}: model {sha256[:12]}, accuracy {accuracy:.4f}")
+        self._changed(now=True)
+
+    def tick(self) -> None:
+        if self._dirty and self._clock() - self._sent_at >= self.interval:
+            self.send()
+
+    # -- the snapshot ----------------------------------------------------------------------------
+
+    def _changed(self, *, now: bool = False) -> None:
+        self._dirty = True
+        if now:
+            self.send()
+
+    def snapshot(self) -> Snapshot:
+        config = self.config
+        progress = self._progress
+        run = RunInfo(
+            name=config.run,
+            session=self.session,
+            phase=self._phase,
+            round=self._round,
+            rounds=config.rounds,
+            deadline=None if progress is None else progress.deadline,
+            model_version=self._round,
+            sparsity_target=config.schedule.target,
+            sparsity=self._sparsity,
+            started=self._started,
+            updated=self._clock(),
+            config=config_summary(config),
+            signed=self.signed,
+            devices_total=len(self.ledger),
+        )
+        return Snapshot(run=run, progress=progress, rounds=list(self._rounds),
+                        devices=self.ledger.rows(), events=list(self.ledger.events))  # fmt: skip
+
+    def send(self) -> None:
+        """Publish a snapshot now and hand it to the listeners."""
+        snapshot = self.snapshot()
+        self.last = snapshot
+        self._dirty, self._sent_at = False, self._clock()
+        self.publish(snapshot)
+        for listener in self.listeners:
+            listener(snapshot)

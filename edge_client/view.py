@@ -1,0 +1,177 @@
+"""The terminal view of a telemetry snapshot (rich): header, round in progress, rounds, devices,
+events. Times are shown relative to the snapshot's own clock, so a monitor whose clock differs
+from the coordinator's still shows them right."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from fedprune.edge_client.wire import Telemetry
+
+ROUNDS_SHOWN = 10
+EVENTS_SHOWN = 8
+
+
+def console(*, record: bool = False) -> Console:
+    return Console(record=record, width=WIDE if record else None)
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1024:,.0f} KB" if n < 10 * 1024 * 1024 else f"{n / 1024 / 1024:,.0f} MB"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds:.0f} s ago" if seconds < 90 else f"{seconds / 60:.0f} min ago"
+
+
+def line(snapshot: Telemetry, coordinator: str) -> str:
+    """One line: the run's phase and round, and the last round's figures."""
+    run = snapshot.run
+    text = f"{run.name}: {run.phase}, round {run.round}/{run.rounds}, coordinator {coordinator}"
+    if snapshot.rounds:
+        last = snapshot.rounds[-1]
+        text += (
+            f"; round {last['round']}: accuracy {_num(last.get('accuracy'), 3)},"
+            f" sparsity {last['sparsity']:.2f}, {last['reported']}/{last['selected']} reported"
+        )
+    online = sum(d.online for d in snapshot.devices)
+    return text + f"; {online}/{run.devices_total} devices online"
+
+
+def _header(snapshot: Telemetry, coordinator: str) -> Panel:
+    run = snapshot.run
+    last = snapshot.rounds[-1] if snapshot.rounds else {}
+    online = sum(d.online for d in snapshot.devices)
+    deadline = "-"
+    if run.deadline is not None:
+        deadline = f"in {max(0.0, run.deadline - run.updated):.0f} s"
+    facts = Text.assemble(
+        ("phase ", "dim"), (run.phase, "bold"),
+        ("   round ", "dim"), (f"{run.round}/{run.rounds}", "bold"),
+        ("   accuracy ", "dim"), (_num(last.get("accuracy"), 3), "bold"),
+        ("   sparsity ", "dim"), (f"{run.sparsity:.2f}", "bold"),
+        (f" (target {run.sparsity_target:.2f})", "dim"),
+        ("   devices online ", "dim"), (f"{online}/{run.devices_total}", "bold"),
+        ("   deadline ", "dim"), (deadline, "bold"),
+        ("   coordinator ", "dim"),
+        (coordinator, "bold red" if coordinator == "offline" else "bold"),
+    )  # fmt: skip
+    config = " · ".join(f"{k} {v}" for k, v in run.config.items())
+    config += " · signed messages" if run.signed else " · unsigned"
+    return Panel(
+        Group(facts, Text(config, style="dim")),
+        title=f"fedprune run [bold]{run.name}[/] (session {run.session})",
+        title_align="left",
+    )
+
+
+def _progress(snapshot: Telemetry) -> Table | Text:
+    p = snapshot.progress
+    if p is None:
+        return Text("no round in progress", style="dim")
+    rejected = ", ".join(f"{k} {v}" for k, v in p.rejected.items()) or "none"
+    waiting = [c for c in p.selected if c not in p.reported]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row(
+        Text(f"round {p.round}", style="bold"),
+        ProgressBar(total=max(1, len(p.selected)), completed=len(p.reported), width=40),
+        Text(
+            f"{len(p.reported)} of {len(p.selected)} selected devices reported;"
+            f" rejected: {rejected}; {_kb(p.bytes_up)} received"
+        ),  # fmt: skip
+    )
+    grid.add_row("", "", Text("waiting for: " + ", ".join(waiting) if waiting else "all reported",
+                              style="dim"))  # fmt: skip
+    return grid
+
+
+def _rounds(snapshot: Telemetry) -> Table:
+    table = Table(title="Rounds", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("round", "accuracy", "devices' acc", "sparsity", "reported", "up (sent/dense)",
+                   "down (sent/dense)", "rejected", "seconds"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in snapshot.rounds[-ROUNDS_SHOWN:]:
+        table.add_row(
+            str(r["round"]),
+            _num(r.get("accuracy"), 3),
+            _num(r.get("client_accuracy"), 3),
+            f"{r['sparsity']:.2f}",
+            f"{r['reported']}/{r['selected']}",
+            f"{_kb(r['bytes_up'])} / {_kb(r['dense_bytes_up'])}",
+            f"{_kb(r['bytes_down'])} / {_kb(r['dense_bytes_down'])}",
+            str(sum(r["rejected"].values())) if r.get("rejected") else "0",
+            f"{r['seconds']:.1f}",
+        )
+    return table
+
+
+WIDE = 160
+"""Terminals at least this wide get every device column; narrower ones the essential ones."""
+
+
+def _devices(snapshot: Telemetry, width: int) -> Table:
+    total = snapshot.run.devices_total
+    shown = len(snapshot.devices)
+    title = f"Devices ({shown} of {total} shown)" if shown < total else f"Devices ({total})"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    now = snapshot.run.updated
+    rows: list[dict[str, str | Text]] = []
+    for d in snapshot.devices:
+        seen = Text("online", style="green") if d.online else Text(
+            f"off, {_ago(now - d.last_seen)}", style="dim")  # fmt: skip
+        rows.append({
+            "device": d.id, "profile": d.profile, "seen": seen,
+            "rep/sel": f"{d.reported}/{d.selected}",
+            "late": Text(str(d.late), style="red" if d.late else ""),
+            "rej": Text(str(d.rejected), style="red" if d.rejected else ""),
+            "last reason": d.last_reason, "up KB": f"{d.bytes_up / 1024:,.0f}",
+            "down KB": f"{d.bytes_down / 1024:,.0f}", "trainer": d.trainer,
+            "samples": str(d.samples), "train s": _num(d.train_seconds, 2),
+            "MB": _num(d.peak_memory_mb, 0), "acc": _num(d.accuracy, 3),
+            "model": "-" if d.model is None else d.model[:8],
+        })  # fmt: skip
+    columns = ["device", "profile", "seen", "rep/sel", "late", "rej", "last reason", "up KB"]
+    if width >= WIDE:
+        columns[2:2] = ["trainer", "samples"]
+        columns += ["down KB", "train s", "MB", "acc", "model"]
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="ellipsis",
+                         max_width=24 if column == "last reason" else None)  # fmt: skip
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    return table
+
+
+def _events(snapshot: Telemetry) -> Table:
+    table = Table(
+        title="Recent events", title_justify="left", box=box.SIMPLE_HEAD, show_header=False
+    )
+    table.add_column("when", style="dim", justify="right")
+    table.add_column("what")
+    now = snapshot.run.updated
+    for e in snapshot.events[-EVENTS_SHOWN:][::-1]:
+        who = f" {e.device}" if e.device else ""
+        style = "red" if e.kind in ("reject", "drop", "late") else ""
+        table.add_row(_ago(now - e.time), Text(f"{e.kind}{who}: {e.text}", style=style))
+    return table
+
+
+def render(snapshot: Telemetry, coordinator: str, *, width: int = WIDE) -> Group:
+    """The whole view; ``width`` is the terminal's, which decides the device columns."""
+    return Group(
+        _header(snapshot, coordinator),
+        _progress(snapshot),
+        _rounds(snapshot),
+        _devices(snapshot, width),
+        _events(snapshot),
+    )
