@@ -5,7 +5,8 @@ It writes files and nothing else. One folder holds a deployment::
     DIR/fleet.toml                    the broker address and every account (active or revoked)
     DIR/ca/ca.crt, ca.key             the fleet's CA (keep ca.key off the devices)
     DIR/broker/                       mosquitto.conf, server.crt/.key, ca.crt, passwd, acl
-    DIR/coordinator/, DIR/monitor/    each: ca.crt, <name>.crt/.key, credentials.toml
+    DIR/coordinator/, DIR/monitor/    each: ca.crt, <name>.crt/.key, credentials.toml;
+                                      monitor/monitor.toml and coordinator.pub for fedprune-monitor
     DIR/coordinator/signing.key       the coordinator's Ed25519 signing key; coordinator.pub
     DIR/coordinator/device-keys/      <id>.pub: every enrolled device's verify key
     DIR/devices/<id>/                 ca.crt, device.crt/.key, credentials.toml, device.toml,
@@ -129,6 +130,9 @@ def init(
     home = folder / "coordinator"
     new_keypair(home / "signing.key", home / "coordinator.pub")
     (home / "device-keys").mkdir(exist_ok=True)
+    monitor = folder / "monitor"
+    shutil.copy(home / "coordinator.pub", monitor / "coordinator.pub")
+    _write(monitor / "monitor.toml", tomli_w.dumps(_monitor_config(fleet)).encode())
     fleet.write(folder)
     add(folder, devices)
     return Fleet.read(folder)
@@ -205,6 +209,18 @@ def _device_config(fleet: Fleet, device: str) -> dict[str, str]:
         "signing_key": "signing.key",
         "coordinator_key": "coordinator.pub",
         "id": device,
+    }
+
+
+def _monitor_config(fleet: Fleet) -> dict[str, str]:
+    """What ``fedprune-monitor --config`` reads; paths relative to the monitor's folder."""
+    return {
+        "broker": fleet.url,
+        "ca": "ca.crt",
+        "cert": "monitor.crt",
+        "key": "monitor.key",
+        "credentials": "credentials.toml",
+        "coordinator_key": "coordinator.pub",
     }
 
 

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             home = args.folder / "coordinator"
             print(f"  coordinator: {_flags(home, 'coordinator', fleet)} --signing-key"
                   f" {home / 'signing.key'} --device-keys {home / 'device-keys'}")  # fmt: skip
-            print(f"  monitor:     {_flags(args.folder / 'monitor', 'monitor', fleet)}")
+            monitor = args.folder / "monitor" / "monitor.toml"
+            print(f"  monitor:     fedprune-monitor --config {monitor} --run NAME")
             _bundles(args.folder, names)
         elif args.command == "add":
             taken = provision.Fleet.read(args.folder).devices

@@ -561,6 +561,9 @@ class Coordinator:
             self.transport.publish(topic, b"", retain=True)
         status = Status(phase=Phase.ABORTED, round=0, rounds=self.config.rounds)
         self._publish(self.topics.status, status)
+        self.observer.phase(
+            Phase.ABORTED, self.telemetry.last.run.round if self.telemetry.last else 0
+        )
         self.transport.flush(timeout=5)
 
     def finish(self, *, deployed: list[str] | None = None) -> None:
@@ -573,6 +576,7 @@ class Coordinator:
             deploy=deployed or [],
         )  # fmt: skip
         self._publish(self.topics.status, status)
+        self.observer.phase(Phase.FINISHED, self.config.rounds)
         if not self.transport.flush(timeout=30):
             log.warning("the broker did not acknowledge the final status in time")
 

@@ -35,7 +35,15 @@ from fedprune.edge_client.signing import Trust, load_verify_key
 from fedprune.edge_client.telemetry import as_json
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.transport import MqttTransport, Transport
-from fedprune.edge_client.wire import COORDINATOR, UNSIGNED, Offline, Status, Telemetry, decode
+from fedprune.edge_client.wire import (
+    COORDINATOR,
+    UNSIGNED,
+    Offline,
+    Phase,
+    Status,
+    Telemetry,
+    decode,
+)
 
 PROG = "fedprune-monitor"
 log = logging.getLogger("fedprune.monitor")
@@ -63,7 +71,8 @@ class Watcher:
         self.topics = Topics(run)
         self.trust = trust
         self.snapshot: Telemetry | None = None
-        self.coordinator = "unknown"  # online (its status is a phase), offline (its will), unknown
+        # online (waiting or training), finished, aborted, offline (its last will), or unknown
+        self.coordinator = "unknown"
         self.dropped = 0
         for topic in (self.topics.telemetry, self.topics.status):
             transport.subscribe(topic)
@@ -89,7 +98,8 @@ class Watcher:
         if isinstance(message, Telemetry):
             self.snapshot = message
         elif isinstance(message, Status):
-            self.coordinator = "online"
+            finished = message.phase in (Phase.FINISHED, Phase.ABORTED)
+            self.coordinator = message.phase.value if finished else "online"
         elif isinstance(message, Offline):
             self.coordinator = "offline"
         else:

@@ -55,13 +55,14 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def edge_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The ``bin`` folder of a fresh virtual environment with ``fedprune[edge]`` installed from
-    the wheel, as a device installs it (dependencies from pip's cache or the index)."""
+    """The ``bin`` folder of a fresh virtual environment with ``fedprune[edge,monitor]``
+    installed from the wheel, as a device installs it (dependencies from pip's cache or the
+    index)."""
     env_dir = tmp_path_factory.mktemp("edge") / "venv"
     venv.create(env_dir, with_pip=True)
     install = subprocess.run(
         [env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         f"{wheel}[edge]"],
+         f"{wheel}[edge,monitor]"],
         capture_output=True, text=True, timeout=600, env=clean_env(), cwd=env_dir,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]

@@ -15,21 +15,23 @@ import numpy as np
 import pytest
 
 import fedprune
+from fedprune.edge_client.dashboard import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE_DIRS: dict[str, str] = PROJECT["tool"]["setuptools"]["package-dir"]
 SCRIPTS: dict[str, str] = PROJECT["project"]["scripts"]
-DEVICE_COMMANDS = ("fedprune-client", "fedprune-infer", "fedprune-profiles")
+DEVICE_COMMANDS = ("fedprune-client", "fedprune-infer", "fedprune-profiles", "fedprune-monitor")
 
 
 def _source_files() -> set[str]:
     """Every file of the package folders, named as installed (``fedprune/edge_client/...``)."""
     names = set()
     for package, folder in PACKAGE_DIRS.items():
-        for path in (ROOT / folder).iterdir():
-            if path.is_file() and path.suffix != ".pyc":
-                names.add("/".join([*package.split("."), path.name]))
+        for path in (ROOT / folder).rglob("*"):
+            inside = path.relative_to(ROOT / folder)
+            if path.is_file() and "__pycache__" not in inside.parts:
+                names.add("/".join([*package.split("."), *inside.parts]))
     return names
 
 
@@ -80,6 +82,7 @@ def test_the_wheel_holds_every_file_of_the_package_folders_and_nothing_else(whee
         f"{package.replace('.', '/')}/py.typed" for package in PACKAGE_DIRS
     }
     assert {n.split("/", 1)[0] for n in metadata} == {f"fedprune-{fedprune.__version__}.dist-info"}
+    assert {f"fedprune/edge_client/web/{name}" for name in ASSETS} <= names  # the dashboard's
 
 
 @pytest.mark.slow
@@ -154,6 +157,11 @@ def test_devices_installed_from_the_wheel_train_in_a_real_run_and_run_the_deploy
     logs = [device.communicate(timeout=300)[0] for device in devices]
     _, err = coordinator.communicate(timeout=300)
     installed = tmp_path / "pi-0" / "raspberry-pi-4"
+    monitor = subprocess.run(
+        [edge_venv / "fedprune-monitor", "--broker", mosquitto, "--run", "wheel", "--once",
+         "--json"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
     infer = subprocess.run(
         [edge_venv / "fedprune-infer", installed, "--data", heldout, "--json", "--runs", "5"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
@@ -168,3 +176,10 @@ def test_devices_installed_from_the_wheel_train_in_a_real_run_and_run_the_deploy
     assert infer.returncode == 0, infer.stderr
     meta = json.loads((installed / "export.json").read_text())
     assert json.loads(infer.stdout)["accuracy"] >= meta["keras_accuracy"] - 0.02
+    # The monitor from the wheel: the finished run, every device and the model it runs
+    assert monitor.returncode == 0, monitor.stderr
+    snapshot = json.loads(monitor.stdout)
+    assert (snapshot["coordinator"], snapshot["run"]["phase"]) == ("finished", "finished")
+    assert [(d["id"], d["reported"], d["model"]) for d in snapshot["devices"]] == [
+        (f"pi-{i}", 3, meta["sha256"]) for i in range(2)
+    ]

@@ -135,9 +135,19 @@ def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device_and_rob
     ]
     logs = [device.communicate(timeout=300)[0] for device in devices]
     _, err = coordinator.communicate(timeout=300)
+    # The monitor with its provisioned read-only account, over TLS, checking signatures
+    monitor = subprocess.run(
+        [BIN / "fedprune-monitor", "--config", fleet.folder / "monitor" / "monitor.toml",
+         "--run", "secure", "--once", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
 
     # Assert
     assert coordinator.returncode == 0, err[-3000:]
+    assert monitor.returncode == 0, monitor.stderr
+    snapshot = json.loads(monitor.stdout)
+    assert snapshot["run"]["signed"] and snapshot["run"]["phase"] == "finished"
+    assert [(d["id"], d["reported"]) for d in snapshot["devices"]] == [("pi-1", 3), ("pi-2", 3)]
     assert [d.returncode for d in devices] == [0, 0], "\n".join(log[-2000:] for log in logs)
     rounds = [json.loads(line) for line in (tmp_path / "runs/secure/metrics.jsonl").open()]
     assert [r["reported"] for r in rounds] == [2, 2, 2]
