@@ -156,4 +156,7 @@ function connect() {
 }
 
 setup();
+// The snapshot the server had when it sent the page: shown at once, before the stream connects.
+const first = JSON.parse($("snapshot").textContent);
+if (first) render(first);
 connect();

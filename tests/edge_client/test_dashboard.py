@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import urllib.error
 import urllib.request
@@ -11,7 +13,7 @@ import pytest
 
 from fedprune.edge_client.dashboard import ASSETS, Dashboard, parse_address
 from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.telemetry import RunInfo
+from fedprune.edge_client.telemetry import Event, RunInfo
 from fedprune.edge_client.wire import Telemetry
 
 SNAPSHOT = Telemetry(
@@ -34,6 +36,20 @@ def _get(url: str) -> tuple[int, str, bytes]:
             return response.status, response.headers["Content-Type"], response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def test_chartjs_goes_gzipped_to_browsers_that_take_it_and_plain_to_others(
+    dashboard: Dashboard,
+) -> None:
+    url = f"{dashboard.url}static/chart.umd.min.js"
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip, deflate"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        packed, encoding = response.read(), response.headers["Content-Encoding"]
+
+    plain = _get(url)[2]
+
+    assert encoding == "gzip" and len(packed) < len(plain) / 2
+    assert gzip.decompress(packed) == plain and plain.startswith(b"/*!\n * Chart.js v4")
 
 
 def test_the_page_and_every_asset_it_needs_are_served_from_the_package(
@@ -103,3 +119,20 @@ def test_a_taken_port_is_a_one_line_error(dashboard: Dashboard) -> None:
     port = int(dashboard.url.rsplit(":", 1)[1].strip("/"))
     with pytest.raises(ConfigError, match=f"cannot serve the dashboard on 127.0.0.1:{port}"):
         Dashboard(("127.0.0.1", port))
+
+
+def test_the_page_carries_the_latest_snapshot_and_no_markup_can_break_out_of_it(
+    dashboard: Dashboard,
+) -> None:
+    hostile = "</script><script>alert(1)</script>"
+    event = Event(time=1.0, kind="reject", text=hostile, device="pi-1")
+    dashboard.show(dataclasses.replace(SNAPSHOT, events=[event]))
+
+    page = _get(dashboard.url)[2].decode()
+
+    start = page.index('<script id="snapshot" type="application/json">') + len(
+        '<script id="snapshot" type="application/json">'
+    )
+    inline = page[start : page.index("</script>", start)]
+    assert json.loads(inline)["events"][0]["text"] == hostile
+    assert page.count("<script>alert(1)") == 0

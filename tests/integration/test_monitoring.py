@@ -1,6 +1,6 @@
-"""Monitoring a real run: mosquitto, the demo's coordinator and three device processes, watched
-through every window an operator has while it runs (the monitor's JSON and its terminal view, the
-web dashboard in a real headless chromium, the Prometheus endpoint), then the run report.
+"""Monitoring a real run: mosquitto, the coordinator and three device processes, watched through
+every window an operator has while it runs (the monitor's JSON and its terminal view, the web
+dashboard in a real headless chromium, the Prometheus endpoint), then the run report.
 
 The dashboard's screenshot and the terminal view's SVG are kept in ``test-artifacts/``.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def _chromium(url: str, *flags: str) -> list[str]:
         "--enable-logging=stderr",
         "--v=0",
         "--window-size=1400,1300",
-        "--timeout=5000",
+        "--timeout=20000",
         *flags,
         url,
     ]
@@ -124,22 +125,58 @@ def _all_at_once(commands: list[list[str]]) -> list[subprocess.CompletedProcess[
 def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
     mosquitto: str, tmp_path: Path
 ) -> None:
-    # Prepare: a run slow enough to be watched while it goes (many local epochs per round).
+    # Prepare: a coordinator serving the dashboard and metrics, three device processes
+    from fedprune.coordinator import digits
+
     ARTIFACTS.mkdir(exist_ok=True)
+    paths, heldout = digits.write_demo_data(tmp_path / "data", 3, alpha=0.5, seed=0)
     web, metrics_port = _free_port(), _free_port()
     dashboard = f"http://127.0.0.1:{web}/"
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "fedprune.coordinator.demo", "--broker", mosquitto,
-         "--run", RUN, "--out", str(tmp_path), "--clients", "3", "--rounds", "8",
-         "--end-round", "6", "--local-epochs", "60",
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto, "--run", RUN,
+         "--min-clients", "3", "--rounds", "6", "--begin-round", "1", "--end-round", "4",
+         "--heldout", str(heldout), "--out", str(tmp_path / "runs"), "--round-timeout", "120",
          "--dashboard", f"127.0.0.1:{web}", "--metrics-port", f"127.0.0.1:{metrics_port}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    profiles = ["raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64"]
+    devices = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedprune.edge_client",
+                "--broker",
+                mosquitto,
+                "--run",
+                RUN,
+                "--id",
+                name,
+                "--data",
+                str(data),
+                "--profile",
+                profile,
+                "--models",
+                str(tmp_path / name),
+                "--cache",
+                str(tmp_path / "cache"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for name, data, profile in zip(CLIENTS, paths, profiles, strict=True)
+    ]
     try:
-        # Execute, while the run goes: from round 3 on, every window at once.
+        # Execute: from round 3 on, client-2 is paused, so the coordinator waits for it in a round
+        # where the other two have reported; every window looks at that moment.
+        _snapshot_when(dashboard, lambda s: s["run"]["round"] >= 3, coordinator, timeout=300)
+        devices[2].send_signal(signal.SIGSTOP)
         during = _snapshot_when(
-            dashboard, lambda s: s["run"]["phase"] == "training" and s["run"]["round"] >= 3,
-            demo, timeout=300,
+            dashboard,
+            lambda s: s["progress"] is not None
+            and sorted(s["progress"]["reported"]) == CLIENTS[:2],
+            coordinator, timeout=300,
         )  # fmt: skip
         scrape = _get(f"http://127.0.0.1:{metrics_port}/metrics")
         monitor_command = [sys.executable, "-m", "fedprune.edge_client.monitor",
@@ -150,78 +187,94 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
             _chromium(dashboard, "--dump-dom"),
             _chromium(dashboard, f"--screenshot={ARTIFACTS / 'dashboard.png'}"),
         ])  # fmt: skip
-        running = demo.poll() is None
-        out, _ = demo.communicate(timeout=600)
+        devices[2].send_signal(signal.SIGCONT)
+        out, _ = coordinator.communicate(timeout=600)
+        logs = [device.communicate(timeout=120)[0] for device in devices]
     finally:
-        if demo.poll() is None:
-            demo.kill()
-    run_dir = tmp_path / RUN
+        for process in (coordinator, *devices):
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+    run_dir = tmp_path / "runs" / RUN
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    report = subprocess.run(
+        [sys.executable, "-m", "fedprune.coordinator.report", str(run_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
 
-    # Assert: the run itself, and that the windows were looked through while it went
-    assert demo.returncode == 0, out[-3000:]
-    assert running and len(rounds) == 8
+    # Assert: the run itself went through
+    assert coordinator.returncode == 0, out[-3000:]
+    assert [d.returncode for d in devices] == [0, 0, 0], "\n".join(g[-2000:] for g in logs)
+    assert len(rounds) == 6 and all(r["reported"] == 3 for r in rounds)
+    waiting = during["progress"]["round"]
+    assert during["run"]["phase"] == "training" and waiting >= 3
 
-    # The monitor: one JSON snapshot of the running run, its rounds as metrics.jsonl has them
+    # The monitor: one JSON snapshot of the waiting round; its rounds are metrics.jsonl's
     assert monitor.returncode == 0, monitor.stderr
     snapshot = json.loads(monitor.stdout)
     assert snapshot["coordinator"] == "online" and snapshot["run"]["name"] == RUN
-    assert snapshot["run"]["phase"] == "training" and 3 <= snapshot["run"]["round"] <= 8
+    assert (snapshot["run"]["phase"], snapshot["run"]["round"]) == ("training", waiting)
+    assert sorted(snapshot["progress"]["reported"]) == CLIENTS[:2]
+    assert sorted(snapshot["progress"]["selected"]) == CLIENTS
     assert [d["id"] for d in snapshot["devices"]] == CLIENTS
-    assert all(d["online"] and d["reported"] >= 2 for d in snapshot["devices"])
-    assert snapshot["rounds"] == rounds[: len(snapshot["rounds"])] and snapshot["rounds"]
+    assert [d["reported"] for d in snapshot["devices"]] == [waiting, waiting, waiting - 1]
+    assert snapshot["rounds"] == rounds[: waiting - 1]
     assert view.returncode == 0, view.stderr
     svg = (ARTIFACTS / "monitor.svg").read_text()
     assert all(c in svg for c in CLIENTS) and RUN in svg
 
-    # The dashboard in chromium: no console errors; the table and the charts show the run
+    # The dashboard in chromium: no console messages; the table and the charts show the run
     assert dom.returncode == 0 and shot.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() + shot.stderr.splitlines()
                if "CONSOLE" in line]  # fmt: skip
     assert console == []
     page = DeviceRows()
     page.feed(dom.stdout)
-    assert page.body.get("data-phase") == "training"
+    assert (page.body.get("data-phase"), page.body.get("data-round")) == ("training", str(waiting))
     assert sorted(page.rows) == CLIENTS
-    for device in during["devices"]:
+    for device in snapshot["devices"]:
         cells = page.rows[device["id"]]
         assert cells[:4] == [device["id"], device["profile"], device["trainer"],
                              str(device["samples"])]  # fmt: skip
-        assert cells[4] == "online" and int(cells[7]) >= 2  # reported
+        assert cells[4] == "online" and cells[6:8] == [str(waiting), str(device["reported"])]
+    assert "waiting for: client-2" in dom.stdout
     shown = page.points["chart-accuracy"]
-    assert shown["labels"] == [r["round"] for r in rounds[: len(shown["labels"])]]
-    assert shown["series"][0] == [r["accuracy"] for r in rounds[: len(shown["labels"])]]
-    assert page.points["chart-sparsity"]["series"][0] == [
-        r["sparsity"] for r in rounds[: len(page.points["chart-sparsity"]["labels"])]
+    assert shown["labels"] == list(range(1, waiting))
+    assert shown["series"] == [[r["accuracy"] for r in rounds[: waiting - 1]],
+                               [r["client_accuracy"] for r in rounds[: waiting - 1]]]  # fmt: skip
+    assert page.points["chart-sparsity"]["series"] == [
+        [r["sparsity"] for r in rounds[: waiting - 1]]
     ]
-    sent = page.points["chart-bytes"]["series"][0]
-    assert sent == [r["bytes_up"] / 1024 for r in rounds[: len(sent)]] and len(sent) >= 2
-    image = matplotlib.image.imread(ARTIFACTS / "dashboard.png")
-    assert image.shape[:2] == (1300, 1400)
+    assert page.points["chart-bytes"]["series"][0] == [
+        r["bytes_up"] / 1024 for r in rounds[: waiting - 1]
+    ]
+    assert matplotlib.image.imread(ARTIFACTS / "dashboard.png").shape[:2] == (1300, 1400)
 
-    # Prometheus, scraped while the run went, parsed by prometheus-client's parser
+    # Prometheus, scraped in the waiting round, parsed by prometheus-client's parser
     assert scrape is not None
     samples = {s.name: s.value for f in text_string_to_metric_families(scrape.decode())
                for s in f.samples if not s.labels}  # fmt: skip
+    assert samples["fedprune_round"] == waiting and samples["fedprune_rounds"] == 6
     assert samples["fedprune_devices_online"] == 3
-    assert samples["fedprune_round"] >= 3
-    assert samples["fedprune_updates_accepted_total"] >= 3 * (samples["fedprune_round"] - 1)
-    assert samples["fedprune_round_duration_seconds_count"] >= 2
-    assert samples["fedprune_uplink_bytes_total"] >= sum(r["bytes_up"] for r in rounds[:2])
+    assert samples["fedprune_updates_accepted_total"] == 3 * (waiting - 1) + 2
+    assert samples["fedprune_round_duration_seconds_count"] == waiting - 1
+    assert samples["fedprune_uplink_bytes_total"] >= sum(
+        r["bytes_up"] for r in rounds[: waiting - 1]
+    )
+    assert samples["fedprune_accuracy"] == pytest.approx(rounds[waiting - 2]["accuracy"])
 
-    # After the run: the ledger in the run directory, and the report the demo pointed at
-    devices = json.loads((run_dir / "devices.json").read_text())["devices"]
-    assert [(d["id"], d["selected"], d["reported"], d["late"], d["rejected"]) for d in devices] == [
-        (c, 8, 8, 0, 0) for c in CLIENTS
-    ]
-    for d in devices:
+    # After the run: the ledger in the run directory, and the report
+    devices_json = json.loads((run_dir / "devices.json").read_text())["devices"]
+    assert [(d["id"], d["selected"], d["reported"], d["late"], d["rejected"])
+            for d in devices_json] == [(c, 6, 6, 0, 0) for c in CLIENTS]  # fmt: skip
+    for d in devices_json:
         export = json.loads((run_dir / "export" / d["profile"] / "export.json").read_text())
         assert d["model"] == export["sha256"]
         assert d["model_accuracy"] == pytest.approx(export["tflite_accuracy"])
         assert 10 < d["peak_memory_mb"] < 2000 and d["train_seconds"] > 0
-    index = run_dir / "report" / "index.html"
-    assert f"report     {index}" in out
-    html = index.read_text()
+    assert "devices.json" in out  # the coordinator's summary
+    assert report.returncode == 0, report.stderr
+    html = (run_dir / "report" / "index.html").read_text()
     assert f"{rounds[-1]['accuracy']:.4f}" in html
     for name in ("accuracy.png", "sparsity.png", "bytes.png", "participation.png"):
         assert matplotlib.image.imread(run_dir / "report" / name).shape[0] > 200
