@@ -16,11 +16,24 @@ sleep 0.5
 .venv/bin/fedprune-demo --broker "mqtt://127.0.0.1:$broker_port" --run lab --out "$work/runs" \
   --local-epochs 60 --dashboard "127.0.0.1:$web_port" >"$work/demo.log" 2>&1 &
 demo=$!
-until curl -sf "http://127.0.0.1:$web_port/snapshot.json" 2>/dev/null \
-    | .venv/bin/python -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if s["run"]["round"] >= 6 and s["run"]["phase"] == "training" else 1)'; do
-  kill -0 $demo 2>/dev/null || { echo "screenshots: the demo ended early; see $work/demo.log" >&2; exit 1; }
-  sleep 0.3
-done
+# Wait until round 6 is being trained (or say why not).
+.venv/bin/python - "$web_port" "$demo" <<'PY' || { echo "screenshots: the demo ended early; see $work/demo.log" >&2; exit 1; }
+import json, os, sys, time, urllib.request
+port, demo = sys.argv[1], int(sys.argv[2])
+while True:
+    try:
+        os.kill(demo, 0)
+    except OSError:
+        sys.exit(1)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/snapshot.json", timeout=2) as r:
+            run = json.load(r)["run"]
+        if run["round"] >= 6 and run["phase"] == "training":
+            sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.3)
+PY
 chromium --headless --no-sandbox --disable-gpu --timeout=5000 --window-size=1400,1200 \
   --screenshot="$out/dashboard.png" "http://127.0.0.1:$web_port/" 2>/dev/null
 .venv/bin/fedprune-monitor --broker "mqtt://127.0.0.1:$broker_port" --run lab --once \
