@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/edge.py [--rounds 6] [--repeats 3]
 
-1. Installs ``.[edge]`` into a fresh virtual environment (no TensorFlow) and measures its size.
+1. Installs ``.[edge]`` into a fresh virtual environment (no TensorFlow) and measures its size,
+   whole and without pip and setuptools (the budget); the same for ``.[monitor]``.
 2. Starts a private mosquitto and, per repeat and per trainer (litert from the edge environment,
    keras from the project's .venv), a coordinator with one client on the same digits data: the time
    from launching the client process to its retained hello reaching a separate subscriber
@@ -37,11 +38,21 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def edge_venv(where: Path) -> Path:
+def edge_venv(where: Path, extras: str = "edge") -> Path:
     venv.create(where, with_pip=True)
     subprocess.run([where / "bin" / "python", "-m", "pip", "install", "-q",
-                    "--disable-pip-version-check", f"{ROOT}[edge]"], check=True)  # fmt: skip
+                    "--disable-pip-version-check", f"{ROOT}[{extras}]"], check=True)  # fmt: skip
     return where
+
+
+PIP_ITSELF = ("pip", "setuptools", "_distutils_hack", "pkg_resources", "distutils-precedence.pth")
+
+
+def packages_mb(env_dir: Path) -> float:
+    """The installed packages, without pip and setuptools (what the project's budget counts)."""
+    (site,) = env_dir.glob("lib/python*/site-packages")
+    kept = [p for p in site.iterdir() if not p.name.startswith(PIP_ITSELF)]
+    return sum(folder_mb(p) if p.is_dir() else p.stat().st_size / 1e6 for p in kept)
 
 
 def one_client(url: str, run: str, python: Path, profile: str, data: Path, heldout: Path,
@@ -88,7 +99,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         env_dir = edge_venv(work / "edge-venv")
-        size = folder_mb(env_dir)
+        size, packages = folder_mb(env_dir), packages_mb(env_dir)
+        monitor = edge_venv(work / "monitor-venv", "monitor")
+        monitor_size, monitor_packages = folder_mb(monitor), packages_mb(monitor)
         paths, heldout = digits.write_demo_data(work / "data", 2, alpha=100.0, seed=0)
         trainers = {
             "litert (edge venv, no TensorFlow)": (env_dir / "bin" / "python", "raspberry-pi-4"),
@@ -103,8 +116,10 @@ def main() -> int:
                     results[name].append(one_client(broker.url, run, python, profile, paths[0],
                                                     heldout, args.rounds, work))  # fmt: skip
     print(
-        f"edge venv (`pip install .[edge]`): {size:.0f} MB on disk; the project's .venv with "
-        f"TensorFlow: {folder_mb(ROOT / '.venv'):.0f} MB\n"
+        f"edge venv (`pip install .[edge]`): {size:.1f} MB on disk, {packages:.1f} MB of packages"
+        f" without pip and setuptools; monitor venv (`.[monitor]`): {monitor_size:.1f} MB,"
+        f" {monitor_packages:.1f} MB of packages; the project's .venv with TensorFlow:"
+        f" {folder_mb(ROOT / '.venv'):.0f} MB\n"
     )
     print(
         f"median of {args.repeats} run(s), {args.rounds} rounds, "

@@ -157,3 +157,21 @@ def test_the_small_modules_import_without_paho_numpy_or_litert(tmp_path: Path) -
     # Assert: names still resolve from the package, lazily
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["", "fedprune.edge_client.errors"]
+
+
+def test_the_monitor_and_its_views_need_neither_numpy_nor_litert(tmp_path: Path) -> None:
+    # Prepare: the monitor extra installs paho, msgpack, PyNaCl and rich, not numpy or LiteRT
+    code = """
+        import fedprune.edge_client.dashboard
+        import fedprune.edge_client.monitor
+        import fedprune.edge_client.view
+        heavy = ("numpy", "ai_edge_litert")
+        print(",".join(sorted(n for n in sys.modules if n.partition(".")[0] in heavy)))
+    """
+
+    # Execute
+    result = _run(code, tmp_path)
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [""]
