@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import re
 import socket
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedprune import __version__, device_profiles
@@ -145,6 +147,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def _status_line() -> Iterator[Callable[[str], None] | None]:
+    """A live line saying what the device does, on a terminal where rich is installed (the
+    ``monitor`` extra); elsewhere nothing: the log lines say it all."""
+    if not sys.stderr.isatty() or importlib.util.find_spec("rich") is None:
+        yield None
+        return
+    from fedprune.edge_client.terminal import status_line
+
+    with status_line() as show:
+        yield show
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
@@ -195,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             trust=trust,
         )
         try:
-            report = client.run(timeout=args.timeout)
+            with _status_line() as show:
+                client.show = show
+                report = client.run(timeout=args.timeout)
         finally:
             # A clean disconnect discards the last will: say "offline" ourselves, so that the
             # coordinator does not keep selecting a device that has gone.

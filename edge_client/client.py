@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,13 +104,17 @@ class EdgeClient:
         cache: Path | None = None,
         wait_report: float = WAIT_REPORT_SECONDS,
         trust: Trust = UNSIGNED,
+        show: Callable[[str], None] | None = None,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
         the client then waits up to ``deploy_wait`` seconds for it before it exits. While it
         cannot train, the client logs what it waits for when that changes, and again every
         ``wait_report`` seconds. ``trust`` holds the coordinator's verify key: with it, every
-        message that is not signed by the coordinator is dropped, counted and logged."""
+        message that is not signed by the coordinator is dropped, counted and logged. ``show``
+        hears what the client is doing in a few words whenever that changes (a live line)."""
         self.trust = trust
+        self.show = show
+        self._shown = ""
         self.transport = transport
         self.deploy = deploy
         needs_artifact = backend_class(identity.backend).needs_artifact
@@ -164,7 +169,20 @@ class EdgeClient:
             self._maybe_train()
             self._check_finished()
             self._report_waiting()
+            self._show_state()
         return self.report
+
+    def _show_state(self, doing: str | None = None) -> None:
+        """Tell ``show`` what the client is doing (``doing``, else what it waits for)."""
+        if self.show is None:
+            return
+        done = self.report.rounds
+        text = doing or f"waiting for {self.waiting_for() or 'the coordinator'}"
+        if done and doing is None:
+            text = f"{len(done)} round(s) done, {self.report.bytes_up:,} bytes sent; {text}"
+        if text != self._shown:
+            self.show(text)
+            self._shown = text
 
     def waiting_for(self) -> str | None:
         """What keeps this client from training now, in words; ``None`` when nothing does."""
@@ -333,6 +351,8 @@ class EdgeClient:
             )
         started = time.perf_counter()
         epochs = self.local_epochs or round_.local_epochs
+        self._show_state(f"round {round_.round}: training {epochs} epoch(s) on"
+                         f" {self.data.num_samples} samples")  # fmt: skip
         seed = self.seed * 100_003 + round_.round
         new = self._trainer.fit(model, x, self.data.y, epochs=epochs, seed=seed)
         train_seconds = time.perf_counter() - started

@@ -1,13 +1,15 @@
 """Progress of long work on a terminal (rich), and nothing extra when output is not a terminal.
 
 Lines printed through :meth:`Steps.print` appear above the bar on a terminal and as plain lines
-in a pipe or a log, so a command prints the same lines either way. Needs the ``monitor`` extra
-(rich), which the coordinator side installs; devices do not use it.
+in a pipe or a log, so a command prints the same lines either way. :func:`status_line` keeps one
+live line (what a device is doing) under its log. Needs the ``monitor`` extra (rich), which the
+coordinator side installs; a device has it only if it also runs the monitor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -56,3 +58,31 @@ def steps(total: int, description: str, *, console: Console | None = None) -> It
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as progress:
         yield Steps(progress, progress.add_task(description, total=total))
+
+
+class _ThroughConsole(logging.Handler):
+    """Log records printed by the console, so that they appear above its live line."""
+
+    def __init__(self, console: Console, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.console = console
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def status_line(console: Console | None = None) -> Iterator[Callable[[str], None]]:
+    """A live line on the terminal (stderr) that the yielded function sets; while it shows, the
+    root logger's lines go through the console above it, in their own format."""
+    console = console or Console(stderr=True)
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    formatter = handlers[0].formatter if handlers else None
+    with console.status("starting", spinner="dots") as status:
+        root.handlers = [_ThroughConsole(console, formatter)]
+        try:
+            yield lambda text: status.update(text)
+        finally:
+            root.handlers = handlers

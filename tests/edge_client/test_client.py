@@ -407,3 +407,36 @@ def test_with_the_coordinator_key_a_forged_finished_status_is_dropped_and_counte
     assert client.report.dropped == 1
     assert client.report.finished is False
     assert client.waiting_for() == f"run {RUN!r} to start its first round (coordinator waiting)"
+
+
+def test_a_client_shows_what_it_does_when_that_changes(model: Model, data: LocalData) -> None:
+    # Prepare
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60)
+    client = _client(broker, data)
+    shown: list[str] = []
+    client.show = shown.append
+
+    # Execute
+    report = client.run(timeout=10)
+
+    # Assert: no repeats; training, then what it has done
+    assert report.rounds == [ROUND]
+    assert f"round {ROUND}: training 1 epoch(s) on 24 samples" in shown
+    assert shown[-1].startswith(f"1 round(s) done, {report.bytes_up:,} bytes sent; waiting for")
+    assert all(a != b for a, b in zip(shown, shown[1:], strict=False))
+
+
+def test_the_peak_memory_of_the_process_goes_with_each_update(
+    model: Model, data: LocalData
+) -> None:
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60)
+
+    _client(broker, data).run(timeout=10)
+
+    sent = _update_chunks(broker)
+    assembler = Reassembler(max_size=1 << 20)
+    payload = [assembler.add(_chunk(p)) for _, p in sent][-1]
+    assert payload is not None
+    assert 10 < decode_update(payload, model).metrics["peak_memory_mb"] < 10_000
