@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         from fedprune.coordinator import report
 
-        print(f"  report     {report.write(summary.run_dir)} (open it in a browser)")
+        try:
+            print(f"  report     {report.write(summary.run_dir)} (open it in a browser)")
+        except (FedpruneError, OSError) as exc:  # the run itself went well: say it, go on
+            print(f"  report     not written: {exc}")
     except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
         return print_error(PROG, exc)
     except KeyboardInterrupt:

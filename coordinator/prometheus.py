@@ -35,11 +35,15 @@ class Metrics(Observer):
             ["reason"], registry=r,
         )  # fmt: skip
         self.bytes_up = Counter(
-            "fedprune_uplink_bytes", "Bytes received on devices' update topics.", registry=r
+            "fedprune_uplink_bytes",
+            "Bytes received on devices' update topics, added when each round ends (metrics.jsonl's"
+            " bytes_up).",
+            registry=r,
         )
         self.bytes_down = Counter(
             "fedprune_downlink_bytes",
-            "Bytes of model and round announcement sent, counted once per selected device.",
+            "Bytes of model and round announcement sent, once per selected device, added when"
+            " each round ends (metrics.jsonl's bytes_down).",
             registry=r,
         )
         self.round = Gauge("fedprune_round", "The round in progress, or the last one.", registry=r)
@@ -104,11 +108,9 @@ class Metrics(Observer):
     def round_started(self, round_: int, selected: list[str], deadline: float,
                       bytes_down: int) -> None:  # fmt: skip
         self.round.set(round_)
-        self.bytes_down.inc(bytes_down * len(selected))
         self._pending.clear()
 
     def received(self, client_id: str, nbytes: int) -> None:
-        self.bytes_up.inc(nbytes)
         self._pending[client_id] = self._pending.get(client_id, 0) + nbytes
 
     def accepted(self, client_id: str, update: Update) -> None:
@@ -122,6 +124,8 @@ class Metrics(Observer):
         self.rejected_updates.labels(reason=reason).inc()
 
     def round_ended(self, result: RoundResult, late: list[str]) -> None:
+        self.bytes_up.inc(result.bytes_up)
+        self.bytes_down.inc(result.bytes_down)
         self.round_seconds.observe(result.seconds)
         self.sparsity.set(result.sparsity)
         if result.accuracy is not None:

@@ -24,6 +24,9 @@ from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
 PROG = "fedprune-report"
 
 
+BARS = 60
+"""Up to this many devices, one group of bars each; beyond, a histogram of participation."""
+
 NEEDED = ("round", "sparsity", "bytes_up", "bytes_down", "dense_bytes_up", "dense_bytes_down",
           "seconds")  # fmt: skip
 """What every line of metrics.jsonl must hold for the report (fedprune 0.1 wrote them all)."""
@@ -51,6 +54,8 @@ class Run:
             devices = (
                 json.loads(devices_file.read_text())["devices"] if devices_file.exists() else []
             )
+            for device in devices:  # every row has these, or the file is unreadable
+                _ = [device[key] for key in ("id", "selected", "reported", "late", "rejected")]
             exports = {
                 meta.parent.name: json.loads(meta.read_text())
                 for meta in sorted((path / "export").glob("*/export.json"))
@@ -117,18 +122,28 @@ def plots(run: Run, out: Path) -> list[tuple[str, str]]:
     ax.legend()
     save(fig, "bytes.png", "Bytes on the wire per round, sent against dense float32")
 
-    if run.devices:
+    if run.devices and len(run.devices) <= BARS:
         fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(run.devices) + 2), 3.6))
-        ids = [d["id"] for d in run.devices]
+        ids = [str(d["id"]) for d in run.devices]
         width = 0.2
         for i, key in enumerate(("selected", "reported", "late", "rejected")):
             xs = [j + (i - 1.5) * width for j in range(len(ids))]
             ax.bar(xs, [d[key] for d in run.devices], width, label=key)
         ax.set_xticks(range(len(ids)), ids, rotation=30, ha="right")
+        for tick in ax.get_xticklabels():
+            tick.set_parse_math(False)  # a device's id is text, never math ("$")
         ax.set(ylabel="rounds", title="Participation per device")
         ax.legend()
         save(fig, "participation.png", "Rounds each device was selected for, reported, was late"
              " or was rejected")  # fmt: skip
+    elif run.devices:  # too many for a bar each: how many devices reported how much
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        shares = [d["reported"] / d["selected"] for d in run.devices if d["selected"]]
+        ax.hist(shares, bins=20, range=(0, 1))
+        title = f"Participation of {len(run.devices):,} devices"
+        ax.set(xlabel="share of the rounds it was selected for that it reported",
+               ylabel="devices", title=title)  # fmt: skip
+        save(fig, "participation.png", "How many devices reported which share of their rounds")
     return made
 
 
@@ -217,7 +232,10 @@ def write(run_dir: Path) -> Path:
     run = Run.read(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    made = plots(run, out)
+    try:
+        made = plots(run, out)
+    except (ValueError, TypeError, OverflowError) as exc:  # matplotlib on values it cannot draw
+        raise ConfigError(f"{run_dir}: cannot plot this run ({exc})") from exc
     index = out / "index.html"
     index.write_text(page(run, made))
     return index

@@ -30,7 +30,7 @@ from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.edge_client.codec import Model, encode_model
 from fedprune.edge_client.errors import ConfigError, FedpruneError, SignatureError, WireError
 from fedprune.edge_client.signing import SigningKey, Trust
-from fedprune.edge_client.topics import Topics, check_name
+from fedprune.edge_client.topics import NAME, Topics, check_name
 from fedprune.edge_client.trainer import Evaluation, backend_class
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
@@ -257,10 +257,11 @@ class Coordinator:
             self._on_update_chunk(*parsed, payload)
             return True
         client_id = self.topics.client_of_status(topic)
-        if client_id is None or not payload:
+        if client_id is None or not payload or not NAME.fullmatch(client_id):
             return True
         try:
-            message = decode(payload, self.trust).message
+            envelope = decode(payload, self.trust)
+            message = envelope.message
         except SignatureError as exc:
             self.dropped += 1
             log.warning("dropped a status message on %s's topic: %s", client_id, exc)
@@ -268,8 +269,12 @@ class Coordinator:
         except WireError as exc:
             log.warning("ignored status of %s: %s", client_id, exc)
             return True
-        if isinstance(message, Hello) and message.client_id != client_id:
-            log.warning("ignored a hello for %r on %s's status topic", message.client_id, client_id)
+        if envelope.sender != client_id:
+            log.warning("ignored a status message sent as %r on %s's status topic",
+                        envelope.sender[:64], client_id)  # fmt: skip
+        elif isinstance(message, Hello) and message.client_id != client_id:
+            log.warning("ignored a hello for %r on %s's status topic", message.client_id[:64],
+                        client_id)  # fmt: skip
         elif isinstance(message, Hello):
             if client_id not in self.clients:
                 log.info(
@@ -297,7 +302,6 @@ class Coordinator:
         if state is None:
             return
         state.bytes_up += len(payload)
-        self.observer.received(client_id, len(payload))
         key = (client_id, round_text)
         chunk: Chunk | None = None
         try:
@@ -305,6 +309,7 @@ class Coordinator:
             message = envelope.message
             if envelope.sender != client_id:
                 raise Rejected(Reason.SENDER, f"sent as {envelope.sender!r} on {client_id}'s topic")
+            self.observer.received(client_id, len(payload))  # the device's own bytes
             if not isinstance(message, Chunk):
                 raise WireError(f"expected a chunk, got {message.KIND}")
             chunk = message
@@ -541,13 +546,16 @@ class Coordinator:
 
     def await_installs(self, deployed: dict[str, str], timeout: float) -> list[str]:
         """Give the online devices of each deployed profile (``deployed``: profile -> SHA-256)
-        up to ``timeout`` seconds to say they run the new model; those that have not, by id."""
+        that install deployments up to ``timeout`` seconds to say they run the new model; those
+        that have not, by id."""
 
         def missing() -> list[str]:
             return sorted(
                 client_id
                 for client_id, hello in self.clients.items()
-                if hello.profile in deployed and hello.installed != deployed[hello.profile]
+                if hello.deploys
+                and hello.profile in deployed
+                and hello.installed != deployed[hello.profile]
             )
 
         end = time.monotonic() + timeout
@@ -582,14 +590,26 @@ class Coordinator:
 
 
 def _shrunk(snapshot: TelemetrySnapshot) -> TelemetrySnapshot | None:
-    """A smaller snapshot: first only the latest events and rounds, then half the devices (the
-    run's ``devices_total`` still counts them all), then fewer events and rounds; ``None`` when
-    nothing is left to drop."""
-    events, rounds, devices = snapshot.events, snapshot.rounds, snapshot.devices
+    """A smaller snapshot: first only the latest events and rounds, then half the devices (those
+    in the round and online first; the run's ``devices_total`` still counts them all), then
+    shorter lists of the round's devices, then fewer events and rounds; ``None`` when nothing is
+    left to drop."""
+    events, rounds, devices, progress = (
+        snapshot.events, snapshot.rounds, snapshot.devices, snapshot.progress
+    )  # fmt: skip
     if len(events) > 10 or len(rounds) > 20:
         return dataclasses.replace(snapshot, events=events[-10:], rounds=rounds[-20:])
     if devices:
-        return dataclasses.replace(snapshot, devices=devices[: len(devices) // 2])
+        busy = set(progress.selected) if progress is not None else set()
+        first = sorted(devices, key=lambda d: (d.id not in busy, not d.online, d.id))
+        kept = sorted(first[: len(devices) // 2], key=lambda d: d.id)
+        return dataclasses.replace(snapshot, devices=kept)
+    if progress is not None and (progress.selected or progress.reported):
+        half = dataclasses.replace(
+            progress, selected=progress.selected[: len(progress.selected) // 2],
+            reported=progress.reported[: len(progress.reported) // 2],
+        )  # fmt: skip
+        return dataclasses.replace(snapshot, progress=half)
     if events or rounds:
         return dataclasses.replace(
             snapshot, events=events[len(events) // 2 + 1 :], rounds=rounds[len(rounds) // 2 + 1 :]

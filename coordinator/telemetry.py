@@ -33,6 +33,11 @@ ROUNDS_KEPT = 200
 
 Listener = Callable[[Snapshot], None]
 
+NOT_ITS_DOING = ("signature", "sender", "round")
+"""Rejections that are events, not marks on the device's row: a message it did not sign or that
+names another sender (anyone can forge those on an open broker), and an update for a round that
+has closed (the device is already counted late for it)."""
+
 
 def config_summary(config: RunConfig) -> dict[str, Any]:
     """What an operator wants to see of a run's configuration, in one line of a header."""
@@ -128,8 +133,8 @@ class Telemetry(Observer):
         self._changed()
 
     def rejected(self, client_id: str, reason: str, text: str) -> None:
-        if reason == "signature":  # not the device's doing: an event, not a mark on its row
-            self.ledger.event("drop", f"not signed by {client_id}: {text}", client_id)
+        if reason in NOT_ITS_DOING:
+            self.ledger.event("drop", f"{reason}: {text}", client_id)
         else:
             self.ledger.rejected(client_id, reason, text)
         if self._progress is not None:

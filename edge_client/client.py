@@ -74,14 +74,16 @@ class Identity:
     def encode(self, message: Message) -> bytes:
         return encode(message, run=self.run, sender=self.client_id, signer=self.signer)
 
-    def hello(self, installed: str | None = None) -> tuple[str, bytes]:
-        """The hello, naming the deployed model this device runs (by SHA-256) if it has one."""
+    def hello(self, installed: str | None = None, *, deploys: bool = False) -> tuple[str, bytes]:
+        """The hello; whether the device installs deployed models, and which one it runs (by
+        SHA-256) if it has one."""
         message = Hello(
             client_id=self.client_id,
             profile=self.profile,
             num_samples=self.num_samples,
             backend=self.backend,
             installed=installed,
+            deploys=deploys,
         )
         return Topics(self.run).client_status(self.client_id), self.encode(message)
 
@@ -155,7 +157,7 @@ class EdgeClient:
 
     def _say_hello(self) -> None:
         installed = None if self.deploy is None else self.deploy.installed_sha256
-        topic, payload = self.identity.hello(installed)
+        topic, payload = self.identity.hello(installed, deploys=self.deploy is not None)
         self.transport.publish(topic, payload, retain=True)
 
     def run(self, *, timeout: float | None = None) -> ClientReport:

@@ -71,9 +71,13 @@ class Dashboard:
         log.info("dashboard at %s", self.url)
         return self
 
-    def show(self, snapshot: Telemetry) -> None:
-        """Make ``snapshot`` the one served and push it to every open page."""
-        data = json.dumps(as_json(snapshot), separators=(",", ":")).encode()
+    def show(self, snapshot: Telemetry, coordinator: str = "online") -> None:
+        """Make ``snapshot`` the one served and push it to every open page, with what is known
+        of its coordinator (the monitor's ``Watcher.coordinator``; the coordinator's own
+        dashboard: online)."""
+        data = json.dumps(
+            {"coordinator": coordinator, **as_json(snapshot)}, separators=(",", ":")
+        ).encode()
         with self._changed:
             self._latest = data
             self._version += 1
@@ -166,15 +170,15 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            seen = -1
+            seen = 0  # version 0: nothing shown yet
             try:
                 while not dashboard.closing:
                     version, data = dashboard.wait(seen, KEEPALIVE_SECONDS)
                     if version != seen and data is not None:
                         self.wfile.write(b"data: " + data + b"\n\n")
-                        seen = version
                     else:
                         self.wfile.write(b": keep-alive\n\n")
+                    seen = version
                     self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the page was closed

@@ -232,7 +232,7 @@ def _serve(watcher: Watcher, address: str) -> int:
     try:
         while True:
             if watcher.snapshot is not None:
-                dashboard.show(watcher.snapshot)
+                dashboard.show(watcher.snapshot, watcher.coordinator)
             while not watcher.poll(1.0):
                 pass
     finally:

@@ -60,7 +60,7 @@ class DeviceRow:
     last_seen: float
     selected: int = 0
     reported: int = 0
-    late: int = 0  # selected but no answer by the deadline, or an answer after it
+    late: int = 0  # selected, and had not answered when the round closed (deadline or quorum)
     rejected: int = 0
     last_reason: str = ""
     bytes_up: int = 0

@@ -4,6 +4,8 @@ from the coordinator's still shows them right."""
 
 from __future__ import annotations
 
+import contextlib
+
 from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -21,8 +23,8 @@ def console(*, record: bool = False) -> Console:
     return Console(record=record, width=WIDE if record else None)
 
 
-def _num(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _num(value: object, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
 
 
 def _kb(n: float) -> str:
@@ -40,10 +42,12 @@ def line(snapshot: Telemetry, coordinator: str) -> str:
     text = f"{run.name}: {run.phase}, round {run.round}/{run.rounds}, coordinator {coordinator}"
     if snapshot.rounds:
         last = snapshot.rounds[-1]
-        text += (
-            f"; round {last['round']}: accuracy {_num(last.get('accuracy'), 3)},"
-            f" sparsity {last['sparsity']:.2f}, {last['reported']}/{last['selected']} reported"
-        )
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            text += (
+                f"; round {int(last['round'])}: accuracy {_num(last.get('accuracy'), 3)},"
+                f" sparsity {last['sparsity']:.2f},"
+                f" {int(last['reported'])}/{int(last['selected'])} reported"
+            )
     online = sum(d.online for d in snapshot.devices)
     return text + f"; {online}/{run.devices_total} devices online"
 
@@ -68,11 +72,8 @@ def _header(snapshot: Telemetry, coordinator: str) -> Panel:
     )  # fmt: skip
     config = " · ".join(f"{k} {v}" for k, v in run.config.items())
     config += " · signed messages" if run.signed else " · unsigned"
-    return Panel(
-        Group(facts, Text(config, style="dim")),
-        title=f"fedprune run [bold]{run.name}[/] (session {run.session})",
-        title_align="left",
-    )
+    title = Text.assemble("fedprune run ", (run.name, "bold"), f" (session {run.session})")
+    return Panel(Group(facts, Text(config, style="dim")), title=title, title_align="left")
 
 
 def _progress(snapshot: Telemetry) -> Table | Text:
@@ -101,17 +102,21 @@ def _rounds(snapshot: Telemetry) -> Table:
                    "down (sent/dense)", "rejected", "seconds"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in snapshot.rounds[-ROUNDS_SHOWN:]:
-        table.add_row(
-            str(r["round"]),
-            _num(r.get("accuracy"), 3),
-            _num(r.get("client_accuracy"), 3),
-            f"{r['sparsity']:.2f}",
-            f"{r['reported']}/{r['selected']}",
-            f"{_kb(r['bytes_up'])} / {_kb(r['dense_bytes_up'])}",
-            f"{_kb(r['bytes_down'])} / {_kb(r['dense_bytes_down'])}",
-            str(sum(r["rejected"].values())) if r.get("rejected") else "0",
-            f"{r['seconds']:.1f}",
-        )
+        try:  # metrics lines are plain maps: one that is not what it should be is left out
+            cells = [
+                f"{int(r['round'])}",
+                _num(r.get("accuracy"), 3),
+                _num(r.get("client_accuracy"), 3),
+                f"{r['sparsity']:.2f}",
+                f"{int(r['reported'])}/{int(r['selected'])}",
+                f"{_kb(r['bytes_up'])} / {_kb(r['dense_bytes_up'])}",
+                f"{_kb(r['bytes_down'])} / {_kb(r['dense_bytes_down'])}",
+                f"{sum(int(v) for v in dict(r.get('rejected') or {}).values())}",
+                f"{r['seconds']:.1f}",
+            ]
+        except (KeyError, TypeError, ValueError):
+            continue
+        table.add_row(*cells)
     return table
 
 
@@ -147,8 +152,8 @@ def _devices(snapshot: Telemetry, width: int) -> Table:
     for column in columns:
         table.add_column(column, no_wrap=True, overflow="ellipsis",
                          max_width=24 if column == "last reason" else None)  # fmt: skip
-    for row in rows:
-        table.add_row(*(row[c] for c in columns))
+    for row in rows:  # as Text: what devices send is never read as markup
+        table.add_row(*(Text(v) if isinstance(v, str) else v for v in (row[c] for c in columns)))
     return table
 
 

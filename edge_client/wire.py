@@ -28,7 +28,7 @@ from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 4  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
-# 1.4: Telemetry, Hello.installed
+# 1.4: Telemetry, Hello.installed and Hello.deploys
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -88,6 +88,7 @@ class Hello(Message):
     num_samples: int
     backend: str
     installed: str | None = None  # SHA-256 of the deployed model it runs (1.4)
+    deploys: bool = False  # it installs the model deployed to its profile (1.4)
 
 
 @dataclass(frozen=True, kw_only=True)

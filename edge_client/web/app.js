@@ -135,6 +135,7 @@ function render(snapshot) {
   $("accuracy").textContent = last ? fmt(last.accuracy, 3) : "-";
   $("online").textContent = `${snapshot.devices.filter((d) => d.online).length} of ${run.devices_total}`;
   $("deadline").textContent = run.deadline ? clock(run.deadline) : "-";
+  $("coordinator").textContent = snapshot.coordinator || "-";
   $("config").textContent = Object.entries(run.config).map(([k, v]) => `${k} ${v}`).join(" · ")
     + (run.signed ? " · signed messages" : " · unsigned");
   const labels = rounds.map((r) => r.round);

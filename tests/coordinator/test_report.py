@@ -90,3 +90,16 @@ def test_a_metrics_line_without_a_field_is_named(
     assert code == 2 and len(err) == 1
     assert err[0].endswith("metrics.jsonl:1: no sparsity, bytes_up, bytes_down, dense_bytes_up,"
                            " dense_bytes_down, seconds")  # fmt: skip
+
+
+@pytest.mark.parametrize("count", [3, 1500])
+def test_devices_named_like_math_and_large_fleets_are_plotted(tmp_path: Path, count: int) -> None:
+    run = _run_dir(tmp_path)
+    devices = [{"id": f"pi-$x^{i}$", "selected": 4, "reported": i % 5, "late": 0, "rejected": 0}
+               for i in range(count)]  # fmt: skip
+    (run / "devices.json").write_text(json.dumps({"devices": devices, "events": []}))
+
+    assert main([str(run)]) == 0
+
+    image = matplotlib.image.imread(run / "report" / "participation.png")
+    assert 200 < image.shape[1] < 3000

@@ -707,3 +707,70 @@ def test_telemetry_lists_fewer_devices_rather_than_exceed_the_payload_limit(
     assert len(h.broker.retained[TOPICS.telemetry]) <= 4096
     assert 0 < len(snapshot.devices) < 60 and snapshot.run.devices_total == 60
     assert snapshot.devices == sorted(snapshot.devices, key=lambda d: d.id)
+
+
+def test_a_hello_sent_as_another_device_does_not_change_its_row(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    forged = Hello(client_id="b", profile="jetson-nano", num_samples=9, backend="keras",
+                   installed="ff" * 32, deploys=True)  # fmt: skip
+    h.clients["a"].transport.publish(
+        TOPICS.client_status("b"), encode(forged, run=RUN, sender="a"), retain=True
+    )
+
+    while h.coordinator.pump(0.0):
+        pass
+
+    assert h.coordinator.clients["b"].profile == "generic-x86-64"
+    row = next(r for r in h.coordinator.telemetry.ledger.rows() if r.id == "b")
+    assert (row.profile, row.model) == ("generic-x86-64", None)
+
+
+def test_bytes_sent_as_someone_else_on_a_devices_topic_are_not_put_on_its_row(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+
+    def answer(announcement: Round, model: Model) -> None:
+        payload = _payload(model, _delta(model, 1))
+        forged = [encode(c, run=RUN, sender="b") for c in split(payload, max_chunk=1 << 20)]
+        h.clients["a"].publish(announcement.round, forged)  # "b" speaking on a's topic
+        h.clients["a"].send(announcement.round, payload)
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)))
+
+    h.on_round(answer)
+
+    _, result, _ = h.run_round()
+
+    assert result.rejected == {"sender": 1}
+    rows = {r.id: r for r in h.coordinator.telemetry.ledger.rows()}
+    assert (rows["a"].rejected, rows["a"].reported) == (0, 1)
+    assert rows["a"].bytes_up == rows["b"].bytes_up  # its own update only, like b's
+    assert h.coordinator.telemetry.ledger.events[-2].kind == "drop"
+
+
+def test_only_devices_that_install_deployments_are_waited_for(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()  # the fake clients' hellos do not say they install deployments
+    started = time.monotonic()
+
+    missing = h.coordinator.await_installs({"generic-x86-64": "ab" * 32}, timeout=5.0)
+
+    assert missing == [] and time.monotonic() - started < 1.0
+
+
+def test_a_trimmed_snapshot_keeps_the_devices_of_the_round_in_progress(
+    harness: Callable[..., Harness],
+) -> None:
+    ids = tuple(f"device-{i:04d}" for i in range(60))
+    h = harness(ids, max_payload=4096, clients_per_round=3)
+    h.coordinator.telemetry.round_started(1, ["device-0057", "device-0058", "device-0059"],
+                                          deadline=0.0, bytes_down=1)  # fmt: skip
+
+    snapshot = decode(h.broker.retained[TOPICS.telemetry]).message
+
+    assert isinstance(snapshot, TelemetrySnapshot)
+    listed = [d.id for d in snapshot.devices]
+    assert {"device-0057", "device-0058", "device-0059"} <= set(listed) and len(listed) < 60

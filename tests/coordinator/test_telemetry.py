@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedprune.coordinator.config import RunConfig
-from fedprune.coordinator.ledger import EVENTS, Ledger
+from fedprune.coordinator.ledger import EVENTS, TEXT, Ledger
 from fedprune.coordinator.rounds import RoundResult
 from fedprune.coordinator.telemetry import Telemetry
 from fedprune.edge_client.codec import Update
@@ -76,7 +76,7 @@ def test_ledger_counts_rejections_lateness_and_departures_with_events() -> None:
     assert kinds == [
         ("join", "pi-1", "raspberry-pi-4, 120 samples, litert"),
         ("reject", "pi-1", "norm: update norm 1e9 exceeds 1e4"),
-        ("late", "pi-1", "no update for round 4 by its deadline"),
+        ("late", "pi-1", "no update for round 4 when it closed"),
         ("leave", "pi-1", "went offline"),
         ("join", "pi-1", "back online"),
     ]
@@ -92,6 +92,34 @@ def test_ledger_shows_the_installed_model_with_its_export_accuracy() -> None:
     (row,) = ledger.rows()
     assert (row.model, row.model_accuracy) == ("ab" * 32, 0.9711)
     assert ledger.events[-1].kind == "install"
+
+
+def test_a_full_ledger_forgets_the_longest_gone_device_and_keeps_online_ones() -> None:
+    clock = Clock()
+    ledger = Ledger(clock=clock, max_devices=3)
+    for name in ("a", "b", "c"):
+        clock.now += 1
+        ledger.hello(_hello(name))
+    ledger.left("b")
+    clock.now += 1
+    ledger.left("a")
+
+    ledger.hello(_hello("d"))  # replaces b, gone first
+    ledger.hello(_hello("e"))  # replaces a
+    ledger.hello(_hello("f"))  # nobody offline: not listed
+
+    assert [row.id for row in ledger.rows()] == ["c", "d", "e"]
+
+
+def test_long_texts_from_devices_are_cut() -> None:
+    ledger = Ledger(clock=Clock())
+    ledger.hello(Hello(client_id="pi-1", profile="p" * 5000, num_samples=1, backend="litert"))
+
+    ledger.rejected("pi-1", "norm", "x" * 5000)
+
+    (row,) = ledger.rows()
+    assert len(row.profile) == TEXT and len(row.last_reason) == TEXT
+    assert all(len(e.text) <= TEXT for e in ledger.events)
 
 
 def test_ledger_keeps_only_the_latest_events() -> None:

@@ -136,3 +136,11 @@ def test_the_page_carries_the_latest_snapshot_and_no_markup_can_break_out_of_it(
     inline = page[start : page.index("</script>", start)]
     assert json.loads(inline)["events"][0]["text"] == hostile
     assert page.count("<script>alert(1)") == 0
+
+
+def test_an_open_stream_without_a_snapshot_waits_quietly(dashboard: Dashboard) -> None:
+    # Before any snapshot the stream sends nothing but a keep-alive every 15 s (no busy loop)
+    with urllib.request.urlopen(f"{dashboard.url}events", timeout=5) as stream:
+        stream.fp.raw._sock.settimeout(1.0)  # type: ignore[union-attr]
+        with pytest.raises(TimeoutError):
+            stream.read(1)

@@ -141,3 +141,27 @@ def test_a_config_file_with_an_unknown_key_is_one_line_and_exit_2(
 
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and "unknown key 'data'" in err[0]
+
+
+def test_what_devices_send_is_shown_as_text_never_as_markup() -> None:
+    hostile = dataclasses.replace(
+        SNAPSHOT.devices[1], profile="[/x]", trainer="[i]x[/]", last_reason="[bold]norm[/]: [/]",
+    )  # fmt: skip
+    snapshot = dataclasses.replace(SNAPSHOT, devices=[SNAPSHOT.devices[0], hostile])
+    out = console(record=True)
+
+    out.print(render(snapshot, "online"))
+
+    text = out.export_text()
+    assert "[/x]" in text and "[i]x[/]" in text and "[bold]norm[/]" in text
+
+
+def test_malformed_round_lines_are_left_out_not_fatal() -> None:
+    rounds = [{"round": "[/x]"}, {"round": 2, "sparsity": "high"}, SNAPSHOT.rounds[0]]
+    snapshot = dataclasses.replace(SNAPSHOT, rounds=rounds)
+    out = console(record=True)
+
+    out.print(render(snapshot, "online"))
+
+    assert "0.912" in out.export_text()
+    assert line(dataclasses.replace(snapshot, rounds=rounds[:1]), "online").startswith("watched")
