@@ -24,7 +24,13 @@ from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
 from fedprune.edge_client.errors import ConfigError, SignatureError, WireError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.trainer import Evaluation, Trainer, backend_class, make_trainer
+from fedprune.edge_client.trainer import (
+    EpochHook,
+    Evaluation,
+    Trainer,
+    backend_class,
+    make_trainer,
+)
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
     UNSIGNED,
@@ -48,6 +54,7 @@ from fedprune.edge_client.wire import (
 log = logging.getLogger("fedprune.client")
 
 WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
+EPOCH_REPORT_SECONDS = 10.0  # how often a long local training says how far it is
 
 
 @dataclass(kw_only=True)
@@ -356,7 +363,8 @@ class EdgeClient:
         self._show_state(f"round {round_.round}: training {epochs} epoch(s) on"
                          f" {self.data.num_samples} samples")  # fmt: skip
         seed = self.seed * 100_003 + round_.round
-        new = self._trainer.fit(model, x, self.data.y, epochs=epochs, seed=seed)
+        new = self._trainer.fit(model, x, self.data.y, epochs=epochs, seed=seed,
+                                on_epoch=self._epoch_hook(round_.round, epochs))  # fmt: skip
         train_seconds = time.perf_counter() - started
         evaluation = (
             self._trainer.evaluate(new, x_test, self.data.y_test)
@@ -389,6 +397,22 @@ class EdgeClient:
             evaluation.accuracy,
             sent,
         )
+
+    def _epoch_hook(self, round_: int, epochs: int) -> EpochHook:
+        """Progress through a round's local epochs: on the live line after each one, and in the
+        log every ``EPOCH_REPORT_SECONDS`` when training takes that long (a big dataset on a Pi)."""
+        started = said = time.monotonic()
+
+        def epoch_done(done: int) -> None:
+            nonlocal said
+            self._show_state(f"round {round_}: training, epoch {done} of {epochs}")
+            now = time.monotonic()
+            if now - said >= EPOCH_REPORT_SECONDS and done < epochs:
+                log.info("round %d: %d of %d epoch(s) done (%.0f s)", round_, done, epochs,
+                         now - started)  # fmt: skip
+                said = now
+
+        return epoch_done
 
     def send(self, round_: int, payload: bytes) -> int:
         """Publish an update payload in chunks; returns the bytes put on the wire."""

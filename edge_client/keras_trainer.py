@@ -17,7 +17,7 @@ import numpy as np
 
 from fedprune.edge_client.codec import Model
 from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.trainer import Evaluation, Trainer, batches
+from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches
 from fedprune.edge_client.wire import Spec
 
 ALLOWED_LAYERS = frozenset(
@@ -118,13 +118,22 @@ class KerasTrainer(Trainer):
             v.assign(self._tf.zeros_like(v))
 
     def fit(
-        self, model: Model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int
+        self,
+        model: Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        seed: int,
+        on_epoch: EpochHook | None = None,
     ) -> list[np.ndarray]:
         self._load(model)
         rng = np.random.default_rng(seed)
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             for idx in batches(len(x), self.spec.batch_size, rng):
                 self._step(x[idx], y[idx])
+            if on_epoch is not None:
+                on_epoch(epoch)
         return [np.asarray(w) for w in self.model.get_weights()]
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:

@@ -16,7 +16,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from fedprune.edge_client.codec import Model
 from fedprune.edge_client.errors import ModelError
-from fedprune.edge_client.trainer import Evaluation, Trainer, batches
+from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches
 from fedprune.edge_client.wire import Spec
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
@@ -69,15 +69,24 @@ class LiteRTTrainer(Trainer):
         return [np.array(out[_name("w", i)], np.float32) for i in range(count)]
 
     def fit(
-        self, model: Model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int
+        self,
+        model: Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        seed: int,
+        on_epoch: EpochHook | None = None,
     ) -> list[np.ndarray]:
         self._set(model.weights, model.masks)
         x = x.reshape((-1, *self._input_shape)).astype(np.float32)
         y = y.astype(self._y_dtype)
         rng = np.random.default_rng(seed)
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             for idx in batches(len(x), self.batch_size, rng):
                 self._run["train"](x=x[idx], y=y[idx])
+            if on_epoch is not None:
+                on_epoch(epoch)
         return self._weights(len(model.weights))
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:

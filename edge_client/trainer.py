@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ import numpy as np
 from fedprune.edge_client.codec import Model
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.wire import Spec
+
+EpochHook = Callable[[int], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,9 +52,17 @@ class Trainer(ABC):
 
     @abstractmethod
     def fit(
-        self, model: Model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int
+        self,
+        model: Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        seed: int,
+        on_epoch: EpochHook | None = None,
     ) -> list[np.ndarray]:
-        """Train from ``model`` for ``epochs`` and return the new weights (masked entries zero)."""
+        """Train from ``model`` for ``epochs`` and return the new weights (masked entries zero);
+        ``on_epoch`` hears the number of epochs done after each one."""
 
     @abstractmethod
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation: ...

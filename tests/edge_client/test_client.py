@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from memory_broker import MemoryBroker, MemoryTransport
 
+from fedprune.edge_client import client as client_module
 from fedprune.edge_client import trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
 from fedprune.edge_client.codec import Model, decode_update, encode_model
@@ -16,7 +17,7 @@ from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.trainer import Evaluation, Trainer
+from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
 from fedprune.edge_client.wire import (
     Chunk,
     Hello,
@@ -45,8 +46,18 @@ class AddOneTrainer(Trainer):
     """Adds 1.0 to every weight and keeps masked ones at zero; "evaluates" to fixed numbers."""
 
     def fit(
-        self, model: Model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int
+        self,
+        model: Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        seed: int,
+        on_epoch: EpochHook | None = None,
     ) -> list[np.ndarray]:
+        for epoch in range(1, epochs + 1):
+            if on_epoch is not None:
+                on_epoch(epoch)
         return [
             (w + np.float32(1.0)) * (np.float32(1.0) if m is None else m)
             for w, m in zip(model.weights, model.masks, strict=True)
@@ -423,6 +434,7 @@ def test_a_client_shows_what_it_does_when_that_changes(model: Model, data: Local
     # Assert: no repeats; training, then what it has done
     assert report.rounds == [ROUND]
     assert f"round {ROUND}: training 1 epoch(s) on 24 samples" in shown
+    assert f"round {ROUND}: training, epoch 1 of 1" in shown
     assert shown[-1].startswith(f"1 round(s) done, {report.bytes_up:,} bytes sent; waiting for")
     assert all(a != b for a, b in zip(shown, shown[1:], strict=False))
 
@@ -440,3 +452,27 @@ def test_the_peak_memory_of_the_process_goes_with_each_update(
     payload = [assembler.add(_chunk(p)) for _, p in sent][-1]
     assert payload is not None
     assert 10 < decode_update(payload, model).metrics["peak_memory_mb"] < 10_000
+
+
+def test_long_local_training_says_how_far_it_is_in_the_log(
+    model: Model,
+    data: LocalData,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(client_module, "EPOCH_REPORT_SECONDS", 0.0)  # every epoch is "long"
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60)
+    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
+                        num_samples=data.num_samples, backend="fake")  # fmt: skip
+    client = EdgeClient(MemoryTransport(broker, max_payload=1024), identity=identity, data=data,
+                        local_epochs=3)  # fmt: skip
+
+    with caplog.at_level(logging.INFO, logger="fedprune.client"):
+        client.run(timeout=10)
+
+    said = [r.getMessage() for r in caplog.records if "epoch(s) done" in r.getMessage()]
+    assert [m.split(" (")[0] for m in said] == [
+        f"round {ROUND}: 1 of 3 epoch(s) done",
+        f"round {ROUND}: 2 of 3 epoch(s) done",
+    ]

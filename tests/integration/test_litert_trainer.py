@@ -47,8 +47,11 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
                                momentum=0.9)  # fmt: skip
 
     # Execute
-    by_keras = KerasTrainer(spec).fit(start, x, y, epochs=2, seed=7)
-    by_litert = LiteRTTrainer(spec, artifact=artifact).fit(start, x, y, epochs=2, seed=7)
+    heard: dict[str, list[int]] = {"keras": [], "litert": []}
+    litert = LiteRTTrainer(spec, artifact=artifact)
+    by_keras = KerasTrainer(spec).fit(start, x, y, epochs=2, seed=7,
+                                      on_epoch=heard["keras"].append)  # fmt: skip
+    by_litert = litert.fit(start, x, y, epochs=2, seed=7, on_epoch=heard["litert"].append)
 
     # Assert: the same weights, the same zeros, and training did move them
     for ke, li, m, w in zip(by_keras, by_litert, masks, start.weights, strict=True):
@@ -56,6 +59,7 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
         assert np.max(np.abs(ke - w)) > 100 * TOLERANCE
         if m is not None:
             assert np.all(li[m == 0] == 0.0) and np.all(ke[m == 0] == 0.0)
+    assert heard == {"keras": [1, 2], "litert": [1, 2]}
 
 
 def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:
