@@ -105,7 +105,7 @@ class Dashboard:
 
 
 def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
-    web = resources.files("fedprune.edge_client") / "web"
+    web = resources.files("fedprune.edge_client") / "web-assets"
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "fedprune-dashboard"

@@ -82,8 +82,8 @@ def test_the_wheel_holds_every_file_of_the_package_folders_and_nothing_else(whee
         f"{package.replace('.', '/')}/py.typed" for package in PACKAGE_DIRS
     }
     assert {n.split("/", 1)[0] for n in metadata} == {f"fedprune-{fedprune.__version__}.dist-info"}
-    web = {n.removeprefix("fedprune/edge_client/web/").removesuffix(".gz") for n in names
-           if n.startswith("fedprune/edge_client/web/")}  # fmt: skip
+    web = {n.removeprefix("fedprune/edge_client/web-assets/").removesuffix(".gz") for n in names
+           if n.startswith("fedprune/edge_client/web-assets/")}  # fmt: skip
     assert set(ASSETS) <= web  # the dashboard's page and its assets
 
 

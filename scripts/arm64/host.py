@@ -34,12 +34,15 @@ def _name(requirement: str) -> str:
 
 
 def requirements() -> list[str]:
-    """The ``edge`` extra (what a device installs) plus pytest and hypothesis, as pip specifiers."""
+    """The ``edge`` and ``monitor`` extras (what a device installs, and the monitor a Pi may run)
+    plus pytest and hypothesis, as pip specifiers."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    edge = [r for r in extras["edge"] if not r.startswith("fedprune")]
+    light = dict.fromkeys(
+        r for r in extras["edge"] + extras["monitor"] if not r.startswith("fedprune")
+    )
     dev = [r for r in extras["dev"] if _name(r) in TEST_PACKAGES]
-    return edge + dev
+    return [*light, *dev]
 
 
 def check_wheels(folder: Path) -> list[str]:
