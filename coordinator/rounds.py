@@ -457,6 +457,7 @@ class Coordinator:
             round=round_,
             model_version=round_,
             deadline=time.time() + self.config.round_timeout,
+            duration=self.config.round_timeout,
             selected=selected,
             model=manifest,
             local_epochs=self.config.local_epochs,
@@ -479,11 +480,7 @@ class Coordinator:
         self._collect = state
         needed = max(1, math.ceil(self.config.quorum * len(selected)))
         deadline = time.monotonic() + self.config.round_timeout
-        while (
-            len(state.reported) < needed
-            and len(state.responded) < len(selected)
-            and time.monotonic() < deadline
-        ):
+        while len(state.reported) < needed and self._awaited(state) and time.monotonic() < deadline:
             self.pump(0.1)
         self._collect = None
         if state.aggregator.count:
@@ -515,6 +512,11 @@ class Coordinator:
         self.observer.round_ended(result, sorted(state.selected - state.responded))
         self.on_round(result)
         return result
+
+    def _awaited(self, state: _Collect) -> bool:
+        """Whether a selected device that is still online has yet to answer; one whose connection
+        dropped (its last will) is not waited for."""
+        return any(c not in state.responded and c in self.clients for c in state.selected)
 
     def run(self) -> list[RoundResult]:
         self.train()

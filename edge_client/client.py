@@ -140,6 +140,8 @@ class EdgeClient:
         self._spec: Spec | None = None
         self._trainer: Trainer | None = None
         self._round: Round | None = None
+        self._round_seen: tuple[int, float] | None = None  # round number, monotonic time seen
+        self._out_of_time: int | None = None  # the round whose running out was said
         self._models = Collector()
         self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
         self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
@@ -211,8 +213,8 @@ class EdgeClient:
         if self.client_id not in round_.selected:
             others = len(round_.selected)
             return f"a round that selects this device (round {round_.round} chose {others} other)"
-        if time.time() > round_.deadline:
-            return f"the next round (round {round_.round}'s deadline passed by this device's clock)"
+        if self._time_left(round_) <= 0:
+            return f"the next round (round {round_.round}'s time ran out)"
         if self._model is None or self._model[0] != round_.model.sha256:
             return f"round {round_.round}'s model ({round_.model.size:,} bytes)"
         return None
@@ -269,6 +271,8 @@ class EdgeClient:
             if isinstance(message, Spec):
                 self._on_spec(message)
             elif isinstance(message, Round):
+                if self._round_seen is None or self._round_seen[0] != message.round:
+                    self._round_seen = (message.round, time.monotonic())
                 self._round = message
                 self._resend_unacknowledged(message.round)
             elif isinstance(message, Chunk) and topic.startswith(self.topics.artifact):
@@ -321,7 +325,13 @@ class EdgeClient:
         round_, spec = self._round, self._spec
         if round_ is None or spec is None or round_.round in self.report.rounds:
             return
-        if self.client_id not in round_.selected or time.time() > round_.deadline:
+        if self.client_id not in round_.selected:
+            return
+        if self._time_left(round_) <= 0:
+            if self._out_of_time != round_.round:
+                self._out_of_time = round_.round
+                log.warning("round %d: its time ran out before this device could train (the"
+                            " round lasts %.0f s)", round_.round, round_.duration)  # fmt: skip
             return
         if self._model is None or self._model[0] != round_.model.sha256:
             return
@@ -397,6 +407,14 @@ class EdgeClient:
             evaluation.accuracy,
             sent,
         )
+
+    def _time_left(self, round_: Round) -> float:
+        """Seconds left in ``round_`` by this device's own monotonic clock, counted from when it
+        first saw the announcement; a coordinator older than protocol 1.5 sends no duration, and
+        then its deadline is compared with this device's wall clock."""
+        if round_.duration <= 0 or self._round_seen is None:
+            return round_.deadline - time.time()
+        return self._round_seen[1] + round_.duration - time.monotonic()
 
     def _epoch_hook(self, round_: int, epochs: int) -> EpochHook:
         """Progress through a round's local epochs: on the live line after each one, and in the

@@ -26,9 +26,9 @@ from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 4  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+PROTOCOL_MINOR = 5  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
-# 1.4: Telemetry, Hello.installed and Hello.deploys
+# 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -150,6 +150,9 @@ class Round(Message):
     selected: list[str]
     model: Manifest
     local_epochs: int
+    # Seconds the round lasts from its announcement (1.5): devices time it on their own clock,
+    # never comparing ``deadline`` (the coordinator's clock) with theirs.
+    duration: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

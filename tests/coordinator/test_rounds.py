@@ -29,6 +29,7 @@ from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.wire import (
     Hello,
     Notice,
+    Offline,
     Phase,
     Reassembler,
     Round,
@@ -774,3 +775,23 @@ def test_a_trimmed_snapshot_keeps_the_devices_of_the_round_in_progress(
     assert isinstance(snapshot, TelemetrySnapshot)
     listed = [d.id for d in snapshot.devices]
     assert {"device-0057", "device-0058", "device-0059"} <= set(listed) and len(listed) < 60
+
+
+def test_a_selected_device_whose_connection_drops_is_not_waited_for(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(round_timeout=30.0)
+
+    def answer(announcement: Round, model: Model) -> None:
+        h.clients["a"].send(announcement.round, _payload(model, _delta(model, 1)))
+        will = encode(Offline(who="b"), run=RUN, sender="b")  # b's last will
+        h.clients["b"].transport.publish(TOPICS.client_status("b"), will, retain=True)
+
+    h.on_round(answer)
+    started = time.monotonic()
+
+    _, result, _ = h.run_round()
+
+    assert time.monotonic() - started < 5.0  # not the 30 s deadline
+    assert (result.selected, result.reported) == (2, 1)
+    assert [r.late for r in h.coordinator.telemetry.ledger.rows()] == [0, 1]

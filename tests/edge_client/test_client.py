@@ -113,7 +113,12 @@ def data() -> LocalData:
 
 
 def _publish_run(
-    broker: MemoryBroker, model: Model, *, selected: list[str], deadline: float
+    broker: MemoryBroker,
+    model: Model,
+    *,
+    selected: list[str],
+    deadline: float,
+    duration: float = 0.0,
 ) -> None:
     """What the coordinator leaves retained for a round: spec, model chunks, announcement."""
     coordinator = MemoryTransport(broker)
@@ -141,6 +146,7 @@ def _publish_run(
         selected=selected,
         model=manifest,
         local_epochs=1,
+        duration=duration,
     )
     coordinator.publish(TOPICS.round, _encode(announcement), retain=True)
     coordinator.close()
@@ -232,6 +238,33 @@ def test_a_client_not_selected_sends_nothing(model: Model, data: LocalData) -> N
         TOPICS.client_status(CLIENT)  # only its hello
     ]
     assert (report.rounds, report.bytes_up) == ([], 0)
+
+
+def test_a_round_is_timed_by_its_duration_not_by_comparing_clocks(
+    model: Model, data: LocalData
+) -> None:
+    # The coordinator's clock is an hour behind this device's: its deadline looks long gone
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() - 3600, duration=60.0)
+
+    report = _client(broker, data).run(timeout=10)
+
+    assert report.rounds == [ROUND] and len(_update_chunks(broker)) > 0
+
+
+def test_a_device_that_runs_out_of_a_rounds_time_says_so_once(
+    model: Model, data: LocalData, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 3600, duration=1e-6)
+
+    with caplog.at_level(logging.WARNING, logger="fedprune.client"):
+        report = _client(broker, data).run(timeout=0.3)
+
+    assert report.rounds == [] and _update_chunks(broker) == []
+    said = [r.getMessage() for r in caplog.records if "time ran out" in r.getMessage()]
+    assert said == [f"round {ROUND}: its time ran out before this device could train (the round"
+                    " lasts 0 s)"]  # fmt: skip
 
 
 def test_a_round_whose_deadline_has_passed_is_skipped(model: Model, data: LocalData) -> None:
