@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import logging
 import re
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -147,6 +148,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class Stopped(Exception):  # noqa: N818 - a request, not an error
+    """SIGTERM (``systemctl stop``, a shutdown): leave cleanly, saying offline first."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped
+
+
 @contextlib.contextmanager
 def _status_line() -> Iterator[Callable[[str], None] | None]:
     """A live line saying what the device does, on a terminal where rich is installed (the
@@ -161,6 +170,14 @@ def _status_line() -> Iterator[Callable[[str], None] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = parse(argv)
     except ConfigError as exc:
@@ -224,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_error(PROG, exc)
     except KeyboardInterrupt:
         return 130
+    except Stopped:
+        logging.getLogger("fedprune.client").info("stopped (SIGTERM); said offline to the broker")
+        return 0
     logging.getLogger("fedprune.client").info(
         "done: %d round(s), %d bytes sent, peak memory %.1f MB, TensorFlow loaded: %s",
         len(report.rounds),

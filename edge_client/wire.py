@@ -1,6 +1,6 @@
 """Messages on the wire: msgpack-encoded frozen dataclasses in a versioned envelope, and chunking.
 
-Every message is one msgpack map ``{"v": "1.4", "kind": ..., "run": ..., "sender": ...,
+Every message is one msgpack map ``{"v": "1.5", "kind": ..., "run": ..., "sender": ...,
 "seq": ..., "body": {...}}`` (``v`` is :data:`PROTOCOL_VERSION`). The major version also appears
 in the topic (``fedprune/v1/<run>/...``); a message whose major version differs from ours is
 refused. Large payloads (models, updates) travel as ``Chunk`` messages that each carry the whole
