@@ -163,7 +163,8 @@ class Coordinator:
         return len(payload)
 
     def status(self, phase: Phase, round_: int) -> None:
-        status = Status(phase=phase, round=round_, rounds=self.config.rounds)
+        status = Status(phase=phase, round=round_, rounds=self.config.rounds,
+                        session=self.telemetry.session)  # fmt: skip
         self._publish(self.topics.status, status)
         self.observer.phase(phase, round_)
 
@@ -458,6 +459,7 @@ class Coordinator:
             model_version=round_,
             deadline=time.time() + self.config.round_timeout,
             duration=self.config.round_timeout,
+            session=self.telemetry.session,
             selected=selected,
             model=manifest,
             local_epochs=self.config.local_epochs,
@@ -569,7 +571,8 @@ class Coordinator:
         """Tell the clients the run stopped on an error (best effort: the broker may be gone)."""
         for topic in [*self._model_chunks, self.topics.round]:
             self.transport.publish(topic, b"", retain=True)
-        status = Status(phase=Phase.ABORTED, round=0, rounds=self.config.rounds)
+        status = Status(phase=Phase.ABORTED, round=0, rounds=self.config.rounds,
+                        session=self.telemetry.session)  # fmt: skip
         self._publish(self.topics.status, status)
         self.observer.phase(
             Phase.ABORTED, self.telemetry.last.run.round if self.telemetry.last else 0
@@ -583,7 +586,7 @@ class Coordinator:
         self._model_chunks = []
         status = Status(
             phase=Phase.FINISHED, round=self.config.rounds, rounds=self.config.rounds,
-            deploy=deployed or [],
+            deploy=deployed or [], session=self.telemetry.session,
         )  # fmt: skip
         self._publish(self.topics.status, status)
         self.observer.phase(Phase.FINISHED, self.config.rounds)

@@ -39,6 +39,13 @@ names another sender (anyone can forge those on an open broker), and an update f
 has closed (the device is already counted late for it)."""
 
 
+def new_session(now: float) -> str:
+    """A session id that sorts after every earlier one of this coordinator's clock: the start
+    time in hex, then randomness (devices follow only newer sessions, so an old message replayed
+    cannot pull them back)."""
+    return f"{int(now):010x}-{uuid.uuid4().hex[:8]}"
+
+
 def config_summary(config: RunConfig) -> dict[str, Any]:
     """What an operator wants to see of a run's configuration, in one line of a header."""
     schedule = config.schedule
@@ -70,7 +77,7 @@ class Telemetry(Observer):
         self.publish = publish
         self.listeners: list[Listener] = []
         self.ledger = Ledger(clock=clock)
-        self.session = uuid.uuid4().hex[:12]
+        self.session = new_session(clock())
         self.signed = signed
         self.interval = interval
         self._clock = clock

@@ -148,6 +148,9 @@ class EdgeClient:
         self._deploy_prefix = self.topics.deploy(identity.profile)
         self._finished_at: float | None = None  # when the coordinator said it finished
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
+        self._session: str | None = None  # the coordinator session it follows (protocol 1.5)
+        self._coordinator_gone = False  # its last will arrived, and no status since
+        self._trained: set[int] = set()  # rounds trained in that session
         self._awaiting_deploy = False
         self._status: Status | None = None
         self.wait_report = wait_report
@@ -201,6 +204,8 @@ class EdgeClient:
         if self._finished_at is not None:
             deploy = self._awaiting_deploy and self.deploy is not None
             return f"the model deployed to profile {self.identity.profile}" if deploy else None
+        if self._coordinator_gone:
+            return f"the coordinator of run {run!r} to come back (its connection dropped)"
         if self._status is None and spec is None:
             return f"the coordinator of run {run!r} (nothing from it on the broker yet)"
         if spec is None or round_ is None:
@@ -208,7 +213,7 @@ class EdgeClient:
             return f"run {run!r} to start its first round{phase}"
         if self.artifacts is not None and spec.artifact is not None and not self._artifact(spec):
             return f"the training artifact ({spec.artifact.size:,} bytes)"
-        if round_.round in self.report.rounds:
+        if round_.round in self._trained:
             return f"the round after round {round_.round}"
         if self.client_id not in round_.selected:
             others = len(round_.selected)
@@ -241,6 +246,7 @@ class EdgeClient:
 
     def _on_status(self, status: Status) -> None:
         self._status = status
+        self._coordinator_gone = False
         if status.phase in (Phase.WAITING, Phase.TRAINING):
             self._live = True
         elif status.phase is Phase.ABORTED:
@@ -271,6 +277,8 @@ class EdgeClient:
             if isinstance(message, Spec):
                 self._on_spec(message)
             elif isinstance(message, Round):
+                if not self._follow_session(message.session):
+                    return
                 if self._round_seen is None or self._round_seen[0] != message.round:
                     self._round_seen = (message.round, time.monotonic())
                 self._round = message
@@ -286,7 +294,11 @@ class EdgeClient:
             elif isinstance(message, Deployment) and self.deploy is not None:
                 self._installed(self.deploy.on_deployment(message))
             elif isinstance(message, Status):
-                self._on_status(message)
+                if self._follow_session(message.session):
+                    self._on_status(message)
+            elif isinstance(message, Offline) and topic == self.topics.status:
+                log.warning("the coordinator's connection dropped; waiting for it to come back")
+                self._coordinator_gone = True
             elif isinstance(message, Notice):
                 self._on_notice(message)
         except SignatureError as exc:
@@ -295,6 +307,23 @@ class EdgeClient:
         except (WireError, TypeError, ValueError, KeyError, IndexError) as exc:
             # Whatever arrives from the network is data: a bad message is logged, never fatal.
             log.warning("ignored a message on %s: %s", topic, exc)
+
+    def _follow_session(self, session: str) -> bool:
+        """Whether a message of coordinator session ``session`` is current. A newer session (a
+        restart, a resumed run) is joined: this run's rounds are forgotten, so that its round
+        numbers, which start over, are trained again. An older one is stale (a replay)."""
+        if not session or session == self._session:
+            return True
+        if self._session is not None and session < self._session:
+            log.warning("ignored a message of an earlier coordinator session (%s)", session[:32])
+            return False
+        if self._session is not None:
+            log.info("the coordinator started a new session (%s): this device joins it", session)
+            self._trained.clear()
+            self._round = self._round_seen = self._last_update = self._out_of_time = None
+            self._finished_at = None
+        self._session = session
+        return True
 
     def _installed(self, result: DeployResult | None) -> None:
         """Tell the coordinator (in a new hello) which model this device now runs."""
@@ -323,7 +352,7 @@ class EdgeClient:
 
     def _maybe_train(self) -> None:
         round_, spec = self._round, self._spec
-        if round_ is None or spec is None or round_.round in self.report.rounds:
+        if round_ is None or spec is None or round_.round in self._trained:
             return
         if self.client_id not in round_.selected:
             return
@@ -339,6 +368,7 @@ class EdgeClient:
         if self.artifacts is not None and artifact is None:
             return
         self.report.rounds.append(round_.round)
+        self._trained.add(round_.round)
         try:
             model = decode_model(self._model[1])
         except WireError as exc:

@@ -28,7 +28,8 @@ from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 5  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
-# 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration
+# 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
+# Round.session
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -108,6 +109,7 @@ class Status(Message):
     round: int
     rounds: int
     deploy: list[str] = field(default_factory=list)  # profiles with a deployed model (1.1)
+    session: str = ""  # new each time a coordinator starts the run (1.5)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", Phase(self.phase))
@@ -153,6 +155,7 @@ class Round(Message):
     # Seconds the round lasts from its announcement (1.5): devices time it on their own clock,
     # never comparing ``deadline`` (the coordinator's clock) with theirs.
     duration: float = 0.0
+    session: str = ""  # the coordinator's session that announced it (1.5)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,6 +24,7 @@ from fedprune.edge_client.wire import (
     Manifest,
     Message,
     Notice,
+    Offline,
     Phase,
     Reassembler,
     Round,
@@ -119,6 +120,7 @@ def _publish_run(
     selected: list[str],
     deadline: float,
     duration: float = 0.0,
+    session: str = "",
 ) -> None:
     """What the coordinator leaves retained for a round: spec, model chunks, announcement."""
     coordinator = MemoryTransport(broker)
@@ -147,6 +149,7 @@ def _publish_run(
         model=manifest,
         local_epochs=1,
         duration=duration,
+        session=session,
     )
     coordinator.publish(TOPICS.round, _encode(announcement), retain=True)
     coordinator.close()
@@ -509,3 +512,61 @@ def test_long_local_training_says_how_far_it_is_in_the_log(
         f"round {ROUND}: 1 of 3 epoch(s) done",
         f"round {ROUND}: 2 of 3 epoch(s) done",
     ]
+
+
+def test_a_new_coordinator_session_is_joined_and_its_rounds_trained_again(
+    model: Model, data: LocalData
+) -> None:
+    # Prepare: the device trained round 3 of session s1; the coordinator restarts (session s2)
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
+                 session="s1")  # fmt: skip
+    client = _client(broker, data)
+    client.run(timeout=0.5)
+    assert client.report.rounds == [ROUND]
+
+    # Execute: the new session announces its own round 3
+    status = Status(phase=Phase.TRAINING, round=ROUND, rounds=5, session="s2")
+    MemoryTransport(broker).publish(TOPICS.status, _encode(status), retain=True)
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
+                 session="s2")  # fmt: skip
+    client.run(timeout=0.5)
+
+    # Assert: trained again, not skipped as "already done"
+    assert client.report.rounds == [ROUND, ROUND]
+
+
+def test_the_coordinators_last_will_is_said_and_waited_out(data: LocalData) -> None:
+    broker = MemoryBroker()
+    client = _client(broker, data)
+    client.start()
+    coordinator = MemoryTransport(broker)
+    coordinator.publish(TOPICS.status, _encode(Status(phase=Phase.WAITING, round=0, rounds=5)),
+                        retain=True)  # fmt: skip
+    coordinator.publish(TOPICS.status, _encode(Offline(who="coordinator")), retain=True)
+
+    while (item := client.transport.get(0.1)) is not None:
+        client.handle(*item)
+
+    assert client.waiting_for() == (
+        f"the coordinator of run {RUN!r} to come back (its connection dropped)"
+    )
+    coordinator.publish(TOPICS.status, _encode(Status(phase=Phase.WAITING, round=0, rounds=5)),
+                        retain=True)  # fmt: skip
+    while (item := client.transport.get(0.1)) is not None:
+        client.handle(*item)
+    assert "to come back" not in (client.waiting_for() or "")
+
+
+def test_a_message_of_an_earlier_session_is_ignored(model: Model, data: LocalData) -> None:
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
+                 session="00000002-b")  # fmt: skip
+    client = _client(broker, data)
+    client.run(timeout=0.5)
+
+    old = Status(phase=Phase.FINISHED, round=5, rounds=5, session="00000001-a")  # a replay
+    MemoryTransport(broker).publish(TOPICS.status, _encode(old), retain=True)
+    client.run(timeout=0.3)
+
+    assert client.report.rounds == [ROUND] and not client.report.finished
