@@ -38,6 +38,7 @@ from fedprune.edge_client.wire import (
     UNSIGNED,
     Chunk,
     Deployment,
+    Failed,
     Hello,
     Manifest,
     Message,
@@ -311,6 +312,12 @@ class Coordinator:
             if envelope.sender != client_id:
                 raise Rejected(Reason.SENDER, f"sent as {envelope.sender!r} on {client_id}'s topic")
             self.observer.received(client_id, len(payload))  # the device's own bytes
+            if isinstance(message, Failed):
+                if round_text != str(state.round) or message.round != state.round:
+                    raise Rejected(
+                        Reason.ROUND, f"failure for round {round_text}, now {state.round}"
+                    )
+                raise Rejected(Reason.FAILED, f"its training failed: {message.reason[:200]}")
             if not isinstance(message, Chunk):
                 raise WireError(f"expected a chunk, got {message.KIND}")
             chunk = message

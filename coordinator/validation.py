@@ -32,6 +32,7 @@ class Reason(StrEnum):
     SAMPLES = "samples"
     SENDER = "sender"
     SIGNATURE = "signature"  # not signed by the device whose topic it came on: dropped
+    FAILED = "failed"  # the device said its training failed (no update is coming)
 
 
 class Rejected(Exception):

@@ -37,6 +37,7 @@ from fedprune.edge_client.wire import (
     Chunk,
     Collector,
     Deployment,
+    Failed,
     Hello,
     Manifest,
     Message,
@@ -65,6 +66,7 @@ class ClientReport:
     finished: bool = False
     aborted: bool = False
     dropped: int = 0  # messages refused for a missing or bad signature
+    failed: int = 0  # rounds whose training raised (reported to the coordinator)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,7 +376,13 @@ class EdgeClient:
         except WireError as exc:
             log.warning("round %d: the global model cannot be decoded (%s)", round_.round, exc)
             return
-        self.train_round(round_, spec, model, artifact)
+        try:
+            self.train_round(round_, spec, model, artifact)
+        except ConfigError:
+            raise  # this device cannot take part (its labels, its trainer): it says so and stops
+        except Exception as exc:  # noqa: BLE001 - a failed round is data, not the device's end
+            log.exception("round %d: training failed", round_.round)
+            self._failed(round_.round, f"{type(exc).__name__}: {exc}")
 
     def _artifact(self, spec: Spec) -> bytes | None:
         """The training artifact this client's backend needs, once it is here."""
@@ -461,6 +469,13 @@ class EdgeClient:
                 said = now
 
         return epoch_done
+
+    def _failed(self, round_: int, reason: str) -> None:
+        """Tell the coordinator this round's training failed, so that it does not wait for it."""
+        self.report.failed += 1
+        message = Failed(round=round_, reason=reason[:500])
+        self.transport.publish(f"{self.topics.update(self.client_id, round_)}/failed",
+                               self.identity.encode(message))  # fmt: skip
 
     def send(self, round_: int, payload: bytes) -> int:
         """Publish an update payload in chunks; returns the bytes put on the wire."""

@@ -29,7 +29,7 @@ PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 5  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
 # 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
-# Round.session
+# Round.session, Failed
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -61,6 +61,7 @@ class Kind(StrEnum):
     DEPLOY = "deploy"
     NOTICE = "notice"
     TELEMETRY = "telemetry"
+    FAILED = "failed"
 
 
 class Phase(StrEnum):
@@ -212,9 +213,31 @@ class Telemetry(Message):
     events: list[Event]  # the latest, oldest first
 
 
+@dataclass(frozen=True, kw_only=True)
+class Failed(Message):
+    """A device -> the coordinator: its training for ``round`` failed, and why (1.5); sent on its
+    update topic instead of an update, so that the round need not wait for it."""
+
+    KIND: ClassVar[Kind] = Kind.FAILED
+    round: int
+    reason: str
+
+
 _BY_KIND: dict[Kind, type[Message]] = {
     cls.KIND: cls
-    for cls in (Hello, Offline, Status, Spec, Round, Chunk, Metrics, Notice, Deployment, Telemetry)
+    for cls in (
+        Hello,
+        Offline,
+        Status,
+        Spec,
+        Round,
+        Chunk,
+        Metrics,
+        Notice,
+        Deployment,
+        Telemetry,
+        Failed,
+    )  # fmt: skip
 }
 _seq = itertools.count()
 

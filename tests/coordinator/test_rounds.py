@@ -27,6 +27,7 @@ from fedprune.edge_client.errors import ConfigError, ExportError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.wire import (
+    Failed,
     Hello,
     Notice,
     Offline,
@@ -795,3 +796,28 @@ def test_a_selected_device_whose_connection_drops_is_not_waited_for(
     assert time.monotonic() - started < 5.0  # not the 30 s deadline
     assert (result.selected, result.reported) == (2, 1)
     assert [r.late for r in h.coordinator.telemetry.ledger.rows()] == [0, 1]
+
+
+def test_a_device_whose_training_failed_is_not_waited_for_and_is_counted(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(round_timeout=30.0)
+
+    def answer(announcement: Round, model: Model) -> None:
+        h.clients["a"].send(announcement.round, _payload(model, _delta(model, 1)))
+        failed = encode(Failed(round=announcement.round, reason="MemoryError: "), run=RUN,
+                        sender="b")  # fmt: skip
+        for _ in range(2):  # QoS 1 may deliver it twice: counted once
+            h.clients["b"].transport.publish(
+                f"{TOPICS.update('b', announcement.round)}/failed", failed
+            )
+
+    h.on_round(answer)
+    started = time.monotonic()
+
+    _, result, _ = h.run_round()
+
+    assert time.monotonic() - started < 5.0
+    assert (result.reported, result.rejected) == (1, {"failed": 1})
+    row = next(r for r in h.coordinator.telemetry.ledger.rows() if r.id == "b")
+    assert row.last_reason == "failed: its training failed: MemoryError: "

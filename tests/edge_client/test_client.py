@@ -20,6 +20,7 @@ from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
 from fedprune.edge_client.wire import (
     Chunk,
+    Failed,
     Hello,
     Manifest,
     Message,
@@ -570,3 +571,36 @@ def test_a_message_of_an_earlier_session_is_ignored(model: Model, data: LocalDat
     client.run(timeout=0.3)
 
     assert client.report.rounds == [ROUND] and not client.report.finished
+
+
+class BrokenTrainer(AddOneTrainer):
+    def fit(
+        self,
+        model: Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        seed: int,
+        on_epoch: EpochHook | None = None,
+    ) -> list[np.ndarray]:
+        raise RuntimeError("interpreter lost its tensors")
+
+
+def test_a_training_that_raises_is_reported_as_a_failed_round_not_a_crash(
+    model: Model, data: LocalData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "make_trainer", lambda *a, **k: BrokenTrainer(a[1]))
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0)
+
+    report = _client(broker, data).run(timeout=0.5)
+
+    assert report.failed == 1 and _update_chunks(broker) == [
+        (t, p) for t, p in broker.log if t.endswith("/failed")
+    ]
+    ((topic, payload),) = [(t, p) for t, p in broker.log if t.endswith("/failed")]
+    assert topic == f"{TOPICS.update(CLIENT, ROUND)}/failed"
+    message = decode(payload).message
+    assert isinstance(message, Failed)
+    assert (message.round, message.reason) == (ROUND, "RuntimeError: interpreter lost its tensors")
