@@ -8,13 +8,15 @@ import logging
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fedprune import __version__, device_profiles
 from fedprune.coordinator.aggregation import RULES
-from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
-from fedprune.edge_client.errors import FedpruneError, print_error
+from fedprune.coordinator.config import RunConfig, ScheduleConfig
+from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
 from fedprune.edge_client.options import add_broker_arguments
 from fedprune.edge_client.quiet import native_log_filtered
 
@@ -190,10 +192,60 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+RENAMED = {"learning_rate": "lr", "kind": "schedule"}
+"""The RunConfig fields (the schedule's among them) whose option has another name."""
+
+
+def read_run_config(path: Path, p: argparse.ArgumentParser) -> dict[str, Any]:
+    """A run's config.toml (what every run writes into its directory) as ``p``'s defaults.
+    ``overwrite`` is not taken from it: replacing a run is asked for each time."""
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
+    schedule = table.pop("schedule", {})
+    if not isinstance(schedule, dict):
+        raise ConfigError(f"{path}: schedule must be a table")
+    known = vars(p.parse_args([]))
+    defaults = {}
+    for key, value in [*table.items(), *schedule.items()]:
+        dest = RENAMED.get(key, key)
+        if dest not in known or dest in ("config", "resume"):
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        wanted = type(known[dest]) if known[dest] is not None else str
+        if not (type(value) is wanted or wanted is float and type(value) is int):
+            raise ConfigError(f"{path}: {key} must be {wanted.__name__}, got {value!r}")
+        if key != "overwrite":
+            defaults[dest] = value
+    return defaults
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Flags over the ``--config`` file (or the resumed run's config.toml) over the defaults."""
+    p = parser()
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", type=Path)
+    early.add_argument("--resume", type=Path)
+    known = early.parse_known_args(argv)[0]
+    if known.config is not None and known.resume is not None:
+        p.error("--config and --resume exclude each other (a resumed run keeps its config)")
+    if known.config is not None:
+        p.set_defaults(**read_run_config(known.config, p))
+    if known.resume is not None:
+        run_dir = known.resume.resolve()
+        p.set_defaults(**read_run_config(run_dir / "config.toml", p))
+        p.set_defaults(run=run_dir.name, out=str(run_dir.parent))
+        if (run_dir / "heldout.npz").is_file():  # the run's own copy, wherever it was started
+            p.set_defaults(heldout=str(run_dir / "heldout.npz"))
+    return p.parse_args(argv)
+
+
 def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
     """A validated ``RunConfig`` from the parsed options, with ``overrides`` on top."""
     schedule = ScheduleConfig(
-        kind=ScheduleKind(args.schedule),
+        kind=args.schedule,  # a config file's may be any text: ScheduleConfig checks it
         target=args.target,
         begin_round=args.begin_round,
         end_round=args.end_round,
@@ -266,6 +318,20 @@ def parser() -> argparse.ArgumentParser:
         "prune on schedule, and export the final model to TFLite.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="start a run with the settings of this TOML file, written like the config.toml of "
+        "every run directory (flags override it)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (e.g. runs/NAME) from its last checkpoint, with the "
+        "config it was started with (flags override it); its devices rejoin by themselves",
+    )
     add_broker_arguments(p)
     p.add_argument(
         "--min-clients",
@@ -290,7 +356,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except ConfigError as exc:
+        return print_error(PROG, exc)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
@@ -318,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         with monitoring(args, config) as extra:
             summary = session.run(
-                config, on_round=lambda r: print(round_line(r), flush=True), **extra
+                config,
+                on_round=lambda r: print(round_line(r), flush=True),
+                resume=args.resume is not None,
+                **extra,
             )
     except (FedpruneError, device_profiles.ProfileError, OSError) as exc:
         return print_error(PROG, exc)

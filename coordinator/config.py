@@ -17,6 +17,19 @@ from fedprune.edge_client.topics import check_name
 
 OPTIMIZERS = ("sgd", "adam")
 
+_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float),
+                                       "bool": (bool,)}  # fmt: skip
+
+
+def _check_types(record: Any) -> None:
+    """Every plain field holds its type (a config file may say ``rounds = "ten"``)."""
+    for f in dataclasses.fields(record):
+        value, wanted = getattr(record, f.name), _TYPES.get(str(f.type))
+        if wanted is None:
+            continue
+        if not isinstance(value, wanted) or isinstance(value, bool) != (wanted == (bool,)):
+            raise ConfigError(f"{f.name} must be {f.type}, got {value!r}")
+
 
 class ScheduleKind(StrEnum):
     POLYNOMIAL = "polynomial"
@@ -41,7 +54,12 @@ class ScheduleConfig:
     structure: str = ""  # "M:N" (e.g. "2:4"): TF-MOT m-by-n sparsity at begin_round instead
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", ScheduleKind(self.kind))
+        _check_types(self)
+        try:
+            object.__setattr__(self, "kind", ScheduleKind(self.kind))
+        except ValueError:
+            kinds = ", ".join(k.value for k in ScheduleKind)
+            raise ConfigError(f"schedule must be one of {kinds}, got {self.kind!r}") from None
         if self.structure:
             m, _, n = self.structure.partition(":")
             if not (m.isdigit() and n.isdigit() and 0 < int(m) < int(n)):
@@ -107,6 +125,7 @@ class RunConfig:
     max_pending_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        _check_types(self)
         checks: list[tuple[str, bool, str]] = [
             ("rounds", self.rounds >= 1, ">= 1"),
             ("min_clients", self.min_clients >= 1, ">= 1"),

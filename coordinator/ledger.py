@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from fedprune.edge_client.codec import Update
 from fedprune.edge_client.telemetry import DeviceRow, Event
@@ -46,6 +47,13 @@ class Ledger:
         self.events: deque[Event] = deque(maxlen=EVENTS)
         self._exports: dict[str, float] = {}  # deployed model SHA-256 -> its export's accuracy
         self._full = False
+
+    def restore(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        """Take back a checkpoint's rows (every device offline until it says hello again) and
+        events."""
+        for row in rows[: self.max_devices]:
+            self._rows[row["id"]] = dataclasses.replace(DeviceRow(**row), online=False)
+        self.events.extend(Event(**event) for event in events)
 
     def event(self, kind: str, text: str, device: str = "") -> None:
         self.events.append(Event(time=self._clock(), kind=kind, text=_short(text), device=device))

@@ -35,6 +35,7 @@ from fedprune.edge_client.trainer import Evaluation, backend_class
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
     COORDINATOR,
+    EVERYONE,
     UNSIGNED,
     Chunk,
     Deployment,
@@ -52,6 +53,7 @@ from fedprune.edge_client.wire import (
     Status,
     decode,
     encode,
+    rank,
     sha256,
     split_to_fit,
 )
@@ -95,7 +97,8 @@ class _Collect:
 
     round: int
     model: Model
-    selected: set[str]
+    announcement: Round
+    selected: set[str]  # by the draw, from the devices online then (and later joiners it selects)
     aggregator: Aggregator
     reported: set[str] = field(default_factory=set)
     responded: set[str] = field(default_factory=set)  # reported, or rejected: no need to wait
@@ -147,7 +150,6 @@ class Coordinator:
         self.results: list[RoundResult] = []
         self._collect: _Collect | None = None
         self._model_chunks: list[str] = []
-        self._rng = random.Random(config.seed)
         self.telemetry = Telemetry(config, publish=self._publish_telemetry,
                                    signed=signer is not None)  # fmt: skip
         self.observer = Observers(self.telemetry, *(observers or []))
@@ -326,7 +328,9 @@ class Coordinator:
             if round_text != str(state.round):
                 raise Rejected(Reason.ROUND, f"update for round {round_text}, now {state.round}")
             if client_id not in state.selected:
-                raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
+                if not (state.announcement.selects(client_id) and client_id in self.clients):
+                    raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
+                state.selected.add(client_id)  # it joined after the draw, which selects it
             if client_id in state.reported:
                 raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
             complete = self._assemble(state, (*key, chunk.sha256), chunk)
@@ -444,17 +448,24 @@ class Coordinator:
         while self.pump(0.0):
             pass
 
-    def select(self) -> list[str]:
-        """Online clients that can train (all, or a seeded sample of ``clients_per_round``)."""
-        online = sorted(c for c, hello in self.clients.items() if self._can_train(hello))
+    def select(self, round_: int) -> tuple[list[str], str, int]:
+        """The round's draw, its cutoff and the online clients that can train it selects: all of
+        them, or the ``clients_per_round`` of lowest rank. The draw is seeded by the run's seed
+        and the round, so a resumed run selects as the uninterrupted one would have."""
+        draw = f"{random.Random(f'{self.config.seed}/{round_}').getrandbits(64):016x}"
+        online = sorted(
+            (rank(draw, c), c) for c, hello in self.clients.items() if self._can_train(hello)
+        )
         k = self.config.clients_per_round
-        return online if k <= 0 or k >= len(online) else sorted(self._rng.sample(online, k))
+        if k <= 0 or k >= len(online):
+            return sorted(c for _, c in online), draw, EVERYONE
+        return sorted(c for _, c in online[:k]), draw, online[k - 1][0]
 
     def run_round(self, round_: int) -> RoundResult:
         started = time.perf_counter()
         self._await_clients(1)  # everyone may have dropped: wait for someone to come back
         model = self.pruner.model()
-        selected = self.select()
+        selected, draw, cutoff = self.select(round_)
         if not selected:
             raise ConfigError(
                 f"none of the {len(self.clients)} online clients can train this model"
@@ -467,7 +478,8 @@ class Coordinator:
             deadline=time.time() + self.config.round_timeout,
             duration=self.config.round_timeout,
             session=self.telemetry.session,
-            selected=selected,
+            draw=draw,
+            cutoff=cutoff,
             model=manifest,
             local_epochs=self.config.local_epochs,
         )
@@ -478,6 +490,7 @@ class Coordinator:
         state = _Collect(
             round=round_,
             model=model,
+            announcement=announcement,
             selected=set(selected),
             aggregator=make_aggregator(
                 self.config.aggregation,
@@ -487,9 +500,8 @@ class Coordinator:
             ),
         )
         self._collect = state
-        needed = max(1, math.ceil(self.config.quorum * len(selected)))
         deadline = time.monotonic() + self.config.round_timeout
-        while len(state.reported) < needed and self._awaited(state) and time.monotonic() < deadline:
+        while not self._closed(state) and time.monotonic() < deadline:
             self.pump(0.1)
         self._collect = None
         if state.aggregator.count:
@@ -511,7 +523,7 @@ class Coordinator:
             bytes_down=(model_bytes + round_bytes) * len(selected),
             dense_bytes_up=dense * len(state.reported),
             dense_bytes_down=dense * len(selected),
-            selected=len(selected),
+            selected=len(state.selected),
             reported=len(state.reported),
             rejected=dict(state.rejected),
             seconds=time.perf_counter() - started,
@@ -522,21 +534,34 @@ class Coordinator:
         self.on_round(result)
         return result
 
-    def _awaited(self, state: _Collect) -> bool:
-        """Whether a selected device that is still online has yet to answer; one whose connection
-        dropped (its last will) is not waited for."""
-        return any(c not in state.responded and c in self.clients for c in state.selected)
+    def _closed(self, state: _Collect) -> bool:
+        """Whether the round can close: its quorum of the selected devices (drawn late joiners
+        among them) reported, or no selected device that is still online has yet to answer (one
+        whose connection dropped, its last will, is not waited for)."""
+        needed = max(1, math.ceil(self.config.quorum * len(state.selected)))
+        awaited = any(c not in state.responded and c in self.clients for c in state.selected)
+        return len(state.reported) >= needed or not awaited
 
     def run(self) -> list[RoundResult]:
         self.train()
         self.finish()
         return self.results
 
+    def resume(self, results: list[RoundResult]) -> None:
+        """Continue after the rounds of ``results`` (a checkpoint's): :meth:`train` runs the
+        rest. The model, the schedule and the ledger come with the checkpoint."""
+        self.results = list(results)
+        self.telemetry.resume(self.results)
+        if results:
+            log.info("resuming after round %d of %d", results[-1].round, self.config.rounds)
+
     def train(self) -> list[RoundResult]:
-        """Announce the run, wait for the clients and run every round."""
+        """Announce the run, wait for the clients and run every round not run yet."""
         self.start()
-        self.wait_for_clients()
-        for round_ in range(1, self.config.rounds + 1):
+        first = len(self.results) + 1
+        if first <= self.config.rounds:
+            self.wait_for_clients()
+        for round_ in range(first, self.config.rounds + 1):
             self.run_round(round_)
         return self.results
 

@@ -29,17 +29,27 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 class RunDir:
-    def __init__(self, path: Path, *, overwrite: bool = False) -> None:
+    def __init__(self, path: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+        """A new run directory, or with ``resume`` the one of a run to continue (see
+        :meth:`restore`)."""
         self.path = path
         self.metrics = path / "metrics.jsonl"
+        if resume:
+            if not (path / "config.toml").is_file():
+                raise ConfigError(f"{path}: not a run directory (no config.toml) to resume")
+            self.metrics.touch()
+            return
         if self.metrics.exists() and self.metrics.stat().st_size and not overwrite:
             raise ConfigError(
-                f"{path} holds an earlier run; choose another --run name or pass --overwrite"
+                f"{path} holds an earlier run; choose another --run name, pass --overwrite, or"
+                f" continue it with --resume {path}"
             )
         if overwrite:
             shutil.rmtree(path / "export", ignore_errors=True)
         for sub in ("checkpoints", "model"):
             (path / sub).mkdir(parents=True, exist_ok=True)
+        for old in (path / "checkpoints").glob("round-*.npz"):
+            old.unlink()
         self.metrics.write_text("")
 
     def write_config(self, config: RunConfig) -> None:
@@ -53,17 +63,25 @@ class RunDir:
 
     def write_devices(self, ledger: Ledger) -> None:
         """devices.json: the ledger (every device and what it did) and the latest events."""
-        data = {"devices": as_json(ledger.rows()), "events": as_json(list(ledger.events))}
-        write_atomic(self.path / "devices.json", json.dumps(data, indent=1).encode())
+        write_atomic(
+            self.path / "devices.json", json.dumps(_ledger_json(ledger), indent=1).encode()
+        )
 
     def append(self, result: RoundResult) -> None:
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(result.to_dict()) + "\n")
 
-    def checkpoint(self, round_: int, pruner: Pruner) -> Path:
-        """Every variable of the wrapped model (weights, masks, thresholds, TF-MOT steps)."""
+    def checkpoint(self, round_: int, pruner: Pruner, ledger: Ledger) -> Path:
+        """What a resumed run continues from, written in one step once the round's metrics line
+        is written: every variable of the wrapped model (weights, masks, thresholds, TF-MOT
+        steps, hence the schedule's position) and the device ledger. The coordinator owns no
+        other state: FedAvg and the robust rules keep none across rounds, the codec is
+        stateless, and each round's selection is drawn from the seed and the round."""
         path = self.path / "checkpoints" / f"round-{round_:04d}.npz"
-        arrays: dict[str, Any] = {"round": np.int64(round_)}
+        arrays: dict[str, Any] = {
+            "round": np.int64(round_),
+            "ledger": np.array(json.dumps(_ledger_json(ledger))),
+        }
         arrays.update(
             (f"w{i:03d}", np.asarray(w)) for i, w in enumerate(pruner.wrapped.get_weights())
         )
@@ -73,9 +91,39 @@ class RunDir:
                 old.unlink()
         return path
 
+    def restore(self, pruner: Pruner, ledger: Ledger) -> list[RoundResult]:
+        """Load the last checkpoint into ``pruner`` and ``ledger``; the rounds it holds, from
+        metrics.jsonl (whose lines after the checkpoint, rounds that did not end, are dropped).
+        No checkpoint yet: nothing to load, the run starts at round 1."""
+        found = sorted((self.path / "checkpoints").glob("round-*.npz"))
+        if not found:
+            self.metrics.write_text("")
+            return []
+        try:
+            with np.load(found[-1], allow_pickle=False) as saved:
+                done = int(saved["round"])
+                weights = [saved[f"w{i:03d}"] for i in range(len(saved.files) - 2)]
+                book = json.loads(str(saved["ledger"]))
+            pruner.wrapped.set_weights(weights)
+            ledger.restore(book["devices"], book["events"])
+            results = [RoundResult(**json.loads(line)) for line in self.metrics.open()]
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{found[-1]}: cannot resume from this checkpoint ({exc})") from exc
+        results = [r for r in results if r.round <= done]
+        if [r.round for r in results] != list(range(1, done + 1)):
+            raise ConfigError(f"{self.metrics}: does not hold rounds 1 to {done} of the checkpoint")
+        write_atomic(
+            self.metrics, "".join(json.dumps(r.to_dict()) + "\n" for r in results).encode()
+        )
+        return results
+
     def save_models(self, pruner: Pruner) -> tuple[Path, Path]:
         wrapped = self.path / "model" / "wrapped.keras"
         stripped = self.path / "model" / "stripped.keras"
         pruner.wrapped.save(wrapped)
         pruner.stripped.save(stripped)
         return wrapped, stripped
+
+
+def _ledger_json(ledger: Ledger) -> dict[str, Any]:
+    return {"devices": as_json(ledger.rows()), "events": as_json(list(ledger.events))}

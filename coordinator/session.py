@@ -64,14 +64,17 @@ def run(
     on_round: Callable[[RoundResult], None] | None = None,
     observers: list[Observer] | None = None,
     listeners: list[Callable[[Telemetry], None]] | None = None,
+    resume: bool = False,
 ) -> Summary:
     """Serve the run to its end. ``observers`` hear the round loop's events (Prometheus metrics);
-    ``listeners`` get each snapshot monitors get (the coordinator's own dashboard)."""
+    ``listeners`` get each snapshot monitors get (the coordinator's own dashboard). ``resume``
+    continues the run in ``config.run_dir`` from its last checkpoint (with a new session, which
+    devices join by themselves)."""
     broker = config.broker_settings()  # a bad TLS, credentials or key file fails before the work
     signer, trust = config.signatures()
     model = models.build(config.model, seed=config.seed)
     pruner = pruner_for(model, config.schedule)
-    rundir = RunDir(config.run_dir, overwrite=config.overwrite)
+    rundir = RunDir(config.run_dir, overwrite=config.overwrite, resume=resume)
     rundir.write_config(config)
     x = y = None
     if config.heldout:
@@ -88,7 +91,7 @@ def run(
 
     def after_round(result: RoundResult) -> None:
         rundir.append(result)
-        rundir.checkpoint(result.round, pruner)
+        rundir.checkpoint(result.round, pruner, coordinator.telemetry.ledger)  # the commit point
         rundir.write_devices(coordinator.telemetry.ledger)
         if on_round is not None:
             on_round(result)
@@ -114,6 +117,8 @@ def run(
         observers=observers,
     )
     coordinator.telemetry.listeners.extend(listeners or [])
+    if resume:
+        coordinator.resume(rundir.restore(pruner, coordinator.telemetry.ledger))
     not_installed: list[str] = []
     try:
         results = coordinator.train()

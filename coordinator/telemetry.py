@@ -163,6 +163,14 @@ class Telemetry(Observer):
         )
         self._changed(now=True)
 
+    def resume(self, results: list[RoundResult]) -> None:
+        """Carry on from a checkpoint's rounds (the ledger is restored apart)."""
+        self._rounds.extend(r.to_dict() for r in results)
+        if results:
+            self._round, self._sparsity = results[-1].round, results[-1].sparsity
+            self.ledger.event("resume", f"resumed after round {self._round}")
+        self._changed(now=True)
+
     def deployed(self, profile: str, sha256: str, accuracy: float) -> None:
         self.ledger.deployed(sha256, accuracy)
         self.ledger.event("deploy", f"{profile}: model {sha256[:12]}, accuracy {accuracy:.4f}")

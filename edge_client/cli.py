@@ -112,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling and the held-out split")
     p.add_argument(
+        "--forever",
+        action="store_true",
+        help="keep serving: when the run ends, wait for its next start (a device as a service; "
+        "stop it with SIGTERM)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -134,6 +140,7 @@ CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
     "models": ("models", True),
     "cache": ("cache", True),
     "trainer": ("trainer", False),
+    "forever": ("forever", False),
     "signing_key": ("signing_key", True),
     "coordinator_key": ("coordinator_key", True),
 }
@@ -229,7 +236,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             with _status_line() as show:
                 client.show = show
-                report = client.run(timeout=args.timeout)
+                report = client.run(timeout=args.timeout, forever=args.forever)
         finally:
             # A clean disconnect discards the last will: say "offline" ourselves, so that the
             # coordinator does not keep selecting a device that has gone.

@@ -146,10 +146,12 @@ class EdgeClient:
         self._out_of_time: int | None = None  # the round whose running out was said
         self._models = Collector()
         self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
+        self._model_topics: str | None = None  # the model chunks subscribed to
         self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
         self._deploy_prefix = self.topics.deploy(identity.profile)
         self._finished_at: float | None = None  # when the coordinator said it finished
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
+        self._ended: str | None = None  # the session whose end was served (``forever``)
         self._session: str | None = None  # the coordinator session it follows (protocol 1.5)
         self._coordinator_gone = False  # its last will arrived, and no status since
         self._trained: set[int] = set()  # rounds trained in that session
@@ -160,7 +162,7 @@ class EdgeClient:
 
     def start(self) -> None:
         t = self.topics
-        patterns = [t.spec, t.round, t.status, t.all_models, t.inbox(self.client_id)]
+        patterns = [t.spec, t.round, t.status, t.inbox(self.client_id)]
         if self.deploy is not None:
             patterns.append(f"{self._deploy_prefix}/#")
         if self.artifacts is not None:
@@ -174,8 +176,9 @@ class EdgeClient:
         topic, payload = self.identity.hello(installed, deploys=self.deploy is not None)
         self.transport.publish(topic, payload, retain=True)
 
-    def run(self, *, timeout: float | None = None) -> ClientReport:
-        """Serve rounds until the coordinator finishes (or ``timeout`` seconds pass)."""
+    def run(self, *, timeout: float | None = None, forever: bool = False) -> ClientReport:
+        """Serve rounds until the coordinator finishes (or ``timeout`` seconds pass); with
+        ``forever``, serve every later run of the same name too (a device as a service)."""
         self.start()
         end = None if timeout is None else time.monotonic() + timeout
         while not self.report.finished and (end is None or time.monotonic() < end):
@@ -184,9 +187,20 @@ class EdgeClient:
                 self.handle(*item)
             self._maybe_train()
             self._check_finished()
+            if forever and self.report.finished:
+                self._next_run()
             self._report_waiting()
             self._show_state()
         return self.report
+
+    def _next_run(self) -> None:
+        """The run ended (finished or aborted): wait for the coordinator's next session."""
+        log.info("run %r %s; waiting for its next start (--forever)", self.topics.run,
+                 "stopped" if self.report.aborted else "finished")  # fmt: skip
+        self.report.finished = self.report.aborted = False
+        self._finished_at = None
+        self._live = self._awaiting_deploy = False
+        self._ended = self._session
 
     def _show_state(self, doing: str | None = None) -> None:
         """Tell ``show`` what the client is doing (``doing``, else what it waits for)."""
@@ -217,9 +231,8 @@ class EdgeClient:
             return f"the training artifact ({spec.artifact.size:,} bytes)"
         if round_.round in self._trained:
             return f"the round after round {round_.round}"
-        if self.client_id not in round_.selected:
-            others = len(round_.selected)
-            return f"a round that selects this device (round {round_.round} chose {others} other)"
+        if not round_.selects(self.client_id):
+            return f"a round that selects this device (round {round_.round} does not)"
         if self._time_left(round_) <= 0:
             return f"the next round (round {round_.round}'s time ran out)"
         if self._model is None or self._model[0] != round_.model.sha256:
@@ -249,6 +262,8 @@ class EdgeClient:
     def _on_status(self, status: Status) -> None:
         self._status = status
         self._coordinator_gone = False
+        if status.session and status.session == self._ended:
+            return  # the end of a run already served, again (a reconnect)
         if status.phase in (Phase.WAITING, Phase.TRAINING):
             self._live = True
         elif status.phase is Phase.ABORTED:
@@ -284,6 +299,7 @@ class EdgeClient:
                 if self._round_seen is None or self._round_seen[0] != message.round:
                     self._round_seen = (message.round, time.monotonic())
                 self._round = message
+                self._fetch_model(message)
                 self._resend_unacknowledged(message.round)
             elif isinstance(message, Chunk) and topic.startswith(self.topics.artifact):
                 if self.artifacts is not None:
@@ -332,6 +348,20 @@ class EdgeClient:
         if result is not None and result.saved:
             self._say_hello()
 
+    def _fetch_model(self, round_: Round) -> None:
+        """Subscribe to the round's model when the round selects this device (and only then: an
+        unselected device downloads nothing), instead of the previous round's."""
+        if not round_.selects(self.client_id) or round_.round in self._trained:
+            return
+        pattern = f"{self.topics.model(round_.model_version)}/+"  # ours, never the message's
+        if pattern == self._model_topics:
+            return
+        if self._model_topics is not None:
+            self.transport.unsubscribe(self._model_topics)
+        self._model_topics = pattern
+        self._models = Collector()  # a fresh start: a new run may send a model seen before
+        self.transport.subscribe(pattern)
+
     def _add_model_chunk(self, chunk: Chunk) -> None:
         """Collect model chunks by payload hash; the round's manifest names the hash it wants."""
         payload = self._models.add(chunk)
@@ -356,7 +386,7 @@ class EdgeClient:
         round_, spec = self._round, self._spec
         if round_ is None or spec is None or round_.round in self._trained:
             return
-        if self.client_id not in round_.selected:
+        if not round_.selects(self.client_id):
             return
         if self._time_left(round_) <= 0:
             if self._out_of_time != round_.round:

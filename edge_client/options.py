@@ -61,19 +61,27 @@ def broker_settings(args: argparse.Namespace) -> BrokerSettings:
     )
 
 
-def read_config(path: Path, keys: dict[str, tuple[str, bool]]) -> dict[str, str]:
+def read_config(
+    path: Path, keys: dict[str, tuple[str, bool]], flags: frozenset[str] = frozenset()
+) -> dict[str, str | bool]:
     """A config file (a device's, a monitor's) as argparse defaults (dest -> value). ``keys``
-    maps each key it may hold to (argparse dest, is a path); paths are made relative to it."""
+    maps each key it may hold to (argparse dest, is a path); paths are made relative to it.
+    The dests in ``flags`` are on/off switches (``forever = true``); the rest are strings."""
     try:
         table = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such config file") from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
-    defaults = {}
+    defaults: dict[str, str | bool] = {}
     for key, value in table.items():
         if key not in keys:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(keys)})")
+        if keys[key][0] in flags:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: {key} must be true or false, got {value!r}")
+            defaults[keys[key][0]] = value
+            continue
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{path}: {key} must be a non-empty string, got {value!r}")
         dest, is_path = keys[key]
@@ -101,5 +109,6 @@ def parse_with_config(
     early.add_argument("--config", type=Path)
     config = early.parse_known_args(argv)[0].config
     if config is not None:
-        p.set_defaults(**read_config(config, keys))
+        flags = frozenset(k for k, v in vars(p.parse_args([])).items() if isinstance(v, bool))
+        p.set_defaults(**read_config(config, keys, flags))
     return p.parse_args(argv)

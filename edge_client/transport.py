@@ -58,6 +58,9 @@ class Transport(ABC):
     def subscribe(self, pattern: str, qos: int = 1) -> None: ...
 
     @abstractmethod
+    def unsubscribe(self, pattern: str) -> None: ...
+
+    @abstractmethod
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every QoS>0 message published so far is acknowledged; ``False`` if some were
         not within ``timeout`` (paho still holds them and sends them after a reconnect)."""
@@ -198,6 +201,11 @@ class MqttTransport(Transport):
         acked.wait(10)
         with self._lock:
             self._subacks.pop(mid, None)
+
+    def unsubscribe(self, pattern: str) -> None:
+        """Stop receiving ``pattern`` (what is already queued stays queued)."""
+        if self._subscriptions.pop(pattern, None) is not None:
+            self._client.unsubscribe(pattern)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, *_rest: object) -> None:
         with self._lock:

@@ -26,10 +26,11 @@ from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 5  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+PROTOCOL_MINOR = 6  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
 # 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
-# Round.session, Failed
+# Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
+# bytes; Round.selected is no longer sent)
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -150,13 +151,34 @@ class Round(Message):
     round: int
     model_version: int
     deadline: float
-    selected: list[str]
     model: Manifest
     local_epochs: int
     # Seconds the round lasts from its announcement (1.5): devices time it on their own clock,
     # never comparing ``deadline`` (the coordinator's clock) with theirs.
     duration: float = 0.0
     session: str = ""  # the coordinator's session that announced it (1.5)
+    # The selection (1.6): the devices whose rank for ``draw`` is at most ``cutoff``
+    # (:func:`rank`); the same few bytes for ten devices or a million.
+    draw: str = ""
+    cutoff: int = 0
+    selected: list[str] = field(default_factory=list)  # the selection before 1.6, by id
+
+    def selects(self, client_id: str) -> bool:
+        """Whether this round selects ``client_id``."""
+        if self.draw:
+            return rank(self.draw, client_id) <= self.cutoff
+        return client_id in self.selected
+
+
+EVERYONE = 2**64 - 1
+"""The cutoff that selects every device."""
+
+
+def rank(draw: str, client_id: str) -> int:
+    """A device's place in a round's draw: 64 bits of SHA-256 over the draw and its id, so that
+    the coordinator and every device compute the same selection from the round message alone."""
+    digest = hashlib.sha256(f"{draw}/{client_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from fedprune.coordinator.cli import main
+from fedprune.coordinator.cli import config_from, main, parse
+from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.coordinator.rundir import RunDir
 
 
 def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -44,3 +47,39 @@ def test_a_file_that_is_not_a_keras_model_is_a_one_line_error(
 
     assert code == 2
     assert "not a Keras model file" in _one_line(capsys)
+
+
+def test_a_run_config_file_sets_the_run_and_flags_override_it(tmp_path: Path) -> None:
+    # Prepare: a config.toml as every run writes it, with other rounds and schedule
+    config = RunConfig(run="garden", rounds=7, learning_rate=0.2,
+                       schedule=ScheduleConfig(kind=ScheduleKind.CONSTANT, target=0.5,
+                                               begin_round=3))  # fmt: skip
+    RunDir(tmp_path / "garden").write_config(config)
+
+    # Execute
+    args = parse(["--config", str(tmp_path / "garden" / "config.toml"), "--rounds", "9"])
+    resumed = parse(["--resume", str(tmp_path / "garden")])
+
+    # Assert
+    assert config_from(args) == dataclasses.replace(config, rounds=9)
+    assert config_from(resumed) == dataclasses.replace(config, out=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rounds = 'ten'\n", "rounds must be int, got 'ten'"),
+        ("colour = 'red'\n", "unknown key 'colour'"),
+        ("[schedule]\nkind = 'cubic'\n", "schedule must be one of polynomial, constant, mean"),
+        ("rounds = \n", "not a readable TOML config file"),
+    ],
+)
+def test_a_bad_config_file_is_a_one_line_error(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "config.toml").write_text(text)
+
+    code = main(["--config", str(tmp_path / "config.toml"), "--out", str(tmp_path)])
+
+    assert code == 2
+    assert message in _one_line(capsys)

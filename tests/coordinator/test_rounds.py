@@ -7,6 +7,7 @@ before the coordinator starts collecting: no threads, and the round closes once 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.wire import (
     Failed,
     Hello,
+    Manifest,
     Notice,
     Offline,
     Phase,
@@ -319,7 +321,7 @@ def test_unselected_client_is_rejected(harness: Callable[..., Harness]) -> None:
     h = harness(clients_per_round=1)
 
     def answer(announcement: Round, model: Model) -> None:
-        (chosen,) = announcement.selected
+        (chosen,) = [c for c in h.clients if announcement.selects(c)]
         other = next(c for c in h.clients if c != chosen)
         h.clients[other].send(announcement.round, _payload(model, _delta(model, 1)))
         h.clients[chosen].send(announcement.round, _payload(model, _delta(model, 2)))
@@ -821,3 +823,49 @@ def test_a_device_whose_training_failed_is_not_waited_for_and_is_counted(
     assert (result.reported, result.rejected) == (1, {"failed": 1})
     row = next(r for r in h.coordinator.telemetry.ledger.rows() if r.id == "b")
     assert row.last_reason == "failed: its training failed: MemoryError: "
+
+
+def test_a_selection_from_a_huge_fleet_fits_in_a_few_bytes_and_every_device_computes_it(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: 20,000 devices online (hellos written straight into the coordinator's table)
+    h = harness(clients_per_round=5000)
+    hello = h.coordinator.clients["a"]
+    fleet = [f"pi-{i:05d}" for i in range(20_000)]
+    h.coordinator.clients.update({c: dataclasses.replace(hello, client_id=c) for c in fleet})
+
+    # Execute
+    selected, draw, cutoff = h.coordinator.select(ROUND)
+    again = h.coordinator.select(ROUND)
+    announcement = Round(round=ROUND, model_version=ROUND, deadline=0.0, draw=draw, cutoff=cutoff,
+                         model=Manifest(topic="t", size=1, chunks=1, sha256="0" * 64),
+                         local_epochs=1)  # fmt: skip
+
+    # Assert: exactly the sample size, the same set every device derives, reproducible per round
+    assert len(selected) == 5000
+    assert {c for c in [*fleet, "a", "b"] if announcement.selects(c)} == set(selected)
+    assert again == (selected, draw, cutoff)
+    assert h.coordinator.select(ROUND + 1)[0] != selected
+    assert len(encode(announcement, run=RUN, sender="coordinator")) < 512
+
+
+def test_a_device_that_joins_after_the_draw_and_is_drawn_is_accepted(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: every device selected (clients_per_round 0); "late" joins once the round is out
+    h = harness(("a", "b"))
+
+    def answer(announcement: Round, model: Model) -> None:
+        if "late" in h.clients:
+            return
+        h.clients["late"] = FakeClient(h.broker, "late")  # it answers first, then a and b
+        for client in reversed(h.clients.values()):
+            client.send(announcement.round, _payload(model, _delta(model, 3)))
+
+    h.on_round(answer)
+
+    # Execute
+    _, result, _ = h.run_round()
+
+    # Assert
+    assert (result.selected, result.reported, result.rejected) == (3, 3, {})

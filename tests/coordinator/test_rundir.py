@@ -1,13 +1,20 @@
-"""The run directory keeps an earlier run unless told to replace it."""
+"""The run directory keeps an earlier run unless told to replace it, and resumes one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedprune.coordinator import models
+from fedprune.coordinator.config import RunConfig, ScheduleConfig
+from fedprune.coordinator.ledger import Ledger
+from fedprune.coordinator.pruning import Pruner, pruner_for
+from fedprune.coordinator.rounds import RoundResult
 from fedprune.coordinator.rundir import RunDir
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.wire import Hello
 
 
 def test_an_earlier_run_is_kept_unless_overwrite_is_given(tmp_path: Path) -> None:
@@ -26,3 +33,59 @@ def test_an_earlier_run_is_kept_unless_overwrite_is_given(tmp_path: Path) -> Non
     RunDir(earlier, overwrite=True)
     assert (earlier / "metrics.jsonl").read_text() == ""
     assert not (earlier / "export").exists()
+
+
+@pytest.fixture(scope="module")
+def pruner() -> Pruner:
+    schedule = ScheduleConfig(target=0.5, begin_round=0, end_round=2)
+    pruner = pruner_for(models.build("mlp", seed=0), schedule)
+    pruner.step(1)
+    return pruner
+
+
+def _result(round_: int) -> RoundResult:
+    return RoundResult(round=round_, accuracy=0.5, loss=1.0, client_accuracy=None,
+                       client_loss=None, sparsity=0.25, bytes_up=1, bytes_down=2,
+                       dense_bytes_up=3, dense_bytes_down=4, selected=1, reported=1,
+                       rejected={}, seconds=0.1)  # fmt: skip
+
+
+def test_a_resumed_run_gets_the_checkpoint_and_drops_metrics_of_the_round_that_did_not_end(
+    tmp_path: Path, pruner: Pruner
+) -> None:
+    # Prepare: round 1 checkpointed with a device in the ledger; round 2's metrics line written,
+    # and then the coordinator died before its checkpoint
+    run = RunDir(tmp_path / "run")
+    run.write_config(RunConfig())
+    ledger = Ledger()
+    ledger.hello(Hello(client_id="pi-1", profile="p", num_samples=5, backend="litert"))
+    run.append(_result(1))
+    run.checkpoint(1, pruner, ledger)
+    run.append(_result(2))
+    saved = [w.copy() for w in pruner.wrapped.get_weights()]
+    fresh = pruner_for(models.build("mlp", seed=1), ScheduleConfig(target=0.5, begin_round=0,
+                                                                    end_round=2))  # fmt: skip
+    restored_ledger = Ledger()
+
+    # Execute
+    results = RunDir(tmp_path / "run", resume=True).restore(fresh, restored_ledger)
+
+    # Assert: weights, masks and TF-MOT steps back; round 2 is to be run again
+    assert [r.round for r in results] == [1]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
+    for got, want in zip(fresh.wrapped.get_weights(), saved, strict=True):
+        np.testing.assert_array_equal(got, want)
+    (row,) = restored_ledger.rows()
+    assert (row.id, row.samples, row.online) == ("pi-1", 5, False)
+
+
+def test_resuming_what_is_not_a_run_or_a_broken_checkpoint_is_a_one_line_error(
+    tmp_path: Path, pruner: Pruner
+) -> None:
+    with pytest.raises(ConfigError, match="not a run directory"):
+        RunDir(tmp_path / "nothing", resume=True)
+    run = RunDir(tmp_path / "run")
+    run.write_config(RunConfig())
+    (tmp_path / "run" / "checkpoints" / "round-0001.npz").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot resume from this checkpoint"):
+        RunDir(tmp_path / "run", resume=True).restore(pruner, Ledger())

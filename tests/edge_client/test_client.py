@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -400,7 +401,7 @@ def test_a_waiting_client_says_what_it_waits_for_and_says_it_again_while_it_last
     assert alone[0] == f"waiting for {coordinator}"
     assert len(alone) >= 3
     assert all(line.startswith(f"still waiting for {coordinator} (") for line in alone[1:])
-    selects = f"a round that selects this device (round {ROUND} chose 1 other)"
+    selects = f"a round that selects this device (round {ROUND} does not)"
     assert unselected.count(f"waiting for {selects}") == 1
     assert any(line.startswith(f"still waiting for {selects} (") for line in unselected)
 
@@ -604,3 +605,30 @@ def test_a_training_that_raises_is_reported_as_a_failed_round_not_a_crash(
     message = decode(payload).message
     assert isinstance(message, Failed)
     assert (message.round, message.reason) == (ROUND, "RuntimeError: interpreter lost its tensors")
+
+
+def test_a_device_that_serves_forever_trains_the_next_run_even_when_its_model_is_the_same(
+    model: Model, data: LocalData
+) -> None:
+    # Prepare: a run of session s1 that finishes once the device's update arrives
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
+                 session="s1")  # fmt: skip
+    client = _client(broker, data)
+    serving = threading.Thread(target=client.run, kwargs={"timeout": 8, "forever": True})
+
+    # Execute: the same run started again (session s2) once the first one finished
+    serving.start()
+    end = time.monotonic() + 8
+    while client.report.rounds != [ROUND] and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.7)  # the device takes in the end of the run
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
+                 session="s2")  # fmt: skip
+    while client.report.rounds != [ROUND, ROUND] and time.monotonic() < end:
+        time.sleep(0.05)
+    serving.join()
+
+    # Assert: both runs served by the one process, the same round number trained twice
+    assert client.report.rounds == [ROUND, ROUND]
+    assert not client.report.finished

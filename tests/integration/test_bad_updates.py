@@ -93,7 +93,7 @@ class Rogue(threading.Thread):
                     if (payload := part.add(message)) is not None:
                         models[message.sha256] = payload
             if pending is not None and pending.model.sha256 in models:
-                if "rogue" in pending.selected:
+                if pending.selects("rogue"):
                     self.answer(pending.round, decode_model(models[pending.model.sha256]))
                 pending = None
         offline = self._encode(Offline(who="rogue"))

@@ -57,7 +57,8 @@ class Stranger(threading.Thread):
             self.transport.publish(self.topics.status, encode(finished, run=RUN,
                                    sender="coordinator"), retain=True)  # fmt: skip
             fake = Round(round=announcement.round, model_version=99, deadline=announcement.deadline,
-                         selected=announcement.selected, model=announcement.model,
+                         draw=announcement.draw, cutoff=announcement.cutoff,
+                         model=announcement.model,
                          local_epochs=1)  # fmt: skip
             self.transport.publish(self.topics.round, encode(fake, run=RUN, sender="coordinator"))
             chunk = Chunk(index=0, count=1, size=4, sha256="0" * 64, data=b"evil")

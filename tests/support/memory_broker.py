@@ -44,6 +44,9 @@ class MemoryTransport(Transport):
             if topic_matches(pattern, topic):
                 self.inbox.put((topic, payload))
 
+    def unsubscribe(self, pattern: str) -> None:
+        self.patterns.remove(pattern)
+
     def flush(self, timeout: float = 10.0) -> bool:
         return True
 

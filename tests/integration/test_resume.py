@@ -1,0 +1,133 @@
+"""A coordinator killed with SIGKILL and resumed: the same schedule, the same accuracy.
+
+Real parts only: mosquitto, the ``fedprune-coordinator`` process, three ``fedprune-client``
+processes (litert trainer) that keep running across the crash and rejoin the resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedprune.coordinator.digits import write_demo_data
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROUNDS = 8
+CLIENTS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    return write_demo_data(tmp_path_factory.mktemp("data"), CLIENTS, alpha=0.5, seed=0)
+
+
+def _coordinator(mosquitto: str, out: Path, heldout: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto,
+            "--out", str(out), "--heldout", str(heldout), "--model", "mlp",
+            "--rounds", str(ROUNDS), "--begin-round", "2", "--end-round", "6",
+            "--min-clients", str(CLIENTS), "--round-timeout", "60", "--install-wait", "0",
+            "--profile", "raspberry-pi-4", *extra]  # fmt: skip
+
+
+@pytest.fixture
+def devices(
+    mosquitto: str, data: tuple[list[Path], Path], tmp_path: Path
+) -> Iterator[list[subprocess.Popen[str]]]:
+    """Three devices of run ``crash`` that stay up across coordinator restarts."""
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedprune.edge_client",
+                "--broker",
+                mosquitto,
+                "--run",
+                "crash",
+                "--id",
+                f"pi-{i}",
+                "--data",
+                str(path),
+                "--seed",
+                str(i),
+                "--trainer",
+                "litert",
+                "--cache",
+                str(tmp_path / f"cache-{i}"),
+                "--no-deploy",
+                "--forever",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        )  # fmt: skip
+        for i, path in enumerate(data[0])
+    ]
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def _metrics(run_dir: Path) -> list[dict[str, object]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
+    mosquitto: str,
+    data: tuple[list[Path], Path],
+    devices: list[subprocess.Popen[str]],
+    tmp_path: Path,
+) -> None:
+    # Prepare: the uninterrupted run of the same config, its own run name and devices' run apart
+    heldout = data[1]
+    baseline = subprocess.run(
+        [*_coordinator(mosquitto, tmp_path / "base", heldout, "--run", "crash")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert baseline.returncode == 0, baseline.stdout[-2000:] + baseline.stderr[-3000:]
+    expected = _metrics(tmp_path / "base" / "crash")
+
+    # Execute: the same run again, SIGKILLed once round 3 is checkpointed (so mid-round 4), then
+    # resumed with nothing but the run directory
+    run_dir = tmp_path / "runs" / "crash"
+    first = subprocess.Popen(
+        _coordinator(mosquitto, tmp_path / "runs", heldout, "--run", "crash"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    end = time.monotonic() + 300
+    while len(_metrics(run_dir)) < 3 and first.poll() is None and time.monotonic() < end:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    killed_after = len(_metrics(run_dir))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto,
+         "--resume", str(run_dir)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+    # Assert: killed mid-run, resumed where the checkpoint was, and ended like the baseline
+    assert 3 <= killed_after < ROUNDS
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming after round" in resumed.stderr
+    got = _metrics(run_dir)
+    assert [r["round"] for r in got] == list(range(1, ROUNDS + 1))
+    assert [r["sparsity"] for r in got] == pytest.approx([r["sparsity"] for r in expected])
+    assert [r["reported"] for r in got] == [CLIENTS] * ROUNDS, resumed.stderr[-6000:]
+    assert abs(got[-1]["accuracy"] - expected[-1]["accuracy"]) <= 0.005  # type: ignore[operator]
+    assert len(list((run_dir / "checkpoints").glob("round-*.npz"))) == 1
+    assert (run_dir / "export" / "raspberry-pi-4" / "model.tflite").is_file()
+    assert all(device.poll() is None for device in devices)  # they stayed up and rejoined
