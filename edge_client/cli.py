@@ -26,6 +26,7 @@ from fedprune.edge_client.options import (
     name,
     parse_with_config,
 )
+from fedprune.edge_client.service import DEFAULT_CONFIG, unit
 from fedprune.edge_client.signing import Trust, load_signing_key, load_verify_key
 from fedprune.edge_client.trainer import check_backend
 from fedprune.edge_client.transport import MqttTransport
@@ -118,6 +119,12 @@ def parser() -> argparse.ArgumentParser:
         "stop it with SIGTERM)",
     )
     p.add_argument(
+        "--systemd-unit",
+        action="store_true",
+        help="print a systemd unit that runs this client with --config (default "
+        f"{DEFAULT_CONFIG}) as a service, then exit (docs/raspberry-pi.md)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -149,6 +156,8 @@ CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Flags over the ``--config`` file over the built-in defaults."""
     p = parser()
+    if "--systemd-unit" in (sys.argv[1:] if argv is None else argv):
+        return p.parse_args(argv)  # the config file is named in the unit, not read
     args = parse_with_config(p, argv, CONFIG_KEYS)
     if args.data is None:
         p.error("the following arguments are required: --data (or data = ... in --config)")
@@ -189,6 +198,9 @@ def _main(argv: list[str] | None) -> int:
         args = parse(argv)
     except ConfigError as exc:
         return print_error(PROG, exc)
+    if args.systemd_unit:
+        print(unit((args.config or DEFAULT_CONFIG).absolute()), end="")
+        return 0
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
