@@ -38,9 +38,9 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
         _traffic(
             "uplink", sum(r.bytes_up for r in results), sum(r.dense_bytes_up for r in results)
         ),
-        _traffic(
-            "downlink", sum(r.bytes_down for r in results), sum(r.dense_bytes_down for r in results)
-        ),
+        _traffic("downlink", summary.bytes_down, sum(r.dense_bytes_down for r in results)),
+        "             (every byte the devices received: models, round and status messages,"
+        " artifact, deployment)",
     ]
     for profile, export in summary.exports.items():
         if isinstance(export, str):

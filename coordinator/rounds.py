@@ -148,6 +148,13 @@ class Coordinator:
         # the network is only ever looked up in the catalogue, never opened as a path.
         self.profiles: dict[str, str] = {}
         self.results: list[RoundResult] = []
+        # Bytes the broker delivers to devices, by what each subscribes to: every status and
+        # round message to each online device, a round's model to each device it selects, a
+        # notice to its device, a deployment to the devices of its profile, and to each device
+        # that joins what is retained then (spec, artifact for the litert trainer, status, round).
+        self.bytes_down = 0
+        self._joining = {"spec": 0, "artifact": 0, "status": 0, "round": 0}  # retained sizes
+        self._down_counted = 0  # bytes_down already in a round's result
         self._collect: _Collect | None = None
         self._model_chunks: list[str] = []
         self.telemetry = Telemetry(config, publish=self._publish_telemetry,
@@ -160,15 +167,20 @@ class Coordinator:
     def _encode(self, message: Message) -> bytes:
         return encode(message, run=self.config.run, sender=SENDER, signer=self.signer)
 
-    def _publish(self, topic: str, message: Message, *, retain: bool = True) -> int:
+    def _publish(
+        self, topic: str, message: Message, *, retain: bool = True, receivers: int = 0
+    ) -> int:
+        """Publish; ``receivers`` devices get it (counted in :attr:`bytes_down`)."""
         payload = self._encode(message)
         self.transport.publish(topic, payload, retain=retain)
+        self.bytes_down += len(payload) * receivers
         return len(payload)
 
-    def status(self, phase: Phase, round_: int) -> None:
+    def status(self, phase: Phase, round_: int, *, deploy: list[str] | None = None) -> None:
         status = Status(phase=phase, round=round_, rounds=self.config.rounds,
-                        session=self.telemetry.session)  # fmt: skip
-        self._publish(self.topics.status, status)
+                        deploy=deploy or [], session=self.telemetry.session)  # fmt: skip
+        size = self._publish(self.topics.status, status, receivers=len(self.clients))
+        self._joining["status"] = size
         self.observer.phase(phase, round_)
 
     def _publish_telemetry(self, snapshot: TelemetrySnapshot) -> None:
@@ -220,15 +232,17 @@ class Coordinator:
             return None
         chunks = list(split_to_fit(artifact, max_payload=self.config.max_payload))
         for chunk in chunks:
-            self._publish(f"{self.topics.artifact}/{chunk.index}", chunk)
+            self._joining["artifact"] += self._publish(f"{self.topics.artifact}/{chunk.index}",
+                                                       chunk)  # fmt: skip
         log.info("training artifact published: %d bytes in %d chunks", len(artifact), len(chunks))
         return Manifest(
             topic=self.topics.artifact, size=len(artifact), chunks=len(chunks),
             sha256=sha256(artifact),
         )  # fmt: skip
 
-    def _publish_model(self, version: int, model: Model) -> tuple[Manifest, int]:
-        """Publish the model's chunks (retained) and clear the previous version's."""
+    def _publish_model(self, version: int, model: Model, receivers: int) -> tuple[Manifest, int]:
+        """Publish the model's chunks (retained; ``receivers`` devices fetch them) and clear the
+        previous version's."""
         for topic in self._model_chunks:
             self.transport.publish(topic, b"", retain=True)
         payload = encode_model(model)
@@ -237,7 +251,7 @@ class Coordinator:
         self._model_chunks = []
         for chunk in split_to_fit(payload, max_payload=self.config.max_payload):
             topic = f"{prefix}/{chunk.index}"
-            sent += self._publish(topic, chunk)
+            sent += self._publish(topic, chunk, receivers=receivers)
             self._model_chunks.append(topic)
         manifest = Manifest(
             topic=prefix,
@@ -280,6 +294,10 @@ class Coordinator:
             log.warning("ignored a hello for %r on %s's status topic", message.client_id[:64],
                         client_id)  # fmt: skip
         elif isinstance(message, Hello):
+            if client_id not in self.clients:  # joined, or back: it gets what is retained
+                joining = self._joining
+                artifact = joining["artifact"] if _needs_artifact(message.backend) else 0
+                self.bytes_down += joining["spec"] + joining["status"] + joining["round"] + artifact
             if client_id not in self.clients:
                 log.info(
                     "client %s joined (%s, %d samples, %s trainer)%s",
@@ -373,6 +391,7 @@ class Coordinator:
             self.topics.inbox(client_id),
             Notice(round=state.round, accepted=True, reason=""),
             retain=False,
+            receivers=1,
         )
 
     def _assemble(self, state: _Collect, slot: tuple[str, str, str], chunk: Chunk) -> bytes | None:
@@ -421,14 +440,15 @@ class Coordinator:
         log.warning("round %d: rejected an update from %s: %s", state.round, client_id, rejected)
         self.observer.rejected(client_id, rejected.reason.value, rejected.detail)
         notice = Notice(round=state.round, accepted=False, reason=str(rejected))
-        self._publish(self.topics.inbox(client_id), notice, retain=False)
+        self._publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
 
     # -- the loop --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.transport.subscribe(self.topics.all_client_status)
         self.transport.subscribe(self.topics.all_updates)
-        self._publish(self.topics.spec, self.spec(self._publish_artifact()))
+        spec = self.spec(self._publish_artifact())
+        self._joining["spec"] = self._publish(self.topics.spec, spec, receivers=len(self.clients))
         self.status(Phase.WAITING, 0)
 
     def wait_for_clients(self) -> None:
@@ -471,7 +491,7 @@ class Coordinator:
                 f"none of the {len(self.clients)} online clients can train this model"
                 f" (their trainer needs the TFLite training artifact: {self.artifact_error})"
             )
-        manifest, model_bytes = self._publish_model(round_, model)
+        manifest, model_bytes = self._publish_model(round_, model, len(selected))
         announcement = Round(
             round=round_,
             model_version=round_,
@@ -483,7 +503,8 @@ class Coordinator:
             model=manifest,
             local_epochs=self.config.local_epochs,
         )
-        round_bytes = self._publish(self.topics.round, announcement)
+        round_bytes = self._publish(self.topics.round, announcement, receivers=len(self.clients))
+        self._joining["round"] = round_bytes
         self.observer.round_started(round_, selected, announcement.deadline,
                                     model_bytes + round_bytes)  # fmt: skip
         self.status(Phase.TRAINING, round_)
@@ -520,7 +541,7 @@ class Coordinator:
             client_loss=client.get("loss"),
             sparsity=self.pruner.sparsity(),
             bytes_up=state.bytes_up,
-            bytes_down=(model_bytes + round_bytes) * len(selected),
+            bytes_down=self.bytes_down - self._down_counted,  # since the previous round's end
             dense_bytes_up=dense * len(state.reported),
             dense_bytes_down=dense * len(selected),
             selected=len(state.selected),
@@ -528,6 +549,7 @@ class Coordinator:
             rejected=dict(state.rejected),
             seconds=time.perf_counter() - started,
         )
+        self._down_counted = self.bytes_down
         self.results.append(result)
         self._publish(self.topics.metrics, Metrics(values=result.to_dict()))
         self.observer.round_ended(result, sorted(state.selected - state.responded))
@@ -571,12 +593,13 @@ class Coordinator:
         Returns the model's SHA-256, which a device's hello names once it installed it."""
         prefix = f"{self.topics.deploy(profile)}/chunks"
         chunks = list(split_to_fit(model, max_payload=self.config.max_payload))
+        receivers = sum(1 for h in self.clients.values() if h.deploys and h.profile == profile)
         for chunk in chunks:
-            self._publish(f"{prefix}/{chunk.index}", chunk)
+            self._publish(f"{prefix}/{chunk.index}", chunk, receivers=receivers)
         manifest = Manifest(topic=prefix, size=len(model), chunks=len(chunks), sha256=sha256(model))
         deployment = Deployment(profile=profile, model=manifest, precision=precision,
                                 accuracy=accuracy, export_json=export_json)  # fmt: skip
-        self._publish(self.topics.deploy(profile), deployment)
+        self._publish(self.topics.deploy(profile), deployment, receivers=receivers)
         self.observer.deployed(profile, manifest.sha256, accuracy)
         return manifest.sha256
 
@@ -605,7 +628,7 @@ class Coordinator:
             self.transport.publish(topic, b"", retain=True)
         status = Status(phase=Phase.ABORTED, round=0, rounds=self.config.rounds,
                         session=self.telemetry.session)  # fmt: skip
-        self._publish(self.topics.status, status)
+        self._publish(self.topics.status, status, receivers=len(self.clients))
         self.observer.phase(
             Phase.ABORTED, self.telemetry.last.run.round if self.telemetry.last else 0
         )
@@ -616,12 +639,7 @@ class Coordinator:
         for topic in [*self._model_chunks, self.topics.round]:
             self.transport.publish(topic, b"", retain=True)
         self._model_chunks = []
-        status = Status(
-            phase=Phase.FINISHED, round=self.config.rounds, rounds=self.config.rounds,
-            deploy=deployed or [], session=self.telemetry.session,
-        )  # fmt: skip
-        self._publish(self.topics.status, status)
-        self.observer.phase(Phase.FINISHED, self.config.rounds)
+        self.status(Phase.FINISHED, self.config.rounds, deploy=deployed)
         if not self.transport.flush(timeout=30):
             log.warning("the broker did not acknowledge the final status in time")
 

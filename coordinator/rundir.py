@@ -61,6 +61,10 @@ class RunDir:
         _atomic(path, lambda f: np.savez(f, x=x, y=y))
         return path
 
+    def write_summary(self, **values: Any) -> None:
+        """summary.json: how the run ended (written once it did)."""
+        write_atomic(self.path / "summary.json", json.dumps(values, indent=1).encode())
+
     def write_devices(self, ledger: Ledger) -> None:
         """devices.json: the ledger (every device and what it did) and the latest events."""
         write_atomic(

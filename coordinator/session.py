@@ -41,6 +41,7 @@ class Summary:
     unhealthy: str | None = None  # why the final model is not fit to deploy (coordinator.health)
     not_installed: list[str] = dataclasses.field(default_factory=list)  # devices that did not
     # confirm the deployed model within the install wait
+    bytes_down: int = 0  # everything the devices received, the deployment after the rounds too
 
 
 def _evaluator(
@@ -161,6 +162,10 @@ def run(
                 )  # fmt: skip
         coordinator.finish(deployed=sorted(deployable))
         rundir.write_devices(coordinator.telemetry.ledger)
+        rundir.write_summary(
+            bytes_down=coordinator.bytes_down, deployed=sorted(deployable),
+            not_installed=not_installed, unhealthy=unhealthy,
+        )  # fmt: skip
     except BaseException:
         with contextlib.suppress(Exception):
             coordinator.abort()
@@ -174,6 +179,7 @@ def run(
         deployed=sorted(deployable),
         unhealthy=unhealthy,
         not_installed=not_installed,
+        bytes_down=coordinator.bytes_down,
     )
 
 

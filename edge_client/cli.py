@@ -264,9 +264,11 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger("fedprune.client").info("stopped (SIGTERM); said offline to the broker")
         return 0
     logging.getLogger("fedprune.client").info(
-        "done: %d round(s), %d bytes sent, peak memory %.1f MB, TensorFlow loaded: %s",
+        "done: %d round(s), %d bytes sent, %d bytes received, peak memory %.1f MB, TensorFlow"
+        " loaded: %s",
         len(report.rounds),
         report.bytes_up,
+        report.bytes_down,
         peak_memory_mb(),
         "yes" if "tensorflow" in sys.modules else "no",
     )

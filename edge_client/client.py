@@ -62,6 +62,7 @@ EPOCH_REPORT_SECONDS = 10.0  # how often a long local training says how far it i
 class ClientReport:
     rounds: list[int] = field(default_factory=list)
     bytes_up: int = 0
+    bytes_down: int = 0  # payload bytes of every message the broker delivered
     rejected: int = 0
     finished: bool = False
     aborted: bool = False
@@ -184,6 +185,7 @@ class EdgeClient:
         while not self.report.finished and (end is None or time.monotonic() < end):
             item = self.transport.get(timeout=0.5)
             if item is not None:
+                self.report.bytes_down += len(item[1])
                 self.handle(*item)
             self._maybe_train()
             self._check_finished()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,16 @@ def test_federated_pruning_run_over_mosquitto_reaches_accuracy_and_sparsity(
         assert (run_dir / name).is_file(), name
     assert len(list((run_dir / "checkpoints").glob("round-*.npz"))) == 1
     assert "LiteRT accuracy" in done.stdout
+    # Every byte the devices received, by their own count, is what the coordinator says it sent
+    # them (models to the selected, messages, artifact, deployment); a status message that
+    # crosses a device's joining may be counted once too few or too many.
+    received = [
+        int(re.search(r"(\d+) bytes received", path.read_text())[1])  # type: ignore[index]
+        for path in sorted((run_dir / "logs").glob("client-*.log"))
+    ]
+    claimed = json.loads((run_dir / "summary.json").read_text())["bytes_down"]
+    assert len(received) == 3
+    assert abs(claimed - sum(received)) <= 0.01 * sum(received), (claimed, received)
 
 
 def test_each_device_receives_and_runs_the_model_exported_for_its_profile(
