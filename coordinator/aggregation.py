@@ -37,14 +37,16 @@ class Aggregator(ABC):
         self._metrics: dict[str, float] = {}
         self._metric_weight = 0.0
 
-    def add(self, update: Update) -> None:
+    def add(self, update: Update, *, weight: float = 1.0) -> None:
+        """Take one update; ``weight`` scales its samples (a stale update's), for the rules that
+        weigh by samples."""
         deltas = [d.astype(np.float64) for d in update.deltas]
         if self.clip_norm:
             norm = math.sqrt(sum(float(np.sum(np.square(d))) for d in deltas))
             if norm > self.clip_norm:
                 deltas = [d * (self.clip_norm / norm) for d in deltas]
                 self.clipped += 1
-        self._add(deltas, update.num_samples)
+        self._add(deltas, update.num_samples * weight)
         self.count += 1
         n_eval = update.metrics.get("n_eval", 0.0)
         if n_eval > 0:
@@ -69,7 +71,7 @@ class Aggregator(ABC):
         return {k: v / self._metric_weight for k, v in self._metrics.items()}
 
     @abstractmethod
-    def _add(self, deltas: list[np.ndarray], num_samples: int) -> None:
+    def _add(self, deltas: list[np.ndarray], num_samples: float) -> None:
         """Take one (clipped, float64) update."""
 
     @abstractmethod
@@ -84,7 +86,7 @@ class Stacked(Aggregator):
         super().__init__(shapes, clip_norm=clip_norm)
         self._updates: list[list[np.ndarray]] = []
 
-    def _add(self, deltas: list[np.ndarray], num_samples: int) -> None:
+    def _add(self, deltas: list[np.ndarray], num_samples: float) -> None:
         self._updates.append(deltas)
 
     def _delta(self) -> list[np.ndarray]:

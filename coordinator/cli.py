@@ -128,6 +128,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="scale any update with a larger L2 norm down to this norm (default: 0 = off)",
     )
     p.add_argument(
+        "--staleness-weight",
+        type=float,
+        default=d.staleness_weight,
+        metavar="W",
+        help="count an update of the previous round that arrives late, during the next, with its "
+        "samples times W (fedavg only; default: 0 = rejected as late)",
+    )
+    p.add_argument(
         "--trim",
         type=float,
         default=d.trim,
@@ -275,6 +283,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         device_keys=args.device_keys,
         aggregation=args.aggregation,
         clip_norm=args.clip_norm,
+        staleness_weight=args.staleness_weight,
         trim=args.trim,
         max_update_bytes=args.max_update_bytes,
         max_norm=args.max_norm,

@@ -117,6 +117,9 @@ class RunConfig:
     install_wait: float = 15.0  # seconds devices get to confirm a deployed model before the end
     aggregation: str = "fedavg"  # coordinator.aggregation.RULES
     clip_norm: float = 0.0  # scale updates with a larger L2 norm down to it (0 = off)
+    # Updates of the previous round that arrive during the next count with their samples times
+    # this weight (FedAvg only); 0 = rejected as late, as before
+    staleness_weight: float = 0.0
     trim: float = 0.1  # share of the largest and of the smallest values trimmed-mean drops
     # What an update may be (coordinator.validation.Limits); 0 bytes = twice the dense model
     max_update_bytes: int = 0
@@ -143,11 +146,17 @@ class RunConfig:
             ("max_norm", self.max_norm > 0, "> 0"),
             ("aggregation", self.aggregation in RULES, f"one of {', '.join(RULES)}"),
             ("clip_norm", self.clip_norm >= 0, ">= 0 (0 = off)"),
+            ("staleness_weight", 0.0 <= self.staleness_weight <= 1.0, "in [0, 1] (0 = off)"),
             ("trim", 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
             ("max_samples", self.max_samples >= 1, ">= 1"),
             ("max_pending_bytes", self.max_pending_bytes >= 1, ">= 1"),
         ]
         check_name(self.run, "run name")
+        if self.staleness_weight and self.aggregation != "fedavg":
+            raise ConfigError(
+                f"staleness_weight needs --aggregation fedavg ({self.aggregation} weighs every"
+                " update the same)"
+            )
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")

@@ -16,9 +16,9 @@ class FedAvg(Aggregator):
     def __init__(self, shapes: Sequence[tuple[int, ...]], *, clip_norm: float = 0.0) -> None:
         super().__init__(shapes, clip_norm=clip_norm)
         self._sum = [np.zeros(shape, np.float64) for shape in self.shapes]
-        self.total_samples = 0
+        self.total_samples = 0.0
 
-    def _add(self, deltas: list[np.ndarray], num_samples: int) -> None:
+    def _add(self, deltas: list[np.ndarray], num_samples: float) -> None:
         for acc, delta in zip(self._sum, deltas, strict=True):
             acc += num_samples * delta
         self.total_samples += num_samples

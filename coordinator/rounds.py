@@ -65,6 +65,9 @@ log = logging.getLogger("fedprune.coordinator")
 
 SENDER = COORDINATOR
 
+REPORTED_REASONS = 10_000
+"""The most devices a round's report names with their rejection (the counts are all there)."""
+
 Evaluator = Callable[[], Evaluation | None]
 
 
@@ -86,6 +89,8 @@ class RoundResult:
     reported: int
     rejected: dict[str, int]
     seconds: float
+    late: int = 0  # selected, and had not answered when the round closed (gone ones too)
+    stale: int = 0  # updates of the previous round counted here (RunConfig.staleness_weight)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -110,6 +115,10 @@ class _Collect:
     held: int = 0  # bytes held by all of ``assembling``, bounded by Limits.max_pending_bytes
     handled: set[tuple[str, str, str]] = field(default_factory=set)  # accepted or rejected
     unreadable: set[tuple[str, str]] = field(default_factory=set)
+    why: dict[str, str] = field(
+        default_factory=dict
+    )  # device -> its last rejection, for the report
+    stale: list[str] = field(default_factory=list)  # devices whose previous-round update counted
 
 
 class Coordinator:
@@ -156,6 +165,8 @@ class Coordinator:
         self._joining = {"spec": 0, "artifact": 0, "status": 0, "round": 0}  # retained sizes
         self._down_counted = 0  # bytes_down already in a round's result
         self._collect: _Collect | None = None
+        self._previous: _Collect | None = None  # the last round: late updates may still count
+        self.report: dict[str, Any] = {}  # who was late, gone, failed or rejected: last round
         self._model_chunks: list[str] = []
         self.telemetry = Telemetry(config, publish=self._publish_telemetry,
                                    signed=signer is not None)  # fmt: skip
@@ -343,19 +354,18 @@ class Coordinator:
             chunk = message
             if (*key, chunk.sha256) in state.handled:
                 return  # a QoS 1 redelivery, or the rest of a payload already judged
-            if round_text != str(state.round):
-                raise Rejected(Reason.ROUND, f"update for round {round_text}, now {state.round}")
-            if client_id not in state.selected:
-                if not (state.announcement.selects(client_id) and client_id in self.clients):
+            target = self._round_of(round_text, state)
+            if client_id not in target.selected:
+                if not (target.announcement.selects(client_id) and client_id in self.clients):
                     raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
-                state.selected.add(client_id)  # it joined after the draw, which selects it
-            if client_id in state.reported:
+                target.selected.add(client_id)  # it joined after the draw, which selects it
+            if client_id in target.reported:
                 raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
             complete = self._assemble(state, (*key, chunk.sha256), chunk)
             if complete is None:
                 return
             update = validate(
-                complete, state.model, round_=state.round, limits=self._limits(client_id)
+                complete, target.model, round_=target.round, limits=self._limits(client_id)
             )
         except SignatureError as exc:
             # Not the device's: counted and logged, and kept away from the device's round state.
@@ -383,16 +393,35 @@ class Coordinator:
             log.exception("round %d: unreadable update chunk from %s", state.round, client_id)
             self._reject(state, client_id, Rejected(Reason.DECODE, f"unreadable update ({exc!r})"))
             return
-        state.aggregator.add(update)
-        state.reported.add(client_id)
-        state.responded.add(client_id)
+        if target is state:
+            state.aggregator.add(update)
+        else:  # late, for the previous round: its deltas where the current model still has
+            masks = state.model.masks
+            kept = [d if m is None else d * m for d, m in zip(update.deltas, masks, strict=True)]
+            weight = self.config.staleness_weight
+            state.aggregator.add(dataclasses.replace(update, deltas=kept), weight=weight)
+            state.stale.append(client_id)
+            log.info("round %d: counted %s's late update for round %d (weight %g)", state.round,
+                     client_id, target.round, weight)  # fmt: skip
+        target.reported.add(client_id)
+        target.responded.add(client_id)
         self.observer.accepted(client_id, update)
         self._publish(
             self.topics.inbox(client_id),
-            Notice(round=state.round, accepted=True, reason=""),
+            Notice(round=target.round, accepted=True, reason=""),
             retain=False,
             receivers=1,
         )
+
+    def _round_of(self, round_text: str, state: _Collect) -> _Collect:
+        """The round an update is for: the current one or, when late updates count
+        (``staleness_weight``), the previous one."""
+        if round_text == str(state.round):
+            return state
+        previous = self._previous
+        if self.config.staleness_weight and previous and round_text == str(previous.round):
+            return previous
+        raise Rejected(Reason.ROUND, f"update for round {round_text}, now {state.round}")
 
     def _assemble(self, state: _Collect, slot: tuple[str, str, str], chunk: Chunk) -> bytes | None:
         """Add a chunk to its payload; the payload once complete. Memory is bounded per payload
@@ -434,6 +463,8 @@ class Coordinator:
 
     def _reject(self, state: _Collect, client_id: str, rejected: Rejected) -> None:
         state.rejected[rejected.reason.value] += 1
+        if len(state.why) < REPORTED_REASONS:
+            state.why[client_id] = str(rejected)[:200]
         not_its_answer = (Reason.ROUND, Reason.UNSELECTED, Reason.SENDER)
         if client_id in state.selected and rejected.reason not in not_its_answer:
             state.responded.add(client_id)  # its answer for this round is in: do not wait for it
@@ -525,6 +556,8 @@ class Coordinator:
         while not self._closed(state) and time.monotonic() < deadline:
             self.pump(0.1)
         self._collect = None
+        self._previous = state
+        late = sorted(state.selected - state.responded)  # no answer when the round closed
         if state.aggregator.count:
             self.pruner.set_weights(state.aggregator.apply(model.weights))
         else:
@@ -548,11 +581,18 @@ class Coordinator:
             reported=len(state.reported),
             rejected=dict(state.rejected),
             seconds=time.perf_counter() - started,
+            late=len(late),
+            stale=len(state.stale),
         )
+        self.report = {
+            "round": round_, "late": [c for c in late if c in self.clients], "stale": state.stale,
+            "gone": [c for c in late if c not in self.clients],  # their connection dropped
+            "rejected": state.why,
+        }  # fmt: skip
         self._down_counted = self.bytes_down
         self.results.append(result)
         self._publish(self.topics.metrics, Metrics(values=result.to_dict()))
-        self.observer.round_ended(result, sorted(state.selected - state.responded))
+        self.observer.round_ended(result, late)
         self.on_round(result)
         return result
 

@@ -61,6 +61,13 @@ class RunDir:
         _atomic(path, lambda f: np.savez(f, x=x, y=y))
         return path
 
+    def write_round_report(self, report: dict[str, Any]) -> None:
+        """rounds/round-NNNN.json: who was late (online, no answer when the round closed), gone
+        (its connection dropped), stale (its previous-round update counted) and rejected, why."""
+        path = self.path / "rounds" / f"round-{report['round']:04d}.json"
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, json.dumps(report, indent=1).encode())
+
     def write_summary(self, **values: Any) -> None:
         """summary.json: how the run ended (written once it did)."""
         write_atomic(self.path / "summary.json", json.dumps(values, indent=1).encode())

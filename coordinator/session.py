@@ -92,6 +92,7 @@ def run(
 
     def after_round(result: RoundResult) -> None:
         rundir.append(result)
+        rundir.write_round_report(coordinator.report)
         rundir.checkpoint(result.round, pruner, coordinator.telemetry.ledger)  # the commit point
         rundir.write_devices(coordinator.telemetry.ledger)
         if on_round is not None:

@@ -21,6 +21,13 @@ from fedprune.edge_client.errors import ConfigError
         ({"round_timeout": 0.0}, "round_timeout must be > 0, got 0.0"),
         ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
         ({"max_payload": 1024}, "max_payload must be >= 4096 bytes, got 1024"),
+        ({"staleness_weight": 1.5}, "staleness_weight must be in [0, 1] (0 = off), got 1.5"),
+        (
+            {"staleness_weight": 0.5, "aggregation": "median"},
+            "staleness_weight needs --aggregation fedavg (median weighs every update the same)",
+        ),
+        ({"rounds": 2.5}, "rounds must be int, got 2.5"),
+        ({"deploy_anyway": 1}, "deploy_anyway must be bool, got 1"),
         (
             {"run": "a/b"},
             "run name 'a/b': use letters, digits, '.', '_' or '-', starting with a letter or digit"

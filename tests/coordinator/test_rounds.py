@@ -869,3 +869,41 @@ def test_a_device_that_joins_after_the_draw_and_is_drawn_is_accepted(
 
     # Assert
     assert (result.selected, result.reported, result.rejected) == (3, 3, {})
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or_not_at_all(
+    harness: Callable[..., Harness], weight: float
+) -> None:
+    # Prepare: in round 2 only "a" answers (quorum 1 of 2); "b"'s round-2 update arrives during
+    # round 3, before "a"'s round-3 update
+    h = harness(quorum=0.5, staleness_weight=weight)
+    sent: dict[str, object] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        if announcement.round == ROUND:
+            h.clients["a"].send(ROUND, _payload(model, _delta(model, 1), num_samples=30))
+            sent["model"], sent["b"] = model, _delta(model, 2)
+            return
+        h.clients["b"].send(ROUND, _payload(sent["model"], sent["b"], num_samples=10))  # type: ignore[arg-type]
+        sent["a"] = _delta(model, 3)
+        h.clients["a"].send(ROUND + 1, _payload(model, sent["a"], round_=ROUND + 1,  # type: ignore[arg-type]
+                                                num_samples=30))  # fmt: skip
+
+    h.on_round(answer)
+    _, first, _ = h.run_round()
+    before = h.coordinator.pruner.model()
+
+    # Execute
+    result = h.coordinator.run_round(ROUND + 1)
+
+    # Assert: FedAvg with b's samples times the weight; rejected as late without one
+    after = h.coordinator.pruner.model()
+    a, b = sent["a"], sent["b"]
+    want = [w + (30 * da + weight * 10 * db) / (30 + weight * 10)
+            for w, da, db in zip(before.weights, a, b, strict=True)]  # type: ignore[call-overload]  # fmt: skip
+    _assert_weights(after, want)
+    assert (first.late, first.reported) == (1, 1)
+    assert (result.reported, result.stale) == (1, 1 if weight else 0)
+    assert result.rejected == ({} if weight else {"round": 1})
+    assert h.coordinator.report["stale"] == (["b"] if weight else [])

@@ -129,5 +129,7 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     assert [r["reported"] for r in got] == [CLIENTS] * ROUNDS, resumed.stderr[-6000:]
     assert abs(got[-1]["accuracy"] - expected[-1]["accuracy"]) <= 0.005  # type: ignore[operator]
     assert len(list((run_dir / "checkpoints").glob("round-*.npz"))) == 1
+    report = json.loads((run_dir / "rounds" / f"round-{ROUNDS:04d}.json").read_text())
+    assert report == {"round": ROUNDS, "late": [], "stale": [], "gone": [], "rejected": {}}
     assert (run_dir / "export" / "raspberry-pi-4" / "model.tflite").is_file()
     assert all(device.poll() is None for device in devices)  # they stayed up and rejoined
