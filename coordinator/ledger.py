@@ -133,6 +133,8 @@ class Ledger:
             reported=row.reported + 1,
             last_seen=self._clock(),
             train_seconds=metrics.get("train_seconds"),
+            epochs=None if "epochs" not in metrics else int(metrics["epochs"]),
+            batch_size=None if "batch_size" not in metrics else int(metrics["batch_size"]),
             peak_memory_mb=metrics.get("peak_memory_mb"),
             accuracy=metrics.get("accuracy") if metrics.get("n_eval", 0.0) > 0 else None,
         )

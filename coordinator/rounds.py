@@ -10,12 +10,13 @@ line and publish it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,21 @@ from fedprune.edge_client.wire import (
 log = logging.getLogger("fedprune.coordinator")
 
 SENDER = COORDINATOR
+
+_FEW_DEVICES = 1000
+"""A telemetry snapshot with more devices is not encoded whole before it is shrunk: it would not
+fit in a message of the usual size anyway (bisection still finds it if it does)."""
+
+GONE_GRACE = 2.0
+"""Seconds a round still waits after a device went offline before it closes for want of anyone
+left to wait for: a broker that goes down sends every device's last will, then drops us too."""
+
+RECONNECT_GRACE = 15.0
+"""Seconds after our own connection came back (a broker restart) in which the devices that went
+with it are still waited for: they reconnect with backoff (up to 8 s apart)."""
+
+MIN_PAYLOAD = 16 * 1024
+"""The smallest message limit a device may ask for (a smaller one would cut models to crumbs)."""
 
 REPORTED_REASONS = 10_000
 """The most devices a round's report names with their rejection (the counts are all there)."""
@@ -164,6 +180,9 @@ class Coordinator:
         self.bytes_down = 0
         self._joining = {"spec": 0, "artifact": 0, "status": 0, "round": 0}  # retained sizes
         self._down_counted = 0  # bytes_down already in a round's result
+        self._left_at = -math.inf  # when a device last went offline (monotonic)
+        self._artifact = b""  # the training artifact, once built
+        self._artifact_limit = 0  # the chunk size it is published in
         self._collect: _Collect | None = None
         self._previous: _Collect | None = None  # the last round: late updates may still count
         self.report: dict[str, Any] = {}  # who was late, gone, failed or rejected: last round
@@ -195,21 +214,35 @@ class Coordinator:
         self.observer.phase(phase, round_)
 
     def _publish_telemetry(self, snapshot: TelemetrySnapshot) -> None:
-        """Publish a snapshot retained, made smaller until it fits in one message."""
-        payload = self._encode(snapshot)
-        while len(payload) > self.transport.max_payload:
-            smaller = _shrunk(snapshot)
-            if smaller is None:
-                log.warning("telemetry does not fit in %d bytes", self.transport.max_payload)
-                return
-            snapshot, payload = smaller, self._encode(smaller)
-            if not self._trimmed_telemetry:
-                self._trimmed_telemetry = True
-                log.warning(
-                    "telemetry is trimmed to fit in one message (%d bytes): it lists fewer"
-                    " devices, events or rounds", self.transport.max_payload,
-                )  # fmt: skip
-        self.transport.publish(self.topics.telemetry, payload, retain=True)
+        """Publish a snapshot retained, made smaller until it fits in one message: the first of
+        :func:`_shrunk`'s ever smaller snapshots that fits. Each holds less than the one before
+        it, so that one is found by bisection: encoding thousands of devices is what costs."""
+        limit = self.transport.max_payload
+        payload = self._encode(snapshot) if len(snapshot.devices) <= _FEW_DEVICES else b""
+        if payload and len(payload) <= limit:
+            self.transport.publish(self.topics.telemetry, payload, retain=True)
+            return
+        smaller = [snapshot]
+        while (next_one := _shrunk(smaller[-1])) is not None:
+            smaller.append(next_one)
+        low, high, fitting = (1 if payload else 0), len(smaller), b""  # first fit in [low, high]
+        while low < high:
+            middle = (low + high) // 2
+            encoded = self._encode(smaller[middle])
+            if len(encoded) <= limit:
+                high, fitting = middle, encoded
+            else:
+                low = middle + 1
+        if high > 0 and len(smaller) > 1 and not self._trimmed_telemetry:
+            self._trimmed_telemetry = True
+            log.warning(
+                "telemetry is trimmed to fit in one message (%d bytes): it lists fewer"
+                " devices, events or rounds", limit,
+            )  # fmt: skip
+        if not fitting:
+            log.warning("telemetry does not fit in %d bytes", limit)
+            return
+        self.transport.publish(self.topics.telemetry, fitting, retain=True)
 
     def spec(self, artifact: Manifest | None = None) -> Spec:
         model = self.pruner.stripped
@@ -241,28 +274,63 @@ class Coordinator:
             self.artifact_error = str(exc)
             log.warning("litert devices cannot train this model: %s", exc)
             return None
-        chunks = list(split_to_fit(artifact, max_payload=self.config.max_payload))
+        self._artifact = artifact
+        # In chunks every catalogue profile takes, so that it need not be sent again when a Pi
+        # Zero joins; a device whose own profile takes less gets it again in smaller chunks.
+        return self._publish_artifact_chunks(min(self.config.max_payload, _smallest_catalogue()))
+
+    def _publish_artifact_chunks(self, limit: int) -> Manifest:
+        """Publish the artifact (retained) in chunks of at most ``limit`` bytes, to every litert
+        device online (they all subscribe to it)."""
+        artifact = self._artifact
+        chunks = list(split_to_fit(artifact, max_payload=limit))
+        self._joining["artifact"], self._artifact_limit = 0, limit
+        receivers = sum(
+            1 for h in self.clients.values() if _needs_artifact(h.backend)
+        )  # joiner too
         for chunk in chunks:
             self._joining["artifact"] += self._publish(f"{self.topics.artifact}/{chunk.index}",
-                                                       chunk)  # fmt: skip
+                                                       chunk, receivers=receivers)  # fmt: skip
         log.info("training artifact published: %d bytes in %d chunks", len(artifact), len(chunks))
         return Manifest(
             topic=self.topics.artifact, size=len(artifact), chunks=len(chunks),
             sha256=sha256(artifact),
         )  # fmt: skip
 
-    def _publish_model(self, version: int, model: Model, receivers: int) -> tuple[Manifest, int]:
-        """Publish the model's chunks (retained; ``receivers`` devices fetch them) and clear the
-        previous version's."""
+    def _fit(self, devices: Iterable[Hello]) -> int:
+        """The largest message every one of ``devices`` takes: the run's ``max_payload``, or the
+        smallest limit they announced (never under :data:`MIN_PAYLOAD`)."""
+        limits = [max(MIN_PAYLOAD, h.max_payload) for h in devices if h.max_payload]
+        return min([self.config.max_payload, *limits])
+
+    def _joined(self, hello: Hello) -> None:
+        """A device joined (or came back, already in :attr:`clients`): it got what is retained
+        when it subscribed; and the artifact again, in chunks it takes, if it needs smaller ones
+        (every litert device gets those, and the spec that names them)."""
+        needs = _needs_artifact(hello.backend) and bool(self._artifact)
+        joining = self._joining
+        artifact = joining["artifact"] if needs else 0
+        self.bytes_down += joining["spec"] + joining["status"] + joining["round"] + artifact
+        if needs and (limit := self._fit([hello])) < self._artifact_limit:
+            manifest = self._publish_artifact_chunks(limit)
+            self._joining["spec"] = self._publish(self.topics.spec, self.spec(manifest),
+                                                  receivers=len(self.clients))  # fmt: skip
+
+    def _publish_model(
+        self, version: int, model: Model, receivers: list[str]
+    ) -> tuple[Manifest, int]:
+        """Publish the model's chunks (retained, for the ``receivers`` to fetch, in chunks that
+        each of them takes) and clear the previous version's."""
         for topic in self._model_chunks:
             self.transport.publish(topic, b"", retain=True)
         payload = encode_model(model)
         prefix = self.topics.model(version)
         sent = 0
         self._model_chunks = []
-        for chunk in split_to_fit(payload, max_payload=self.config.max_payload):
+        limit = self._fit(self.clients[c] for c in receivers if c in self.clients)
+        for chunk in split_to_fit(payload, max_payload=limit):
             topic = f"{prefix}/{chunk.index}"
-            sent += self._publish(topic, chunk, receivers=receivers)
+            sent += self._publish(topic, chunk, receivers=len(receivers))
             self._model_chunks.append(topic)
         manifest = Manifest(
             topic=prefix,
@@ -305,11 +373,8 @@ class Coordinator:
             log.warning("ignored a hello for %r on %s's status topic", message.client_id[:64],
                         client_id)  # fmt: skip
         elif isinstance(message, Hello):
-            if client_id not in self.clients:  # joined, or back: it gets what is retained
-                joining = self._joining
-                artifact = joining["artifact"] if _needs_artifact(message.backend) else 0
-                self.bytes_down += joining["spec"] + joining["status"] + joining["round"] + artifact
-            if client_id not in self.clients:
+            joined = client_id not in self.clients
+            if joined:
                 log.info(
                     "client %s joined (%s, %d samples, %s trainer)%s",
                     client_id,
@@ -322,8 +387,11 @@ class Coordinator:
                 if exported is not None:
                     self.profiles[message.profile] = exported
             self.clients[client_id] = message
+            if joined:
+                self._joined(message)
             self.observer.hello(message)
         elif isinstance(message, Offline) and self.clients.pop(client_id, None) is not None:
+            self._left_at = time.monotonic()
             log.info("client %s went offline", client_id)
             self.observer.left(client_id)
         return True
@@ -522,7 +590,7 @@ class Coordinator:
                 f"none of the {len(self.clients)} online clients can train this model"
                 f" (their trainer needs the TFLite training artifact: {self.artifact_error})"
             )
-        manifest, model_bytes = self._publish_model(round_, model, len(selected))
+        manifest, model_bytes = self._publish_model(round_, model, selected)
         announcement = Round(
             round=round_,
             model_version=round_,
@@ -556,7 +624,8 @@ class Coordinator:
         while not self._closed(state) and time.monotonic() < deadline:
             self.pump(0.1)
         self._collect = None
-        self._previous = state
+        state.assembling.clear()  # what had not arrived whole by the close never will count
+        self._previous = state if self.config.staleness_weight else None
         late = sorted(state.selected - state.responded)  # no answer when the round closed
         if state.aggregator.count:
             self.pruner.set_weights(state.aggregator.apply(model.weights))
@@ -601,8 +670,13 @@ class Coordinator:
         among them) reported, or no selected device that is still online has yet to answer (one
         whose connection dropped, its last will, is not waited for)."""
         needed = max(1, math.ceil(self.config.quorum * len(state.selected)))
-        awaited = any(c not in state.responded and c in self.clients for c in state.selected)
-        return len(state.reported) >= needed or not awaited
+        if len(state.reported) >= needed:
+            return True
+        if time.monotonic() - self._left_at < GONE_GRACE or (
+            self.transport.steady_for() < RECONNECT_GRACE
+        ):
+            return False  # a broker restart drops everyone at once: they will be back soon
+        return not any(c not in state.responded and c in self.clients for c in state.selected)
 
     def run(self) -> list[RoundResult]:
         self.train()
@@ -632,8 +706,9 @@ class Coordinator:
         """Publish an exported model for one device profile: retained chunks, then the manifest.
         Returns the model's SHA-256, which a device's hello names once it installed it."""
         prefix = f"{self.topics.deploy(profile)}/chunks"
-        chunks = list(split_to_fit(model, max_payload=self.config.max_payload))
-        receivers = sum(1 for h in self.clients.values() if h.deploys and h.profile == profile)
+        devices = [h for h in self.clients.values() if h.deploys and h.profile == profile]
+        receivers = len(devices)
+        chunks = list(split_to_fit(model, max_payload=self._fit(devices)))
         for chunk in chunks:
             self._publish(f"{prefix}/{chunk.index}", chunk, receivers=receivers)
         manifest = Manifest(topic=prefix, size=len(model), chunks=len(chunks), sha256=sha256(model))
@@ -726,6 +801,12 @@ def _catalogue_profile(client_id: str, announced: str) -> str | None:
     log.warning("client %s announced profile %r, which is not in the catalogue: it gets the %s"
                 " export", client_id, announced, DEFAULT_PROFILE)  # fmt: skip
     return DEFAULT_PROFILE
+
+
+@functools.cache
+def _smallest_catalogue() -> int:
+    """The smallest message limit of the shipped profiles."""
+    return min(device_profiles.load(name).max_payload_bytes for name in device_profiles.available())
 
 
 def _needs_artifact(backend: str) -> bool:

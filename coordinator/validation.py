@@ -98,8 +98,11 @@ def validate(payload: bytes, model: Model, *, round_: int, limits: Limits) -> Up
     metrics = update.metrics
     if not all(np.isfinite(v) for v in metrics.values()):
         raise Rejected(Reason.NONFINITE, "reported metrics contain NaN or Inf")
-    if not 0.0 <= metrics.get("accuracy", 0.0) <= 1.0 or not (
-        0 <= metrics.get("n_eval", 0.0) <= limits.max_samples
+    if (
+        not 0.0 <= metrics.get("accuracy", 0.0) <= 1.0
+        or not 0 <= metrics.get("n_eval", 0.0) <= limits.max_samples
+        or not 0 <= metrics.get("epochs", 0.0) <= 1e6
+        or not 0 <= metrics.get("batch_size", 0.0) <= 1e9
     ):
         raise Rejected(Reason.SAMPLES, f"reported metrics out of range: {metrics}")
     norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in update.deltas)))

@@ -224,6 +224,7 @@ def _main(argv: list[str] | None) -> int:
             profile=profile.name,
             num_samples=data.num_samples,
             backend=backend,
+            max_payload=profile.max_payload_bytes,
         )
         transport = MqttTransport(
             broker_settings(args),
@@ -244,6 +245,7 @@ def _main(argv: list[str] | None) -> int:
             deploy=receiver,
             cache=args.cache,
             trust=trust,
+            profile=profile,
         )
         try:
             with _status_line() as show:

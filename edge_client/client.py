@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +53,9 @@ from fedprune.edge_client.wire import (
     split_to_fit,
 )
 
+if TYPE_CHECKING:
+    from fedprune.device_profiles import DeviceProfile
+
 log = logging.getLogger("fedprune.client")
 
 WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
@@ -67,6 +71,7 @@ class ClientReport:
     finished: bool = False
     aborted: bool = False
     dropped: int = 0  # messages refused for a missing or bad signature
+    oversize: int = 0  # messages over the profile's payload limit, ignored
     failed: int = 0  # rounds whose training raised (reported to the coordinator)
 
 
@@ -79,6 +84,7 @@ class Identity:
     profile: str
     num_samples: int
     backend: str
+    max_payload: int = 0  # the largest message it takes (its profile's), 0 = any
     signer: SigningKey | None = field(default=None, repr=False, compare=False)
 
     def encode(self, message: Message) -> bytes:
@@ -94,6 +100,7 @@ class Identity:
             backend=self.backend,
             installed=installed,
             deploys=deploys,
+            max_payload=self.max_payload,
         )
         return Topics(self.run).client_status(self.client_id), self.encode(message)
 
@@ -117,13 +124,17 @@ class EdgeClient:
         wait_report: float = WAIT_REPORT_SECONDS,
         trust: Trust = UNSIGNED,
         show: Callable[[str], None] | None = None,
+        profile: DeviceProfile | None = None,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
         the client then waits up to ``deploy_wait`` seconds for it before it exits. While it
         cannot train, the client logs what it waits for when that changes, and again every
         ``wait_report`` seconds. ``trust`` holds the coordinator's verify key: with it, every
         message that is not signed by the coordinator is dropped, counted and logged. ``show``
-        hears what the client is doing in a few words whenever that changes (a live line)."""
+        hears what the client is doing in a few words whenever that changes (a live line).
+        ``profile`` bounds the work: its local epochs and batch size where they are smaller than
+        the run's, and its memory: no model over a quarter of it is assembled."""
+        self.profile = profile
         self.trust = trust
         self.show = show
         self._shown = ""
@@ -145,7 +156,7 @@ class EdgeClient:
         self._round: Round | None = None
         self._round_seen: tuple[int, float] | None = None  # round number, monotonic time seen
         self._out_of_time: int | None = None  # the round whose running out was said
-        self._models = Collector()
+        self._models = self._collector()
         self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
         self._model_topics: str | None = None  # the model chunks subscribed to
         self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
@@ -186,7 +197,7 @@ class EdgeClient:
             item = self.transport.get(timeout=0.5)
             if item is not None:
                 self.report.bytes_down += len(item[1])
-                self.handle(*item)
+                self._receive(*item)
             self._maybe_train()
             self._check_finished()
             if forever and self.report.finished:
@@ -194,6 +205,16 @@ class EdgeClient:
             self._report_waiting()
             self._show_state()
         return self.report
+
+    def _receive(self, topic: str, payload: bytes) -> None:
+        """Handle a message that fits the profile's payload limit; ignore a bigger one."""
+        limit = self.identity.max_payload
+        if limit and len(payload) > limit:
+            self.report.oversize += 1
+            log.warning("ignored a message of %d bytes on %s: over this profile's %d-byte limit",
+                        len(payload), topic, limit)  # fmt: skip
+            return
+        self.handle(topic, payload)
 
     def _next_run(self) -> None:
         """The run ended (finished or aborted): wait for the coordinator's next session."""
@@ -361,8 +382,14 @@ class EdgeClient:
         if self._model_topics is not None:
             self.transport.unsubscribe(self._model_topics)
         self._model_topics = pattern
-        self._models = Collector()  # a fresh start: a new run may send a model seen before
+        self._models = self._collector()  # a fresh start: a new run may send a model seen before
         self.transport.subscribe(pattern)
+
+    def _collector(self) -> Collector:
+        """Assembles models no bigger than a quarter of the profile's memory."""
+        if self.profile is None:
+            return Collector()
+        return Collector(max_size=self.profile.memory_mb * 2**20 // 4)
 
     def _add_model_chunk(self, chunk: Chunk) -> None:
         """Collect model chunks by payload hash; the round's manifest names the hash it wants."""
@@ -428,6 +455,10 @@ class EdgeClient:
         # A new trainer when what it trains changes (the Spec is republished with the artifact).
         key = (dataclasses.replace(spec, artifact=None), spec.artifact if artifact else None)
         if self._trainer is None or self._trainer_key != key:
+            if self.profile is not None:  # the profile's batch where it is smaller
+                spec = dataclasses.replace(
+                    spec, batch_size=min(spec.batch_size, self.profile.batch_size)
+                )
             self._trainer = make_trainer(self.identity.backend, spec, artifact=artifact)
             self._trainer_key = key
         x, x_test = self.data.shaped(spec.input_shape)
@@ -439,7 +470,10 @@ class EdgeClient:
                 f" {classes} classes (0..{classes - 1})"
             )
         started = time.perf_counter()
-        epochs = self.local_epochs or round_.local_epochs
+        epochs = self.local_epochs or min(
+            round_.local_epochs, round_.local_epochs if self.profile is None
+            else self.profile.local_epochs,
+        )  # fmt: skip
         self._show_state(f"round {round_.round}: training {epochs} epoch(s) on"
                          f" {self.data.num_samples} samples")  # fmt: skip
         seed = self.seed * 100_003 + round_.round
@@ -462,6 +496,8 @@ class EdgeClient:
                 "n_eval": float(evaluation.n),
                 "train_seconds": train_seconds,
                 "peak_memory_mb": peak_memory_mb(),
+                "epochs": float(epochs),
+                "batch_size": float(self._trainer.batch_size),
             },
         )
         payload = encode_update(update, model.masks)
@@ -477,6 +513,10 @@ class EdgeClient:
             evaluation.accuracy,
             sent,
         )
+        peak = update.metrics["peak_memory_mb"]
+        if self.profile is not None and peak > self.profile.memory_mb:
+            log.warning("round %d: peak memory %.0f MB is over profile %s's %d MB", round_.round,
+                        peak, self.profile.name, self.profile.memory_mb)  # fmt: skip
 
     def _time_left(self, round_: Round) -> float:
         """Seconds left in ``round_`` by this device's own monotonic clock, counted from when it

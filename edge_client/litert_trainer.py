@@ -48,9 +48,14 @@ class LiteRTTrainer(Trainer):
         except ValueError as exc:
             raise ModelError(f"LiteRT cannot load the training artifact: {exc}") from exc
         x_detail = self._run["train"].get_input_details()["x"]
-        self.batch_size = int(x_detail["shape"][0])
+        self._batch = int(x_detail["shape"][0])
         self._input_shape = tuple(int(d) for d in x_detail["shape"][1:])
         self._y_dtype = self._run["train"].get_input_details()["y"]["dtype"]
+
+    @property
+    def batch_size(self) -> int:
+        """The artifact's: its signatures have a fixed batch (the coordinator's batch size)."""
+        return self._batch
 
     def _set(self, weights: list[np.ndarray], masks: list[np.ndarray | None] | None) -> None:
         self._run["set_weights"](
@@ -83,7 +88,7 @@ class LiteRTTrainer(Trainer):
         y = y.astype(self._y_dtype)
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):
-            for idx in batches(len(x), self.batch_size, rng):
+            for idx in batches(len(x), self._batch, rng):
                 self._run["train"](x=x[idx], y=y[idx])
             if on_epoch is not None:
                 on_epoch(epoch)
@@ -93,9 +98,9 @@ class LiteRTTrainer(Trainer):
         self._set(weights, None)
         x = x.reshape((-1, *self._input_shape)).astype(np.float32)
         probs = []
-        for start in range(0, len(x), self.batch_size):
-            batch = x[start : start + self.batch_size]
-            padded = np.resize(batch, (self.batch_size, *self._input_shape))  # fixed batch size
+        for start in range(0, len(x), self._batch):
+            batch = x[start : start + self._batch]
+            padded = np.resize(batch, (self._batch, *self._input_shape))  # fixed batch size
             probs.append(self._run["infer"](x=padded)["probs"][: len(batch)])
         p = np.concatenate(probs)
         picked = np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)

@@ -66,6 +66,8 @@ class DeviceRow:
     bytes_up: int = 0
     bytes_down: int = 0
     train_seconds: float | None = None  # of its last accepted update
+    epochs: int | None = None  # the local epochs it trained then (its profile may allow fewer)
+    batch_size: int | None = None  # and the batch size
     peak_memory_mb: float | None = None  # the process's peak resident memory, as it reported
     accuracy: float | None = None  # on its own held-out samples, last accepted update
     model: str | None = None  # SHA-256 of the deployed model it installed

@@ -50,6 +50,11 @@ class Trainer(ABC):
     def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
         self.spec = spec
 
+    @property
+    def batch_size(self) -> int:
+        """The batch size it trains with (the spec's, unless the backend fixes its own)."""
+        return self.spec.batch_size
+
     @abstractmethod
     def fit(
         self,

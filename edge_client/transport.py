@@ -9,7 +9,9 @@ where they were.
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import queue
 import ssl
 import threading
@@ -29,12 +31,49 @@ Incoming = tuple[str, bytes]
 log = logging.getLogger("fedprune.transport")
 
 
+class Inbox:
+    """A queue of incoming messages that holds at most ``limit`` payload bytes (0: any): a put
+    beyond that waits until the reader has taken enough, so that a burst the reader cannot keep
+    up with waits at the broker (TCP back-pressure) instead of in this process's memory, until
+    the reader has brought it down to half (so that the two threads take turns in batches, not
+    message by message). A message alone in the queue is always taken, however big."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self._items: collections.deque[Incoming] = collections.deque()
+        self._held = 0
+        self._changed = threading.Condition()
+
+    def put(self, item: Incoming) -> None:
+        with self._changed:
+            if self.limit and self._items and self._held + len(item[1]) > self.limit:
+                self._changed.wait_for(lambda: not self._items or self._held <= self.limit // 2)
+            self._items.append(item)
+            self._held += len(item[1])
+            self._changed.notify_all()
+
+    def get(self, timeout: float) -> Incoming:
+        """The oldest message; ``queue.Empty`` after ``timeout`` seconds without one."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._items, timeout=timeout):
+                raise queue.Empty
+            item = self._items.popleft()
+            self._held -= len(item[1])
+            if not self._items or self._held <= self.limit // 2:
+                self._changed.notify_all()  # a waiting put may go on
+            return item
+
+
+INBOX_BYTES = 64 * 1024 * 1024
+"""What an MQTT transport holds of received payloads before it stops reading from the broker."""
+
+
 class Transport(ABC):
     """Publish bytes to topics and receive what matches the subscriptions, in order."""
 
-    def __init__(self, *, max_payload: int) -> None:
+    def __init__(self, *, max_payload: int, inbox_bytes: int = 0) -> None:
         self.max_payload = max_payload
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.inbox = Inbox(inbox_bytes)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish one message; payloads over ``max_payload`` are refused before they are sent."""
@@ -60,6 +99,10 @@ class Transport(ABC):
     @abstractmethod
     def unsubscribe(self, pattern: str) -> None: ...
 
+    def steady_for(self) -> float:
+        """Seconds since the connection was last (re)established; 0 while it is down."""
+        return math.inf
+
     @abstractmethod
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every QoS>0 message published so far is acknowledged; ``False`` if some were
@@ -81,8 +124,10 @@ class MqttTransport(Transport):
         will: tuple[str, bytes] | None = None,
         max_payload: int = 256 * 1024,
         connect_attempts: int = 5,
+        inbox_bytes: int = INBOX_BYTES,
     ) -> None:
-        super().__init__(max_payload=max_payload)
+        """``inbox_bytes`` bounds what is received and not yet taken (:class:`Inbox`)."""
+        super().__init__(max_payload=max_payload, inbox_bytes=inbox_bytes)
         if isinstance(broker, str):
             broker = BrokerUrl.parse(broker)
         self.settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(url=broker)
@@ -90,7 +135,8 @@ class MqttTransport(Transport):
         self._subscriptions: dict[str, int] = {}
         self._connected = threading.Event()
         self._refused: str | None = None  # why the broker turned us away, before it accepted us
-        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._pending: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes maybe not yet acked
+        self._prune_at = 64  # forget the acknowledged ones when there are this many
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
         self._subacks: dict[int, threading.Event] = {}
@@ -102,6 +148,7 @@ class MqttTransport(Transport):
         self._secure(self.settings)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._up_since = -math.inf  # when the connection came back (monotonic); inf while down
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -165,6 +212,8 @@ class MqttTransport(Transport):
             if not self._connected.is_set():
                 self._refused = _refusal(rc, self.settings)
             return
+        if self._up_since == math.inf:  # back after a drop (the first connection counts as old)
+            self._up_since = time.monotonic()
         for pattern, qos in list(self._subscriptions.items()):
             client.subscribe(pattern, qos)
         with self._lock:
@@ -185,6 +234,7 @@ class MqttTransport(Transport):
             )
             self._refused = f"it closed the connection before accepting it; {hint}"
         self._connected.clear()
+        self._up_since = math.inf
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put((msg.topic, bytes(msg.payload)))
@@ -201,6 +251,9 @@ class MqttTransport(Transport):
         acked.wait(10)
         with self._lock:
             self._subacks.pop(mid, None)
+
+    def steady_for(self) -> float:
+        return max(0.0, time.monotonic() - self._up_since)
 
     def unsubscribe(self, pattern: str) -> None:
         """Stop receiving ``pattern`` (what is already queued stays queued)."""
@@ -221,8 +274,10 @@ class MqttTransport(Transport):
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
             with self._lock:
-                self._pending = [i for i in self._pending if not _settled(i)]
                 self._pending.append(info)
+                if len(self._pending) >= self._prune_at:  # amortized: thousands may wait
+                    self._pending = [i for i in self._pending if not _settled(i)]
+                    self._prune_at = max(64, 2 * len(self._pending))
 
     def flush(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout

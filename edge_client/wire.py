@@ -30,7 +30,7 @@ PROTOCOL_MINOR = 6  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.a
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
 # 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
 # Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
-# bytes; Round.selected is no longer sent)
+# bytes; Round.selected is no longer sent), Hello.max_payload
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -92,6 +92,7 @@ class Hello(Message):
     backend: str
     installed: str | None = None  # SHA-256 of the deployed model it runs (1.4)
     deploys: bool = False  # it installs the model deployed to its profile (1.4)
+    max_payload: int = 0  # the largest message it takes (1.6; its profile's): 0 = any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -475,22 +476,25 @@ class Collector:
     def __init__(self, *, max_size: int = MAX_ASSEMBLED_BYTES, keep: int = 2) -> None:
         self.max_size = max_size
         self.keep = keep
-        self._parts: dict[str, Reassembler] = {}
+        self._parts: dict[tuple[str, int], Reassembler] = {}
         self._done: set[str] = set()
 
     def add(self, chunk: Chunk) -> bytes | None:
-        """The payload when ``chunk`` completes it (once per payload), else ``None``."""
+        """The payload when ``chunk`` completes it (once per payload), else ``None``. The same
+        payload cut into another number of chunks (republished for a smaller message limit) is
+        assembled apart."""
         if chunk.sha256 in self._done:
             return None
-        if chunk.sha256 not in self._parts and len(self._parts) >= self.keep:
+        key = (chunk.sha256, chunk.count)
+        if key not in self._parts and len(self._parts) >= self.keep:
             self._parts.pop(next(iter(self._parts)))  # the oldest, abandoned payload
-        parts = self._parts.setdefault(chunk.sha256, Reassembler(max_size=self.max_size))
+        parts = self._parts.setdefault(key, Reassembler(max_size=self.max_size))
         try:
             payload = parts.add(chunk)
         except WireError:
-            del self._parts[chunk.sha256]
+            del self._parts[key]
             raise
         if payload is not None:
-            del self._parts[chunk.sha256]
+            del self._parts[key]
             self._done.add(chunk.sha256)
         return payload

@@ -907,3 +907,52 @@ def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or
     assert (result.reported, result.stale) == (1, 1 if weight else 0)
     assert result.rejected == ({} if weight else {"round": 1})
     assert h.coordinator.report["stale"] == (["b"] if weight else [])
+
+
+def test_a_device_with_a_small_message_limit_gets_the_model_in_chunks_it_takes(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: "zero" announces a 16 KiB limit (a Pi Zero's profile would say 128 KiB)
+    h = harness(("a", "b"), max_payload=64 * 1024)
+    zero = FakeClient(h.broker, "zero")
+    small = Hello(client_id="zero", profile="raspberry-pi-zero-2w", num_samples=100,
+                  backend="scripted", max_payload=16 * 1024)  # fmt: skip
+    zero.transport.publish(TOPICS.client_status("zero"), encode(small, run=RUN, sender="zero"),
+                           retain=True)  # fmt: skip
+    h.coordinator.pump(0.1)
+    h.coordinator.pump(0.1)
+
+    # Execute: a round that selects everyone
+    h.on_round(lambda announcement, model: None)
+    h.coordinator.config = dataclasses.replace(h.coordinator.config, round_timeout=0.2)
+    h.run_round()
+
+    # Assert: every model chunk fits the smallest limit; nothing else was cut smaller
+    sizes = [len(p) for t, p in h.broker.log if t.startswith(f"{TOPICS.model(ROUND)}/") and p]
+    assert len(sizes) > 1
+    assert max(sizes) <= 16 * 1024
+
+
+def test_an_update_missing_a_chunk_is_never_counted_and_its_device_is_late(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: "b" sends the last of its two chunks only (the first was lost), twice (QoS 1)
+    h = harness(round_timeout=1.0)
+    sent: list[np.ndarray] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        sent.extend(_delta(model, 1))
+        h.clients["a"].send(announcement.round, _payload(model, sent))
+        chunks = h.clients["b"].chunks(_payload(model, _delta(model, 2)), max_chunk=12_000)
+        assert len(chunks) == 2
+        h.clients["b"].publish(announcement.round, [chunks[1], chunks[1]])
+
+    h.on_round(answer)
+
+    # Execute
+    before, result, after = h.run_round()
+
+    # Assert: the round ends at its deadline with a's update alone; b is late, nothing rejected
+    assert (result.selected, result.reported, result.late, result.rejected) == (2, 1, 1, {})
+    assert h.coordinator.report["late"] == ["b"]
+    _assert_weights(after, [w + d for w, d in zip(before.weights, sent, strict=True)])

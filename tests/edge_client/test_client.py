@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from memory_broker import MemoryBroker, MemoryTransport
 
+from fedprune import device_profiles
 from fedprune.edge_client import client as client_module
 from fedprune.edge_client import trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
@@ -123,6 +124,7 @@ def _publish_run(
     deadline: float,
     duration: float = 0.0,
     session: str = "",
+    local_epochs: int = 1,
 ) -> None:
     """What the coordinator leaves retained for a round: spec, model chunks, announcement."""
     coordinator = MemoryTransport(broker)
@@ -149,7 +151,7 @@ def _publish_run(
         deadline=deadline,
         selected=selected,
         model=manifest,
-        local_epochs=1,
+        local_epochs=local_epochs,
         duration=duration,
         session=session,
     )
@@ -632,3 +634,33 @@ def test_a_device_that_serves_forever_trains_the_next_run_even_when_its_model_is
     # Assert: both runs served by the one process, the same round number trained twice
     assert client.report.rounds == [ROUND, ROUND]
     assert not client.report.finished
+
+
+def test_a_device_trains_no_more_epochs_than_its_profile_and_ignores_messages_over_its_limit(
+    model: Model, data: LocalData, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the run asks 3 epochs; the Pi Zero profile allows 1 epoch, batches of 16 and
+    # messages of 128 KiB
+    profile = device_profiles.load("raspberry-pi-zero-2w")
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, local_epochs=3)
+    big = b"x" * (profile.max_payload_bytes + 1)  # waits, retained, in the device's inbox
+    MemoryTransport(broker).publish(TOPICS.inbox(CLIENT), big, retain=True)
+    identity = Identity(run=RUN, client_id=CLIENT, profile=profile.name,
+                        num_samples=data.num_samples, backend="fake",
+                        max_payload=profile.max_payload_bytes)  # fmt: skip
+    client = EdgeClient(MemoryTransport(broker, max_payload=1024), identity=identity, data=data,
+                        profile=profile)  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="fedprune.client")
+
+    # Execute
+    report = client.run(timeout=10)
+
+    # Assert: what it did is in its update's metrics; the big message was ignored, with a line
+    assembler = Reassembler(max_size=1 << 20)
+    payload = [assembler.add(_chunk(p)) for _, p in _update_chunks(broker)][-1]
+    assert payload is not None
+    metrics = decode_update(payload, model).metrics
+    assert (metrics["epochs"], metrics["batch_size"]) == (1.0, 8.0)  # the spec's 8 < 16
+    assert report.oversize == 1
+    assert any("over this profile's 131072-byte limit" in r.getMessage() for r in caplog.records)

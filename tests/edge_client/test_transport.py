@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import pytest
 from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.edge_client.errors import BrokerError, ConfigError, OversizeError
-from fedprune.edge_client.transport import BrokerUrl, MqttTransport
+from fedprune.edge_client.transport import BrokerUrl, Inbox, MqttTransport
 
 
 def test_an_oversize_payload_is_refused_before_it_is_sent() -> None:
@@ -94,3 +96,26 @@ def test_an_unreachable_broker_is_a_broker_error_naming_the_url(free_port: int) 
     # Assert
     assert str(caught.value).startswith(f"cannot reach the MQTT broker at {url} after 2 attempts")
     assert time.monotonic() - started < 3.0
+
+
+def test_the_inbox_holds_at_most_its_limit_and_a_put_waits_for_room() -> None:
+    # Prepare: room for 100 payload bytes, 80 taken
+    inbox = Inbox(100)
+    inbox.put(("t", b"x" * 80))
+    waiting = threading.Thread(target=inbox.put, args=(("t", b"y" * 40),))
+
+    # Execute: the second put waits until the first message is taken
+    waiting.start()
+    waiting.join(0.3)
+    blocked = waiting.is_alive()
+    first = inbox.get(timeout=1)
+    waiting.join(5)
+
+    # Assert
+    assert blocked and not waiting.is_alive()
+    assert first == ("t", b"x" * 80)
+    assert inbox.get(timeout=1) == ("t", b"y" * 40)
+    inbox.put(("t", b"z" * 500))  # alone in the queue: taken whatever its size
+    assert len(inbox.get(timeout=1)[1]) == 500
+    with pytest.raises(queue.Empty):
+        inbox.get(timeout=0.05)

@@ -16,6 +16,7 @@ from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 from fedprune.edge_client.wire import (
     PROTOCOL_VERSION,
     Chunk,
+    Collector,
     Hello,
     Manifest,
     Message,
@@ -386,3 +387,17 @@ def test_an_older_hello_without_installed_still_decodes() -> None:
     message = decode(_envelope("hello", body, version="1.3")).message
 
     assert isinstance(message, Hello) and message.installed is None
+
+
+def test_a_payload_cut_again_into_smaller_chunks_midway_is_still_assembled() -> None:
+    # Prepare: the first chunks of a big-chunk copy arrive, then the whole small-chunk copy
+    payload = bytes(range(256)) * 40
+    big, small = list(split(payload, max_chunk=4096)), list(split(payload, max_chunk=1024))
+    collector = Collector()
+
+    # Execute
+    results = [collector.add(c) for c in [*big[:2], *small]]
+
+    # Assert: assembled once, from the small chunks
+    assert results[-1] == payload
+    assert results[:-1] == [None] * (len(results) - 1)

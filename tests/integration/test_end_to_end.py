@@ -135,3 +135,28 @@ def test_demo_runs_with_the_embedded_pure_python_broker(tmp_path: Path) -> None:
     last = metrics(tmp_path / "amqtt")[-1]
     assert last["reported"] == 2
     assert last["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_twenty_real_device_processes_all_report_every_round_exactly_once(
+    mosquitto: str, tmp_path: Path
+) -> None:
+    # Prepare: an independent subscriber counts the update bytes the broker delivers
+    run = "twenty"
+    counter = MqttTransport(mosquitto, client_id="byte-counter")
+    counter.subscribe(Topics(run).all_updates)
+
+    # Execute: 20 fedprune-client processes (litert: a Pi 4 and a Pi Zero profile in turn)
+    done = run_demo(tmp_path, "--broker", mosquitto, "--clients", "20", "--run", run,
+                    "--rounds", "8", "--begin-round", "2", "--end-round", "6",
+                    "--client-profiles", "raspberry-pi-4,raspberry-pi-zero-2w")  # fmt: skip
+    counted = 0
+    while (item := counter.get(timeout=0.5)) is not None:
+        counted += len(item[1])
+    counter.close()
+
+    # Assert: every device in every round, nothing rejected or lost, the bytes all accounted for
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = metrics(tmp_path / run)
+    assert [(r["selected"], r["reported"], r["rejected"]) for r in rounds] == [(20, 20, {})] * 8
+    assert sum(r["bytes_up"] for r in rounds) == counted
+    assert rounds[-1]["accuracy"] >= 0.5  # 5x chance: ~60 samples a device, a few steps a round
