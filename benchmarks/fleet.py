@@ -1,0 +1,527 @@
+"""A fleet in one round: N simulated devices through a real mosquitto against the real coordinator.
+
+    .venv/bin/python benchmarks/fleet.py [--devices 100 1000 10000] [--updates dense pruned]
+        [--repeats 1] [--workers 2] [--json FILE] [--no-deadline]
+
+Per device count, update kind and repeat, on a private mosquitto started with this script's own
+configuration (unbounded queues, no persistence):
+
+1. Every device gets an Ed25519 key (derived from its id, so the workers need no key files); the
+   coordinator gets its signing key and a folder of the devices' ``<id>.pub`` verify keys, so every
+   message is signed and checked as in production.
+2. ``fedprune-coordinator`` runs in its own process (the CNN preset, no held-out set: no
+   evaluation or export; ``--min-clients N``). ``--workers`` processes simulate the devices, each
+   a share of them over one MQTT connection (the devices' own ``MqttTransport``): each device
+   publishes its signed hello, retained; on a round, each worker reads the model from the
+   broker, and every device the round's draw selects sends a distinct, valid update built with
+   the real codec (``encode_update`` at the model's kept positions, ``split_to_fit``, each chunk
+   signed as the device) on its update topic, exactly like ``EdgeClient.send``. No training:
+   the deltas are a small random array per worker, with one value set from the device's number,
+   so no two payloads are the same.
+3. ``dense``: one round of the dense model. ``pruned``: the model is pruned to 80% after round 1
+   (``--schedule constant --begin-round 1``), so round 1 is a warm-up in which every device
+   reports a ``Failed`` training (a few bytes; the coordinator stops waiting for it) and round 2,
+   at 80% sparsity, is measured.
+4. Measured: the round's wall time (its announcement to its metrics line, as a separate
+   subscriber sees them), the coordinator's CPU time over that span (/proc/PID/stat), its peak
+   memory (VmHWM) before and after the round, mosquitto's VmHWM, and exactly-once: the round's
+   ``reported`` equals N, nothing is rejected, and the coordinator's ``bytes_up`` equals the
+   bytes the workers published.
+
+Then, unless ``--no-deadline``: a round that one selected device never answers (20 devices, a
+10 s ``--round-timeout``) ends at its deadline. Prints a Markdown table of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nacl.encoding import HexEncoder
+
+from fedprune.coordinator.broker import free_port, mosquitto_binary
+from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
+from fedprune.edge_client.signing import SigningKey, Trust
+from fedprune.edge_client.topics import Topics
+from fedprune.edge_client.transport import MqttTransport
+from fedprune.edge_client.wire import (
+    COORDINATOR,
+    Chunk,
+    Collector,
+    Failed,
+    Hello,
+    Metrics,
+    Phase,
+    Round,
+    Status,
+    decode,
+    encode,
+    sha256,
+    split_to_fit,
+)
+
+RUN = "fleet"
+MAX_PAYLOAD = 256 * 1024  # the coordinator's default --max-payload
+SAMPLES = 100  # what each hello declares; updates claim 1..SAMPLES
+WINDOW = 64  # publishes a worker sends before waiting for the broker's acknowledgements
+MEASURED = {"dense": 1, "pruned": 2}  # the round measured for each update kind
+
+
+def device_ids(n: int) -> list[str]:
+    return [f"dev-{i:05d}" for i in range(n)]
+
+
+def device_key(device_id: str) -> SigningKey:
+    """A device's signing key, derived from its id (a benchmark's convenience, not a practice)."""
+    return SigningKey(hashlib.sha256(f"fedprune-fleet/{device_id}".encode()).digest())
+
+
+# -- the simulated devices (one worker process owns many) ---------------------------------------
+
+
+class Fleet:
+    """Devices that share one MQTT connection: hellos, then an update from each selected device
+    on every round, until the coordinator says the run is over."""
+
+    def __init__(self, url: str, ids: list[str], kind: str, trust: Trust, silent: int) -> None:
+        self.ids, self.kind, self.trust = ids, kind, trust
+        self.answering = ids[: len(ids) - silent]  # the last ``silent`` never answer
+        self.keys = {i: device_key(i) for i in ids}
+        self.topics = Topics(RUN)
+        self.transport = MqttTransport(url, client_id=f"fleet-{ids[0]}", max_payload=MAX_PAYLOAD)
+        self.published = 0
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        self.transport.publish(topic, payload, retain=retain)
+        self.published += 1
+        if self.published % WINDOW == 0 and not self.transport.flush(timeout=120):
+            raise RuntimeError("the broker did not acknowledge a worker's publishes in 120 s")
+        return len(payload)
+
+    def hello(self) -> None:
+        for device_id in self.ids:
+            hello = Hello(client_id=device_id, profile="generic-x86-64", num_samples=SAMPLES,
+                          backend="keras")  # fmt: skip
+            self.publish(self.topics.client_status(device_id), self._signed(hello, device_id),
+                         retain=True)  # fmt: skip
+        self.transport.flush(timeout=120)
+
+    def _signed(self, message: Any, device_id: str) -> bytes:
+        return encode(message, run=RUN, sender=device_id, signer=self.keys[device_id])
+
+    def serve(self, report: Queue[Any]) -> None:
+        """Answer every round until the coordinator finishes (or aborts) the run."""
+        for pattern in (self.topics.status, self.topics.round, self.topics.all_models):
+            self.transport.subscribe(pattern)
+        self.hello()
+        report.put(("ready", len(self.ids)))
+        collector, models = Collector(), {}
+        waiting: Round | None = None
+        answered: set[int] = set()
+        while True:
+            item = self.transport.get(timeout=600)
+            if item is None:
+                raise RuntimeError("no message from the coordinator in 600 s")
+            topic, payload = item
+            if not payload:
+                continue
+            message = decode(payload, self.trust).message
+            if isinstance(message, Status) and message.phase in (Phase.FINISHED, Phase.ABORTED):
+                return
+            if isinstance(message, Chunk) and topic.startswith(f"{self.topics.root}/model/"):
+                if (whole := collector.add(message)) is not None:
+                    models[sha256(whole)] = decode_model(whole)
+            elif isinstance(message, Round) and message.round not in answered:
+                waiting = message
+            if waiting is not None and waiting.model.sha256 in models:
+                started = time.perf_counter()
+                count, sent = self.answer(waiting, models[waiting.model.sha256])
+                report.put(("round", waiting.round, count, sent, time.perf_counter() - started))
+                answered.add(waiting.round)
+                waiting = None
+
+    def answer(self, announcement: Round, model: Model) -> tuple[int, int]:
+        """Every selected device's update (or, in the pruned run's warm-up, its failure): how
+        many devices sent one, and the bytes published."""
+        round_ = announcement.round
+        warm_up = self.kind == "pruned" and round_ < MEASURED["pruned"]
+        rng = np.random.default_rng(round_ * 1000 + int(self.ids[0].split("-")[1]))
+        deltas = [rng.normal(0.0, 1e-3, w.shape).astype(np.float32) for w in model.weights]
+        count = sent = 0
+        for device_id in self.answering:
+            if not announcement.selects(device_id):
+                continue
+            prefix = self.topics.update(device_id, round_)
+            number = int(device_id.split("-")[1])
+            if warm_up:
+                failed = Failed(round=round_, reason="warm-up round of the benchmark")
+                sent += self.publish(f"{prefix}/failed", self._signed(failed, device_id))
+                count += 1
+                continue
+            deltas[-1].flat[0] = number * 1e-6  # the last bias is never masked: a distinct update
+            update = Update(round=round_, num_samples=1 + number % SAMPLES, deltas=deltas,
+                            metrics={"loss": 1.0, "accuracy": 0.5, "n_eval": 0.0})  # fmt: skip
+            payload = encode_update(update, model.masks)
+            for chunk in split_to_fit(payload, max_payload=MAX_PAYLOAD):
+                sent += self.publish(f"{prefix}/{chunk.index}", self._signed(chunk, device_id))
+            count += 1
+        if not self.transport.flush(timeout=120):
+            raise RuntimeError("the broker did not acknowledge a worker's updates in 120 s")
+        return count, sent
+
+
+def worker(url: str, ids: list[str], kind: str, coordinator_key: str, silent: int,
+           report: Queue[Any]) -> None:  # fmt: skip
+    trust = Trust.of({COORDINATOR: SigningKey(bytes.fromhex(coordinator_key)).verify_key})
+    fleet = Fleet(url, ids, kind, trust, silent)
+    try:
+        fleet.serve(report)
+        report.put(("done", fleet.published))
+    except Exception as exc:  # the parent reports it and stops the run
+        report.put(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        fleet.transport.close()
+
+
+# -- what the parent measures -------------------------------------------------------------------
+
+
+def proc_kib(pid: int, field: str) -> int:
+    """A /proc/PID/status field in KiB (VmRSS, VmHWM); 0 once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Watcher:
+    """A separate subscriber: when each round is announced and when its metrics line comes, with
+    the coordinator's CPU time and peak memory read at those moments."""
+
+    def __init__(self, url: str, trust: Trust, coordinator: int) -> None:
+        self.trust, self.coordinator = trust, coordinator
+        self.announced: dict[int, tuple[float, float, int]] = {}  # round -> (time, cpu, hwm)
+        self.ended: dict[int, tuple[float, float, int, dict[str, Any]]] = {}
+        self.changed = threading.Condition()
+        topics = Topics(RUN)
+        self.transport = MqttTransport(url, client_id="fleet-watcher")
+        self.transport.subscribe(topics.round)
+        self.transport.subscribe(topics.metrics)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            item = self.transport.get(timeout=1.0)
+            if item is None or not item[1]:
+                continue
+            now, pid = time.perf_counter(), self.coordinator
+            cpu, hwm = cpu_seconds(pid), proc_kib(pid, "VmHWM")
+            message = decode(item[1], self.trust).message
+            with self.changed:
+                if isinstance(message, Round):
+                    self.announced.setdefault(message.round, (now, cpu, hwm))
+                elif isinstance(message, Metrics):
+                    values = message.values
+                    self.ended.setdefault(int(values["round"]), (now, cpu, hwm, values))
+                self.changed.notify_all()
+
+    def wait_for(self, round_: int, alive: Any, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        with self.changed:
+            while round_ not in self.ended:
+                if not alive() or time.monotonic() > end:
+                    raise RuntimeError(f"round {round_} did not end (coordinator alive: {alive()})")
+                self.changed.wait(0.5)
+
+
+class Mosquitto:
+    """A private mosquitto with unbounded queues, so that the broker never drops a QoS 1 message
+    for a subscriber that falls behind (mosquitto's default queue is 1,000 messages)."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = free_port()
+        conf = folder / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "log_dest stdout\nlog_type error\nlog_type warning\n"
+            "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n"
+        )
+        self.log = (folder / "mosquitto.log").open("wb")
+        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log,
+                                        stderr=subprocess.STDOUT)  # fmt: skip
+        time.sleep(0.3)
+        if self.process.poll() is not None:
+            raise SystemExit(f"mosquitto did not start: {(folder / 'mosquitto.log').read_text()}")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self.log.close()
+
+
+@dataclass
+class Result:
+    devices: int
+    updates: str
+    round: int
+    selected: int
+    reported: int
+    rejected: dict[str, int]
+    bytes_up: int  # what the coordinator counted
+    bytes_sent: int  # what the workers published
+    update_bytes: int  # per update, mean
+    round_s: float  # announcement to metrics line, seen by a separate subscriber
+    coordinator_round_s: float  # the round's own ``seconds``
+    cpu_ms_per_update: float  # the coordinator's CPU time over the round / reported
+    coordinator_hwm_before_mb: float
+    coordinator_hwm_mb: float
+    broker_hwm_mb: float
+    join_s: float  # the workers' first hello to round 1's announcement
+
+    @property
+    def exactly_once(self) -> bool:
+        return (
+            self.reported == self.devices
+            and not self.rejected
+            and (self.bytes_up == self.bytes_sent)
+        )
+
+
+def collect(report: Queue[Any], workers: int) -> list[tuple[Any, ...]]:
+    """The workers' reports, until each has said it is done (or failed)."""
+    messages: list[tuple[Any, ...]] = []
+    while sum(m[0] in ("done", "error") for m in messages) < workers:
+        messages.append(report.get(timeout=120))
+    return messages
+
+
+def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout: float = 600.0,
+             profile: Path | None = None, broker_url: str | None = None) -> Result:  # fmt: skip
+    """One coordinator run with ``n`` devices; on ``broker_url`` if given (then the broker's
+    memory is not measured), else on a private mosquitto."""
+    measured = MEASURED[kind]
+    with tempfile.TemporaryDirectory(prefix="fedprune-fleet-") as tmp:
+        folder = Path(tmp)
+        keys = folder / "device-keys"
+        keys.mkdir()
+        ids = device_ids(n)
+        for device_id in ids:
+            (keys / f"{device_id}.pub").write_bytes(
+                device_key(device_id).verify_key.encode(HexEncoder)
+            )
+        coordinator_key = SigningKey.generate()
+        (folder / "coordinator.key").write_bytes(coordinator_key.encode(HexEncoder))
+        trust = Trust.of({COORDINATOR: coordinator_key.verify_key})
+        broker = None if broker_url else Mosquitto(folder)
+        url = broker.url if broker is not None else str(broker_url)
+        context = multiprocessing.get_context("spawn")
+        report: Queue[Any] = context.Queue()
+        shares = [ids[k::workers] for k in range(workers)]
+        processes = [
+            context.Process(
+                target=worker,
+                args=(
+                    url,
+                    share,
+                    kind,
+                    coordinator_key.encode().hex(),
+                    silent if k == 0 else 0,
+                    report,
+                ),
+            )  # fmt: skip
+            for k, share in enumerate(shares)
+        ]
+        log = (folder / "coordinator.log").open("wb")
+        coordinator = subprocess.Popen(
+            [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []),
+             "-m", "fedprune.coordinator.cli", "--broker", url,
+             "--run", RUN, "--out", str(folder / "runs"), "--min-clients", str(n),
+             "--join-timeout", "900", "--rounds", str(measured), "--schedule", "constant",
+             "--target", "0.8", "--begin-round", "1", "--round-timeout", str(round_timeout),
+             "--signing-key", str(folder / "coordinator.key"), "--device-keys", str(keys),
+             "-q"],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )  # fmt: skip
+        watcher = Watcher(url, trust, coordinator.pid)
+        started = time.perf_counter()
+        for process in processes:
+            process.start()
+        try:
+            watcher.wait_for(measured, lambda: coordinator.poll() is None, timeout=1800)
+            broker_hwm = proc_kib(broker.process.pid, "VmHWM") if broker is not None else 0
+            coordinator.wait(120)
+            messages = collect(report, workers)
+        except BaseException:
+            coordinator.kill()
+            for process in processes:
+                process.kill()
+            print((folder / "coordinator.log").read_text()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            log.close()
+            for process in processes:
+                process.join(30)
+            if broker is not None:
+                broker.stop()
+        errors = [m[1] for m in messages if m[0] == "error"]
+        if errors:
+            raise RuntimeError(f"a worker failed: {errors[0]}")
+        sent = sum(m[3] for m in messages if m[0] == "round" and m[1] == measured)
+        answered = sum(m[2] for m in messages if m[0] == "round" and m[1] == measured)
+        first_announced = watcher.announced[1][0]
+        start, cpu_start, hwm_before = watcher.announced[measured]
+        end, cpu_end, hwm_after, values = watcher.ended[measured]
+        reported = int(values["reported"])
+        return Result(
+            devices=n,
+            updates=kind,
+            round=measured,
+            selected=int(values["selected"]),
+            reported=reported,
+            rejected=dict(values["rejected"]),
+            bytes_up=int(values["bytes_up"]),
+            bytes_sent=sent,
+            update_bytes=sent // max(1, answered),
+            round_s=end - start,
+            coordinator_round_s=float(values["seconds"]),
+            cpu_ms_per_update=1000 * (cpu_end - cpu_start) / max(1, reported),
+            coordinator_hwm_before_mb=hwm_before / 1024,
+            coordinator_hwm_mb=hwm_after / 1024,
+            broker_hwm_mb=broker_hwm / 1024,
+            join_s=first_announced - started,
+        )
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("devices", "devices", "{:,}"),
+    ("updates", "updates", "{}"),
+    ("update_bytes", "bytes per update", "{:,}"),
+    ("round_s", "round wall s", "{:.1f}"),
+    ("wall_ms_per_update", "wall ms / update", "{:.2f}"),
+    ("cpu_ms_per_update", "coordinator CPU ms / update", "{:.2f}"),
+    ("coordinator_hwm_before_mb", "coordinator peak MB before round", "{:.0f}"),
+    ("coordinator_hwm_mb", "coordinator peak MB", "{:.0f}"),
+    ("broker_hwm_mb", "mosquitto peak MB", "{:.0f}"),
+    ("join_s", "start to round 1 s", "{:.1f}"),
+    ("exactly_once", "exactly once", "{}"),
+]
+
+
+def summary(results: list[Result]) -> dict[str, Any]:
+    """Medians over repeats; ``exactly_once`` only if every repeat was."""
+    row: dict[str, Any] = {"devices": results[0].devices, "updates": results[0].updates}
+    for name in ("update_bytes", "round_s", "cpu_ms_per_update", "coordinator_hwm_before_mb",
+                 "coordinator_hwm_mb", "broker_hwm_mb", "join_s"):  # fmt: skip
+        row[name] = statistics.median(getattr(r, name) for r in results)
+    row["wall_ms_per_update"] = 1000 * row["round_s"] / row["devices"]
+    checks = [
+        f"{r.reported}/{r.devices} reported, rejected {r.rejected or '{}'},"
+        f" bytes {r.bytes_up:,} counted / {r.bytes_sent:,} sent"
+        for r in results
+        if not r.exactly_once
+    ]
+    row["exactly_once"] = "yes" if not checks else "NO: " + "; ".join(checks)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]  # fmt: skip
+    for row in rows:
+        lines.append("| " + " | ".join(f.format(row[k]) for k, _, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--devices", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--updates", nargs="+", choices=sorted(MEASURED), default=["dense", "pruned"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="device processes (default: 2)")
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="use this broker instead of a private mosquitto (its memory is not measured)",
+    )
+    p.add_argument("--json", type=Path, help="also write every measurement to this file")
+    p.add_argument("--no-deadline", action="store_true", help="skip the dead-device round")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="run the coordinator under cProfile, writing FILE (the last run's)",
+    )
+    args = p.parse_args(argv)
+    rows, everything = [], []
+    for n in args.devices:
+        for kind in args.updates:
+            results = []
+            for repeat in range(args.repeats):
+                result = run_once(
+                    n,
+                    kind,
+                    workers=min(args.workers, n),
+                    profile=args.profile,
+                    broker_url=args.broker,
+                )
+                print(f"{n} devices, {kind}, repeat {repeat + 1}: {asdict(result)}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                results.append(result)
+            everything.extend(asdict(r) for r in results)
+            rows.append(summary(results))
+    print(table(rows))
+    deadline: dict[str, Any] = {}
+    if not args.no_deadline:
+        timeout = 10.0
+        dead = run_once(20, "dense", workers=1, silent=1, round_timeout=timeout)
+        deadline = {"devices": 20, "silent": 1, "round_timeout": timeout,
+                    "round_s": dead.round_s, "reported": dead.reported}  # fmt: skip
+        print(
+            f"\nOne of 20 selected devices never answers, --round-timeout {timeout:g}: the round"
+            f" ended after {dead.round_s:.1f} s with {dead.reported} of 20 updates."
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "runs": everything, "deadline": deadline},
+                                        indent=2))  # fmt: skip
+    return 0 if all(row["exactly_once"] == "yes" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
