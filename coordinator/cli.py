@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from fedprune import __version__, device_profiles
 from fedprune.coordinator.aggregation import RULES
 from fedprune.coordinator.config import RunConfig, ScheduleConfig
 from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
-from fedprune.edge_client.options import add_broker_arguments
+from fedprune.edge_client.options import add_broker_arguments, load_toml
 from fedprune.edge_client.quiet import native_log_filtered
 
 PROG = "fedprune-coordinator"
@@ -207,12 +206,7 @@ RENAMED = {"learning_rate": "lr", "kind": "schedule"}
 def read_run_config(path: Path, p: argparse.ArgumentParser) -> dict[str, Any]:
     """A run's config.toml (what every run writes into its directory) as ``p``'s defaults.
     ``overwrite`` is not taken from it: replacing a run is asked for each time."""
-    try:
-        table = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
+    table = load_toml(path)
     schedule = table.pop("schedule", {})
     if not isinstance(schedule, dict):
         raise ConfigError(f"{path}: schedule must be a table")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from fedprune.edge_client.connection import PASSWORD_ENV, USERNAME_ENV, BrokerSettings
 from fedprune.edge_client.errors import ConfigError
@@ -61,18 +62,23 @@ def broker_settings(args: argparse.Namespace) -> BrokerSettings:
     )
 
 
+def load_toml(path: Path) -> dict[str, Any]:
+    """A TOML config file's table, or a one-line ``ConfigError`` saying why there is none."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
+
+
 def read_config(
     path: Path, keys: dict[str, tuple[str, bool]], flags: frozenset[str] = frozenset()
 ) -> dict[str, str | bool]:
     """A config file (a device's, a monitor's) as argparse defaults (dest -> value). ``keys``
     maps each key it may hold to (argparse dest, is a path); paths are made relative to it.
     The dests in ``flags`` are on/off switches (``forever = true``); the rest are strings."""
-    try:
-        table = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable TOML config file ({exc})") from exc
+    table = load_toml(path)
     defaults: dict[str, str | bool] = {}
     for key, value in table.items():
         if key not in keys:
