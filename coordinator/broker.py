@@ -89,7 +89,7 @@ class EmbeddedBroker:
             "log_dest stdout",
             "log_type error",
             "log_type warning",
-            "max_queued_messages 10000",
+            "max_queued_messages 100000",
         ]
         if self.message_size_limit:
             lines.append(f"message_size_limit {self.message_size_limit}")

@@ -247,6 +247,9 @@ def _write_broker_config(folder: Path, fleet: Fleet) -> None:
         f"keyfile {broker / 'server.key'}",
         "require_certificate true",
         "use_username_as_clientid true",
+        "# Room for a round's updates queued for the coordinator while it verifies them (it reads",
+        "# at its own pace; mosquitto's default of 1000 would drop the rest): docs/scaling.md.",
+        "max_queued_messages 100000",
     ]
     _write(folder / "broker" / "mosquitto.conf", ("\n".join(lines) + "\n").encode())
     acl = [
