@@ -330,9 +330,12 @@ def collect(report: Queue[Any], workers: int) -> list[tuple[Any, ...]]:
 
 
 def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout: float = 600.0,
-             profile: Path | None = None, broker_url: str | None = None) -> Result:  # fmt: skip
+             profile: Path | None = None, broker_url: str | None = None,
+             aggregators: int = 0) -> Result:  # fmt: skip
     """One coordinator run with ``n`` devices; on ``broker_url`` if given (then the broker's
-    memory is not measured), else on a private mosquitto."""
+    memory is not measured), else on a private mosquitto. With ``aggregators``, that many
+    ``fedprune-aggregator`` processes take the updates (a shared subscription) and the
+    coordinator adds their partial sums."""
     measured = MEASURED[kind]
     with tempfile.TemporaryDirectory(prefix="fedprune-fleet-") as tmp:
         folder = Path(tmp)
@@ -373,10 +376,33 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
              "--join-timeout", "900", "--rounds", str(measured), "--schedule", "constant",
              "--target", "0.8", "--begin-round", "1", "--round-timeout", str(round_timeout),
              "--signing-key", str(folder / "coordinator.key"), "--device-keys", str(keys),
-             "-q"],
+             "--aggregators", str(aggregators), "-q"],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )  # fmt: skip
+        helpers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedprune.coordinator.aggregator",
+                    "--broker",
+                    url,
+                    "--run",
+                    RUN,
+                    "--id",
+                    f"agg-{k}",
+                    "--signing-key",
+                    str(folder / "coordinator.key"),
+                    "--device-keys",
+                    str(keys),
+                    "-q",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            for k in range(aggregators)
+        ]
         watcher = Watcher(url, trust, coordinator.pid)
         started = time.perf_counter()
         for process in processes:
@@ -388,11 +414,16 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
             messages = collect(report, workers)
         except BaseException:
             coordinator.kill()
-            for process in processes:
+            for process in [*processes, *helpers]:
                 process.kill()
             print((folder / "coordinator.log").read_text()[-3000:], file=sys.stderr)
             raise
         finally:
+            for helper in helpers:
+                try:
+                    helper.wait(30)
+                except subprocess.TimeoutExpired:
+                    helper.kill()
             log.close()
             for process in processes:
                 process.join(30)
@@ -480,6 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help="use this broker instead of a private mosquitto (its memory is not measured)",
     )
+    p.add_argument(
+        "--aggregators",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N fedprune-aggregator processes take the updates (pruned only: with mosquitto an "
+        "update must be one message)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement to this file")
     p.add_argument("--no-deadline", action="store_true", help="skip the dead-device round")
     p.add_argument(
@@ -500,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                     workers=min(args.workers, n),
                     profile=args.profile,
                     broker_url=args.broker,
+                    aggregators=args.aggregators,
                 )
                 print(f"{n} devices, {kind}, repeat {repeat + 1}: {asdict(result)}",
                       file=sys.stderr, flush=True)  # fmt: skip

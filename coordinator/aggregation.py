@@ -64,6 +64,11 @@ class Aggregator(ABC):
             for w, d in zip(weights, self._delta(), strict=True)
         ]
 
+    @property
+    def evaluated(self) -> float:
+        """The clients' held-out samples behind :meth:`client_metrics`."""
+        return self._metric_weight
+
     def client_metrics(self) -> dict[str, float]:
         """Clients' held-out metrics, averaged weighted by their held-out sizes."""
         if self._metric_weight == 0:

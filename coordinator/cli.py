@@ -166,6 +166,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_pending_bytes,
         help="memory for updates still in assembly, all devices together (default: %(default)s)",
     )
+    p.add_argument(
+        "--aggregators",
+        type=int,
+        default=d.aggregators,
+        metavar="N",
+        help="N fedprune-aggregator processes take the updates through an MQTT 5 shared "
+        "subscription and send partial sums (fedavg; docs/scaling.md; default: 0 = none)",
+    )
     p.add_argument("--out", default=d.out, help="folder of run directories (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument(
@@ -283,6 +291,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         max_norm=args.max_norm,
         max_samples=args.max_samples,
         max_pending_bytes=args.max_pending_bytes,
+        aggregators=args.aggregators,
     )
     values.update(overrides)
     return RunConfig(**values)  # type: ignore[arg-type]  # checked in __post_init__

@@ -126,6 +126,9 @@ class RunConfig:
     max_norm: float = 1e4
     max_samples: int = 10_000_000
     max_pending_bytes: int = 512 * 1024 * 1024
+    # Aggregator processes that take the updates (MQTT 5 shared subscription) and send partial
+    # sums (fedprune-aggregator, docs/scaling.md); 0 = the coordinator takes them itself
+    aggregators: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -150,8 +153,12 @@ class RunConfig:
             ("trim", 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
             ("max_samples", self.max_samples >= 1, ">= 1"),
             ("max_pending_bytes", self.max_pending_bytes >= 1, ">= 1"),
+            ("aggregators", self.aggregators >= 0, ">= 0 (0 = none)"),
         ]
         check_name(self.run, "run name")
+        if self.aggregators and (self.aggregation != "fedavg" or self.staleness_weight):
+            raise ConfigError("aggregators add partial sums: they need --aggregation fedavg and"
+                              " no --staleness-weight")  # fmt: skip
         if self.staleness_weight and self.aggregation != "fedavg":
             raise ConfigError(
                 f"staleness_weight needs --aggregation fedavg ({self.aggregation} weighs every"

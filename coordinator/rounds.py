@@ -28,7 +28,7 @@ from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.telemetry import Telemetry
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
 from fedprune.device_profiles import DEFAULT_PROFILE
-from fedprune.edge_client.codec import Model, encode_model
+from fedprune.edge_client.codec import Model, Update, decode_update, encode_model
 from fedprune.edge_client.errors import ConfigError, FedpruneError, SignatureError, WireError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import NAME, Topics, check_name
@@ -39,6 +39,8 @@ from fedprune.edge_client.wire import (
     EVERYONE,
     UNSIGNED,
     Chunk,
+    Close,
+    Collector,
     Deployment,
     Failed,
     Hello,
@@ -52,6 +54,7 @@ from fedprune.edge_client.wire import (
     Round,
     Spec,
     Status,
+    Tally,
     decode,
     encode,
     rank,
@@ -69,6 +72,9 @@ SENDER = COORDINATOR
 _FEW_DEVICES = 1000
 """A telemetry snapshot with more devices is not encoded whole before it is shrunk: it would not
 fit in a message of the usual size anyway (bisection still finds it if it does)."""
+
+PARTIAL_WAIT = 30.0
+"""Seconds the coordinator waits for its aggregators' partial sums once a round is closed."""
 
 GONE_GRACE = 2.0
 """Seconds a round still waits after a device went offline before it closes for want of anyone
@@ -131,9 +137,11 @@ class _Collect:
     held: int = 0  # bytes held by all of ``assembling``, bounded by Limits.max_pending_bytes
     handled: set[tuple[str, str, str]] = field(default_factory=set)  # accepted or rejected
     unreadable: set[tuple[str, str]] = field(default_factory=set)
-    why: dict[str, str] = field(
-        default_factory=dict
-    )  # device -> its last rejection, for the report
+    # device -> its last rejection, for the round's report
+    why: dict[str, str] = field(default_factory=dict)
+    partials: dict[str, Update] = field(default_factory=dict)  # by aggregator, once closed
+    # each aggregator's chunks apart: two with nothing to add send the same bytes
+    partial_parts: dict[str, Collector] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)  # devices whose previous-round update counted
 
 
@@ -181,6 +189,9 @@ class Coordinator:
         self._joining = {"spec": 0, "artifact": 0, "status": 0, "round": 0}  # retained sizes
         self._down_counted = 0  # bytes_down already in a round's result
         self._left_at = -math.inf  # when a device last went offline (monotonic)
+        self._aggregators_root = self.topics.aggregators.removesuffix("/#")
+        # Aggregators sign with this coordinator's key: what they send is checked against it.
+        self._own = UNSIGNED if signer is None else Trust.of({SENDER: signer.verify_key})
         self._artifact = b""  # the training artifact, once built
         self._artifact_limit = 0  # the chunk size it is published in
         self._collect: _Collect | None = None
@@ -348,24 +359,31 @@ class Coordinator:
         item = self.transport.get(timeout)
         if item is None:
             return False
-        topic, payload = item
+        self.handle(*item)
+        return True
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One message: an update chunk, a device's status, or an aggregator's tally or partial."""
+        if self.config.aggregators and topic.startswith(self._aggregators_root):
+            self._on_aggregator(topic, payload)
+            return
         parsed = self.topics.parse_update(topic)
         if parsed is not None:
             self._on_update_chunk(*parsed, payload)
-            return True
+            return
         client_id = self.topics.client_of_status(topic)
         if client_id is None or not payload or not NAME.fullmatch(client_id):
-            return True
+            return
         try:
             envelope = decode(payload, self.trust)
             message = envelope.message
         except SignatureError as exc:
             self.dropped += 1
             log.warning("dropped a status message on %s's topic: %s", client_id, exc)
-            return True
+            return
         except WireError as exc:
             log.warning("ignored status of %s: %s", client_id, exc)
-            return True
+            return
         if envelope.sender != client_id:
             log.warning("ignored a status message sent as %r on %s's status topic",
                         envelope.sender[:64], client_id)  # fmt: skip
@@ -394,7 +412,6 @@ class Coordinator:
             self._left_at = time.monotonic()
             log.info("client %s went offline", client_id)
             self.observer.left(client_id)
-        return True
 
     def _on_update_chunk(
         self, client_id: str, round_text: str, _index: str, payload: bytes
@@ -545,7 +562,9 @@ class Coordinator:
 
     def start(self) -> None:
         self.transport.subscribe(self.topics.all_client_status)
-        self.transport.subscribe(self.topics.all_updates)
+        # With aggregators, they take the updates ($share) and send tallies and partial sums.
+        updates = self.topics.aggregators if self.config.aggregators else self.topics.all_updates
+        self.transport.subscribe(updates)
         spec = self.spec(self._publish_artifact())
         self._joining["spec"] = self._publish(self.topics.spec, spec, receivers=len(self.clients))
         self.status(Phase.WAITING, 0)
@@ -623,6 +642,8 @@ class Coordinator:
         deadline = time.monotonic() + self.config.round_timeout
         while not self._closed(state) and time.monotonic() < deadline:
             self.pump(0.1)
+        if self.config.aggregators:
+            self._gather(state)
         self._collect = None
         state.assembling.clear()  # what had not arrived whole by the close never will count
         self._previous = state if self.config.staleness_weight else None
@@ -664,6 +685,54 @@ class Coordinator:
         self.observer.round_ended(result, late)
         self.on_round(result)
         return result
+
+    # -- aggregators (docs/scaling.md) -----------------------------------------------------------
+
+    def _on_aggregator(self, topic: str, payload: bytes) -> None:
+        """A tally or a partial sum chunk from an aggregator; signed with this coordinator's key
+        when the run is signed (they run with it)."""
+        state = self._collect
+        if state is None or not payload:
+            return
+        try:
+            envelope = decode(payload, self._own)
+            message = envelope.message
+            if envelope.sender != SENDER:
+                raise WireError(f"sent as {envelope.sender[:64]!r}")
+            partial = f"/partial/{state.round}/" in topic
+            if isinstance(message, Tally) and message.round == state.round:
+                state.reported.update(c for c in message.reported if c in state.selected)
+                state.responded.update(c for c in message.responded if c in state.selected)
+                for reason, count in message.rejected.items():
+                    state.rejected[str(reason)[:32]] += max(0, int(count))
+                state.bytes_up += max(0, message.bytes_up)
+            elif isinstance(message, Chunk) and partial:
+                name = topic[len(self._aggregators_root) + 1 :].split("/")[0]
+                if name not in state.partial_parts and len(state.partial_parts) >= 4 * (
+                    self.config.aggregators
+                ):
+                    raise WireError(f"more aggregators than the {self.config.aggregators} expected")
+                whole = state.partial_parts.setdefault(name, Collector()).add(message)
+                if whole is not None:
+                    state.partials[name] = decode_update(whole, state.model)
+        except (WireError, TypeError, ValueError) as exc:
+            log.warning("ignored a message on %s: %s", topic, exc)
+
+    def _gather(self, state: _Collect) -> None:
+        """Close the round for the aggregators and add up their partial sums (FedAvg: each is
+        its average delta and its weight, the samples behind it)."""
+        self._publish(self.topics.close, Close(round=state.round), retain=False)
+        end = time.monotonic() + PARTIAL_WAIT
+        while len(state.partials) < self.config.aggregators and time.monotonic() < end:
+            self.pump(0.1)
+        if len(state.partials) < self.config.aggregators:
+            log.warning("round %d: %d of %d aggregators sent their partial sum in %.0f s",
+                        state.round, len(state.partials), self.config.aggregators,
+                        PARTIAL_WAIT)  # fmt: skip
+        for partial in state.partials.values():
+            weight = partial.metrics.get("weight", 0.0)
+            if weight > 0:
+                state.aggregator.add(dataclasses.replace(partial, num_samples=1), weight=weight)
 
     def _closed(self, state: _Collect) -> bool:
         """Whether the round can close: its quorum of the selected devices (drawn late joiners

@@ -87,6 +87,27 @@ class Topics:
     def all_updates(self) -> str:
         return f"{self.root}/clients/+/update/#"
 
+    def shared_updates(self, group: str) -> str:
+        """Every update chunk, shared among the subscribers of ``group`` (MQTT 5 ``$share``):
+        each message goes to one of them."""
+        return f"$share/{group}/{self.all_updates}"
+
+    @property
+    def aggregators(self) -> str:
+        """Everything the aggregators send the coordinator."""
+        return f"{self.root}/aggregators/#"
+
+    def tally(self, aggregator: str) -> str:
+        return f"{self.root}/aggregators/{aggregator}/tally"
+
+    def partial(self, aggregator: str, round_: int) -> str:
+        """Prefix of one aggregator's partial sum chunks for one round."""
+        return f"{self.root}/aggregators/{aggregator}/partial/{round_}"
+
+    @property
+    def close(self) -> str:
+        return f"{self.root}/aggregate/close"
+
     def parse_update(self, topic: str) -> tuple[str, str, str] | None:
         """``(client_id, round, chunk)`` as strings from an update chunk topic, else ``None``."""
         prefix = f"{self.root}/clients/"

@@ -63,6 +63,8 @@ class Kind(StrEnum):
     NOTICE = "notice"
     TELEMETRY = "telemetry"
     FAILED = "failed"
+    TALLY = "tally"
+    CLOSE = "close"
 
 
 class Phase(StrEnum):
@@ -246,6 +248,28 @@ class Failed(Message):
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Tally(Message):
+    """An aggregator -> the coordinator (1.6): what it did with a round's updates since its last
+    tally: the devices whose update it accepted, those it is done with (accepted or rejected),
+    its rejections by reason and the update bytes it received."""
+
+    KIND: ClassVar[Kind] = Kind.TALLY
+    round: int
+    reported: list[str]
+    responded: list[str]
+    rejected: dict[str, int]
+    bytes_up: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Close(Message):
+    """The coordinator -> its aggregators (1.6): ``round`` is closed; send its partial sum."""
+
+    KIND: ClassVar[Kind] = Kind.CLOSE
+    round: int
+
+
 _BY_KIND: dict[Kind, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -260,6 +284,8 @@ _BY_KIND: dict[Kind, type[Message]] = {
         Deployment,
         Telemetry,
         Failed,
+        Tally,
+        Close,
     )  # fmt: skip
 }
 _seq = itertools.count()
