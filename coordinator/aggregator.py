@@ -32,7 +32,7 @@ from fedprune.coordinator.aggregation import make_aggregator
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.observer import Observers
 from fedprune.coordinator.pruning import Pruner
-from fedprune.coordinator.rounds import Coordinator, _Collect
+from fedprune.coordinator.rounds import Collection, Coordinator
 from fedprune.coordinator.validation import Limits
 from fedprune.edge_client.codec import Update, decode_model, encode_update
 from fedprune.edge_client.errors import FedpruneError, WireError, print_error
@@ -143,7 +143,7 @@ class ShareAggregator(Coordinator):
             max_samples=config.max_samples,
             max_pending_bytes=config.max_pending_bytes,
         )
-        self._collect = _Collect(
+        self._collect = Collection(
             round=announced.round,
             model=model,
             announcement=announced,

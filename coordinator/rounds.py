@@ -119,7 +119,7 @@ class RoundResult:
 
 
 @dataclass(kw_only=True)
-class _Collect:
+class Collection:
     """State of the round being collected."""
 
     round: int
@@ -194,8 +194,8 @@ class Coordinator:
         self._own = UNSIGNED if signer is None else Trust.of({SENDER: signer.verify_key})
         self._artifact = b""  # the training artifact, once built
         self._artifact_limit = 0  # the chunk size it is published in
-        self._collect: _Collect | None = None
-        self._previous: _Collect | None = None  # the last round: late updates may still count
+        self._collect: Collection | None = None
+        self._previous: Collection | None = None  # the last round: late updates may still count
         self.report: dict[str, Any] = {}  # who was late, gone, failed or rejected: last round
         self._model_chunks: list[str] = []
         self.telemetry = Telemetry(config, publish=self._publish_telemetry,
@@ -498,7 +498,7 @@ class Coordinator:
             receivers=1,
         )
 
-    def _round_of(self, round_text: str, state: _Collect) -> _Collect:
+    def _round_of(self, round_text: str, state: Collection) -> Collection:
         """The round an update is for: the current one or, when late updates count
         (``staleness_weight``), the previous one."""
         if round_text == str(state.round):
@@ -508,7 +508,9 @@ class Coordinator:
             return previous
         raise Rejected(Reason.ROUND, f"update for round {round_text}, now {state.round}")
 
-    def _assemble(self, state: _Collect, slot: tuple[str, str, str], chunk: Chunk) -> bytes | None:
+    def _assemble(
+        self, state: Collection, slot: tuple[str, str, str], chunk: Chunk
+    ) -> bytes | None:
         """Add a chunk to its payload; the payload once complete. Memory is bounded per payload
         (``max_update_bytes``), per device (``max_payloads_per_device`` in assembly) and in all
         (``max_pending_bytes``), so made-up payloads cannot exhaust the coordinator."""
@@ -532,7 +534,7 @@ class Coordinator:
         return complete
 
     @staticmethod
-    def _drop(state: _Collect, slot: tuple[str, str, str]) -> None:
+    def _drop(state: Collection, slot: tuple[str, str, str]) -> None:
         """Forget a payload's chunks; later chunks of it are ignored."""
         assembler = state.assembling.pop(slot, None)
         if assembler is not None:
@@ -546,7 +548,7 @@ class Coordinator:
             return self.limits
         return dataclasses.replace(self.limits, max_samples=max(1, hello.num_samples))
 
-    def _reject(self, state: _Collect, client_id: str, rejected: Rejected) -> None:
+    def _reject(self, state: Collection, client_id: str, rejected: Rejected) -> None:
         state.rejected[rejected.reason.value] += 1
         if len(state.why) < REPORTED_REASONS:
             state.why[client_id] = str(rejected)[:200]
@@ -626,7 +628,7 @@ class Coordinator:
         self.observer.round_started(round_, selected, announcement.deadline,
                                     model_bytes + round_bytes)  # fmt: skip
         self.status(Phase.TRAINING, round_)
-        state = _Collect(
+        state = Collection(
             round=round_,
             model=model,
             announcement=announcement,
@@ -718,7 +720,7 @@ class Coordinator:
         except (WireError, TypeError, ValueError) as exc:
             log.warning("ignored a message on %s: %s", topic, exc)
 
-    def _gather(self, state: _Collect) -> None:
+    def _gather(self, state: Collection) -> None:
         """Close the round for the aggregators and add up their partial sums (FedAvg: each is
         its average delta and its weight, the samples behind it)."""
         self._publish(self.topics.close, Close(round=state.round), retain=False)
@@ -734,7 +736,7 @@ class Coordinator:
             if weight > 0:
                 state.aggregator.add(dataclasses.replace(partial, num_samples=1), weight=weight)
 
-    def _closed(self, state: _Collect) -> bool:
+    def _closed(self, state: Collection) -> bool:
         """Whether the round can close: its quorum of the selected devices (drawn late joiners
         among them) reported, or no selected device that is still online has yet to answer (one
         whose connection dropped, its last will, is not waited for)."""

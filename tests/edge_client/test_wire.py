@@ -16,7 +16,9 @@ from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 from fedprune.edge_client.wire import (
     PROTOCOL_VERSION,
     Chunk,
+    Close,
     Collector,
+    Failed,
     Hello,
     Manifest,
     Message,
@@ -28,6 +30,7 @@ from fedprune.edge_client.wire import (
     Round,
     Spec,
     Status,
+    Tally,
     Telemetry,
     decode,
     encode,
@@ -98,7 +101,28 @@ MESSAGES: list[Message] = [
         num_samples=1,
         backend="litert",
         installed="ab" * 32,
+        max_payload=131_072,
     ),
+    Round(
+        round=4,
+        model_version=8,
+        deadline=0.0,
+        local_epochs=1,
+        duration=30.0,
+        session="0195-ab",
+        draw="9f3a",
+        cutoff=2**63,
+        model=Manifest(topic="t", size=1, chunks=1, sha256="0" * 64),
+    ),  # fmt: skip
+    Failed(round=3, reason="MemoryError: out of memory"),
+    Tally(
+        round=3,
+        reported=["pi-1"],
+        responded=["pi-1", "pi-2"],
+        rejected={"norm": 1},
+        bytes_up=123_456,
+    ),
+    Close(round=3),
 ]
 
 
