@@ -10,6 +10,7 @@ where they were.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import queue
@@ -17,6 +18,7 @@ import ssl
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -36,18 +38,28 @@ class Inbox:
     beyond that waits until the reader has taken enough, so that a burst the reader cannot keep
     up with waits at the broker (TCP back-pressure) instead of in this process's memory, until
     the reader has brought it down to half (so that the two threads take turns in batches, not
-    message by message). A message alone in the queue is always taken, however big."""
+    message by message). A message alone in the queue is always taken, however big.
+
+    The put runs on the MQTT network thread, which also reads acknowledgements: while the reader
+    waits for one (:meth:`unbounded`) puts do not wait, and after :meth:`close` they drop."""
 
     def __init__(self, limit: int = 0) -> None:
         self.limit = limit
         self._items: collections.deque[Incoming] = collections.deque()
         self._held = 0
+        self._unbounded = 0  # readers waiting for the network thread
+        self._closed = False
         self._changed = threading.Condition()
 
     def put(self, item: Incoming) -> None:
         with self._changed:
             if self.limit and self._items and self._held + len(item[1]) > self.limit:
-                self._changed.wait_for(lambda: not self._items or self._held <= self.limit // 2)
+                self._changed.wait_for(
+                    lambda: self._unbounded or self._closed or not self._items
+                    or self._held <= self.limit // 2
+                )  # fmt: skip
+            if self._closed:
+                return
             self._items.append(item)
             self._held += len(item[1])
             self._changed.notify_all()
@@ -62,6 +74,24 @@ class Inbox:
             if not self._items or self._held <= self.limit // 2:
                 self._changed.notify_all()  # a waiting put may go on
             return item
+
+    @contextlib.contextmanager
+    def unbounded(self) -> Iterator[None]:
+        """Puts do not wait while this lasts: the reader waits for the network thread."""
+        with self._changed:
+            self._unbounded += 1
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._unbounded -= 1
+
+    def close(self) -> None:
+        """Drop what comes from now on, and let a waiting put go (the reader has stopped)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
 
 INBOX_BYTES = 64 * 1024 * 1024
@@ -248,7 +278,8 @@ class MqttTransport(Transport):
             return  # not connected: _on_connect subscribes again
         with self._lock:
             acked = self._subacks.setdefault(mid, threading.Event())
-        acked.wait(10)
+        with self.inbox.unbounded():
+            acked.wait(10)
         with self._lock:
             self._subacks.pop(mid, None)
 
@@ -283,9 +314,11 @@ class MqttTransport(Transport):
         deadline = time.monotonic() + timeout
         with self._lock:
             pending, self._pending = self._pending, []
-        return all(_wait(info, deadline - time.monotonic()) for info in pending)
+        with self.inbox.unbounded():
+            return all(_wait(info, deadline - time.monotonic()) for info in pending)
 
     def close(self) -> None:
+        self.inbox.close()
         self._client.disconnect()
         self._client.loop_stop()
 

@@ -119,3 +119,28 @@ def test_the_inbox_holds_at_most_its_limit_and_a_put_waits_for_room() -> None:
     assert len(inbox.get(timeout=1)[1]) == 500
     with pytest.raises(queue.Empty):
         inbox.get(timeout=0.05)
+
+
+def test_a_put_waiting_for_room_goes_on_while_unbounded_and_drops_after_close() -> None:
+    # Prepare: a full inbox
+    inbox = Inbox(100)
+    inbox.put(("t", b"x" * 80))
+    unbounded = threading.Thread(target=inbox.put, args=(("t", b"y" * 40),))
+    dropped = threading.Thread(target=inbox.put, args=(("t", b"z" * 40),))
+
+    # Execute
+    with inbox.unbounded():
+        unbounded.start()
+        unbounded.join(5)
+    dropped.start()
+    dropped.join(0.3)
+    blocked = dropped.is_alive()
+    inbox.close()
+    dropped.join(5)
+
+    # Assert
+    assert not unbounded.is_alive()
+    assert blocked and not dropped.is_alive()
+    assert [inbox.get(timeout=1)[1][:1] for _ in range(2)] == [b"x", b"y"]
+    with pytest.raises(queue.Empty):
+        inbox.get(timeout=0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,34 @@ def test_chunked_payload_and_retained_message_arrive_intact(mosquitto: str, sche
     # Assert
     assert result == payload
     assert retained == ("t/retained", b"state")
+
+
+def test_a_full_inbox_does_not_hold_up_a_flush_a_subscribe_or_close(mosquitto: str) -> None:
+    # Prepare: a reader that takes nothing while a burst fills its 100 kB inbox, so that paho's
+    # network thread waits to hand over the next message
+    reader = MqttTransport(mosquitto, client_id="reader", inbox_bytes=100_000)
+    reader.subscribe("burst/#")
+    sender = MqttTransport(mosquitto, client_id="sender")
+    for i in range(40):
+        sender.publish(f"burst/{i}", os.urandom(20_000))
+    assert sender.flush(timeout=10)
+    deadline = time.monotonic() + 10
+    while reader.inbox._held < 100_000 // 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    # Execute: the reader publishes and waits for the acknowledgement, subscribes, and quits
+    started = time.monotonic()
+    reader.publish("reply", b"done")
+    acked = reader.flush(timeout=10)
+    reader.subscribe("other")
+    reader.close()
+    took = time.monotonic() - started
+    sender.close()
+
+    # Assert
+    assert acked
+    assert took < 5
+    assert reader.get(timeout=0.1) is not None  # what was received is still there to take
 
 
 def test_payload_over_the_broker_limit_is_refused_before_it_is_sent() -> None:
