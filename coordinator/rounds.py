@@ -422,6 +422,7 @@ class Coordinator:
         state.bytes_up += len(payload)
         key = (client_id, round_text)
         chunk: Chunk | None = None
+        target = state  # the round the payload is for, once known: its chunks are kept there
         try:
             envelope = decode(payload, self.trust)
             message = envelope.message
@@ -440,13 +441,15 @@ class Coordinator:
             if (*key, chunk.sha256) in state.handled:
                 return  # a QoS 1 redelivery, or the rest of a payload already judged
             target = self._round_of(round_text, state)
+            if (*key, chunk.sha256) in target.handled:
+                return
             if client_id not in target.selected:
                 if not (target.announcement.selects(client_id) and client_id in self.clients):
                     raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
                 target.selected.add(client_id)  # it joined after the draw, which selects it
             if client_id in target.reported:
                 raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
-            complete = self._assemble(state, (*key, chunk.sha256), chunk)
+            complete = self._assemble(target, (*key, chunk.sha256), chunk)
             if complete is None:
                 return
             update = validate(
@@ -464,19 +467,20 @@ class Coordinator:
             # One rejection per payload, not per chunk: the rest of a rejected payload's chunks
             # are ignored like redeliveries; unreadable chunks count once per client and round.
             if chunk is not None:
-                self._drop(state, (*key, chunk.sha256))
+                self._drop(target, (*key, chunk.sha256))
             elif key in state.unreadable:
                 return
             else:
                 state.unreadable.add(key)
             rejected = exc if isinstance(exc, Rejected) else Rejected(classify(exc), str(exc))
-            self._reject(state, client_id, rejected)
+            self._reject(state, client_id, rejected, round_text)
             return
         except Exception as exc:  # noqa: BLE001 - the network boundary: a bad update is data
             if chunk is not None:
-                self._drop(state, (*key, chunk.sha256))
+                self._drop(target, (*key, chunk.sha256))
             log.exception("round %d: unreadable update chunk from %s", state.round, client_id)
-            self._reject(state, client_id, Rejected(Reason.DECODE, f"unreadable update ({exc!r})"))
+            rejected = Rejected(Reason.DECODE, f"unreadable update ({exc!r})")
+            self._reject(state, client_id, rejected, round_text)
             return
         if target is state:
             state.aggregator.add(update)
@@ -548,17 +552,24 @@ class Coordinator:
             return self.limits
         return dataclasses.replace(self.limits, max_samples=max(1, hello.num_samples))
 
-    def _reject(self, state: Collection, client_id: str, rejected: Rejected) -> None:
+    def _reject(
+        self, state: Collection, client_id: str, rejected: Rejected, round_text: str
+    ) -> None:
+        """Count a rejection in the current round; the notice names the round the payload was
+        for (``round_text``, from its topic), so that a device does not take the rejection of
+        an old payload for the answer to its current one."""
         state.rejected[rejected.reason.value] += 1
         if len(state.why) < REPORTED_REASONS:
             state.why[client_id] = str(rejected)[:200]
         not_its_answer = (Reason.ROUND, Reason.UNSELECTED, Reason.SENDER)
-        if client_id in state.selected and rejected.reason not in not_its_answer:
+        current = round_text == str(state.round)
+        if current and client_id in state.selected and rejected.reason not in not_its_answer:
             state.responded.add(client_id)  # its answer for this round is in: do not wait for it
         log.warning("round %d: rejected an update from %s: %s", state.round, client_id, rejected)
         self.observer.rejected(client_id, rejected.reason.value, rejected.detail)
-        notice = Notice(round=state.round, accepted=False, reason=str(rejected))
-        self._publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
+        if round_text.isdigit() and len(round_text) < 10:
+            notice = Notice(round=int(round_text), accepted=False, reason=str(rejected))
+            self._publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -909,6 +909,38 @@ def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or
     assert h.coordinator.report["stale"] == (["b"] if weight else [])
 
 
+def test_a_redelivered_update_of_the_previous_round_is_ignored_and_does_not_answer_this_one(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: late updates count; "a"'s round-2 update arrives again (QoS 1) during round 3,
+    # followed by a different round-2 update (rejected as a duplicate), then the round-3 updates
+    h = harness(staleness_weight=0.5)
+    sent: dict[str, bytes] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        for i, client in enumerate(h.clients.values()):
+            if announcement.round == ROUND:
+                sent[client.id] = _payload(model, _delta(model, i))
+            else:
+                h.clients["a"].send(ROUND, sent["a"])
+                h.clients["a"].send(ROUND, _payload(model, _delta(model, 9)))
+            payload = _payload(model, _delta(model, 10 + i), round_=announcement.round)
+            client.send(announcement.round, sent[client.id] if announcement.round == ROUND
+                        else payload)  # fmt: skip
+
+    h.on_round(answer)
+    h.run_round()
+    h.clients["a"].notices()
+
+    # Execute
+    result = h.coordinator.run_round(ROUND + 1)
+
+    # Assert: both round-3 updates count; the duplicate's notice names round 2
+    notices = h.clients["a"].notices()
+    assert (result.reported, result.rejected) == (2, {"duplicate": 1})
+    assert [(n.round, n.accepted) for n in notices] == [(ROUND, False), (ROUND + 1, True)]
+
+
 def test_a_device_with_a_small_message_limit_gets_the_model_in_chunks_it_takes(
     harness: Callable[..., Harness],
 ) -> None:
