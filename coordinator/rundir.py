@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,11 @@ class RunDir:
         )
 
     def append(self, result: RoundResult) -> None:
+        """Add the round's metrics line, on disk before the round's checkpoint is written."""
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(result.to_dict()) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def checkpoint(self, round_: int, pruner: Pruner, ledger: Ledger) -> Path:
         """What a resumed run continues from, written in one step once the round's metrics line
@@ -117,10 +121,10 @@ class RunDir:
                 book = json.loads(str(saved["ledger"]))
             pruner.wrapped.set_weights(weights)
             ledger.restore(book["devices"], book["events"])
-            results = [RoundResult(**json.loads(line)) for line in self.metrics.open()]
+            lines = self.metrics.read_text().splitlines()[:done]  # a torn last line is later
+            results = [RoundResult(**json.loads(line)) for line in lines]
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise ConfigError(f"{found[-1]}: cannot resume from this checkpoint ({exc})") from exc
-        results = [r for r in results if r.round <= done]
         if [r.round for r in results] != list(range(1, done + 1)):
             raise ConfigError(f"{self.metrics}: does not hold rounds 1 to {done} of the checkpoint")
         write_atomic(

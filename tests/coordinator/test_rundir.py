@@ -50,11 +50,12 @@ def _result(round_: int) -> RoundResult:
                        rejected={}, seconds=0.1)  # fmt: skip
 
 
+@pytest.mark.parametrize("torn", [False, True])
 def test_a_resumed_run_gets_the_checkpoint_and_drops_metrics_of_the_round_that_did_not_end(
-    tmp_path: Path, pruner: Pruner
+    tmp_path: Path, pruner: Pruner, torn: bool
 ) -> None:
-    # Prepare: round 1 checkpointed with a device in the ledger; round 2's metrics line written,
-    # and then the coordinator died before its checkpoint
+    # Prepare: round 1 checkpointed with a device in the ledger; round 2's metrics line written
+    # (or half of it: killed while writing), and then the coordinator died before its checkpoint
     run = RunDir(tmp_path / "run")
     run.write_config(RunConfig())
     ledger = Ledger()
@@ -62,6 +63,9 @@ def test_a_resumed_run_gets_the_checkpoint_and_drops_metrics_of_the_round_that_d
     run.append(_result(1))
     run.checkpoint(1, pruner, ledger)
     run.append(_result(2))
+    if torn:
+        text = run.metrics.read_text()
+        run.metrics.write_text(text[: len(text) - 40])
     saved = [w.copy() for w in pruner.wrapped.get_weights()]
     fresh = pruner_for(models.build("mlp", seed=1), ScheduleConfig(target=0.5, begin_round=0,
                                                                     end_round=2))  # fmt: skip
