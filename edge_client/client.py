@@ -164,6 +164,8 @@ class EdgeClient:
         self._finished_at: float | None = None  # when the coordinator said it finished
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
         self._ended: str | None = None  # the session whose end was served (``forever``)
+        self._forever = False
+        self._unable: tuple[str | None, str] | None = None  # a session it cannot train, why
         self._session: str | None = None  # the coordinator session it follows (protocol 1.5)
         self._coordinator_gone = False  # its last will arrived, and no status since
         self._trained: set[int] = set()  # rounds trained in that session
@@ -190,7 +192,9 @@ class EdgeClient:
 
     def run(self, *, timeout: float | None = None, forever: bool = False) -> ClientReport:
         """Serve rounds until the coordinator finishes (or ``timeout`` seconds pass); with
-        ``forever``, serve every later run of the same name too (a device as a service)."""
+        ``forever``, serve every later run of the same name too (a device as a service): a run
+        this device cannot train is then answered with a failed round each round, not an exit."""
+        self._forever = forever
         self.start()
         end = None if timeout is None else time.monotonic() + timeout
         while not self.report.finished and (end is None or time.monotonic() < end):
@@ -252,6 +256,8 @@ class EdgeClient:
             return f"run {run!r} to start its first round{phase}"
         if self.artifacts is not None and spec.artifact is not None and not self._artifact(spec):
             return f"the training artifact ({spec.artifact.size:,} bytes)"
+        if (why := self._cannot_train(spec)) is not None:
+            return f"a run this device can train ({why})"
         if round_.round in self._trained:
             return f"the round after round {round_.round}"
         if not round_.selects(self.client_id):
@@ -275,12 +281,20 @@ class EdgeClient:
             self._waiting = (what, self._waiting[1], now)
 
     def _on_spec(self, spec: Spec) -> None:
+        self._spec = spec
+        if (why := self._cannot_train(spec)) is not None and not self._forever:
+            raise ConfigError(why)
+
+    def _cannot_train(self, spec: Spec) -> str | None:
+        """Why this device cannot train the run it follows, or ``None``."""
         if spec.artifact_error is not None and self.artifacts is not None:
-            raise ConfigError(
+            return (
                 f"this device's trainer ({self.identity.backend}) cannot train run"
                 f" {self.topics.run!r}: {spec.artifact_error}"
             )
-        self._spec = spec
+        if self._unable is not None and self._unable[0] == self._session:
+            return self._unable[1]
+        return None
 
     def _on_status(self, status: Status) -> None:
         self._status = status
@@ -363,6 +377,7 @@ class EdgeClient:
             self._trained.clear()
             self._round = self._round_seen = self._last_update = self._out_of_time = None
             self._finished_at = None
+            self._unable = None
         self._session = session
         return True
 
@@ -423,6 +438,11 @@ class EdgeClient:
                 log.warning("round %d: its time ran out before this device could train (the"
                             " round lasts %.0f s)", round_.round, round_.duration)  # fmt: skip
             return
+        if (why := self._cannot_train(spec)) is not None:  # only when serving forever
+            self._trained.add(round_.round)
+            log.error("round %d: %s; told the coordinator", round_.round, why)
+            self._failed(round_.round, why)
+            return
         if self._model is None or self._model[0] != round_.model.sha256:
             return
         artifact = self._artifact(spec)
@@ -437,8 +457,12 @@ class EdgeClient:
             return
         try:
             self.train_round(round_, spec, model, artifact)
-        except ConfigError:
-            raise  # this device cannot take part (its labels, its trainer): it says so and stops
+        except ConfigError as exc:  # this device cannot take part (its labels, its trainer)
+            if not self._forever:
+                raise  # it says so and stops
+            self._unable = (self._session, str(exc))
+            log.error("round %d: %s; waiting for the next run (--forever)", round_.round, exc)
+            self._failed(round_.round, str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed round is data, not the device's end
             log.exception("round %d: training failed", round_.round)
             self._failed(round_.round, f"{type(exc).__name__}: {exc}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -430,6 +431,51 @@ def test_a_litert_device_stops_with_one_line_when_its_run_has_no_training_artifa
         "this device's trainer (litert) cannot train run 'kitchen-run': layer 'bn'"
         " (BatchNormalization) is not supported by the litert trainer"
     )
+
+
+def test_a_device_serving_forever_answers_a_run_it_cannot_train_with_failed_rounds(
+    model: Model, data: LocalData
+) -> None:
+    # Prepare: a litert device, and a run whose Spec says it has no training artifact
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0)
+    spec = Spec(
+        model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1, momentum=0.0,
+        local_epochs=1, batch_size=8, artifact_error="layer 'bn' is not supported",
+    )  # fmt: skip
+    MemoryTransport(broker).publish(TOPICS.spec, _encode(spec), retain=True)
+    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
+                        num_samples=data.num_samples, backend="litert")  # fmt: skip
+    client = EdgeClient(MemoryTransport(broker), identity=identity, data=data)
+
+    # Execute: no ConfigError
+    report = client.run(timeout=1.0, forever=True)
+
+    # Assert: the round is answered as failed, once, with the reason
+    failed = [decode(p).message for t, p in broker.log if t.endswith("/failed")]
+    assert report.failed == 1 and len(failed) == 1
+    assert isinstance(failed[0], Failed) and failed[0].reason == (
+        "this device's trainer (litert) cannot train run 'kitchen-run': layer 'bn' is not supported"
+    )
+    assert client.waiting_for() == f"a run this device can train ({failed[0].reason})"
+
+
+def test_a_device_serving_forever_whose_labels_do_not_fit_fails_the_round_and_waits(
+    model: Model, data: LocalData
+) -> None:
+    # Prepare: labels up to 40 for a model of 30 classes
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
+                 session="s1")  # fmt: skip
+    bad = dataclasses.replace(data, y=np.full_like(data.y, 40))
+
+    # Execute / Assert: one line and exit 2 without --forever; a failed round with it
+    with pytest.raises(ConfigError, match="local labels run from 0 to 40"):
+        _client(broker, bad).run(timeout=1.0)
+    client = _client(broker, bad)
+    report = client.run(timeout=1.0, forever=True)
+    assert report.failed == 1
+    assert (client.waiting_for() or "").startswith("a run this device can train (local labels")
 
 
 def test_with_the_coordinator_key_a_forged_finished_status_is_dropped_and_counted(
