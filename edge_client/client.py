@@ -34,6 +34,7 @@ from fedprune.edge_client.trainer import (
 )
 from fedprune.edge_client.transport import Transport
 from fedprune.edge_client.wire import (
+    MAX_ASSEMBLED_BYTES,
     UNSIGNED,
     Chunk,
     Collector,
@@ -391,6 +392,14 @@ class EdgeClient:
         unselected device downloads nothing), instead of the previous round's."""
         if not round_.selects(self.client_id) or round_.round in self._trained:
             return
+        if round_.model.size > self._models.max_size:  # it would be refused chunk by chunk
+            self._trained.add(round_.round)
+            limit = self._models.max_size
+            why = (f"the model of {round_.model.size:,} bytes is over the {limit:,} this device"
+                   " assembles at most (a quarter of its profile's memory)")  # fmt: skip
+            log.error("round %d: %s; told the coordinator", round_.round, why)
+            self._failed(round_.round, why)
+            return
         pattern = f"{self.topics.model(round_.model_version)}/+"  # ours, never the message's
         if pattern == self._model_topics:
             return
@@ -404,7 +413,7 @@ class EdgeClient:
         """Assembles models no bigger than a quarter of the profile's memory."""
         if self.profile is None:
             return Collector()
-        return Collector(max_size=self.profile.memory_mb * 2**20 // 4)
+        return Collector(max_size=min(MAX_ASSEMBLED_BYTES, self.profile.memory_mb * 2**20 // 4))
 
     def _add_model_chunk(self, chunk: Chunk) -> None:
         """Collect model chunks by payload hash; the round's manifest names the hash it wants."""

@@ -710,3 +710,29 @@ def test_a_device_trains_no_more_epochs_than_its_profile_and_ignores_messages_ov
     assert (metrics["epochs"], metrics["batch_size"]) == (1.0, 8.0)  # the spec's 8 < 16
     assert report.oversize == 1
     assert any("over this profile's 131072-byte limit" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_over_what_the_device_may_assemble_is_not_fetched_and_the_round_fails(
+    data: LocalData, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a 1 MB profile (256 KiB of model at most) and a 640 kB model
+    profile = dataclasses.replace(device_profiles.load("raspberry-pi-zero-2w"), memory_mb=1)
+    big = Model(weights=[np.ones((400, 400), np.float32)], masks=[None])
+    broker = MemoryBroker()
+    _publish_run(broker, big, selected=[CLIENT], deadline=time.time() + 60, duration=60.0)
+    client = EdgeClient(MemoryTransport(broker), data=data, profile=profile, identity=Identity(
+        run=RUN, client_id=CLIENT, profile=profile.name, num_samples=data.num_samples,
+        backend="fake"))  # fmt: skip
+
+    # Execute
+    report = client.run(timeout=1.0)
+
+    # Assert: one line, one failed round, and no model chunk taken in
+    failed = [decode(p).message for t, p in broker.log if t.endswith("/failed")]
+    assert report.failed == 1 and len(failed) == 1
+    assert isinstance(failed[0], Failed)
+    assert failed[0].reason.startswith("the model of 640,")
+    assert "over the 262,144 this device assembles at most" in failed[0].reason
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"round {ROUND}: {failed[0].reason}; told the coordinator"
+    ]
