@@ -443,10 +443,11 @@ class Coordinator:
             target = self._round_of(round_text, state)
             if (*key, chunk.sha256) in target.handled:
                 return
-            if client_id not in target.selected:
-                if not (target.announcement.selects(client_id) and client_id in self.clients):
-                    raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
-                target.selected.add(client_id)  # it joined after the draw, which selects it
+            joined = client_id not in target.selected  # after the draw, which may select it
+            if joined and not (
+                target.announcement.selects(client_id) and client_id in self.clients
+            ):
+                raise Rejected(Reason.UNSELECTED, f"{client_id} is not selected this round")
             if client_id in target.reported:
                 raise Rejected(Reason.DUPLICATE, f"{client_id} already reported this round")
             complete = self._assemble(target, (*key, chunk.sha256), chunk)
@@ -455,6 +456,10 @@ class Coordinator:
             update = validate(
                 complete, target.model, round_=target.round, limits=self._limits(client_id)
             )
+            k = self.config.clients_per_round
+            if joined and 0 < k <= len(target.selected):
+                raise Rejected(Reason.UNSELECTED, f"{client_id} joined after the draw, and round"
+                               f" {target.round} has its {k} devices")  # fmt: skip
         except SignatureError as exc:
             # Not the device's: counted and logged, and kept away from the device's round state.
             state.rejected[Reason.SIGNATURE.value] += 1
@@ -492,6 +497,7 @@ class Coordinator:
             state.stale.append(client_id)
             log.info("round %d: counted %s's late update for round %d (weight %g)", state.round,
                      client_id, target.round, weight)  # fmt: skip
+        target.selected.add(client_id)  # a late joiner counts from its accepted update on
         target.reported.add(client_id)
         target.responded.add(client_id)
         self.observer.accepted(client_id, update)
@@ -748,9 +754,9 @@ class Coordinator:
                 state.aggregator.add(dataclasses.replace(partial, num_samples=1), weight=weight)
 
     def _closed(self, state: Collection) -> bool:
-        """Whether the round can close: its quorum of the selected devices (drawn late joiners
-        among them) reported, or no selected device that is still online has yet to answer (one
-        whose connection dropped, its last will, is not waited for)."""
+        """Whether the round can close: its quorum of the selected devices (late joiners among
+        them once accepted) reported, or no selected device that is still online has yet to
+        answer (one whose connection dropped, its last will, is not waited for)."""
         needed = max(1, math.ceil(self.config.quorum * len(state.selected)))
         if len(state.reported) >= needed:
             return True

@@ -871,6 +871,33 @@ def test_a_device_that_joins_after_the_draw_and_is_drawn_is_accepted(
     assert (result.selected, result.reported, result.rejected) == (3, 3, {})
 
 
+def test_late_joiners_fill_the_round_up_to_its_devices_and_only_accepted_ones_count(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: 3 devices a round, 2 online at the draw; three late joiners answer: x with a
+    # payload that does not decode, then y and z
+    h = harness(("a", "b"), clients_per_round=3)
+
+    def answer(announcement: Round, model: Model) -> None:
+        if "x" in h.clients:
+            return
+        for late in ("x", "y", "z"):
+            h.clients[late] = FakeClient(h.broker, late)
+        h.clients["x"].send(announcement.round, b"not an update")
+        for client in ("y", "z", "a", "b"):
+            h.clients[client].send(announcement.round, _payload(model, _delta(model, 3)))
+
+    h.on_round(answer)
+
+    # Execute
+    _, result, _ = h.run_round()
+
+    # Assert: y fills the round; x never counted as selected, z is one too many
+    assert (result.selected, result.reported) == (3, 3)
+    assert result.rejected["unselected"] == 1 and sum(result.rejected.values()) == 2
+    assert "has its 3 devices" in h.coordinator.report["rejected"]["z"]
+
+
 @pytest.mark.parametrize("weight", [0.5, 0.0])
 def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or_not_at_all(
     harness: Callable[..., Harness], weight: float
