@@ -773,8 +773,12 @@ class Coordinator:
 
     def resume(self, results: list[RoundResult]) -> None:
         """Continue after the rounds of ``results`` (a checkpoint's): :meth:`train` runs the
-        rest. The model, the schedule and the ledger come with the checkpoint."""
+        rest. The model, the schedule and the ledger come with the checkpoint; ``bytes_down``
+        goes on from what those rounds sent (not what the killed round had sent)."""
         self.results = list(results)
+        restored = sum(r.bytes_down for r in results)
+        self.bytes_down += restored
+        self._down_counted += restored
         self.telemetry.resume(self.results)
         if results:
             log.info("resuming after round %d of %d", results[-1].round, self.config.rounds)

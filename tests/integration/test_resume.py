@@ -129,6 +129,8 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     assert [r["reported"] for r in got] == [CLIENTS] * ROUNDS, resumed.stderr[-6000:]
     assert abs(got[-1]["accuracy"] - expected[-1]["accuracy"]) <= 0.005  # type: ignore[operator]
     assert len(list((run_dir / "checkpoints").glob("round-*.npz"))) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["bytes_down"] >= sum(r["bytes_down"] for r in got)  # the whole run's
     report = json.loads((run_dir / "rounds" / f"round-{ROUNDS:04d}.json").read_text())
     assert report == {"round": ROUNDS, "late": [], "stale": [], "gone": [], "rejected": {}}
     assert (run_dir / "export" / "raspberry-pi-4" / "model.tflite").is_file()
