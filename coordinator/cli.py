@@ -135,6 +135,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "samples times W (fedavg only; default: 0 = rejected as late)",
     )
     p.add_argument(
+        "--codec",
+        default=d.codec,
+        metavar="CODEC",
+        help="how devices send updates: auto (each by its profile's uplink), or one for all, "
+        "such as f32, f16, int8, int8sr (stochastic rounding), int8+top0.1 (the largest 10%% "
+        "of the kept values, with error feedback), int8+top0.1+zstd (default: %(default)s)",
+    )
+    p.add_argument(
         "--trim",
         type=float,
         default=d.trim,
@@ -286,6 +294,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         aggregation=args.aggregation,
         clip_norm=args.clip_norm,
         staleness_weight=args.staleness_weight,
+        codec=args.codec,
         trim=args.trim,
         max_update_bytes=args.max_update_bytes,
         max_norm=args.max_norm,

@@ -10,6 +10,7 @@ from typing import Any
 
 from fedprune.coordinator.aggregation import RULES
 from fedprune.device_profiles import DEFAULT_PROFILE
+from fedprune.edge_client.codec import Codec
 from fedprune.edge_client.connection import BrokerSettings
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.signing import SigningKey, Trust, load_signing_key
@@ -129,6 +130,9 @@ class RunConfig:
     # Aggregator processes that take the updates (MQTT 5 shared subscription) and send partial
     # sums (fedprune-aggregator, docs/scaling.md); 0 = the coordinator takes them itself
     aggregators: int = 0
+    # How updates travel (edge_client.codec.Codec, e.g. int8+top0.1+zstd); "auto" = each device
+    # picks by its profile's uplink (codec.default_codec)
+    codec: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -156,6 +160,11 @@ class RunConfig:
             ("aggregators", self.aggregators >= 0, ">= 0 (0 = none)"),
         ]
         check_name(self.run, "run name")
+        if self.codec != "auto":
+            try:
+                Codec.parse(self.codec)
+            except ValueError as exc:
+                raise ConfigError(f"codec: {exc}") from exc
         if self.aggregators and (self.aggregation != "fedavg" or self.staleness_weight):
             raise ConfigError("aggregators add partial sums: they need --aggregation fedavg and"
                               " no --staleness-weight")  # fmt: skip

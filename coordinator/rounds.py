@@ -28,7 +28,7 @@ from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.telemetry import Telemetry
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
 from fedprune.device_profiles import DEFAULT_PROFILE
-from fedprune.edge_client.codec import Model, Update, decode_update, encode_model
+from fedprune.edge_client.codec import Codec, Model, Update, decode_update, encode_model
 from fedprune.edge_client.errors import ConfigError, FedpruneError, SignatureError, WireError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import NAME, Topics, check_name
@@ -113,6 +113,7 @@ class RoundResult:
     seconds: float
     late: int = 0  # selected, and had not answered when the round closed (gone ones too)
     stale: int = 0  # updates of the previous round counted here (RunConfig.staleness_weight)
+    codecs: dict[str, int] = field(default_factory=dict)  # accepted updates by codec (1.7)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -130,6 +131,7 @@ class Collection:
     reported: set[str] = field(default_factory=set)
     responded: set[str] = field(default_factory=set)  # reported, or rejected: no need to wait
     rejected: Counter[str] = field(default_factory=Counter)
+    codecs: Counter[str] = field(default_factory=Counter)  # accepted updates by codec
     bytes_up: int = 0
     # Payloads in assembly, by (client, round topic level, SHA-256): a forged or garbled payload on
     # a device's topic is assembled and judged apart from the device's own.
@@ -169,6 +171,7 @@ class Coordinator:
         self.trust = trust  # the enrolled devices' verify keys: what is not theirs is dropped
         self.dropped = 0  # device messages refused for a missing or bad signature
         self.artifact_error: str | None = None  # why litert clients cannot train, if they cannot
+        self.codec = None if config.codec == "auto" else Codec.parse(config.codec)  # None: any
         self.transport = transport
         self.config = config
         self.pruner = pruner
@@ -267,11 +270,25 @@ class Coordinator:
             momentum=self.config.momentum,
             local_epochs=self.config.local_epochs,
             batch_size=self.config.batch_size,
+            codec=self.codec.name if self.codec else "",
         )
 
     def _can_train(self, hello: Hello) -> bool:
-        """Clients whose trainer needs the artifact cannot train when it could not be built."""
+        """Clients whose trainer needs the artifact cannot train when it could not be built,
+        nor devices that cannot use the run's codec."""
+        if self._cannot_encode(hello):
+            return False
         return self.artifact_error is None or not _needs_artifact(hello.backend)
+
+    def _cannot_encode(self, hello: Hello) -> str | None:
+        """Why a device cannot send updates in the run's codec (``None``: it can)."""
+        if self.codec is None:
+            return None
+        missing = self.codec.features() - set(hello.codecs)
+        if not missing:
+            return None
+        return (f"this run's codec {self.codec.name} needs {', '.join(sorted(missing))}, which"
+                " this device lacks: it is not selected")  # fmt: skip
 
     def _publish_artifact(self) -> Manifest | None:
         """Build the trainable TFLite artifact and publish its chunks retained; its manifest, or
@@ -392,6 +409,7 @@ class Coordinator:
                         client_id)  # fmt: skip
         elif isinstance(message, Hello):
             joined = client_id not in self.clients
+            unable = self._cannot_encode(message)
             if joined:
                 log.info(
                     "client %s joined (%s, %d samples, %s trainer)%s",
@@ -399,7 +417,9 @@ class Coordinator:
                     message.profile,
                     message.num_samples,
                     message.backend,
-                    "" if self._can_train(message) else ": it cannot train this model",
+                    ""
+                    if self._can_train(message)
+                    else f": {unable or 'it cannot train this model'}",
                 )
                 exported = _catalogue_profile(client_id, message.profile)
                 if exported is not None:
@@ -407,6 +427,9 @@ class Coordinator:
             self.clients[client_id] = message
             if joined:
                 self._joined(message)
+            if joined and unable:
+                notice = Notice(round=0, accepted=False, reason=unable)
+                self._publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
             self.observer.hello(message)
         elif isinstance(message, Offline) and self.clients.pop(client_id, None) is not None:
             self._left_at = time.monotonic()
@@ -456,6 +479,9 @@ class Coordinator:
             update = validate(
                 complete, target.model, round_=target.round, limits=self._limits(client_id)
             )
+            if self.codec is not None and update.codec != self.codec.name:
+                raise Rejected(Reason.CODEC, f"sent as {update.codec}; this run's codec is"
+                               f" {self.codec.name}")  # fmt: skip
             k = self.config.clients_per_round
             if joined and 0 < k <= len(target.selected):
                 raise Rejected(Reason.UNSELECTED, f"{client_id} joined after the draw, and round"
@@ -498,6 +524,7 @@ class Coordinator:
             log.info("round %d: counted %s's late update for round %d (weight %g)", state.round,
                      client_id, target.round, weight)  # fmt: skip
         target.selected.add(client_id)  # a late joiner counts from its accepted update on
+        state.codecs[update.codec] += 1
         target.reported.add(client_id)
         target.responded.add(client_id)
         self.observer.accepted(client_id, update)
@@ -692,6 +719,7 @@ class Coordinator:
             seconds=time.perf_counter() - started,
             late=len(late),
             stale=len(state.stale),
+            codecs=dict(state.codecs),
         )
         self.report = {
             "round": round_, "late": [c for c in late if c in self.clients], "stale": state.stale,

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     SENDER = "sender"
     SIGNATURE = "signature"  # not signed by the device whose topic it came on: dropped
     FAILED = "failed"  # the device said its training failed (no update is coming)
+    CODEC = "codec"  # not in the codec the run forces
 
 
 class Rejected(Exception):

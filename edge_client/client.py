@@ -19,7 +19,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedprune.edge_client.artifact import ArtifactStore
-from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
+from fedprune.edge_client.codec import (
+    F32,
+    Codec,
+    Model,
+    Residual,
+    Update,
+    decode_model,
+    decode_update,
+    default_codec,
+    encode_update,
+    features,
+    mask_key,
+)
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
 from fedprune.edge_client.errors import ConfigError, SignatureError, WireError
@@ -102,6 +114,7 @@ class Identity:
             installed=installed,
             deploys=deploys,
             max_payload=self.max_payload,
+            codecs=features(),
         )
         return Topics(self.run).client_status(self.client_id), self.encode(message)
 
@@ -143,6 +156,12 @@ class EdgeClient:
         self.deploy = deploy
         needs_artifact = backend_class(identity.backend).needs_artifact
         self.artifacts = ArtifactStore(cache) if needs_artifact else None
+        self._residual_file = (
+            None if cache is None else cache / f"residual-{identity.client_id}.npz"
+        )
+        self.residual = Residual() if self._residual_file is None else (
+            Residual.load(self._residual_file)
+        )  # fmt: skip
         self._trainer_key: tuple[Spec, Manifest | None] | None = None
         self.deploy_wait = deploy_wait
         self.identity = identity
@@ -295,7 +314,23 @@ class EdgeClient:
             )
         if self._unable is not None and self._unable[0] == self._session:
             return self._unable[1]
+        if spec.codec:
+            try:
+                missing = Codec.parse(spec.codec).features() - set(features())
+            except ValueError as exc:
+                return f"run {self.topics.run!r} sends updates in a codec unknown here: {exc}"
+            if missing:
+                return (
+                    f"run {self.topics.run!r} sends updates as {spec.codec}, which needs"
+                    f" {', '.join(sorted(missing))} (pip install 'fedprune[edge,zstd]')"
+                )
         return None
+
+    def codec(self, spec: Spec) -> Codec:
+        """How this device sends its updates: the run's codec, else its profile's default."""
+        if spec.codec:
+            return Codec.parse(spec.codec)
+        return F32 if self.profile is None else default_codec(self.profile.uplink_kbps)
 
     def _on_status(self, status: Status) -> None:
         self._status = status
@@ -533,7 +568,7 @@ class EdgeClient:
                 "batch_size": float(self._trainer.batch_size),
             },
         )
-        payload = encode_update(update, model.masks)
+        payload = self._encode(update, model, spec, seed)
         self._last_update = (round_.round, payload)
         sent = self.send(round_.round, payload)
         log.info(
@@ -550,6 +585,23 @@ class EdgeClient:
         if self.profile is not None and peak > self.profile.memory_mb:
             log.warning("round %d: peak memory %.0f MB is over profile %s's %d MB", round_.round,
                         peak, self.profile.name, self.profile.memory_mb)  # fmt: skip
+
+    def _encode(self, update: Update, model: Model, spec: Spec, seed: int) -> bytes:
+        """The update's payload in this device's codec; a lossy codec adds what earlier updates
+        did not send (error feedback) and keeps what this one does not."""
+        codec = self.codec(spec)
+        if not codec.lossy:
+            return encode_update(update, model.masks, codec)
+        key = f"{self._session}/{mask_key(model.masks)}"
+        wanted = dataclasses.replace(update, deltas=self.residual.add(update.deltas, key))
+        payload = encode_update(wanted, model.masks, codec, rng=np.random.default_rng(seed))
+        self.residual.keep(wanted.deltas, decode_update(payload, model).deltas, key)
+        if self._residual_file is not None:
+            try:
+                self.residual.save(self._residual_file)
+            except OSError as exc:
+                log.warning("cannot keep the codec's residual in %s: %s", self._residual_file, exc)
+        return payload
 
     def _time_left(self, round_: Round) -> float:
         """Seconds left in ``round_`` by this device's own monotonic clock, counted from when it

@@ -2,22 +2,109 @@
 
 Down (``encode_model``): per tensor its shape, an optional bitmask (``numpy.packbits``, 1 = kept)
 and float32 values at the kept positions only. Up (``encode_update``): values at the kept positions
-only; both sides know the mask, so it is not sent again. Values are little-endian float32; the
-container is msgpack. See docs/protocol.md for the layout.
+only; both sides know the mask, so it is not sent again. How the values travel is the update's
+:class:`Codec`: float32, float16 or int8 with a scale per tensor, optionally only the largest
+fraction of them (top-k, a bitmask over the kept positions says which), optionally the whole
+payload compressed with zstandard. The container is msgpack. See docs/protocol.md for the layout.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from fedprune.edge_client.errors import ShapeError, WireError
+from fedprune.edge_client.files import write_atomic
+
+try:  # Python 3.14's compression.zstd, or its backport (the "zstd" extra); optional on a device
+    from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    try:
+        from backports import zstd  # type: ignore[no-redef,unused-ignore]
+    except ImportError:
+        zstd = None
 
 _F32 = np.dtype("<f4")
+_FORMATS: dict[str, np.dtype[Any]] = {
+    "f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "int8": np.dtype("i1"), "int8sr": np.dtype("i1")
+}  # fmt: skip
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_LEVEL = 3
+"""zstandard's default level: about 1 ms for a 100 kB update on a Pi 4 class core."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How an update's values travel: ``values`` their number format (``f32``; ``f16``;
+    ``int8`` with a scale per tensor, rounded to nearest, or ``int8sr`` stochastically rounded),
+    ``topk`` the fraction of the kept positions sent (the largest in magnitude; 0 = all) and
+    ``zstd`` a lossless compression of the whole payload. Written as its parts joined by ``+``,
+    e.g. ``int8+top0.1+zstd``; a lossy codec is used with error feedback (:class:`Residual`)."""
+
+    values: str = "f32"
+    topk: float = 0.0
+    zstd: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Codec:
+        """A codec from its name; ``ValueError`` with what is wrong."""
+        values, topk, packed = "f32", 0.0, False
+        for part in text.strip().split("+"):
+            if part in _FORMATS:
+                values = part
+            elif part == "zstd":
+                packed = True
+            elif match := re.fullmatch(r"top(0?\.\d+)", part):
+                topk = float(match.group(1))
+            else:
+                raise ValueError(
+                    f"unknown codec part {part!r} in {text!r} (parts: f32, f16, int8, int8sr,"
+                    " topF with 0 < F < 1 such as top0.1, zstd; joined by +)"
+                )
+        if not 0.0 <= topk < 1.0:
+            raise ValueError(f"top-k fraction must be in (0, 1), got {topk} in {text!r}")
+        return cls(values=values, topk=topk, zstd=packed)
+
+    @property
+    def name(self) -> str:
+        parts = [self.values] + ([f"top{self.topk:g}"] if self.topk else [])
+        return "+".join(parts + (["zstd"] if self.zstd else []))
+
+    @property
+    def lossy(self) -> bool:
+        return self.values != "f32" or self.topk > 0
+
+    def features(self) -> set[str]:
+        """What a device must support to use it (the names a hello lists)."""
+        return (
+            {self.values} | ({"topk"} if self.topk else set()) | ({"zstd"} if self.zstd else set())
+        )
+
+
+F32 = Codec()
+
+
+def features() -> list[str]:
+    """The codec parts this installation can encode (``zstd`` when a zstandard module is here)."""
+    return [*_FORMATS, "topk", *(["zstd"] if zstd is not None else [])]
+
+
+def default_codec(uplink_kbps: int) -> Codec:
+    """The codec a device picks for its uplink when the run does not force one: float16 on a
+    fast link, int8 on a medium one, and top-k int8 compressed on a slow one (when it can)."""
+    if uplink_kbps >= 50_000:
+        return Codec(values="f16")
+    if uplink_kbps >= 10_000:
+        return Codec(values="int8")
+    return Codec(values="int8", topk=0.1, zstd=zstd is not None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +128,7 @@ class Update:
     num_samples: int
     deltas: list[np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
+    codec: str = "f32"  # how it travelled (decoded payloads say; encoding takes a Codec)
 
 
 def _values(array: np.ndarray, mask: np.ndarray | None) -> bytes:
@@ -107,28 +195,83 @@ def decode_model(payload: bytes) -> Model:
     return Model(weights=weights, masks=masks)
 
 
-def encode_update(update: Update, masks: list[np.ndarray | None]) -> bytes:
-    body = {
+def encode_update(
+    update: Update,
+    masks: list[np.ndarray | None],
+    codec: Codec = F32,
+    *,
+    rng: np.random.Generator | None = None,
+) -> bytes:
+    """The update's values at the kept positions, as ``codec`` says (``rng`` draws the
+    stochastic rounding of ``int8sr``)."""
+    body: dict[str, Any] = {
         "round": update.round,
         "num_samples": update.num_samples,
         "metrics": update.metrics,
-        "values": [_values(d, m) for d, m in zip(update.deltas, masks, strict=True)],
     }
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    if codec == F32:  # the layout of protocol 1.6 and before
+        body["values"] = [_values(d, m) for d, m in zip(update.deltas, masks, strict=True)]
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    body["codec"] = codec.name
+    body["tensors"] = [
+        _encode_tensor(np.frombuffer(_values(d, m), _F32), codec, rng or np.random.default_rng())
+        for d, m in zip(update.deltas, masks, strict=True)
+    ]
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    if codec.zstd:
+        if zstd is None:
+            raise WireError("codec zstd needs Python 3.14 or the backports.zstd package")
+        return zstd.compress(packed, level=ZSTD_LEVEL)  # type: ignore[no-any-return]
+    return packed
+
+
+def _encode_tensor(flat: np.ndarray, codec: Codec, rng: np.random.Generator) -> dict[str, Any]:
+    """One tensor's kept values: ``sel`` (top-k: which of them are sent, a bitmask), ``q`` the
+    values in the codec's format and ``s`` the int8 scale."""
+    tensor: dict[str, Any] = {"sel": None}
+    if codec.topk and flat.size:
+        k = max(1, math.ceil(codec.topk * flat.size))
+        chosen = np.zeros(flat.size, dtype=bool)
+        chosen[np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]] = True
+        tensor["sel"] = np.packbits(chosen).tobytes()
+        flat = flat[chosen]
+    if codec.values == "f32":
+        tensor["q"] = flat.tobytes()
+    elif codec.values == "f16":
+        tensor["q"] = np.clip(flat, -65504, 65504).astype("<f2").tobytes()
+    else:
+        peak = float(np.max(np.abs(flat))) if flat.size else 0.0
+        scale = np.float32(peak / 127.0)
+        scaled = flat / scale if scale > 0 else np.zeros_like(flat)
+        if codec.values == "int8sr":  # unbiased: rounds up with the fraction's probability
+            scaled = np.floor(scaled + rng.random(flat.size, dtype=np.float32))
+        tensor["q"] = np.clip(np.rint(scaled), -127, 127).astype("i1").tobytes()
+        tensor["s"] = float(scale)
+    return tensor
 
 
 def decode_update(payload: bytes, model: Model) -> Update:
-    """Decode an update against the model it was trained from; shapes are checked here."""
+    """Decode an update against the model it was trained from; shapes, counts, index sets and
+    scales are checked here, and a compressed payload may not grow past what the model can
+    need."""
     try:
+        if payload[:4] == _ZSTD_MAGIC:
+            payload = _decompress(payload, limit=8 * sum(w.size for w in model.weights) + 2**20)
         body = _load(payload)
-        values = body["values"]
+        if not isinstance(body, dict):
+            raise WireError("malformed update payload (not a map)")
+        codec = Codec.parse(str(body.get("codec", "f32")))
+        values = body["values"] if "codec" not in body else body["tensors"]
         if len(values) != len(model.weights):
             raise ShapeError(f"update has {len(values)} tensors, model has {len(model.weights)}")
         deltas = []
         for i, (raw, weight, mask) in enumerate(
             zip(values, model.weights, model.masks, strict=True)
         ):
-            flat = _unpack(raw, model.kept(i), f"tensor {i}")
+            n = model.kept(i)
+            flat = _unpack(raw, n, f"tensor {i}") if "codec" not in body else (
+                _decode_tensor(raw, n, codec, f"tensor {i}")
+            )  # fmt: skip
             if mask is None:
                 deltas.append(flat.reshape(weight.shape))
             else:
@@ -141,6 +284,104 @@ def decode_update(payload: bytes, model: Model) -> Update:
             num_samples=int(body["num_samples"]),
             deltas=deltas,
             metrics=metrics,
+            codec=codec.name,
         )
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed update payload ({exc})") from exc
+
+
+def _decode_tensor(tensor: Any, n: int, codec: Codec, what: str) -> np.ndarray:
+    """The ``n`` kept values of one tensor (zero where top-k did not send one)."""
+    if not isinstance(tensor, dict):
+        raise ShapeError(f"{what}: not a map")
+    chosen = None
+    count = n
+    if tensor["sel"] is not None or codec.topk:
+        sel = tensor["sel"]
+        if not isinstance(sel, bytes) or len(sel) != (n + 7) // 8:
+            raise ShapeError(f"{what}: the top-k bitmask must be {(n + 7) // 8} bytes")
+        chosen = np.unpackbits(np.frombuffer(sel, np.uint8), count=n).astype(bool)
+        count = int(np.count_nonzero(chosen))
+    dtype = _FORMATS[codec.values]
+    raw = tensor["q"]
+    if not isinstance(raw, bytes) or len(raw) != count * dtype.itemsize:
+        raise ShapeError(f"{what}: expected {count} {codec.values} values")
+    values = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    if dtype.kind == "i":
+        scale = float(tensor["s"])
+        if not (math.isfinite(scale) and 0.0 <= scale <= 3e38):
+            raise ValueError(f"{what}: the int8 scale {scale} is not a finite non-negative number")
+        values *= np.float32(scale)
+    if chosen is None:
+        return values
+    flat = np.zeros(n, dtype=np.float32)
+    flat[chosen] = values
+    return flat
+
+
+def _decompress(payload: bytes, *, limit: int) -> bytes:
+    """A zstandard payload, refused when it would grow past ``limit`` bytes."""
+    if zstd is None:
+        raise WireError("a zstandard payload, and no zstd module here (backports.zstd)")
+    try:
+        decompressor = zstd.ZstdDecompressor()
+        data: bytes = decompressor.decompress(payload, max_length=limit)
+    except zstd.ZstdError as exc:
+        raise WireError(f"undecodable zstandard payload ({exc})") from exc
+    if not decompressor.eof and len(data) >= limit:
+        raise ShapeError(f"a zstandard payload that grows past {limit:,} bytes")
+    if not decompressor.eof:
+        raise WireError("undecodable zstandard payload (it ends before its frame does)")
+    return data
+
+
+class Residual:
+    """Error feedback for a lossy codec: what a device's updates wanted to send and did not (at
+    the kept positions), added to its next update, so that nothing is lost, only late. It
+    belongs to one coordinator session and one mask (``key``) and is forgotten when either
+    changes; :meth:`save` and :meth:`load` carry it across a device restart."""
+
+    def __init__(self) -> None:
+        self.key = ""
+        self.values: list[np.ndarray] = []
+
+    def add(self, deltas: list[np.ndarray], key: str) -> list[np.ndarray]:
+        """``deltas`` plus what is left over from earlier updates with the same ``key``."""
+        if key != self.key or len(self.values) != len(deltas):
+            self.key, self.values = key, []
+        if not self.values:
+            return deltas
+        return [d + r for d, r in zip(deltas, self.values, strict=True)]
+
+    def keep(self, wanted: list[np.ndarray], sent: list[np.ndarray], key: str) -> None:
+        """Remember what of ``wanted`` did not go out (``sent`` is the payload decoded back)."""
+        self.key = key
+        self.values = [np.asarray(w - s, np.float32) for w, s in zip(wanted, sent, strict=True)]
+
+    def save(self, path: Path) -> None:
+        arrays: dict[str, Any] = {f"r{i:03d}": v for i, v in enumerate(self.values)}
+        arrays["key"] = np.array(self.key)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> Residual:
+        """The saved residual; an empty one if there is none or it cannot be read."""
+        residual = cls()
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                names = sorted(n for n in saved.files if n.startswith("r"))
+                residual.values = [saved[n].astype(np.float32) for n in names]
+                residual.key = str(saved["key"])
+        except (OSError, KeyError, ValueError):
+            return cls()
+        return residual
+
+
+def mask_key(masks: list[np.ndarray | None]) -> str:
+    """A short digest of a model's masks (a residual is kept for one mask)."""
+    digest = hashlib.sha256()
+    for mask in masks:
+        digest.update(b"-" if mask is None else np.packbits(mask.reshape(-1) != 0).tobytes())
+    return digest.hexdigest()[:16]

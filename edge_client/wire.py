@@ -26,11 +26,12 @@ from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 6  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+PROTOCOL_MINOR = 7  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
 # 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
 # Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
-# bytes; Round.selected is no longer sent), Hello.max_payload
+# bytes; Round.selected is no longer sent), Hello.max_payload; 1.7: update codecs (Spec.codec,
+# Hello.codecs, an update's "codec" and "tensors", zstandard payloads)
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -95,6 +96,7 @@ class Hello(Message):
     installed: str | None = None  # SHA-256 of the deployed model it runs (1.4)
     deploys: bool = False  # it installs the model deployed to its profile (1.4)
     max_payload: int = 0  # the largest message it takes (1.6; its profile's): 0 = any
+    codecs: list[str] = field(default_factory=lambda: ["f32"])  # the codec parts it can use (1.7)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +136,7 @@ class Spec(Message):
     batch_size: int
     artifact: Manifest | None = None  # the trainable TFLite model for litert clients (1.1)
     artifact_error: str | None = None  # why there is none: litert clients cannot train (1.2)
+    codec: str = ""  # how updates travel (1.7; codec.Codec); "" = each device by its profile
 
 
 @dataclass(frozen=True, kw_only=True)

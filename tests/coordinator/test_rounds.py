@@ -23,7 +23,7 @@ from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.coordinator.pruning import Pruner, wrap
 from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.validation import Limits
-from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
+from fedprune.edge_client.codec import Codec, Model, Update, decode_model, encode_update
 from fedprune.edge_client.errors import ConfigError, ExportError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
@@ -90,13 +90,14 @@ class ScriptedBroker(MemoryBroker):
 class FakeClient:
     """Joins with a retained hello, publishes update chunks and reads its inbox."""
 
-    def __init__(self, broker: ScriptedBroker, client_id: str) -> None:
+    def __init__(
+        self, broker: ScriptedBroker, client_id: str, codecs: tuple[str, ...] = ("f32",)
+    ) -> None:
         self.id = client_id
         self.transport = MemoryTransport(broker)
         self.transport.subscribe(TOPICS.inbox(client_id))
-        hello = Hello(
-            client_id=client_id, profile="generic-x86-64", num_samples=100, backend="scripted"
-        )
+        hello = Hello(client_id=client_id, profile="generic-x86-64", num_samples=100,
+                      backend="scripted", codecs=list(codecs))  # fmt: skip
         self.transport.publish(
             TOPICS.client_status(client_id), encode(hello, run=RUN, sender=client_id), retain=True
         )
@@ -1015,3 +1016,36 @@ def test_an_update_missing_a_chunk_is_never_counted_and_its_device_is_late(
     assert (result.selected, result.reported, result.late, result.rejected) == (2, 1, 1, {})
     assert h.coordinator.report["late"] == ["b"]
     _assert_weights(after, [w + d for w, d in zip(before.weights, sent, strict=True)])
+
+
+def test_a_forced_codec_selects_only_devices_that_have_it_and_refuses_other_codecs(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: the run forces int8+zstd; "a" and "b" can, "old" speaks only float32; "b" sends
+    # float16 anyway
+    h = harness(("a", "b"), codec="int8+zstd")
+    for name in ("a", "b"):
+        h.clients[name] = FakeClient(h.broker, name, codecs=("f32", "f16", "int8", "zstd"))
+    old = FakeClient(h.broker, "old")
+    h.coordinator.pump(0.1)
+    h.coordinator.pump(0.1)
+
+    def answer(announcement: Round, model: Model) -> None:
+        for name, codec in (("a", "int8+zstd"), ("b", "f16")):
+            update = Update(round=ROUND, num_samples=100, deltas=_delta(model, 1))
+            h.clients[name].send(ROUND, encode_update(update, model.masks, Codec.parse(codec)))
+
+    h.on_round(answer)
+
+    # Execute
+    _, result, _ = h.run_round()
+
+    # Assert
+    assert (result.selected, result.reported, result.codecs) == (2, 1, {"int8+zstd": 1})
+    assert result.rejected == {"codec": 1}
+    assert "sent as f16; this run's codec is int8+zstd" in h.coordinator.report["rejected"]["b"]
+    (notice,) = old.notices()
+    assert (notice.round, notice.accepted) == (0, False)
+    assert notice.reason == (
+        "this run's codec int8+zstd needs int8, zstd, which this device lacks: it is not selected"
+    )

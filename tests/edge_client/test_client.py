@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from fedprune import device_profiles
 from fedprune.edge_client import client as client_module
 from fedprune.edge_client import trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
-from fedprune.edge_client.codec import Model, decode_update, encode_model
+from fedprune.edge_client.codec import Model, Residual, decode_update, encode_model
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.signing import SigningKey, Trust
@@ -126,6 +127,7 @@ def _publish_run(
     duration: float = 0.0,
     session: str = "",
     local_epochs: int = 1,
+    codec: str = "",
 ) -> None:
     """What the coordinator leaves retained for a round: spec, model chunks, announcement."""
     coordinator = MemoryTransport(broker)
@@ -137,6 +139,7 @@ def _publish_run(
         momentum=0.0,
         local_epochs=1,
         batch_size=8,
+        codec=codec,
     )
     coordinator.publish(TOPICS.spec, _encode(spec), retain=True)
     payload = encode_model(model)
@@ -227,8 +230,9 @@ def test_a_client_announces_itself_with_a_retained_hello(data: LocalData) -> Non
     # Assert
     hello = decode(broker.retained[TOPICS.client_status(CLIENT)]).message
     assert hello == Hello(
-        client_id=CLIENT, profile="raspberry-pi-4", num_samples=24, backend="fake"
-    )
+        client_id=CLIENT, profile="raspberry-pi-4", num_samples=24, backend="fake",
+        codecs=["f32", "f16", "int8", "int8sr", "topk", "zstd"],
+    )  # fmt: skip
 
 
 def test_a_client_not_selected_sends_nothing(model: Model, data: LocalData) -> None:
@@ -736,3 +740,51 @@ def test_a_model_over_what_the_device_may_assemble_is_not_fetched_and_the_round_
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         f"round {ROUND}: {failed[0].reason}; told the coordinator"
     ]
+
+
+@pytest.mark.parametrize(
+    ("profile", "codec", "used"),
+    [
+        ("raspberry-pi-zero-2w", "", "int8+top0.1+zstd"),
+        ("raspberry-pi-4", "", "int8"),
+        ("raspberry-pi-zero-2w", "f16", "f16"),
+    ],
+)
+def test_a_device_sends_in_the_runs_codec_else_in_its_profiles_with_error_feedback(
+    model: Model, data: LocalData, profile: str, codec: str, used: str, tmp_path: Path
+) -> None:
+    # Prepare
+    broker = FinishingBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, codec=codec)
+    chosen = device_profiles.load(profile)
+    identity = Identity(run=RUN, client_id=CLIENT, profile=profile,
+                        num_samples=data.num_samples, backend="fake")  # fmt: skip
+    client = EdgeClient(MemoryTransport(broker, max_payload=1024), identity=identity, data=data,
+                        profile=chosen, cache=tmp_path)  # fmt: skip
+
+    # Execute
+    client.run(timeout=10)
+
+    # Assert: the payload says its codec; what it did not send is kept for the next update
+    assembler = Reassembler(max_size=1 << 20)
+    payload = [assembler.add(_chunk(p)) for _, p in _update_chunks(broker)][-1]
+    assert payload is not None
+    update = decode_update(payload, model)
+    assert update.codec == used
+    kept = model.masks[0] == 1  # the fake trainer adds one to every kept weight
+    residual = Residual.load(tmp_path / f"residual-{CLIENT}.npz")
+    np.testing.assert_allclose(update.deltas[0][kept] + residual.values[0][kept], 1.0, atol=1e-6)
+
+
+def test_a_device_that_lacks_the_runs_codec_says_what_to_install(
+    data: LocalData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "features", lambda: ["f32", "int8", "topk"])
+    broker = MemoryBroker()
+    spec = Spec(model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1,
+                momentum=0.0, local_epochs=1, batch_size=8, codec="int8+top0.1+zstd")  # fmt: skip
+    MemoryTransport(broker).publish(TOPICS.spec, _encode(spec), retain=True)
+
+    with pytest.raises(ConfigError, match=r"sends updates as int8\+top0.1\+zstd, which needs zstd"
+                       r" \(pip install 'fedprune\[edge,zstd\]'\)"):  # fmt: skip
+        _client(broker, data).run(timeout=5)

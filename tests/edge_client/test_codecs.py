@@ -1,0 +1,214 @@
+"""Update codecs: what each one loses, what decoding refuses, and error feedback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from fedprune.edge_client.codec import (
+    F32,
+    Codec,
+    Model,
+    Residual,
+    Update,
+    decode_update,
+    default_codec,
+    encode_update,
+    mask_key,
+    zstd,
+)
+from fedprune.edge_client.errors import WireError
+
+
+@pytest.fixture
+def model() -> Model:
+    """A 60x40 kernel with 80% of it pruned and a dense bias."""
+    rng = np.random.default_rng(1)
+    mask = (rng.random((60, 40)) < 0.2).astype(np.float32)
+    kernel = rng.standard_normal((60, 40)).astype(np.float32) * mask
+    return Model(weights=[kernel, np.zeros(40, np.float32)], masks=[mask, None])
+
+
+def _update(model: Model, seed: int = 2) -> Update:
+    rng = np.random.default_rng(seed)
+    deltas = [
+        (rng.standard_normal(w.shape) * 0.01 * (1 if m is None else m)).astype(np.float32)
+        for w, m in zip(model.weights, model.masks, strict=True)
+    ]
+    return Update(round=3, num_samples=50, deltas=deltas, metrics={"loss": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("name", "tolerance"),
+    [("f32", 0.0), ("f16", 1e-3), ("int8", 0.5 / 127), ("int8sr", 1 / 127), ("f16+zstd", 1e-3)],
+)
+def test_each_value_format_loses_at_most_its_rounding(
+    model: Model, name: str, tolerance: float
+) -> None:
+    update = _update(model)
+
+    back = decode_update(encode_update(update, model.masks, Codec.parse(name)), model)
+
+    assert back.codec == name and (back.round, back.num_samples) == (3, 50)
+    for got, want in zip(back.deltas, update.deltas, strict=True):
+        peak = float(np.abs(want).max())
+        assert np.abs(got - want).max() <= tolerance * peak + 1e-9
+    assert np.all(back.deltas[0][model.masks[0] == 0] == 0)  # nothing where the mask prunes
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_rounding_is_not() -> None:
+    # Prepare: every value sits 0.3 of a step above a step, next to one that sets the scale
+    mask = None
+    step = np.float32(1 / 127)
+    values = np.full(1000, 0.3 * step, np.float32)
+    values[0] = 1.0
+    model = Model(weights=[np.zeros(1000, np.float32)], masks=[mask])
+    update = Update(round=1, num_samples=1, deltas=[values])
+
+    # Execute
+    nearest = decode_update(encode_update(update, [mask], Codec.parse("int8")), model)
+    draws = [
+        decode_update(
+            encode_update(update, [mask], Codec.parse("int8sr"), rng=np.random.default_rng(s)),
+            model,
+        ).deltas[0][1:]
+        for s in range(20)
+    ]
+
+    # Assert
+    assert np.all(nearest.deltas[0][1:] == 0)
+    assert np.mean(draws) == pytest.approx(0.3 * step, rel=0.05)
+
+
+def test_top_k_sends_the_largest_kept_values_and_a_bitmask_of_where(model: Model) -> None:
+    update = _update(model)
+    kept = update.deltas[0][model.masks[0] == 1]
+
+    payload = encode_update(update, model.masks, Codec.parse("f32+top0.1"))
+    back = decode_update(payload, model)
+
+    sent = back.deltas[0][model.masks[0] == 1]
+    k = int(np.ceil(0.1 * kept.size))
+    assert np.count_nonzero(sent) == k
+    assert set(np.flatnonzero(sent)) == set(np.argsort(-np.abs(kept))[:k])
+    np.testing.assert_array_equal(sent[sent != 0], kept[sent != 0])
+    assert len(payload) < 0.25 * len(encode_update(update, model.masks))
+
+
+def test_the_best_combination_is_more_than_twenty_times_smaller_than_dense_float32(
+    model: Model,
+) -> None:
+    update = _update(model)
+    dense = 4 * sum(w.size for w in model.weights)
+
+    payload = encode_update(update, model.masks, Codec.parse("int8+top0.1+zstd"))
+
+    assert dense / len(payload) > 20
+
+
+def test_codec_names_round_trip_and_bad_ones_say_what_is_allowed() -> None:
+    for name in ("f32", "f16", "int8", "int8sr+top0.05", "int8+top0.1+zstd", "f16+zstd"):
+        assert Codec.parse(name).name == name
+    assert Codec.parse("f32") == F32 and not F32.lossy and Codec.parse("f16").lossy
+    assert Codec.parse("int8+top0.1+zstd").features() == {"int8", "topk", "zstd"}
+    with pytest.raises(ValueError, match="unknown codec part 'gzip'.*parts: f32"):
+        Codec.parse("int8+gzip")
+    with pytest.raises(ValueError, match="unknown codec part 'top2'"):
+        Codec.parse("top2")
+
+
+def test_a_profile_picks_stronger_compression_for_a_slower_uplink() -> None:
+    assert default_codec(100_000).name == "f16"
+    assert default_codec(20_000).name == "int8"
+    assert default_codec(2_000).name == "int8+top0.1+zstd"
+
+
+def _tensors(model: Model, codec: str) -> dict[str, object]:
+    """A valid update body of ``codec``, as a map to tamper with."""
+    body = msgpack.unpackb(encode_update(_update(model), model.masks, Codec.parse(codec)))
+    assert isinstance(body, dict)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("codec", "tamper", "error"),
+    [
+        ("int8+top0.1", lambda t: t.update(sel=t["sel"][:-1]), "top-k bitmask must be"),
+        ("int8+top0.1", lambda t: t.update(sel=b"\xff" * len(t["sel"])), r"expected \d+ int8"),
+        ("int8", lambda t: t.update(q=t["q"] + b"\x00"), r"expected \d+ int8 values"),
+        ("int8", lambda t: t.update(s=float("nan")), "scale nan is not a finite"),
+        ("int8", lambda t: t.update(s=-1.0), "scale -1.0 is not a finite"),
+        ("f16", lambda t: t.update(q="text"), r"expected \d+ f16 values"),
+        ("f16", lambda t: t.clear(), "'sel'"),
+    ],
+)
+def test_a_malformed_tensor_is_refused(
+    model: Model, codec: str, tamper: object, error: str
+) -> None:
+    body = _tensors(model, codec)
+    tamper(body["tensors"][0])  # type: ignore[index, operator]
+
+    with pytest.raises(WireError, match=error):
+        decode_update(msgpack.packb(body), model)
+
+
+def test_an_unknown_codec_and_a_compressed_payload_that_grows_too_far_are_refused(
+    model: Model,
+) -> None:
+    body = _tensors(model, "int8")
+    body["codec"] = "int4"
+    with pytest.raises(WireError, match="unknown codec part 'int4'"):
+        decode_update(msgpack.packb(body), model)
+    bomb = zstd.compress(b"\x00" * (8 * 2440 + 2**20 + 1))  # past 8 bytes a weight + 1 MiB
+    assert len(bomb) < 1000
+    with pytest.raises(WireError, match="grows past"):
+        decode_update(bomb, model)
+    with pytest.raises(WireError, match="undecodable zstandard"):
+        decode_update(bomb[:20], model)
+
+
+def test_error_feedback_loses_nothing_it_only_sends_it_later(model: Model) -> None:
+    # Prepare: five updates through top-10% int8, the residual carried from one to the next
+    codec = Codec.parse("int8+top0.1")
+    residual = Residual()
+    key = mask_key(model.masks)
+    wanted_total = [np.zeros_like(w) for w in model.weights]
+    sent_total = [np.zeros_like(w) for w in model.weights]
+
+    # Execute
+    for seed in range(5):
+        update = _update(model, seed)
+        wanted = residual.add(update.deltas, key)
+        payload = encode_update(Update(round=1, num_samples=1, deltas=wanted), model.masks, codec)
+        sent = decode_update(payload, model).deltas
+        residual.keep(wanted, sent, key)
+        wanted_total = [t + d for t, d in zip(wanted_total, update.deltas, strict=True)]
+        sent_total = [t + s for t, s in zip(sent_total, sent, strict=True)]
+
+    # Assert: what was sent plus what is still held is what training produced
+    for w, s, r in zip(wanted_total, sent_total, residual.values, strict=True):
+        np.testing.assert_allclose(s + r, w, atol=1e-6)
+    fresh = _update(model).deltas
+    for got, want in zip(residual.add(fresh, "another mask"), fresh, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_residual_survives_a_restart_and_a_broken_file_is_an_empty_one(
+    model: Model, tmp_path: Path
+) -> None:
+    residual = Residual()
+    update = _update(model)
+    residual.keep(update.deltas, [np.zeros_like(d) for d in update.deltas], "s1/abc")
+    residual.save(tmp_path / "r.npz")
+    (tmp_path / "broken.npz").write_bytes(b"no")
+
+    loaded = Residual.load(tmp_path / "r.npz")
+
+    assert loaded.key == "s1/abc"
+    for got, want in zip(loaded.values, update.deltas, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert Residual.load(tmp_path / "broken.npz").values == []
+    assert Residual.load(tmp_path / "missing.npz").values == []
