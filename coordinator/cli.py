@@ -143,6 +143,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "of the kept values, with error feedback), int8+top0.1+zstd (default: %(default)s)",
     )
     p.add_argument(
+        "--downlink",
+        choices=["delta", "full"],
+        default=d.downlink,
+        help="delta: send each round's model as a change to the previous one (int8 unless "
+        "--codec says f32 or f16) to the devices that hold it, whole to the others; full: "
+        "always whole (default: %(default)s)",
+    )
+    p.add_argument(
         "--trim",
         type=float,
         default=d.trim,
@@ -295,6 +303,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         clip_norm=args.clip_norm,
         staleness_weight=args.staleness_weight,
         codec=args.codec,
+        downlink=args.downlink,
         trim=args.trim,
         max_update_bytes=args.max_update_bytes,
         max_norm=args.max_norm,

@@ -133,6 +133,10 @@ class RunConfig:
     # How updates travel (edge_client.codec.Codec, e.g. int8+top0.1+zstd); "auto" = each device
     # picks by its profile's uplink (codec.default_codec)
     codec: str = "auto"
+    # "delta": a round's model also goes as a change to the previous round's, quantized like
+    # the updates (int8 unless the codec says f32 or f16), to the devices that hold that one;
+    # "full": only whole (float32 values at the kept positions)
+    downlink: str = "delta"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -158,6 +162,7 @@ class RunConfig:
             ("max_samples", self.max_samples >= 1, ">= 1"),
             ("max_pending_bytes", self.max_pending_bytes >= 1, ">= 1"),
             ("aggregators", self.aggregators >= 0, ">= 0 (0 = none)"),
+            ("downlink", self.downlink in ("delta", "full"), "delta or full"),
         ]
         check_name(self.run, "run name")
         if self.codec != "auto":

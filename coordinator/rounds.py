@@ -28,7 +28,15 @@ from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.telemetry import Telemetry
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
 from fedprune.device_profiles import DEFAULT_PROFILE
-from fedprune.edge_client.codec import Codec, Model, Update, decode_update, encode_model
+from fedprune.edge_client.codec import (
+    Codec,
+    Model,
+    Update,
+    apply_delta,
+    decode_update,
+    encode_delta,
+    encode_model,
+)
 from fedprune.edge_client.errors import ConfigError, FedpruneError, SignatureError, WireError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import NAME, Topics, check_name
@@ -172,6 +180,10 @@ class Coordinator:
         self.dropped = 0  # device messages refused for a missing or bad signature
         self.artifact_error: str | None = None  # why litert clients cannot train, if they cannot
         self.codec = None if config.codec == "auto" else Codec.parse(config.codec)  # None: any
+        # What the devices that reported last round hold (the model they trained from, as
+        # published: the base of the next delta) and who they are.
+        self._held: tuple[Model, str] | None = None
+        self._holders: set[str] = set()
         self.transport = transport
         self.config = config
         self.pruner = pruner
@@ -346,26 +358,54 @@ class Coordinator:
 
     def _publish_model(
         self, version: int, model: Model, receivers: list[str]
-    ) -> tuple[Manifest, int]:
-        """Publish the model's chunks (retained, for the ``receivers`` to fetch, in chunks that
-        each of them takes) and clear the previous version's."""
+    ) -> tuple[dict[str, Any], int]:
+        """Publish the round's model (retained, in chunks that each of the ``receivers`` takes)
+        and clear the previous version's: whole, and with ``downlink = "delta"`` as a change to
+        the last published model for the receivers that hold it (a delta rebuilds a model a
+        little off ``model`` when it rounds: that one is published whole too, and the next delta
+        carries the difference). Returns the round message's manifest fields and the bytes
+        delivered."""
         for topic in self._model_chunks:
             self.transport.publish(topic, b"", retain=True)
-        payload = encode_model(model)
-        prefix = self.topics.model(version)
-        sent = 0
         self._model_chunks = []
         limit = self._fit(self.clients[c] for c in receivers if c in self.clients)
+        holders = [c for c in receivers if c in self._holders]
+        fields: dict[str, Any] = {}
+        delta = None
+        if self.config.downlink == "delta" and self._held is not None and holders:
+            base, base_sha = self._held
+            formats = {"f32": "f32", "f16": "f16"}
+            delta = encode_delta(
+                base, model, formats.get(getattr(self.codec, "values", ""), "int8")
+            )
+            model = apply_delta(base, delta)
+            fields = {"base": base_sha}
+        payload = encode_model(model)
+        if delta is not None and len(delta) >= len(payload):
+            delta, fields, holders = None, {}, []  # no smaller: everyone fetches it whole
+        fields["model"], sent = self._publish_chunks(
+            self.topics.model(version), payload, limit, receivers=len(receivers) - len(holders)
+        )
+        if delta is not None:
+            fields["delta"], more = self._publish_chunks(
+                self.topics.delta(version), delta, limit, receivers=len(holders)
+            )
+            sent += more
+        self._held = (model, fields["model"].sha256)
+        return fields, sent
+
+    def _publish_chunks(
+        self, prefix: str, payload: bytes, limit: int, *, receivers: int
+    ) -> tuple[Manifest, int]:
+        """One retained chunked payload under ``prefix``: its manifest and bytes delivered."""
+        sent = 0
+        chunks = 0
         for chunk in split_to_fit(payload, max_payload=limit):
             topic = f"{prefix}/{chunk.index}"
-            sent += self._publish(topic, chunk, receivers=len(receivers))
+            sent += self._publish(topic, chunk, receivers=receivers)
             self._model_chunks.append(topic)
-        manifest = Manifest(
-            topic=prefix,
-            size=len(payload),
-            chunks=len(self._model_chunks),
-            sha256=sha256(payload),
-        )
+            chunks += 1
+        manifest = Manifest(topic=prefix, size=len(payload), chunks=chunks, sha256=sha256(payload))
         return manifest, sent
 
     # -- receiving -------------------------------------------------------------------------------
@@ -655,7 +695,7 @@ class Coordinator:
                 f"none of the {len(self.clients)} online clients can train this model"
                 f" (their trainer needs the TFLite training artifact: {self.artifact_error})"
             )
-        manifest, model_bytes = self._publish_model(round_, model, selected)
+        manifests, model_bytes = self._publish_model(round_, model, selected)
         announcement = Round(
             round=round_,
             model_version=round_,
@@ -664,8 +704,8 @@ class Coordinator:
             session=self.telemetry.session,
             draw=draw,
             cutoff=cutoff,
-            model=manifest,
             local_epochs=self.config.local_epochs,
+            **manifests,
         )
         round_bytes = self._publish(self.topics.round, announcement, receivers=len(self.clients))
         self._joining["round"] = round_bytes
@@ -691,6 +731,7 @@ class Coordinator:
         if self.config.aggregators:
             self._gather(state)
         self._collect = None
+        self._holders = set(state.reported)  # they hold this round's model: a delta's base
         state.assembling.clear()  # what had not arrived whole by the close never will count
         self._previous = state if self.config.staleness_weight else None
         late = sorted(state.selected - state.responded)  # no answer when the round closed

@@ -25,9 +25,11 @@ from fedprune.edge_client.codec import (
     Model,
     Residual,
     Update,
+    apply_delta,
     decode_model,
     decode_update,
     default_codec,
+    encode_model,
     encode_update,
     features,
     mask_key,
@@ -63,6 +65,7 @@ from fedprune.edge_client.wire import (
     Status,
     decode,
     encode,
+    sha256,
     split_to_fit,
 )
 
@@ -435,7 +438,14 @@ class EdgeClient:
             log.error("round %d: %s; told the coordinator", round_.round, why)
             self._failed(round_.round, why)
             return
-        pattern = f"{self.topics.model(round_.model_version)}/+"  # ours, never the message's
+        # The change to the model held here if there is one for it, else the whole model; the
+        # topics are ours, never the message's.
+        held = self._model is not None and self._model[0] == round_.base
+        topic = self.topics.delta if round_.delta is not None and held else self.topics.model
+        self._subscribe_models(f"{topic(round_.model_version)}/+")
+
+    def _subscribe_models(self, pattern: str) -> None:
+        """Receive the model chunks of ``pattern`` instead of those of before."""
         if pattern == self._model_topics:
             return
         if self._model_topics is not None:
@@ -453,8 +463,31 @@ class EdgeClient:
     def _add_model_chunk(self, chunk: Chunk) -> None:
         """Collect model chunks by payload hash; the round's manifest names the hash it wants."""
         payload = self._models.add(chunk)
-        if payload is not None:
+        round_ = self._round
+        if payload is None:
+            return
+        if round_ is not None and round_.delta is not None and chunk.sha256 == round_.delta.sha256:
+            self._rebuild(round_, payload)
+        else:
             self._model = (chunk.sha256, payload)
+
+    def _rebuild(self, round_: Round, delta: bytes) -> None:
+        """The round's model from the one held here and its change; when that fails, or does
+        not give the model the round names (by SHA-256), the whole model is fetched."""
+        try:
+            if self._model is None or self._model[0] != round_.base:
+                raise WireError("the model it changes is not the one held here")
+            whole = encode_model(apply_delta(decode_model(self._model[1]), delta))
+        except WireError as exc:
+            why = str(exc)
+        else:
+            if sha256(whole) == round_.model.sha256:
+                self._model = (round_.model.sha256, whole)
+                return
+            why = "it does not give the round's model (another SHA-256)"
+        log.warning("round %d: the model's change cannot be used (%s); fetching it whole",
+                    round_.round, why)  # fmt: skip
+        self._subscribe_models(f"{self.topics.model(round_.model_version)}/+")
 
     def _on_notice(self, notice: Notice) -> None:
         if self._last_update is not None and self._last_update[0] == notice.round:

@@ -195,6 +195,69 @@ def decode_model(payload: bytes) -> Model:
     return Model(weights=weights, masks=masks)
 
 
+def encode_delta(base: Model, target: Model, values: str = "int8") -> bytes:
+    """``target`` as a change to ``base`` (the model a device holds): per tensor the target's
+    mask when it differs from the base's, and the difference at the kept positions in
+    ``values`` format. What a device rebuilds from it is :func:`apply_delta`'s result, which is
+    not ``target`` exactly when ``values`` rounds: publish that, not ``target``."""
+    codec = Codec(values=values)
+    rng = np.random.default_rng(0)  # int8sr is sent as int8: rounding must not be drawn
+    if values == "int8sr":
+        codec = Codec(values="int8")
+    tensors = []
+    for old, new, old_mask, new_mask in zip(
+        base.weights, target.weights, base.masks, target.masks, strict=True
+    ):
+        if (old_mask is None) != (new_mask is None) or old.shape != new.shape:
+            raise ShapeError("the base model does not have the target's tensors")
+        change = np.asarray(new, np.float32) - np.asarray(old, np.float32)
+        tensor = _encode_tensor(np.frombuffer(_values(change, new_mask), _F32), codec, rng)
+        tensor["mask"] = None
+        if new_mask is not None and old_mask is not None and not np.array_equal(old_mask, new_mask):
+            tensor["mask"] = np.packbits(new_mask.reshape(-1) != 0).tobytes()
+        tensors.append(tensor)
+    body = {"values": codec.values, "tensors": tensors}
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def apply_delta(base: Model, payload: bytes) -> Model:
+    """The model :func:`encode_delta` describes, rebuilt on ``base`` (validated like an update:
+    tensor count, mask and value lengths, scales)."""
+    try:
+        body = _load(payload)
+        if not isinstance(body, dict):
+            raise WireError("malformed model delta (not a map)")
+        codec = Codec.parse(str(body["values"]))
+        tensors = body["tensors"]
+        if codec.topk or codec.zstd or len(tensors) != len(base.weights):
+            raise ShapeError(f"a delta of {len(tensors)} tensors for {len(base.weights)}")
+        weights: list[np.ndarray] = []
+        masks: list[np.ndarray | None] = []
+        for i, (tensor, old, old_mask) in enumerate(
+            zip(tensors, base.weights, base.masks, strict=True)
+        ):
+            mask = old_mask
+            if tensor["mask"] is not None:
+                bits = tensor["mask"]
+                if (
+                    old_mask is None
+                    or not isinstance(bits, bytes)
+                    or len(bits) != (old.size + 7) // 8
+                ):
+                    raise ShapeError(f"tensor {i}: the mask must be {(old.size + 7) // 8} bytes")
+                mask = np.unpackbits(np.frombuffer(bits, np.uint8), count=old.size)
+                mask = mask.astype(np.float32).reshape(old.shape)
+            kept = np.ones(old.size, bool) if mask is None else mask.reshape(-1) != 0
+            change = _decode_tensor(tensor, int(np.count_nonzero(kept)), codec, f"tensor {i}")
+            new = np.zeros(old.size, np.float32)
+            new[kept] = np.asarray(old, np.float32).reshape(-1)[kept] + change
+            weights.append(new.reshape(old.shape))
+            masks.append(mask)
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise WireError(f"malformed model delta ({exc})") from exc
+    return Model(weights=weights, masks=masks)
+
+
 def encode_update(
     update: Update,
     masks: list[np.ndarray | None],

@@ -65,6 +65,10 @@ class Topics:
         """Prefix of the chunks of one model version; chunk ``i`` is at ``<prefix>/<i>``."""
         return f"{self.root}/model/{version}"
 
+    def delta(self, version: int) -> str:
+        """Prefix of the chunks of one model version as a change to the previous one."""
+        return f"{self.model(version)}/delta"
+
     def deploy(self, profile: str) -> str:
         """Retained ``Deployment`` of one profile; its chunks are under ``<this>/chunks/<i>``."""
         return f"{self.root}/deploy/{profile}"

@@ -31,7 +31,7 @@ PROTOCOL_MINOR = 7  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.a
 # 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
 # Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
 # bytes; Round.selected is no longer sent), Hello.max_payload; 1.7: update codecs (Spec.codec,
-# Hello.codecs, an update's "codec" and "tensors", zstandard payloads)
+# Hello.codecs, an update's "codec" and "tensors", zstandard payloads), Round.delta and base
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -168,6 +168,10 @@ class Round(Message):
     draw: str = ""
     cutoff: int = 0
     selected: list[str] = field(default_factory=list)  # the selection before 1.6, by id
+    # The model as a change to the one of SHA-256 ``base`` (1.7, codec.encode_delta), at
+    # ``model/<version>/delta/<i>``; a device that holds another fetches ``model`` whole.
+    delta: Manifest | None = None
+    base: str = ""
 
     def selects(self, client_id: str) -> bool:
         """Whether this round selects ``client_id``."""

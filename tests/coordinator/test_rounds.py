@@ -23,7 +23,15 @@ from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.coordinator.pruning import Pruner, wrap
 from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.validation import Limits
-from fedprune.edge_client.codec import Codec, Model, Update, decode_model, encode_update
+from fedprune.edge_client.codec import (
+    Codec,
+    Model,
+    Update,
+    apply_delta,
+    decode_model,
+    encode_model,
+    encode_update,
+)
 from fedprune.edge_client.errors import ConfigError, ExportError
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
@@ -1049,3 +1057,62 @@ def test_a_forced_codec_selects_only_devices_that_have_it_and_refuses_other_code
     assert notice.reason == (
         "this run's codec int8+zstd needs int8, zstd, which this device lacks: it is not selected"
     )
+
+
+def test_the_next_rounds_model_goes_as_a_change_to_the_devices_that_hold_the_last_one(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: both devices answer round 2; in round 3 the model is also sent as a change
+    h = harness(("a", "b"))
+    seen: list[tuple[Round, Model]] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        seen.append((announcement, model))
+        for i, client in enumerate(h.clients.values()):
+            client.send(
+                announcement.round, _payload(model, _delta(model, i), round_=announcement.round)
+            )
+
+    h.on_round(answer)
+    h.run_round()
+    before = h.coordinator.bytes_down
+
+    # Execute
+    h.coordinator.run_round(ROUND + 1)
+
+    # Assert: the change rebuilds the announced model exactly from the one the devices hold,
+    # is several times smaller, and is what the devices were counted as receiving
+    (first, held), (second, whole) = seen
+    assert first.delta is None and second.delta is not None
+    assert second.base == first.model.sha256
+    chunks = [
+        h.broker.retained[f"{TOPICS.delta(ROUND + 1)}/{i}"] for i in range(second.delta.chunks)
+    ]
+    parts = Reassembler(max_size=second.delta.size)
+    delta = [parts.add(decode(c).message) for c in chunks][-1]  # type: ignore[arg-type]
+    assert delta is not None
+    rebuilt = apply_delta(held, delta)
+    assert sha256(encode_model(rebuilt)) == second.model.sha256
+    for got, want in zip(rebuilt.weights, whole.weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert second.delta.size * 3 < second.model.size
+    delivered = sum(len(c) for c in chunks) * 2
+    assert h.coordinator.bytes_down - before < delivered + second.model.size  # none whole
+
+
+def test_downlink_full_sends_the_whole_model_every_round(harness: Callable[..., Harness]) -> None:
+    h = harness(("a", "b"), downlink="full")
+    seen: list[Round] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        seen.append(announcement)
+        for i, client in enumerate(h.clients.values()):
+            client.send(
+                announcement.round, _payload(model, _delta(model, i), round_=announcement.round)
+            )
+
+    h.on_round(answer)
+    h.run_round()
+    h.coordinator.run_round(ROUND + 1)
+
+    assert [a.delta for a in seen] == [None, None]

@@ -16,7 +16,14 @@ from fedprune import device_profiles
 from fedprune.edge_client import client as client_module
 from fedprune.edge_client import trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient, Identity
-from fedprune.edge_client.codec import Model, Residual, decode_update, encode_model
+from fedprune.edge_client.codec import (
+    Model,
+    Residual,
+    apply_delta,
+    decode_update,
+    encode_delta,
+    encode_model,
+)
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.signing import SigningKey, Trust
@@ -788,3 +795,61 @@ def test_a_device_that_lacks_the_runs_codec_says_what_to_install(
     with pytest.raises(ConfigError, match=r"sends updates as int8\+top0.1\+zstd, which needs zstd"
                        r" \(pip install 'fedprune\[edge,zstd\]'\)"):  # fmt: skip
         _client(broker, data).run(timeout=5)
+
+
+def _publish_next(broker: MemoryBroker, base: Model, new: Model, *, against: Model) -> Model:
+    """Round ROUND + 1 of model version VERSION + 1: whole, as a coordinator rebuilds it from
+    ``base`` and its int8 change, and as the change made ``against`` a model (``base``, or
+    another to break it). Returns the whole model."""
+    coordinator = MemoryTransport(broker)
+    whole = apply_delta(base, encode_delta(base, new))
+    manifests = {}
+    for name, prefix, payload in (
+        ("model", TOPICS.model(VERSION + 1), encode_model(whole)),
+        ("delta", TOPICS.delta(VERSION + 1), encode_delta(against, new)),
+    ):
+        chunks = list(split(payload, max_chunk=700))
+        for chunk in chunks:
+            coordinator.publish(f"{prefix}/{chunk.index}", _encode(chunk), retain=True)
+        manifests[name] = Manifest(topic=prefix, size=len(payload), chunks=len(chunks),
+                                   sha256=sha256(payload))  # fmt: skip
+    announcement = Round(round=ROUND + 1, model_version=VERSION + 1, deadline=time.time() + 60,
+                         duration=60.0, selected=[CLIENT], local_epochs=1,
+                         base=sha256(encode_model(base)), **manifests)  # fmt: skip
+    coordinator.publish(TOPICS.round, _encode(announcement), retain=True)
+    return whole
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_device_that_holds_the_last_model_rebuilds_the_next_from_its_change(
+    model: Model, data: LocalData, broken: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the device trained on ``model``; the next one differs a little wherever it keeps
+    # weights (and its change is broken: made against another model)
+    broker = MemoryBroker()
+    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0)
+    client = _client(broker, data)
+    client.run(timeout=0.6)
+    moved = [
+        w + 0.3 * (1 if m is None else m) for w, m in zip(model.weights, model.masks, strict=True)
+    ]
+    new = Model(weights=moved, masks=model.masks)
+    other = Model(weights=[w * 0 for w in model.weights], masks=model.masks)
+    whole = _publish_next(broker, model, new, against=other if broken else model)
+
+    # Execute
+    client.run(timeout=0.6)
+
+    # Assert: it trained the round on the new model either way, from the change when it was
+    # good, else from the whole model, fetched after it
+    assert client.report.rounds == [ROUND, ROUND + 1]
+    fetching = TOPICS.model(VERSION + 1) if broken else TOPICS.delta(VERSION + 1)
+    assert f"{fetching}/+" in client.transport.patterns  # type: ignore[attr-defined]
+    warned = any("the model's change cannot be used (it does not give the round's model"
+                 in r.getMessage() for r in caplog.records)  # fmt: skip
+    assert warned == broken
+    payload = [p for t, p in broker.log if t.startswith(TOPICS.update(CLIENT, ROUND + 1))]
+    assembler = Reassembler(max_size=1 << 20)
+    update = decode_update([assembler.add(_chunk(p)) for p in payload][-1] or b"", whole)
+    kept = model.masks[0] == 1
+    np.testing.assert_allclose(update.deltas[0][kept], 1.0, rtol=1e-5)  # from the new weights

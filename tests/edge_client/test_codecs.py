@@ -14,8 +14,10 @@ from fedprune.edge_client.codec import (
     Model,
     Residual,
     Update,
+    apply_delta,
     decode_update,
     default_codec,
+    encode_delta,
     encode_update,
     mask_key,
     zstd,
@@ -212,3 +214,27 @@ def test_a_residual_survives_a_restart_and_a_broken_file_is_an_empty_one(
         np.testing.assert_array_equal(got, want)
     assert Residual.load(tmp_path / "broken.npz").values == []
     assert Residual.load(tmp_path / "missing.npz").values == []
+
+
+def test_a_model_change_rebuilds_the_new_mask_and_is_refused_when_malformed(model: Model) -> None:
+    # Prepare: the next model prunes half of what was kept and moves the rest a little
+    rng = np.random.default_rng(3)
+    mask = model.masks[0] * (rng.random(model.masks[0].shape) < 0.5)  # type: ignore[operator]
+    new = Model(weights=[(model.weights[0] + 0.01) * mask, model.weights[1] + 0.5],
+                masks=[mask, None])  # fmt: skip
+
+    # Execute
+    delta = encode_delta(model, new, "int8")
+    rebuilt = apply_delta(model, delta)
+
+    # Assert: the new mask, zeros where it prunes, the rest within int8 rounding
+    np.testing.assert_array_equal(rebuilt.masks[0], mask)
+    assert np.all(rebuilt.weights[0][mask == 0] == 0)
+    np.testing.assert_allclose(rebuilt.weights[1], new.weights[1], atol=0.5 / 127 * 0.51)
+    body = msgpack.unpackb(delta)
+    body["tensors"][0]["mask"] = body["tensors"][0]["mask"][:-1]
+    with pytest.raises(WireError, match="the mask must be 300 bytes"):
+        apply_delta(model, msgpack.packb(body))
+    body["tensors"] = body["tensors"][:1]
+    with pytest.raises(WireError, match="a delta of 1 tensors for 2"):
+        apply_delta(model, msgpack.packb(body))
