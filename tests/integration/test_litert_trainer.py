@@ -63,11 +63,12 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
 
 
 def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:
+    # The same codec whatever the profiles: only the trainers differ.
     command = [sys.executable, "-m", "fedprune.coordinator.demo",
                "--out", str(tmp_path), "--run", run,
                "--broker", "mosquitto", "--clients", "4",
                "--client-profiles", profiles,
-               "--codec", "int8"]  # the same codec whatever the profiles: only trainers differ  # fmt: skip
+               "--codec", "int8"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     last: dict[str, float] = json.loads(
