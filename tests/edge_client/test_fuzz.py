@@ -18,8 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedprune.edge_client.codec import (
+    Codec,
     Model,
     Update,
+    apply_delta,
     decode_model,
     decode_update,
     encode_model,
@@ -136,6 +138,48 @@ def test_every_message_kind_with_hostile_fields(envelope: dict[str, Any]) -> Non
        st.lists(st.integers(0, 10_000), max_size=6), st.integers(0, 255)))  # fmt: skip
 def test_update_payloads(data: bytes) -> None:
     _clean(lambda d: decode_update(d, MODEL), data)
+
+
+CODED = [
+    encode_update(
+        Update(
+            round=2, num_samples=5, deltas=[np.ones((3, 4), np.float32), np.ones(4, np.float32)]
+        ),
+        MODEL.masks,
+        Codec.parse(name),
+    )  # fmt: skip
+    for name in ("f16", "int8+top0.5", "int8sr+zstd")
+]
+
+
+@FUZZ
+@given(
+    st.builds(
+        _flipped,
+        st.sampled_from(CODED),
+        st.lists(st.integers(0, 10_000), max_size=6),
+        st.integers(0, 255),
+    )  # fmt: skip
+    | st.builds(
+        lambda codec, tensors: msgpack.packb(
+            {"round": 1, "num_samples": 1, "codec": codec, "tensors": tensors}, use_bin_type=True
+        ),
+        st.sampled_from(["f16", "int8", "int8+top0.5", "f32+top0.1"]) | values,
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "sel": st.none() | st.binary(max_size=8) | values,
+                    "q": st.binary(max_size=64) | values,
+                    "s": st.floats(allow_nan=True) | values,
+                }
+            ),  # fmt: skip
+            max_size=3,
+        ),
+    )
+)
+def test_coded_update_payloads_and_model_changes(data: bytes) -> None:
+    _clean(lambda d: decode_update(d, MODEL), data)
+    _clean(lambda d: apply_delta(MODEL, d), data)
 
 
 @FUZZ
