@@ -37,17 +37,17 @@ from fedprune.edge_client.codec import Codec, Model, Update, decode_update, enco
 from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.transport import MqttTransport
 
-# name -> (target sparsity, codec)
-CONFIGS: dict[str, tuple[float, str]] = {
-    "dense": (0.0, "f32"),  # dense float32 FedAvg without pruning: the baseline
-    "f32": (0.8, "f32"),  # pruned, float32 values at the kept positions (before issue 12)
-    "f16": (0.8, "f16"),
-    "int8": (0.8, "int8"),
-    "int8sr": (0.8, "int8sr"),
-    "top0.1": (0.8, "f32+top0.1"),
-    "int8+top0.1": (0.8, "int8+top0.1"),
-    "int8+top0.1+zstd": (0.8, "int8+top0.1+zstd"),
-    "int8+top0.05+zstd": (0.8, "int8+top0.05+zstd"),
+# name -> (target sparsity, update codec, downlink)
+CONFIGS: dict[str, tuple[float, str, str]] = {
+    "dense": (0.0, "f32", "full"),  # dense float32 FedAvg without pruning: the baseline
+    "f32": (0.8, "f32", "full"),  # pruned, float32 at the kept positions (before issue 12)
+    "f16": (0.8, "f16", "delta"),
+    "int8": (0.8, "int8", "delta"),
+    "int8sr": (0.8, "int8sr", "delta"),
+    "top0.1": (0.8, "f32+top0.1", "delta"),
+    "int8+top0.1": (0.8, "int8+top0.1", "delta"),
+    "int8+top0.1+zstd": (0.8, "int8+top0.1+zstd", "delta"),
+    "int8+top0.05+zstd": (0.8, "int8+top0.05+zstd", "delta"),
 }
 PROFILE = "raspberry-pi-4"  # every device: the same trainer and limits in every configuration
 SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy column simulates
@@ -55,7 +55,7 @@ SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy colum
 
 def one_run(url: str, out: Path, *, model: str, alpha: float, seed: int, rounds: int,
             clients: int, config: str) -> dict[str, Any]:  # fmt: skip
-    target, codec = CONFIGS[config]
+    target, codec, downlink = CONFIGS[config]
     run = f"comm-{model}-{config.replace('+', '-')}-{alpha}-{seed}".replace(".", "_")
     counter = MqttTransport(url, client_id=f"counter-{time.time_ns()}")
     counter.subscribe(Topics(run).all_updates)
@@ -65,7 +65,8 @@ def one_run(url: str, out: Path, *, model: str, alpha: float, seed: int, rounds:
          "--run", run, "--model", model, "--clients", str(clients), "--alpha", str(alpha),
          "--seed", str(seed), "--rounds", str(rounds), "--target", str(target),
          "--begin-round", "0", "--end-round", str(rounds // 2), "--codec", codec,
-         "--client-profiles", PROFILE, "--deploy-anyway", "--install-wait", "0"],
+         "--downlink", downlink, "--client-profiles", PROFILE, "--deploy-anyway",
+         "--install-wait", "0"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     seconds = time.perf_counter() - started

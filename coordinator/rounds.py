@@ -370,9 +370,12 @@ class Coordinator:
         self._model_chunks = []
         limit = self._fit(self.clients[c] for c in receivers if c in self.clients)
         holders = [c for c in receivers if c in self._holders]
+        if self.config.downlink != "delta" or self._held is None:
+            holders = []  # every receiver fetches the model whole
         fields: dict[str, Any] = {}
         delta = None
-        if self.config.downlink == "delta" and self._held is not None and holders:
+        if holders:
+            assert self._held is not None
             base, base_sha = self._held
             formats = {"f32": "f32", "f16": "f16"}
             delta = encode_delta(

@@ -32,7 +32,6 @@ from fedprune.edge_client.codec import (
     encode_model,
     encode_update,
     features,
-    mask_key,
 )
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
@@ -625,8 +624,9 @@ class EdgeClient:
         codec = self.codec(spec)
         if not codec.lossy:
             return encode_update(update, model.masks, codec)
-        key = f"{self._session}/{mask_key(model.masks)}"
-        wanted = dataclasses.replace(update, deltas=self.residual.add(update.deltas, key))
+        key = self._session or ""
+        wanted = self.residual.add(update.deltas, key, model.masks)
+        wanted = dataclasses.replace(update, deltas=wanted)
         payload = encode_update(wanted, model.masks, codec, rng=np.random.default_rng(seed))
         self.residual.keep(wanted.deltas, decode_update(payload, model).deltas, key)
         if self._residual_file is not None:

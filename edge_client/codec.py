@@ -10,7 +10,6 @@ payload compressed with zstandard. The container is msgpack. See docs/protocol.m
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import re
@@ -401,19 +400,26 @@ def _decompress(payload: bytes, *, limit: int) -> bytes:
 class Residual:
     """Error feedback for a lossy codec: what a device's updates wanted to send and did not (at
     the kept positions), added to its next update, so that nothing is lost, only late. It
-    belongs to one coordinator session and one mask (``key``) and is forgotten when either
-    changes; :meth:`save` and :meth:`load` carry it across a device restart."""
+    belongs to one coordinator session (``key``) and is forgotten when that changes; where a new
+    mask prunes, it is dropped. :meth:`save` and :meth:`load` carry it across a restart."""
 
     def __init__(self) -> None:
         self.key = ""
         self.values: list[np.ndarray] = []
 
-    def add(self, deltas: list[np.ndarray], key: str) -> list[np.ndarray]:
-        """``deltas`` plus what is left over from earlier updates with the same ``key``."""
-        if key != self.key or len(self.values) != len(deltas):
+    def add(
+        self, deltas: list[np.ndarray], key: str, masks: list[np.ndarray | None] | None = None
+    ) -> list[np.ndarray]:
+        """``deltas`` plus what is left over from earlier updates with the same ``key``, where
+        ``masks`` keep weights."""
+        if key != self.key or [v.shape for v in self.values] != [d.shape for d in deltas]:
             self.key, self.values = key, []
         if not self.values:
             return deltas
+        if masks is not None:
+            self.values = [
+                v if m is None else v * m for v, m in zip(self.values, masks, strict=True)
+            ]
         return [d + r for d, r in zip(deltas, self.values, strict=True)]
 
     def keep(self, wanted: list[np.ndarray], sent: list[np.ndarray], key: str) -> None:
@@ -440,11 +446,3 @@ class Residual:
         except (OSError, KeyError, ValueError):
             return cls()
         return residual
-
-
-def mask_key(masks: list[np.ndarray | None]) -> str:
-    """A short digest of a model's masks (a residual is kept for one mask)."""
-    digest = hashlib.sha256()
-    for mask in masks:
-        digest.update(b"-" if mask is None else np.packbits(mask.reshape(-1) != 0).tobytes())
-    return digest.hexdigest()[:16]

@@ -1113,6 +1113,12 @@ def test_downlink_full_sends_the_whole_model_every_round(harness: Callable[..., 
 
     h.on_round(answer)
     h.run_round()
+    before = h.coordinator.bytes_down
     h.coordinator.run_round(ROUND + 1)
 
+    # Assert: no change sent, and both devices counted as fetching the whole model
     assert [a.delta for a in seen] == [None, None]
+    chunks = [
+        h.broker.retained[f"{TOPICS.model(ROUND + 1)}/{i}"] for i in range(seen[1].model.chunks)
+    ]
+    assert h.coordinator.bytes_down - before > 2 * sum(len(c) for c in chunks)

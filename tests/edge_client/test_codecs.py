@@ -19,7 +19,6 @@ from fedprune.edge_client.codec import (
     default_codec,
     encode_delta,
     encode_update,
-    mask_key,
     zstd,
 )
 from fedprune.edge_client.errors import WireError
@@ -176,7 +175,7 @@ def test_error_feedback_loses_nothing_it_only_sends_it_later(model: Model) -> No
     # Prepare: five updates through top-10% int8, the residual carried from one to the next
     codec = Codec.parse("int8+top0.1")
     residual = Residual()
-    key = mask_key(model.masks)
+    key = "session-1"
     wanted_total = [np.zeros_like(w) for w in model.weights]
     sent_total = [np.zeros_like(w) for w in model.weights]
 
@@ -194,8 +193,22 @@ def test_error_feedback_loses_nothing_it_only_sends_it_later(model: Model) -> No
     for w, s, r in zip(wanted_total, sent_total, residual.values, strict=True):
         np.testing.assert_allclose(s + r, w, atol=1e-6)
     fresh = _update(model).deltas
-    for got, want in zip(residual.add(fresh, "another mask"), fresh, strict=True):
-        np.testing.assert_array_equal(got, want)
+    for got, want in zip(residual.add(fresh, "session-2"), fresh, strict=True):
+        np.testing.assert_array_equal(got, want)  # a new session: nothing carried over
+
+
+def test_a_residual_is_dropped_where_a_new_mask_prunes(model: Model) -> None:
+    residual = Residual()
+    update = _update(model)
+    ones = [np.ones_like(d) for d in update.deltas]
+    residual.keep(ones, [np.zeros_like(d) for d in update.deltas], "s")
+    mask = np.zeros_like(update.deltas[0])
+    mask[0, :5] = 1
+
+    got = residual.add([np.zeros_like(d) for d in update.deltas], "s", [mask, None])
+
+    np.testing.assert_array_equal(got[0], mask)
+    np.testing.assert_array_equal(got[1], 1.0)
 
 
 def test_a_residual_survives_a_restart_and_a_broken_file_is_an_empty_one(
