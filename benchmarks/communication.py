@@ -48,6 +48,7 @@ CONFIGS: dict[str, tuple[float, str, str]] = {
     "int8+top0.1": (0.8, "int8+top0.1", "delta"),
     "int8+top0.1+zstd": (0.8, "int8+top0.1+zstd", "delta"),
     "int8+top0.05+zstd": (0.8, "int8+top0.05+zstd", "delta"),
+    "unpruned int8+top0.1+zstd": (0.0, "int8+top0.1+zstd", "delta"),  # the codec alone
 }
 PROFILE = "raspberry-pi-4"  # every device: the same trainer and limits in every configuration
 SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy column simulates
@@ -56,7 +57,8 @@ SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy colum
 def one_run(url: str, out: Path, *, model: str, alpha: float, seed: int, rounds: int,
             clients: int, config: str) -> dict[str, Any]:  # fmt: skip
     target, codec, downlink = CONFIGS[config]
-    run = f"comm-{model}-{config.replace('+', '-')}-{alpha}-{seed}".replace(".", "_")
+    slug = re.sub(r"[^a-z0-9]+", "-", config)
+    run = f"comm-{model}-{slug}-{alpha}-{seed}".replace(".", "_")
     counter = MqttTransport(url, client_id=f"counter-{time.time_ns()}")
     counter.subscribe(Topics(run).all_updates)
     started = time.perf_counter()

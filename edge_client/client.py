@@ -625,8 +625,8 @@ class EdgeClient:
         if not codec.lossy:
             return encode_update(update, model.masks, codec)
         key = self._session or ""
-        wanted = self.residual.add(update.deltas, key, model.masks)
-        wanted = dataclasses.replace(update, deltas=wanted)
+        with_residual = self.residual.add(update.deltas, key, model.masks)
+        wanted = dataclasses.replace(update, deltas=with_residual)
         payload = encode_update(wanted, model.masks, codec, rng=np.random.default_rng(seed))
         self.residual.keep(wanted.deltas, decode_update(payload, model).deltas, key)
         if self._residual_file is not None:
