@@ -11,7 +11,8 @@ counts (metrics.jsonl, summary.json), the subscriber's, the devices' own receive
 accuracy after every round and the devices' training time. Encode and decode times are measured
 here on updates of each model's size, with the run's codec. Prints Markdown tables (medians over
 seeds) and writes a PNG of accuracy against cumulative uplink bytes. ``--results`` keeps the raw
-runs as JSON (``--report-only`` prints the tables and plot again from it).
+runs as JSON: runs already in it are not done again (``--report-only`` prints the tables and
+plot again from it).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ CONFIGS: dict[str, tuple[float, str, str]] = {
     "int8+top0.1": (0.8, "int8+top0.1", "delta"),
     "int8+top0.1+zstd": (0.8, "int8+top0.1+zstd", "delta"),
     "int8+top0.05+zstd": (0.8, "int8+top0.05+zstd", "delta"),
-    "unpruned int8+top0.1+zstd": (0.0, "int8+top0.1+zstd", "delta"),  # the codec alone
+    "unpruned int8+top0.1+zstd": (0.0, "int8+top0.1+zstd", "delta"),  # the codecs alone
+    "unpruned int8+top0.05+zstd": (0.0, "int8+top0.05+zstd", "delta"),
 }
 PROFILE = "raspberry-pi-4"  # every device: the same trainer and limits in every configuration
 SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy column simulates
@@ -208,16 +210,24 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["model"], r["alpha"]) for r in runs})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (model, alpha) in zip(axes[0], panels, strict=True):
+    models = sorted({r["model"] for r in runs})
+    alphas = sorted({r["alpha"] for r in runs}, reverse=True)
+    fig, axes = plt.subplots(len(models), len(alphas), figsize=(7 * len(alphas), 4.8 * len(models)),
+                             squeeze=False)  # fmt: skip
+    panels = [(ax, m, a) for row, m in zip(axes, models, strict=True)
+              for ax, a in zip(row, alphas, strict=True)]  # fmt: skip
+    colors = plt.get_cmap("tab20").colors
+    for ax, model, alpha in panels:
+        ax.set_prop_cycle(color=colors[::2] + colors[1::2])  # type: ignore[operator]
         for config in CONFIGS:
             these = [r for r in runs if (r["model"], r["alpha"], r["config"]) ==
                      (model, alpha, config)]  # fmt: skip
             if not these:
                 continue
             first = min(these, key=lambda r: r["seed"])
-            ax.plot(np.cumsum(first["bytes_up"]), first["accuracy"], marker=".", label=config)
+            style = {"color": "black", "linewidth": 2.0} if config == "dense" else {}
+            ax.plot(np.cumsum(first["bytes_up"]), first["accuracy"], marker=".", label=config,
+                    **style)  # type: ignore[arg-type]  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("cumulative uplink bytes (all devices)")
         ax.set_ylabel("held-out accuracy")
@@ -249,13 +259,18 @@ def main() -> int:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         p.error(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
-    runs: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []  # with --results, the runs already there are kept, not redone
+    if args.results is not None and args.results.is_file():
+        runs = json.loads(args.results.read_text())
+    done = {(r["model"], r["alpha"], r["seed"], r["config"]) for r in runs}
     grid = itertools.product(
         args.models.split(","), [float(a) for a in args.alphas.split(",")],
         [int(s) for s in args.seeds.split(",")], configs,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker("mosquitto") as broker:
         for model, alpha, seed, config in grid:
+            if (model, alpha, seed, config) in done:
+                continue
             run = one_run(broker.url, Path(tmp), model=model, alpha=alpha, seed=seed,
                           rounds=args.rounds, clients=args.clients, config=config)  # fmt: skip
             runs.append(run)

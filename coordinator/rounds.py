@@ -694,9 +694,12 @@ class Coordinator:
         model = self.pruner.model()
         selected, draw, cutoff = self.select(round_)
         if not selected:
+            hello = next(iter(self.clients.values()))
+            why = self._cannot_encode(hello) or (
+                f"their trainer needs the TFLite training artifact: {self.artifact_error}"
+            )  # fmt: skip
             raise ConfigError(
-                f"none of the {len(self.clients)} online clients can train this model"
-                f" (their trainer needs the TFLite training artifact: {self.artifact_error})"
+                f"none of the {len(self.clients)} online clients can train this model ({why})"
             )
         manifests, model_bytes = self._publish_model(round_, model, selected)
         announcement = Round(

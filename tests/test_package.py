@@ -174,6 +174,8 @@ def test_devices_installed_from_the_wheel_train_in_a_real_run_and_run_the_deploy
     assert coordinator.returncode == 0, err[-3000:]
     rounds = [json.loads(line) for line in (tmp_path / "runs" / "wheel" / "metrics.jsonl").open()]
     assert [r["reported"] for r in rounds] == [2, 2, 2]
+    assert [r["codecs"] for r in rounds] == [{"int8": 2}] * 3  # the Pi 4 profile's codec
+    assert not any("change cannot be used" in log for log in logs)  # models 2 and 3 as changes
     assert all("TensorFlow loaded: no" in log for log in logs)
     assert infer.returncode == 0, infer.stderr
     meta = json.loads((installed / "export.json").read_text())
@@ -185,3 +187,39 @@ def test_devices_installed_from_the_wheel_train_in_a_real_run_and_run_the_deploy
     assert [(d["id"], d["reported"], d["model"]) for d in snapshot["devices"]] == [
         (f"pi-{i}", 3, meta["sha256"]) for i in range(2)
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_device_without_zstandard_is_told_and_not_selected_when_the_run_forces_it(
+    edge_venv: Path, mosquitto: str, tmp_path: Path
+) -> None:
+    # Prepare: a run that forces a zstandard codec; a device from the wheel without the extra
+    from fedprune.coordinator import digits
+
+    paths, heldout = digits.write_demo_data(tmp_path / "data", 1, alpha=100.0, seed=0)
+    coordinator = subprocess.Popen(
+        [Path(sys.executable).parent / "fedprune-coordinator", "--broker", mosquitto, "--run",
+         "zstd", "--min-clients", "1", "--rounds", "1", "--begin-round", "1", "--end-round",
+         "1", "--heldout", heldout, "--out", tmp_path / "runs", "--codec", "int8+zstd",
+         "--join-timeout", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    # Execute
+    device = subprocess.run(
+        [edge_venv / "fedprune-client", "--broker", mosquitto, "--run", "zstd", "--id", "pi-0",
+         "--data", paths[0], "--profile", "raspberry-pi-4", "--cache", tmp_path / "cache"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    _, err = coordinator.communicate(timeout=120)
+
+    # Assert: the device stops with one line saying what to install; the coordinator never
+    # selected it and says why
+    assert device.returncode == 2
+    assert device.stderr.strip().splitlines()[-1] == (
+        "fedprune-client: error: run 'zstd' sends updates as int8+zstd, which needs zstd"
+        " (pip install 'fedprune[edge,zstd]')"
+    )
+    assert "client pi-0 joined" in err and "needs zstd, which this device lacks" in err
+    assert coordinator.returncode != 0
