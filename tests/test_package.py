@@ -200,8 +200,8 @@ def test_a_device_without_zstandard_is_told_and_not_selected_when_the_run_forces
     paths, heldout = digits.write_demo_data(tmp_path / "data", 1, alpha=100.0, seed=0)
     coordinator = subprocess.Popen(
         [Path(sys.executable).parent / "fedprune-coordinator", "--broker", mosquitto, "--run",
-         "zstd", "--min-clients", "1", "--rounds", "1", "--begin-round", "1", "--end-round",
-         "1", "--heldout", heldout, "--out", tmp_path / "runs", "--codec", "int8+zstd",
+         "zstd", "--min-clients", "1", "--rounds", "2", "--begin-round", "1", "--end-round",
+         "2", "--heldout", heldout, "--out", tmp_path / "runs", "--codec", "int8+zstd",
          "--join-timeout", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -213,6 +213,7 @@ def test_a_device_without_zstandard_is_told_and_not_selected_when_the_run_forces
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     _, err = coordinator.communicate(timeout=120)
+    assert "client pi-0 joined" in err, err[-3000:]
 
     # Assert: the device stops with one line saying what to install; the coordinator never
     # selected it and says why
