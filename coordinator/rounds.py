@@ -369,18 +369,14 @@ class Coordinator:
             self.transport.publish(topic, b"", retain=True)
         self._model_chunks = []
         limit = self._fit(self.clients[c] for c in receivers if c in self.clients)
-        holders = [c for c in receivers if c in self._holders]
-        if self.config.downlink != "delta" or self._held is None:
-            holders = []  # every receiver fetches the model whole
+        held = self._held if self.config.downlink == "delta" else None
+        holders = [] if held is None else [c for c in receivers if c in self._holders]
         fields: dict[str, Any] = {}
         delta = None
-        if holders:
-            assert self._held is not None
-            base, base_sha = self._held
-            formats = {"f32": "f32", "f16": "f16"}
-            delta = encode_delta(
-                base, model, formats.get(getattr(self.codec, "values", ""), "int8")
-            )
+        if held is not None and holders:
+            base, base_sha = held
+            values = "int8" if self.codec is None else self.codec.values
+            delta = encode_delta(base, model, values if values in ("f32", "f16") else "int8")
             model = apply_delta(base, delta)
             fields = {"base": base_sha}
         payload = encode_model(model)
