@@ -4,7 +4,7 @@
 # See docs/arm64.md.
 #
 #   scripts/arm64.sh setup               make or refresh the ARM userland and wheels (idempotent)
-#   scripts/arm64.sh python ARGS...      ARM python3.11 with fedprune[edge,monitor] installed from its wheel
+#   scripts/arm64.sh python ARGS...      ARM python3.11 with fedprune[edge,zstd,monitor] installed from its wheel
 #   scripts/arm64.sh client ARGS...      fedprune-client (python -m fedprune.edge_client ARGS...) on ARM
 #   scripts/arm64.sh test [PYTEST ARGS]  tests/edge_client and tests/device_profiles on ARM
 #   scripts/arm64.sh clean               delete the cache
@@ -159,7 +159,7 @@ write_cpuinfo() {
   fi
 }
 
-# 2. aarch64 wheels of the edge and monitor extras plus pytest and hypothesis, downloaded with the host's pip
+# 2. aarch64 wheels of the edge, zstd and monitor extras plus pytest and hypothesis, downloaded with the host's pip
 # (newer manylinux tags, else pip silently picks ai-edge-litert 1.4.0), unzipped into one folder.
 make_wheels() {
   local reqs stamp partial

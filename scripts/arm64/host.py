@@ -34,13 +34,14 @@ def _name(requirement: str) -> str:
 
 
 def requirements() -> list[str]:
-    """The ``edge`` and ``monitor`` extras (what a device installs, and the monitor a Pi may run)
-    plus pytest and hypothesis, as pip specifiers."""
+    """The ``edge``, ``zstd`` and ``monitor`` extras (what a device installs, and the monitor a Pi
+    may run) plus pytest and hypothesis, as pip specifiers (for Python 3.11: no markers)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     light = dict.fromkeys(
-        r for r in extras["edge"] + extras["monitor"] if not r.startswith("fedprune")
-    )
+        r.split(";")[0].strip() for r in extras["edge"] + extras["zstd"] + extras["monitor"]
+        if not r.startswith("fedprune")
+    )  # fmt: skip
     dev = [r for r in extras["dev"] if _name(r) in TEST_PACKAGES]
     return [*light, *dev]
 
