@@ -144,11 +144,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--downlink",
-        choices=["delta", "full"],
+        choices=["delta", "codec", "full"],
         default=d.downlink,
         help="delta: send each round's model as a change to the previous one (int8 unless "
-        "--codec says f32 or f16) to the devices that hold it, whole to the others; full: "
-        "always whole (default: %(default)s)",
+        "--codec says f32 or f16) to the devices that hold it, whole to the others; codec: the "
+        "change in the --codec given, top-k and zstd included (what it leaves out goes later); "
+        "full: always whole (default: %(default)s)",
     )
     p.add_argument(
         "--trim",

@@ -135,7 +135,8 @@ class RunConfig:
     codec: str = "auto"
     # "delta": a round's model also goes as a change to the previous round's, quantized like
     # the updates (int8 unless the codec says f32 or f16), to the devices that hold that one;
-    # "full": only whole (float32 values at the kept positions)
+    # "codec": the change in the run's codec, top-k and zstd included (what is left out goes
+    # with a later round); "full": only whole (float32 values at the kept positions)
     downlink: str = "delta"
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ class RunConfig:
             ("max_samples", self.max_samples >= 1, ">= 1"),
             ("max_pending_bytes", self.max_pending_bytes >= 1, ">= 1"),
             ("aggregators", self.aggregators >= 0, ">= 0 (0 = none)"),
-            ("downlink", self.downlink in ("delta", "full"), "delta or full"),
+            ("downlink", self.downlink in ("delta", "codec", "full"), "delta, codec or full"),
         ]
         check_name(self.run, "run name")
         if self.codec != "auto":
@@ -170,6 +171,8 @@ class RunConfig:
                 Codec.parse(self.codec)
             except ValueError as exc:
                 raise ConfigError(f"codec: {exc}") from exc
+        elif self.downlink == "codec":
+            raise ConfigError("--downlink codec sends changes in the run's codec: give --codec")
         if self.aggregators and (self.aggregation != "fedavg" or self.staleness_weight):
             raise ConfigError("aggregators add partial sums: they need --aggregation fedavg and"
                               " no --staleness-weight")  # fmt: skip

@@ -369,14 +369,17 @@ class Coordinator:
             self.transport.publish(topic, b"", retain=True)
         self._model_chunks = []
         limit = self._fit(self.clients[c] for c in receivers if c in self.clients)
-        held = self._held if self.config.downlink == "delta" else None
+        held = None if self.config.downlink == "full" else self._held
         holders = [] if held is None else [c for c in receivers if c in self._holders]
         fields: dict[str, Any] = {}
         delta = None
         if held is not None and holders:
             base, base_sha = held
             values = "int8" if self.codec is None else self.codec.values
-            delta = encode_delta(base, model, values if values in ("f32", "f16") else "int8")
+            codec = values if values in ("f32", "f16") else "int8"
+            if self.config.downlink == "codec" and self.codec is not None:
+                codec = self.codec.name  # top-k and zstd too: every receiver has them
+            delta = encode_delta(base, model, codec)
             model = apply_delta(base, delta)
             fields = {"base": base_sha}
         payload = encode_model(model)

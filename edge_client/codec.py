@@ -10,6 +10,7 @@ payload compressed with zstandard. The container is msgpack. See docs/protocol.m
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import re
@@ -194,15 +195,17 @@ def decode_model(payload: bytes) -> Model:
     return Model(weights=weights, masks=masks)
 
 
-def encode_delta(base: Model, target: Model, values: str = "int8") -> bytes:
+def encode_delta(base: Model, target: Model, codec: str = "int8") -> bytes:
     """``target`` as a change to ``base`` (the model a device holds): per tensor the target's
-    mask when it differs from the base's, and the difference at the kept positions in
-    ``values`` format. What a device rebuilds from it is :func:`apply_delta`'s result, which is
-    not ``target`` exactly when ``values`` rounds: publish that, not ``target``."""
-    codec = Codec(values=values)
-    rng = np.random.default_rng(0)  # int8sr is sent as int8: rounding must not be drawn
-    if values == "int8sr":
-        codec = Codec(values="int8")
+    mask when it differs from the base's, and the difference at the kept positions in ``codec``
+    (a value format, optionally top-k and zstd; ``int8sr`` goes as ``int8``: rounding must be
+    the same on every device). What a device rebuilds from it is :func:`apply_delta`'s result,
+    which is not ``target`` exactly when the codec rounds or leaves values out: publish that, not
+    ``target``, and take the next change against it (so nothing is lost, only late)."""
+    chosen = Codec.parse(codec)
+    if chosen.values == "int8sr":
+        chosen = dataclasses.replace(chosen, values="int8")
+    rng = np.random.default_rng(0)
     tensors = []
     for old, new, old_mask, new_mask in zip(
         base.weights, target.weights, base.masks, target.masks, strict=True
@@ -210,25 +213,27 @@ def encode_delta(base: Model, target: Model, values: str = "int8") -> bytes:
         if (old_mask is None) != (new_mask is None) or old.shape != new.shape:
             raise ShapeError("the base model does not have the target's tensors")
         change = np.asarray(new, np.float32) - np.asarray(old, np.float32)
-        tensor = _encode_tensor(np.frombuffer(_values(change, new_mask), _F32), codec, rng)
+        tensor = _encode_tensor(np.frombuffer(_values(change, new_mask), _F32), chosen, rng)
         tensor["mask"] = None
         if new_mask is not None and old_mask is not None and not np.array_equal(old_mask, new_mask):
             tensor["mask"] = np.packbits(new_mask.reshape(-1) != 0).tobytes()
         tensors.append(tensor)
-    body = {"values": codec.values, "tensors": tensors}
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    packed: bytes = msgpack.packb({"codec": chosen.name, "tensors": tensors}, use_bin_type=True)
+    return _compress(packed) if chosen.zstd else packed
 
 
 def apply_delta(base: Model, payload: bytes) -> Model:
     """The model :func:`encode_delta` describes, rebuilt on ``base`` (validated like an update:
     tensor count, mask and value lengths, scales)."""
     try:
+        if payload[:4] == _ZSTD_MAGIC:
+            payload = _decompress(payload, limit=8 * sum(w.size for w in base.weights) + 2**20)
         body = _load(payload)
         if not isinstance(body, dict):
             raise WireError("malformed model delta (not a map)")
-        codec = Codec.parse(str(body["values"]))
+        codec = Codec.parse(str(body["codec"]))
         tensors = body["tensors"]
-        if codec.topk or codec.zstd or len(tensors) != len(base.weights):
+        if len(tensors) != len(base.weights):
             raise ShapeError(f"a delta of {len(tensors)} tensors for {len(base.weights)}")
         weights: list[np.ndarray] = []
         masks: list[np.ndarray | None] = []
@@ -280,11 +285,13 @@ def encode_update(
         for d, m in zip(update.deltas, masks, strict=True)
     ]
     packed: bytes = msgpack.packb(body, use_bin_type=True)
-    if codec.zstd:
-        if zstd is None:
-            raise WireError("codec zstd needs Python 3.14 or the backports.zstd package")
-        return zstd.compress(packed, level=ZSTD_LEVEL)  # type: ignore[no-any-return]
-    return packed
+    return _compress(packed) if codec.zstd else packed
+
+
+def _compress(packed: bytes) -> bytes:
+    if zstd is None:
+        raise WireError("codec zstd needs Python 3.14 or the backports.zstd package")
+    return zstd.compress(packed, level=ZSTD_LEVEL)  # type: ignore[no-any-return]
 
 
 def _encode_tensor(flat: np.ndarray, codec: Codec, rng: np.random.Generator) -> dict[str, Any]:

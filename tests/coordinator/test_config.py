@@ -94,3 +94,9 @@ def test_structured_run_needs_only_to_reach_its_begin_round() -> None:
     config = RunConfig(rounds=4, schedule=ScheduleConfig(structure="2:4", begin_round=2))
 
     assert config.schedule.m_by_n == (2, 4)
+
+
+def test_downlink_in_the_runs_codec_needs_a_codec() -> None:
+    with pytest.raises(ConfigError, match="--downlink codec sends changes in the run's codec"):
+        RunConfig(downlink="codec")
+    assert RunConfig(downlink="codec", codec="int8+top0.1").downlink == "codec"

@@ -1100,6 +1100,41 @@ def test_the_next_rounds_model_goes_as_a_change_to_the_devices_that_hold_the_las
     assert h.coordinator.bytes_down - before < delivered + second.model.size  # none whole
 
 
+def test_downlink_codec_sends_the_change_in_the_runs_codec(harness: Callable[..., Harness]) -> None:
+    # Prepare: a run whose updates and model changes are int8 top-10% with zstd
+    h = harness(("a", "b"), downlink="codec", codec="int8+top0.1+zstd")
+    for name in ("a", "b"):
+        h.clients[name] = FakeClient(h.broker, name, codecs=("f32", "int8", "topk", "zstd"))
+    h.coordinator.pump(0.1)
+    h.coordinator.pump(0.1)
+    seen: list[tuple[Round, Model]] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        seen.append((announcement, model))
+        for i, client in enumerate(h.clients.values()):
+            update = Update(round=announcement.round, num_samples=100, deltas=_delta(model, i))
+            payload = encode_update(update, model.masks, Codec.parse("int8+top0.1+zstd"))
+            client.send(announcement.round, payload)
+
+    h.on_round(answer)
+    h.run_round()
+
+    # Execute
+    h.coordinator.run_round(ROUND + 1)
+
+    # Assert: the change is compressed, rebuilds the announced model, and is far smaller
+    (_, held), (second, _) = seen
+    assert second.delta is not None
+    chunks = [
+        h.broker.retained[f"{TOPICS.delta(ROUND + 1)}/{i}"] for i in range(second.delta.chunks)
+    ]
+    parts = Reassembler(max_size=second.delta.size)
+    delta = [parts.add(decode(c).message) for c in chunks][-1]  # type: ignore[arg-type]
+    assert delta is not None and delta[:4] == b"\x28\xb5\x2f\xfd"
+    assert sha256(encode_model(apply_delta(held, delta))) == second.model.sha256
+    assert second.delta.size * 10 < second.model.size
+
+
 def test_downlink_full_sends_the_whole_model_every_round(harness: Callable[..., Harness]) -> None:
     h = harness(("a", "b"), downlink="full")
     seen: list[Round] = []

@@ -251,3 +251,23 @@ def test_a_model_change_rebuilds_the_new_mask_and_is_refused_when_malformed(mode
     body["tensors"] = body["tensors"][:1]
     with pytest.raises(WireError, match="a delta of 1 tensors for 2"):
         apply_delta(model, msgpack.packb(body))
+
+
+def test_a_model_change_in_a_top_k_codec_sends_the_largest_changes_compressed(
+    model: Model,
+) -> None:
+    # Prepare: every kept weight moves, a few of them a lot
+    moved = [w + 0.001 * (1 if m is None else m) for w, m in zip(model.weights, model.masks,
+                                                                  strict=True)]  # fmt: skip
+    moved[1][:2] += 1.0
+    new = Model(weights=moved, masks=model.masks)
+
+    # Execute
+    delta = encode_delta(model, new, "int8+top0.05+zstd")
+    rebuilt = apply_delta(model, delta)
+
+    # Assert: compressed, the two big moves made, the small ones mostly left for later
+    assert delta[:4] == b"\x28\xb5\x2f\xfd"
+    assert len(delta) < len(encode_delta(model, new, "int8")) / 4
+    np.testing.assert_allclose(rebuilt.weights[1][:2], new.weights[1][:2], atol=0.01)
+    assert np.count_nonzero(rebuilt.weights[0] != model.weights[0]) <= 0.05 * 480 + 1
