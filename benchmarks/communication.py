@@ -52,8 +52,9 @@ CONFIGS: dict[str, tuple[float, str, str]] = {
     "unpruned int8+top0.1+zstd": (0.0, "int8+top0.1+zstd", "delta"),  # the codecs alone
     "unpruned int8+top0.05+zstd": (0.0, "int8+top0.05+zstd", "delta"),
     # the model changes in the same codec (--downlink codec)
-    "int8+top0.05+zstd, down too": (0.8, "int8+top0.05+zstd", "codec"),
-    "unpruned int8+top0.05+zstd, down too": (0.0, "int8+top0.05+zstd", "codec"),
+    "int8+top0.05+zstd both ways": (0.8, "int8+top0.05+zstd", "codec"),
+    "unpruned int8+top0.05+zstd both ways": (0.0, "int8+top0.05+zstd", "codec"),
+    "unpruned int8+top0.1+zstd both ways": (0.0, "int8+top0.1+zstd", "codec"),
 }
 PROFILE = "raspberry-pi-4"  # every device: the same trainer and limits in every configuration
 SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy column simulates
