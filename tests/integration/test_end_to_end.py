@@ -160,3 +160,35 @@ def test_twenty_real_device_processes_all_report_every_round_exactly_once(
     assert [(r["selected"], r["reported"], r["rejected"]) for r in rounds] == [(20, 20, {})] * 8
     assert sum(r["bytes_up"] for r in rounds) == counted
     assert rounds[-1]["accuracy"] >= 0.5  # 5x chance: ~60 samples a device, a few steps a round
+
+
+def test_a_run_in_one_top_k_codec_both_ways_counts_every_byte(
+    mosquitto: str, tmp_path: Path
+) -> None:
+    # Prepare: an independent subscriber counts the update bytes the broker delivers
+    run = "codec"
+    counter = MqttTransport(mosquitto, client_id="byte-counter")
+    counter.subscribe(Topics(run).all_updates)
+
+    # Execute: updates and model changes in int8 top-10% with zstandard
+    done = run_demo(tmp_path, "--broker", mosquitto, "--clients", "3", "--run", run,
+                    "--rounds", "10", "--begin-round", "0", "--end-round", "5",
+                    "--codec", "int8+top0.1+zstd", "--downlink", "codec")  # fmt: skip
+    counted = 0
+    while (item := counter.get(timeout=0.5)) is not None:
+        counted += len(item[1])
+    counter.close()
+
+    # Assert: every update in the codec, every model change used, every byte accounted for
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / run
+    rounds = metrics(run_dir)
+    assert [r["codecs"] for r in rounds] == [{"int8+top0.1+zstd": 3}] * 10
+    assert sum(r["bytes_up"] for r in rounds) == counted
+    assert rounds[-1]["bytes_up"] * 50 < rounds[-1]["dense_bytes_up"]
+    assert rounds[-1]["accuracy"] >= 0.8  # type: ignore[operator]
+    logs = [path.read_text() for path in sorted((run_dir / "logs").glob("client-*.log"))]
+    assert not any("change cannot be used" in log for log in logs)
+    received = sum(int(re.search(r"(\d+) bytes received", log)[1]) for log in logs)  # type: ignore[index]
+    claimed = json.loads((run_dir / "summary.json").read_text())["bytes_down"]
+    assert abs(claimed - received) <= 0.01 * received, (claimed, received)
