@@ -55,6 +55,7 @@ CONFIGS: dict[str, tuple[float, str, str]] = {
     "int8+top0.05+zstd both ways": (0.8, "int8+top0.05+zstd", "codec"),
     "unpruned int8+top0.05+zstd both ways": (0.0, "int8+top0.05+zstd", "codec"),
     "unpruned int8+top0.1+zstd both ways": (0.0, "int8+top0.1+zstd", "codec"),
+    "unpruned int8+top0.07+zstd both ways": (0.0, "int8+top0.07+zstd", "codec"),
 }
 PROFILE = "raspberry-pi-4"  # every device: the same trainer and limits in every configuration
 SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy column simulates
