@@ -62,6 +62,36 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "(TF-MOT sparsity_m_by_n, e.g. 2:4), applied at --begin-round",
     )
     p.add_argument(
+        "--units",
+        choices=["l1", "l2"],
+        default=s.units or None,
+        help="structural pruning: remove whole Dense units and Conv2D filters of least L1 or L2 "
+        "norm (--target is then the share of each layer's units) and rebuild the model smaller "
+        "when the schedule is done; devices switch to it",
+    )
+    p.add_argument(
+        "--rebuild-every",
+        type=int,
+        default=s.rebuild_every,
+        metavar="N",
+        help="with --units: rebuild the model every N rounds while pruning too (default: at the "
+        "end only)",
+    )
+    p.add_argument(
+        "--weight-target",
+        type=float,
+        default=s.weight_target,
+        help="with --units (hybrid): then prune weights inside the remaining units to this "
+        "sparsity, polynomially until --weight-end-round (default: off)",
+    )
+    p.add_argument(
+        "--weight-end-round",
+        type=int,
+        default=s.weight_end_round,
+        help="with --weight-target: the round it is reached (default: as many rounds after the "
+        "units are done as they took)",
+    )
+    p.add_argument(
         "--local-epochs",
         type=int,
         default=d.local_epochs,
@@ -277,6 +307,10 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         begin_round=args.begin_round,
         end_round=args.end_round,
         structure=args.structure,
+        units=args.units or "",
+        rebuild_every=args.rebuild_every,
+        weight_target=args.weight_target,
+        weight_end_round=args.weight_end_round,
     )
     values: dict[str, object] = dict(
         run=args.run,

@@ -53,6 +53,14 @@ class ScheduleConfig:
     begin_round: int = 2
     end_round: int = 12
     structure: str = ""  # "M:N" (e.g. "2:4"): TF-MOT m-by-n sparsity at begin_round instead
+    # "l1" or "l2": remove whole Dense units and Conv2D filters of least norm instead of single
+    # weights (``target`` is then the share of each layer's units), and rebuild the model smaller
+    units: str = ""
+    rebuild_every: int = 0  # units: rebuild every N rounds while pruning too (0: at the end only)
+    # units, hybrid: then prune the weights inside the survivors to this sparsity, polynomially
+    # from the round the units are done to ``weight_end_round`` (0: as many rounds again)
+    weight_target: float = 0.0
+    weight_end_round: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -67,12 +75,41 @@ class ScheduleConfig:
                 raise ConfigError(f"structure must be M:N with 0 < M < N, got {self.structure!r}")
         if not 0.0 <= self.target < 1.0:
             raise ConfigError(f"target sparsity must be in [0, 1), got {self.target}")
+        if self.units not in ("", "l1", "l2"):
+            raise ConfigError(
+                f"units must be l1 or l2 (the norm that ranks units), got {self.units!r}"
+            )
+        if self.units and self.structure:
+            raise ConfigError("units and structure are two different kinds of pruning: give one")
+        if not self.units and (self.rebuild_every or self.weight_target):
+            raise ConfigError("rebuild_every and weight_target go with unit pruning (units)")
+        if self.rebuild_every < 0:
+            raise ConfigError(f"rebuild_every must be >= 0, got {self.rebuild_every}")
+        if not 0.0 <= self.weight_target < 1.0:
+            raise ConfigError(f"weight_target must be in [0, 1), got {self.weight_target}")
+        if self.weight_target and self.weight_end_round and self.weight_end_round <= self.units_end:
+            raise ConfigError(
+                f"weight_end_round ({self.weight_end_round}) must be after the round the units"
+                f" are done ({self.units_end})"
+            )
         if self.begin_round < 0:
             raise ConfigError(f"begin_round must be >= 0, got {self.begin_round}")
         if self.kind is not ScheduleKind.CONSTANT and self.end_round <= self.begin_round:
             raise ConfigError(
                 f"end_round ({self.end_round}) must be after begin_round ({self.begin_round})"
             )
+
+    @property
+    def units_end(self) -> int:
+        """The round unit pruning reaches its target (and the model is rebuilt)."""
+        return self.begin_round if self.kind is ScheduleKind.CONSTANT else self.end_round
+
+    @property
+    def last_round(self) -> int:
+        """The round the schedule is done: the target reached, the model rebuilt."""
+        if self.weight_target:
+            return self.weight_end_round or 2 * self.units_end - self.begin_round
+        return self.begin_round if self.m_by_n is not None else self.units_end
 
     @property
     def m_by_n(self) -> tuple[int, int] | None:
@@ -184,9 +221,7 @@ class RunConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        schedule = self.schedule
-        at_begin = schedule.m_by_n is not None or schedule.kind is ScheduleKind.CONSTANT
-        last = schedule.begin_round if at_begin else schedule.end_round
+        last = self.schedule.last_round
         if last > self.rounds:
             raise ConfigError(
                 f"the pruning schedule ends at round {last}, after the last"

@@ -19,6 +19,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude,
 )
 
+from fedprune.coordinator import structure
 from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
 from fedprune.edge_client.codec import Model
 from fedprune.edge_client.errors import ConfigError
@@ -67,8 +68,9 @@ class MeanMagnitude(PruningSchedule):  # type: ignore[misc,valid-type]
 
 def pruner_for(model: tf_keras.Model, schedule: ScheduleConfig) -> Pruner:
     """Wrap ``model`` for ``schedule`` and return its pruner."""
-    offset = schedule.begin_round - 1 if schedule.m_by_n else 0
-    return Pruner(wrap(model, schedule), step_offset=offset)
+    if schedule.units:
+        structure.check_chain(model)
+    return Pruner(model, schedule)
 
 
 def wrap(model: tf_keras.Model, schedule: ScheduleConfig) -> tf_keras.Model:
@@ -84,13 +86,27 @@ def wrap(model: tf_keras.Model, schedule: ScheduleConfig) -> tf_keras.Model:
 
 
 class Pruner:
-    """The global model: wrapped for TF-MOT, read through its stripped view and the masks."""
+    """The global model: wrapped for TF-MOT, read through its stripped view and the masks.
 
-    def __init__(self, wrapped: tf_keras.Model, *, step_offset: int = 0) -> None:
-        """``step_offset`` is subtracted from the round to give TF-MOT's step: m-by-n sparsity is
-        applied at TF-MOT step 1, so a structured run passes ``begin_round - 1``."""
+    With unit pruning (``schedule.units``) the schedule gives each round the share of every unit
+    layer's original units to remove; the pruner ranks them by norm, writes whole units into the
+    wrappers' masks and holds the removed units' biases at zero. :meth:`rebuild` then replaces
+    the model by a smaller one without them (a hybrid schedule goes on with TF-MOT's own weight
+    pruning inside the remaining units)."""
+
+    def __init__(self, model: tf_keras.Model, schedule: ScheduleConfig) -> None:
+        self.schedule = schedule
+        # m-by-n sparsity is applied at TF-MOT step 1: a structured run counts from begin_round
+        self.step_offset = schedule.begin_round - 1 if schedule.m_by_n else 0
+        # unit layer -> its units at the start: the schedule's share is of these
+        self.units = {
+            name: int(model.get_layer(name).get_weights()[0].shape[-1])
+            for name in (structure.unit_layers(model) if schedule.units else [])
+        }
+        self._adopt(wrap(model, schedule), round_=self.step_offset - 1)
+
+    def _adopt(self, wrapped: tf_keras.Model, round_: int) -> None:
         self.wrapped = wrapped
-        self.step_offset = step_offset
         self.stripped = sparsity.strip_pruning(wrapped)  # shares the inner layers with ``wrapped``
         self.wrappers = [layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)]
         position = {id(v): i for i, v in enumerate(self.stripped.weights)}
@@ -98,7 +114,7 @@ class Pruner:
         for wrapper in self.wrappers:
             for weight, mask, _ in wrapper.pruning_vars:
                 self._mask_of[position[id(weight)]] = mask
-        self.step(self.step_offset - 1, update_masks=False)
+        self.step(round_, update_masks=False)
 
     def model(self) -> Model:
         weights = [np.asarray(w, np.float32) for w in self.stripped.get_weights()]
@@ -111,11 +127,15 @@ class Pruner:
         self.stripped.set_weights(weights)
 
     def step(self, round_: int, *, update_masks: bool = True) -> None:
-        """Advance every wrapper's schedule to ``round_`` and apply TF-MOT's mask update."""
+        """Advance every wrapper's schedule to ``round_`` and apply its mask update."""
         for wrapper in self.wrappers:
             wrapper.pruning_step.assign(round_ - self.step_offset)
-            if not update_masks:
-                continue
+        if not update_masks:
+            return
+        if self.units and round_ <= self.schedule.units_end:
+            self._unit_step()
+            return
+        for wrapper in self.wrappers:
             # TF-MOT ranks the raw weights: zero the pruned ones first so that whatever was written
             # there cannot win a place in the new mask, and keep only positions the old mask kept.
             wrapper.pruning_obj.weight_mask_op()
@@ -130,6 +150,93 @@ class Pruner:
             for (_, mask, _), old in zip(wrapper.pruning_vars, previous, strict=True):
                 mask.assign(mask * old)
             wrapper.pruning_obj.weight_mask_op()
+
+    def _unit_step(self) -> None:
+        """Remove the units of least norm in each unit layer, down to the schedule's share of its
+        original units (the mean rule: those below the layer's mean unit norm)."""
+        order = 1 if self.schedule.units == "l1" else 2
+        for wrapper in self.wrappers:
+            layer = wrapper.layer
+            if layer.name not in self.units:
+                continue
+            should, level = wrapper.pruning_schedule(wrapper.pruning_step)
+            if not bool(should):
+                continue
+            _, mask, _ = wrapper.pruning_vars[0]
+            units = structure.alive(mask.numpy())
+            norms = structure.unit_norms(layer.kernel.numpy() * mask.numpy(), order)
+            if isinstance(wrapper.pruning_schedule, MeanMagnitude):
+                units &= norms >= norms.mean()
+            else:
+                excess = int(units.sum()) - max(
+                    1, round((1 - float(level)) * self.units[layer.name])
+                )
+                if excess > 0:  # the alive units of least norm
+                    units[np.argsort(np.where(units, norms, np.inf), kind="stable")[:excess]] = (
+                        False
+                    )
+            if not units.any():
+                units[int(np.argmax(norms))] = True  # a layer keeps at least one unit
+            mask.assign(np.broadcast_to(units, mask.shape).astype(np.float32))
+            if layer.use_bias:
+                layer.bias.assign(layer.bias.numpy() * units)
+        for wrapper in self.wrappers:
+            wrapper.pruning_obj.weight_mask_op()
+
+    def rebuild_due(self, round_: int) -> bool:
+        """Whether the schedule rebuilds the model after ``round_``: when the units are done,
+        and every ``rebuild_every`` rounds while they are pruned."""
+        s = self.schedule
+        if not self.units or not s.begin_round <= round_ <= s.units_end:
+            return False
+        every = s.rebuild_every
+        return round_ == s.units_end or (every > 0 and (round_ - s.begin_round) % every == 0)
+
+    def rebuild(self) -> bool:
+        """Replace the model by a smaller one without its removed units (same outputs); ``False``
+        when there is nothing to remove. From the round the units are done a hybrid schedule
+        prunes weights inside the remaining units."""
+        masks = {
+            w.layer.name: w.pruning_vars[0][1].numpy() for w in self.wrappers if w.pruning_vars
+        }
+        keep = {name: structure.alive(masks[name]) for name in self.units}
+        if all(units.all() for units in keep.values()):
+            return False
+        small, small_masks = structure.rebuild(self.stripped, masks, keep)
+        if small.count_params() == self.stripped.count_params():
+            return False  # what is left cannot be removed (structure.rebuild keeps it)
+        round_ = int(self.wrappers[0].pruning_step.numpy()) + self.step_offset
+        self.adopt(small, round_, small_masks)
+        return True
+
+    def adopt(
+        self, model: tf_keras.Model, round_: int, masks: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Continue with ``model`` (a rebuilt one, or a checkpoint's architecture) at ``round_``,
+        wrapped for the schedule of that round, with its kernel ``masks`` by layer name."""
+        schedule = self.schedule
+        if schedule.weight_target and round_ >= schedule.units_end:
+            schedule = ScheduleConfig(
+                target=schedule.weight_target, begin_round=schedule.units_end,
+                end_round=schedule.last_round,
+            )  # fmt: skip
+        self._adopt(wrap(model, schedule), round_)
+        for wrapper in self.wrappers:
+            if masks is not None and wrapper.layer.name in masks and wrapper.pruning_vars:
+                wrapper.pruning_vars[0][1].assign(masks[wrapper.layer.name])
+
+    def architecture(self) -> str:
+        """The model's architecture as JSON (what a checkpoint keeps: a rebuild changes it)."""
+        return str(self.stripped.to_json())
+
+    def load_architecture(self, model_json: str, round_: int) -> None:
+        """Continue with a checkpoint's architecture at ``round_`` (its weights come next)."""
+        if model_json != self.architecture():
+            self.adopt(tf_keras.models.model_from_json(model_json), round_)
+
+    def parameters(self) -> int:
+        """Parameters of the model as it is now (fewer once a unit-pruned model is rebuilt)."""
+        return int(self.stripped.count_params())
 
     def sparsity(self) -> float:
         """Share of zeros among the prunable weights (all masked tensors together)."""

@@ -63,6 +63,7 @@ from fedprune.edge_client.wire import (
     Spec,
     Status,
     Tally,
+    architecture,
     decode,
     encode,
     rank,
@@ -122,6 +123,7 @@ class RoundResult:
     late: int = 0  # selected, and had not answered when the round closed (gone ones too)
     stale: int = 0  # updates of the previous round counted here (RunConfig.staleness_weight)
     codecs: dict[str, int] = field(default_factory=dict)  # accepted updates by codec (1.7)
+    parameters: int = 0  # the model's, after the round (fewer once unit pruning rebuilt it)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -209,6 +211,7 @@ class Coordinator:
         self._own = UNSIGNED if signer is None else Trust.of({SENDER: signer.verify_key})
         self._artifact = b""  # the training artifact, once built
         self._artifact_limit = 0  # the chunk size it is published in
+        self._architecture = ""  # the published Spec's (wire.architecture)
         self._collect: Collection | None = None
         self._previous: Collection | None = None  # the last round: late updates may still count
         self.report: dict[str, Any] = {}  # who was late, gone, failed or rejected: last round
@@ -272,10 +275,11 @@ class Coordinator:
 
     def spec(self, artifact: Manifest | None = None) -> Spec:
         model = self.pruner.stripped
+        self._architecture = architecture(model_json := model.to_json())
         return Spec(
             artifact=artifact,
             artifact_error=self.artifact_error,
-            model_json=model.to_json(),
+            model_json=model_json,
             input_shape=[int(d) for d in model.input_shape[1:]],
             optimizer=self.config.optimizer,
             learning_rate=self.config.learning_rate,
@@ -710,6 +714,7 @@ class Coordinator:
             draw=draw,
             cutoff=cutoff,
             local_epochs=self.config.local_epochs,
+            architecture=self._architecture,
             **manifests,
         )
         round_bytes = self._publish(self.topics.round, announcement, receivers=len(self.clients))
@@ -745,6 +750,8 @@ class Coordinator:
         else:
             log.warning("round %d: no valid update arrived; the model is unchanged", round_)
         self.pruner.step(round_)
+        if self.pruner.rebuild_due(round_) and self.pruner.rebuild():
+            self._rebuilt(round_)
         evaluation = self.evaluate()
         dense = sum(w.size for w in model.weights) * 4
         client = state.aggregator.client_metrics()
@@ -766,6 +773,7 @@ class Coordinator:
             late=len(late),
             stale=len(state.stale),
             codecs=dict(state.codecs),
+            parameters=self.pruner.parameters(),
         )
         self.report = {
             "round": round_, "late": [c for c in late if c in self.clients], "stale": state.stale,
@@ -778,6 +786,15 @@ class Coordinator:
         self.observer.round_ended(result, late)
         self.on_round(result)
         return result
+
+    def _rebuilt(self, round_: int) -> None:
+        """The model was rebuilt smaller (unit pruning): publish its Spec and training artifact
+        again; the next round's model goes whole (no device holds one of this shape)."""
+        log.info("round %d: the model is rebuilt without its removed units: %d parameters",
+                 round_, self.pruner.parameters())  # fmt: skip
+        self._held, self._holders = None, set()
+        spec = self.spec(self._publish_artifact())
+        self._joining["spec"] = self._publish(self.topics.spec, spec, receivers=len(self.clients))
 
     # -- aggregators (docs/scaling.md) -----------------------------------------------------------
 

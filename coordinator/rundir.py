@@ -89,13 +89,15 @@ class RunDir:
     def checkpoint(self, round_: int, pruner: Pruner, ledger: Ledger) -> Path:
         """What a resumed run continues from, written in one step once the round's metrics line
         is written: every variable of the wrapped model (weights, masks, thresholds, TF-MOT
-        steps, hence the schedule's position) and the device ledger. The coordinator owns no
-        other state: FedAvg and the robust rules keep none across rounds, the codec is
-        stateless, and each round's selection is drawn from the seed and the round."""
+        steps, hence the schedule's position), its architecture (unit pruning rebuilds it
+        smaller) and the device ledger. The coordinator owns no other state: FedAvg and the
+        robust rules keep none across rounds, the codec is stateless, and each round's
+        selection is drawn from the seed and the round."""
         path = self.path / "checkpoints" / f"round-{round_:04d}.npz"
         arrays: dict[str, Any] = {
             "round": np.int64(round_),
             "ledger": np.array(json.dumps(_ledger_json(ledger))),
+            "architecture": np.array(pruner.architecture()),
         }
         arrays.update(
             (f"w{i:03d}", np.asarray(w)) for i, w in enumerate(pruner.wrapped.get_weights())
@@ -117,8 +119,10 @@ class RunDir:
         try:
             with np.load(found[-1], allow_pickle=False) as saved:
                 done = int(saved["round"])
-                weights = [saved[f"w{i:03d}"] for i in range(len(saved.files) - 2)]
+                weights = [saved[f"w{i:03d}"] for i in range(sum(n[0] == "w" for n in saved.files))]
                 book = json.loads(str(saved["ledger"]))
+                if "architecture" in saved.files:  # a unit-pruned model may have been rebuilt
+                    pruner.load_architecture(str(saved["architecture"]), done)
             pruner.wrapped.set_weights(weights)
             ledger.restore(book["devices"], book["events"])
             lines = self.metrics.read_text().splitlines()[:done]  # a torn last line is later

@@ -124,6 +124,9 @@ def run(
     not_installed: list[str] = []
     try:
         results = coordinator.train()
+        if pruner.rebuild():  # unit pruning: what is exported is the smaller model
+            log.info("the model is rebuilt without its removed units: %d parameters",
+                     pruner.parameters())  # fmt: skip
         rundir.save_models(pruner)
         unhealthy = verdict(results, None if y is None else chance_accuracy(y))
         wanted = sorted({config.profile, *coordinator.profiles.values()})

@@ -62,6 +62,7 @@ from fedprune.edge_client.wire import (
     Round,
     Spec,
     Status,
+    architecture,
     decode,
     encode,
     sha256,
@@ -521,6 +522,8 @@ class EdgeClient:
             return
         if self._model is None or self._model[0] != round_.model.sha256:
             return
+        if round_.architecture and round_.architecture != architecture(spec.model_json):
+            return  # the model was rebuilt: its Spec (retained) is on its way
         artifact = self._artifact(spec)
         if self.artifacts is not None and artifact is None:
             return

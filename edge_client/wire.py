@@ -26,12 +26,13 @@ from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 7  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+PROTOCOL_MINOR = 8  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
 # 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
 # Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
 # bytes; Round.selected is no longer sent), Hello.max_payload; 1.7: update codecs (Spec.codec,
-# Hello.codecs, an update's "codec" and "tensors", zstandard payloads), Round.delta and base
+# Hello.codecs, an update's "codec" and "tensors", zstandard payloads), Round.delta and base;
+# 1.8: Round.architecture (a unit-pruned model is rebuilt smaller and the Spec published again)
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -172,12 +173,20 @@ class Round(Message):
     # ``model/<version>/delta/<i>``; a device that holds another fetches ``model`` whole.
     delta: Manifest | None = None
     base: str = ""
+    # The SHA-256 of the Spec's ``model_json`` this round's model has (1.8, :func:`architecture`):
+    # a rebuilt model comes with a new Spec, and a device trains once it holds that one.
+    architecture: str = ""
 
     def selects(self, client_id: str) -> bool:
         """Whether this round selects ``client_id``."""
         if self.draw:
             return rank(self.draw, client_id) <= self.cutoff
         return client_id in self.selected
+
+
+def architecture(model_json: str) -> str:
+    """What :attr:`Round.architecture` names: the SHA-256 of a Spec's ``model_json``."""
+    return hashlib.sha256(model_json.encode()).hexdigest()
 
 
 EVERYONE = 2**64 - 1

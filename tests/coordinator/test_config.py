@@ -79,6 +79,10 @@ def test_to_dict_is_plain_data_and_run_dir_joins_out_and_run() -> None:
         "begin_round": 2,
         "end_round": 12,
         "structure": "",
+        "units": "",
+        "rebuild_every": 0,
+        "weight_target": 0.0,
+        "weight_end_round": 0,
     }
     assert data["rounds"] == 12 and data["optimizer"] == "sgd"
     assert config.run_dir == Path("runs") / "exp-1"

@@ -10,7 +10,7 @@ import tf_keras
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import ScheduleConfig
-from fedprune.coordinator.pruning import Pruner, wrap
+from fedprune.coordinator.pruning import Pruner
 from fedprune.edge_client.errors import ConfigError
 
 
@@ -76,7 +76,7 @@ def test_user_keras_file_loads_and_wraps(tmp_path: Path) -> None:
     small.save(path)
 
     loaded = models.build(str(path))
-    pruner = Pruner(wrap(loaded, ScheduleConfig(target=0.5, begin_round=0, end_round=1)))
+    pruner = Pruner(loaded, ScheduleConfig(target=0.5, begin_round=0, end_round=1))
     pruner.step(0)
     pruner.step(1)
 

@@ -10,7 +10,7 @@ import tf_keras
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
-from fedprune.coordinator.pruning import Pruner, pruner_for, wrap
+from fedprune.coordinator.pruning import Pruner, pruner_for
 from fedprune.edge_client.errors import ConfigError
 
 TARGET = 0.8
@@ -51,7 +51,7 @@ def traces(cnn: tf_keras.Model) -> dict[ScheduleKind, Trace]:
     """Every schedule kind stepped through rounds 0..15 on the same initial weights."""
     out = {}
     for kind in ScheduleKind:
-        pruner = Pruner(wrap(cnn, _schedule(kind)))
+        pruner = Pruner(cnn, _schedule(kind))
         masks, sparsity = [], []
         for round_ in ROUNDS:
             pruner.step(round_)
@@ -62,7 +62,7 @@ def traces(cnn: tf_keras.Model) -> dict[ScheduleKind, Trace]:
 
 
 def test_cnn_has_three_masked_kernels_and_no_masked_bias(cnn: tf_keras.Model) -> None:
-    pruner = Pruner(wrap(cnn, _schedule(ScheduleKind.POLYNOMIAL)))
+    pruner = Pruner(cnn, _schedule(ScheduleKind.POLYNOMIAL))
 
     model = pruner.model()
 
@@ -109,7 +109,7 @@ def test_polynomial_keeps_tf_mot_rounded_count_from_end_round_on(
 def test_target_is_reached_exactly_when_ramp_length_is_odd_or_one(
     cnn: tf_keras.Model, begin: int, end: int
 ) -> None:
-    pruner = Pruner(wrap(cnn, _schedule(ScheduleKind.POLYNOMIAL, begin, end)))
+    pruner = Pruner(cnn, _schedule(ScheduleKind.POLYNOMIAL, begin, end))
 
     for round_ in range(end + 1):
         pruner.step(round_)
@@ -146,7 +146,7 @@ def test_weights_written_at_pruned_positions_are_zeroed_and_stay_pruned(
     kind: ScheduleKind,
     pruned_at: int,
 ) -> None:
-    pruner = Pruner(wrap(cnn, _schedule(kind)))
+    pruner = Pruner(cnn, _schedule(kind))
     for round_ in range(pruned_at + 1):
         pruner.step(round_)
     model = pruner.model()
@@ -173,7 +173,7 @@ def test_all_zero_weights_do_not_reopen_a_mask(
     cnn: tf_keras.Model, traces: dict[ScheduleKind, Trace]
 ) -> None:
     # All magnitudes tie at 0, so TF-MOT's threshold is 0 and its new mask keeps everything.
-    pruner = Pruner(wrap(cnn, _schedule(ScheduleKind.POLYNOMIAL)))
+    pruner = Pruner(cnn, _schedule(ScheduleKind.POLYNOMIAL))
     for round_ in range(6):
         pruner.step(round_)
     pruner.set_weights([np.zeros_like(w) for w in pruner.model().weights])
@@ -185,7 +185,7 @@ def test_all_zero_weights_do_not_reopen_a_mask(
 
 
 def test_model_masks_are_the_tf_mot_wrappers_mask_variables(cnn: tf_keras.Model) -> None:
-    pruner = Pruner(wrap(cnn, _schedule(ScheduleKind.POLYNOMIAL)))
+    pruner = Pruner(cnn, _schedule(ScheduleKind.POLYNOMIAL))
     for round_ in range(7):
         pruner.step(round_)
 
@@ -205,7 +205,7 @@ def test_model_masks_are_the_tf_mot_wrappers_mask_variables(cnn: tf_keras.Model)
 def test_mean_schedule_prunes_the_share_below_each_layers_mean_magnitude(
     cnn: tf_keras.Model,
 ) -> None:
-    pruner = Pruner(wrap(cnn, _schedule(ScheduleKind.MEAN)))
+    pruner = Pruner(cnn, _schedule(ScheduleKind.MEAN))
     for round_ in range(BEGIN):
         pruner.step(round_)
     # Heavy-tailed magnitudes: the share below the mean is far from one half (about 0.69).

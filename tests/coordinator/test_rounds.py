@@ -20,7 +20,7 @@ from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
-from fedprune.coordinator.pruning import Pruner, wrap
+from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.validation import Limits
 from fedprune.edge_client.codec import (
@@ -195,7 +195,7 @@ def harness(mlp: tf_keras.Model) -> Callable[..., Harness]:
         values.update(overrides)
         broker = ScriptedBroker()
         clients = {i: FakeClient(broker, i) for i in ids}
-        pruner = Pruner(wrap(mlp, SCHEDULE))
+        pruner = Pruner(mlp, SCHEDULE)
         pruner.step(0)
         pruner.step(1)
         config = RunConfig(**values)  # type: ignore[arg-type]
@@ -288,7 +288,7 @@ def test_oversize_update_is_rejected_once_however_many_chunks(
     harness: Callable[..., Harness], mlp: tf_keras.Model
 ) -> None:
     # A client that ignores the mask sends every value: twice the size of a sparse update.
-    pruner = Pruner(wrap(mlp, SCHEDULE))
+    pruner = Pruner(mlp, SCHEDULE)
     pruner.step(1)
     model = pruner.model()
     sparse = len(_payload(model, _delta(model, 0)))
@@ -503,7 +503,7 @@ def test_the_training_artifact_is_built_at_start_and_a_failure_is_in_the_spec(
     coordinator = Coordinator(
         MemoryTransport(broker),
         RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE),
-        Pruner(wrap(mlp, SCHEDULE)),  # type: ignore[arg-type]
+        Pruner(mlp, SCHEDULE),  # type: ignore[arg-type]
         evaluate=lambda: None,
         build_artifact=build,
     )

@@ -83,6 +83,38 @@ def test_a_resumed_run_gets_the_checkpoint_and_drops_metrics_of_the_round_that_d
     assert (row.id, row.samples, row.online) == ("pi-1", 5, False)
 
 
+@pytest.mark.parametrize("weight_target", [0.0, 0.5], ids=["units", "hybrid"])
+def test_a_rebuilt_model_resumes_with_its_smaller_architecture_and_schedule(
+    tmp_path: Path, weight_target: float
+) -> None:
+    # Prepare: a unit-pruned cnn rebuilt at round 2 and checkpointed at round 3
+    schedule = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=2,
+                              weight_target=weight_target)  # fmt: skip
+    pruner = pruner_for(models.build("cnn", seed=0), schedule)
+    for round_ in (1, 2, 3):
+        pruner.step(round_)
+        if pruner.rebuild_due(round_):
+            assert pruner.rebuild()
+    run = RunDir(tmp_path / "run")
+    run.write_config(RunConfig())
+    for round_ in (1, 2, 3):
+        run.append(_result(round_))
+    run.checkpoint(3, pruner, Ledger())
+    fresh = pruner_for(models.build("cnn", seed=1), schedule)
+
+    # Execute
+    RunDir(tmp_path / "run", resume=True).restore(fresh, Ledger())
+
+    # Assert: the small model, its weights and masks; the schedule goes on as it would have
+    assert fresh.parameters() == pruner.parameters() < models.cnn().count_params() // 3
+    for got, want in zip(fresh.wrapped.get_weights(), pruner.wrapped.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for p in (pruner, fresh):
+        p.step(4)
+    assert fresh.sparsity() == pruner.sparsity()
+    assert (fresh.sparsity() > 0) == (weight_target > 0)
+
+
 def test_resuming_what_is_not_a_run_or_a_broken_checkpoint_is_a_one_line_error(
     tmp_path: Path, pruner: Pruner
 ) -> None:

@@ -1,0 +1,171 @@
+"""Unit pruning: whole units and filters on a schedule, the rebuild, hybrid (pruning.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+from fedprune.coordinator import models
+from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
+from fedprune.coordinator.pruning import Pruner, pruner_for
+from fedprune.coordinator.structure import alive, unit_norms
+from fedprune.edge_client.errors import ConfigError
+
+X = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
+
+
+def _units(pruner: Pruner) -> dict[str, int]:
+    """Units each unit layer keeps (in its mask; the layer's width after a rebuild)."""
+    return {
+        w.layer.name: int(alive(w.pruning_vars[0][1].numpy()).sum())
+        for w in pruner.wrappers
+        if w.layer.name in pruner.units
+    }
+
+
+def _perturb(pruner: Pruner, seed: int) -> None:
+    """What a round's aggregate does: every weight moves a little, biases too."""
+    rng = np.random.default_rng(seed)
+    pruner.set_weights([w + rng.normal(0, 0.01, w.shape).astype(np.float32)
+                        for w in pruner.stripped.get_weights()])  # fmt: skip
+
+
+def test_units_of_least_norm_go_on_the_polynomial_schedule() -> None:
+    pruner = pruner_for(models.cnn(), ScheduleConfig(units="l1", target=0.75, begin_round=1,
+                                                     end_round=4))  # fmt: skip
+    conv, dense = pruner.units  # 16 filters, 128 units
+    counts = []
+    for round_ in range(1, 5):
+        _perturb(pruner, round_)
+        before = {name: unit_norms(pruner.stripped.get_layer(name).kernel.numpy(), 1)
+                  for name in pruner.units}  # fmt: skip
+        alive_before = {w.layer.name: alive(w.pruning_vars[0][1].numpy())
+                        for w in pruner.wrappers if w.pruning_vars}  # fmt: skip
+
+        pruner.step(round_)
+
+        counts.append(_units(pruner))
+        for wrapper in [w for w in pruner.wrappers if w.pruning_vars]:
+            name = wrapper.layer.name
+            if name not in pruner.units:
+                assert wrapper.pruning_vars[0][1].numpy().all()  # the classes are never pruned
+                continue
+            units = alive(wrapper.pruning_vars[0][1].numpy())
+            gone = alive_before[name] & ~units
+            if gone.any():  # the newly removed had the least norm among the alive
+                assert before[name][gone].max() <= before[name][units].min()
+            kernel, bias = wrapper.layer.get_weights()
+            assert not kernel[..., ~units].any() and not bias[~units].any()
+    # TF-MOT's PolynomialDecay from 0 to 0.75 over rounds 1..4 (0, 0.528, 0.722, 0.75) of the
+    # original units
+    assert [c[conv] for c in counts] == [16, 8, 4, 4]
+    assert [c[dense] for c in counts] == [128, 60, 36, 32]
+
+
+def test_tfmot_block_sparsity_cannot_make_a_dense_unit_one_block() -> None:
+    """Why the pruner writes unit masks itself: TF-MOT's block sparsity takes rank-2 kernels, but
+    a block the height of the kernel pools it to one row, which TF-MOT squeezes to rank 1 and
+    then refuses. If this test fails, TF-MOT learned it: use its block sparsity for Dense."""
+    wrapped = tfmot.sparsity.keras.prune_low_magnitude(
+        models.mlp(),
+        pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=0, frequency=1),
+        block_size=(64, 1),
+        block_pooling_type="AVG",
+    )
+    wrapped.layers[0].pruning_step.assign(0)
+
+    with pytest.raises(ValueError, match="rank 2"):
+        wrapped.layers[0].pruning_obj.conditional_mask_update()
+
+
+def test_rebuild_keeps_the_outputs_and_shrinks_the_model_and_its_masks() -> None:
+    pruner = pruner_for(models.cnn(), ScheduleConfig(units="l2", target=0.75, begin_round=1,
+                                                     end_round=3))  # fmt: skip
+    for round_ in range(1, 4):
+        _perturb(pruner, round_)
+        pruner.step(round_)
+    assert pruner.rebuild_due(3) and not pruner.rebuild_due(2)
+    expected = pruner.stripped(X).numpy()
+    before = pruner.parameters()
+
+    assert pruner.rebuild()
+
+    np.testing.assert_allclose(pruner.stripped(X).numpy(), expected, atol=2e-5)
+    assert [w.shape for w in pruner.model().weights] == [
+        (3, 3, 1, 4), (4,), (256, 32), (32,), (32, 10), (10,)
+    ]  # fmt: skip
+    assert all(m is None or m.all() for m in pruner.model().masks)
+    assert pruner.parameters() < before / 10
+    assert not pruner.rebuild()  # nothing left to remove
+    pruner.step(4)  # the schedule is done: nothing more goes
+    assert _units(pruner) == {name: n // 4 for name, n in pruner.units.items()}
+
+
+def test_rebuilding_every_round_reaches_the_same_widths() -> None:
+    schedule = ScheduleConfig(units="l1", target=0.75, begin_round=1, end_round=4, rebuild_every=1)
+    pruner = pruner_for(models.cnn(), schedule)
+    widths = []
+    for round_ in range(1, 6):
+        _perturb(pruner, round_)
+        pruner.step(round_)
+        if pruner.rebuild_due(round_):
+            pruner.rebuild()
+        widths.append([w.shape[-1] for w in pruner.model().weights[::2]])
+
+    assert widths == [[16, 128, 10], [8, 60, 10], [4, 36, 10], [4, 32, 10], [4, 32, 10]]
+
+
+def test_hybrid_prunes_weights_inside_the_remaining_units_after_the_rebuild() -> None:
+    schedule = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=3,
+                              weight_target=0.8, weight_end_round=6)  # fmt: skip
+    pruner = pruner_for(models.cnn(), schedule)
+    for round_ in range(1, 7):
+        _perturb(pruner, round_)
+        pruner.step(round_)
+        if pruner.rebuild_due(round_):
+            assert pruner.rebuild()
+        if round_ == 3:
+            assert pruner.sparsity() == 0.0  # rebuilt: every weight left is kept
+    widths = [w.shape[-1] for w in pruner.model().weights[::2]]
+
+    assert widths == [8, 64, 10]
+    assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_mean_rule_at_unit_level_removes_units_below_the_mean_norm() -> None:
+    pruner = pruner_for(models.mlp(), ScheduleConfig(units="l1", kind=ScheduleKind.MEAN,
+                                                     begin_round=1, end_round=2))  # fmt: skip
+    first = pruner.stripped.layers[0]
+    norms = unit_norms(first.kernel.numpy(), 1)
+
+    pruner.step(1)
+
+    np.testing.assert_array_equal(
+        alive(pruner.wrappers[0].pruning_vars[0][1].numpy()), norms >= norms.mean()
+    )
+
+
+def test_unit_pruning_refuses_a_model_it_cannot_rebuild() -> None:
+    inputs = tf_keras.layers.Input((8, 8, 1))
+    x = tf_keras.layers.DepthwiseConv2D(3)(inputs)
+    x = tf_keras.layers.Flatten()(x)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(10, activation="softmax")(x))
+
+    with pytest.raises(ConfigError, match="DepthwiseConv2D"):
+        pruner_for(model, ScheduleConfig(units="l1", begin_round=1, end_round=2))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"units": "l3"}, "units must be l1 or l2"),
+        ({"units": "l1", "structure": "2:4"}, "give one"),
+        ({"rebuild_every": 2}, "go with unit pruning"),
+        ({"units": "l1", "weight_target": 0.5, "weight_end_round": 12}, "must be after"),
+    ],
+)
+def test_unit_schedule_options_are_checked(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ScheduleConfig(begin_round=2, end_round=12, **fields)  # type: ignore[arg-type]
