@@ -14,7 +14,7 @@ def round_line(r: RoundResult) -> str:
     acc = "  -  " if r.accuracy is None else f"{r.accuracy:.3f}"
     rejected = sum(r.rejected.values())
     line = (
-        f"round {r.round:3d}  acc {acc}  sparsity {r.sparsity:.2f}"
+        f"round {r.round:3d}  acc {acc}  sparsity {r.sparsity:.2f}  params {r.parameters:,}"
         f"  clients {r.reported}/{r.selected}"
         f"  up {_kb(r.bytes_up)}/{_kb(r.dense_bytes_up)}"
         f"  down {_kb(r.bytes_down)}/{_kb(r.dense_bytes_down)} (sent/dense f32)  {r.seconds:.1f}s"
@@ -34,7 +34,8 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
     lines = [
         "",
         f"done in {seconds:.0f} s: {len(results)} rounds",
-        f"  accuracy   {acc} (held-out, Keras)   sparsity {last.sparsity:.4f}",
+        f"  accuracy   {acc} (held-out, Keras)   sparsity {last.sparsity:.4f}"
+        f"   parameters {last.parameters:,}",
         _traffic(
             "uplink", sum(r.bytes_up for r in results), sum(r.dense_bytes_up for r in results)
         ),

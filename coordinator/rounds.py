@@ -212,6 +212,7 @@ class Coordinator:
         self._artifact = b""  # the training artifact, once built
         self._artifact_limit = 0  # the chunk size it is published in
         self._architecture = ""  # the published Spec's (wire.architecture)
+        self._dense = 4 * sum(w.size for w in pruner.model().weights)  # float32 bytes, unpruned
         self._collect: Collection | None = None
         self._previous: Collection | None = None  # the last round: late updates may still count
         self.report: dict[str, Any] = {}  # who was late, gone, failed or rejected: last round
@@ -753,7 +754,7 @@ class Coordinator:
         if self.pruner.rebuild_due(round_) and self.pruner.rebuild():
             self._rebuilt(round_)
         evaluation = self.evaluate()
-        dense = sum(w.size for w in model.weights) * 4
+        dense = self._dense  # the model the run began with: what dense FedAvg would send
         client = state.aggregator.client_metrics()
         result = RoundResult(
             round=round_,

@@ -192,3 +192,51 @@ def test_a_run_in_one_top_k_codec_both_ways_counts_every_byte(
     received = sum(int(re.search(r"(\d+) bytes received", log)[1]) for log in logs)  # type: ignore[index]
     claimed = json.loads((run_dir / "summary.json").read_text())["bytes_down"]
     assert abs(claimed - received) <= 0.01 * received, (claimed, received)
+
+
+def test_a_unit_pruned_run_rebuilds_the_model_smaller_and_the_devices_switch(
+    mosquitto: str, tmp_path: Path
+) -> None:
+    # Prepare: an independent subscriber counts the update bytes the broker delivers
+    run = "units"
+    counter = MqttTransport(mosquitto, client_id="byte-counter")
+    counter.subscribe(Topics(run).all_updates)
+
+    # Execute: three quarters of the cnn's filters and units go by round 4, rebuilt at 3 and 4
+    done = run_demo(tmp_path, "--broker", mosquitto, "--clients", "3", "--run", run,
+                    "--rounds", "8", "--units", "l2", "--target", "0.75", "--begin-round", "1",
+                    "--end-round", "4", "--rebuild-every", "2")  # fmt: skip
+    counted = 0
+    while (item := counter.get(timeout=0.5)) is not None:
+        counted += len(item[1])
+    counter.close()
+
+    # Assert: every device trained every round on whichever model was current
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / run
+    rounds = metrics(run_dir)
+    # TF-MOT's polynomial share at round 3 is 0.722: 4 of 16 filters and 36 of 128 units stay
+    at_3 = 3 * 3 * 1 * 4 + 4 + 256 * 36 + 36 + 36 * 10 + 10
+    small = 3 * 3 * 1 * 4 + 4 + 256 * 32 + 32 + 32 * 10 + 10  # 4 filters, 32 units
+    assert [r["parameters"] for r in rounds] == [132_650] * 2 + [at_3] + [small] * 5
+    assert all(r["reported"] == 3 and r["rejected"] == {} for r in rounds)
+    assert sum(r["bytes_up"] for r in rounds) == counted
+    assert rounds[-1]["bytes_up"] < 0.1 * rounds[-1]["dense_bytes_up"]  # the unpruned model's
+    assert rounds[-1]["accuracy"] >= 0.85
+    logs = [path.read_text() for path in sorted((run_dir / "logs").glob("client-*.log"))]
+    assert not any("Traceback" in log or "cannot be decoded" in log for log in logs)
+    received = sum(int(re.search(r"(\d+) bytes received", log)[1]) for log in logs)  # type: ignore[index]
+    claimed = json.loads((run_dir / "summary.json").read_text())["bytes_down"]
+    assert abs(claimed - received) <= 0.01 * received, (claimed, received)
+    # The export is the small dense model, in the default LiteRT interpreter
+    export = json.loads((run_dir / "export" / "generic-x86-64" / "export.json").read_text())
+    assert export["tflite_accuracy"] >= 0.85
+    assert not export["sparse_format"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(
+        model_path=str(run_dir / "export" / "generic-x86-64" / "model.tflite")
+    )
+    interpreter.allocate_tensors()
+    shapes = [tuple(d["shape"]) for d in interpreter.get_tensor_details()]
+    assert (32, 256) in shapes and (4, 3, 3, 1) in shapes  # TFLite's kernels: out first
