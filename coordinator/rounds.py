@@ -212,7 +212,8 @@ class Coordinator:
         self._artifact = b""  # the training artifact, once built
         self._artifact_limit = 0  # the chunk size it is published in
         self._architecture = ""  # the published Spec's (wire.architecture)
-        self._dense = 4 * sum(w.size for w in pruner.model().weights)  # float32 bytes, unpruned
+        # float32 bytes of the model the run began with (aggregators run without a model)
+        self._dense = 0 if pruner is None else 4 * pruner.parameters()
         self._collect: Collection | None = None
         self._previous: Collection | None = None  # the last round: late updates may still count
         self.report: dict[str, Any] = {}  # who was late, gone, failed or rejected: last round

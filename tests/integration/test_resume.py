@@ -85,30 +85,38 @@ def _metrics(run_dir: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.parametrize(
+    ("pruning", "kill_after"),
+    [((), 3), (("--units", "l1", "--target", "0.5", "--rebuild-every", "2"), 5)],
+    ids=["weights", "units-rebuilt-at-4"],
+)
 def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     mosquitto: str,
     data: tuple[list[Path], Path],
     devices: list[subprocess.Popen[str]],
     tmp_path: Path,
+    pruning: tuple[str, ...],
+    kill_after: int,
 ) -> None:
     # Prepare: the uninterrupted run of the same config, its own run name and devices' run apart
     heldout = data[1]
     baseline = subprocess.run(
-        [*_coordinator(mosquitto, tmp_path / "base", heldout, "--run", "crash")],
+        [*_coordinator(mosquitto, tmp_path / "base", heldout, "--run", "crash", *pruning)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert baseline.returncode == 0, baseline.stdout[-2000:] + baseline.stderr[-3000:]
     expected = _metrics(tmp_path / "base" / "crash")
 
-    # Execute: the same run again, SIGKILLed once round 3 is checkpointed (so mid-round 4), then
-    # resumed with nothing but the run directory
+    # Execute: the same run again, SIGKILLed once round 3 is checkpointed (so mid-round 4; a
+    # unit-pruned run once round 5 is, after its model was rebuilt at round 4), then resumed
+    # with nothing but the run directory
     run_dir = tmp_path / "runs" / "crash"
     first = subprocess.Popen(
-        _coordinator(mosquitto, tmp_path / "runs", heldout, "--run", "crash"),
+        _coordinator(mosquitto, tmp_path / "runs", heldout, "--run", "crash", *pruning),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     end = time.monotonic() + 300
-    while len(_metrics(run_dir)) < 3 and first.poll() is None and time.monotonic() < end:
+    while len(_metrics(run_dir)) < kill_after and first.poll() is None and time.monotonic() < end:
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
     first.communicate()
@@ -120,12 +128,13 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     )  # fmt: skip
 
     # Assert: killed mid-run, resumed where the checkpoint was, and ended like the baseline
-    assert 3 <= killed_after < ROUNDS
+    assert kill_after <= killed_after < ROUNDS
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resuming after round" in resumed.stderr
     got = _metrics(run_dir)
     assert [r["round"] for r in got] == list(range(1, ROUNDS + 1))
     assert [r["sparsity"] for r in got] == pytest.approx([r["sparsity"] for r in expected])
+    assert [r["parameters"] for r in got] == [r["parameters"] for r in expected]
     assert [r["reported"] for r in got] == [CLIENTS] * ROUNDS, resumed.stderr[-6000:]
     assert abs(got[-1]["accuracy"] - expected[-1]["accuracy"]) <= 0.005  # type: ignore[operator]
     assert len(list((run_dir / "checkpoints").glob("round-*.npz"))) == 1
