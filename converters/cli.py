@@ -16,6 +16,7 @@ from fedprune.edge_client.terminal import steps
 
 if TYPE_CHECKING:
     from fedprune.converters.export import ExportResult
+    from fedprune.converters.report import ExportReport
     from fedprune.device_profiles import DeviceProfile
 
 PROG = "fedprune-export"
@@ -132,8 +133,22 @@ def _describe(profile: DeviceProfile, result: ExportResult) -> str:
         f"{variant:<19} {result.tflite_bytes:>11,} B  gzip {result.gzip_bytes:>11,} B  "
         f"accuracy keras {result.keras_accuracy:.4f} litert {result.tflite_accuracy:.4f}  "
         f"latency p50 {result.latency_ms_p50:.3f} ms p95 {result.latency_ms_p95:.3f} ms "
-        f"({result.threads} threads)  {result.model_path}"
+        f"({result.threads} threads)  {_budgets(result)}{result.model_path}"
     )
+
+
+def _budgets(result: ExportReport) -> str:
+    """Which of the profile's budgets the export meets, e.g. ``budgets: latency met, size
+    MISSED (41,230 > 32,768 B)``; empty when the profile sets none."""
+    if not result.budgets:
+        return ""
+    units = {"latency_ms": ("latency", "ms", ".3f"), "size_bytes": ("size", "B", ",.0f")}
+    parts = []
+    for budget in result.budgets:
+        what, unit, form = units[budget.name]
+        verdict = "met" if budget.met else "MISSED"
+        parts.append(f"{what} {verdict} ({budget.measured:{form}} vs {budget.limit:{form}} {unit})")
+    return "budgets: " + ", ".join(parts) + "  "
 
 
 if __name__ == "__main__":

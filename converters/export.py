@@ -38,7 +38,13 @@ import numpy as np
 import tf_keras
 
 from fedprune import device_profiles
-from fedprune.converters.report import MODEL_FILE, Calibration, ExportReport, write_export
+from fedprune.converters.report import (
+    MODEL_FILE,
+    Budget,
+    Calibration,
+    ExportReport,
+    write_export,
+)
 from fedprune.converters.strip import kernel_sparsity, load_keras, strip
 from fedprune.converters.tflite import (
     CALIBRATION_RULE,
@@ -166,12 +172,23 @@ def export_model(
         latency_invokes_per_run=latency.invokes_per_run,
         threads=threads,
         weight_sparsity=kernel_sparsity(model),
+        budgets=_budgets(profile, latency.p50_ms, len(kept.content)),
         source=source,
         data=data,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     write_export(report, kept.content)
     return report
+
+
+def _budgets(profile: DeviceProfile, latency_ms: float, size: int) -> tuple[Budget, ...]:
+    """The profile's budgets this export is measured against (those it sets)."""
+    budgets = []
+    if profile.latency_budget_ms:
+        budgets.append(Budget.check("latency_ms", profile.latency_budget_ms, latency_ms))
+    if profile.size_budget_bytes:
+        budgets.append(Budget.check("size_bytes", profile.size_budget_bytes, size))
+    return tuple(budgets)
 
 
 def export_run(

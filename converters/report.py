@@ -41,6 +41,24 @@ class Calibration:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Budget:
+    """A profile's budget and whether the export meets it: ``latency_ms`` (the p50 measured on
+    the exporting host) or ``size_bytes`` (the .tflite file)."""
+
+    name: str
+    limit: float
+    measured: float
+    met: bool
+
+    @classmethod
+    def check(cls, name: str, limit: float, measured: float) -> Budget:
+        return cls(name=name, limit=limit, measured=measured, met=measured <= limit)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportReport:
     """One verified export for one device profile, as saved in ``export.json``.
 
@@ -56,6 +74,7 @@ class ExportReport:
     the exporting host with ``threads`` interpreter threads (the profile's cores, capped by the
     host's): the median and 95th percentile over ``latency_runs`` timed runs of
     ``latency_invokes_per_run`` back-to-back invocations each, and the runs' interquartile range.
+    ``budgets`` are the profile's latency and size budgets and whether this export meets them.
     """
 
     profile: str
@@ -82,6 +101,7 @@ class ExportReport:
     latency_invokes_per_run: int
     threads: int
     weight_sparsity: float
+    budgets: tuple[Budget, ...]
     source: Path | None
     data: Path | None
     created: str
@@ -100,10 +120,10 @@ def _plain(value: object) -> Any:
     """``value`` as JSON-ready data: nested records through their ``to_json``, tuples as lists."""
     if isinstance(value, Path | Precision):
         return str(value)
-    if isinstance(value, Calibration | TensorFormat):
+    if isinstance(value, Calibration | TensorFormat | Budget):
         return value.to_json()
     if isinstance(value, tuple):
-        return list(value)
+        return [_plain(item) for item in value]
     return value
 
 

@@ -42,7 +42,9 @@ class DeviceProfile:
 
     ``max_model_bytes`` bounds the exported model, ``max_payload_bytes`` one MQTT message (larger
     updates are chunked), and ``accuracy_tolerance`` the accuracy an export may lose against the
-    Keras model before it is rejected.
+    Keras model before it is rejected. ``latency_budget_ms`` (LiteRT, one image, the profile's
+    cores) and ``size_budget_bytes`` (the .tflite file) are targets, not limits: the export
+    reports whether it meets them (0 = no budget).
     """
 
     name: str
@@ -59,6 +61,8 @@ class DeviceProfile:
     local_epochs: int
     batch_size: int
     accuracy_tolerance: float
+    latency_budget_ms: float = 0.0
+    size_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
         _check_text("name", self.name)
@@ -82,6 +86,10 @@ class DeviceProfile:
         ):
             raise ProfileError(_expected("accuracy_tolerance", "a number in [0, 1]", tolerance))
         object.__setattr__(self, "accuracy_tolerance", float(tolerance))
+        budget = self.latency_budget_ms
+        if not isinstance(budget, int | float) or isinstance(budget, bool) or not budget >= 0:
+            raise ProfileError(_expected("latency_budget_ms", "a number >= 0", budget))
+        object.__setattr__(self, "latency_budget_ms", float(budget))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> DeviceProfile:
@@ -91,7 +99,7 @@ class DeviceProfile:
             raise ProfileError(
                 f"field {unknown[0]!r} is not a profile field, got {_show(data[unknown[0]])}"
             )
-        missing = [name for name in _FIELD_ORDER if name not in data]
+        missing = [name for name in _REQUIRED if name not in data]
         if missing:
             raise ProfileError(f"field {missing[0]!r} is missing")
         values: dict[str, Any] = dict(data)
@@ -119,8 +127,12 @@ _INT_MINIMUMS: dict[str, int] = {
     "uplink_kbps": 1,
     "local_epochs": 1,
     "batch_size": 1,
+    "size_budget_bytes": 0,
 }
 _FIELD_ORDER: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DeviceProfile))
+_REQUIRED: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(DeviceProfile) if f.default is dataclasses.MISSING
+)
 _FIELD_NAMES: frozenset[str] = frozenset(_FIELD_ORDER)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,28 @@ def test_refused_profile_prints_refused_and_exits_4(
     assert out[0].endswith("over max_model_bytes 1,000; nothing written")
     assert out[1].startswith("raspberry-pi-4  dynamic_int8")
     assert sorted(p.name for p in (run / "export").iterdir()) == ["raspberry-pi-4"]
+
+
+@pytest.mark.slow
+def test_export_reports_which_of_the_profiles_budgets_it_meets(
+    make_run: RunFactory, write_profile: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a latency budget any machine meets for this small CNN, a size budget it cannot
+    run = make_run()
+    budgeted = write_profile("budgeted", latency_budget_ms=1000.0, size_budget_bytes=1_000)
+
+    code = main([str(run), "--profile", str(budgeted)])
+
+    # Assert: exported (budgets are targets, not limits), and the line and export.json say so
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert "budgets: latency met (" in out[0] and "vs 1000.000 ms), size MISSED (" in out[0]
+    report = json.loads((run / "export" / "budgeted" / "export.json").read_text())
+    latency, size = report["budgets"]
+    assert latency == {"name": "latency_ms", "limit": 1000.0,
+                       "measured": report["latency_ms_p50"], "met": True}  # fmt: skip
+    assert size == {"name": "size_bytes", "limit": 1000, "measured": report["tflite_bytes"],
+                    "met": False}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -155,6 +155,8 @@ def test_profiles_are_frozen() -> None:
             "'full_int8', got 'int4'",
         ),
         ("trainer", "torch", "field 'trainer' must be one of 'keras', 'litert', got 'torch'"),
+        ("latency_budget_ms", -1, "field 'latency_budget_ms' must be a number >= 0, got -1"),
+        ("size_budget_bytes", 0.5, "field 'size_budget_bytes' must be an integer >= 0, got 0.5"),
     ],
 )
 def test_bad_value_error_names_file_field_and_value(
@@ -186,6 +188,17 @@ def test_missing_key_is_an_error_naming_the_key(tmp_path: Path) -> None:
         load(str(path))
 
     assert str(caught.value) == f"profile {path}: field 'uplink_kbps' is missing"
+
+
+def test_budgets_are_optional_and_load_when_given(tmp_path: Path) -> None:
+    plain = load(str(_write_profile(tmp_path, _valid_fields())))
+    budgeted = _valid_fields(name="budgeted") | {"latency_budget_ms": 2, "size_budget_bytes": 9}
+    path = _write_profile(tmp_path, budgeted, stem="budgeted")
+
+    loaded = load(str(path))
+
+    assert (plain.latency_budget_ms, plain.size_budget_bytes) == (0.0, 0)
+    assert (loaded.latency_budget_ms, loaded.size_budget_bytes) == (2.0, 9)
 
 
 def test_name_must_match_the_file_stem(tmp_path: Path) -> None:
@@ -278,7 +291,7 @@ def test_cli_show_json_accepts_a_user_path(
 
     out, _ = capsys.readouterr()
     assert code == 0
-    assert json.loads(out) == _valid_fields()
+    assert json.loads(out) == _valid_fields() | {"latency_budget_ms": 0.0, "size_budget_bytes": 0}
 
 
 @pytest.mark.parametrize(
