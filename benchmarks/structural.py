@@ -16,6 +16,11 @@ accuracy on the held-out digits) with LiteRT's median single-image latency on on
 median batch-32 ``train`` step of its litert training artifact. Ratios to dense are of numbers
 measured in this same process. Prints Markdown tables (medians over seeds); ``--results`` keeps
 the raw numbers as JSON (``--report-only`` prints the tables again from it).
+
+``--keep DIR`` keeps the float32 and dynamic int8 .tflite files of the first seed there, and
+``--arm64 DIR`` times every .tflite in DIR on one thread in the emulated 64-bit ARM userland
+(``scripts/arm64.sh``: qemu-user, a Cortex-A72 by default) and prints each as a ratio to the dense
+model of the same precision: emulation is not a Pi's speed, the ratios are what it shows.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ CONFIGS: dict[str, list[str]] = {
     "weights 80%": ["--target", "0.8"],
     "weights 90%": ["--target", "0.9"],
     "units 50%": ["--units", "l2", "--target", "0.5"],
+    "units 62.5%": ["--units", "l2", "--target", "0.625"],
     "units 75%": ["--units", "l2", "--target", "0.75"],
     "units 87.5%": ["--units", "l2", "--target", "0.875"],
     "hybrid units 50% + weights 80%": ["--units", "l2", "--target", "0.5",
@@ -96,7 +102,7 @@ def one_run(url: str, out: Path, model: str, *, config: str, seed: int, rounds: 
     return out / run
 
 
-def measure(run_dir: Path, steps: int) -> dict[str, Any]:
+def measure(run_dir: Path, steps: int, keep: Path | None = None) -> dict[str, Any]:
     """The run's final model: accuracy, parameters, uplink, exports, latency, training step."""
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     model = load_run_model(run_dir)
@@ -107,6 +113,10 @@ def measure(run_dir: Path, steps: int) -> dict[str, Any]:
         with native_log_filtered():
             report = export_model(model, profile, x=heldout.x, y=heldout.y,
                                   out_dir=run_dir / "bench" / profile.name)  # fmt: skip
+        if keep is not None and precision in (Precision.FLOAT32, Precision.DYNAMIC_INT8):
+            keep.mkdir(parents=True, exist_ok=True)
+            name = f"{run_dir.name.removeprefix('struct-')}--{precision.value}.tflite"
+            (keep / name).write_bytes(report.model_path.read_bytes())
         exports[precision.value] = {
             "bytes": report.tflite_bytes, "gzip": report.gzip_bytes,
             "accuracy": report.tflite_accuracy, "latency_ms": report.latency_ms_p50,
@@ -124,11 +134,46 @@ def measure(run_dir: Path, steps: int) -> dict[str, Any]:
     }
 
 
+ARM_TIMER = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from fedprune.edge_client.litert import load_interpreter, measure_latency
+out = {}
+for path in sorted(Path(sys.argv[1]).glob("*.tflite")):
+    interpreter = load_interpreter(path, num_threads=1)
+    sample = np.random.default_rng(0).random((8, 8, 1), dtype=np.float32)
+    out[path.stem] = measure_latency(interpreter, sample).p50_ms
+    print(path.stem, out[path.stem], file=sys.stderr, flush=True)
+print(json.dumps(out))
+"""
+
+
+def arm64(folder: Path) -> None:
+    """Time the kept .tflite files in the emulated ARM userland; ratios to dense."""
+    script = folder / "time_arm64.py"
+    script.write_text(ARM_TIMER)
+    done = subprocess.run(
+        [str(Path(__file__).parents[1] / "scripts" / "arm64.sh"), "python", str(script),
+         str(folder)], capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"the arm64 timing failed:\n{done.stderr[-3000:]}")
+    latency = json.loads(done.stdout.strip().splitlines()[-1])
+    print("\n| model, config | precision | latency ms (emulated arm64, 1 thread) | x faster |")
+    print("|---|---|---|---|")
+    for stem, ms in latency.items():
+        run, precision = stem.split("--")
+        model, seed = run.split("-")[0], run.rsplit("-", 1)[1]
+        dense = latency[f"{model}-dense-{seed}--{precision}"]
+        print(f"| {run} | {precision} | {ms:.3f} | {dense / ms:.1f}x |")
+
+
 def report(rows: list[dict[str, Any]]) -> None:
     for model in dict.fromkeys(r["model"] for r in rows):
         group = [r for r in rows if r["model"] == model]
 
-        def med(config: str, get: Any) -> float:
+        def med(config: str, get: Any, group: list[dict[str, Any]] = group) -> float:
             return statistics.median(get(r) for r in group if r["config"] == config)
 
         seeds = len({r["seed"] for r in group})
@@ -181,7 +226,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100, help="timed training steps per model")
     p.add_argument("--results", type=Path, default=None, help="keep the raw numbers here (JSON)")
     p.add_argument("--report-only", action="store_true", help="only report --results again")
+    p.add_argument("--keep", type=Path, default=None, help="keep the first seed's .tflite here")
+    p.add_argument("--arm64", type=Path, default=None, metavar="DIR",
+                   help="only time DIR's .tflite files on emulated arm64")  # fmt: skip
     args = p.parse_args()
+    if args.arm64 is not None:
+        arm64(args.arm64.resolve())
+        return 0
     if args.report_only:
         report(json.loads(args.results.read_text()))
         return 0
@@ -208,8 +259,9 @@ def main() -> int:
                         flush=True,
                     )
         for model, seed, config, run_dir in trained:  # measured together, one after the other
+            first = seed == int(args.seeds.split(",")[0])
             rows.append({"model": model, "seed": seed, "config": config,
-                         **measure(run_dir, args.steps)})  # fmt: skip
+                         **measure(run_dir, args.steps, args.keep if first else None)})  # fmt: skip
             print(f"{model} seed {seed} {config}: measured", file=sys.stderr, flush=True)
             if args.results is not None:
                 args.results.write_text(json.dumps(rows, indent=1))

@@ -132,8 +132,8 @@ class Pruner:
             wrapper.pruning_step.assign(round_ - self.step_offset)
         if not update_masks:
             return
-        if self.units and round_ <= self.schedule.units_end:
-            self._unit_step()
+        if self.units and (round_ <= self.schedule.units_end or not self.schedule.weight_target):
+            self._unit_step()  # a schedule's share is of units, never of the weights left
             return
         for wrapper in self.wrappers:
             # TF-MOT ranks the raw weights: zero the pruned ones first so that whatever was written

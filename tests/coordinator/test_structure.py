@@ -17,6 +17,7 @@ layers = tf_keras.layers
 
 def conv_bn() -> tf_keras.Model:
     """Conv -> BN -> ReLU -> Conv (same padding) -> pool -> Flatten -> Dense (sigmoid) -> out."""
+    tf_keras.utils.set_random_seed(0)
     return tf_keras.Sequential([
         layers.Input((8, 8, 1)),
         layers.Conv2D(6, 3, padding="same"),
@@ -33,6 +34,7 @@ def conv_bn() -> tf_keras.Model:
 
 def conv_valid() -> tf_keras.Model:
     """A functional chain: Conv (tanh) -> Conv (valid) -> global pooling -> Dense -> out."""
+    tf_keras.utils.set_random_seed(0)
     inputs = layers.Input((8, 8, 1))
     x = layers.Conv2D(5, 3, activation="tanh")(inputs)
     x = layers.Conv2D(7, 3, padding="valid")(x)

@@ -117,6 +117,21 @@ def test_rebuilding_every_round_reaches_the_same_widths() -> None:
     assert widths == [[16, 128, 10], [8, 60, 10], [4, 36, 10], [4, 32, 10], [4, 32, 10]]
 
 
+def test_a_constant_unit_schedule_prunes_no_weights_after_its_rebuild() -> None:
+    """TF-MOT's ConstantSparsity never ends: after the rebuild its share is of units, never of
+    the small model's weights."""
+    schedule = ScheduleConfig(units="l1", kind=ScheduleKind.CONSTANT, target=0.5, begin_round=2)
+    pruner = pruner_for(models.cnn(), schedule)
+    for round_ in range(1, 6):
+        _perturb(pruner, round_)
+        pruner.step(round_)
+        if pruner.rebuild_due(round_):
+            assert pruner.rebuild()
+
+    assert [w.shape[-1] for w in pruner.model().weights[::2]] == [8, 64, 10]
+    assert pruner.sparsity() == 0.0
+
+
 def test_hybrid_prunes_weights_inside_the_remaining_units_after_the_rebuild() -> None:
     schedule = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=3,
                               weight_target=0.8, weight_end_round=6)  # fmt: skip
