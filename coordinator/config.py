@@ -85,6 +85,13 @@ class ScheduleConfig:
             raise ConfigError("rebuild_every and weight_target go with unit pruning (units)")
         if self.rebuild_every < 0:
             raise ConfigError(f"rebuild_every must be >= 0, got {self.rebuild_every}")
+        if self.weight_end_round and not self.weight_target:
+            raise ConfigError("weight_end_round goes with weight_target (hybrid unit pruning)")
+        if self.weight_target and self.kind is ScheduleKind.CONSTANT and not self.weight_end_round:
+            raise ConfigError(
+                "a constant schedule removes its units at begin_round: give weight_end_round,"
+                " the round the weights inside them are pruned by"
+            )
         if not 0.0 <= self.weight_target < 1.0:
             raise ConfigError(f"weight_target must be in [0, 1), got {self.weight_target}")
         if self.weight_target and self.weight_end_round and self.weight_end_round <= self.units_end:

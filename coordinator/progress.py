@@ -52,7 +52,11 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
         lines += [
             f"  {profile}: {export.precision}{sparse} tflite {export.tflite_bytes:,} bytes,"
             f" gzip {export.gzip_bytes:,}, LiteRT accuracy {export.tflite_accuracy:.4f}"
-            f" (Keras {export.keras_accuracy:.4f}, {export.n_eval} samples), {deployed}",
+            f" (Keras {export.keras_accuracy:.4f}, {export.n_eval} samples), {deployed}"
+            + "".join(
+                f", {b.name.split('_')[0]} budget {'met' if b.met else 'MISSED'}"
+                for b in export.budgets
+            ),  # fmt: skip
             f"      {export.model_path}",
         ]
     if summary.deployed and summary.not_installed:

@@ -103,6 +103,7 @@ class Pruner:
             name: int(model.get_layer(name).get_weights()[0].shape[-1])
             for name in (structure.unit_layers(model) if schedule.units else [])
         }
+        self.weight_phase = False  # a hybrid schedule wraps for its weights once units are done
         self._adopt(wrap(model, schedule), round_=self.step_offset - 1)
 
     def _adopt(self, wrapped: tf_keras.Model, round_: int) -> None:
@@ -166,7 +167,9 @@ class Pruner:
             units = structure.alive(mask.numpy())
             norms = structure.unit_norms(layer.kernel.numpy() * mask.numpy(), order)
             if isinstance(wrapper.pruning_schedule, MeanMagnitude):
-                units &= norms >= norms.mean()
+                # the mean over the layer's original units (removed ones count as zero), so
+                # that rebuilding in between changes nothing
+                units &= norms >= norms.sum() / self.units[layer.name]
             else:
                 excess = int(units.sum()) - max(
                     1, round((1 - float(level)) * self.units[layer.name])
@@ -195,19 +198,19 @@ class Pruner:
     def rebuild(self) -> bool:
         """Replace the model by a smaller one without its removed units (same outputs); ``False``
         when there is nothing to remove. From the round the units are done a hybrid schedule
-        prunes weights inside the remaining units."""
+        prunes weights inside the remaining units (whether or not anything was removed)."""
+        round_ = int(self.wrappers[0].pruning_step.numpy()) + self.step_offset
         masks = {
             w.layer.name: w.pruning_vars[0][1].numpy() for w in self.wrappers if w.pruning_vars
         }
         keep = {name: structure.alive(masks[name]) for name in self.units}
-        if all(units.all() for units in keep.values()):
-            return False
-        small, small_masks = structure.rebuild(self.stripped, masks, keep)
-        if small.count_params() == self.stripped.count_params():
-            return False  # what is left cannot be removed (structure.rebuild keeps it)
-        round_ = int(self.wrappers[0].pruning_step.numpy()) + self.step_offset
-        self.adopt(small, round_, small_masks)
-        return True
+        small, small_masks = self.stripped, masks
+        if not all(units.all() for units in keep.values()):
+            small, small_masks = structure.rebuild(self.stripped, masks, keep)
+        smaller = small.count_params() < self.stripped.count_params()
+        if smaller or self._weight_phase(round_) != self.weight_phase:
+            self.adopt(small, round_, small_masks)
+        return smaller
 
     def adopt(
         self, model: tf_keras.Model, round_: int, masks: dict[str, np.ndarray] | None = None
@@ -215,7 +218,8 @@ class Pruner:
         """Continue with ``model`` (a rebuilt one, or a checkpoint's architecture) at ``round_``,
         wrapped for the schedule of that round, with its kernel ``masks`` by layer name."""
         schedule = self.schedule
-        if schedule.weight_target and round_ >= schedule.units_end:
+        self.weight_phase = self._weight_phase(round_)
+        if self.weight_phase:
             schedule = ScheduleConfig(
                 target=schedule.weight_target, begin_round=schedule.units_end,
                 end_round=schedule.last_round,
@@ -230,9 +234,18 @@ class Pruner:
         return str(self.stripped.to_json())
 
     def load_architecture(self, model_json: str, round_: int) -> None:
-        """Continue with a checkpoint's architecture at ``round_`` (its weights come next)."""
+        """Continue with a checkpoint's architecture at ``round_``, wrapped for that round's
+        schedule (its weights come next)."""
         if model_json != self.architecture():
             self.adopt(tf_keras.models.model_from_json(model_json), round_)
+        elif self._weight_phase(round_) != self.weight_phase:
+            self.adopt(self.stripped, round_)
+
+    def _weight_phase(self, round_: int) -> bool:
+        """Whether a hybrid schedule prunes weights at ``round_`` (its units are done)."""
+        return bool(
+            self.units and self.schedule.weight_target and round_ >= self.schedule.units_end
+        )
 
     def parameters(self) -> int:
         """Parameters of the model as it is now (fewer once a unit-pruned model is rebuilt)."""

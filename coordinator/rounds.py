@@ -311,6 +311,7 @@ class Coordinator:
     def _publish_artifact(self) -> Manifest | None:
         """Build the trainable TFLite artifact and publish its chunks retained; its manifest, or
         ``None`` with :attr:`artifact_error` saying why litert clients cannot train."""
+        self.artifact_error, self._artifact = None, b""
         if self.build_artifact is None:
             self.artifact_error = "this coordinator builds no training artifact"
             return None
@@ -322,8 +323,10 @@ class Coordinator:
             return None
         self._artifact = artifact
         # In chunks every catalogue profile takes, so that it need not be sent again when a Pi
-        # Zero joins; a device whose own profile takes less gets it again in smaller chunks.
-        return self._publish_artifact_chunks(min(self.config.max_payload, _smallest_catalogue()))
+        # Zero joins; a device whose own profile takes less gets it again in smaller chunks (and
+        # a rebuilt model's artifact goes in the chunks the devices online take already).
+        limit = min(self.config.max_payload, _smallest_catalogue(), self._artifact_limit or 2**31)
+        return self._publish_artifact_chunks(limit)
 
     def _publish_artifact_chunks(self, limit: int) -> Manifest:
         """Publish the artifact (retained) in chunks of at most ``limit`` bytes, to every litert
@@ -795,6 +798,7 @@ class Coordinator:
         log.info("round %d: the model is rebuilt without its removed units: %d parameters",
                  round_, self.pruner.parameters())  # fmt: skip
         self._held, self._holders = None, set()
+        self._previous = None  # late updates of the old shapes cannot count any more
         spec = self.spec(self._publish_artifact())
         self._joining["spec"] = self._publish(self.topics.spec, spec, receivers=len(self.clients))
 

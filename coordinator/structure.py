@@ -16,6 +16,7 @@ which layer is not one. The last Dense or Conv2D layer (the classes) is never un
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ import tensorflow as tf
 import tf_keras
 
 from fedprune.edge_client.errors import ConfigError
+
+log = logging.getLogger("fedprune.coordinator")
 
 layers = tf_keras.layers
 
@@ -59,7 +62,14 @@ def check_chain(model: tf_keras.Model) -> None:
             [len(layer.input_shape) - 1],
         ):
             raise ConfigError(f"unit pruning needs {layer.name!r} to normalize the last axis")
-        if layer.name in unit_layers(model) and layer.activation is tf_keras.activations.softmax:
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise ConfigError(f"unit pruning needs channels_last data; {layer.name!r} is not")
+        if getattr(layer, "groups", 1) != 1:
+            raise ConfigError(f"unit pruning cannot rebuild grouped convolution {layer.name!r}")
+    last = max(i for i, layer in enumerate(model.layers) if type(layer) in _UNITS)
+    for layer in model.layers[:last]:  # softmax mixes a layer's units: only the output has it
+        activation = getattr(layer, "activation", None)
+        if "softmax" in getattr(activation, "__name__", ""):  # tf.nn.softmax is softmax_v2
             raise ConfigError(f"unit pruning cannot remove units of softmax layer {layer.name!r}")
     if isinstance(model, tf_keras.Sequential):
         return
@@ -119,6 +129,11 @@ def rebuild(
             break
         for name, units in stuck.items():
             keep[name][sorted(units)] = True
+            log.warning(
+                "unit pruning keeps %d removed unit(s) of %s in the rebuilt model: the next"
+                " convolution pads with zeros where they give a constant, so no bias can stand"
+                " for them", len(units), name,
+            )  # fmt: skip
     rebuilt = type(model).from_config(config)
     for layer in rebuilt.layers:
         if layer.name in weights:

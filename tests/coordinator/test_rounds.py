@@ -195,7 +195,7 @@ def harness(mlp: tf_keras.Model) -> Callable[..., Harness]:
         values.update(overrides)
         broker = ScriptedBroker()
         clients = {i: FakeClient(broker, i) for i in ids}
-        pruner = Pruner(mlp, SCHEDULE)
+        pruner = Pruner(mlp, values["schedule"])  # type: ignore[arg-type]
         pruner.step(0)
         pruner.step(1)
         config = RunConfig(**values)  # type: ignore[arg-type]
@@ -943,6 +943,35 @@ def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or
     assert (result.reported, result.stale) == (1, 1 if weight else 0)
     assert result.rejected == ({} if weight else {"round": 1})
     assert h.coordinator.report["stale"] == (["b"] if weight else [])
+
+
+def test_after_a_rebuild_a_late_update_of_the_old_model_is_refused_not_a_crash(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: half the units go at round 2 and the model is rebuilt; "b"'s round-2 update, on
+    # the old model's shapes, arrives during round 3
+    units = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=2)
+    h = harness(quorum=0.5, staleness_weight=0.5, schedule=units, rounds=3)
+    sent: dict[str, object] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        if announcement.round == ROUND:
+            h.clients["a"].send(ROUND, _payload(model, _delta(model, 1)))
+            sent["old"] = _payload(model, _delta(model, 2))
+            return
+        h.clients["b"].send(ROUND, sent["old"])  # type: ignore[arg-type]
+        h.clients["a"].send(ROUND + 1, _payload(model, _delta(model, 3), round_=ROUND + 1))
+
+    h.on_round(answer)
+    _, first, _ = h.run_round()
+
+    # Execute
+    result = h.coordinator.run_round(ROUND + 1)
+
+    # Assert: the round went on with the small model; the old update was refused as late
+    assert first.parameters == result.parameters < MLP_PARAMS
+    assert result.reported == 1 and result.stale == 0
+    assert result.rejected == {"round": 1}
 
 
 def test_a_redelivered_update_of_the_previous_round_is_ignored_and_does_not_answer_this_one(

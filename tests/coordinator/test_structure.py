@@ -102,7 +102,9 @@ def test_units_and_the_next_layers_inputs_shrink_after_flatten() -> None:
     assert shapes == [(3, 3, 1, 4), (4,), (8 * 8 * 4, 32), (32,), (32, 10), (10,)]
 
 
-def test_a_removed_filter_a_same_padded_conv_cannot_fold_is_kept() -> None:
+def test_a_removed_filter_a_same_padded_conv_cannot_fold_is_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """After BatchNormalization a removed filter gives a nonzero constant; a ``same`` padded
     convolution sees zeros at the border instead, so no bias can stand for it."""
     model = conv_bn()
@@ -120,6 +122,7 @@ def test_a_removed_filter_a_same_padded_conv_cannot_fold_is_kept() -> None:
     assert 0 < carrying < 3
     assert small.get_layer(conv.name).filters == 3 + carrying  # the zero ones removed
     assert small.get_layer(model.layers[3].name).filters == 4  # relu(bias) folds into the Dense
+    assert f"keeps {carrying} removed unit(s) of {conv.name}" in caplog.text
 
 
 def test_a_branching_model_is_refused() -> None:

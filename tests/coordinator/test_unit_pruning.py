@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
@@ -149,6 +152,39 @@ def test_hybrid_prunes_weights_inside_the_remaining_units_after_the_rebuild() ->
     assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)
 
 
+def test_hybrid_prunes_weights_even_when_its_last_unit_round_removes_nothing() -> None:
+    """Rebuilt every round, the ramp to half the units is done by round 7 (round(0.5015 * 16) =
+    8 filters, as at round 8): the rebuild at round 8 removes nothing and the weights must still
+    be pruned from then on."""
+    schedule = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=8,
+                              rebuild_every=1, weight_target=0.8, weight_end_round=12)  # fmt: skip
+    pruner = pruner_for(models.cnn(), schedule)
+    for round_ in range(1, 13):
+        _perturb(pruner, round_)
+        pruner.step(round_)
+        if pruner.rebuild_due(round_):
+            assert pruner.rebuild() == (1 < round_ < 8)  # none at round 1 (level 0) nor 8
+
+    assert [w.shape[-1] for w in pruner.model().weights[::2]] == [8, 64, 10]
+    assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_the_mean_rule_reaches_the_same_widths_whether_rebuilt_on_the_way_or_not() -> None:
+    widths = []
+    for every in (0, 1):
+        schedule = ScheduleConfig(units="l1", kind=ScheduleKind.MEAN, begin_round=2,
+                                  end_round=8, rebuild_every=every)  # fmt: skip
+        pruner = pruner_for(models.build("cnn", seed=0), schedule)
+        for round_ in range(1, 9):
+            pruner.step(round_)
+            if pruner.rebuild_due(round_):
+                pruner.rebuild()
+        widths.append([w.shape[-1] for w in pruner.model().weights[::2]])
+
+    assert widths[0] == widths[1]
+    assert widths[0][0] > 2 and widths[0][1] > 16
+
+
 def test_mean_rule_at_unit_level_removes_units_below_the_mean_norm() -> None:
     pruner = pruner_for(models.mlp(), ScheduleConfig(units="l1", kind=ScheduleKind.MEAN,
                                                      begin_round=1, end_round=2))  # fmt: skip
@@ -173,12 +209,42 @@ def test_unit_pruning_refuses_a_model_it_cannot_rebuild() -> None:
 
 
 @pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (tf_keras.layers.Conv2D(4, 3, groups=1, data_format="channels_first"), "channels_last"),
+        (tf_keras.layers.Activation("softmax"), "softmax"),
+        (tf_keras.layers.Dense(8, activation=tf.nn.softmax), "softmax"),
+    ],
+    ids=["channels-first", "softmax-activation", "tf-nn-softmax"],
+)
+def test_unit_pruning_refuses_what_the_rebuild_would_get_wrong(layer: Any, message: str) -> None:
+    model = tf_keras.Sequential([tf_keras.layers.Input((8, 8, 4)), tf_keras.layers.Conv2D(4, 1),
+                                 layer, tf_keras.layers.Flatten(),
+                                 tf_keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+
+    with pytest.raises(ConfigError, match=message):
+        pruner_for(model, ScheduleConfig(units="l1", begin_round=1, end_round=2))
+
+
+def test_unit_pruning_refuses_a_grouped_convolution() -> None:
+    model = tf_keras.Sequential([tf_keras.layers.Input((8, 8, 4)),
+                                 tf_keras.layers.Conv2D(4, 3, groups=2),
+                                 tf_keras.layers.Flatten(),
+                                 tf_keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+
+    with pytest.raises(ConfigError, match="grouped"):
+        pruner_for(model, ScheduleConfig(units="l1", begin_round=1, end_round=2))
+
+
+@pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"units": "l3"}, "units must be l1 or l2"),
         ({"units": "l1", "structure": "2:4"}, "give one"),
         ({"rebuild_every": 2}, "go with unit pruning"),
         ({"units": "l1", "weight_target": 0.5, "weight_end_round": 12}, "must be after"),
+        ({"units": "l1", "weight_end_round": 14}, "goes with weight_target"),
+        ({"units": "l1", "kind": "constant", "weight_target": 0.5}, "give weight_end_round"),
     ],
 )
 def test_unit_schedule_options_are_checked(fields: dict[str, object], message: str) -> None:
