@@ -207,7 +207,7 @@ class Pruner:
         small, small_masks = self.stripped, masks
         if not all(units.all() for units in keep.values()):
             small, small_masks = structure.rebuild(self.stripped, masks, keep)
-        smaller = small.count_params() < self.stripped.count_params()
+        smaller = bool(small.count_params() < self.stripped.count_params())
         if smaller or self._weight_phase(round_) != self.weight_phase:
             self.adopt(small, round_, small_masks)
         return smaller

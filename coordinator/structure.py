@@ -86,12 +86,13 @@ def check_chain(model: tf_keras.Model) -> None:
 def unit_norms(kernel: np.ndarray, order: int) -> np.ndarray:
     """Each unit's L1 (``order`` 1) or L2 norm: over every axis of the kernel but the last."""
     flat = np.abs(kernel.reshape(-1, kernel.shape[-1]))
-    return flat.sum(axis=0) if order == 1 else np.sqrt((flat**2).sum(axis=0))
+    norms = flat.sum(axis=0) if order == 1 else np.sqrt((flat**2).sum(axis=0))
+    return np.asarray(norms, np.float64)
 
 
 def alive(mask: np.ndarray) -> np.ndarray:
     """Which units of a kernel mask keep any weight."""
-    return mask.reshape(-1, mask.shape[-1]).any(axis=0)
+    return np.asarray(mask.reshape(-1, mask.shape[-1]).any(axis=0), bool)
 
 
 @dataclass
@@ -190,7 +191,7 @@ def _unit(
         foldable = bias is not None and (type(layer) is layers.Dense or layer.padding == "valid")
         if foldable:
             spread = kernel[..., carrying, :].reshape(-1, carrying.size, kernel.shape[-1])
-            bias += np.einsum("pio,i->o", spread, flow.const[carrying])  # type: ignore[operator]
+            bias += np.einsum("pio,i->o", spread, flow.const[carrying])
         else:
             stuck.setdefault(flow.source, set()).update(int(u) for u in flow.unit[carrying])
     kernel = np.take(kernel, flow.kept, axis=-2)
@@ -223,4 +224,5 @@ def _apply(activation: Any, values: np.ndarray) -> np.ndarray:
     """An elementwise activation layer on a vector of constants."""
     if values.size == 0:
         return values.astype(np.float32)
-    return np.asarray(activation(tf.constant(values[None, :], tf.float32)))[0]
+    applied = np.asarray(activation(tf.constant(values[None, :], tf.float32)), np.float32)
+    return np.array(applied[0], np.float32)
