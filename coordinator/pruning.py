@@ -90,7 +90,8 @@ class Pruner:
 
     With unit pruning (``schedule.units``) the schedule gives each round the share of every unit
     layer's original units to remove; the pruner ranks them by norm, writes whole units into the
-    wrappers' masks and holds the removed units' biases at zero. :meth:`rebuild` then replaces
+    wrappers' masks and holds what the removed units give the next layer at zero
+    (:func:`structure.silence`). :meth:`rebuild` then replaces
     the model by a smaller one without them (a hybrid schedule goes on with TF-MOT's own weight
     pruning inside the remaining units)."""
 
@@ -181,8 +182,7 @@ class Pruner:
             if not units.any():
                 units[int(np.argmax(norms))] = True  # a layer keeps at least one unit
             mask.assign(np.broadcast_to(units, mask.shape).astype(np.float32))
-            if layer.use_bias:
-                layer.bias.assign(layer.bias.numpy() * units)
+            structure.silence(self.stripped, layer.name, units)
         for wrapper in self.wrappers:
             wrapper.pruning_obj.weight_mask_op()
 

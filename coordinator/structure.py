@@ -83,6 +83,27 @@ def check_chain(model: tf_keras.Model) -> None:
             )
 
 
+def silence(model: tf_keras.Model, name: str, units: np.ndarray) -> None:
+    """Make the removed units of layer ``name`` give exactly zero: their bias, and the scale,
+    shift and running mean of the BatchNormalization layers after it, held at zero (so that,
+    with an activation of zero that is zero, nothing is left for the next layer to fold, and a
+    same-padded convolution next does not keep them)."""
+    found = False
+    for layer in model.layers:
+        if layer.name == name:
+            found = True
+            variables = [layer.bias] if getattr(layer, "use_bias", False) else []
+        elif found and type(layer) in _UNITS:
+            break
+        elif found and type(layer) is layers.BatchNormalization:
+            variables = [layer.gamma, layer.beta, layer.moving_mean]
+        else:
+            continue
+        for variable in variables:
+            if variable is not None:
+                variable.assign(variable.numpy() * units)
+
+
 def unit_norms(kernel: np.ndarray, order: int) -> np.ndarray:
     """Each unit's L1 (``order`` 1) or L2 norm: over every axis of the kernel but the last."""
     flat = np.abs(kernel.reshape(-1, kernel.shape[-1]))

@@ -106,6 +106,32 @@ def test_rebuild_keeps_the_outputs_and_shrinks_the_model_and_its_masks() -> None
     assert _units(pruner) == {name: n // 4 for name, n in pruner.units.items()}
 
 
+def test_filters_before_batch_normalization_and_a_same_padded_conv_go_all_the_way() -> None:
+    """Conv -> BN -> ReLU -> Conv (same): the pruner holds a removed filter's bias and its BN
+    scale, shift and running mean at zero, so it gives zero and the rebuild removes it."""
+    layers = tf_keras.layers
+    tf_keras.utils.set_random_seed(0)
+    model = tf_keras.Sequential([
+        layers.Input((8, 8, 1)), layers.Conv2D(8, 3, padding="same"),
+        layers.BatchNormalization(), layers.ReLU(),
+        layers.Conv2D(8, 3, padding="same", activation="relu"), layers.Flatten(),
+        layers.Dense(10, activation="softmax"),
+    ])  # fmt: skip
+    norm = model.layers[1]
+    norm.beta.assign(np.full(8, 0.3, np.float32))  # what training leaves: a nonzero shift
+    norm.moving_mean.assign(np.full(8, -0.2, np.float32))
+    pruner = pruner_for(model, ScheduleConfig(units="l1", kind=ScheduleKind.CONSTANT,
+                                              target=0.5, begin_round=1))  # fmt: skip
+    pruner.step(1)
+    expected = pruner.stripped(X).numpy()
+
+    assert pruner.rebuild()
+
+    convolutions = [la for la in pruner.stripped.layers if isinstance(la, tf_keras.layers.Conv2D)]
+    assert [la.filters for la in convolutions] == [4, 4]
+    np.testing.assert_allclose(pruner.stripped(X).numpy(), expected, atol=2e-5)
+
+
 def test_rebuilding_every_round_reaches_the_same_widths() -> None:
     schedule = ScheduleConfig(units="l1", target=0.75, begin_round=1, end_round=4, rebuild_every=1)
     pruner = pruner_for(models.cnn(), schedule)
