@@ -190,6 +190,8 @@ def page(run: Run, made: list[tuple[str, str]]) -> str:
         ["rounds", len(run.rounds)],
         ["final held-out accuracy", _fmt(last.get("accuracy"), ".4f")],
         ["final sparsity", _fmt(last["sparsity"], ".4f")],
+        ["parameters (first round / last)",
+         f"{run.rounds[0].get('parameters', 0):,} / {last.get('parameters', 0):,}"],
         ["devices", len(run.devices)],
         ["uplink (sent / dense float32)", f"{sent_up:,} / {dense_up:,} bytes"],
         ["downlink (sent / dense float32)", f"{sent_down:,} / {dense_down:,} bytes"],

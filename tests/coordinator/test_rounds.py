@@ -526,6 +526,38 @@ def test_the_training_artifact_is_built_at_start_and_a_failure_is_in_the_spec(
         assert coordinator._can_train(litert)
 
 
+def test_a_rebuilt_models_artifact_goes_in_the_chunks_the_devices_online_take(
+    mlp: tf_keras.Model,
+) -> None:
+    # Prepare: a litert device that takes 16 KiB messages joined, so the artifact went again in
+    # chunks it takes
+    broker = ScriptedBroker()
+    coordinator = Coordinator(
+        MemoryTransport(broker),
+        RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE),
+        Pruner(mlp, SCHEDULE),  # type: ignore[arg-type]
+        evaluate=lambda: None,
+        build_artifact=lambda: bytes(100_000),
+    )
+    coordinator.start()
+    device = MemoryTransport(broker)
+    hello = Hello(client_id="pi", profile="raspberry-pi-zero-2w", num_samples=5,
+                  backend="litert", max_payload=16 * 1024)  # fmt: skip
+    device.publish(TOPICS.client_status("pi"), encode(hello, run=RUN, sender="pi"), retain=True)
+    while coordinator.pump(0.0):
+        pass
+
+    # Execute: the model is rebuilt (unit pruning) and its artifact published again
+    coordinator._rebuilt(2)
+
+    # Assert: the new Spec names chunks the device takes
+    spec = decode(broker.retained[TOPICS.spec]).message
+    assert isinstance(spec, Spec) and spec.artifact is not None
+    chunks = [broker.retained[f"{TOPICS.artifact}/{i}"] for i in range(spec.artifact.chunks)]
+    assert spec.artifact.chunks > 100_000 // (16 * 1024)
+    assert max(len(c) for c in chunks) <= 16 * 1024
+
+
 def test_a_forged_payload_on_a_device_topic_does_not_cost_the_device_its_update(
     harness: Callable[..., Harness],
 ) -> None:
