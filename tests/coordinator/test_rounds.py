@@ -489,6 +489,19 @@ def test_no_client_able_to_train_stops_the_run(harness: Callable[..., Harness]) 
         h.coordinator.run_round(ROUND)
 
 
+def _with_artifact(
+    broker: ScriptedBroker, mlp: tf_keras.Model, build: Callable[[], bytes]
+) -> Coordinator:
+    """A coordinator of a one-round mlp run whose training artifact ``build`` makes."""
+    return Coordinator(
+        MemoryTransport(broker),
+        RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE),
+        Pruner(mlp, SCHEDULE),
+        evaluate=lambda: None,
+        build_artifact=build,
+    )
+
+
 @pytest.mark.parametrize("fails", [False, True])
 def test_the_training_artifact_is_built_at_start_and_a_failure_is_in_the_spec(
     mlp: tf_keras.Model, fails: bool
@@ -500,13 +513,7 @@ def test_the_training_artifact_is_built_at_start_and_a_failure_is_in_the_spec(
         return b"tflite artifact bytes"
 
     broker = ScriptedBroker()
-    coordinator = Coordinator(
-        MemoryTransport(broker),
-        RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE),
-        Pruner(mlp, SCHEDULE),  # type: ignore[arg-type]
-        evaluate=lambda: None,
-        build_artifact=build,
-    )
+    coordinator = _with_artifact(broker, mlp, build)
 
     # Execute: nothing has joined yet
     coordinator.start()
@@ -532,13 +539,7 @@ def test_a_rebuilt_models_artifact_goes_in_the_chunks_the_devices_online_take(
     # Prepare: a litert device that takes 16 KiB messages joined, so the artifact went again in
     # chunks it takes
     broker = ScriptedBroker()
-    coordinator = Coordinator(
-        MemoryTransport(broker),
-        RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE),
-        Pruner(mlp, SCHEDULE),  # type: ignore[arg-type]
-        evaluate=lambda: None,
-        build_artifact=lambda: bytes(100_000),
-    )
+    coordinator = _with_artifact(broker, mlp, lambda: bytes(100_000))
     coordinator.start()
     device = MemoryTransport(broker)
     hello = Hello(client_id="pi", profile="raspberry-pi-zero-2w", num_samples=5,
