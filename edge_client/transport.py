@@ -1,10 +1,22 @@
 """The network behind a small interface. This is the only module that imports paho-mqtt.
 
 Incoming messages are put on a queue that the owner drains from its own thread: nothing runs inside
-paho's callbacks except that, which avoids paho's publish-from-callback deadlocks. On every
-reconnect the subscriptions are renewed and this side's retained messages are published again (the
-broker may have restarted without them, or replaced one with our last will), so both sides pick up
-where they were.
+paho's callbacks except that, which avoids paho's publish-from-callback deadlocks. The queue is
+bounded: a burst the reader cannot keep up with waits at the broker (TCP back-pressure), not in
+this process's memory. But paho's network thread, which makes the put, must never wait long: it
+also sends keepalives and acknowledgements, and a broker drops a client it has not heard from in
+1.5 keepalives. So a put waits for room in slices of a quarter keepalive, and after each it takes
+the message anyway and lets paho's loop go round (the queue grows by one message a slice while
+the reader is stuck).
+
+A *persistent* transport (the coordinator's, an aggregator's) keeps its MQTT session on the broker
+across reconnects: what is published for it while its connection is down (a stalled process, a
+network cut) is queued there and delivered when it is back. Each process starts a fresh session
+and ends it at :meth:`~MqttTransport.close`, so nothing of an earlier process is delivered to a
+new one. On every reconnect this side's retained messages are published again (the broker may have
+restarted without them, or replaced one with our last will), and the subscriptions renewed unless
+the broker kept them. A lost or restored connection is logged as a warning and kept as a
+:class:`ConnectionEvent` for the owner (:meth:`Transport.connection_events`).
 """
 
 from __future__ import annotations
@@ -19,32 +31,77 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fedprune.edge_client.connection import BrokerSettings, BrokerUrl
 from fedprune.edge_client.errors import BrokerError, OversizeError
 
-__all__ = ["BrokerSettings", "BrokerUrl", "Incoming", "MqttTransport", "Transport", "topic_matches"]
+__all__ = [
+    "BrokerSettings",
+    "BrokerUrl",
+    "ConnectionChange",
+    "ConnectionEvent",
+    "Incoming",
+    "MqttTransport",
+    "Transport",
+    "topic_matches",
+]
 
 Incoming = tuple[str, bytes]
 
 log = logging.getLogger("fedprune.transport")
 
+KEEPALIVE = 30
+"""Seconds between keepalives; a broker drops a client it has not heard from in 1.5 times that."""
+
+SESSION_EXPIRY = 3600
+"""Over MQTT 5, seconds a persistent transport's session outlives a lost connection (MQTT 3.1.1
+sessions last until the broker's ``persistent_client_expiration``)."""
+
+INBOX_BYTES = 64 * 1024 * 1024
+"""What an MQTT transport holds of received payloads before it stops reading from the broker."""
+
+
+class ConnectionChange(StrEnum):
+    LOST = "lost"
+    RESTORED = "restored"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionEvent:
+    """The connection to the broker was lost or restored: what the owner logs, counts and shows.
+    ``waiting`` messages had been received and not yet taken, ``unacknowledged`` publishes not yet
+    acknowledged; on restore, ``session_kept`` says whether what was published for us meanwhile
+    (QoS 1) is still coming, and ``down`` how many seconds the connection was away."""
+
+    change: ConnectionChange
+    detail: str
+    waiting: int = 0
+    unacknowledged: int = 0
+    session_kept: bool = False
+    down: float = 0.0
+
 
 class Inbox:
     """A queue of incoming messages that holds at most ``limit`` payload bytes (0: any): a put
-    beyond that waits until the reader has taken enough, so that a burst the reader cannot keep
-    up with waits at the broker (TCP back-pressure) instead of in this process's memory, until
-    the reader has brought it down to half (so that the two threads take turns in batches, not
-    message by message). A message alone in the queue is always taken, however big.
+    beyond that waits until the reader has brought it down to half (so that the two threads take
+    turns in batches, not message by message), but never longer than ``patience`` seconds at a
+    time (then the message goes in anyway). A message alone in the queue is always taken, however
+    big.
 
     The put runs on the MQTT network thread, which also reads acknowledgements: while the reader
     waits for one (:meth:`unbounded`) puts do not wait, and after :meth:`close` they drop."""
 
-    def __init__(self, limit: int = 0) -> None:
+    def __init__(self, limit: int = 0, *, patience: float = math.inf) -> None:
         self.limit = limit
+        self.patience = patience
+        self.overdrawn = 0  # messages taken in over the limit because the reader took too long
         self._items: collections.deque[Incoming] = collections.deque()
         self._held = 0
         self._unbounded = 0  # readers waiting for the network thread
@@ -54,10 +111,12 @@ class Inbox:
     def put(self, item: Incoming) -> None:
         with self._changed:
             if self.limit and self._items and self._held + len(item[1]) > self.limit:
-                self._changed.wait_for(
+                room = self._changed.wait_for(
                     lambda: self._unbounded or self._closed or not self._items
-                    or self._held <= self.limit // 2
+                    or self._held <= self.limit // 2,
+                    timeout=None if self.patience == math.inf else self.patience,
                 )  # fmt: skip
+                self.overdrawn += not room
             if self._closed:
                 return
             self._items.append(item)
@@ -74,6 +133,9 @@ class Inbox:
             if not self._items or self._held <= self.limit // 2:
                 self._changed.notify_all()  # a waiting put may go on
             return item
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     @contextlib.contextmanager
     def unbounded(self) -> Iterator[None]:
@@ -94,16 +156,13 @@ class Inbox:
             self._changed.notify_all()
 
 
-INBOX_BYTES = 64 * 1024 * 1024
-"""What an MQTT transport holds of received payloads before it stops reading from the broker."""
-
-
 class Transport(ABC):
     """Publish bytes to topics and receive what matches the subscriptions, in order."""
 
-    def __init__(self, *, max_payload: int, inbox_bytes: int = 0) -> None:
+    def __init__(self, *, max_payload: int, inbox: Inbox | None = None) -> None:
         self.max_payload = max_payload
-        self.inbox = Inbox(inbox_bytes)
+        self.inbox = Inbox() if inbox is None else inbox
+        self._events: collections.deque[ConnectionEvent] = collections.deque(maxlen=100)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish one message; payloads over ``max_payload`` are refused before they are sent."""
@@ -119,6 +178,13 @@ class Transport(ABC):
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def connection_events(self) -> list[ConnectionEvent]:
+        """The connection's changes since the last call, oldest first."""
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
 
     @abstractmethod
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
@@ -144,7 +210,8 @@ class Transport(ABC):
 
 class MqttTransport(Transport):
     """paho-mqtt 2.x client with a last will, TLS and credentials, reconnect with backoff, and
-    resubscription. The MQTT client id is ``client_id`` itself, so that broker ACLs can name it."""
+    resubscription. The MQTT client id is ``client_id`` itself, so that broker ACLs can name it.
+    ``persistent`` keeps the session on the broker across reconnects (see the module's text)."""
 
     def __init__(
         self,
@@ -154,41 +221,60 @@ class MqttTransport(Transport):
         will: tuple[str, bytes] | None = None,
         max_payload: int = 256 * 1024,
         connect_attempts: int = 5,
+        persistent: bool = False,
+        keepalive: int = KEEPALIVE,
         inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         """``inbox_bytes`` bounds what is received and not yet taken (:class:`Inbox`)."""
-        super().__init__(max_payload=max_payload, inbox_bytes=inbox_bytes)
+        super().__init__(max_payload=max_payload,
+                         inbox=Inbox(inbox_bytes, patience=keepalive / 4))  # fmt: skip
         if isinstance(broker, str):
             broker = BrokerUrl.parse(broker)
         self.settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(url=broker)
         self.url = self.settings.url
+        self.client_id = client_id
+        self.persistent = persistent
+        self.keepalive = keepalive
         self._subscriptions: dict[str, int] = {}
+        self._unconfirmed: set[str] = set()  # subscribed or unsubscribed while disconnected
         self._connected = threading.Event()
+        self._closing = False
         self._refused: str | None = None  # why the broker turned us away, before it accepted us
         self._pending: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes maybe not yet acked
         self._prune_at = 64  # forget the acknowledged ones when there are this many
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
         self._subacks: dict[int, threading.Event] = {}
-        protocol = MQTTProtocolVersion.MQTTv5 if self.url.mqtt5 else MQTTProtocolVersion.MQTTv311
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
-        )
-        self._client.reconnect_delay_set(min_delay=1, max_delay=8)
-        self._secure(self.settings)
+        self._connection = 0  # counts connections (the first is not a reconnect)
+        self._up_since = -math.inf  # when the connection came back (monotonic); inf while down
+        self._down_since = math.inf  # when it was lost (monotonic)
+        self._client = self._paho(client_id, clean=not persistent)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
-        self._up_since = -math.inf  # when the connection came back (monotonic); inf while down
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        if persistent and not self.url.mqtt5:
+            self._end_session()  # MQTT 3.1.1 cannot start clean and then keep the session
         self._connect(connect_attempts)
 
-    def _secure(self, settings: BrokerSettings) -> None:
+    def _paho(self, client_id: str, *, clean: bool) -> mqtt.Client:
+        """A paho client for this broker (TLS, credentials, backoff); ``clean`` over MQTT 3.1.1
+        says whether the broker forgets the session when the connection ends."""
+        v5 = self.url.mqtt5
+        protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            clean_session=None if v5 else clean,
+        )
+        client.reconnect_delay_set(min_delay=1, max_delay=8)
+        settings = self.settings
         if settings.url.tls:
             try:
-                self._client.tls_set(
+                client.tls_set(
                     ca_certs=None if settings.ca is None else str(settings.ca),
                     certfile=None if settings.cert is None else str(settings.cert),
                     keyfile=None if settings.key is None else str(settings.key),
@@ -197,14 +283,39 @@ class MqttTransport(Transport):
             except (ssl.SSLError, OSError) as exc:
                 raise BrokerError(f"cannot use the TLS files for {self.url}: {exc}") from exc
         if settings.username is not None:
-            self._client.username_pw_set(settings.username, settings.password)
+            client.username_pw_set(settings.username, settings.password)
+        return client
+
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5: how long the broker keeps our session."""
+        if not self.url.mqtt5:
+            return None
+        expiry = SESSION_EXPIRY if self.persistent else 0
+        return _properties(PacketTypes.CONNECT, SessionExpiryInterval=expiry)
+
+    def _end_session(self, timeout: float = 5.0) -> None:
+        """Make the broker forget this client id's session (what an earlier process left queued):
+        connect once with a clean session, then disconnect. Best effort: an unreachable broker
+        is said by the real connection."""
+        client = self._paho(self.client_id, clean=True)
+        done = threading.Event()
+        client.on_connect = lambda *_args: done.set()
+        try:
+            client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
+            client.loop_start()
+            done.wait(timeout)
+            client.disconnect()
+            client.loop_stop()
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("could not clear the broker's session of %s: %s", self.client_id, exc)
 
     def _connect(self, attempts: int) -> None:
         delay = 0.5
         log.info("connecting to the MQTT broker at %s", self.url)
         for attempt in range(1, attempts + 1):
             try:
-                self._client.connect(self.url.host, self.url.port, keepalive=30)
+                self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive,
+                                     properties=self._connect_properties())  # fmt: skip
                 break
             except ssl.SSLError as exc:  # permanent: retrying cannot fix a certificate
                 reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
@@ -236,21 +347,50 @@ class MqttTransport(Transport):
         log.info("connected to the MQTT broker at %s", self.url)
 
     def _on_connect(
-        self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object
+        self, client: mqtt.Client, _u: object, flags: mqtt.ConnectFlags, rc: object, _p: object
     ) -> None:
         if getattr(rc, "is_failure", False):
             if not self._connected.is_set():
                 self._refused = _refusal(rc, self.settings)
             return
+        self._connection += 1
+        kept = self.persistent and bool(flags.session_present)
+        if self._connection > 1:
+            self._restored(kept)
         if self._up_since == math.inf:  # back after a drop (the first connection counts as old)
             self._up_since = time.monotonic()
-        for pattern, qos in list(self._subscriptions.items()):
-            client.subscribe(pattern, qos)
+        # A kept session keeps its subscriptions: subscribing again would only make the broker
+        # send every retained message again (a hello per device).
+        renew = [p for p in self._subscriptions if not kept or p in self._unconfirmed]
+        for pattern in renew:
+            client.subscribe(pattern, self._subscriptions[pattern])
+        for pattern in self._unconfirmed - set(self._subscriptions):
+            client.unsubscribe(pattern)
+        self._unconfirmed.clear()
         with self._lock:
             retained = list(self._retained.items())
         for topic, payload in retained:
             client.publish(topic, payload, qos=1, retain=True)
         self._connected.set()
+
+    def _restored(self, kept: bool) -> None:
+        down = time.monotonic() - self._down_since if self._down_since < math.inf else 0.0
+        self._down_since = math.inf
+        if kept or not self.persistent:
+            what = "the broker kept this client's session" if kept else "a clean session"
+            log.warning("reconnected to the MQTT broker at %s after %.1f s (%s)", self.url,
+                        down, what)  # fmt: skip
+            detail = f"reconnected after {down:.1f} s ({what})"
+        else:
+            log.warning(
+                "reconnected to the MQTT broker at %s after %.1f s, but the broker did not keep"
+                " this client's session: what was published for it meanwhile is lost (a broker"
+                " restart without persistence, or a session expiry shorter than the outage)",
+                self.url, down,
+            )  # fmt: skip
+            detail = f"reconnected after {down:.1f} s; the broker lost the session"
+        self._events.append(ConnectionEvent(change=ConnectionChange.RESTORED, detail=detail,
+                                            session_kept=kept, down=down))  # fmt: skip
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: object, _f: object, rc: object, *_p: object
@@ -263,8 +403,30 @@ class MqttTransport(Transport):
                 else "a TLS listener does this to a plain connection (use mqtts://)"
             )
             self._refused = f"it closed the connection before accepting it; {hint}"
+        was_up = self._connected.is_set()
         self._connected.clear()
         self._up_since = math.inf
+        if was_up and not self._closing:
+            self._lost(str(rc))
+
+    def _lost(self, reason: str) -> None:
+        self._down_since = time.monotonic()
+        waiting = len(self.inbox)
+        with self._lock:
+            unacknowledged = sum(1 for info in self._pending if not _settled(info))
+        kept = (
+            "the broker keeps this client's session: what is published for it meanwhile waits"
+            " there" if self.persistent else "what is published for it meanwhile is not kept"
+        )  # fmt: skip
+        log.warning(
+            "lost the connection to the MQTT broker at %s (%s); %d received message(s) not yet"
+            " handled, %d publish(es) not yet acknowledged; %s; reconnecting",
+            self.url, reason, waiting, unacknowledged, kept,
+        )  # fmt: skip
+        self._events.append(ConnectionEvent(
+            change=ConnectionChange.LOST, detail=f"lost the connection ({reason})",
+            waiting=waiting, unacknowledged=unacknowledged,
+        ))  # fmt: skip
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put((msg.topic, bytes(msg.payload)))
@@ -275,7 +437,8 @@ class MqttTransport(Transport):
         self._subscriptions[pattern] = qos
         result, mid = self._client.subscribe(pattern, qos)
         if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            return  # not connected: _on_connect subscribes again
+            self._unconfirmed.add(pattern)  # not connected: _on_connect subscribes
+            return
         with self._lock:
             acked = self._subacks.setdefault(mid, threading.Event())
         with self.inbox.unbounded():
@@ -289,7 +452,9 @@ class MqttTransport(Transport):
     def unsubscribe(self, pattern: str) -> None:
         """Stop receiving ``pattern`` (what is already queued stays queued)."""
         if self._subscriptions.pop(pattern, None) is not None:
-            self._client.unsubscribe(pattern)
+            result, _mid = self._client.unsubscribe(pattern)
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                self._unconfirmed.add(pattern)  # not connected: _on_connect unsubscribes
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, *_rest: object) -> None:
         with self._lock:
@@ -318,9 +483,24 @@ class MqttTransport(Transport):
             return all(_wait(info, deadline - time.monotonic()) for info in pending)
 
     def close(self) -> None:
+        """Disconnect; a persistent transport's session ends with it."""
+        self._closing = True
         self.inbox.close()
-        self._client.disconnect()
+        properties = None
+        if self.persistent and self.url.mqtt5:
+            properties = _properties(PacketTypes.DISCONNECT, SessionExpiryInterval=0)
+        self._client.disconnect(properties=properties)
         self._client.loop_stop()
+        if self.persistent and not self.url.mqtt5:
+            self._end_session()
+
+
+def _properties(packet: int, **values: int) -> Properties:
+    """MQTT 5 properties of one packet type (``SessionExpiryInterval=0``, ...)."""
+    properties = Properties(packet)  # type: ignore[no-untyped-call]
+    for name, value in values.items():
+        setattr(properties, name, value)
+    return properties
 
 
 def _unreachable(exc: OSError, url: BrokerUrl) -> str:

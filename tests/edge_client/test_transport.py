@@ -144,3 +144,20 @@ def test_a_put_waiting_for_room_goes_on_while_unbounded_and_drops_after_close() 
     assert [inbox.get(timeout=1)[1][:1] for _ in range(2)] == [b"x", b"y"]
     with pytest.raises(queue.Empty):
         inbox.get(timeout=0.05)
+
+
+def test_a_put_waits_for_room_no_longer_than_its_patience_at_a_time() -> None:
+    # Prepare: a full inbox whose reader takes nothing; puts wait at most 0.2 s each
+    inbox = Inbox(100, patience=0.2)
+    inbox.put(("t", b"x" * 80))
+    started = time.monotonic()
+
+    # Execute: the network thread goes on, a message per slice
+    for i in range(3):
+        inbox.put(("t", bytes([i]) * 40))
+    took = time.monotonic() - started
+
+    # Assert
+    assert 0.5 < took < 2.0
+    assert inbox.overdrawn == 3
+    assert [len(inbox.get(timeout=1)[1]) for _ in range(4)] == [80, 40, 40, 40]

@@ -77,6 +77,35 @@ def test_a_full_inbox_does_not_hold_up_a_flush_a_subscribe_or_close(mosquitto: s
     assert reader.get(timeout=0.1) is not None  # what was received is still there to take
 
 
+@pytest.mark.parametrize("scheme", ["mqtt", "mqtt5"])
+def test_a_reader_stuck_past_the_keepalive_grace_is_not_dropped_and_loses_nothing(
+    mosquitto: str, scheme: str
+) -> None:
+    # Prepare: a reader with a 2 s keepalive (mosquitto drops a client silent for 3 s) and a
+    # 100 kB inbox that takes nothing for 6 s while 300 messages of 20 kB are published
+    url = mosquitto.replace("mqtt://", f"{scheme}://")
+    reader = MqttTransport(url, client_id="reader", keepalive=2, inbox_bytes=100_000)
+    reader.subscribe("burst/#")
+    sender = MqttTransport(url, client_id="sender")
+    for i in range(300):
+        sender.publish(f"burst/{i}", i.to_bytes(2, "big") + os.urandom(20_000))
+    assert sender.flush(timeout=10)
+
+    # Execute
+    time.sleep(6)
+    held = len(reader.inbox)
+    numbers = [int.from_bytes(m[1][:2], "big") for m in iter(lambda: reader.get(2.0), None)]
+    events = reader.connection_events()
+    reader.close()
+    sender.close()
+
+    # Assert: the network thread went on answering the broker (a message taken in over the
+    # bound every half second), so it was never dropped, and every message came, in order
+    assert events == []
+    assert held <= 100_000 // 20_000 + 6 / 0.5 + 2
+    assert numbers == list(range(300))
+
+
 def test_payload_over_the_broker_limit_is_refused_before_it_is_sent() -> None:
     # Prepare: over MQTT 3.1.1, mosquitto acknowledges and silently drops a message over
     # message_size_limit; paho 2.2 itself would resend an oversize publish forever
