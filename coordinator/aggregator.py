@@ -42,6 +42,7 @@ from fedprune.edge_client.wire import (
     Chunk,
     Close,
     Collector,
+    Notice,
     Phase,
     Round,
     Status,
@@ -77,6 +78,7 @@ class ShareAggregator(Coordinator):
         self._told: tuple[set[str], set[str], Counter[str], int] = (set(), set(), Counter(), 0)
         self._told_at = 0.0
         self._ended = False
+        self._elsewhere: set[str] = set()  # devices another aggregator took this round
 
     def _publish_telemetry(self, snapshot: Telemetry) -> None:
         return  # the coordinator's alone
@@ -90,6 +92,7 @@ class ShareAggregator(Coordinator):
             t.round,
             t.all_models,
             t.close,
+            t.tally("+"),
             t.shared_updates(self.group),
         ):
             self.transport.subscribe(pattern)
@@ -108,7 +111,12 @@ class ShareAggregator(Coordinator):
 
     def _route(self, topic: str, payload: bytes) -> None:
         t = self.topics
-        if topic not in (t.round, t.close, t.status) and not topic.startswith(f"{t.root}/model/"):
+        if topic == t.tally(self.name):
+            return  # its own
+        tally = topic.startswith(self._aggregators_root)
+        if topic not in (t.round, t.close, t.status) and not (
+            tally or topic.startswith(f"{t.root}/model/")
+        ):
             self.handle(topic, payload)  # an update chunk or a device's hello
             return
         try:
@@ -116,7 +124,11 @@ class ShareAggregator(Coordinator):
         except WireError as exc:
             log.warning("ignored a message on %s: %s", topic, exc)
             return
-        if isinstance(message, Round):
+        if isinstance(message, Tally):
+            state = self._collect
+            if tally and state is not None and message.round == state.round:
+                self._elsewhere.update(message.reported)
+        elif isinstance(message, Round):
             self._announced = message
         elif isinstance(message, Chunk):
             whole = self._models.add(message)
@@ -131,9 +143,29 @@ class ShareAggregator(Coordinator):
         if fresh and announced and model and model[0] == announced.model.sha256:
             self._begin(announced, model[1])  # (the model may be the same round after round)
 
+    def handle(self, topic: str, payload: bytes) -> None:
+        """As the coordinator's, but the update of a device that another aggregator took (a
+        resend the broker handed to this one) is answered, not summed a second time."""
+        parsed = self.topics.parse_update(topic)
+        state = self._collect
+        if parsed is None or state is None or parsed[0] not in self._elsewhere:
+            super().handle(topic, payload)
+            return
+        client_id, round_text, index = parsed
+        if round_text != str(state.round):
+            super().handle(topic, payload)
+            return
+        state.bytes_up += len(payload)
+        if index == "0":
+            log.info("round %d: %s's update, taken by another aggregator, came again here;"
+                     " answered", state.round, client_id)  # fmt: skip
+            notice = Notice(round=state.round, accepted=True, reason="")
+            self._publish(self.topics.inbox(client_id), notice, retain=False)
+
     def _begin(self, announced: Round, payload: bytes) -> None:
         """Collect ``announced``'s updates, against its model."""
         self._begun = (announced.session, announced.round)
+        self._elsewhere = set()
         model = decode_model(payload)
         dense = 4 * sum(int(np.prod(w.shape)) for w in model.weights)
         config = self.config
@@ -285,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             config.broker_settings(),
             client_id=f"fedprune-aggregator-{args.run}-{aggregator_id}",
             max_payload=config.max_payload,
+            persistent=True,  # its share of the updates waits on the broker while it is away
         )
         aggregator = ShareAggregator(transport, config, name=aggregator_id, group=args.group)
         try:

@@ -22,6 +22,28 @@ from fedprune.edge_client.errors import BrokerError
 log = logging.getLogger("fedprune.broker")
 
 
+UPDATE_ALLOWANCE = 1024 * 1024
+"""Bytes of queued update a broker keeps per device for a client that is away or behind: a
+round's update of the models fedprune trains is smaller (a pruned CNN's is 107 kB)."""
+
+SESSION_EXPIRATION = "1h"
+"""How long mosquitto keeps the session of a persistent client that went away (the coordinator's
+and the aggregators' are persistent): a stall is survived, a dead process is forgotten."""
+
+
+def queue_settings(devices: int) -> list[str]:
+    """mosquitto.conf lines that let a round's backlog wait for the coordinator while it is
+    behind or away (docs/scaling.md): room for every device's update messages and bytes, and
+    persistent sessions kept for an hour. Beyond that room mosquitto drops messages for that
+    client (with a notice in its log), and devices resend what is not answered."""
+    devices = max(devices, 1000)
+    return [
+        f"max_queued_messages {max(100_000, 10 * devices)}",
+        f"max_queued_bytes {devices * UPDATE_ALLOWANCE}",
+        f"persistent_client_expiration {SESSION_EXPIRATION}",
+    ]
+
+
 def mosquitto_binary() -> str | None:
     """Debian installs mosquitto in /usr/sbin, which is not on a normal user's PATH."""
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
@@ -89,7 +111,7 @@ class EmbeddedBroker:
             "log_dest stdout",
             "log_type error",
             "log_type warning",
-            "max_queued_messages 100000",
+            *queue_settings(10_000),
         ]
         if self.message_size_limit:
             lines.append(f"message_size_limit {self.message_size_limit}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedprune.edge_client.codec import Update
+from fedprune.edge_client.transport import ConnectionEvent
 from fedprune.edge_client.wire import Hello, Phase
 
 if TYPE_CHECKING:
@@ -40,6 +41,13 @@ class Observer:
 
     def rejected(self, client_id: str, reason: str, text: str) -> None:
         """A message on ``client_id``'s topics was refused for ``reason``."""
+
+    def overdue(self, client_id: str, resends: int) -> None:
+        """``client_id`` says it resent this round's update for want of a notice, and the
+        round has not received it."""
+
+    def connection(self, event: ConnectionEvent) -> None:
+        """The coordinator's connection to the broker was lost or restored."""
 
     def round_ended(self, result: RoundResult, late: list[str]) -> None:
         """A round was aggregated; ``late`` were selected and did not answer in time."""
@@ -85,6 +93,14 @@ class Observers(Observer):
     def rejected(self, client_id: str, reason: str, text: str) -> None:
         for o in self.observers:
             o.rejected(client_id, reason, text)
+
+    def overdue(self, client_id: str, resends: int) -> None:
+        for o in self.observers:
+            o.overdue(client_id, resends)
+
+    def connection(self, event: ConnectionEvent) -> None:
+        for o in self.observers:
+            o.connection(event)
 
     def round_ended(self, result: RoundResult, late: list[str]) -> None:
         for o in self.observers:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from fedprune.coordinator.observer import Observer
 from fedprune.edge_client.codec import Update
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.transport import ConnectionChange, ConnectionEvent
 from fedprune.edge_client.wire import Hello
 
 if TYPE_CHECKING:
@@ -67,6 +68,17 @@ class Metrics(Observer):
             "fedprune_device_train_seconds", "Local training time devices report per update.",
             buckets=SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
+        self.connection_changes = Counter(
+            "fedprune_broker_connection_changes",
+            "The coordinator's connection to the broker lost, restored with the session kept, or"
+            " restored with the session lost (what was published for it meanwhile is gone).",
+            ["change"], registry=r,
+        )  # fmt: skip
+        self.overdue_updates = Counter(
+            "fedprune_updates_overdue",
+            "Updates that devices say they resent for want of a notice, not received by then.",
+            registry=r,
+        )
         self.info = Gauge("fedprune_run_info", "The run this coordinator serves.", ["run"],
                           registry=r)  # fmt: skip
         self.info.labels(run=run).set(1)
@@ -122,6 +134,15 @@ class Metrics(Observer):
 
     def rejected(self, client_id: str, reason: str, text: str) -> None:
         self.rejected_updates.labels(reason=reason).inc()
+
+    def overdue(self, client_id: str, resends: int) -> None:
+        self.overdue_updates.inc()
+
+    def connection(self, event: ConnectionEvent) -> None:
+        change = event.change.value
+        if event.change is ConnectionChange.RESTORED:
+            change = "restored" if event.session_kept else "session_lost"
+        self.connection_changes.labels(change=change).inc()
 
     def round_ended(self, result: RoundResult, late: list[str]) -> None:
         self.bytes_up.inc(result.bytes_up)

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedprune.coordinator.broker import UPDATE_ALLOWANCE, queue_settings
 from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.signing import new_keypair
 from fedprune.edge_client.topics import check_name
@@ -247,9 +248,11 @@ def _write_broker_config(folder: Path, fleet: Fleet) -> None:
         f"keyfile {broker / 'server.key'}",
         "require_certificate true",
         "use_username_as_clientid true",
-        "# Room for a round's updates queued for the coordinator while it verifies them (it reads",
-        "# at its own pace; mosquitto's default of 1000 would drop the rest): docs/scaling.md.",
-        "max_queued_messages 100000",
+        "# Room for a round's updates queued for the coordinator while it verifies them or is",
+        "# away (its session is kept): mosquitto's default of 1000 messages would drop the rest.",
+        f"# Sized for {len(fleet.devices)} devices' updates of up to"
+        f" {UPDATE_ALLOWANCE // 2**20} MiB each: docs/scaling.md.",
+        *queue_settings(len(fleet.devices)),
     ]
     _write(folder / "broker" / "mosquitto.conf", ("\n".join(lines) + "\n").encode())
     acl = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import random
@@ -63,6 +64,7 @@ from fedprune.edge_client.wire import (
     Spec,
     Status,
     Tally,
+    Unanswered,
     architecture,
     decode,
     encode,
@@ -124,6 +126,7 @@ class RoundResult:
     stale: int = 0  # updates of the previous round counted here (RunConfig.staleness_weight)
     codecs: dict[str, int] = field(default_factory=dict)  # accepted updates by codec (1.7)
     parameters: int = 0  # the model's, after the round (fewer once unit pruning rebuilt it)
+    overdue: int = 0  # devices that resent their update for want of a notice (Hello.unanswered)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -148,10 +151,19 @@ class Collection:
     assembling: dict[tuple[str, str, str], Reassembler] = field(default_factory=dict)
     held: int = 0  # bytes held by all of ``assembling``, bounded by Limits.max_pending_bytes
     handled: set[tuple[str, str, str]] = field(default_factory=set)  # accepted or rejected
+    seen: set[bytes] = field(default_factory=set)  # digests of the update messages received
+    verdicts: dict[tuple[str, str, str], Notice] = field(default_factory=dict)  # their notices
+    # devices that said they resent an update for want of a notice (overdue until it is in)
+    claimed: set[str] = field(default_factory=set)
+
+    def overdue(self) -> set[str]:
+        return self.claimed - self.responded
+
     unreadable: set[tuple[str, str]] = field(default_factory=set)
     # device -> its last rejection, for the round's report
     why: dict[str, str] = field(default_factory=dict)
     partials: dict[str, Update] = field(default_factory=dict)  # by aggregator, once closed
+    taken_by: dict[str, str] = field(default_factory=dict)  # device -> the aggregator that took it
     # each aggregator's chunks apart: two with nothing to add send the same bytes
     partial_parts: dict[str, Collector] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)  # devices whose previous-round update counted
@@ -423,6 +435,8 @@ class Coordinator:
 
     def pump(self, timeout: float) -> bool:
         """Handle one message if one arrives within ``timeout`` seconds; ``False`` if none did."""
+        for event in self.transport.connection_events():
+            self.observer.connection(event)
         self.observer.tick()
         item = self.transport.get(timeout)
         if item is None:
@@ -478,6 +492,7 @@ class Coordinator:
             self.clients[client_id] = message
             if joined:
                 self._joined(message)
+            self._claimed(client_id, message.unanswered)
             if joined and unable:
                 notice = Notice(round=0, accepted=False, reason=unable)
                 self._publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
@@ -493,6 +508,10 @@ class Coordinator:
         state = self._collect
         if state is None:
             return
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        if digest in state.seen:
+            return  # a QoS 1 redelivery (after a reconnect): handled and counted once already
+        state.seen.add(digest)
         state.bytes_up += len(payload)
         key = (client_id, round_text)
         chunk: Chunk | None = None
@@ -512,10 +531,10 @@ class Coordinator:
             if not isinstance(message, Chunk):
                 raise WireError(f"expected a chunk, got {message.KIND}")
             chunk = message
-            if (*key, chunk.sha256) in state.handled:
+            if self._answered(state, (*key, chunk.sha256), chunk):
                 return  # a QoS 1 redelivery, or the rest of a payload already judged
             target = self._round_of(round_text, state)
-            if (*key, chunk.sha256) in target.handled:
+            if self._answered(target, (*key, chunk.sha256), chunk):
                 return
             joined = client_id not in target.selected  # after the draw, which may select it
             if joined and not (
@@ -548,21 +567,23 @@ class Coordinator:
         except (WireError, Rejected) as exc:
             # One rejection per payload, not per chunk: the rest of a rejected payload's chunks
             # are ignored like redeliveries; unreadable chunks count once per client and round.
-            if chunk is not None:
-                self._drop(target, (*key, chunk.sha256))
+            slot = None if chunk is None else (*key, chunk.sha256)
+            if slot is not None:
+                self._drop(target, slot)
             elif key in state.unreadable:
                 return
             else:
                 state.unreadable.add(key)
             rejected = exc if isinstance(exc, Rejected) else Rejected(classify(exc), str(exc))
-            self._reject(state, client_id, rejected, round_text)
+            self._reject(state, client_id, rejected, round_text, verdict=(target, slot))
             return
         except Exception as exc:  # noqa: BLE001 - the network boundary: a bad update is data
-            if chunk is not None:
-                self._drop(target, (*key, chunk.sha256))
+            slot = None if chunk is None else (*key, chunk.sha256)
+            if slot is not None:
+                self._drop(target, slot)
             log.exception("round %d: unreadable update chunk from %s", state.round, client_id)
             rejected = Rejected(Reason.DECODE, f"unreadable update ({exc!r})")
-            self._reject(state, client_id, rejected, round_text)
+            self._reject(state, client_id, rejected, round_text, verdict=(target, slot))
             return
         if target is state:
             state.aggregator.add(update)
@@ -579,12 +600,42 @@ class Coordinator:
         target.reported.add(client_id)
         target.responded.add(client_id)
         self.observer.accepted(client_id, update)
-        self._publish(
-            self.topics.inbox(client_id),
-            Notice(round=target.round, accepted=True, reason=""),
-            retain=False,
-            receivers=1,
-        )
+        notice = Notice(round=target.round, accepted=True, reason="")
+        target.verdicts[(*key, chunk.sha256)] = notice
+        self._publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
+
+    def _answered(self, state: Collection, slot: tuple[str, str, str], chunk: Chunk) -> bool:
+        """Whether the payload of ``slot`` was judged already. A device that resends it had no
+        notice: the first chunk of each copy gets the verdict again."""
+        if slot not in state.handled:
+            return False
+        notice = state.verdicts.get(slot)
+        if notice is not None and chunk.index == 0:
+            log.info("round %d: %s sent an update it had sent before; answered again",
+                     state.round, slot[0])  # fmt: skip
+            self._publish(self.topics.inbox(slot[0]), notice, retain=False, receivers=1)
+        return True
+
+    def _claimed(self, client_id: str, claim: Unanswered | None) -> None:
+        """A device says (in its hello) that it resends an update for want of a notice: one the
+        round has not received is overdue, which monitors show and the log says."""
+        state = self._collect
+        if claim is None or state is None or claim.session != self.telemetry.session:
+            return
+        if claim.round != state.round or client_id in state.responded:
+            return
+        if client_id not in state.selected and not state.announcement.selects(client_id):
+            return
+        state.claimed.add(client_id)
+        overdue = len(state.overdue())
+        loud = len(state.claimed) % 100 == 1  # the first of a round, then one in a hundred
+        log.log(
+            logging.WARNING if loud else logging.INFO,
+            "round %d: %s says it sent an update that has not arrived and resends it (resend %d);"
+            " %d update(s) overdue (lost on the way, or held up: see docs/scaling.md)",
+            state.round, client_id, claim.resends, overdue,
+        )  # fmt: skip
+        self.observer.overdue(client_id, claim.resends)
 
     def _round_of(self, round_text: str, state: Collection) -> Collection:
         """The round an update is for: the current one or, when late updates count
@@ -637,11 +688,18 @@ class Coordinator:
         return dataclasses.replace(self.limits, max_samples=max(1, hello.num_samples))
 
     def _reject(
-        self, state: Collection, client_id: str, rejected: Rejected, round_text: str
+        self,
+        state: Collection,
+        client_id: str,
+        rejected: Rejected,
+        round_text: str,
+        *,
+        verdict: tuple[Collection, tuple[str, str, str] | None] | None = None,
     ) -> None:
         """Count a rejection in the current round; the notice names the round the payload was
         for (``round_text``, from its topic), so that a device does not take the rejection of
-        an old payload for the answer to its current one."""
+        an old payload for the answer to its current one. ``verdict`` is where to keep it (the
+        payload's round and slot), to answer a copy of the payload again."""
         state.rejected[rejected.reason.value] += 1
         if len(state.why) < REPORTED_REASONS:
             state.why[client_id] = str(rejected)[:200]
@@ -653,6 +711,8 @@ class Coordinator:
         self.observer.rejected(client_id, rejected.reason.value, rejected.detail)
         if round_text.isdigit() and len(round_text) < 10:
             notice = Notice(round=int(round_text), accepted=False, reason=str(rejected))
+            if verdict is not None and verdict[1] is not None:
+                verdict[0].verdicts[verdict[1]] = notice
             self._publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -779,6 +839,7 @@ class Coordinator:
             stale=len(state.stale),
             codecs=dict(state.codecs),
             parameters=self.pruner.parameters(),
+            overdue=len(state.claimed),
         )
         self.report = {
             "round": round_, "late": [c for c in late if c in self.clients], "stale": state.stale,
@@ -817,6 +878,13 @@ class Coordinator:
                 raise WireError(f"sent as {envelope.sender[:64]!r}")
             partial = f"/partial/{state.round}/" in topic
             if isinstance(message, Tally) and message.round == state.round:
+                name = topic[len(self._aggregators_root) + 1 :].split("/")[0]
+                for client_id in message.reported:
+                    taken = state.taken_by.setdefault(client_id, name)
+                    if taken != name:
+                        log.error("round %d: %s's update was summed by two aggregators (%s and"
+                                  " %s): it weighs twice in this round", state.round, client_id,
+                                  taken, name)  # fmt: skip
                 state.reported.update(c for c in message.reported if c in state.selected)
                 state.responded.update(c for c in message.responded if c in state.selected)
                 for reason, count in message.rejected.items():

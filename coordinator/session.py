@@ -105,6 +105,7 @@ def run(
         client_id=f"fedprune-coordinator-{config.run}",
         will=(topics.status, will),
         max_payload=config.max_payload,
+        persistent=True,  # what devices send while we are away waits on the broker
     )
     coordinator = Coordinator(
         transport,

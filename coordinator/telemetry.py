@@ -22,6 +22,7 @@ from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.observer import Observer
 from fedprune.edge_client.codec import Update
 from fedprune.edge_client.telemetry import Progress, RunInfo
+from fedprune.edge_client.transport import ConnectionEvent
 from fedprune.edge_client.wire import Hello, Phase
 from fedprune.edge_client.wire import Telemetry as Snapshot
 
@@ -136,8 +137,25 @@ class Telemetry(Observer):
         self.ledger.accepted(client_id, update)
         if self._progress is not None:
             reported = [*self._progress.reported, client_id]
-            self._progress = dataclasses.replace(self._progress, reported=reported)
+            overdue = [c for c in self._progress.overdue if c != client_id]
+            self._progress = dataclasses.replace(self._progress, reported=reported,
+                                                 overdue=overdue)  # fmt: skip
         self._changed()
+
+    def overdue(self, client_id: str, resends: int) -> None:
+        progress = self._progress
+        if progress is not None and client_id not in progress.overdue:
+            self._progress = dataclasses.replace(progress, overdue=[*progress.overdue, client_id])
+            if len(progress.overdue) % 100 == 0:  # the first, then one in a hundred
+                self.ledger.event(
+                    "overdue", f"round {progress.round}: {len(progress.overdue) + 1} update(s)"
+                    " that devices say they sent have not arrived; they resend them", client_id,
+                )  # fmt: skip
+        self._changed()
+
+    def connection(self, event: ConnectionEvent) -> None:
+        self.ledger.event("broker", event.detail)
+        self._changed(now=True)
 
     def rejected(self, client_id: str, reason: str, text: str) -> None:
         if reason in NOT_ITS_DOING:
@@ -147,7 +165,11 @@ class Telemetry(Observer):
         if self._progress is not None:
             rejected = dict(self._progress.rejected)
             rejected[reason] = rejected.get(reason, 0) + 1
-            self._progress = dataclasses.replace(self._progress, rejected=rejected)
+            overdue = [
+                c for c in self._progress.overdue if c != client_id or reason in NOT_ITS_DOING
+            ]
+            self._progress = dataclasses.replace(self._progress, rejected=rejected,
+                                                 overdue=overdue)  # fmt: skip
         self._changed()
 
     def round_ended(self, result: RoundResult, late: list[str]) -> None:

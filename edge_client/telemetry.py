@@ -45,6 +45,9 @@ class Progress:
     reported: list[str]
     rejected: dict[str, int]  # by reason
     bytes_up: int
+    # devices that say they sent this round's update, got no notice and resent it, and whose
+    # update has not arrived (1.9): updates lost on the way, or a backlog at the broker
+    overdue: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

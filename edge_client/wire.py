@@ -26,13 +26,14 @@ from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 8  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+PROTOCOL_MINOR = 9  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
 # 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
 # 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
 # Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
 # bytes; Round.selected is no longer sent), Hello.max_payload; 1.7: update codecs (Spec.codec,
 # Hello.codecs, an update's "codec" and "tensors", zstandard payloads), Round.delta and base;
-# 1.8: Round.architecture (a unit-pruned model is rebuilt smaller and the Spec published again)
+# 1.8: Round.architecture (a unit-pruned model is rebuilt smaller and the Spec published again);
+# 1.9: Hello.unanswered (an update a device resends for want of a notice), Progress.overdue
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 ENVELOPE_ROOM = 512
@@ -98,6 +99,19 @@ class Hello(Message):
     deploys: bool = False  # it installs the model deployed to its profile (1.4)
     max_payload: int = 0  # the largest message it takes (1.6; its profile's): 0 = any
     codecs: list[str] = field(default_factory=lambda: ["f32"])  # the codec parts it can use (1.7)
+    unanswered: Unanswered | None = None  # the update it resends for want of a notice (1.9)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unanswered:
+    """An update a device sent in ``session``'s ``round`` (payload SHA-256 ``sha256``) without a
+    notice from the coordinator since: it has sent it ``resends`` more times. A coordinator that
+    has not received it shows it as overdue: a sign that the broker loses messages."""
+
+    session: str
+    round: int
+    sha256: str
+    resends: int
 
 
 @dataclass(frozen=True, kw_only=True)

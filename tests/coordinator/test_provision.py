@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 
 from fedprune.coordinator import provision
+from fedprune.coordinator.broker import queue_settings
 from fedprune.edge_client.errors import ConfigError
 
 
@@ -115,3 +116,19 @@ def test_mistakes_are_one_line_config_errors(folder: Path, action: object, messa
 
 def test_device_names_skip_the_taken_ones() -> None:
     assert provision.device_names("pi", 3, taken=["pi-2"]) == ["pi-1", "pi-3", "pi-4"]
+
+
+def test_the_broker_keeps_a_rounds_backlog_for_the_fleet_and_forgets_dead_sessions(
+    folder: Path,
+) -> None:
+    # Execute
+    lines = (folder / "broker" / "mosquitto.conf").read_text().splitlines()
+    big = queue_settings(5000)
+
+    # Assert: room for each device's update (1 MiB) queued for the coordinator, at least a
+    # thousand devices' worth; a persistent session of a client gone for an hour is dropped
+    assert set(queue_settings(2)) <= set(lines)
+    assert "max_queued_bytes 1048576000" in lines
+    assert "persistent_client_expiration 1h" in lines
+    assert big == ["max_queued_messages 100000", "max_queued_bytes 5242880000",
+                   "persistent_client_expiration 1h"]  # fmt: skip

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from fedprune.edge_client.errors import OversizeError, WireError
 from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
 from fedprune.edge_client.wire import (
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Chunk,
     Close,
@@ -36,6 +38,8 @@ from fedprune.edge_client.wire import (
     encode,
     split,
 )
+
+NEWER = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR + 1}"  # a minor version from the future
 
 SNAPSHOT = Telemetry(
     run=RunInfo(
@@ -378,7 +382,7 @@ def test_a_newer_minor_may_add_fields_to_nested_records_too() -> None:
             "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x", "codec": "zstd"},
             "local_epochs": 1, "priority": 3}  # fmt: skip
 
-    message = decode(_envelope("round", body, version="1.9")).message
+    message = decode(_envelope("round", body, version=NEWER)).message
 
     assert isinstance(message, Round) and message.model.sha256 == "x"
 
@@ -399,7 +403,7 @@ def test_a_newer_minor_may_add_fields_to_records_in_a_list() -> None:
     body = {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [], "devices": [device],
             "events": []}  # fmt: skip
 
-    message = decode(_envelope("telemetry", body, version="1.9")).message
+    message = decode(_envelope("telemetry", body, version=NEWER)).message
 
     assert isinstance(message, Telemetry)
     assert message.devices == [SNAPSHOT.devices[0]]
