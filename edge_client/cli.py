@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedprune import __version__, device_profiles
 from fedprune.edge_client import data as local_data
-from fedprune.edge_client.client import EdgeClient, Identity, peak_memory_mb
+from fedprune.edge_client.client import RESEND_AFTER, EdgeClient, Identity, peak_memory_mb
 from fedprune.edge_client.deploy import DeploymentReceiver
 from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
 from fedprune.edge_client.options import (
@@ -25,6 +25,7 @@ from fedprune.edge_client.options import (
     broker_settings,
     name,
     parse_with_config,
+    positive_seconds,
 )
 from fedprune.edge_client.service import DEFAULT_CONFIG, unit
 from fedprune.edge_client.signing import Trust, load_signing_key, load_verify_key
@@ -130,6 +131,14 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="give up after this many seconds (default: run until the coordinator ends)",
     )
+    p.add_argument(
+        "--resend-after",
+        type=positive_seconds,
+        default=RESEND_AFTER,
+        metavar="SECONDS",
+        help="send an update again when the coordinator has not answered it this long after it "
+        "was sent, then after twice as long, while its round lasts (default: %(default)g)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p
 
@@ -150,6 +159,7 @@ CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
     "forever": ("forever", False),
     "signing_key": ("signing_key", True),
     "coordinator_key": ("coordinator_key", True),
+    "resend_after": ("resend_after", False),
 }
 
 
@@ -246,6 +256,7 @@ def _main(argv: list[str] | None) -> int:
             cache=args.cache,
             trust=trust,
             profile=profile,
+            resend_after=args.resend_after,
         )
         try:
             with _status_line() as show:

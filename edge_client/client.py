@@ -45,7 +45,7 @@ from fedprune.edge_client.trainer import (
     backend_class,
     make_trainer,
 )
-from fedprune.edge_client.transport import Transport
+from fedprune.edge_client.transport import ConnectionChange, Transport
 from fedprune.edge_client.wire import (
     MAX_ASSEMBLED_BYTES,
     UNSIGNED,
@@ -62,6 +62,7 @@ from fedprune.edge_client.wire import (
     Round,
     Spec,
     Status,
+    Unanswered,
     architecture,
     decode,
     encode,
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedprune.client")
 
 WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
+RESEND_AFTER = 60.0  # seconds without a notice before an update is sent again (then twice that)
 EPOCH_REPORT_SECONDS = 10.0  # how often a long local training says how far it is
 
 
@@ -89,6 +91,22 @@ class ClientReport:
     dropped: int = 0  # messages refused for a missing or bad signature
     oversize: int = 0  # messages over the profile's payload limit, ignored
     failed: int = 0  # rounds whose training raised (reported to the coordinator)
+    resent: int = 0  # updates sent again for want of a notice (or after a reconnect)
+
+
+@dataclass(kw_only=True)
+class Pending:
+    """The last update sent, until the coordinator's notice for its round arrives."""
+
+    round: int
+    session: str
+    payload: bytes
+    sent_at: float  # monotonic, when it was last sent
+    resends: int = 0
+
+    def claim(self) -> Unanswered:
+        return Unanswered(session=self.session, round=self.round, sha256=sha256(self.payload),
+                          resends=self.resends)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,9 +124,15 @@ class Identity:
     def encode(self, message: Message) -> bytes:
         return encode(message, run=self.run, sender=self.client_id, signer=self.signer)
 
-    def hello(self, installed: str | None = None, *, deploys: bool = False) -> tuple[str, bytes]:
-        """The hello; whether the device installs deployed models, and which one it runs (by
-        SHA-256) if it has one."""
+    def hello(
+        self,
+        installed: str | None = None,
+        *,
+        deploys: bool = False,
+        unanswered: Unanswered | None = None,
+    ) -> tuple[str, bytes]:
+        """The hello; whether the device installs deployed models, which one it runs (by
+        SHA-256) if it has one, and the update it resends for want of a notice."""
         message = Hello(
             client_id=self.client_id,
             profile=self.profile,
@@ -118,6 +142,7 @@ class Identity:
             deploys=deploys,
             max_payload=self.max_payload,
             codecs=features(),
+            unanswered=unanswered,
         )
         return Topics(self.run).client_status(self.client_id), self.encode(message)
 
@@ -142,6 +167,7 @@ class EdgeClient:
         trust: Trust = UNSIGNED,
         show: Callable[[str], None] | None = None,
         profile: DeviceProfile | None = None,
+        resend_after: float = RESEND_AFTER,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
         the client then waits up to ``deploy_wait`` seconds for it before it exits. While it
@@ -150,7 +176,9 @@ class EdgeClient:
         message that is not signed by the coordinator is dropped, counted and logged. ``show``
         hears what the client is doing in a few words whenever that changes (a live line).
         ``profile`` bounds the work: its local epochs and batch size where they are smaller than
-        the run's, and its memory: no model over a quarter of it is assembled."""
+        the run's, and its memory: no model over a quarter of it is assembled. An update with no
+        notice from the coordinator ``resend_after`` seconds after it was sent is sent again
+        (then after twice as long, and so on) while its round lasts."""
         self.profile = profile
         self.trust = trust
         self.show = show
@@ -182,7 +210,8 @@ class EdgeClient:
         self._models = self._collector()
         self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
         self._model_topics: str | None = None  # the model chunks subscribed to
-        self._last_update: tuple[int, bytes] | None = None  # kept until the coordinator accepts it
+        self._pending: Pending | None = None  # the last update, until its notice arrives
+        self.resend_after = resend_after
         self._deploy_prefix = self.topics.deploy(identity.profile)
         self._finished_at: float | None = None  # when the coordinator said it finished
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
@@ -190,7 +219,7 @@ class EdgeClient:
         self._forever = False
         self._unable: tuple[str | None, str] | None = None  # a session it cannot train, why
         self._session: str | None = None  # the coordinator session it follows (protocol 1.5)
-        self._coordinator_gone = False  # its last will arrived, and no status since
+        self._coordinator_gone: float | None = None  # since when its last will says it is away
         self._trained: set[int] = set()  # rounds trained in that session
         self._awaiting_deploy = False
         self._status: Status | None = None
@@ -210,7 +239,10 @@ class EdgeClient:
 
     def _say_hello(self) -> None:
         installed = None if self.deploy is None else self.deploy.installed_sha256
-        topic, payload = self.identity.hello(installed, deploys=self.deploy is not None)
+        pending = self._pending
+        claim = pending.claim() if pending is not None and pending.resends else None
+        topic, payload = self.identity.hello(installed, deploys=self.deploy is not None,
+                                             unanswered=claim)  # fmt: skip
         self.transport.publish(topic, payload, retain=True)
 
     def run(self, *, timeout: float | None = None, forever: bool = False) -> ClientReport:
@@ -226,6 +258,7 @@ class EdgeClient:
                 self.report.bytes_down += len(item[1])
                 self._receive(*item)
             self._maybe_train()
+            self._maybe_resend()
             self._check_finished()
             if forever and self.report.finished:
                 self._next_run()
@@ -337,7 +370,7 @@ class EdgeClient:
 
     def _on_status(self, status: Status) -> None:
         self._status = status
-        self._coordinator_gone = False
+        self._coordinator_back()
         if status.session and status.session == self._ended:
             return  # the end of a run already served, again (a reconnect)
         if status.phase in (Phase.WAITING, Phase.TRAINING):
@@ -376,7 +409,6 @@ class EdgeClient:
                     self._round_seen = (message.round, time.monotonic())
                 self._round = message
                 self._fetch_model(message)
-                self._resend_unacknowledged(message.round)
             elif isinstance(message, Chunk) and topic.startswith(self.topics.artifact):
                 if self.artifacts is not None:
                     self.artifacts.on_chunk(message)
@@ -392,7 +424,7 @@ class EdgeClient:
                     self._on_status(message)
             elif isinstance(message, Offline) and topic == self.topics.status:
                 log.warning("the coordinator's connection dropped; waiting for it to come back")
-                self._coordinator_gone = True
+                self._coordinator_gone = self._coordinator_gone or time.monotonic()
             elif isinstance(message, Notice):
                 self._on_notice(message)
         except SignatureError as exc:
@@ -414,7 +446,7 @@ class EdgeClient:
         if self._session is not None:
             log.info("the coordinator started a new session (%s): this device joins it", session)
             self._trained.clear()
-            self._round = self._round_seen = self._last_update = self._out_of_time = None
+            self._round = self._round_seen = self._pending = self._out_of_time = None
             self._finished_at = None
             self._unable = None
         self._session = session
@@ -489,19 +521,52 @@ class EdgeClient:
                     round_.round, why)  # fmt: skip
         self._subscribe_models(f"{self.topics.model(round_.model_version)}/+")
 
+    def _coordinator_back(self) -> None:
+        """The coordinator is back: the time it was away does not count towards a resend (its
+        session on the broker kept what was sent for it meanwhile)."""
+        pending, gone = self._pending, self._coordinator_gone
+        if gone is not None and pending is not None:
+            pending.sent_at += time.monotonic() - max(gone, pending.sent_at)
+        self._coordinator_gone = None
+
     def _on_notice(self, notice: Notice) -> None:
-        if self._last_update is not None and self._last_update[0] == notice.round:
-            self._last_update = None
+        pending = self._pending
+        if pending is not None and pending.round == notice.round:
+            self._pending = None
+            if pending.resends:
+                self._say_hello()  # no longer unanswered
         if not notice.accepted:
             self.report.rejected += 1
             log.warning("round %d: update rejected (%s)", notice.round, notice.reason)
 
-    def _resend_unacknowledged(self, round_: int) -> None:
-        """After a reconnect the retained round arrives again: resend an update not yet accepted
-        (the coordinator drops it by hash if the first copy did arrive)."""
-        if self._last_update is not None and self._last_update[0] == round_:
-            log.info("round %d: resending the update after a reconnect", round_)
-            self.send(round_, self._last_update[1])
+    def _maybe_resend(self) -> None:
+        """Send the pending update again when its notice has not come ``resend_after`` seconds
+        (doubled at each resend) after it was sent, or at once when this device's connection
+        came back, while its round lasts: a delivery lost on the way costs a resend, not the
+        update. The coordinator drops a copy it has by its SHA-256 and answers it again. A
+        resend for want of a notice is said in the hello (``Hello.unanswered``)."""
+        reconnected = any(
+            e.change is ConnectionChange.RESTORED for e in self.transport.connection_events()
+        )
+        pending, round_ = self._pending, self._round
+        if pending is None or round_ is None or round_.round != pending.round:
+            return
+        if self._time_left(round_) <= 0 or (self._coordinator_gone and not reconnected):
+            return
+        waited = time.monotonic() - pending.sent_at
+        if reconnected:
+            log.info("round %d: resending the update after a reconnect", pending.round)
+        elif waited >= self.resend_after * 2**pending.resends:
+            pending.resends += 1
+            log.warning("round %d: no answer from the coordinator %.0f s after the update was"
+                        " sent; sending it again (resend %d)", pending.round, waited,
+                        pending.resends)  # fmt: skip
+            self._say_hello()
+        else:
+            return
+        self.report.resent += 1
+        self.send(pending.round, pending.payload)
+        pending.sent_at = time.monotonic()
 
     def _maybe_train(self) -> None:
         round_, spec = self._round, self._spec
@@ -604,7 +669,8 @@ class EdgeClient:
             },
         )
         payload = self._encode(update, model, spec, seed)
-        self._last_update = (round_.round, payload)
+        self._pending = Pending(round=round_.round, session=self._session or "", payload=payload,
+                                sent_at=time.monotonic())  # fmt: skip
         sent = self.send(round_.round, payload)
         log.info(
             "round %d: trained %d epoch(s) on %d samples in %.3f s, held-out accuracy %.3f,"

@@ -23,6 +23,17 @@ def at_least_one(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse ``type``: a number of seconds above 0, or a usage error naming the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
 def name(text: str) -> str:
     """An argparse ``type`` for run names and client ids (:func:`topics.check_name`'s rule)."""
     try:

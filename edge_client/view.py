@@ -49,7 +49,10 @@ def line(snapshot: Telemetry, coordinator: str) -> str:
                 f" {int(last['reported'])}/{int(last['selected'])} reported"
             )
     online = sum(d.online for d in snapshot.devices)
-    return text + f"; {online}/{run.devices_total} devices online"
+    text += f"; {online}/{run.devices_total} devices online"
+    if snapshot.progress is not None and snapshot.progress.overdue:
+        text += f"; {len(snapshot.progress.overdue)} update(s) overdue"
+    return text
 
 
 def _header(snapshot: Telemetry, coordinator: str) -> Panel:
@@ -93,7 +96,15 @@ def _progress(snapshot: Telemetry) -> Table | Text:
     )
     grid.add_row("", "", Text("waiting for: " + ", ".join(waiting) if waiting else "all reported",
                               style="dim"))  # fmt: skip
+    if p.overdue:
+        grid.add_row("", "", Text(_overdue(p.overdue), style="bold red"))
     return grid
+
+
+def _overdue(overdue: list[str]) -> str:
+    """The devices that say they sent an update the coordinator has not received."""
+    return (f"overdue: {len(overdue)} update(s) that devices say they sent have not arrived"
+            f" (they resend them): {', '.join(overdue)}")  # fmt: skip
 
 
 def _rounds(snapshot: Telemetry) -> Table:

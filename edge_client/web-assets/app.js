@@ -110,6 +110,13 @@ function renderProgress(snapshot) {
   const missing = p.selected.filter((id) => !p.reported.includes(id));
   waiting.textContent = missing.length ? "waiting for: " + missing.join(", ") : "all selected devices reported";
   box.append(line, bar, waiting);
+  const overdue = p.overdue || [];
+  if (overdue.length) {
+    const lost = document.createElement("div");
+    lost.className = "overdue";
+    lost.textContent = `overdue: ${overdue.length} update(s) that devices say they sent have not arrived (they resend them): ${overdue.join(", ")}`;
+    box.append(lost);
+  }
 }
 
 function renderEvents(snapshot) {
