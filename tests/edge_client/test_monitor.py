@@ -103,6 +103,22 @@ def test_the_terminal_view_shows_the_run_the_round_the_devices_and_the_events() 
     )
 
 
+def test_updates_that_devices_say_they_sent_and_that_have_not_arrived_are_shown() -> None:
+    # Prepare: pi-2 resent its update for want of a notice, and the round has not received it
+    progress = dataclasses.replace(SNAPSHOT.progress, overdue=["pi-2"])
+    snapshot = dataclasses.replace(SNAPSHOT, progress=progress)
+    out = console(record=True)
+
+    # Execute
+    out.print(render(snapshot, "online"))
+    text = out.export_text()
+
+    # Assert
+    assert "overdue: 1 update(s) that devices say they sent have not arrived" in text
+    assert line(snapshot, "online").endswith("; 1/2 devices online; 1 update(s) overdue")
+    assert "overdue" not in line(SNAPSHOT, "online")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from devices import start_device
 
 from fedprune.coordinator.digits import write_demo_data
 from fedprune.edge_client.topics import Topics
@@ -49,29 +50,18 @@ def _run(mosquitto: str, tmp_path: Path, out: str, aggregators: int) -> tuple[Pa
         for k in range(aggregators)
     ]
     devices = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedprune.edge_client",
-                "--broker",
-                mosquitto,
-                "--run",
-                run,
-                "--id",
-                f"pi-{i}",
-                "--data",
-                str(path),
-                "--seed",
-                str(i),
-                "--profile",
-                "raspberry-pi-4",
-                "--cache",
-                str(tmp_path / f"cache-{i}"),
-                "--no-deploy",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        start_device(
+            mosquitto,
+            run,
+            f"pi-{i}",
+            path,
+            "--seed",
+            str(i),
+            "--profile",
+            "raspberry-pi-4",
+            "--cache",
+            str(tmp_path / f"cache-{i}"),
+            "--no-deploy",
             env=env,
         )  # fmt: skip
         for i, path in enumerate(paths)

@@ -8,7 +8,6 @@ unit tests of coordinator/rounds.py and edge_client/wire.py.)
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from devices import litert, start_device
 
 from fedprune.coordinator.digits import write_demo_data
 
@@ -25,13 +25,7 @@ ROUNDS = 10
 
 
 def _device(mosquitto: str, i: int, data: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedprune.edge_client", "--broker", mosquitto, "--run", "faults",
-         "--id", f"pi-{i}", "--data", str(data), "--seed", str(i), "--trainer", "litert",
-         "--cache", str(tmp_path / f"cache-{i}"), "--no-deploy"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )  # fmt: skip
+    return start_device(mosquitto, "faults", f"pi-{i}", data, *litert(i, tmp_path))
 
 
 def _metrics(run_dir: Path) -> list[dict[str, object]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import matplotlib.image
 import pytest
+from devices import start_device
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -141,29 +142,21 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
     )  # fmt: skip
     profiles = ["raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64"]
     devices = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedprune.edge_client",
-                "--broker",
-                mosquitto,
-                "--run",
-                RUN,
-                "--id",
-                name,
-                "--data",
-                str(data),
-                "--profile",
-                profile,
-                "--models",
-                str(tmp_path / name),
-                "--cache",
-                str(tmp_path / "cache"),
-            ],
+        start_device(
+            mosquitto,
+            RUN,
+            name,
+            data,
+            "--profile",
+            profile,
+            "--models",
+            str(tmp_path / name),
+            "--cache",
+            str(tmp_path / "cache"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=None,
         )  # fmt: skip
         for name, data, profile in zip(CLIENTS, paths, profiles, strict=True)
     ]
@@ -278,3 +271,40 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
     assert f"{rounds[-1]['accuracy']:.4f}" in html
     for name in ("accuracy.png", "sparsity.png", "bytes.png", "participation.png"):
         assert matplotlib.image.imread(run_dir / "report" / name).shape[0] > 200
+
+
+def test_the_dashboard_shows_updates_that_devices_say_they_sent_and_have_not_arrived() -> None:
+    # Prepare: a round in which pi-2 resent its update for want of a notice, nothing from it here
+    from fedprune.edge_client.dashboard import Dashboard
+    from fedprune.edge_client.telemetry import Progress, RunInfo
+    from fedprune.edge_client.wire import Telemetry
+
+    run = RunInfo(name=RUN, session="s1", phase="training", round=2, rounds=5, deadline=1060.0,
+                  model_version=2, sparsity_target=0.8, sparsity=0.4, started=1000.0,
+                  updated=1030.0)  # fmt: skip
+    progress = Progress(
+        round=2,
+        started=1020.0,
+        deadline=1060.0,
+        selected=["pi-1", "pi-2"],
+        reported=["pi-1"],
+        rejected={},
+        bytes_up=2048,
+        overdue=["pi-2"],
+    )
+    dashboard = Dashboard(("127.0.0.1", 0)).start()
+    dashboard.show(Telemetry(run=run, progress=progress, rounds=[], devices=[], events=[]))
+
+    # Execute
+    try:
+        done = subprocess.run(_chromium(dashboard.url, "--dump-dom"), capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+    finally:
+        dashboard.close()
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        '<div class="overdue">overdue: 1 update(s) that devices say they sent have not arrived'
+        " (they resend them): pi-2</div>"
+    ) in done.stdout

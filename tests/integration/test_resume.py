@@ -7,7 +7,6 @@ processes (litert trainer) that keep running across the crash and rejoin the res
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from devices import litert, start_device
 
 from fedprune.coordinator.digits import write_demo_data
 
@@ -44,32 +44,16 @@ def devices(
 ) -> Iterator[list[subprocess.Popen[str]]]:
     """Three devices of run ``crash`` that stay up across coordinator restarts."""
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedprune.edge_client",
-                "--broker",
-                mosquitto,
-                "--run",
-                "crash",
-                "--id",
-                f"pi-{i}",
-                "--data",
-                str(path),
-                "--seed",
-                str(i),
-                "--trainer",
-                "litert",
-                "--cache",
-                str(tmp_path / f"cache-{i}"),
-                "--no-deploy",
-                "--forever",
-            ],
+        start_device(
+            mosquitto,
+            "crash",
+            f"pi-{i}",
+            path,
+            *litert(i, tmp_path),
+            "--forever",
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
         )  # fmt: skip
         for i, path in enumerate(data[0])
     ]
