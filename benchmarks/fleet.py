@@ -1,10 +1,12 @@
 """A fleet in one round: N simulated devices through a real mosquitto against the real coordinator.
 
     .venv/bin/python benchmarks/fleet.py [--devices 100 1000 10000] [--updates dense pruned]
-        [--repeats 1] [--workers 2] [--json FILE] [--no-deadline]
+        [--repeats 1] [--workers 2] [--json FILE] [--no-deadline] [--cpu-hog N]
+        [--pause-coordinator SECONDS] [--round-timeout SECONDS] [--logs DIR]
 
-Per device count, update kind and repeat, on a private mosquitto started with this script's own
-configuration (unbounded queues, no persistence):
+Per device count, update kind and repeat, on a private mosquitto configured as
+``fedprune-provision`` configures one for that many devices (room for a round's backlog, sessions
+kept an hour, no persistence), logging at notice level:
 
 1. Every device gets an Ed25519 key (derived from its id, so the workers need no key files); the
    coordinator gets its signing key and a folder of the devices' ``<id>.pub`` verify keys, so every
@@ -28,6 +30,13 @@ configuration (unbounded queues, no persistence):
    ``reported`` equals N, nothing is rejected, and the coordinator's ``bytes_up`` equals the
    bytes the workers published.
 
+The simulated devices answer as ``fedprune-client`` does: an update without a notice after
+``RESEND_AFTER`` seconds (the coordinator online) is sent again, its hello saying so. With
+``--cpu-hog N``, N busy processes run beside each run (a machine busy with other work); with
+``--pause-coordinator S`` the coordinator is held still (SIGSTOP) for S seconds once the measured
+round's updates are on their way. Counted too: updates the round did not count (lost), resends,
+and the times mosquitto's log says it dropped the coordinator (``--logs DIR`` keeps both logs).
+
 Then, unless ``--no-deadline``: a round that one selected device never answers (20 devices, a
 10 s ``--round-timeout``) ends at its deadline. Prints a Markdown table of medians.
 """
@@ -39,6 +48,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,7 +64,8 @@ from typing import Any
 import numpy as np
 from nacl.encoding import HexEncoder
 
-from fedprune.coordinator.broker import free_port, mosquitto_binary
+from fedprune.coordinator.broker import free_port, mosquitto_binary, queue_settings
+from fedprune.edge_client.client import RESEND_AFTER
 from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
@@ -65,9 +77,12 @@ from fedprune.edge_client.wire import (
     Failed,
     Hello,
     Metrics,
+    Notice,
+    Offline,
     Phase,
     Round,
     Status,
+    Unanswered,
     decode,
     encode,
     sha256,
@@ -79,6 +94,7 @@ MAX_PAYLOAD = 256 * 1024  # the coordinator's default --max-payload
 SAMPLES = 100  # what each hello declares; updates claim 1..SAMPLES
 WINDOW = 64  # publishes a worker sends before waiting for the broker's acknowledgements
 MEASURED = {"dense": 1, "pruned": 2}  # the round measured for each update kind
+PAUSE_AFTER = 1.0  # seconds after the measured round's announcement that --pause-coordinator waits
 
 
 def device_ids(n: int) -> list[str]:
@@ -93,6 +109,17 @@ def device_key(device_id: str) -> SigningKey:
 # -- the simulated devices (one worker process owns many) ---------------------------------------
 
 
+@dataclass(kw_only=True)
+class Pending:
+    """An update sent and not yet answered by the coordinator's notice."""
+
+    session: str
+    sha256: str
+    chunks: list[tuple[str, Chunk]]
+    sent_at: float
+    resends: int = 0
+
+
 class Fleet:
     """Devices that share one MQTT connection: hellos, then an update from each selected device
     on every round, until the coordinator says the run is over."""
@@ -104,6 +131,8 @@ class Fleet:
         self.topics = Topics(RUN)
         self.transport = MqttTransport(url, client_id=f"fleet-{ids[0]}", max_payload=MAX_PAYLOAD)
         self.published = 0
+        self.pending: dict[tuple[str, int], Pending] = {}  # (device, round): no notice yet
+        self.gone: float | None = None  # since when the coordinator's last will says it is away
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
         self.transport.publish(topic, payload, retain=retain)
@@ -124,35 +153,74 @@ class Fleet:
         return encode(message, run=RUN, sender=device_id, signer=self.keys[device_id])
 
     def serve(self, report: Queue[Any]) -> None:
-        """Answer every round until the coordinator finishes (or aborts) the run."""
-        for pattern in (self.topics.status, self.topics.round, self.topics.all_models):
+        """Answer every round until the coordinator finishes (or aborts) the run; resend, as
+        devices do, an update whose notice has not come ``RESEND_AFTER`` seconds after it was
+        sent (then twice as long), while its round is the current one."""
+        for pattern in (self.topics.status, self.topics.round, self.topics.all_models,
+                        self.topics.inbox("+")):  # fmt: skip
             self.transport.subscribe(pattern)
         self.hello()
         report.put(("ready", len(self.ids)))
         collector, models = Collector(), {}
         waiting: Round | None = None
+        current = 0
         answered: set[int] = set()
+        last_message = time.monotonic()
         while True:
-            item = self.transport.get(timeout=600)
+            self.resend(current, report)
+            item = self.transport.get(timeout=1.0)
             if item is None:
-                raise RuntimeError("no message from the coordinator in 600 s")
+                if time.monotonic() - last_message > 600:
+                    raise RuntimeError("no message from the coordinator in 600 s")
+                continue
+            last_message = time.monotonic()
             topic, payload = item
             if not payload:
                 continue
             message = decode(payload, self.trust).message
             if isinstance(message, Status) and message.phase in (Phase.FINISHED, Phase.ABORTED):
                 return
-            if isinstance(message, Chunk) and topic.startswith(f"{self.topics.root}/model/"):
+            if isinstance(message, Offline):
+                self.gone = self.gone or time.monotonic()  # the coordinator's last will
+            elif isinstance(message, Status) and self.gone is not None:
+                for pending in self.pending.values():  # away time does not count
+                    pending.sent_at += time.monotonic() - max(self.gone, pending.sent_at)
+                self.gone = None
+            if isinstance(message, Notice):
+                self.pending.pop((topic.split("/")[-2], message.round), None)
+            elif isinstance(message, Chunk) and topic.startswith(f"{self.topics.root}/model/"):
                 if (whole := collector.add(message)) is not None:
                     models[sha256(whole)] = decode_model(whole)
-            elif isinstance(message, Round) and message.round not in answered:
-                waiting = message
+            elif isinstance(message, Round):
+                current = message.round
+                if message.round not in answered:
+                    waiting = message
             if waiting is not None and waiting.model.sha256 in models:
                 started = time.perf_counter()
                 count, sent = self.answer(waiting, models[waiting.model.sha256])
                 report.put(("round", waiting.round, count, sent, time.perf_counter() - started))
                 answered.add(waiting.round)
                 waiting = None
+
+    def resend(self, current: int, report: Queue[Any]) -> None:
+        """Send again the updates of round ``current`` whose notice is overdue, each after its
+        hello says so (``Hello.unanswered``), as ``EdgeClient`` does."""
+        now = time.monotonic()
+        if self.gone is not None:
+            return  # the coordinator is away: its session keeps what was sent
+        for (device_id, round_), pending in list(self.pending.items()):
+            if round_ != current or now - pending.sent_at < RESEND_AFTER * 2**pending.resends:
+                continue
+            pending.resends += 1
+            claim = Unanswered(session=pending.session, round=round_, sha256=pending.sha256,
+                               resends=pending.resends)  # fmt: skip
+            hello = Hello(client_id=device_id, profile="generic-x86-64", num_samples=SAMPLES,
+                          backend="keras", unanswered=claim)  # fmt: skip
+            self.publish(self.topics.client_status(device_id), self._signed(hello, device_id),
+                         retain=True)  # fmt: skip
+            sent = sum(self.publish(t, self._signed(c, device_id)) for t, c in pending.chunks)
+            pending.sent_at = time.monotonic()
+            report.put(("resent", round_, 1, sent))
 
     def answer(self, announcement: Round, model: Model) -> tuple[int, int]:
         """Every selected device's update (or, in the pruned run's warm-up, its failure): how
@@ -176,8 +244,15 @@ class Fleet:
             update = Update(round=round_, num_samples=1 + number % SAMPLES, deltas=deltas,
                             metrics={"loss": 1.0, "accuracy": 0.5, "n_eval": 0.0})  # fmt: skip
             payload = encode_update(update, model.masks)
-            for chunk in split_to_fit(payload, max_payload=MAX_PAYLOAD):
-                sent += self.publish(f"{prefix}/{chunk.index}", self._signed(chunk, device_id))
+            chunks = [
+                (f"{prefix}/{c.index}", c) for c in split_to_fit(payload, max_payload=MAX_PAYLOAD)
+            ]
+            for topic, chunk in chunks:
+                sent += self.publish(topic, self._signed(chunk, device_id))
+            self.pending[(device_id, round_)] = Pending(
+                session=announcement.session, sha256=sha256(payload), chunks=chunks,
+                sent_at=time.monotonic(),
+            )  # fmt: skip
             count += 1
         if not self.transport.flush(timeout=120):
             raise RuntimeError("the broker did not acknowledge a worker's updates in 120 s")
@@ -252,6 +327,17 @@ class Watcher:
                     self.ended.setdefault(int(values["round"]), (now, cpu, hwm, values))
                 self.changed.notify_all()
 
+    def wait_announced(self, round_: int, then: float) -> bool:
+        """Wait until ``round_`` is announced, then ``then`` seconds more; ``False`` if the
+        run ended first."""
+        with self.changed:
+            while round_ not in self.announced:
+                if self.ended and max(self.ended) >= round_:
+                    return False
+                self.changed.wait(0.5)
+        time.sleep(then)
+        return True
+
     def wait_for(self, round_: int, alive: Any, timeout: float) -> None:
         end = time.monotonic() + timeout
         with self.changed:
@@ -262,10 +348,11 @@ class Watcher:
 
 
 class Mosquitto:
-    """A private mosquitto with unbounded queues, so that the broker never drops a QoS 1 message
-    for a subscriber that falls behind (mosquitto's default queue is 1,000 messages)."""
+    """A private mosquitto configured as ``fedprune-provision`` configures one for ``devices``
+    (coordinator.broker.queue_settings: room for a round's backlog, sessions kept an hour), with
+    a notice-level log."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, devices: int) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
@@ -273,8 +360,8 @@ class Mosquitto:
         conf = folder / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "log_dest stdout\nlog_type error\nlog_type warning\n"
-            "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n"
+            "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
+            "max_inflight_messages 100\n" + "\n".join(queue_settings(devices)) + "\n"
         )
         self.log = (folder / "mosquitto.log").open("wb")
         self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log,
@@ -311,14 +398,22 @@ class Result:
     coordinator_hwm_mb: float
     broker_hwm_mb: float
     join_s: float  # the workers' first hello to round 1's announcement
+    hogs: int = 0  # busy processes beside the run
+    pause_s: float = 0.0  # how long the coordinator was held still in the measured round
+    load: float = 0.0  # the machine's 1-minute load average when the measured round ended
+    lost: int = 0  # updates the devices sent that the round did not count
+    broker_timeouts: int = 0  # times mosquitto dropped the coordinator for its keepalive
+    broker_dropped: int = 0  # mosquitto's notices that it dropped messages for the coordinator
+    resends: int = 0  # updates the devices sent again for want of a notice
 
     @property
     def exactly_once(self) -> bool:
-        return (
-            self.reported == self.devices
-            and not self.rejected
-            and (self.bytes_up == self.bytes_sent)
-        )
+        """Every update counted once, none refused, and every byte sent counted (a resend may
+        arrive after the round closed: then its bytes are not the round's)."""
+        counted = self.bytes_up == self.bytes_sent if not self.resends else (
+            self.bytes_up <= self.bytes_sent
+        )  # fmt: skip
+        return self.reported == self.devices and not self.rejected and counted
 
 
 def collect(report: Queue[Any], workers: int) -> list[tuple[Any, ...]]:
@@ -329,13 +424,52 @@ def collect(report: Queue[Any], workers: int) -> list[tuple[Any, ...]]:
     return messages
 
 
+class Hogs:
+    """``count`` processes that each keep a core busy (a second job on the machine) while the
+    run lasts."""
+
+    def __init__(self, count: int) -> None:
+        self.processes = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)
+        ]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+def pause(pid: int, seconds: float) -> None:
+    """Hold process ``pid`` still (SIGSTOP) for ``seconds``, as a long stall would."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def broker_evidence(log_file: Path, client_id: str) -> dict[str, int]:
+    """What mosquitto's notice-level log says happened to ``client_id``: the times it dropped
+    its connection (a keepalive timeout or another loss), and messages it dropped for it."""
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    lines = [line for line in text.splitlines() if client_id in line]
+    return {
+        "timeouts": sum("exceeded timeout" in line for line in lines),
+        "disconnects": sum("disconnect" in line.lower() for line in lines),
+        "dropped_notices": sum("dropped" in line.lower() for line in lines),
+    }
+
+
 def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout: float = 600.0,
              profile: Path | None = None, broker_url: str | None = None,
-             aggregators: int = 0) -> Result:  # fmt: skip
+             aggregators: int = 0, hogs: int = 0, pause_s: float = 0.0,
+             logs: Path | None = None) -> Result:  # fmt: skip
     """One coordinator run with ``n`` devices; on ``broker_url`` if given (then the broker's
     memory is not measured), else on a private mosquitto. With ``aggregators``, that many
     ``fedprune-aggregator`` processes take the updates (a shared subscription) and the
-    coordinator adds their partial sums."""
+    coordinator adds their partial sums. ``hogs`` busy processes run beside it; with
+    ``pause_s`` the coordinator is held still for that long once the measured round's first
+    updates are on their way. ``logs`` keeps the broker's and the coordinator's logs."""
     measured = MEASURED[kind]
     with tempfile.TemporaryDirectory(prefix="fedprune-fleet-") as tmp:
         folder = Path(tmp)
@@ -349,7 +483,7 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
         coordinator_key = SigningKey.generate()
         (folder / "coordinator.key").write_bytes(coordinator_key.encode(HexEncoder))
         trust = Trust.of({COORDINATOR: coordinator_key.verify_key})
-        broker = None if broker_url else Mosquitto(folder)
+        broker = None if broker_url else Mosquitto(folder, n)
         url = broker.url if broker is not None else str(broker_url)
         context = multiprocessing.get_context("spawn")
         report: Queue[Any] = context.Queue()
@@ -368,6 +502,7 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
             )  # fmt: skip
             for k, share in enumerate(shares)
         ]
+        hog = Hogs(hogs)
         log = (folder / "coordinator.log").open("wb")
         coordinator = subprocess.Popen(
             [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []),
@@ -407,9 +542,18 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
         started = time.perf_counter()
         for process in processes:
             process.start()
+        pauser = threading.Thread(
+            target=lambda: (
+                watcher.wait_announced(measured, PAUSE_AFTER) and pause(coordinator.pid, pause_s)
+            ),
+            daemon=True,
+        )
+        if pause_s:
+            pauser.start()
         try:
             watcher.wait_for(measured, lambda: coordinator.poll() is None, timeout=1800)
             broker_hwm = proc_kib(broker.process.pid, "VmHWM") if broker is not None else 0
+            load = os.getloadavg()[0]
             coordinator.wait(120)
             messages = collect(report, workers)
         except BaseException:
@@ -429,11 +573,19 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
                 process.join(30)
             if broker is not None:
                 broker.stop()
+            hog.stop()
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+                for name in ("mosquitto.log", "coordinator.log"):
+                    if (folder / name).exists():
+                        shutil.copy(folder / name, logs / f"{n}-{kind}-{name}")
+        evidence = broker_evidence(folder / "mosquitto.log", f"fedprune-coordinator-{RUN}")
         errors = [m[1] for m in messages if m[0] == "error"]
         if errors:
             raise RuntimeError(f"a worker failed: {errors[0]}")
         sent = sum(m[3] for m in messages if m[0] == "round" and m[1] == measured)
         answered = sum(m[2] for m in messages if m[0] == "round" and m[1] == measured)
+        resent = [m for m in messages if m[0] == "resent" and m[1] == measured]
         first_announced = watcher.announced[1][0]
         start, cpu_start, hwm_before = watcher.announced[measured]
         end, cpu_end, hwm_after, values = watcher.ended[measured]
@@ -446,8 +598,9 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
             reported=reported,
             rejected=dict(values["rejected"]),
             bytes_up=int(values["bytes_up"]),
-            bytes_sent=sent,
+            bytes_sent=sent + sum(m[3] for m in resent),
             update_bytes=sent // max(1, answered),
+            resends=len(resent),
             round_s=end - start,
             coordinator_round_s=float(values["seconds"]),
             cpu_ms_per_update=1000 * (cpu_end - cpu_start) / max(1, reported),
@@ -455,6 +608,12 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
             coordinator_hwm_mb=hwm_after / 1024,
             broker_hwm_mb=broker_hwm / 1024,
             join_s=first_announced - started,
+            hogs=hogs,
+            pause_s=pause_s,
+            load=load,
+            lost=max(0, answered - reported),
+            broker_timeouts=evidence["timeouts"],
+            broker_dropped=evidence["dropped_notices"],
         )
 
 
@@ -471,6 +630,11 @@ COLUMNS = [
     ("coordinator_hwm_mb", "coordinator peak MB", "{:.0f}"),
     ("broker_hwm_mb", "mosquitto peak MB", "{:.0f}"),
     ("join_s", "start to round 1 s", "{:.1f}"),
+    ("hogs", "busy processes beside", "{}"),
+    ("load", "load average", "{:.1f}"),
+    ("lost", "updates lost", "{:,}"),
+    ("resends", "resent", "{:,}"),
+    ("broker_timeouts", "coordinator dropped by the broker", "{}"),
     ("exactly_once", "exactly once", "{}"),
 ]
 
@@ -479,8 +643,12 @@ def summary(results: list[Result]) -> dict[str, Any]:
     """Medians over repeats; ``exactly_once`` only if every repeat was."""
     row: dict[str, Any] = {"devices": results[0].devices, "updates": results[0].updates}
     for name in ("update_bytes", "round_s", "cpu_ms_per_update", "coordinator_hwm_before_mb",
-                 "coordinator_hwm_mb", "broker_hwm_mb", "join_s"):  # fmt: skip
+                 "coordinator_hwm_mb", "broker_hwm_mb", "join_s", "load"):  # fmt: skip
         row[name] = statistics.median(getattr(r, name) for r in results)
+    row["hogs"] = results[0].hogs
+    row["lost"] = max(r.lost for r in results)
+    row["resends"] = max(r.resends for r in results)
+    row["broker_timeouts"] = max(r.broker_timeouts for r in results)
     row["wall_ms_per_update"] = 1000 * row["round_s"] / row["devices"]
     checks = [
         f"{r.reported}/{r.devices} reported, rejected {r.rejected or '{}'},"
@@ -519,6 +687,34 @@ def main(argv: list[str] | None = None) -> int:
         help="N fedprune-aggregator processes take the updates (pruned only: with mosquitto an "
         "update must be one message)",
     )
+    p.add_argument(
+        "--cpu-hog",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N busy processes run beside each run (a machine busy with other work)",
+    )
+    p.add_argument(
+        "--pause-coordinator",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="hold the coordinator still (SIGSTOP) this long once the measured round's"
+        f" updates are on their way ({PAUSE_AFTER:g} s after its announcement)",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="the coordinator's --round-timeout (default: 600)",
+    )
+    p.add_argument(
+        "--logs",
+        type=Path,
+        metavar="DIR",
+        help="keep the broker's (notice level) and the coordinator's logs in DIR",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement to this file")
     p.add_argument("--no-deadline", action="store_true", help="skip the dead-device round")
     p.add_argument(
@@ -540,6 +736,10 @@ def main(argv: list[str] | None = None) -> int:
                     profile=args.profile,
                     broker_url=args.broker,
                     aggregators=args.aggregators,
+                    hogs=args.cpu_hog,
+                    pause_s=args.pause_coordinator,
+                    logs=args.logs,
+                    round_timeout=args.round_timeout,
                 )
                 print(f"{n} devices, {kind}, repeat {repeat + 1}: {asdict(result)}",
                       file=sys.stderr, flush=True)  # fmt: skip
