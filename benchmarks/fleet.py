@@ -31,11 +31,12 @@ kept an hour, no persistence), logging at notice level:
    bytes the workers published.
 
 The simulated devices answer as ``fedprune-client`` does: an update without a notice after
-``RESEND_AFTER`` seconds (the coordinator online) is sent again, its hello saying so. With
-``--cpu-hog N``, N busy processes run beside each run (a machine busy with other work); with
-``--pause-coordinator S`` the coordinator is held still (SIGSTOP) for S seconds once the measured
-round's updates are on their way. Counted too: updates the round did not count (lost), resends,
-and the times mosquitto's log says it dropped the coordinator (``--logs DIR`` keeps both logs).
+``resend_wait`` seconds (half the round, at least a minute, while the coordinator is online) is
+sent again, its hello saying so. With ``--cpu-hog N``, N busy processes run beside each run (a
+machine busy with other work); with ``--pause-coordinator S`` the coordinator is held still
+(SIGSTOP) for S seconds once the measured round's updates are on their way. Counted too: updates
+the round did not count (lost), resends, and the times mosquitto's log says it dropped the
+coordinator (``--logs DIR`` keeps both logs).
 
 Then, unless ``--no-deadline``: a round that one selected device never answers (20 devices, a
 10 s ``--round-timeout``) ends at its deadline. Prints a Markdown table of medians.
@@ -65,7 +66,7 @@ import numpy as np
 from nacl.encoding import HexEncoder
 
 from fedprune.coordinator.broker import free_port, mosquitto_binary, queue_settings
-from fedprune.edge_client.client import RESEND_AFTER
+from fedprune.edge_client.client import resend_wait
 from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
 from fedprune.edge_client.signing import SigningKey, Trust
 from fedprune.edge_client.topics import Topics
@@ -113,6 +114,7 @@ def device_key(device_id: str) -> SigningKey:
 class Pending:
     """An update sent and not yet answered by the coordinator's notice."""
 
+    round: Round
     session: str
     sha256: str
     chunks: list[tuple[str, Chunk]]
@@ -154,7 +156,7 @@ class Fleet:
 
     def serve(self, report: Queue[Any]) -> None:
         """Answer every round until the coordinator finishes (or aborts) the run; resend, as
-        devices do, an update whose notice has not come ``RESEND_AFTER`` seconds after it was
+        devices do, an update whose notice has not come ``resend_wait`` seconds after it was
         sent (then twice as long), while its round is the current one."""
         for pattern in (self.topics.status, self.topics.round, self.topics.all_models,
                         self.topics.inbox("+")):  # fmt: skip
@@ -209,7 +211,8 @@ class Fleet:
         if self.gone is not None:
             return  # the coordinator is away: its session keeps what was sent
         for (device_id, round_), pending in list(self.pending.items()):
-            if round_ != current or now - pending.sent_at < RESEND_AFTER * 2**pending.resends:
+            wait = resend_wait(pending.round, pending.resends)
+            if round_ != current or now - pending.sent_at < wait:
                 continue
             pending.resends += 1
             claim = Unanswered(session=pending.session, round=round_, sha256=pending.sha256,
@@ -250,6 +253,7 @@ class Fleet:
             for topic, chunk in chunks:
                 sent += self.publish(topic, self._signed(chunk, device_id))
             self.pending[(device_id, round_)] = Pending(
+                round=announcement,
                 session=announcement.session, sha256=sha256(payload), chunks=chunks,
                 sent_at=time.monotonic(),
             )  # fmt: skip

@@ -134,10 +134,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resend-after",
         type=positive_seconds,
-        default=RESEND_AFTER,
+        default=None,
         metavar="SECONDS",
         help="send an update again when the coordinator has not answered it this long after it "
-        "was sent, then after twice as long, while its round lasts (default: %(default)g)",
+        "was sent, then after twice as long, while its round lasts (default: half the round's "
+        f"duration, at least {RESEND_AFTER:g})",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p

@@ -76,7 +76,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedprune.client")
 
 WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
-RESEND_AFTER = 60.0  # seconds without a notice before an update is sent again (then twice that)
+RESEND_AFTER = 60.0  # the least a device waits for a notice before it sends an update again
+
+
+def resend_wait(round_: Round, resends: int, after: float | None = None) -> float:
+    """Seconds a device waits for the notice of its update before it sends it again (for the
+    ``resends + 1``-th time): ``after`` if given, else half the round's duration and at least
+    :data:`RESEND_AFTER`, doubled at each resend. A resend is a safety net for a message the
+    broker lost, not a remedy for a coordinator working through a backlog (the broker keeps
+    that for it): resending sooner than a long round needs would only lengthen the backlog."""
+    first = after or max(RESEND_AFTER, round_.duration / 2)
+    return float(first * 2**resends)
+
+
 EPOCH_REPORT_SECONDS = 10.0  # how often a long local training says how far it is
 
 
@@ -167,7 +179,7 @@ class EdgeClient:
         trust: Trust = UNSIGNED,
         show: Callable[[str], None] | None = None,
         profile: DeviceProfile | None = None,
-        resend_after: float = RESEND_AFTER,
+        resend_after: float | None = None,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
         the client then waits up to ``deploy_wait`` seconds for it before it exits. While it
@@ -177,8 +189,9 @@ class EdgeClient:
         hears what the client is doing in a few words whenever that changes (a live line).
         ``profile`` bounds the work: its local epochs and batch size where they are smaller than
         the run's, and its memory: no model over a quarter of it is assembled. An update with no
-        notice from the coordinator ``resend_after`` seconds after it was sent is sent again
-        (then after twice as long, and so on) while its round lasts."""
+        notice from the coordinator ``resend_after`` seconds after it was sent (by default half
+        the round, at least a minute: :func:`resend_wait`) is sent again, then after twice as
+        long, and so on while its round lasts."""
         self.profile = profile
         self.trust = trust
         self.show = show
@@ -540,8 +553,8 @@ class EdgeClient:
             log.warning("round %d: update rejected (%s)", notice.round, notice.reason)
 
     def _maybe_resend(self) -> None:
-        """Send the pending update again when its notice has not come ``resend_after`` seconds
-        (doubled at each resend) after it was sent, or at once when this device's connection
+        """Send the pending update again when its notice has not come :func:`resend_wait`
+        seconds after it was sent, or at once when this device's connection
         came back, while its round lasts: a delivery lost on the way costs a resend, not the
         update. The coordinator drops a copy it has by its SHA-256 and answers it again. A
         resend for want of a notice is said in the hello (``Hello.unanswered``)."""
@@ -556,7 +569,7 @@ class EdgeClient:
         waited = time.monotonic() - pending.sent_at
         if reconnected:
             log.info("round %d: resending the update after a reconnect", pending.round)
-        elif waited >= self.resend_after * 2**pending.resends:
+        elif waited >= resend_wait(round_, pending.resends, self.resend_after):
             pending.resends += 1
             log.warning("round %d: no answer from the coordinator %.0f s after the update was"
                         " sent; sending it again (resend %d)", pending.round, waited,

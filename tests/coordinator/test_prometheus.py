@@ -6,12 +6,14 @@ import urllib.request
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedprune.coordinator.prometheus import Metrics
 from fedprune.coordinator.rounds import RoundResult
 from fedprune.edge_client.codec import Update
 from fedprune.edge_client.errors import ConfigError
+from fedprune.edge_client.transport import ConnectionChange, ConnectionEvent
 from fedprune.edge_client.wire import Hello
 
 
@@ -75,3 +77,24 @@ def test_a_taken_port_is_a_one_line_config_error() -> None:
             Metrics("b", rounds=1).serve(("127.0.0.1", port))
     finally:
         first.close()
+
+
+def test_connection_changes_and_overdue_updates_are_counted() -> None:
+    # Prepare
+    metrics = Metrics("demo", rounds=5)
+    lost = ConnectionEvent(change=ConnectionChange.LOST, detail="lost the connection", waiting=3)
+    kept = ConnectionEvent(change=ConnectionChange.RESTORED, detail="back", session_kept=True)
+    gone = ConnectionEvent(change=ConnectionChange.RESTORED, detail="back", session_kept=False)
+
+    # Execute
+    for event in (lost, kept, lost, gone):
+        metrics.connection(event)
+    metrics.overdue("a", 1)
+    got = _samples(generate_latest(metrics.registry).decode())
+
+    # Assert
+    changes = "fedprune_broker_connection_changes_total"
+    assert got[(changes, (("change", "lost"),))] == 2
+    assert got[(changes, (("change", "restored"),))] == 1
+    assert got[(changes, (("change", "session_lost"),))] == 1
+    assert got[("fedprune_updates_overdue_total", ())] == 1

@@ -20,6 +20,7 @@ from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.rounds import Coordinator, RoundResult
 from fedprune.coordinator.validation import Limits
@@ -46,6 +47,7 @@ from fedprune.edge_client.wire import (
     Round,
     Spec,
     Status,
+    Unanswered,
     decode,
     encode,
     sha256,
@@ -1226,3 +1228,73 @@ def test_downlink_full_sends_the_whole_model_every_round(harness: Callable[..., 
         h.broker.retained[f"{TOPICS.model(ROUND + 1)}/{i}"] for i in range(seen[1].model.chunks)
     ]
     assert h.coordinator.bytes_down - before > 2 * sum(len(c) for c in chunks)
+
+
+def _claim(h: Harness, client_id: str, round_: int, payload: bytes, *, session: str = "") -> None:
+    """``client_id``'s hello saying it resent ``payload`` for want of a notice."""
+    claim = Unanswered(session=session or h.coordinator.telemetry.session, round=round_,
+                       sha256=sha256(payload), resends=1)  # fmt: skip
+    hello = Hello(client_id=client_id, profile="generic-x86-64", num_samples=100,
+                  backend="scripted", unanswered=claim)  # fmt: skip
+    h.clients[client_id].transport.publish(
+        TOPICS.client_status(client_id), encode(hello, run=RUN, sender=client_id), retain=True
+    )
+
+
+def test_a_resent_update_is_answered_again_and_counted_once(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: "a" sends its update, then (no notice came) says so and sends it again
+    h = harness()
+
+    def answer(announcement: Round, model: Model) -> None:
+        payload = _payload(model, _delta(model, 1))
+        h.clients["a"].send(announcement.round, payload)
+        _claim(h, "a", announcement.round, payload)
+        h.clients["a"].send(announcement.round, payload)  # a new envelope: a resend
+        h.clients["b"].send(announcement.round, _payload(model, _delta(model, 2)))
+
+    h.on_round(answer)
+
+    # Execute
+    _, result, _ = h.run_round()
+
+    # Assert: one update from each, both copies answered; "a" was never overdue (its update was in)
+    assert (result.reported, result.rejected, result.overdue) == (2, {}, 0)
+    assert [n.accepted for n in h.clients["a"].notices()] == [True, True]
+    assert h.coordinator.telemetry.snapshot().progress is None
+
+
+def test_a_device_that_says_its_update_went_unanswered_is_overdue_until_it_arrives(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: "a" claims a resend before any of its update is here; a claim of another
+    # session is stale
+    h = harness(round_timeout=0.5)
+    seen: list[list[str]] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        payload = _payload(model, _delta(model, 1))
+        _claim(h, "a", announcement.round, payload)
+        _claim(h, "b", announcement.round, payload, session="0000000000-older")
+
+    h.on_round(answer)
+    h.coordinator.observer.observers.append(Seen(h, seen))
+
+    # Execute
+    _, result, _ = h.run_round()
+
+    # Assert: "a" overdue until the round closed without its update
+    assert result.overdue == 1 and result.reported == 0
+    assert ["a"] in seen
+
+
+class Seen(Observer):
+    """What the round's telemetry lists as overdue, each time a device is found overdue."""
+
+    def __init__(self, h: Harness, seen: list[list[str]]) -> None:
+        self.h, self.seen = h, seen
+
+    def overdue(self, client_id: str, resends: int) -> None:
+        progress = self.h.coordinator.telemetry.snapshot().progress
+        self.seen.append([] if progress is None else list(progress.overdue))

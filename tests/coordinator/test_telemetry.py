@@ -9,6 +9,7 @@ from fedprune.coordinator.ledger import EVENTS, TEXT, Ledger
 from fedprune.coordinator.rounds import RoundResult
 from fedprune.coordinator.telemetry import Telemetry
 from fedprune.edge_client.codec import Update
+from fedprune.edge_client.transport import ConnectionChange, ConnectionEvent
 from fedprune.edge_client.wire import Hello, Phase
 from fedprune.edge_client.wire import Telemetry as Snapshot
 
@@ -213,3 +214,32 @@ def test_listeners_get_every_snapshot_that_is_published() -> None:
     telemetry.phase(Phase.TRAINING, 1)
 
     assert heard == sent and len(sent) == 2
+
+
+def test_overdue_updates_are_in_the_round_until_they_arrive_and_connection_changes_are_events() -> (
+    None
+):
+    # Prepare: pi-1 and pi-2 say they resent an update that has not arrived
+    telemetry = _telemetry(Clock(), [])
+    telemetry.round_started(1, ["pi-1", "pi-2", "pi-3"], deadline=1060.0, bytes_down=10)
+    telemetry.overdue("pi-1", 1)
+    telemetry.overdue("pi-2", 1)
+    telemetry.overdue("pi-2", 2)
+
+    # Execute: pi-1's update arrives; a forged message on pi-2's topic changes nothing
+    before = telemetry.snapshot()
+    telemetry.accepted("pi-1", _update())
+    telemetry.rejected("pi-2", "signature", "not signed")
+    telemetry.connection(
+        ConnectionEvent(change=ConnectionChange.LOST, detail="lost the connection (timeout)")
+    )
+    after = telemetry.snapshot()
+
+    # Assert
+    assert before.progress is not None and before.progress.overdue == ["pi-1", "pi-2"]
+    assert after.progress is not None and after.progress.overdue == ["pi-2"]
+    assert [(e.kind, e.text) for e in after.events if e.kind in ("overdue", "broker")] == [
+        ("overdue", "round 1: 1 update(s) that devices say they sent have not arrived; they resend"
+         " them"),
+        ("broker", "lost the connection (timeout)"),
+    ]  # fmt: skip
