@@ -31,15 +31,24 @@ SESSION_EXPIRATION = "1h"
 and the aggregators' are persistent): a stall is survived, a dead process is forgotten."""
 
 
+MOSQUITTO_MAX_QUEUED_BYTES = 2**31 - 1
+"""The largest ``max_queued_bytes`` mosquitto 2.0.11 holds: it keeps the value in 32 bits
+(measured: 2**32 + 100,000 acts as 100,000 and drops a 1 MB backlog)."""
+
+
 def queue_settings(devices: int) -> list[str]:
     """mosquitto.conf lines that let a round's backlog wait for the coordinator while it is
-    behind or away (docs/scaling.md): room for every device's update messages and bytes, and
-    persistent sessions kept for an hour. Beyond that room mosquitto drops messages for that
-    client (with a notice in its log), and devices resend what is not answered."""
+    behind or away (docs/scaling.md): room for every device's update messages and, where
+    mosquitto can say it, bytes (a fleet whose backlog may be larger gets no byte limit: a
+    smaller one would drop what the round needs), and persistent sessions kept for an hour.
+    Beyond that room mosquitto drops messages for that client (with a notice in its log), and
+    devices resend what is not answered."""
     devices = max(devices, 1000)
+    backlog = devices * UPDATE_ALLOWANCE
+    room = [f"max_queued_bytes {backlog}"] if backlog <= MOSQUITTO_MAX_QUEUED_BYTES else []
     return [
         f"max_queued_messages {max(100_000, 10 * devices)}",
-        f"max_queued_bytes {devices * UPDATE_ALLOWANCE}",
+        *room,
         f"persistent_client_expiration {SESSION_EXPIRATION}",
     ]
 
