@@ -135,6 +135,7 @@ class Fleet:
         self.published = 0
         self.pending: dict[tuple[str, int], Pending] = {}  # (device, round): no notice yet
         self.gone: float | None = None  # since when the coordinator's last will says it is away
+        self.checked = 0.0  # when the pending updates were last looked at for a resend
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
         self.transport.publish(topic, payload, retain=retain)
@@ -208,8 +209,9 @@ class Fleet:
         """Send again the updates of round ``current`` whose notice is overdue, each after its
         hello says so (``Hello.unanswered``), as ``EdgeClient`` does."""
         now = time.monotonic()
-        if self.gone is not None:
-            return  # the coordinator is away: its session keeps what was sent
+        if self.gone is not None or now - self.checked < 1.0:
+            return  # away: its session keeps what was sent; or looked less than a second ago
+        self.checked = now
         for (device_id, round_), pending in list(self.pending.items()):
             wait = resend_wait(pending.round, pending.resends)
             if round_ != current or now - pending.sent_at < wait:
