@@ -34,9 +34,9 @@ import numpy as np
 
 from fedprune.coordinator.broker import EmbeddedBroker
 from fedprune.device_profiles import load as load_profile
-from fedprune.edge_client.codec import Codec, Model, Update, decode_update, encode_update
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
+from fedprune.protocol.codec import Codec, Model, Update, decode_update, encode_update
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 # name -> (target sparsity, update codec, downlink)
 CONFIGS: dict[str, tuple[float, str, str]] = {

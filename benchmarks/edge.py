@@ -27,8 +27,8 @@ from pathlib import Path
 
 from fedprune.coordinator import digits
 from fedprune.coordinator.broker import EmbeddedBroker
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -67,14 +67,12 @@ from nacl.encoding import HexEncoder
 
 from fedprune.coordinator.broker import free_port, mosquitto_binary, queue_settings
 from fedprune.edge_client.client import resend_wait
-from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
-from fedprune.edge_client.signing import SigningKey, Trust
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import (
+from fedprune.protocol.chunks import Collector, sha256, split_to_fit
+from fedprune.protocol.codec import Model, Update, decode_model, encode_update
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.messages import (
     COORDINATOR,
     Chunk,
-    Collector,
     Failed,
     Hello,
     Metrics,
@@ -84,11 +82,10 @@ from fedprune.edge_client.wire import (
     Round,
     Status,
     Unanswered,
-    decode,
-    encode,
-    sha256,
-    split_to_fit,
 )
+from fedprune.protocol.signing import SigningKey, Trust
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 RUN = "fleet"
 MAX_PAYLOAD = 256 * 1024  # the coordinator's default --max-payload

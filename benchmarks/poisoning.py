@@ -34,9 +34,9 @@ from fedprune.coordinator.config import ScheduleConfig  # noqa: E402
 from fedprune.coordinator.pruning import pruner_for  # noqa: E402
 from fedprune.coordinator.validation import Limits, Rejected, validate  # noqa: E402
 from fedprune.edge_client import data as local_data  # noqa: E402
-from fedprune.edge_client.codec import Update, encode_update  # noqa: E402
 from fedprune.edge_client.keras_trainer import KerasTrainer  # noqa: E402
-from fedprune.edge_client.wire import Spec  # noqa: E402
+from fedprune.protocol.codec import Update, encode_update  # noqa: E402
+from fedprune.protocol.messages import Spec  # noqa: E402
 
 DEVICES, POISONED = 10, (0, 1)
 ATTACKS = ("none", "sign-flip", "scale-100", "claim-10x")

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, NoReturn
 
 from fedprune import __version__
 from fedprune.device_profiles import DEFAULT_PROFILE
-from fedprune.edge_client.errors import ExportError, FedpruneError, print_error
 from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.terminal import steps
+from fedprune.protocol.errors import ExportError, FedpruneError, print_error
 
 if TYPE_CHECKING:
     from fedprune.converters.export import ExportResult

@@ -59,7 +59,6 @@ from fedprune.converters.tflite import (
 from fedprune.converters.verify import evaluate_keras, model_latency
 from fedprune.device_profiles import DEFAULT_PROFILE, DeviceProfile, Precision, ProfileError
 from fedprune.edge_client import data as npz_data
-from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
 from fedprune.edge_client.litert import (
     Runtime,
     TensorFormat,
@@ -68,7 +67,8 @@ from fedprune.edge_client.litert import (
     open_model,
     predict,
 )
-from fedprune.edge_client.topics import check_name
+from fedprune.protocol.errors import ConfigError, ExportError, ModelError
+from fedprune.protocol.topics import check_name
 
 __all__ = [
     "DEFAULT_PROFILE",

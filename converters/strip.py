@@ -9,7 +9,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras
 
 from fedprune.converters._errors import short_reason
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 KERAS_SUFFIXES = (".keras", ".h5")
 

@@ -32,7 +32,7 @@ import tf_keras
 
 from fedprune.converters._errors import short_reason
 from fedprune.device_profiles import Precision
-from fedprune.edge_client.errors import ConfigError, ExportError
+from fedprune.protocol.errors import ConfigError, ExportError
 
 CALIBRATION_SAMPLES = 200
 """At most this many calibration samples feed full-int8 conversion (:func:`calibration_subset`)."""

@@ -55,9 +55,9 @@ import tf_keras
 
 from fedprune.converters._errors import short_reason
 from fedprune.converters.tflite import sample_shape
-from fedprune.edge_client.errors import ConfigError, ExportError, ModelError
 from fedprune.edge_client.litert import Runtime, load_interpreter
 from fedprune.edge_client.litert_trainer import SIGNATURES
+from fedprune.protocol.errors import ConfigError, ExportError, ModelError
 
 _Fn = Callable[[tf.Tensor], tf.Tensor]
 

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.codec import Update
+from fedprune.protocol.errors import ConfigError
 
 
 class Aggregator(ABC):

@@ -1,87 +1,206 @@
-"""``fedprune-aggregator``: take a share of every round's updates and send the coordinator their
-partial sum (docs/scaling.md).
+"""Aggregators: updates summed in several processes, their partial sums added (docs/scaling.md).
 
-Run N of them next to ``fedprune-coordinator --aggregators N``. Each subscribes to the devices'
-update topics through an MQTT 5 shared subscription (``$share/GROUP/...``: the broker hands every
-message to one member of the group), follows the run's round and model messages as a device does,
-and verifies, validates and sums what it receives exactly as the coordinator would (it *is* the
-coordinator's round code, without the model, the schedule or the telemetry). It tells the
-coordinator every quarter second whom it has accepted, so that the round closes as it would
-otherwise; when the coordinator closes the round, it sends its FedAvg partial: the average delta of
-its updates and their samples. The coordinator adds the partials up. Aggregators sign with the
-coordinator's key (they are the coordinator, spread over processes). With mosquitto, which hands
-out messages one by one, a device's update must be one message (``--max-payload`` at least the
-update's size), or its chunks reach different aggregators.
+``fedprune-aggregator`` takes a share of every round's updates and sends the coordinator their
+partial sum. Run N of them next to ``fedprune-coordinator --aggregators N``. Each subscribes to
+the devices' update topics through an MQTT 5 shared subscription (``$share/GROUP/...``: the broker
+hands every message to one member of the group), follows the run's round and model messages as a
+device does, and verifies, validates and sums what it receives with the coordinator's own
+:class:`~fedprune.coordinator.intake.UpdateIntake`. It tells the coordinator every quarter second
+whom it has accepted (:class:`~fedprune.protocol.messages.Tally`), so that the round closes as it
+would otherwise, and follows the others' tallies, so that a device's resend the broker hands it is
+answered, not summed twice; when the coordinator closes the round, it sends its FedAvg partial:
+the average delta of its updates and their samples. :class:`PartialSums` is the coordinator's side:
+it counts the tallies and adds the partials up. Aggregators sign with the coordinator's key (they
+are the coordinator, spread over processes). With mosquitto, which hands out messages one by one,
+a device's update must be one message (``--max-payload`` at least the update's size), or its chunks
+reach different aggregators.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
 import sys
 import time
 from collections import Counter
-from typing import cast
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedprune import __version__
 from fedprune.coordinator.aggregation import make_aggregator
 from fedprune.coordinator.config import RunConfig
-from fedprune.coordinator.observer import Observers
-from fedprune.coordinator.pruning import Pruner
-from fedprune.coordinator.rounds import Collection, Coordinator
+from fedprune.coordinator.downlink import Downlink
+from fedprune.coordinator.fleet import Fleet
+from fedprune.coordinator.intake import RoundState, UpdateIntake
+from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.validation import Limits
-from fedprune.edge_client.codec import Update, decode_model, encode_update
-from fedprune.edge_client.errors import FedpruneError, WireError, print_error
-from fedprune.edge_client.options import add_broker_arguments, name
-from fedprune.edge_client.transport import MqttTransport, Transport
-from fedprune.edge_client.wire import (
+from fedprune.protocol.chunks import Collector
+from fedprune.protocol.codec import Codec, Update, decode_model, decode_update, encode_update
+from fedprune.protocol.envelope import receive
+from fedprune.protocol.errors import FedpruneError, WireError, print_error
+from fedprune.protocol.messages import (
+    COORDINATOR,
     Chunk,
     Close,
-    Collector,
     Notice,
     Phase,
     Round,
     Status,
     Tally,
-    Telemetry,
-    decode,
-    split_to_fit,
 )
+from fedprune.protocol.options import add_broker_arguments, name
+from fedprune.protocol.signing import Trust
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport, Transport
 
 PROG = "fedprune-aggregator"
 TALLY_SECONDS = 0.25
 
+PARTIAL_WAIT = 30.0
+"""Seconds the coordinator waits for its aggregators' partial sums once a round is closed."""
+
 log = logging.getLogger("fedprune.aggregator")
 
 
-class ShareAggregator(Coordinator):
-    """The coordinator's update handling, for the updates the broker hands this process."""
+# -- the coordinator's side ----------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class _Round:
+    """What the aggregators sent of one round."""
+
+    round: int
+    taken_by: dict[str, str] = field(default_factory=dict)  # device -> the aggregator that took it
+    # each aggregator's chunks apart: two with nothing to add send the same bytes
+    parts: dict[str, Collector] = field(default_factory=dict)
+    partials: dict[str, Update] = field(default_factory=dict)  # by aggregator, once closed
+
+
+class PartialSums:
+    """The coordinator's side of ``expected`` aggregators: their tallies count in the round being
+    collected; once it is closed, their partial sums are added into its aggregate."""
+
+    def __init__(self, topics: Topics, trust: Trust, *, expected: int) -> None:
+        self.topics = topics
+        self.trust = trust  # the coordinator's own key: aggregators sign with it
+        self.expected = expected
+        self.root = topics.aggregators.removesuffix("/#")
+        self._round: _Round | None = None
+
+    def on_message(self, topic: str, payload: bytes, state: RoundState | None) -> None:
+        """A tally or a chunk of a partial sum from an aggregator, for the round ``state``."""
+        if state is None or not payload:
+            return
+        if self._round is None or self._round.round != state.round:
+            self._round = _Round(round=state.round)
+        sums = self._round
+        aggregator = topic[len(self.root) + 1 :].split("/")[0]
+        try:
+            message = receive(payload, self.trust, sender=COORDINATOR).message
+            if isinstance(message, Tally) and message.round == state.round:
+                self._tally(state, sums, aggregator, message)
+            elif isinstance(message, Chunk) and f"/partial/{state.round}/" in topic:
+                if aggregator not in sums.parts and len(sums.parts) >= 4 * self.expected:
+                    raise WireError(f"more aggregators than the {self.expected} expected")
+                whole = sums.parts.setdefault(aggregator, Collector()).add(message)
+                if whole is not None:
+                    sums.partials[aggregator] = decode_update(whole, state.model)
+        except WireError as exc:
+            log.warning("ignored a message on %s: %s", topic, exc)
+
+    @staticmethod
+    def _tally(state: RoundState, sums: _Round, aggregator: str, tally: Tally) -> None:
+        for client_id in tally.reported:
+            taken = sums.taken_by.setdefault(client_id, aggregator)
+            if taken != aggregator:
+                log.error(
+                    "round %d: %s's update was summed by two aggregators (%s and %s): it"
+                    " weighs twice in this round",
+                    state.round,
+                    client_id,
+                    taken,
+                    aggregator,
+                )
+        state.reported.update(c for c in tally.reported if c in state.selected)
+        state.responded.update(c for c in tally.responded if c in state.selected)
+        for reason, count in tally.rejected.items():
+            state.rejected[str(reason)[:32]] += max(0, int(count))
+        state.bytes_up += max(0, tally.bytes_up)
+
+    def gather(
+        self, state: RoundState, *, close: Callable[[], object], pump: Callable[[float], bool]
+    ) -> None:
+        """Close the round for the aggregators and add up their partial sums (FedAvg: each is
+        its average delta and its weight, the samples behind it)."""
+        if self._round is None or self._round.round != state.round:
+            self._round = _Round(round=state.round)
+        sums = self._round
+        close()
+        end = time.monotonic() + PARTIAL_WAIT
+        while len(sums.partials) < self.expected and time.monotonic() < end:
+            pump(0.1)
+        if len(sums.partials) < self.expected:
+            log.warning(
+                "round %d: %d of %d aggregators sent their partial sum in %.0f s",
+                state.round,
+                len(sums.partials),
+                self.expected,
+                PARTIAL_WAIT,
+            )
+        for partial in sums.partials.values():
+            weight = partial.metrics.get("weight", 0.0)
+            if weight > 0:
+                state.aggregator.add(dataclasses.replace(partial, num_samples=1), weight=weight)
+
+
+# -- an aggregator process ------------------------------------------------------------------------
+
+
+class ShareAggregator:
+    """Sums the updates the broker hands this process, with the coordinator's update intake."""
 
     def __init__(self, transport: Transport, config: RunConfig, *, name: str, group: str) -> None:
         signer, trust = config.signatures()
-        no_model = cast(Pruner, None)  # the model comes with each round; nothing is pruned here
-        super().__init__(
-            transport, config, no_model, evaluate=lambda: None, signer=signer, trust=trust
-        )
-        self.observer = Observers()  # no ledger, no telemetry: monitors read the coordinator's
+        self.transport = transport
+        self.config = config
         self.name, self.group = name, group
+        self.topics = Topics(config.run)
+        self.downlink = Downlink(transport, self.topics, signer=signer)
+        self.own = Trust() if signer is None else Trust.of({COORDINATOR: signer.verify_key})
+        codec = None if config.codec == "auto" else Codec.parse(config.codec)
+        self.fleet = Fleet(
+            seed=config.seed,
+            clients_per_round=config.clients_per_round,
+            max_payload=config.max_payload,
+            codec=codec,
+        )
+        self.intake = UpdateIntake(
+            fleet=self.fleet,
+            trust=trust,
+            limits=Limits(),
+            codec=codec,
+            clients_per_round=config.clients_per_round,
+            staleness_weight=0.0,
+            observer=Observer(),
+            notify=self._notify,
+        )
         self.rounds = 0  # rounds whose partial it sent
         self.taken = 0  # updates it accepted, all rounds
         self._announced: Round | None = None
         self._models = Collector()
         self._model: tuple[str, bytes] | None = None  # the last model assembled, by SHA-256
         self._begun: tuple[str, int] = ("", 0)  # the (session, round) last collected
-        self._told: tuple[set[str], set[str], Counter[str], int] = (set(), set(), Counter(), 0)
-        self._told_at = 0.0
+        self._told = Told()
         self._ended = False
         self._elsewhere: set[str] = set()  # devices another aggregator took this round
 
-    def _publish_telemetry(self, snapshot: Telemetry) -> None:
-        return  # the coordinator's alone
+    def _notify(self, client_id: str, notice: Notice) -> None:
+        self.downlink.publish(self.topics.inbox(client_id), notice, retain=False)
 
     def serve(self, *, timeout: float | None = None) -> None:
         """Aggregate until the coordinator says the run is over (or ``timeout`` seconds pass)."""
@@ -106,27 +225,49 @@ class ShareAggregator(Coordinator):
         while not self._ended and (end is None or time.monotonic() < end):
             item = self.transport.get(0.1)
             if item is not None and item[1]:
-                self._route(*item)
+                self.handle(*item)
             self._tally()
 
-    def _route(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One message: a device's hello or update, another aggregator's tally, or one of the
+        coordinator's (round, model, close, status)."""
         t = self.topics
-        if topic == t.tally(self.name):
-            return  # its own
-        tally = topic.startswith(self._aggregators_root)
-        if topic not in (t.round, t.close, t.status) and not (
-            tally or topic.startswith(f"{t.root}/model/")
-        ):
-            self.handle(topic, payload)  # an update chunk or a device's hello
+        if (parsed := t.parse_update(topic)) is not None:
+            self._on_update(*parsed, payload)
+        elif (client_id := t.client_of_status(topic)) is not None:
+            change = self.fleet.on_status(client_id, payload, self.intake.trust)
+            if change is not None and change.hello is not None:
+                self.intake.claimed(client_id, change.hello.unanswered)
+        elif topic != t.tally(self.name):  # its own tallies come back too
+            self._follow(topic, payload)
+
+    def _on_update(self, client_id: str, round_text: str, index: str, payload: bytes) -> None:
+        """As the coordinator's intake, but the update of a device that another aggregator took
+        (a resend the broker handed to this one) is answered, not summed a second time."""
+        state = self.intake.current
+        if state is None or client_id not in self._elsewhere or round_text != str(state.round):
+            self.intake.on_message(client_id, round_text, payload)
             return
+        state.bytes_up += len(payload)
+        if index == "0":
+            log.info(
+                "round %d: %s's update, taken by another aggregator, came again here; answered",
+                state.round,
+                client_id,
+            )
+            self._notify(client_id, Notice(round=state.round, accepted=True, reason=""))
+
+    def _follow(self, topic: str, payload: bytes) -> None:
+        """The coordinator's round, model, close and status, and the other aggregators' tallies
+        (all sent as the coordinator)."""
         try:
-            message = decode(payload, self._own).message
+            message = receive(payload, self.own, sender=COORDINATOR).message
         except WireError as exc:
             log.warning("ignored a message on %s: %s", topic, exc)
             return
+        state = self.intake.current
         if isinstance(message, Tally):
-            state = self._collect
-            if tally and state is not None and message.round == state.round:
+            if state is not None and message.round == state.round:
                 self._elsewhere.update(message.reported)
         elif isinstance(message, Round):
             self._announced = message
@@ -143,76 +284,53 @@ class ShareAggregator(Coordinator):
         if fresh and announced and model and model[0] == announced.model.sha256:
             self._begin(announced, model[1])  # (the model may be the same round after round)
 
-    def handle(self, topic: str, payload: bytes) -> None:
-        """As the coordinator's, but the update of a device that another aggregator took (a
-        resend the broker handed to this one) is answered, not summed a second time."""
-        parsed = self.topics.parse_update(topic)
-        state = self._collect
-        if parsed is None or state is None or parsed[0] not in self._elsewhere:
-            super().handle(topic, payload)
-            return
-        client_id, round_text, index = parsed
-        if round_text != str(state.round):
-            super().handle(topic, payload)
-            return
-        state.bytes_up += len(payload)
-        if index == "0":
-            log.info("round %d: %s's update, taken by another aggregator, came again here;"
-                     " answered", state.round, client_id)  # fmt: skip
-            notice = Notice(round=state.round, accepted=True, reason="")
-            self._publish(self.topics.inbox(client_id), notice, retain=False)
-
     def _begin(self, announced: Round, payload: bytes) -> None:
         """Collect ``announced``'s updates, against its model."""
         self._begun = (announced.session, announced.round)
         self._elsewhere = set()
         model = decode_model(payload)
-        dense = 4 * sum(int(np.prod(w.shape)) for w in model.weights)
-        config = self.config
-        self.limits = Limits(
-            max_update_bytes=config.max_update_bytes or 2 * dense + 64 * 1024,
-            max_norm=config.max_norm,
-            max_samples=config.max_samples,
-            max_pending_bytes=config.max_pending_bytes,
+        self.intake.limits = Limits.for_model(model, self.config)
+        self.intake.open(
+            RoundState(
+                round=announced.round,
+                model=model,
+                announcement=announced,
+                selected={c for c in self.fleet if announced.selects(c)},
+                aggregator=make_aggregator(
+                    "fedavg", [w.shape for w in model.weights], clip_norm=self.config.clip_norm
+                ),
+            )
         )
-        self._collect = Collection(
-            round=announced.round,
-            model=model,
-            announcement=announced,
-            selected={c for c in self.clients if announced.selects(c)},
-            aggregator=make_aggregator(
-                "fedavg", [w.shape for w in model.weights], clip_norm=config.clip_norm
-            ),
-        )
-        self._told, self._told_at = (set(), set(), Counter(), 0), 0.0
+        self._told = Told()
 
     def _tally(self, *, now: bool = False) -> None:
         """Tell the coordinator what changed since the last tally (every quarter second)."""
-        state = self._collect
-        if state is None or not (now or time.monotonic() - self._told_at >= TALLY_SECONDS):
+        state = self.intake.current
+        told = self._told
+        if state is None or not (now or time.monotonic() - told.at >= TALLY_SECONDS):
             return
-        reported, responded, rejected, bytes_up = self._told
         tally = Tally(
             round=state.round,
-            reported=sorted(state.reported - reported),
-            responded=sorted(state.responded - responded),
-            rejected=dict(state.rejected - rejected),
-            bytes_up=state.bytes_up - bytes_up,
+            reported=sorted(state.reported - told.reported),
+            responded=sorted(state.responded - told.responded),
+            rejected=dict(state.rejected - told.rejected),
+            bytes_up=state.bytes_up - told.bytes_up,
         )
-        self._told_at = time.monotonic()
+        told.at = time.monotonic()
         if tally.reported or tally.responded or tally.rejected or tally.bytes_up or now:
-            self._publish(self.topics.tally(self.name), tally, retain=False)
-            self._told = (
-                set(state.reported),
-                set(state.responded),
-                Counter(state.rejected),
-                state.bytes_up,
+            self.downlink.publish(self.topics.tally(self.name), tally, retain=False)
+            self._told = Told(
+                reported=set(state.reported),
+                responded=set(state.responded),
+                rejected=Counter(state.rejected),
+                bytes_up=state.bytes_up,
+                at=told.at,
             )
 
     def _close(self, round_: int) -> None:
         """Send the round's partial sum: the average delta of the updates taken and the samples
         behind it (a zero weight when there were none)."""
-        state = self._collect
+        state = self.intake.current
         if state is None or state.round != round_:
             return
         self._tally(now=True)
@@ -227,13 +345,25 @@ class ShareAggregator(Coordinator):
         partial = Update(round=round_, num_samples=1, deltas=summed.apply(zeros), metrics=metrics)
         payload = encode_update(partial, state.model.masks)
         prefix = self.topics.partial(self.name, round_)
-        for chunk in split_to_fit(payload, max_payload=self.config.max_payload):
-            self._publish(f"{prefix}/{chunk.index}", chunk, retain=False)
+        self.downlink.publish_chunked(
+            prefix, payload, self.config.max_payload, receivers=0, retain=False
+        )
         self.transport.flush(timeout=10)
         self.rounds += 1
         self.taken += summed.count
         log.info("round %d: sent the partial sum of %d update(s)", round_, summed.count)
-        self._collect = None
+        self.intake.close()
+
+
+@dataclass(kw_only=True)
+class Told:
+    """What an aggregator's last tally said (the next one says what changed since)."""
+
+    reported: set[str] = field(default_factory=set)
+    responded: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_up: int = 0
+    at: float = 0.0
 
 
 def parser() -> argparse.ArgumentParser:

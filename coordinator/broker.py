@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fedprune.edge_client.errors import BrokerError
+from fedprune.protocol.errors import BrokerError
 
 log = logging.getLogger("fedprune.broker")
 

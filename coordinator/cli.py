@@ -14,10 +14,10 @@ from typing import Any
 
 from fedprune import __version__, device_profiles
 from fedprune.coordinator.aggregation import RULES
-from fedprune.coordinator.config import RunConfig, ScheduleConfig
-from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
-from fedprune.edge_client.options import add_broker_arguments, load_toml
+from fedprune.coordinator.config import Downlink, RunConfig, ScheduleConfig
 from fedprune.edge_client.quiet import native_log_filtered
+from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
+from fedprune.protocol.options import add_broker_arguments, load_toml
 
 PROG = "fedprune-coordinator"
 
@@ -174,8 +174,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--downlink",
-        choices=["delta", "codec", "full"],
-        default=d.downlink,
+        choices=[mode.value for mode in Downlink],
+        default=d.downlink.value,
         help="delta: send each round's model as a change to the previous one (int8 unless "
         "--codec says f32 or f16) to the devices that hold it, whole to the others; codec: the "
         "change in the --codec given, top-k and zstd included (what it leaves out goes later); "
@@ -354,7 +354,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
 def monitoring(args: argparse.Namespace, config: RunConfig) -> Iterator[dict[str, Any]]:
     """The dashboard and the metrics endpoint that ``args`` ask for, as ``session.run``'s
     keyword arguments, served while the run lasts."""
-    from fedprune.edge_client.dashboard import Dashboard, parse_address
+    from fedprune.monitor.dashboard import Dashboard, parse_address
 
     extra: dict[str, Any] = {"observers": [], "listeners": []}
     with contextlib.ExitStack() as stack:

@@ -10,11 +10,11 @@ from typing import Any
 
 from fedprune.coordinator.aggregation import RULES
 from fedprune.device_profiles import DEFAULT_PROFILE
-from fedprune.edge_client.codec import Codec
-from fedprune.edge_client.connection import BrokerSettings
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.signing import SigningKey, Trust, load_signing_key
-from fedprune.edge_client.topics import check_name
+from fedprune.protocol.codec import Codec
+from fedprune.protocol.connection import BrokerSettings
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.signing import SigningKey, Trust, load_signing_key
+from fedprune.protocol.topics import check_name
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -30,6 +30,25 @@ def _check_types(record: Any) -> None:
             continue
         if not isinstance(value, wanted) or isinstance(value, bool) != (wanted == (bool,)):
             raise ConfigError(f"{f.name} must be {f.type}, got {value!r}")
+
+
+def _enum(record: Any, name: str, kind: type[StrEnum]) -> None:
+    """Turn a field given as its string into ``kind``, or say which values it may take."""
+    try:
+        object.__setattr__(record, name, kind(getattr(record, name)))
+    except ValueError:
+        values = ", ".join(k.value for k in kind)
+        raise ConfigError(
+            f"{name} must be one of {values}, got {getattr(record, name)!r}"
+        ) from None
+
+
+class Downlink(StrEnum):
+    """How a round's model goes down to the devices."""
+
+    DELTA = "delta"  # also as a change to the previous round's, int8 (or the codec's f32/f16)
+    CODEC = "codec"  # also as a change in the run's codec, top-k and zstd included
+    FULL = "full"  # only whole (float32 values at the kept positions)
 
 
 class ScheduleKind(StrEnum):
@@ -133,11 +152,11 @@ class RunConfig:
 
     run: str = "default"
     broker: str = "mqtt://127.0.0.1:1883"
-    ca: str = ""  # TLS and credential files (edge_client.connection); never the secrets themselves
+    ca: str = ""  # TLS and credential files (protocol.connection); never the secrets themselves
     cert: str = ""
     key: str = ""
     credentials: str = ""
-    signing_key: str = ""  # the coordinator's Ed25519 signing key (edge_client.signing)
+    signing_key: str = ""  # the coordinator's Ed25519 signing key (protocol.signing)
     device_keys: str = ""  # folder of <device id>.pub: with it, unsigned devices are refused
     model: str = "cnn"
     rounds: int = 20
@@ -174,17 +193,18 @@ class RunConfig:
     # Aggregator processes that take the updates (MQTT 5 shared subscription) and send partial
     # sums (fedprune-aggregator, docs/scaling.md); 0 = the coordinator takes them itself
     aggregators: int = 0
-    # How updates travel (edge_client.codec.Codec, e.g. int8+top0.1+zstd); "auto" = each device
+    # How updates travel (protocol.codec.Codec, e.g. int8+top0.1+zstd); "auto" = each device
     # picks by its profile's uplink (codec.default_codec)
     codec: str = "auto"
-    # "delta": a round's model also goes as a change to the previous round's, quantized like
-    # the updates (int8 unless the codec says f32 or f16), to the devices that hold that one;
-    # "codec": the change in the run's codec, top-k and zstd included (what is left out goes
-    # with a later round); "full": only whole (float32 values at the kept positions)
-    downlink: str = "delta"
+    # delta: a round's model also goes as a change to the previous round's, quantized like the
+    # updates (int8 unless the codec says f32 or f16), to the devices that hold that one; codec:
+    # the change in the run's codec, top-k and zstd included (what is left out goes with a later
+    # round); full: only whole (float32 values at the kept positions)
+    downlink: Downlink = Downlink.DELTA
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _enum(self, "downlink", Downlink)
         checks: list[tuple[str, bool, str]] = [
             ("rounds", self.rounds >= 1, ">= 1"),
             ("min_clients", self.min_clients >= 1, ">= 1"),
@@ -207,7 +227,6 @@ class RunConfig:
             ("max_samples", self.max_samples >= 1, ">= 1"),
             ("max_pending_bytes", self.max_pending_bytes >= 1, ">= 1"),
             ("aggregators", self.aggregators >= 0, ">= 0 (0 = none)"),
-            ("downlink", self.downlink in ("delta", "codec", "full"), "delta, codec or full"),
         ]
         check_name(self.run, "run name")
         if self.codec != "auto":
@@ -215,7 +234,7 @@ class RunConfig:
                 Codec.parse(self.codec)
             except ValueError as exc:
                 raise ConfigError(f"codec: {exc}") from exc
-        elif self.downlink == "codec":
+        elif self.downlink is Downlink.CODEC:
             raise ConfigError("--downlink codec sends changes in the run's codec: give --codec")
         if self.aggregators and (self.aggregation != "fedavg" or self.staleness_weight):
             raise ConfigError("aggregators add partial sums: they need --aggregation fedavg and"
@@ -256,4 +275,5 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["schedule"]["kind"] = self.schedule.kind.value
+        data["downlink"] = self.downlink.value
         return data

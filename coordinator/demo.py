@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedprune import __version__, device_profiles
-from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
 from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.terminal import steps
-from fedprune.edge_client.wire import Telemetry
+from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
+from fedprune.protocol.messages import Telemetry
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedprune.coordinator.rounds import RoundResult
+from fedprune.coordinator.result import RoundResult
 
 CHANCE_MARGIN = 0.05
 """The final accuracy must beat the most frequent class's share by more than this."""

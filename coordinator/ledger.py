@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.telemetry import DeviceRow, Event
-from fedprune.edge_client.wire import Hello
+from fedprune.protocol.codec import Update
+from fedprune.protocol.messages import Hello
+from fedprune.protocol.telemetry import DeviceRow, Event
 
 log = logging.getLogger("fedprune.coordinator")
 

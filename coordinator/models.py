@@ -8,8 +8,8 @@ from pathlib import Path
 import tf_keras
 
 from fedprune.converters.strip import load_keras
-from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.keras_trainer import check_architecture
+from fedprune.protocol.errors import ConfigError
 
 layers = tf_keras.layers
 

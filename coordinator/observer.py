@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.transport import ConnectionEvent
-from fedprune.edge_client.wire import Hello, Phase
+from fedprune.protocol.codec import Update
+from fedprune.protocol.messages import Hello, Phase
+from fedprune.protocol.transport import ConnectionEvent
 
 if TYPE_CHECKING:
-    from fedprune.coordinator.rounds import RoundResult
+    from fedprune.coordinator.result import RoundResult
 
 
 class Observer:

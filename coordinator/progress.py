@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedprune.coordinator.rounds import RoundResult
+from fedprune.coordinator.result import RoundResult
 from fedprune.coordinator.session import Summary
 
 

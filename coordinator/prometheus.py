@@ -13,13 +13,13 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from fedprune.coordinator.observer import Observer
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.transport import ConnectionChange, ConnectionEvent
-from fedprune.edge_client.wire import Hello
+from fedprune.protocol.codec import Update
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Hello
+from fedprune.protocol.transport import ConnectionChange, ConnectionEvent
 
 if TYPE_CHECKING:
-    from fedprune.coordinator.rounds import RoundResult
+    from fedprune.coordinator.result import RoundResult
 
 BYTES_BUCKETS = tuple(float(4**k) for k in range(5, 14))  # 1 KiB .. 64 MiB
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

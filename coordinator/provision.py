@@ -42,9 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedprune.coordinator.broker import UPDATE_ALLOWANCE, queue_settings
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.signing import new_keypair
-from fedprune.edge_client.topics import check_name
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.signing import new_keypair
+from fedprune.protocol.topics import check_name
 
 COORDINATOR = "fedprune-coordinator"
 MONITOR = "fedprune-monitor"

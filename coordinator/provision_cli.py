@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedprune import __version__
 from fedprune.coordinator import provision
-from fedprune.edge_client.errors import FedpruneError, print_error
+from fedprune.protocol.errors import FedpruneError, print_error
 
 PROG = "fedprune-provision"
 

@@ -21,8 +21,8 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 
 from fedprune.coordinator import structure
 from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
-from fedprune.edge_client.codec import Model
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.codec import Model
+from fedprune.protocol.errors import ConfigError
 
 sparsity = tfmot.sparsity.keras
 PruningSchedule = sparsity.PruningSchedule
@@ -232,6 +232,10 @@ class Pruner:
     def architecture(self) -> str:
         """The model's architecture as JSON (what a checkpoint keeps: a rebuild changes it)."""
         return str(self.stripped.to_json())
+
+    def input_shape(self) -> list[int]:
+        """The shape of one input sample (without the batch dimension)."""
+        return [int(d) for d in self.stripped.input_shape[1:]]
 
     def load_architecture(self, model_json: str, round_: int) -> None:
         """Continue with a checkpoint's architecture at ``round_``, wrapped for that round's

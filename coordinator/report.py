@@ -19,7 +19,7 @@ from string import Template
 from typing import Any
 
 from fedprune import __version__
-from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
+from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
 
 PROG = "fedprune-report"
 

@@ -16,10 +16,10 @@ import tomli_w
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.pruning import Pruner
-from fedprune.coordinator.rounds import RoundResult
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.files import write_atomic
-from fedprune.edge_client.telemetry import as_json
+from fedprune.coordinator.result import RoundResult
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.files import write_atomic
+from fedprune.protocol.telemetry import as_json
 
 
 def _atomic(path: Path, write: Any) -> None:

@@ -18,16 +18,18 @@ from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.health import chance_accuracy, verdict
 from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.pruning import Pruner, pruner_for
-from fedprune.coordinator.rounds import Coordinator, RoundResult
+from fedprune.coordinator.result import RoundResult
+from fedprune.coordinator.rounds import Coordinator
 from fedprune.coordinator.rundir import RunDir
 from fedprune.coordinator.validation import Limits
 from fedprune.edge_client import data as local_data
-from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.quiet import native_log_filtered
-from fedprune.edge_client.topics import Topics
 from fedprune.edge_client.trainer import Evaluation
-from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import COORDINATOR, Offline, Telemetry, encode
+from fedprune.protocol.envelope import encode
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import COORDINATOR, Offline, Telemetry
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -112,7 +114,7 @@ def run(
         config,
         pruner,
         evaluate=_evaluator(pruner, x, y),
-        limits=_limits(config, pruner),
+        limits=Limits.for_model(pruner.model(), config),
         on_round=after_round,
         build_artifact=lambda: _trainable(pruner, config),
         signer=signer,
@@ -185,19 +187,6 @@ def run(
         unhealthy=unhealthy,
         not_installed=not_installed,
         bytes_down=coordinator.bytes_down,
-    )
-
-
-def _limits(config: RunConfig, pruner: Pruner) -> Limits:
-    """The run's validation limits; by default an update may be twice the dense float32 model
-    (a sparse update is at most the dense values plus a bitmask and framing)."""
-    dense = 4 * sum(int(np.prod(w.shape)) for w in pruner.model().weights)
-    update_bytes = config.max_update_bytes or 2 * dense + 64 * 1024
-    return Limits(
-        max_update_bytes=update_bytes,
-        max_norm=config.max_norm,
-        max_samples=config.max_samples,
-        max_pending_bytes=config.max_pending_bytes,
     )
 
 

@@ -3,7 +3,7 @@
 :class:`Telemetry` is an :class:`~fedprune.coordinator.observer.Observer`: from the round loop's
 hooks it keeps the run's header, the round in progress, the last rounds' metrics and the device
 :class:`~fedprune.coordinator.ledger.Ledger`. When something changed it builds one
-:class:`~fedprune.edge_client.wire.Telemetry` snapshot, at most every ``interval`` seconds (and at
+:class:`~fedprune.protocol.messages.Telemetry` snapshot, at most every ``interval`` seconds (and at
 once at a round's end or a change of phase), hands it to ``publish`` (the coordinator signs it and
 puts it on the ``telemetry`` topic) and to every listener (the web dashboard).
 """
@@ -11,6 +11,7 @@ puts it on the ``telemetry`` topic) and to every listener (the web dashboard).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 from collections import deque
@@ -20,14 +21,16 @@ from typing import TYPE_CHECKING, Any
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.observer import Observer
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.telemetry import Progress, RunInfo
-from fedprune.edge_client.transport import ConnectionEvent
-from fedprune.edge_client.wire import Hello, Phase
-from fedprune.edge_client.wire import Telemetry as Snapshot
+from fedprune.protocol.codec import Update
+from fedprune.protocol.messages import Hello, Phase
+from fedprune.protocol.messages import Telemetry as Snapshot
+from fedprune.protocol.telemetry import Progress, RunInfo
+from fedprune.protocol.transport import ConnectionEvent, Transport
 
 if TYPE_CHECKING:
-    from fedprune.coordinator.rounds import RoundResult
+    from fedprune.coordinator.result import RoundResult
+
+log = logging.getLogger("fedprune.coordinator")
 
 ROUNDS_KEPT = 200
 """The last rounds' metrics a snapshot carries (a whole run, for the runs people make)."""
@@ -239,3 +242,84 @@ class Telemetry(Observer):
         self.publish(snapshot)
         for listener in self.listeners:
             listener(snapshot)
+
+
+def publisher(
+    transport: Transport, topic: str, encode: Callable[[Snapshot], bytes]
+) -> Callable[[Snapshot], None]:
+    """What publishes each snapshot retained on ``topic``, made smaller until it fits in one
+    message (:func:`fit`), and says once when it had to drop something."""
+    trimmed = False
+
+    def publish(snapshot: Snapshot) -> None:
+        nonlocal trimmed
+        limit = transport.max_payload
+        payload, smaller = fit(snapshot, encode, limit)
+        if smaller and not trimmed:
+            trimmed = True
+            log.warning(
+                "telemetry is trimmed to fit in one message (%d bytes): it lists fewer devices,"
+                " events or rounds",
+                limit,
+            )
+        if not payload:
+            log.warning("telemetry does not fit in %d bytes", limit)
+            return
+        transport.publish(topic, payload, retain=True)
+
+    return publish
+
+
+FEW_DEVICES = 1000
+"""A snapshot with more devices is not encoded whole before it is shrunk: it would not fit in a
+message of the usual size anyway (bisection still finds it if it does)."""
+
+
+def fit(snapshot: Snapshot, encode: Callable[[Snapshot], bytes], limit: int) -> tuple[bytes, bool]:
+    """``snapshot`` encoded in at most ``limit`` bytes, made smaller until it fits: the first of
+    :func:`shrunk`'s ever smaller snapshots that does, found by bisection (each holds less than
+    the one before it, and encoding thousands of devices is what costs). Also whether it had to
+    be made smaller; ``b""`` when nothing fits."""
+    payload = encode(snapshot) if len(snapshot.devices) <= FEW_DEVICES else b""
+    if payload and len(payload) <= limit:
+        return payload, False
+    smaller = [snapshot]
+    while (next_one := shrunk(smaller[-1])) is not None:
+        smaller.append(next_one)
+    low, high, fitting = (1 if payload else 0), len(smaller), b""  # the first fit in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        encoded = encode(smaller[middle])
+        if len(encoded) <= limit:
+            high, fitting = middle, encoded
+        else:
+            low = middle + 1
+    return fitting, high > 0 and len(smaller) > 1
+
+
+def shrunk(snapshot: Snapshot) -> Snapshot | None:
+    """A smaller snapshot: first only the latest events and rounds, then half the devices (those
+    in the round and online first; the run's ``devices_total`` still counts them all), then
+    shorter lists of the round's devices, then fewer events and rounds; ``None`` when nothing is
+    left to drop."""
+    events, rounds, devices, progress = (
+        snapshot.events, snapshot.rounds, snapshot.devices, snapshot.progress
+    )  # fmt: skip
+    if len(events) > 10 or len(rounds) > 20:
+        return dataclasses.replace(snapshot, events=events[-10:], rounds=rounds[-20:])
+    if devices:
+        busy = set(progress.selected) if progress is not None else set()
+        first = sorted(devices, key=lambda d: (d.id not in busy, not d.online, d.id))
+        kept = sorted(first[: len(devices) // 2], key=lambda d: d.id)
+        return dataclasses.replace(snapshot, devices=kept)
+    if progress is not None and (progress.selected or progress.reported):
+        half = dataclasses.replace(
+            progress, selected=progress.selected[: len(progress.selected) // 2],
+            reported=progress.reported[: len(progress.reported) // 2],
+        )  # fmt: skip
+        return dataclasses.replace(snapshot, progress=half)
+    if events or rounds:
+        return dataclasses.replace(
+            snapshot, events=events[len(events) // 2 + 1 :], rounds=rounds[len(rounds) // 2 + 1 :]
+        )
+    return None

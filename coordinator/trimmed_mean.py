@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fedprune.coordinator.aggregation import Stacked
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 
 class TrimmedMean(Stacked):

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedprune.edge_client.codec import Model, Update, decode_update
-from fedprune.edge_client.errors import (
+from fedprune.protocol.codec import Model, Update, decode_update
+from fedprune.protocol.errors import (
     ConfigError,
     OversizeError,
+    SenderError,
     ShapeError,
+    SignatureError,
     VersionError,
     WireError,
 )
+from fedprune.protocol.messages import Hello
+
+if TYPE_CHECKING:
+    from fedprune.coordinator.config import RunConfig
 
 
 class Reason(StrEnum):
@@ -68,8 +76,28 @@ class Limits:
                 f" (max_update_bytes {self.max_update_bytes})"
             )
 
+    @classmethod
+    def for_model(cls, model: Model, config: RunConfig) -> Limits:
+        """The run's limits for updates of ``model``; by default an update may be twice the
+        dense float32 model (a sparse one is at most the dense values, a bitmask and framing)."""
+        dense = 4 * sum(int(np.prod(w.shape)) for w in model.weights)
+        return cls(
+            max_update_bytes=config.max_update_bytes or 2 * dense + 64 * 1024,
+            max_norm=config.max_norm,
+            max_samples=config.max_samples,
+            max_pending_bytes=config.max_pending_bytes,
+        )
+
+    def for_device(self, hello: Hello | None) -> Limits:
+        """The limits for one device: no more samples than its hello declared."""
+        if hello is None or hello.num_samples >= self.max_samples:
+            return self
+        return dataclasses.replace(self, max_samples=max(1, hello.num_samples))
+
 
 _BY_ERROR: list[tuple[type[WireError], Reason]] = [
+    (SenderError, Reason.SENDER),
+    (SignatureError, Reason.SIGNATURE),
     (OversizeError, Reason.OVERSIZE),
     (VersionError, Reason.VERSION),
     (ShapeError, Reason.SHAPE),

@@ -1,8 +1,9 @@
-"""What runs on a device: wire format, sparse codec, MQTT transport, local data, trainers, client.
+"""What runs on a device: local data, trainers (LiteRT; tf_keras when present), the client loop,
+deployed models and inference, the device as a service. It speaks ``fedprune.protocol``.
 
 Never imports TensorFlow at import time (a test proves it); the ``keras`` trainer imports it when
-it is built. Names are re-exported lazily, so importing one small module (``errors``, ``wire``)
-does not load paho-mqtt, numpy or LiteRT.
+it is built. Names are re-exported lazily, so importing one small module does not load paho-mqtt,
+numpy or LiteRT.
 """
 
 from __future__ import annotations
@@ -12,46 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedprune.edge_client.client import EdgeClient, Identity
-    from fedprune.edge_client.codec import Model, Update
-    from fedprune.edge_client.errors import (
-        BrokerError,
-        ConfigError,
-        ExportError,
-        FedpruneError,
-        OversizeError,
-        WireError,
-    )
-    from fedprune.edge_client.transport import MqttTransport, Transport
 
-__all__ = [
-    "BrokerError",
-    "ConfigError",
-    "EdgeClient",
-    "ExportError",
-    "FedpruneError",
-    "Identity",
-    "Model",
-    "MqttTransport",
-    "OversizeError",
-    "Transport",
-    "Update",
-    "WireError",
-]
+__all__ = ["EdgeClient", "Identity"]
 
-_HOME = {
-    "EdgeClient": "client",
-    "Identity": "client",
-    "Model": "codec",
-    "Update": "codec",
-    "BrokerError": "errors",
-    "ConfigError": "errors",
-    "ExportError": "errors",
-    "FedpruneError": "errors",
-    "OversizeError": "errors",
-    "WireError": "errors",
-    "MqttTransport": "transport",
-    "Transport": "transport",
-}
+_HOME = {"EdgeClient": "client", "Identity": "client"}
 
 
 def __getattr__(name: str) -> Any:

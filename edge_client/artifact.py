@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedprune.edge_client.files import write_atomic
-from fedprune.edge_client.wire import Chunk, Collector, Manifest, sha256
+from fedprune.protocol.chunks import Collector, sha256
+from fedprune.protocol.files import write_atomic
+from fedprune.protocol.messages import Chunk, Manifest
 
 log = logging.getLogger("fedprune.client")
 

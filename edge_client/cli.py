@@ -17,8 +17,11 @@ from fedprune import __version__, device_profiles
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client.client import RESEND_AFTER, EdgeClient, Identity, peak_memory_mb
 from fedprune.edge_client.deploy import DeploymentReceiver
-from fedprune.edge_client.errors import ConfigError, FedpruneError, print_error
-from fedprune.edge_client.options import (
+from fedprune.edge_client.service import DEFAULT_CONFIG, unit
+from fedprune.edge_client.trainer import check_backend
+from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
+from fedprune.protocol.messages import COORDINATOR
+from fedprune.protocol.options import (
     add_broker_arguments,
     add_config_argument,
     at_least_one,
@@ -27,11 +30,8 @@ from fedprune.edge_client.options import (
     parse_with_config,
     positive_seconds,
 )
-from fedprune.edge_client.service import DEFAULT_CONFIG, unit
-from fedprune.edge_client.signing import Trust, load_signing_key, load_verify_key
-from fedprune.edge_client.trainer import check_backend
-from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import COORDINATOR
+from fedprune.protocol.signing import Trust, load_signing_key, load_verify_key
+from fedprune.protocol.transport import MqttTransport
 
 PROG = "fedprune-client"
 

@@ -19,7 +19,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedprune.edge_client.artifact import ArtifactStore
-from fedprune.edge_client.codec import (
+from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
+from fedprune.edge_client.trainer import (
+    EpochHook,
+    Evaluation,
+    Trainer,
+    backend_class,
+    make_trainer,
+)
+from fedprune.protocol.chunks import MAX_ASSEMBLED_BYTES, Collector, sha256, split_to_fit
+from fedprune.protocol.codec import (
     F32,
     Codec,
     Model,
@@ -33,24 +43,11 @@ from fedprune.edge_client.codec import (
     encode_update,
     features,
 )
-from fedprune.edge_client.data import LocalData
-from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
-from fedprune.edge_client.errors import ConfigError, SignatureError, WireError
-from fedprune.edge_client.signing import SigningKey, Trust
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.trainer import (
-    EpochHook,
-    Evaluation,
-    Trainer,
-    backend_class,
-    make_trainer,
-)
-from fedprune.edge_client.transport import ConnectionChange, Transport
-from fedprune.edge_client.wire import (
-    MAX_ASSEMBLED_BYTES,
-    UNSIGNED,
+from fedprune.protocol.envelope import UNSIGNED, encode, receive
+from fedprune.protocol.errors import ConfigError, SignatureError, WireError
+from fedprune.protocol.messages import (
+    COORDINATOR,
     Chunk,
-    Collector,
     Deployment,
     Failed,
     Hello,
@@ -64,11 +61,10 @@ from fedprune.edge_client.wire import (
     Status,
     Unanswered,
     architecture,
-    decode,
-    encode,
-    sha256,
-    split_to_fit,
 )
+from fedprune.protocol.signing import SigningKey, Trust
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import ConnectionChange, Transport
 
 if TYPE_CHECKING:
     from fedprune.device_profiles import DeviceProfile
@@ -412,7 +408,7 @@ class EdgeClient:
         if not payload:  # a cleared retained message
             return
         try:
-            message = decode(payload, self.trust).message
+            message = receive(payload, self.trust, sender=COORDINATOR).message
             if isinstance(message, Spec):
                 self._on_spec(message)
             elif isinstance(message, Round):
@@ -443,7 +439,7 @@ class EdgeClient:
         except SignatureError as exc:
             self.report.dropped += 1
             log.warning("dropped a message on %s: %s", topic, exc)
-        except (WireError, TypeError, ValueError, KeyError, IndexError) as exc:
+        except WireError as exc:
             # Whatever arrives from the network is data: a bad message is logged, never fatal.
             log.warning("ignored a message on %s: %s", topic, exc)
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprune.edge_client.errors import ModelError, WireError
-from fedprune.edge_client.files import write_atomic
 from fedprune.edge_client.litert import open_model, predict
-from fedprune.edge_client.wire import Chunk, Collector, Deployment
+from fedprune.protocol.chunks import Collector
+from fedprune.protocol.errors import ModelError, WireError
+from fedprune.protocol.files import write_atomic
+from fedprune.protocol.messages import Chunk, Deployment
 
 log = logging.getLogger("fedprune.client")
 

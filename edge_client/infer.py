@@ -27,10 +27,10 @@ import numpy as np
 from fedprune import __version__
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client import litert
-from fedprune.edge_client.errors import ConfigError, FedpruneError, ModelError, print_error
 from fedprune.edge_client.litert import Latency, TensorFormat
-from fedprune.edge_client.options import at_least_one
 from fedprune.edge_client.quiet import native_log_filtered
+from fedprune.protocol.errors import ConfigError, FedpruneError, ModelError, print_error
+from fedprune.protocol.options import at_least_one
 
 PROG = "fedprune-infer"
 MODEL_FILE = "model.tflite"

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.edge_client.codec import Model
-from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches
-from fedprune.edge_client.wire import Spec
+from fedprune.protocol.codec import Model
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Spec
 
 ALLOWED_LAYERS = frozenset(
     {

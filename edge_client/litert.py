@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from fedprune.edge_client.errors import ModelError
+from fedprune.protocol.errors import ModelError
 
 BATCH_SIZE = 256
 

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from fedprune.edge_client.codec import Model
-from fedprune.edge_client.errors import ModelError
 from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches
-from fedprune.edge_client.wire import Spec
+from fedprune.protocol.codec import Model
+from fedprune.protocol.errors import ModelError
+from fedprune.protocol.messages import Spec
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
 """The signature keys every training artifact holds: the contract with converters.trainable."""

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedprune.edge_client.codec import Model
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.wire import Spec
+from fedprune.protocol.codec import Model
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Spec
 
 EpochHook = Callable[[int], None]
 

@@ -6,7 +6,7 @@
 #   scripts/arm64.sh setup               make or refresh the ARM userland and wheels (idempotent)
 #   scripts/arm64.sh python ARGS...      ARM python3.11 with fedprune[edge,zstd,monitor] installed from its wheel
 #   scripts/arm64.sh client ARGS...      fedprune-client (python -m fedprune.edge_client ARGS...) on ARM
-#   scripts/arm64.sh test [PYTEST ARGS]  tests/edge_client and tests/device_profiles on ARM
+#   scripts/arm64.sh test [PYTEST ARGS]  tests/edge_client, tests/protocol and tests/device_profiles on ARM
 #   scripts/arm64.sh clean               delete the cache
 #
 # Environment:
@@ -281,7 +281,7 @@ sys.exit(not all(u.find_spec(m) for m in ("tensorflow", "tf_keras", "sklearn")))
   local code=0
   arm_python "$repo/scripts/arm64"
   "${arm[@]}" -m pytest -p no:cacheprovider \
-    -p arm64_pytest tests/edge_client tests/device_profiles "$@" || code=$?
+    -p arm64_pytest tests/edge_client tests/protocol tests/device_profiles "$@" || code=$?
   log "edge tests under qemu ($cpu): exit $code after $((SECONDS - started)) s"
   return $code
 }

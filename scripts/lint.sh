@@ -24,4 +24,4 @@ for package, folder in mapping.items():
             (target / source.name).symlink_to(source.resolve())
 PY
 MYPYPATH=$tree .venv/bin/mypy --strict -p fedprune 2>&1 |
-  sed -E "s#^$tree/fedprune/(coordinator|converters|device_profiles|edge_client)/#\1/#; s#^$tree/##"
+  sed -E "s#^$tree/fedprune/(coordinator|converters|device_profiles|edge_client|monitor|protocol)/#\1/#; s#^$tree/##"

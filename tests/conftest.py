@@ -5,6 +5,7 @@ nothing of the checkout on the path."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import venv
@@ -16,6 +17,15 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on, so connecting to it is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fedprune
-from fedprune.edge_client.dashboard import ASSETS
+from fedprune.monitor.dashboard import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -25,7 +25,7 @@ DEVICE_COMMANDS = ("fedprune-client", "fedprune-infer", "fedprune-profiles", "fe
 
 
 def _source_files() -> set[str]:
-    """Every file of the package folders, named as installed (``fedprune/edge_client/...``)."""
+    """Every file of the package folders, named as installed (``fedprune/protocol/...``)."""
     names = set()
     for package, folder in PACKAGE_DIRS.items():
         for path in (ROOT / folder).rglob("*"):
@@ -43,6 +43,8 @@ def test_every_package_installs_under_the_fedprune_name() -> None:
         "fedprune.converters",
         "fedprune.device_profiles",
         "fedprune.edge_client",
+        "fedprune.monitor",
+        "fedprune.protocol",
     }
     assert all(target.startswith("fedprune.") for target in SCRIPTS.values())
     assert fedprune.__version__ == importlib.metadata.version("fedprune")
@@ -82,8 +84,8 @@ def test_the_wheel_holds_every_file_of_the_package_folders_and_nothing_else(whee
         f"{package.replace('.', '/')}/py.typed" for package in PACKAGE_DIRS
     }
     assert {n.split("/", 1)[0] for n in metadata} == {f"fedprune-{fedprune.__version__}.dist-info"}
-    web = {n.removeprefix("fedprune/edge_client/web-assets/").removesuffix(".gz") for n in names
-           if n.startswith("fedprune/edge_client/web-assets/")}  # fmt: skip
+    web = {n.removeprefix("fedprune/monitor/web-assets/").removesuffix(".gz") for n in names
+           if n.startswith("fedprune/monitor/web-assets/")}  # fmt: skip
     assert set(ASSETS) <= web  # the dashboard's page and its assets
 
 
@@ -109,7 +111,8 @@ def test_the_wheel_installs_the_device_commands_without_tensorflow(
         "import importlib.util as u, json, fedprune, fedprune.edge_client.cli;"
         "print(json.dumps({'version': fedprune.__version__, 'file': fedprune.__file__,"
         " 'missing': [m for m in ('tensorflow', 'edge_client', 'coordinator', 'converters',"
-        " 'device_profiles', 'fedprune.coordinator') if u.find_spec(m) is None]}))",
+        " 'device_profiles', 'protocol', 'monitor', 'fedprune.coordinator')"
+        " if u.find_spec(m) is None]}))",
     )
     profiles = run(edge_venv / "fedprune-profiles", "list")
     keras = run(edge_venv / "fedprune-client", "--data", data, "--broker", "mqtt://127.0.0.1:9")
@@ -121,7 +124,7 @@ def test_the_wheel_installs_the_device_commands_without_tensorflow(
     assert Path(facts["file"]).is_relative_to(edge_venv.parent)
     # The coordinator subpackage is in the wheel too; only its dependencies are not installed.
     assert facts["missing"] == ["tensorflow", "edge_client", "coordinator", "converters",
-                                "device_profiles"]  # fmt: skip
+                                "device_profiles", "protocol", "monitor"]  # fmt: skip
     assert profiles.returncode == 0 and len(profiles.stdout.splitlines()) == 1 + 7
     assert keras.returncode == 2
     assert keras.stderr.strip().splitlines() == [

@@ -22,7 +22,7 @@ from fedprune.converters.tflite import (
     samples_sha256,
     split_calibration,
 )
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 RunFactory = Callable[..., Path]
 

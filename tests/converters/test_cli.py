@@ -11,7 +11,7 @@ import pytest
 
 from fedprune.converters.cli import main
 from fedprune.device_profiles import available
-from fedprune.edge_client.errors import ConfigError, ExportError
+from fedprune.protocol.errors import ConfigError, ExportError
 
 RunFactory = Callable[..., Path]
 

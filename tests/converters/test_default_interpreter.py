@@ -23,9 +23,9 @@ from fedprune.converters.report import REPORT_FILE
 from fedprune.converters.tflite import to_tflite
 from fedprune.device_profiles import DeviceProfile, Precision, available
 from fedprune.device_profiles import load as load_profile
-from fedprune.edge_client.errors import ModelError
 from fedprune.edge_client.infer import main as infer_main
 from fedprune.edge_client.litert import Runtime, open_model, predict
+from fedprune.protocol.errors import ModelError
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 DEFAULT_RUNTIME = "default interpreter (XNNPACK)"

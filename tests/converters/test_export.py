@@ -15,7 +15,7 @@ import pytest
 
 from fedprune.converters import ExportReport, export_profiles, export_run, load_keras
 from fedprune.converters.report import REPORT_FILE
-from fedprune.edge_client.errors import ConfigError, ExportError
+from fedprune.protocol.errors import ConfigError, ExportError
 
 SPARSITY = 0.8
 RunFactory = Callable[..., Path]

@@ -19,9 +19,9 @@ from fedprune.converters import ExportReport, export_model
 from fedprune.converters.cli import main as export_main
 from fedprune.converters.report import REPORT_FILE
 from fedprune.device_profiles import DeviceProfile
-from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.infer import main as infer_main
 from fedprune.edge_client.litert import TensorFormat
+from fedprune.protocol.errors import ConfigError
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 ProfileFactory = Callable[..., DeviceProfile]

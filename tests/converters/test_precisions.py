@@ -13,8 +13,8 @@ from fedprune.converters import export_model
 from fedprune.converters.report import ExportReport
 from fedprune.converters.tflite import parse_precision, to_tflite
 from fedprune.device_profiles import DeviceProfile, Precision
-from fedprune.edge_client.errors import ConfigError, ExportError
 from fedprune.edge_client.litert import load_interpreter
+from fedprune.protocol.errors import ConfigError, ExportError
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 ProfileFactory = Callable[..., DeviceProfile]

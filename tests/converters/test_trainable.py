@@ -19,7 +19,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from fedprune.converters.strip import load_keras, strip
 from fedprune.converters.trainable import SIGNATURES, build_trainable
 from fedprune.coordinator import models
-from fedprune.edge_client.errors import ConfigError, ExportError
+from fedprune.protocol.errors import ConfigError, ExportError
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 
 from fedprune.coordinator.aggregation import make_aggregator
 from fedprune.coordinator.fedavg import FedAvg
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.codec import Update
+from fedprune.protocol.errors import ConfigError
 
 
 def _shapes(rng: np.random.Generator) -> list[tuple[int, ...]]:

@@ -7,20 +7,11 @@ from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.coordinator.aggregator import ShareAggregator
 from fedprune.coordinator.config import RunConfig
-from fedprune.edge_client.codec import Model, Update, encode_model, encode_update
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.wire import (
-    COORDINATOR,
-    Hello,
-    Manifest,
-    Notice,
-    Round,
-    Tally,
-    decode,
-    encode,
-    sha256,
-    split,
-)
+from fedprune.protocol.chunks import sha256, split
+from fedprune.protocol.codec import Model, Update, encode_model, encode_update
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.messages import COORDINATOR, Hello, Manifest, Notice, Round, Tally
+from fedprune.protocol.topics import Topics
 
 RUN = "share"
 TOPICS = Topics(RUN)
@@ -62,12 +53,12 @@ def test_an_update_another_aggregator_took_is_answered_not_summed_again() -> Non
     tally = Tally(round=1, reported=["a"], responded=["a"], rejected={}, bytes_up=100)
 
     # Execute
-    aggregator._route(TOPICS.tally("agg-2"), encode(tally, run=RUN, sender=COORDINATOR))
+    aggregator.handle(TOPICS.tally("agg-2"), encode(tally, run=RUN, sender=COORDINATOR))
     _send(aggregator, "a", model, 0.5)
     _send(aggregator, "b", model, 0.25)
 
     # Assert: only "b" is in this aggregator's sum; "a" has its answer again
-    state = aggregator._collect
+    state = aggregator.intake.current
     assert state is not None
     assert state.aggregator.count == 1 and state.reported == {"b"}
     notices = [decode(item[1]).message for item in iter(lambda: inbox.get(0), None)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 
 @pytest.mark.parametrize(

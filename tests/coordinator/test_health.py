@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedprune.coordinator.health import chance_accuracy, verdict
-from fedprune.coordinator.rounds import RoundResult
+from fedprune.coordinator.result import RoundResult
 
 
 def _rounds(*accuracies: float | None) -> list[RoundResult]:

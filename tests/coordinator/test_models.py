@@ -11,7 +11,7 @@ import tf_keras
 from fedprune.coordinator import models
 from fedprune.coordinator.config import ScheduleConfig
 from fedprune.coordinator.pruning import Pruner
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 
 def test_cnn_preset_has_132650_parameters() -> None:

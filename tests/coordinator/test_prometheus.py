@@ -10,11 +10,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedprune.coordinator.prometheus import Metrics
-from fedprune.coordinator.rounds import RoundResult
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.transport import ConnectionChange, ConnectionEvent
-from fedprune.edge_client.wire import Hello
+from fedprune.coordinator.result import RoundResult
+from fedprune.protocol.codec import Update
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Hello
+from fedprune.protocol.transport import ConnectionChange, ConnectionEvent
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,7 +11,7 @@ from cryptography import x509
 
 from fedprune.coordinator import provision
 from fedprune.coordinator.broker import queue_settings
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 
 @pytest.fixture

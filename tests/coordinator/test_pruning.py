@@ -11,7 +11,7 @@ import tf_keras
 from fedprune.coordinator import models
 from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
 from fedprune.coordinator.pruning import Pruner, pruner_for
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 TARGET = 0.8
 # An odd ramp: with TF-MOT's own step counting (frequency > 1) the final update could be skipped.

@@ -11,10 +11,10 @@ from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig, ScheduleConfig
 from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.pruning import Pruner, pruner_for
-from fedprune.coordinator.rounds import RoundResult
+from fedprune.coordinator.result import RoundResult
 from fedprune.coordinator.rundir import RunDir
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.wire import Hello
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Hello
 
 
 def test_an_earlier_run_is_kept_unless_overwrite_is_given(tmp_path: Path) -> None:

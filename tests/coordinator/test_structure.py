@@ -10,7 +10,7 @@ import tf_keras
 
 from fedprune.coordinator import models
 from fedprune.coordinator.structure import check_chain, rebuild, unit_layers, unit_norms
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 layers = tf_keras.layers
 

@@ -6,12 +6,12 @@ import numpy as np
 
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.ledger import EVENTS, TEXT, Ledger
-from fedprune.coordinator.rounds import RoundResult
+from fedprune.coordinator.result import RoundResult
 from fedprune.coordinator.telemetry import Telemetry
-from fedprune.edge_client.codec import Update
-from fedprune.edge_client.transport import ConnectionChange, ConnectionEvent
-from fedprune.edge_client.wire import Hello, Phase
-from fedprune.edge_client.wire import Telemetry as Snapshot
+from fedprune.protocol.codec import Update
+from fedprune.protocol.messages import Hello, Phase
+from fedprune.protocol.messages import Telemetry as Snapshot
+from fedprune.protocol.transport import ConnectionChange, ConnectionEvent
 
 
 class Clock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -9,12 +10,15 @@ import pytest
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
+from round_harness import MLP_PARAMS, ROUND, Harness, make_harness, random_delta, update_payload
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
 from fedprune.coordinator.pruning import Pruner, pruner_for
 from fedprune.coordinator.structure import alive, unit_norms
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.codec import Model
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Round
 
 X = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
 
@@ -276,3 +280,47 @@ def test_unit_pruning_refuses_a_grouped_convolution() -> None:
 def test_unit_schedule_options_are_checked(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ScheduleConfig(begin_round=2, end_round=12, **fields)  # type: ignore[arg-type]
+
+
+def _pruned_mlp(schedule: ScheduleConfig) -> Pruner:
+    """The mlp preset under ``schedule``, at its step 1 (what the round loop's harness runs)."""
+    pruner = Pruner(models.build("mlp", seed=0), schedule)
+    pruner.step(0)
+    pruner.step(1)
+    return pruner
+
+
+@pytest.fixture
+def harness() -> Callable[..., Harness]:
+    return make_harness(_pruned_mlp)
+
+
+def test_after_a_rebuild_a_late_update_of_the_old_model_is_refused_not_a_crash(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: half the units go at round 2 and the model is rebuilt; "b"'s round-2 update, on
+    # the old model's shapes, arrives during round 3
+    units = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=2)
+    h = harness(quorum=0.5, staleness_weight=0.5, schedule=units, rounds=3)
+    sent: dict[str, object] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        if announcement.round == ROUND:
+            h.clients["a"].send(ROUND, update_payload(model, random_delta(model, 1)))
+            sent["old"] = update_payload(model, random_delta(model, 2))
+            return
+        h.clients["b"].send(ROUND, sent["old"])  # type: ignore[arg-type]
+        h.clients["a"].send(
+            ROUND + 1, update_payload(model, random_delta(model, 3), round_=ROUND + 1)
+        )
+
+    h.on_round(answer)
+    _, first, _ = h.run_round()
+
+    # Execute
+    result = h.coordinator.run_round(ROUND + 1)
+
+    # Assert: the round went on with the small model; the old update was refused as late
+    assert first.parameters == result.parameters < MLP_PARAMS
+    assert result.reported == 1 and result.stale == 0
+    assert result.rejected == {"round": 1}

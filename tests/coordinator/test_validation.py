@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedprune.coordinator.validation import Limits, Reason, Rejected, validate
-from fedprune.edge_client.codec import Model, Update, encode_update
+from fedprune.protocol.codec import Model, Update, encode_update
 
 ROUND = 4
 LIMITS = Limits()

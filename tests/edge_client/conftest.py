@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A loopback TCP port that nothing listens on, so connecting to it is refused at once."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
 
 # Two real TFLite digits classifiers, built once per session in a subprocess, so that the edge
 # client's tests never import TensorFlow themselves.

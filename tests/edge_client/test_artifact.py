@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedprune.edge_client.artifact import ArtifactStore
-from fedprune.edge_client.errors import WireError
-from fedprune.edge_client.wire import Chunk, Manifest, sha256, split
+from fedprune.protocol.chunks import sha256, split
+from fedprune.protocol.errors import WireError
+from fedprune.protocol.messages import Chunk, Manifest
 
 
 def manifest_and_chunks(data: bytes) -> tuple[Manifest, list[Chunk]]:

@@ -16,7 +16,10 @@ from fedprune import device_profiles
 from fedprune.edge_client import client as client_module
 from fedprune.edge_client import trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient, Identity, resend_wait
-from fedprune.edge_client.codec import (
+from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
+from fedprune.protocol.chunks import Reassembler, sha256, split
+from fedprune.protocol.codec import (
     Model,
     Residual,
     apply_delta,
@@ -24,13 +27,9 @@ from fedprune.edge_client.codec import (
     encode_delta,
     encode_model,
 )
-from fedprune.edge_client.data import LocalData
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.signing import SigningKey, Trust
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
-from fedprune.edge_client.transport import ConnectionChange, ConnectionEvent
-from fedprune.edge_client.wire import (
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import (
     Chunk,
     Failed,
     Hello,
@@ -39,16 +38,14 @@ from fedprune.edge_client.wire import (
     Notice,
     Offline,
     Phase,
-    Reassembler,
     Round,
     Spec,
     Status,
     Unanswered,
-    decode,
-    encode,
-    sha256,
-    split,
 )
+from fedprune.protocol.signing import SigningKey, Trust
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import ConnectionChange, ConnectionEvent
 
 RUN = "kitchen-run"
 CLIENT = "pi-kitchen"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedprune.edge_client.data import LocalData, load
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 
 def _samples(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from fedprune.edge_client.deploy import DeploymentReceiver
-from fedprune.edge_client.wire import Chunk, Deployment, Manifest, sha256, split
+from fedprune.protocol.chunks import sha256, split
+from fedprune.protocol.messages import Chunk, Deployment, Manifest
 
 
 def deployment(model: bytes, *, sha: str | None = None) -> tuple[Deployment, list[Chunk]]:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedprune.edge_client.errors import ConfigError
 from fedprune.edge_client.keras_trainer import check_architecture
+from fedprune.protocol.errors import ConfigError
 
 
 def _sequential(*layers: dict[str, object]) -> str:

@@ -1,4 +1,5 @@
-"""The edge client imports, and its CLI runs, on a device without TensorFlow installed.
+"""The edge client, the protocol and the monitor import, and their CLIs run, on a machine without
+TensorFlow installed.
 
 Each test runs a fresh interpreter in which an import hook makes TensorFlow and Keras impossible to
 import, as if they were not installed.
@@ -48,15 +49,17 @@ def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_every_edge_client_module_imports_without_tensorflow(tmp_path: Path) -> None:
-    # Prepare
+def test_every_module_of_the_light_packages_imports_without_tensorflow(tmp_path: Path) -> None:
+    # Prepare: every module a device or a monitor may load
     code = """
         import importlib
         import pkgutil
 
-        from fedprune import edge_client
+        from fedprune import edge_client, monitor, protocol
         names = sorted(
-            m.name for m in pkgutil.iter_modules(edge_client.__path__, "fedprune.edge_client.")
+            m.name
+            for package in (edge_client, protocol, monitor)
+            for m in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
             if m.name not in ("fedprune.edge_client.keras_trainer", "fedprune.edge_client.__main__")
         )
         for name in names:
@@ -74,7 +77,9 @@ def test_every_edge_client_module_imports_without_tensorflow(tmp_path: Path) -> 
     assert {
         "fedprune.edge_client.cli",
         "fedprune.edge_client.client",
-        "fedprune.edge_client.wire",
+        "fedprune.protocol.envelope",
+        "fedprune.protocol.transport",
+        "fedprune.monitor.cli",
     } <= set(imported.split(","))
     assert heavy == ""
 
@@ -116,9 +121,9 @@ def test_the_client_cli_reports_a_missing_data_file_without_tensorflow(tmp_path:
 def test_the_keras_trainer_without_tensorflow_is_a_config_error(tmp_path: Path) -> None:
     # Prepare
     code = """
-        from fedprune.edge_client.errors import ConfigError
+        from fedprune.protocol.errors import ConfigError
         from fedprune.edge_client.trainer import make_trainer
-        from fedprune.edge_client.wire import Spec
+        from fedprune.protocol.messages import Spec
 
         spec = Spec(model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1,
                     momentum=0.0, local_epochs=1, batch_size=8)
@@ -143,28 +148,30 @@ def test_the_small_modules_import_without_paho_numpy_or_litert(tmp_path: Path) -
     # Prepare: what a monitor or an error printer needs, and nothing heavier
     code = """
         import fedprune.edge_client
-        import fedprune.edge_client.errors
-        import fedprune.edge_client.topics
-        import fedprune.edge_client.wire
+        import fedprune.protocol.chunks
+        import fedprune.protocol.envelope
+        import fedprune.protocol.errors
+        import fedprune.protocol.messages
+        import fedprune.protocol.topics
         heavy = ("paho", "numpy", "ai_edge_litert")
         print(",".join(sorted(n for n in sys.modules if n.partition(".")[0] in heavy)))
-        print(fedprune.edge_client.ConfigError.__module__)
+        print(fedprune.edge_client.EdgeClient.__module__)
     """
 
     # Execute
     result = _run(code, tmp_path)
 
-    # Assert: names still resolve from the package, lazily
+    # Assert: the client resolves from the package, lazily (then it loads what it needs)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["", "fedprune.edge_client.errors"]
+    assert result.stdout.splitlines() == ["", "fedprune.edge_client.client"]
 
 
 def test_the_monitor_and_its_views_need_neither_numpy_nor_litert(tmp_path: Path) -> None:
     # Prepare: the monitor extra installs paho, msgpack, PyNaCl and rich, not numpy or LiteRT
     code = """
-        import fedprune.edge_client.dashboard
-        import fedprune.edge_client.monitor
-        import fedprune.edge_client.view
+        import fedprune.monitor.cli
+        import fedprune.monitor.dashboard
+        import fedprune.monitor.view
         heavy = ("numpy", "ai_edge_litert")
         print(",".join(sorted(n for n in sys.modules if n.partition(".")[0] in heavy)))
     """

@@ -13,8 +13,8 @@ import pytest
 from devices import start_device
 
 from fedprune.coordinator.digits import write_demo_data
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -156,7 +156,7 @@ def test_the_client_cli_answers_under_arm(arm64: None) -> None:
 
 
 def test_the_edge_unit_tests_pass_under_arm(arm64: None) -> None:
-    # Execute: tests/edge_client and tests/device_profiles inside the emulated Python.
+    # Execute: tests/edge_client, tests/protocol and tests/device_profiles under emulated ARM.
     done = _arm("test", "-q", timeout=1200)
 
     # Assert

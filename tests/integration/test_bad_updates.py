@@ -13,19 +13,12 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedprune.edge_client.codec import Model, Update, decode_model, encode_update
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import (
-    Chunk,
-    Hello,
-    Offline,
-    Reassembler,
-    Round,
-    decode,
-    encode,
-    split,
-)
+from fedprune.protocol.chunks import Reassembler, split
+from fedprune.protocol.codec import Model, Update, decode_model, encode_update
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.messages import Chunk, Hello, Offline, Round
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from fedprune.edge_client.cli import main
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import Hello, Offline, decode
+from fedprune.protocol.envelope import decode
+from fedprune.protocol.messages import Hello, Offline
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration]
 

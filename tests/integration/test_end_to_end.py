@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

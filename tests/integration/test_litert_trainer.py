@@ -13,10 +13,10 @@ import pytest
 
 from fedprune.converters.trainable import build_trainable
 from fedprune.coordinator import digits, models
-from fedprune.edge_client.codec import Model
 from fedprune.edge_client.keras_trainer import KerasTrainer
 from fedprune.edge_client.litert_trainer import LiteRTTrainer
-from fedprune.edge_client.wire import Spec
+from fedprune.protocol.codec import Model
+from fedprune.protocol.messages import Spec
 
 pytestmark = pytest.mark.integration
 

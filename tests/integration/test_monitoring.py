@@ -172,7 +172,7 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
             coordinator, timeout=300,
         )  # fmt: skip
         scrape = _get(f"http://127.0.0.1:{metrics_port}/metrics")
-        monitor_command = [sys.executable, "-m", "fedprune.edge_client.monitor",
+        monitor_command = [sys.executable, "-m", "fedprune.monitor.cli",
                            "--broker", mosquitto, "--run", RUN, "--once"]  # fmt: skip
         monitor, view, dom, shot = _all_at_once([
             [*monitor_command, "--json"],
@@ -275,9 +275,9 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
 
 def test_the_dashboard_shows_updates_that_devices_say_they_sent_and_have_not_arrived() -> None:
     # Prepare: a round in which pi-2 resent its update for want of a notice, nothing from it here
-    from fedprune.edge_client.dashboard import Dashboard
-    from fedprune.edge_client.telemetry import Progress, RunInfo
-    from fedprune.edge_client.wire import Telemetry
+    from fedprune.monitor.dashboard import Dashboard
+    from fedprune.protocol.messages import Telemetry
+    from fedprune.protocol.telemetry import Progress, RunInfo
 
     run = RunInfo(name=RUN, session="s1", phase="training", round=2, rounds=5, deadline=1060.0,
                   model_version=2, sparsity_target=0.8, sparsity=0.4, started=1000.0,

@@ -19,9 +19,9 @@ import pytest
 
 from fedprune.coordinator import digits, provision
 from fedprune.coordinator.broker import free_port, mosquitto_binary
-from fedprune.edge_client.connection import BrokerSettings
-from fedprune.edge_client.errors import BrokerError
-from fedprune.edge_client.transport import MqttTransport
+from fedprune.protocol.connection import BrokerSettings
+from fedprune.protocol.errors import BrokerError
+from fedprune.protocol.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 
 from fedprune.coordinator import digits
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import (
-    Chunk,
-    Deployment,
-    Manifest,
-    Phase,
-    Round,
-    Status,
-    decode,
-    encode,
-    sha256,
-    split,
-)
+from fedprune.protocol.chunks import sha256, split
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.messages import Chunk, Deployment, Manifest, Phase, Round, Status
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

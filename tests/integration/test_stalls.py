@@ -27,10 +27,12 @@ from fedprune.coordinator.digits import write_demo_data
 from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.rounds import Coordinator
-from fedprune.edge_client.codec import Update, decode_model, encode_update
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import ConnectionEvent, MqttTransport
-from fedprune.edge_client.wire import Chunk, Collector, Hello, Round, decode, encode, split_to_fit
+from fedprune.protocol.chunks import Collector, split_to_fit
+from fedprune.protocol.codec import Update, decode_model, encode_update
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.messages import Chunk, Hello, Round
+from fedprune.protocol.topics import Topics
+from fedprune.protocol.transport import ConnectionEvent, MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from fedprune.coordinator.broker import EmbeddedBroker
-from fedprune.edge_client.errors import OversizeError
-from fedprune.edge_client.transport import MqttTransport
-from fedprune.edge_client.wire import Chunk, Reassembler, decode, encode, split
+from fedprune.protocol.chunks import Reassembler, split
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.errors import OversizeError
+from fedprune.protocol.messages import Chunk
+from fedprune.protocol.transport import MqttTransport
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ A test helper, kept out of the installed package; pytest finds it through ``pyth
 
 from __future__ import annotations
 
-from fedprune.edge_client.transport import Transport, topic_matches
+from fedprune.protocol.transport import Transport, topic_matches
 
 
 class MemoryBroker:

@@ -21,8 +21,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fedprune.edge_client.errors import ShapeError, WireError
-from fedprune.edge_client.files import write_atomic
+from fedprune.protocol.errors import ShapeError, WireError
+from fedprune.protocol.files import write_atomic
 
 try:  # Python 3.14's compression.zstd, or its backport (the "zstd" extra); optional on a device
     from compression import zstd  # type: ignore[import-not-found,unused-ignore]

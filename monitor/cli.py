@@ -13,37 +13,26 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from fedprune import __version__
-from fedprune.edge_client.errors import (
+from fedprune.monitor.watcher import Watcher
+from fedprune.protocol.envelope import UNSIGNED
+from fedprune.protocol.errors import (
     ConfigError,
     FedpruneError,
-    SignatureError,
-    WireError,
     print_error,
 )
-from fedprune.edge_client.options import (
+from fedprune.protocol.messages import COORDINATOR
+from fedprune.protocol.options import (
     add_broker_arguments,
     add_config_argument,
     broker_settings,
     name,
     parse_with_config,
 )
-from fedprune.edge_client.signing import Trust, load_verify_key
-from fedprune.edge_client.telemetry import as_json
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.transport import MqttTransport, Transport
-from fedprune.edge_client.wire import (
-    COORDINATOR,
-    UNSIGNED,
-    Offline,
-    Phase,
-    Status,
-    Telemetry,
-    decode,
-)
+from fedprune.protocol.signing import Trust, load_verify_key
+from fedprune.protocol.transport import MqttTransport
 
 PROG = "fedprune-monitor"
 log = logging.getLogger("fedprune.monitor")
@@ -57,73 +46,6 @@ CONFIG_KEYS = {  # a monitor's config file (fedprune-provision writes monitor/mo
     "run": ("run", False),
     "coordinator_key": ("coordinator_key", True),
 }
-
-
-class NoRun(FedpruneError):
-    """Nothing about the run is on the broker."""
-
-
-class Watcher:
-    """Follows one run's telemetry and its coordinator's status on the broker."""
-
-    def __init__(self, transport: Transport, run: str, *, trust: Trust = UNSIGNED) -> None:
-        self.transport = transport
-        self.topics = Topics(run)
-        self.trust = trust
-        self.snapshot: Telemetry | None = None
-        # online (waiting or training), finished, aborted, offline (its last will), or unknown
-        self.coordinator = "unknown"
-        self.dropped = 0
-        for topic in (self.topics.telemetry, self.topics.status):
-            transport.subscribe(topic)
-
-    def poll(self, timeout: float) -> bool:
-        """Handle what arrives within ``timeout`` seconds; ``True`` if the picture changed."""
-        item = self.transport.get(timeout)
-        if item is None or not item[1]:
-            return False
-        topic, payload = item
-        try:
-            envelope = decode(payload, self.trust)
-        except SignatureError as exc:
-            self.dropped += 1
-            log.warning("dropped a message on %s: %s", topic, exc)
-            return False
-        except WireError as exc:
-            log.warning("ignored a message on %s: %s", topic, exc)
-            return False
-        if envelope.sender != COORDINATOR:
-            return False
-        message = envelope.message
-        if isinstance(message, Telemetry):
-            self.snapshot = message
-        elif isinstance(message, Status):
-            finished = message.phase in (Phase.FINISHED, Phase.ABORTED)
-            self.coordinator = message.phase.value if finished else "online"
-        elif isinstance(message, Offline):
-            self.coordinator = "offline"
-        else:
-            return False
-        return True
-
-    def wait(self, seconds: float) -> Telemetry:
-        """The first snapshot (retained ones arrive at once), or ``NoRun`` after ``seconds``."""
-        end = time.monotonic() + seconds
-        while self.snapshot is None and time.monotonic() < end:
-            self.poll(min(0.2, max(0.0, end - time.monotonic())))
-        if self.snapshot is None:
-            raise NoRun(
-                f"no telemetry for run {self.topics.run!r} on the broker after {seconds:.0f} s"
-                f" (nothing retained on {self.topics.telemetry}): is the run name right, and has"
-                " its coordinator started?"
-            )
-        while self.poll(0.2):  # the status that came with it
-            pass
-        return self.snapshot
-
-    def as_json(self) -> dict[str, object]:
-        data: dict[str, object] = as_json(self.snapshot) if self.snapshot is not None else {}
-        return {"coordinator": self.coordinator, **data}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -214,7 +136,7 @@ def _once(watcher: Watcher, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(watcher.as_json(), indent=2))
     else:
-        from fedprune.edge_client.view import console, render
+        from fedprune.monitor.view import console, render
 
         out = console(record=args.svg is not None)
         assert watcher.snapshot is not None
@@ -225,7 +147,7 @@ def _once(watcher: Watcher, args: argparse.Namespace) -> int:
 
 
 def _serve(watcher: Watcher, address: str) -> int:
-    from fedprune.edge_client.dashboard import Dashboard, parse_address
+    from fedprune.monitor.dashboard import Dashboard, parse_address
 
     dashboard = Dashboard(parse_address(address)).start()
     print(f"{PROG}: dashboard of run {watcher.topics.run} at {dashboard.url}", flush=True)
@@ -241,7 +163,7 @@ def _serve(watcher: Watcher, address: str) -> int:
 
 def _live(watcher: Watcher) -> int:
     """A live view on a terminal; elsewhere (a pipe, a log) one line per round or phase."""
-    from fedprune.edge_client.view import console, line, render
+    from fedprune.monitor.view import console, line, render
 
     out = console()
     if not out.is_terminal:

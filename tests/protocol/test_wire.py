@@ -11,15 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedprune.edge_client.errors import OversizeError, WireError
-from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
-from fedprune.edge_client.wire import (
+from fedprune.protocol.chunks import Collector, Reassembler, split
+from fedprune.protocol.envelope import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
+    decode,
+    encode,
+)
+from fedprune.protocol.errors import OversizeError, WireError
+from fedprune.protocol.messages import (
     Chunk,
     Close,
-    Collector,
     Failed,
     Hello,
     Manifest,
@@ -28,16 +31,13 @@ from fedprune.edge_client.wire import (
     Notice,
     Offline,
     Phase,
-    Reassembler,
     Round,
     Spec,
     Status,
     Tally,
     Telemetry,
-    decode,
-    encode,
-    split,
 )
+from fedprune.protocol.telemetry import DeviceRow, Event, Progress, RunInfo
 
 NEWER = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR + 1}"  # a minor version from the future
 

@@ -13,7 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fedprune.edge_client.wire import Telemetry
+from fedprune.protocol.messages import Telemetry
 
 ROUNDS_SHOWN = 10
 EVENTS_SHOWN = 8

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedprune.edge_client.codec import (
+from fedprune.protocol.codec import (
     F32,
     Codec,
     Model,
@@ -21,7 +21,7 @@ from fedprune.edge_client.codec import (
     encode_update,
     zstd,
 )
-from fedprune.edge_client.errors import WireError
+from fedprune.protocol.errors import WireError
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.telemetry import as_json
-from fedprune.edge_client.wire import Telemetry
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Telemetry
+from fedprune.protocol.telemetry import as_json
 
 log = logging.getLogger("fedprune.dashboard")
 
@@ -105,7 +105,7 @@ class Dashboard:
 
 
 def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
-    web = resources.files("fedprune.edge_client") / "web-assets"
+    web = resources.files("fedprune.monitor") / "web-assets"
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "fedprune-dashboard"

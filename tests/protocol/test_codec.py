@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedprune.edge_client.codec import (
+from fedprune.protocol.codec import (
     Model,
     Update,
     decode_model,
@@ -17,7 +17,7 @@ from fedprune.edge_client.codec import (
     encode_model,
     encode_update,
 )
-from fedprune.edge_client.errors import WireError
+from fedprune.protocol.errors import WireError
 
 FLOATS = st.floats(width=32, allow_nan=False, allow_infinity=False)
 

@@ -39,8 +39,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedprune.edge_client.connection import BrokerSettings, BrokerUrl
-from fedprune.edge_client.errors import BrokerError, OversizeError
+from fedprune.protocol.connection import BrokerSettings, BrokerUrl
+from fedprune.protocol.errors import BrokerError, OversizeError
 
 __all__ = [
     "BrokerSettings",

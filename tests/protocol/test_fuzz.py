@@ -17,7 +17,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedprune.edge_client.codec import (
+from fedprune.protocol.chunks import Reassembler
+from fedprune.protocol.codec import (
     Codec,
     Model,
     Update,
@@ -27,9 +28,10 @@ from fedprune.edge_client.codec import (
     encode_model,
     encode_update,
 )
-from fedprune.edge_client.errors import WireError
-from fedprune.edge_client.signing import SigningKey, Trust
-from fedprune.edge_client.wire import Chunk, Kind, Offline, Reassembler, decode, encode
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.errors import WireError
+from fedprune.protocol.messages import Chunk, Kind, Offline
+from fedprune.protocol.signing import SigningKey, Trust
 
 EXAMPLES = 2_000
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.errors import ConfigError
 
 USERNAME_ENV = "FEDPRUNE_MQTT_USERNAME"
 PASSWORD_ENV = "FEDPRUNE_MQTT_PASSWORD"

@@ -22,7 +22,7 @@ from nacl.encoding import HexEncoder
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from fedprune.edge_client.errors import ConfigError, SignatureError
+from fedprune.protocol.errors import ConfigError, SignatureError
 
 __all__ = ["SigningKey", "Trust", "VerifyKey", "load_signing_key", "load_verify_key", "new_keypair"]
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from memory_broker import MemoryBroker, MemoryTransport
 
-from fedprune.edge_client.monitor import NoRun, Watcher, main
-from fedprune.edge_client.signing import SigningKey, Trust
-from fedprune.edge_client.telemetry import DeviceRow, Event, Progress, RunInfo
-from fedprune.edge_client.topics import Topics
-from fedprune.edge_client.view import console, line, render
-from fedprune.edge_client.wire import COORDINATOR, Offline, Phase, Status, Telemetry, encode
+from fedprune.monitor.cli import main
+from fedprune.monitor.view import console, line, render
+from fedprune.monitor.watcher import NoRun, Watcher
+from fedprune.protocol.envelope import encode
+from fedprune.protocol.messages import COORDINATOR, Offline, Phase, Status, Telemetry
+from fedprune.protocol.signing import SigningKey, Trust
+from fedprune.protocol.telemetry import DeviceRow, Event, Progress, RunInfo
+from fedprune.protocol.topics import Topics
 
 RUN = "watched"
 TOPICS = Topics(RUN)

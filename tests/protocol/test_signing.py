@@ -1,4 +1,4 @@
-"""Signed messages: the receiver checks who sent them (Ed25519, edge_client.signing)."""
+"""Signed messages: the receiver checks who sent them (Ed25519, protocol.signing)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from fedprune.edge_client.errors import ConfigError, SignatureError
-from fedprune.edge_client.signing import (
+from fedprune.protocol.envelope import decode, encode
+from fedprune.protocol.errors import ConfigError, SignatureError
+from fedprune.protocol.messages import Offline, Phase, Status
+from fedprune.protocol.signing import (
     SigningKey,
     Trust,
     load_signing_key,
     load_verify_key,
     new_keypair,
 )
-from fedprune.edge_client.wire import Offline, Phase, Status, decode, encode
 
 COORDINATOR_KEY = SigningKey.generate()
 STRANGER_KEY = SigningKey.generate()

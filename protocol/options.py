@@ -7,9 +7,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedprune.edge_client.connection import PASSWORD_ENV, USERNAME_ENV, BrokerSettings
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.topics import check_name
+from fedprune.protocol.connection import PASSWORD_ENV, USERNAME_ENV, BrokerSettings
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.topics import check_name
 
 
 def at_least_one(text: str) -> int:

@@ -4,6 +4,7 @@
     ├── ConfigError                bad flags, profile, data file or model file (exit 2)
     ├── WireError                  a payload that cannot be decoded or fails its checksum
     │   ├── SignatureError         unsigned, wrongly signed, or signed by a key we do not trust
+    │   ├── SenderError            sent as another sender than the topic's or the expected one
     │   ├── VersionError           a message in another major protocol version
     │   ├── ShapeError             a tensor payload that does not fit the model
     │   └── OversizeError          a payload larger than the transport allows
@@ -39,6 +40,10 @@ class WireError(FedpruneError):
 
 class SignatureError(WireError):
     """A message whose signature is missing, wrong, or made with a key we do not trust."""
+
+
+class SenderError(WireError):
+    """A message sent as someone other than the one whose topic it is on (or who must send it)."""
 
 
 class VersionError(WireError):

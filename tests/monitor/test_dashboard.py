@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedprune.edge_client.dashboard import ASSETS, Dashboard, parse_address
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.telemetry import Event, RunInfo
-from fedprune.edge_client.wire import Telemetry
+from fedprune.monitor.dashboard import ASSETS, Dashboard, parse_address
+from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import Telemetry
+from fedprune.protocol.telemetry import Event, RunInfo
 
 SNAPSHOT = Telemetry(
     run=RunInfo(name="demo", session="s1", phase="training", round=2, rounds=5, deadline=None,

@@ -9,8 +9,8 @@ import time
 import pytest
 from memory_broker import MemoryBroker, MemoryTransport
 
-from fedprune.edge_client.errors import BrokerError, ConfigError, OversizeError
-from fedprune.edge_client.transport import BrokerUrl, Inbox, MqttTransport
+from fedprune.protocol.errors import BrokerError, ConfigError, OversizeError
+from fedprune.protocol.transport import BrokerUrl, Inbox, MqttTransport
 
 
 def test_an_oversize_payload_is_refused_before_it_is_sent() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedprune.edge_client.connection import BrokerSettings, BrokerUrl
-from fedprune.edge_client.errors import ConfigError
+from fedprune.protocol.connection import BrokerSettings, BrokerUrl
+from fedprune.protocol.errors import ConfigError
 
 
 def test_credentials_in_the_url_are_refused_without_echoing_the_password() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fedprune.edge_client.errors import ConfigError
-from fedprune.edge_client.wire import PROTOCOL_MAJOR
+from fedprune.protocol.envelope import PROTOCOL_MAJOR
+from fedprune.protocol.errors import ConfigError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """What a run, a device or a profile may be called: each becomes an MQTT topic level and a folder

@@ -1,0 +1,198 @@
+"""The envelope around every message: version, run, sender, sequence, an optional signature.
+
+Every message is one msgpack map ``{"v": "<major>.<minor>", "kind": ..., "run": ..., "sender":
+..., "seq": ..., "body": {...}}`` (``v`` is :data:`PROTOCOL_VERSION`); a signed one is wrapped in
+an outer map of kind ``"signed"`` with the inner bytes and their Ed25519 signature. The major
+version also appears in the topic (``fedprune/v1/<run>/...``); a message whose major differs from
+ours is refused. Every field is checked against its type; nothing is ever pickled.
+:func:`receive` is how every reader takes a message: decode, verify, and check the sender.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+from fedprune.protocol.errors import SenderError, VersionError, WireError
+from fedprune.protocol.messages import KINDS, Kind, Message
+from fedprune.protocol.signing import SigningKey, Trust
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 9  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
+# 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
+# 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
+# Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
+# bytes; Round.selected is no longer sent), Hello.max_payload; 1.7: update codecs (Spec.codec,
+# Hello.codecs, an update's "codec" and "tensors", zstandard payloads), Round.delta and base;
+# 1.8: Round.architecture (a unit-pruned model is rebuilt smaller and the Spec published again);
+# 1.9: Hello.unanswered (an update a device resends for want of a notice), Progress.overdue
+PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+
+SIGNED = "signed"
+"""The outer kind of a signed message."""
+
+UNSIGNED = Trust()
+"""The trust of a receiver that takes unsigned messages (the demo, tests)."""
+
+_seq = itertools.count()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Envelope:
+    """A decoded message with its routing fields."""
+
+    version: str
+    run: str
+    sender: str
+    seq: int
+    message: Message = field(repr=False)
+    signed: bool = False  # carried a signature that the receiver's Trust checked
+
+
+def encode(message: Message, *, run: str, sender: str, signer: SigningKey | None = None) -> bytes:
+    """Serialize one message in its envelope; with ``signer``, wrapped with its signature."""
+    body = {f.name: _plain(getattr(message, f.name)) for f in dataclasses.fields(message)}
+    envelope = {
+        "v": PROTOCOL_VERSION,
+        "kind": message.KIND.value,
+        "run": run,
+        "sender": sender,
+        "seq": next(_seq),
+        "body": body,
+    }
+    inner: bytes = msgpack.packb(envelope, use_bin_type=True)
+    if signer is None:
+        return inner
+    signed = {
+        "v": PROTOCOL_VERSION,
+        "kind": SIGNED,
+        "signed": inner,
+        "sig": signer.sign(inner).signature,
+    }
+    return msgpack.packb(signed, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def receive(payload: bytes, trust: Trust, *, sender: str | None = None) -> Envelope:
+    """A message as every reader takes one: decoded, its signature checked against ``trust``,
+    and, with ``sender``, sent as that id (``SenderError`` otherwise: on a device's topic only
+    that device may speak, on the coordinator's only the coordinator)."""
+    envelope = decode(payload, trust)
+    if sender is not None and envelope.sender != sender:
+        raise SenderError(f"sent as {envelope.sender[:64]!r}, expected {sender[:64]!r}")
+    return envelope
+
+
+def decode(payload: bytes, trust: Trust = UNSIGNED) -> Envelope:
+    """Parse and check one message; any problem is a ``WireError`` naming it. A ``trust`` with
+    keys also requires the sender's valid signature (``SignatureError`` otherwise)."""
+    raw = _map(payload)
+    if raw.get("kind") != SIGNED:
+        envelope = _envelope(raw)
+        trust.check(envelope.sender, None, None)
+        return envelope
+    signed, signature = raw.get("signed"), raw.get("sig")
+    if not isinstance(signed, bytes) or not isinstance(signature, bytes):
+        raise WireError("malformed signed message")
+    envelope = _envelope(_map(signed))
+    trust.check(envelope.sender, signed, signature)
+    return dataclasses.replace(envelope, signed=True)
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as msgpack takes it: nested records (alone or in a list) become maps."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _map(payload: bytes) -> dict[Any, Any]:
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable message ({exc or type(exc).__name__})") from exc
+    if not isinstance(raw, dict):
+        raise WireError("message is not a map")
+    version = raw.get("v")
+    if not isinstance(version, str):
+        raise VersionError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+    major, _, minor = version.partition(".")
+    if major != str(PROTOCOL_MAJOR) or not minor.isdigit():
+        raise VersionError(f"unknown protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+    return raw
+
+
+def _envelope(raw: dict[Any, Any]) -> Envelope:
+    version = str(raw["v"])
+    try:
+        cls = KINDS[Kind(raw["kind"])]
+        message = _build(cls, raw["body"], newer=int(version.partition(".")[2]) > PROTOCOL_MINOR)
+        return Envelope(
+            version=version,
+            run=str(raw["run"]),
+            sender=str(raw["sender"]),
+            seq=int(raw["seq"]),
+            message=message,
+        )
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise WireError(f"malformed message ({exc})") from exc
+
+
+def _build(cls: type[Any], body: Any, *, newer: bool) -> Any:
+    """A message (or nested record) from its msgpack map, every field checked against its type.
+    A newer minor may add optional fields: those are dropped, here and in nested records."""
+    if not isinstance(body, dict):
+        raise WireError(f"malformed message (a {cls.__name__} must be a map)")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in body.items():
+        if key not in names:
+            if newer:
+                continue
+            raise WireError(f"malformed message (unknown field {key!r} in a {cls.__name__})")
+        hint = hints[key]
+        nested = next(
+            (a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None
+        )
+        if nested is not None and isinstance(value, dict):
+            value = _build(nested, value, newer=newer)  # type: ignore[arg-type]
+        elif typing.get_origin(hint) is list and isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            if dataclasses.is_dataclass(item):
+                value = [_build(item, v, newer=newer) for v in value]  # type: ignore[arg-type]
+        if not _matches(value, hint):
+            raise WireError(
+                f"malformed message (field {key!r} of a {cls.__name__} has a wrong type)"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        return value in {m.value for m in hint}
+    return isinstance(value, hint)
