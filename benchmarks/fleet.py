@@ -66,7 +66,7 @@ import numpy as np
 from nacl.encoding import HexEncoder
 
 from fedprune.coordinator.broker import free_port, mosquitto_binary, queue_settings
-from fedprune.edge_client.client import resend_wait
+from fedprune.edge_client.uplink import resend_wait
 from fedprune.protocol.chunks import Collector, sha256, split_to_fit
 from fedprune.protocol.codec import Model, Update, decode_model, encode_update
 from fedprune.protocol.envelope import decode, encode

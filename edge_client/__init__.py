@@ -12,11 +12,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedprune.edge_client.client import EdgeClient, Identity
+    from fedprune.edge_client.client import EdgeClient
+    from fedprune.edge_client.uplink import Identity
 
 __all__ = ["EdgeClient", "Identity"]
 
-_HOME = {"EdgeClient": "client", "Identity": "client"}
+_HOME = {"EdgeClient": "client", "Identity": "uplink"}
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ import numpy as np
 from fedprune.edge_client.artifact import ArtifactStore
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
+from fedprune.edge_client.download import ModelDownload
 from fedprune.edge_client.trainer import (
     EpochHook,
     Evaluation,
@@ -28,41 +29,36 @@ from fedprune.edge_client.trainer import (
     backend_class,
     make_trainer,
 )
-from fedprune.protocol.chunks import MAX_ASSEMBLED_BYTES, Collector, sha256, split_to_fit
+from fedprune.edge_client.uplink import Identity, Uplink
+from fedprune.protocol.chunks import MAX_ASSEMBLED_BYTES
 from fedprune.protocol.codec import (
     F32,
     Codec,
     Model,
     Residual,
     Update,
-    apply_delta,
     decode_model,
     decode_update,
     default_codec,
-    encode_model,
     encode_update,
     features,
 )
-from fedprune.protocol.envelope import UNSIGNED, encode, receive
+from fedprune.protocol.envelope import UNSIGNED, receive
 from fedprune.protocol.errors import ConfigError, SignatureError, WireError
 from fedprune.protocol.messages import (
     COORDINATOR,
     Chunk,
     Deployment,
-    Failed,
-    Hello,
     Manifest,
-    Message,
     Notice,
     Offline,
     Phase,
     Round,
     Spec,
     Status,
-    Unanswered,
     architecture,
 )
-from fedprune.protocol.signing import SigningKey, Trust
+from fedprune.protocol.signing import Trust
 from fedprune.protocol.topics import Topics
 from fedprune.protocol.transport import ConnectionChange, Transport
 
@@ -72,19 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedprune.client")
 
 WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
-RESEND_AFTER = 60.0  # the least a device waits for a notice before it sends an update again
-
-
-def resend_wait(round_: Round, resends: int, after: float | None = None) -> float:
-    """Seconds a device waits for the notice of its update before it sends it again (for the
-    ``resends + 1``-th time): ``after`` if given, else half the round's duration and at least
-    :data:`RESEND_AFTER`, doubled at each resend. A resend is a safety net for a message the
-    broker lost, not a remedy for a coordinator working through a backlog (the broker keeps
-    that for it): resending sooner than a long round needs would only lengthen the backlog."""
-    first = after or max(RESEND_AFTER, round_.duration / 2)
-    return float(first * 2**resends)
-
-
 EPOCH_REPORT_SECONDS = 10.0  # how often a long local training says how far it is
 
 
@@ -100,63 +83,6 @@ class ClientReport:
     oversize: int = 0  # messages over the profile's payload limit, ignored
     failed: int = 0  # rounds whose training raised (reported to the coordinator)
     resent: int = 0  # updates sent again for want of a notice (or after a reconnect)
-
-
-@dataclass(kw_only=True)
-class Pending:
-    """The last update sent, until the coordinator's notice for its round arrives."""
-
-    round: int
-    session: str
-    payload: bytes
-    sent_at: float  # monotonic, when it was last sent
-    resends: int = 0
-
-    def claim(self) -> Unanswered:
-        return Unanswered(session=self.session, round=self.round, sha256=sha256(self.payload),
-                          resends=self.resends)  # fmt: skip
-
-
-@dataclass(frozen=True, kw_only=True)
-class Identity:
-    """Who a client is; its hello is retained on its status topic and its will replaces it."""
-
-    run: str
-    client_id: str
-    profile: str
-    num_samples: int
-    backend: str
-    max_payload: int = 0  # the largest message it takes (its profile's), 0 = any
-    signer: SigningKey | None = field(default=None, repr=False, compare=False)
-
-    def encode(self, message: Message) -> bytes:
-        return encode(message, run=self.run, sender=self.client_id, signer=self.signer)
-
-    def hello(
-        self,
-        installed: str | None = None,
-        *,
-        deploys: bool = False,
-        unanswered: Unanswered | None = None,
-    ) -> tuple[str, bytes]:
-        """The hello; whether the device installs deployed models, which one it runs (by
-        SHA-256) if it has one, and the update it resends for want of a notice."""
-        message = Hello(
-            client_id=self.client_id,
-            profile=self.profile,
-            num_samples=self.num_samples,
-            backend=self.backend,
-            installed=installed,
-            deploys=deploys,
-            max_payload=self.max_payload,
-            codecs=features(),
-            unanswered=unanswered,
-        )
-        return Topics(self.run).client_status(self.client_id), self.encode(message)
-
-    def will(self) -> tuple[str, bytes]:
-        topic = Topics(self.run).client_status(self.client_id)
-        return topic, self.encode(Offline(who=self.client_id))
 
 
 class EdgeClient:
@@ -216,11 +142,18 @@ class EdgeClient:
         self._round: Round | None = None
         self._round_seen: tuple[int, float] | None = None  # round number, monotonic time seen
         self._out_of_time: int | None = None  # the round whose running out was said
-        self._models = self._collector()
-        self._model: tuple[str, bytes] | None = None  # the newest complete model, by SHA-256
-        self._model_topics: str | None = None  # the model chunks subscribed to
-        self._pending: Pending | None = None  # the last update, until its notice arrives
-        self.resend_after = resend_after
+        self.uplink = Uplink(
+            transport,
+            identity,
+            counts=self.report,
+            installed=lambda: None if deploy is None else deploy.installed_sha256,
+            deploys=deploy is not None,
+            resend_after=resend_after,
+        )
+        assemble = MAX_ASSEMBLED_BYTES if profile is None else profile.memory_mb * 2**20 // 4
+        self.download = ModelDownload(
+            transport, self.topics, max_size=min(MAX_ASSEMBLED_BYTES, assemble)
+        )
         self._deploy_prefix = self.topics.deploy(identity.profile)
         self._finished_at: float | None = None  # when the coordinator said it finished
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
@@ -244,15 +177,7 @@ class EdgeClient:
             patterns.append(f"{t.artifact}/+")
         for pattern in patterns:
             self.transport.subscribe(pattern)
-        self._say_hello()
-
-    def _say_hello(self) -> None:
-        installed = None if self.deploy is None else self.deploy.installed_sha256
-        pending = self._pending
-        claim = pending.claim() if pending is not None and pending.resends else None
-        topic, payload = self.identity.hello(installed, deploys=self.deploy is not None,
-                                             unanswered=claim)  # fmt: skip
-        self.transport.publish(topic, payload, retain=True)
+        self.uplink.hello()
 
     def run(self, *, timeout: float | None = None, forever: bool = False) -> ClientReport:
         """Serve rounds until the coordinator finishes (or ``timeout`` seconds pass); with
@@ -329,7 +254,7 @@ class EdgeClient:
             return f"a round that selects this device (round {round_.round} does not)"
         if self._time_left(round_) <= 0:
             return f"the next round (round {round_.round}'s time ran out)"
-        if self._model is None or self._model[0] != round_.model.sha256:
+        if self.download.model(round_) is None:
             return f"round {round_.round}'s model ({round_.model.size:,} bytes)"
         return None
 
@@ -379,7 +304,9 @@ class EdgeClient:
 
     def _on_status(self, status: Status) -> None:
         self._status = status
-        self._coordinator_back()
+        if self._coordinator_gone is not None:
+            self.uplink.coordinator_back(self._coordinator_gone)
+            self._coordinator_gone = None
         if status.session and status.session == self._ended:
             return  # the end of a run already served, again (a reconnect)
         if status.phase in (Phase.WAITING, Phase.TRAINING):
@@ -425,7 +352,7 @@ class EdgeClient:
                 if self.deploy is not None:
                     self._installed(self.deploy.on_chunk(message))
             elif isinstance(message, Chunk):
-                self._add_model_chunk(message)
+                self.download.on_chunk(message, self._round)
             elif isinstance(message, Deployment) and self.deploy is not None:
                 self._installed(self.deploy.on_deployment(message))
             elif isinstance(message, Status):
@@ -435,7 +362,7 @@ class EdgeClient:
                 log.warning("the coordinator's connection dropped; waiting for it to come back")
                 self._coordinator_gone = self._coordinator_gone or time.monotonic()
             elif isinstance(message, Notice):
-                self._on_notice(message)
+                self.uplink.on_notice(message)
         except SignatureError as exc:
             self.report.dropped += 1
             log.warning("dropped a message on %s: %s", topic, exc)
@@ -455,7 +382,8 @@ class EdgeClient:
         if self._session is not None:
             log.info("the coordinator started a new session (%s): this device joins it", session)
             self._trained.clear()
-            self._round = self._round_seen = self._pending = self._out_of_time = None
+            self._round = self._round_seen = self._out_of_time = None
+            self.uplink.forget()
             self._finished_at = None
             self._unable = None
         self._session = session
@@ -464,118 +392,34 @@ class EdgeClient:
     def _installed(self, result: DeployResult | None) -> None:
         """Tell the coordinator (in a new hello) which model this device now runs."""
         if result is not None and result.saved:
-            self._say_hello()
+            self.uplink.hello()
 
     def _fetch_model(self, round_: Round) -> None:
         """Subscribe to the round's model when the round selects this device (and only then: an
         unselected device downloads nothing), instead of the previous round's."""
         if not round_.selects(self.client_id) or round_.round in self._trained:
             return
-        if round_.model.size > self._models.max_size:  # it would be refused chunk by chunk
+        if round_.model.size > self.download.max_size:  # it would be refused chunk by chunk
             self._trained.add(round_.round)
-            limit = self._models.max_size
+            limit = self.download.max_size
             why = (f"the model of {round_.model.size:,} bytes is over the {limit:,} this device"
                    " assembles at most (a quarter of its profile's memory)")  # fmt: skip
             log.error("round %d: %s; told the coordinator", round_.round, why)
-            self._failed(round_.round, why)
+            self.uplink.failed(round_.round, why)
             return
-        # The change to the model held here if there is one for it, else the whole model; the
-        # topics are ours, never the message's.
-        held = self._model is not None and self._model[0] == round_.base
-        topic = self.topics.delta if round_.delta is not None and held else self.topics.model
-        self._subscribe_models(f"{topic(round_.model_version)}/+")
-
-    def _subscribe_models(self, pattern: str) -> None:
-        """Receive the model chunks of ``pattern`` instead of those of before."""
-        if pattern == self._model_topics:
-            return
-        if self._model_topics is not None:
-            self.transport.unsubscribe(self._model_topics)
-        self._model_topics = pattern
-        self._models = self._collector()  # a fresh start: a new run may send a model seen before
-        self.transport.subscribe(pattern)
-
-    def _collector(self) -> Collector:
-        """Assembles models no bigger than a quarter of the profile's memory."""
-        if self.profile is None:
-            return Collector()
-        return Collector(max_size=min(MAX_ASSEMBLED_BYTES, self.profile.memory_mb * 2**20 // 4))
-
-    def _add_model_chunk(self, chunk: Chunk) -> None:
-        """Collect model chunks by payload hash; the round's manifest names the hash it wants."""
-        payload = self._models.add(chunk)
-        round_ = self._round
-        if payload is None:
-            return
-        if round_ is not None and round_.delta is not None and chunk.sha256 == round_.delta.sha256:
-            self._rebuild(round_, payload)
-        else:
-            self._model = (chunk.sha256, payload)
-
-    def _rebuild(self, round_: Round, delta: bytes) -> None:
-        """The round's model from the one held here and its change; when that fails, or does
-        not give the model the round names (by SHA-256), the whole model is fetched."""
-        try:
-            if self._model is None or self._model[0] != round_.base:
-                raise WireError("the model it changes is not the one held here")
-            whole = encode_model(apply_delta(decode_model(self._model[1]), delta))
-        except WireError as exc:
-            why = str(exc)
-        else:
-            if sha256(whole) == round_.model.sha256:
-                self._model = (round_.model.sha256, whole)
-                return
-            why = "it does not give the round's model (another SHA-256)"
-        log.warning("round %d: the model's change cannot be used (%s); fetching it whole",
-                    round_.round, why)  # fmt: skip
-        self._subscribe_models(f"{self.topics.model(round_.model_version)}/+")
-
-    def _coordinator_back(self) -> None:
-        """The coordinator is back: the time it was away does not count towards a resend (its
-        session on the broker kept what was sent for it meanwhile)."""
-        pending, gone = self._pending, self._coordinator_gone
-        if gone is not None and pending is not None:
-            pending.sent_at += time.monotonic() - max(gone, pending.sent_at)
-        self._coordinator_gone = None
-
-    def _on_notice(self, notice: Notice) -> None:
-        pending = self._pending
-        if pending is not None and pending.round == notice.round:
-            self._pending = None
-            if pending.resends:
-                self._say_hello()  # no longer unanswered
-        if not notice.accepted:
-            self.report.rejected += 1
-            log.warning("round %d: update rejected (%s)", notice.round, notice.reason)
+        self.download.fetch(round_)
 
     def _maybe_resend(self) -> None:
-        """Send the pending update again when its notice has not come :func:`resend_wait`
-        seconds after it was sent, or at once when this device's connection
-        came back, while its round lasts: a delivery lost on the way costs a resend, not the
-        update. The coordinator drops a copy it has by its SHA-256 and answers it again. A
-        resend for want of a notice is said in the hello (``Hello.unanswered``)."""
+        """Send the pending update again if its notice is overdue, or at once after this
+        device's own reconnect, while its round lasts (uplink.Uplink.maybe_resend); not while
+        the coordinator's last will says it is away (its session keeps what was sent)."""
         reconnected = any(
             e.change is ConnectionChange.RESTORED for e in self.transport.connection_events()
         )
-        pending, round_ = self._pending, self._round
-        if pending is None or round_ is None or round_.round != pending.round:
-            return
-        if self._time_left(round_) <= 0 or (self._coordinator_gone and not reconnected):
-            return
-        waited = time.monotonic() - pending.sent_at
-        if reconnected:
-            log.info("round %d: resending the update after a reconnect", pending.round)
-        elif waited >= resend_wait(round_, pending.resends, self.resend_after):
-            pending.resends += 1
-            log.warning("round %d: no answer from the coordinator %.0f s after the update was"
-                        " sent; sending it again (resend %d)", pending.round, waited,
-                        pending.resends)  # fmt: skip
-            self._say_hello()
-        else:
-            return
-        self.report.resent += 1
-        self.send(pending.round, pending.payload)
-        pending.sent_at = time.monotonic()
+        round_ = self._round
+        open_ = round_ is not None and self._time_left(round_) > 0
+        away = self._coordinator_gone is not None and not reconnected
+        self.uplink.maybe_resend(round_, open_=open_ and not away, reconnected=reconnected)
 
     def _maybe_train(self) -> None:
         round_, spec = self._round, self._spec
@@ -592,9 +436,10 @@ class EdgeClient:
         if (why := self._cannot_train(spec)) is not None:  # only when serving forever
             self._trained.add(round_.round)
             log.error("round %d: %s; told the coordinator", round_.round, why)
-            self._failed(round_.round, why)
+            self.uplink.failed(round_.round, why)
             return
-        if self._model is None or self._model[0] != round_.model.sha256:
+        payload = self.download.model(round_)
+        if payload is None:
             return
         if round_.architecture and round_.architecture != architecture(spec.model_json):
             return  # the model was rebuilt: its Spec (retained) is on its way
@@ -604,7 +449,7 @@ class EdgeClient:
         self.report.rounds.append(round_.round)
         self._trained.add(round_.round)
         try:
-            model = decode_model(self._model[1])
+            model = decode_model(payload)
         except WireError as exc:
             log.warning("round %d: the global model cannot be decoded (%s)", round_.round, exc)
             return
@@ -615,10 +460,10 @@ class EdgeClient:
                 raise  # it says so and stops
             self._unable = (self._session, str(exc))
             log.error("round %d: %s; waiting for the next run (--forever)", round_.round, exc)
-            self._failed(round_.round, str(exc))
+            self.uplink.failed(round_.round, str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed round is data, not the device's end
             log.exception("round %d: training failed", round_.round)
-            self._failed(round_.round, f"{type(exc).__name__}: {exc}")
+            self.uplink.failed(round_.round, f"{type(exc).__name__}: {exc}")
 
     def _artifact(self, spec: Spec) -> bytes | None:
         """The training artifact this client's backend needs, once it is here."""
@@ -678,9 +523,7 @@ class EdgeClient:
             },
         )
         payload = self._encode(update, model, spec, seed)
-        self._pending = Pending(round=round_.round, session=self._session or "", payload=payload,
-                                sent_at=time.monotonic())  # fmt: skip
-        sent = self.send(round_.round, payload)
+        sent = self.uplink.update(round_.round, self._session or "", payload)
         log.info(
             "round %d: trained %d epoch(s) on %d samples in %.3f s, held-out accuracy %.3f,"
             " sent %d bytes",
@@ -737,30 +580,6 @@ class EdgeClient:
                 said = now
 
         return epoch_done
-
-    def _failed(self, round_: int, reason: str) -> None:
-        """Tell the coordinator this round's training failed, so that it does not wait for it."""
-        self.report.failed += 1
-        message = Failed(round=round_, reason=reason[:500])
-        self.transport.publish(f"{self.topics.update(self.client_id, round_)}/failed",
-                               self.identity.encode(message))  # fmt: skip
-
-    def send(self, round_: int, payload: bytes) -> int:
-        """Publish an update payload in chunks; returns the bytes put on the wire."""
-        prefix = self.topics.update(self.client_id, round_)
-        sent = 0
-        for chunk in split_to_fit(payload, max_payload=self.transport.max_payload):
-            body = self.identity.encode(chunk)
-            self.transport.publish(f"{prefix}/{chunk.index}", body)
-            sent += len(body)
-        if not self.transport.flush(timeout=30):
-            log.warning(
-                "round %d: the broker has not acknowledged the update yet; it will be"
-                " resent after a reconnect",
-                round_,
-            )
-        self.report.bytes_up += sent
-        return sent
 
 
 def peak_memory_mb() -> float:

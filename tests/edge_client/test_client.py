@@ -15,9 +15,10 @@ from memory_broker import MemoryBroker, MemoryTransport
 from fedprune import device_profiles
 from fedprune.edge_client import client as client_module
 from fedprune.edge_client import trainer
-from fedprune.edge_client.client import ClientReport, EdgeClient, Identity, resend_wait
+from fedprune.edge_client.client import ClientReport, EdgeClient
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
+from fedprune.edge_client.uplink import Identity, resend_wait
 from fedprune.protocol.chunks import Reassembler, sha256, split
 from fedprune.protocol.codec import (
     Model,
@@ -867,7 +868,7 @@ def _claim(broker: MemoryBroker) -> Unanswered | None:
 
 def _resending_client(broker: MemoryBroker, data: LocalData, after: float) -> EdgeClient:
     client = _client(broker, data)
-    client.resend_after = after
+    client.uplink.resend_after = after
     return client
 
 
