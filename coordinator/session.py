@@ -79,18 +79,7 @@ def run(
     pruner = pruner_for(model, config.schedule)
     rundir = RunDir(config.run_dir, overwrite=config.overwrite, resume=resume)
     rundir.write_config(config)
-    x = y = None
-    if config.heldout:
-        heldout = local_data.load(Path(config.heldout), holdout=0.0)
-        x, _ = heldout.shaped([int(d) for d in pruner.stripped.input_shape[1:]])
-        y = heldout.y
-        classes = int(pruner.stripped.output_shape[-1])
-        if y.min() < 0 or y.max() >= classes:
-            raise ConfigError(
-                f"{config.heldout}: labels run from {y.min()} to {y.max()}; the model has"
-                f" {classes} classes"
-            )
-        rundir.write_heldout(x, y)
+    x, y = _heldout(config, pruner, rundir)
 
     def after_round(result: RoundResult) -> None:
         rundir.append(result)
@@ -124,49 +113,19 @@ def run(
     coordinator.telemetry.listeners.extend(listeners or [])
     if resume:
         coordinator.resume(rundir.restore(pruner, coordinator.telemetry.ledger))
-    not_installed: list[str] = []
     try:
         results = coordinator.train()
         if pruner.rebuild():  # unit pruning: what is exported is the smaller model
-            log.info("the model is rebuilt without its removed units: %d parameters",
-                     pruner.parameters())  # fmt: skip
+            log.info(
+                "the model is rebuilt without its removed units: %d parameters",
+                pruner.parameters(),
+            )
         rundir.save_models(pruner)
         unhealthy = verdict(results, None if y is None else chance_accuracy(y))
         wanted = sorted({config.profile, *coordinator.profiles.values()})
         coordinator.telemetry.stage("exporting")
         exports = _export(rundir.path, wanted) if x is not None else {}
-        deployable = {  # by the profile each device announced
-            announced: report
-            for announced, exported in coordinator.profiles.items()
-            if isinstance(report := exports.get(exported), ExportReport)
-        }
-        if unhealthy is not None:
-            log.error(
-                "the final model looks broken: %s; %s", unhealthy,
-                "deploying it anyway (--deploy-anyway)" if config.deploy_anyway
-                else "its exports are not deployed (--deploy-anyway deploys them)",
-            )  # fmt: skip
-            if not config.deploy_anyway:
-                deployable = {}
-        if deployable:
-            coordinator.telemetry.stage("deploying")
-        shas = {
-            profile: coordinator.deploy(
-                profile,
-                report.model_path.read_bytes(),
-                precision=str(report.precision),
-                accuracy=report.tflite_accuracy,
-                export_json=(report.model_path.parent / "export.json").read_text(),
-            )
-            for profile, report in deployable.items()
-        }
-        if shas:
-            not_installed = coordinator.await_installs(shas, timeout=config.install_wait)
-            if not_installed:
-                log.warning(
-                    "%d device(s) did not confirm the deployed model within %.0f s: %s",
-                    len(not_installed), config.install_wait, ", ".join(not_installed),
-                )  # fmt: skip
+        deployable, not_installed = _deploy(coordinator, config, exports, unhealthy)
         coordinator.finish(deployed=sorted(deployable))
         rundir.write_devices(coordinator.telemetry.ledger)
         rundir.write_summary(
@@ -188,6 +147,73 @@ def run(
         not_installed=not_installed,
         bytes_down=coordinator.bytes_down,
     )
+
+
+def _heldout(
+    config: RunConfig, pruner: Pruner, rundir: RunDir
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The run's held-out set (``--heldout``), shaped for the model and kept in the run
+    directory; ``None`` twice without one."""
+    if not config.heldout:
+        return None, None
+    heldout = local_data.load(Path(config.heldout), holdout=0.0)
+    x, _ = heldout.shaped(pruner.input_shape())
+    y = heldout.y
+    classes = int(pruner.stripped.output_shape[-1])
+    if y.min() < 0 or y.max() >= classes:
+        raise ConfigError(
+            f"{config.heldout}: labels run from {y.min()} to {y.max()}; the model has"
+            f" {classes} classes"
+        )
+    rundir.write_heldout(x, y)
+    return x, y
+
+
+def _deploy(
+    coordinator: Coordinator,
+    config: RunConfig,
+    exports: dict[str, ExportReport | str],
+    unhealthy: str | None,
+) -> tuple[dict[str, ExportReport], list[str]]:
+    """Publish each device profile's export (not a final model that looks broken, unless
+    ``--deploy-anyway``) and give the devices ``--install-wait`` seconds to install it: the
+    exports deployed, by the profile devices announced, and the devices that did not confirm."""
+    deployable = {  # by the profile each device announced
+        announced: report
+        for announced, exported in coordinator.profiles.items()
+        if isinstance(report := exports.get(exported), ExportReport)
+    }
+    if unhealthy is not None:
+        log.error(
+            "the final model looks broken: %s; %s",
+            unhealthy,
+            "deploying it anyway (--deploy-anyway)"
+            if config.deploy_anyway
+            else "its exports are not deployed (--deploy-anyway deploys them)",
+        )
+        if not config.deploy_anyway:
+            deployable = {}
+    if deployable:
+        coordinator.telemetry.stage("deploying")
+    shas = {
+        profile: coordinator.deploy(
+            profile,
+            report.model_path.read_bytes(),
+            precision=str(report.precision),
+            accuracy=report.tflite_accuracy,
+            export_json=(report.model_path.parent / "export.json").read_text(),
+        )
+        for profile, report in deployable.items()
+    }
+    not_installed = coordinator.await_installs(shas, timeout=config.install_wait) if shas else []
+    if not_installed:
+        log.warning(
+            "%d device(s) did not confirm the deployed model within %.0f s: %s",
+            len(not_installed),
+            config.install_wait,
+            ", ".join(not_installed),
+        )
+    return deployable, not_installed
 
 
 def _trainable(pruner: Pruner, config: RunConfig) -> bytes:

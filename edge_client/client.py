@@ -332,43 +332,55 @@ class EdgeClient:
         self.report.finished = True
 
     def handle(self, topic: str, payload: bytes) -> None:
+        """One message from the coordinator (only it may send on the topics a device reads)."""
         if not payload:  # a cleared retained message
             return
         try:
             message = receive(payload, self.trust, sender=COORDINATOR).message
-            if isinstance(message, Spec):
-                self._on_spec(message)
+        except SignatureError as exc:
+            self.report.dropped += 1
+            log.warning("dropped a message on %s: %s", topic, exc)
+            return
+        except WireError as exc:  # whatever arrives from the network is data, never fatal
+            log.warning("ignored a message on %s: %s", topic, exc)
+            return
+        try:
+            if isinstance(message, Chunk):
+                self._on_chunk(topic, message)
             elif isinstance(message, Round):
-                if not self._follow_session(message.session):
-                    return
-                if self._round_seen is None or self._round_seen[0] != message.round:
-                    self._round_seen = (message.round, time.monotonic())
-                self._round = message
-                self._fetch_model(message)
-            elif isinstance(message, Chunk) and topic.startswith(self.topics.artifact):
-                if self.artifacts is not None:
-                    self.artifacts.on_chunk(message)
-            elif isinstance(message, Chunk) and topic.startswith(self._deploy_prefix):
-                if self.deploy is not None:
-                    self._installed(self.deploy.on_chunk(message))
-            elif isinstance(message, Chunk):
-                self.download.on_chunk(message, self._round)
-            elif isinstance(message, Deployment) and self.deploy is not None:
-                self._installed(self.deploy.on_deployment(message))
+                if self._follow_session(message.session):
+                    self._on_round(message)
             elif isinstance(message, Status):
                 if self._follow_session(message.session):
                     self._on_status(message)
+            elif isinstance(message, Spec):
+                self._on_spec(message)
+            elif isinstance(message, Deployment) and self.deploy is not None:
+                self._installed(self.deploy.on_deployment(message))
             elif isinstance(message, Offline) and topic == self.topics.status:
                 log.warning("the coordinator's connection dropped; waiting for it to come back")
                 self._coordinator_gone = self._coordinator_gone or time.monotonic()
             elif isinstance(message, Notice):
                 self.uplink.on_notice(message)
-        except SignatureError as exc:
-            self.report.dropped += 1
-            log.warning("dropped a message on %s: %s", topic, exc)
-        except WireError as exc:
-            # Whatever arrives from the network is data: a bad message is logged, never fatal.
+        except WireError as exc:  # a chunk that does not belong, a model that does not decode
             log.warning("ignored a message on %s: %s", topic, exc)
+
+    def _on_chunk(self, topic: str, chunk: Chunk) -> None:
+        """A chunk of the training artifact, of a deployment, or of a round's model."""
+        if topic.startswith(self.topics.artifact):
+            if self.artifacts is not None:
+                self.artifacts.on_chunk(chunk)
+        elif topic.startswith(self._deploy_prefix):
+            if self.deploy is not None:
+                self._installed(self.deploy.on_chunk(chunk))
+        else:
+            self.download.on_chunk(chunk, self._round)
+
+    def _on_round(self, round_: Round) -> None:
+        if self._round_seen is None or self._round_seen[0] != round_.round:
+            self._round_seen = (round_.round, time.monotonic())
+        self._round = round_
+        self._fetch_model(round_)
 
     def _follow_session(self, session: str) -> bool:
         """Whether a message of coordinator session ``session`` is current. A newer session (a

@@ -18,7 +18,8 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any
+from importlib.resources.abc import Traversable
+from typing import Any, ClassVar
 
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import Telemetry
@@ -104,83 +105,89 @@ class Dashboard:
         self._server.server_close()
 
 
-def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
-    web = resources.files("fedprune.monitor") / "web-assets"
+class _Handler(BaseHTTPRequestHandler):
+    """Serves one dashboard (set on a subclass per dashboard: :func:`_handler`)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "fedprune-dashboard"
+    dashboard: ClassVar[Dashboard]
+    web: ClassVar[Traversable]
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-            log.debug("%s " + format, self.address_string(), *args)
+    server_version = "fedprune-dashboard"
 
-        def do_GET(self) -> None:  # noqa: N802 - the base's name
-            path = self.path.split("?", 1)[0]
-            if path == "/events":
-                self._events()
-            elif path == "/snapshot.json":
-                latest = dashboard.latest()
-                if latest is None:
-                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"no telemetry yet\n", "text/plain")
-                else:
-                    self._send(HTTPStatus.OK, latest, "application/json")
-            elif path in ("/", "/index.html"):
-                self._page()
-            elif path.startswith("/static/") and path[len("/static/") :] in ASSETS:
-                self._asset(path[len("/static/") :])
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:  # noqa: N802 - the base's name
+        path = self.path.split("?", 1)[0]
+        if path == "/events":
+            self._events()
+        elif path == "/snapshot.json":
+            latest = self.dashboard.latest()
+            if latest is None:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"no telemetry yet\n", "text/plain")
             else:
-                self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+                self._send(HTTPStatus.OK, latest, "application/json")
+        elif path in ("/", "/index.html"):
+            self._page()
+        elif path.startswith("/static/") and path[len("/static/") :] in ASSETS:
+            self._asset(path[len("/static/") :])
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
-        def _page(self) -> None:
-            """The page, with the latest snapshot inside so that it shows at once."""
-            latest = dashboard.latest()
-            # JSON inside a script element: no "<" at all, so no text can end or nest an element.
-            inline = b"null" if latest is None else latest.replace(b"<", b"\\u003c")
-            page = (
-                (web / "index.html")
-                .read_bytes()
-                .replace(
-                    b'<script id="snapshot" type="application/json">null</script>',
-                    b'<script id="snapshot" type="application/json">' + inline + b"</script>",
-                )
+    def _page(self) -> None:
+        """The page, with the latest snapshot inside so that it shows at once."""
+        latest = self.dashboard.latest()
+        # JSON inside a script element: no "<" at all, so no text can end or nest an element.
+        inline = b"null" if latest is None else latest.replace(b"<", b"\\u003c")
+        page = (
+            (self.web / "index.html")
+            .read_bytes()
+            .replace(
+                b'<script id="snapshot" type="application/json">null</script>',
+                b'<script id="snapshot" type="application/json">' + inline + b"</script>",
             )
-            self._send(HTTPStatus.OK, page, ASSETS["index.html"])
+        )
+        self._send(HTTPStatus.OK, page, ASSETS["index.html"])
 
-        def _asset(self, name: str) -> None:
-            packed = web / f"{name}.gz"
-            if not packed.is_file():
-                self._send(HTTPStatus.OK, (web / name).read_bytes(), ASSETS[name])
-            elif "gzip" in self.headers.get("Accept-Encoding", ""):
-                self._send(HTTPStatus.OK, packed.read_bytes(), ASSETS[name], encoding="gzip")
-            else:
-                self._send(HTTPStatus.OK, gzip.decompress(packed.read_bytes()), ASSETS[name])
+    def _asset(self, name: str) -> None:
+        packed = self.web / f"{name}.gz"
+        if not packed.is_file():
+            self._send(HTTPStatus.OK, (self.web / name).read_bytes(), ASSETS[name])
+        elif "gzip" in self.headers.get("Accept-Encoding", ""):
+            self._send(HTTPStatus.OK, packed.read_bytes(), ASSETS[name], encoding="gzip")
+        else:
+            self._send(HTTPStatus.OK, gzip.decompress(packed.read_bytes()), ASSETS[name])
 
-        def _send(self, status: HTTPStatus, body: bytes, content_type: str,
-                  encoding: str | None = None) -> None:  # fmt: skip
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            if encoding is not None:
-                self.send_header("Content-Encoding", encoding)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
+              encoding: str | None = None) -> None:  # fmt: skip
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if encoding is not None:
+            self.send_header("Content-Encoding", encoding)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
 
-        def _events(self) -> None:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            seen = 0  # version 0: nothing shown yet
-            try:
-                while not dashboard.closing:
-                    version, data = dashboard.wait(seen, KEEPALIVE_SECONDS)
-                    if version != seen and data is not None:
-                        self.wfile.write(b"data: " + data + b"\n\n")
-                    else:
-                        self.wfile.write(b": keep-alive\n\n")
-                    seen = version
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the page was closed
+    def _events(self) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        seen = 0  # version 0: nothing shown yet
+        try:
+            while not self.dashboard.closing:
+                version, data = self.dashboard.wait(seen, KEEPALIVE_SECONDS)
+                if version != seen and data is not None:
+                    self.wfile.write(b"data: " + data + b"\n\n")
+                else:
+                    self.wfile.write(b": keep-alive\n\n")
+                seen = version
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the page was closed
 
-    return Handler
+
+def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of ``dashboard``."""
+    web = resources.files("fedprune.monitor") / "web-assets"
+    return type("Handler", (_Handler,), {"dashboard": dashboard, "web": web})
