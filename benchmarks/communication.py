@@ -61,8 +61,17 @@ PROFILE = "raspberry-pi-4"  # every device: the same trainer and limits in every
 SLOW_PROFILE = "raspberry-pi-zero-2w"  # whose uplink the time-to-accuracy column simulates
 
 
-def one_run(url: str, out: Path, *, model: str, alpha: float, seed: int, rounds: int,
-            clients: int, config: str) -> dict[str, Any]:  # fmt: skip
+def one_run(
+    url: str,
+    out: Path,
+    *,
+    model: str,
+    alpha: float,
+    seed: int,
+    rounds: int,
+    clients: int,
+    config: str,
+) -> dict[str, Any]:
     target, codec, downlink = CONFIGS[config]
     slug = re.sub(r"[^a-z0-9]+", "-", config)
     run = f"comm-{model}-{slug}-{alpha}-{seed}".replace(".", "_")
@@ -70,14 +79,46 @@ def one_run(url: str, out: Path, *, model: str, alpha: float, seed: int, rounds:
     counter.subscribe(Topics(run).all_updates)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "fedprune.coordinator.demo", "--broker", url, "--out", str(out),
-         "--run", run, "--model", model, "--clients", str(clients), "--alpha", str(alpha),
-         "--seed", str(seed), "--rounds", str(rounds), "--target", str(target),
-         "--begin-round", "0", "--end-round", str(rounds // 2), "--codec", codec,
-         "--downlink", downlink, "--client-profiles", PROFILE, "--deploy-anyway",
-         "--install-wait", "0"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedprune.coordinator.demo",
+            "--broker",
+            url,
+            "--out",
+            str(out),
+            "--run",
+            run,
+            "--model",
+            model,
+            "--clients",
+            str(clients),
+            "--alpha",
+            str(alpha),
+            "--seed",
+            str(seed),
+            "--rounds",
+            str(rounds),
+            "--target",
+            str(target),
+            "--begin-round",
+            "0",
+            "--end-round",
+            str(rounds // 2),
+            "--codec",
+            codec,
+            "--downlink",
+            downlink,
+            "--client-profiles",
+            PROFILE,
+            "--deploy-anyway",
+            "--install-wait",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     seconds = time.perf_counter() - started
     counted = 0
     while (item := counter.get(timeout=0.5)) is not None:
@@ -93,7 +134,11 @@ def one_run(url: str, out: Path, *, model: str, alpha: float, seed: int, rounds:
         for p in (run_dir / "logs").glob("client-*.log")
     )
     return {
-        "model": model, "alpha": alpha, "seed": seed, "config": config, "codec": codec,
+        "model": model,
+        "alpha": alpha,
+        "seed": seed,
+        "config": config,
+        "codec": codec,
         "wall_seconds": seconds,
         "accuracy": [r["accuracy"] for r in metrics],
         "bytes_up": [r["bytes_up"] for r in metrics],
@@ -108,7 +153,7 @@ def one_run(url: str, out: Path, *, model: str, alpha: float, seed: int, rounds:
             d["train_seconds"] for d in devices if d.get("train_seconds")
         ),
         "sparsity": metrics[-1]["sparsity"],
-    }  # fmt: skip
+    }
 
 
 def codec_seconds(model: str, codec: str, repeats: int = 20) -> tuple[float, float]:
@@ -147,8 +192,9 @@ def to_target(run: dict[str, Any], target: float) -> tuple[float, float]:
     profile's uplink) until the accuracy first reaches ``target``; NaN if it never does."""
     kbps = load_profile(SLOW_PROFILE).uplink_kbps
     up = seconds = 0.0
-    for accuracy, sent, reported in zip(run["accuracy"], run["bytes_up"], run["reported"],
-                                        strict=True):  # fmt: skip
+    for accuracy, sent, reported in zip(
+        run["accuracy"], run["bytes_up"], run["reported"], strict=True
+    ):
         up += sent
         per_device = sent / max(1, reported)
         seconds += run["train_seconds"] + per_device * 8 / (kbps * 1000)
@@ -170,9 +216,11 @@ def report(runs: list[dict[str, Any]], plot: Path | None) -> None:
         print(
             f"Target for the last columns: 95% of dense FedAvg's final accuracy = {target:.3f}.\n"
         )
-        print("| config | final acc. | up/round (last) | x dense | up/run | x dense | "
-              "down/round (last) | x dense | up to target | x dense | time to target "
-              f"({SLOW_PROFILE}) | encode ms | decode ms | train ms | counts equal |")  # fmt: skip
+        print(
+            "| config | final acc. | up/round (last) | x dense | up/run | x dense | "
+            "down/round (last) | x dense | up to target | x dense | time to target "
+            f"({SLOW_PROFILE}) | encode ms | decode ms | train ms | counts equal |"
+        )
         print("|---" * 15 + "|")
         base = {}
         for config in CONFIGS:
@@ -217,22 +265,28 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     models = sorted({r["model"] for r in runs})
     alphas = sorted({r["alpha"] for r in runs}, reverse=True)
-    fig, axes = plt.subplots(len(models), len(alphas), figsize=(7 * len(alphas), 4.8 * len(models)),
-                             squeeze=False)  # fmt: skip
-    panels = [(ax, m, a) for row, m in zip(axes, models, strict=True)
-              for ax, a in zip(row, alphas, strict=True)]  # fmt: skip
+    fig, axes = plt.subplots(
+        len(models), len(alphas), figsize=(7 * len(alphas), 4.8 * len(models)), squeeze=False
+    )
+    panels = [
+        (ax, m, a)
+        for row, m in zip(axes, models, strict=True)
+        for ax, a in zip(row, alphas, strict=True)
+    ]
     colors = plt.get_cmap("tab20").colors
     for ax, model, alpha in panels:
         ax.set_prop_cycle(color=colors[::2] + colors[1::2])  # type: ignore[operator]
         for config in CONFIGS:
-            these = [r for r in runs if (r["model"], r["alpha"], r["config"]) ==
-                     (model, alpha, config)]  # fmt: skip
+            these = [
+                r for r in runs if (r["model"], r["alpha"], r["config"]) == (model, alpha, config)
+            ]
             if not these:
                 continue
             first = min(these, key=lambda r: r["seed"])
             style = {"color": "black", "linewidth": 2.0} if config == "dense" else {}
-            ax.plot(np.cumsum(first["bytes_up"]), first["accuracy"], marker=".", label=config,
-                    **style)  # type: ignore[arg-type]  # fmt: skip
+            ax.plot(
+                np.cumsum(first["bytes_up"]), first["accuracy"], marker=".", label=config, **style
+            )  # type: ignore[arg-type]
         ax.set_xscale("log")
         ax.set_xlabel("cumulative uplink bytes (all devices)")
         ax.set_ylabel("held-out accuracy")
@@ -269,19 +323,32 @@ def main() -> int:
         runs = json.loads(args.results.read_text())
     done = {(r["model"], r["alpha"], r["seed"], r["config"]) for r in runs}
     grid = itertools.product(
-        args.models.split(","), [float(a) for a in args.alphas.split(",")],
-        [int(s) for s in args.seeds.split(",")], configs,
-    )  # fmt: skip
+        args.models.split(","),
+        [float(a) for a in args.alphas.split(",")],
+        [int(s) for s in args.seeds.split(",")],
+        configs,
+    )
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker("mosquitto") as broker:
         for model, alpha, seed, config in grid:
             if (model, alpha, seed, config) in done:
                 continue
-            run = one_run(broker.url, Path(tmp), model=model, alpha=alpha, seed=seed,
-                          rounds=args.rounds, clients=args.clients, config=config)  # fmt: skip
+            run = one_run(
+                broker.url,
+                Path(tmp),
+                model=model,
+                alpha=alpha,
+                seed=seed,
+                rounds=args.rounds,
+                clients=args.clients,
+                config=config,
+            )
             runs.append(run)
-            print(f"{model} alpha {alpha} seed {seed} {config}: accuracy {run['accuracy'][-1]:.3f},"
-                  f" {sum(run['bytes_up']):,} bytes up, {run['wall_seconds']:.0f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{model} alpha {alpha} seed {seed} {config}: accuracy {run['accuracy'][-1]:.3f},"
+                f" {sum(run['bytes_up']):,} bytes up, {run['wall_seconds']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             if args.results is not None:
                 args.results.write_text(json.dumps(runs))
     report(runs, args.plot)

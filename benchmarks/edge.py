@@ -40,8 +40,18 @@ def folder_mb(path: Path) -> float:
 
 def edge_venv(where: Path, extras: str = "edge") -> Path:
     venv.create(where, with_pip=True)
-    subprocess.run([where / "bin" / "python", "-m", "pip", "install", "-q",
-                    "--disable-pip-version-check", f"{ROOT}[{extras}]"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            where / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            f"{ROOT}[{extras}]",
+        ],
+        check=True,
+    )
     return where
 
 
@@ -55,25 +65,69 @@ def packages_mb(env_dir: Path) -> float:
     return sum(folder_mb(p) if p.is_dir() else p.stat().st_size / 1e6 for p in kept)
 
 
-def one_client(url: str, run: str, python: Path, profile: str, data: Path, heldout: Path,
-               rounds: int, work: Path) -> dict[str, float]:  # fmt: skip
+def one_client(
+    url: str,
+    run: str,
+    python: Path,
+    profile: str,
+    data: Path,
+    heldout: Path,
+    rounds: int,
+    work: Path,
+) -> dict[str, float]:
     coordinator = subprocess.Popen(
-        [BIN / "fedprune-coordinator", "--broker", url, "--run", run, "--min-clients", "1",
-         "--rounds", str(rounds), "--begin-round", "1", "--end-round", str(rounds - 1),
-         "--heldout", str(heldout), "--out", str(work / "runs"), "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            BIN / "fedprune-coordinator",
+            "--broker",
+            url,
+            "--run",
+            run,
+            "--min-clients",
+            "1",
+            "--rounds",
+            str(rounds),
+            "--begin-round",
+            "1",
+            "--end-round",
+            str(rounds - 1),
+            "--heldout",
+            str(heldout),
+            "--out",
+            str(work / "runs"),
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     watcher = MqttTransport(url, client_id=f"watch-{run}")
     watcher.subscribe(Topics(run).client_status("device"))
     log = work / f"{run}.log"
     started = time.perf_counter()
     with log.open("w") as out:
         client = subprocess.Popen(
-            [python, "-m", "fedprune.edge_client", "--broker", url, "--run", run, "--id", "device",
-             "--data", str(data), "--profile", profile, "--cache", str(work / "cache"),
-             "--models", str(work / "models")],
-            stdout=out, stderr=subprocess.STDOUT, cwd=work,
-        )  # fmt: skip
+            [
+                python,
+                "-m",
+                "fedprune.edge_client",
+                "--broker",
+                url,
+                "--run",
+                run,
+                "--id",
+                "device",
+                "--data",
+                str(data),
+                "--profile",
+                profile,
+                "--cache",
+                str(work / "cache"),
+                "--models",
+                str(work / "models"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+        )
         hello = watcher.get(timeout=60)
         ready = time.perf_counter() - started
         client.wait(timeout=600)
@@ -113,8 +167,11 @@ def main() -> int:
                 for i, (name, (python, profile)) in enumerate(trainers.items()):
                     run = f"edge-{repeat}-{i}"
                     shutil.rmtree(work / "cache", ignore_errors=True)
-                    results[name].append(one_client(broker.url, run, python, profile, paths[0],
-                                                    heldout, args.rounds, work))  # fmt: skip
+                    results[name].append(
+                        one_client(
+                            broker.url, run, python, profile, paths[0], heldout, args.rounds, work
+                        )
+                    )
     print(
         f"edge venv (`pip install .[edge]`): {size:.1f} MB on disk, {packages:.1f} MB of packages"
         f" without pip and setuptools; monitor venv (`.[monitor]`): {monitor_size:.1f} MB,"

@@ -170,8 +170,9 @@ class Mosquitto:
             "max_inflight_messages 100\n" + "\n".join(queue_settings(devices)) + "\n"
         )
         self.log = (folder / "mosquitto.log").open("wb")
-        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
+        self.process = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT
+        )
         time.sleep(0.3)
         if self.process.poll() is not None:
             raise SystemExit(f"mosquitto did not start: {(folder / 'mosquitto.log').read_text()}")
@@ -216,9 +217,11 @@ class Result:
     def exactly_once(self) -> bool:
         """Every update counted once, none refused, and every byte sent counted (a resend may
         arrive after the round closed: then its bytes are not the round's)."""
-        counted = self.bytes_up == self.bytes_sent if not self.resends else (
-            self.bytes_up <= self.bytes_sent
-        )  # fmt: skip
+        counted = (
+            self.bytes_up == self.bytes_sent
+            if not self.resends
+            else (self.bytes_up <= self.bytes_sent)
+        )
         return self.reported == self.devices and not self.rejected and counted
 
 
@@ -288,10 +291,20 @@ def keys_for(folder: Path, ids: list[str]) -> SigningKey:
     return coordinator_key
 
 
-def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout: float = 600.0,
-             profile: Path | None = None, broker_url: str | None = None,
-             aggregators: int = 0, hogs: int = 0, pause_s: float = 0.0,
-             logs: Path | None = None) -> Result:  # fmt: skip
+def run_once(
+    n: int,
+    kind: str,
+    *,
+    workers: int,
+    silent: int = 0,
+    round_timeout: float = 600.0,
+    profile: Path | None = None,
+    broker_url: str | None = None,
+    aggregators: int = 0,
+    hogs: int = 0,
+    pause_s: float = 0.0,
+    logs: Path | None = None,
+) -> Result:
     """One coordinator run with ``n`` devices; on ``broker_url`` if given (then the broker's
     memory is not measured), else on a private mosquitto. With ``aggregators``, that many
     ``fedprune-aggregator`` processes take the updates (a shared subscription) and the
@@ -320,22 +333,52 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
                     silent if k == 0 else 0,
                     report,
                 ),
-            )  # fmt: skip
+            )
             for k, share in enumerate(shares)
         ]
         hog = Hogs(hogs)
         log = (folder / "coordinator.log").open("wb")
-        signed = ["--signing-key", str(folder / "coordinator.key"), "--device-keys",
-                  str(folder / "device-keys")]  # fmt: skip
+        signed = [
+            "--signing-key",
+            str(folder / "coordinator.key"),
+            "--device-keys",
+            str(folder / "device-keys"),
+        ]
         coordinator = subprocess.Popen(
-            [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []),
-             "-m", "fedprune.coordinator.cli", "--broker", url, "--run", RUN, "--out",
-             str(folder / "runs"), "--min-clients", str(n), "--join-timeout", "900", "--rounds",
-             str(measured), "--schedule", "constant", "--target", "0.8", "--begin-round", "1",
-             "--round-timeout", str(round_timeout), *signed, "--aggregators", str(aggregators),
-             "-q"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        )  # fmt: skip
+            [
+                sys.executable,
+                *(["-m", "cProfile", "-o", str(profile)] if profile else []),
+                "-m",
+                "fedprune.coordinator.cli",
+                "--broker",
+                url,
+                "--run",
+                RUN,
+                "--out",
+                str(folder / "runs"),
+                "--min-clients",
+                str(n),
+                "--join-timeout",
+                "900",
+                "--rounds",
+                str(measured),
+                "--schedule",
+                "constant",
+                "--target",
+                "0.8",
+                "--begin-round",
+                "1",
+                "--round-timeout",
+                str(round_timeout),
+                *signed,
+                "--aggregators",
+                str(aggregators),
+                "-q",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
         helpers = [
             subprocess.Popen(
                 [
@@ -353,7 +396,7 @@ def run_once(n: int, kind: str, *, workers: int, silent: int = 0, round_timeout:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            )
             for k in range(aggregators)
         ]
         watcher = Watcher(url, trust, coordinator.pid)
@@ -456,8 +499,16 @@ COLUMNS = [
 def summary(results: list[Result]) -> dict[str, Any]:
     """Medians over repeats; ``exactly_once`` only if every repeat was."""
     row: dict[str, Any] = {"devices": results[0].devices, "updates": results[0].updates}
-    for name in ("update_bytes", "round_s", "cpu_ms_per_update", "coordinator_hwm_before_mb",
-                 "coordinator_hwm_mb", "broker_hwm_mb", "join_s", "load"):  # fmt: skip
+    for name in (
+        "update_bytes",
+        "round_s",
+        "cpu_ms_per_update",
+        "coordinator_hwm_before_mb",
+        "coordinator_hwm_mb",
+        "broker_hwm_mb",
+        "join_s",
+        "load",
+    ):
         row[name] = statistics.median(getattr(r, name) for r in results)
     row["hogs"] = results[0].hogs
     row["lost"] = max(r.lost for r in results)
@@ -475,8 +526,10 @@ def summary(results: list[Result]) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]  # fmt: skip
+    lines = [
+        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for row in rows:
         lines.append("| " + " | ".join(f.format(row[k]) for k, _, f in COLUMNS) + " |")
     return "\n".join(lines)
@@ -555,8 +608,11 @@ def main(argv: list[str] | None = None) -> int:
                     logs=args.logs,
                     round_timeout=args.round_timeout,
                 )
-                print(f"{n} devices, {kind}, repeat {repeat + 1}: {asdict(result)}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"{n} devices, {kind}, repeat {repeat + 1}: {asdict(result)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 results.append(result)
             everything.extend(asdict(r) for r in results)
             rows.append(summary(results))
@@ -565,15 +621,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_deadline:
         timeout = 10.0
         dead = run_once(20, "dense", workers=1, silent=1, round_timeout=timeout)
-        deadline = {"devices": 20, "silent": 1, "round_timeout": timeout,
-                    "round_s": dead.round_s, "reported": dead.reported}  # fmt: skip
+        deadline = {
+            "devices": 20,
+            "silent": 1,
+            "round_timeout": timeout,
+            "round_s": dead.round_s,
+            "reported": dead.reported,
+        }
         print(
             f"\nOne of 20 selected devices never answers, --round-timeout {timeout:g}: the round"
             f" ended after {dead.round_s:.1f} s with {dead.reported} of 20 updates."
         )
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "runs": everything, "deadline": deadline},
-                                        indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps({"rows": rows, "runs": everything, "deadline": deadline}, indent=2)
+        )
     return 0 if all(row["exactly_once"] == "yes" for row in rows) else 1
 
 

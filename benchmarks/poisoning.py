@@ -53,8 +53,15 @@ def run(
     pruner = pruner_for(model, schedule)
     pruner.step(0)
     shape = [int(d) for d in pruner.stripped.input_shape[1:]]
-    spec = Spec(model_json=pruner.stripped.to_json(), input_shape=shape, optimizer="sgd",
-                learning_rate=0.05, momentum=0.9, local_epochs=2, batch_size=32)  # fmt: skip
+    spec = Spec(
+        model_json=pruner.stripped.to_json(),
+        input_shape=shape,
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.9,
+        local_epochs=2,
+        batch_size=32,
+    )
     trainer = KerasTrainer(spec)
     claimed = [
         d.num_samples * (10 if attack == "claim-10x" and i in POISONED else 1)
@@ -65,9 +72,11 @@ def run(
     for round_ in range(1, rounds + 1):
         global_model = pruner.model()
         aggregator = make_aggregator(
-            rule.split("+")[0], [w.shape for w in global_model.weights],
-            clip_norm=clip_norm if rule.endswith("+clip") else 0.0, trim=0.2,
-        )  # fmt: skip
+            rule.split("+")[0],
+            [w.shape for w in global_model.weights],
+            clip_norm=clip_norm if rule.endswith("+clip") else 0.0,
+            trim=0.2,
+        )
         for i, device in enumerate(devices):
             x, _ = device.shaped(shape)
             new = trainer.fit(
@@ -113,11 +122,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for attack in ATTACKS:
             for rule in rules:
-                results[attack, rule] = run(attack, rule, rounds=args.rounds, seed=args.seed,
-                                            clip_norm=args.clip_norm, folder=Path(tmp))  # fmt: skip
+                results[attack, rule] = run(
+                    attack,
+                    rule,
+                    rounds=args.rounds,
+                    seed=args.seed,
+                    clip_norm=args.clip_norm,
+                    folder=Path(tmp),
+                )
                 print(f"# {attack:10s} {rule:13s} {results[attack, rule]}", flush=True)
-    print(f"\n{DEVICES} devices, {len(POISONED)} poisoned, {args.rounds} rounds, seed {args.seed},"
-          f" clip norm {args.clip_norm:g}, {time.perf_counter() - started:.0f} s\n")  # fmt: skip
+    print(
+        f"\n{DEVICES} devices, {len(POISONED)} poisoned, {args.rounds} rounds, seed {args.seed},"
+        f" clip norm {args.clip_norm:g}, {time.perf_counter() - started:.0f} s\n"
+    )
     print("| attack | " + " | ".join(rules) + " |")
     print("|---|" + "---|" * len(rules))
     for attack in ATTACKS:

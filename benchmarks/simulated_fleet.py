@@ -90,10 +90,12 @@ class Fleet:
 
     def hello(self) -> None:
         for device_id in self.ids:
-            hello = Hello(client_id=device_id, profile="generic-x86-64", num_samples=SAMPLES,
-                          backend="keras")  # fmt: skip
-            self.publish(self.topics.client_status(device_id), self._signed(hello, device_id),
-                         retain=True)  # fmt: skip
+            hello = Hello(
+                client_id=device_id, profile="generic-x86-64", num_samples=SAMPLES, backend="keras"
+            )
+            self.publish(
+                self.topics.client_status(device_id), self._signed(hello, device_id), retain=True
+            )
         self.transport.flush(timeout=120)
 
     def _signed(self, message: Any, device_id: str) -> bytes:
@@ -161,12 +163,22 @@ class Fleet:
             if round_ != self.current or now - pending.sent_at < wait:
                 continue
             pending.resends += 1
-            claim = Unanswered(session=pending.session, round=round_, sha256=pending.sha256,
-                               resends=pending.resends)  # fmt: skip
-            hello = Hello(client_id=device_id, profile="generic-x86-64", num_samples=SAMPLES,
-                          backend="keras", unanswered=claim)  # fmt: skip
-            self.publish(self.topics.client_status(device_id), self._signed(hello, device_id),
-                         retain=True)  # fmt: skip
+            claim = Unanswered(
+                session=pending.session,
+                round=round_,
+                sha256=pending.sha256,
+                resends=pending.resends,
+            )
+            hello = Hello(
+                client_id=device_id,
+                profile="generic-x86-64",
+                num_samples=SAMPLES,
+                backend="keras",
+                unanswered=claim,
+            )
+            self.publish(
+                self.topics.client_status(device_id), self._signed(hello, device_id), retain=True
+            )
             sent = sum(self.publish(t, self._signed(c, device_id)) for t, c in pending.chunks)
             pending.sent_at = time.monotonic()
             report.put(("resent", round_, 1, sent))
@@ -190,8 +202,12 @@ class Fleet:
                 count += 1
                 continue
             deltas[-1].flat[0] = number * 1e-6  # the last bias is never masked: a distinct update
-            update = Update(round=round_, num_samples=1 + number % SAMPLES, deltas=deltas,
-                            metrics={"loss": 1.0, "accuracy": 0.5, "n_eval": 0.0})  # fmt: skip
+            update = Update(
+                round=round_,
+                num_samples=1 + number % SAMPLES,
+                deltas=deltas,
+                metrics={"loss": 1.0, "accuracy": 0.5, "n_eval": 0.0},
+            )
             payload = encode_update(update, model.masks)
             chunks = [
                 (f"{prefix}/{c.index}", c) for c in split_to_fit(payload, max_payload=MAX_PAYLOAD)
@@ -200,17 +216,20 @@ class Fleet:
                 sent += self.publish(topic, self._signed(chunk, device_id))
             self.pending[(device_id, round_)] = Pending(
                 round=announcement,
-                session=announcement.session, sha256=sha256(payload), chunks=chunks,
+                session=announcement.session,
+                sha256=sha256(payload),
+                chunks=chunks,
                 sent_at=time.monotonic(),
-            )  # fmt: skip
+            )
             count += 1
         if not self.transport.flush(timeout=120):
             raise RuntimeError("the broker did not acknowledge a worker's updates in 120 s")
         return count, sent
 
 
-def worker(url: str, ids: list[str], kind: str, coordinator_key: str, silent: int,
-           report: Queue[Any]) -> None:  # fmt: skip
+def worker(
+    url: str, ids: list[str], kind: str, coordinator_key: str, silent: int, report: Queue[Any]
+) -> None:
     trust = Trust.of({COORDINATOR: SigningKey(bytes.fromhex(coordinator_key)).verify_key})
     fleet = Fleet(url, ids, kind, trust, silent)
     try:

@@ -62,41 +62,83 @@ CONFIGS: dict[str, list[str]] = {
     "units 62.5%": ["--units", "l2", "--target", "0.625"],
     "units 75%": ["--units", "l2", "--target", "0.75"],
     "units 87.5%": ["--units", "l2", "--target", "0.875"],
-    "hybrid units 50% + weights 80%": ["--units", "l2", "--target", "0.5",
-                                       "--weight-target", "0.8"],
-}  # fmt: skip
+    "hybrid units 50% + weights 80%": [
+        "--units",
+        "l2",
+        "--target",
+        "0.5",
+        "--weight-target",
+        "0.8",
+    ],
+}
 
 
 def wide() -> tf_keras.Model:
     """The larger model: Conv32 -> Conv64 -> max pool -> Dense256 -> 10 (283,786 parameters)."""
     layers = tf_keras.layers
     tf_keras.utils.set_random_seed(0)
-    return tf_keras.Sequential([
-        layers.Input((8, 8, 1)),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.Conv2D(64, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Flatten(),
-        layers.Dense(256, activation="relu"),
-        layers.Dense(10, activation="softmax"),
-    ], name="wide")  # fmt: skip
+    return tf_keras.Sequential(
+        [
+            layers.Input((8, 8, 1)),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(256, activation="relu"),
+            layers.Dense(10, activation="softmax"),
+        ],
+        name="wide",
+    )
 
 
-def one_run(url: str, out: Path, model: str, *, config: str, seed: int, rounds: int,
-            clients: int) -> Path:  # fmt: skip
+def one_run(
+    url: str, out: Path, model: str, *, config: str, seed: int, rounds: int, clients: int
+) -> Path:
     """Train one configuration; its run directory."""
     slug = re.sub(r"[^a-z0-9]+", "-", config).strip("-")
     run = f"struct-{Path(model).stem}-{slug}-{seed}"
     hybrid = "--weight-target" in CONFIGS[config]
     end = rounds // 3 if hybrid else rounds // 2
     done = subprocess.run(
-        [sys.executable, "-m", "fedprune.coordinator.demo", "--broker", url, "--out", str(out),
-         "--run", run, "--model", model, "--clients", str(clients), "--alpha", "0.5",
-         "--seed", str(seed), "--rounds", str(rounds), "--begin-round", "0",
-         "--end-round", str(end), *CONFIGS[config], "--codec", "f32", "--downlink", "full",
-         "--client-profiles", PROFILE, "--deploy-anyway", "--install-wait", "0"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedprune.coordinator.demo",
+            "--broker",
+            url,
+            "--out",
+            str(out),
+            "--run",
+            run,
+            "--model",
+            model,
+            "--clients",
+            str(clients),
+            "--alpha",
+            "0.5",
+            "--seed",
+            str(seed),
+            "--rounds",
+            str(rounds),
+            "--begin-round",
+            "0",
+            "--end-round",
+            str(end),
+            *CONFIGS[config],
+            "--codec",
+            "f32",
+            "--downlink",
+            "full",
+            "--client-profiles",
+            PROFILE,
+            "--deploy-anyway",
+            "--install-wait",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise SystemExit(f"run {run} failed:\n{done.stderr[-3000:]}")
     return out / run
@@ -111,19 +153,23 @@ def measure(run_dir: Path, steps: int, keep: Path | None = None) -> dict[str, An
     for precision in Precision:
         profile = variant_profile(precision, sparse=False)
         with native_log_filtered():
-            report = export_model(model, profile, x=heldout.x, y=heldout.y,
-                                  out_dir=run_dir / "bench" / profile.name)  # fmt: skip
+            report = export_model(
+                model, profile, x=heldout.x, y=heldout.y, out_dir=run_dir / "bench" / profile.name
+            )
         if keep is not None and precision in (Precision.FLOAT32, Precision.DYNAMIC_INT8):
             keep.mkdir(parents=True, exist_ok=True)
             name = f"{run_dir.name.removeprefix('struct-')}--{precision.value}.tflite"
             (keep / name).write_bytes(report.model_path.read_bytes())
         exports[precision.value] = {
-            "bytes": report.tflite_bytes, "gzip": report.gzip_bytes,
-            "accuracy": report.tflite_accuracy, "latency_ms": report.latency_ms_p50,
-        }  # fmt: skip
+            "bytes": report.tflite_bytes,
+            "gzip": report.gzip_bytes,
+            "accuracy": report.tflite_accuracy,
+            "latency_ms": report.latency_ms_p50,
+        }
     with native_log_filtered():
-        artifact = build_trainable(model, batch_size=32, optimizer="sgd", learning_rate=0.05,
-                                   momentum=0.9)  # fmt: skip
+        artifact = build_trainable(
+            model, batch_size=32, optimizer="sgd", learning_rate=0.05, momentum=0.9
+        )
     return {
         "accuracy": metrics[-1]["accuracy"],
         "parameters": int(model.count_params()),
@@ -154,9 +200,16 @@ def arm64(folder: Path) -> None:
     script = folder / "time_arm64.py"
     script.write_text(ARM_TIMER)
     done = subprocess.run(
-        [str(Path(__file__).parents[1] / "scripts" / "arm64.sh"), "python", str(script),
-         str(folder)], capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            str(Path(__file__).parents[1] / "scripts" / "arm64.sh"),
+            "python",
+            str(script),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise SystemExit(f"the arm64 timing failed:\n{done.stderr[-3000:]}")
     latency = json.loads(done.stdout.strip().splitlines()[-1])
@@ -183,9 +236,11 @@ def report(rows: list[dict[str, Any]]) -> None:
         dense_gzip = med("dense", lambda r: r["exports"]["float32"]["gzip"])
         dense_up = med("dense", lambda r: r["up_per_round"])
         print(f"\n#### {model}: medians of {seeds} seed(s)\n")
-        print("| config | accuracy | vs dense | parameters | up/round | x dense | float32 latency"
-              " ms | x faster | train step ms | x faster | float32 gzip | int8 gzip | x smaller"
-              " (int8 gzip vs f32 dense) |")  # fmt: skip
+        print(
+            "| config | accuracy | vs dense | parameters | up/round | x dense | float32 latency"
+            " ms | x faster | train step ms | x faster | float32 gzip | int8 gzip | x smaller"
+            " (int8 gzip vs f32 dense) |"
+        )
         print("|---" * 13 + "|")
         for config in CONFIGS:
             if not any(r["config"] == config for r in group):
@@ -195,12 +250,14 @@ def report(rows: list[dict[str, Any]]) -> None:
             step = med(config, lambda r: r["train_step_ms"])
             up = med(config, lambda r: r["up_per_round"])
             int8 = med(config, lambda r: r["exports"]["dynamic_int8"]["gzip"])
-            print(f"| {config} | {acc:.3f} | {(acc - dense_acc) * 100:+.1f} pt"
-                  f" | {med(config, lambda r: r['parameters']):,.0f} | {up:,.0f}"
-                  f" | {dense_up / up:.1f}x | {lat:.4f} | {dense_lat / lat:.1f}x | {step:.3f}"
-                  f" | {dense_step / step:.1f}x"
-                  f" | {med(config, lambda r: r['exports']['float32']['gzip']):,.0f}"
-                  f" | {int8:,.0f} | {dense_gzip / int8:.1f}x |")  # fmt: skip
+            print(
+                f"| {config} | {acc:.3f} | {(acc - dense_acc) * 100:+.1f} pt"
+                f" | {med(config, lambda r: r['parameters']):,.0f} | {up:,.0f}"
+                f" | {dense_up / up:.1f}x | {lat:.4f} | {dense_lat / lat:.1f}x | {step:.3f}"
+                f" | {dense_step / step:.1f}x"
+                f" | {med(config, lambda r: r['exports']['float32']['gzip']):,.0f}"
+                f" | {int8:,.0f} | {dense_gzip / int8:.1f}x |"
+            )
         print(f"\n.tflite bytes (raw / gzip) and LiteRT accuracy per precision, {model}:\n")
         print("| config | " + " | ".join(p.value for p in Precision) + " |")
         print("|---" * (len(Precision) + 1) + "|")
@@ -227,8 +284,13 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=None, help="keep the raw numbers here (JSON)")
     p.add_argument("--report-only", action="store_true", help="only report --results again")
     p.add_argument("--keep", type=Path, default=None, help="keep the first seed's .tflite here")
-    p.add_argument("--arm64", type=Path, default=None, metavar="DIR",
-                   help="only time DIR's .tflite files on emulated arm64")  # fmt: skip
+    p.add_argument(
+        "--arm64",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only time DIR's .tflite files on emulated arm64",
+    )
     args = p.parse_args()
     if args.arm64 is not None:
         arm64(args.arm64.resolve())
@@ -249,8 +311,15 @@ def main() -> int:
             for seed in (int(s) for s in args.seeds.split(",")):
                 for config in configs:
                     started = time.perf_counter()
-                    run_dir = one_run(broker.url, Path(tmp), source, config=config, seed=seed,
-                                      rounds=args.rounds, clients=args.clients)  # fmt: skip
+                    run_dir = one_run(
+                        broker.url,
+                        Path(tmp),
+                        source,
+                        config=config,
+                        seed=seed,
+                        rounds=args.rounds,
+                        clients=args.clients,
+                    )
                     trained.append((model, seed, config, run_dir))
                     print(
                         f"{model} seed {seed} {config}: trained in"
@@ -260,8 +329,14 @@ def main() -> int:
                     )
         for model, seed, config, run_dir in trained:  # measured together, one after the other
             first = seed == int(args.seeds.split(",")[0])
-            rows.append({"model": model, "seed": seed, "config": config,
-                         **measure(run_dir, args.steps, args.keep if first else None)})  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "seed": seed,
+                    "config": config,
+                    **measure(run_dir, args.steps, args.keep if first else None),
+                }
+            )
             print(f"{model} seed {seed} {config}: measured", file=sys.stderr, flush=True)
             if args.results is not None:
                 args.results.write_text(json.dumps(rows, indent=1))

@@ -47,20 +47,25 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     args = p.parse_args()
-    print("| preset, optimizer | .tflite bytes | gzip bytes | build + check s |"
-          " train step ms (XNNPACK) | train step ms (builtin kernels) |")  # fmt: skip
+    print(
+        "| preset, optimizer | .tflite bytes | gzip bytes | build + check s |"
+        " train step ms (XNNPACK) | train step ms (builtin kernels) |"
+    )
     print("|---|---|---|---|---|---|")
     for preset, optimizer in (("mlp", "sgd"), ("cnn", "sgd"), ("cnn", "adam")):
         model = models.build(preset)
         start = time.perf_counter()
-        artifact = build_trainable(model, batch_size=BATCH, optimizer=optimizer,
-                                   learning_rate=0.05, momentum=0.9)  # fmt: skip
+        artifact = build_trainable(
+            model, batch_size=BATCH, optimizer=optimizer, learning_rate=0.05, momentum=0.9
+        )
         built = time.perf_counter() - start
         xnnpack = step_ms(artifact, OpResolverType.AUTO, args.steps)
         builtin = step_ms(artifact, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, args.steps)
-        print(f"| {preset}, {optimizer} | {len(artifact):,} |"
-              f" {len(gzip.compress(artifact, 9, mtime=0)):,} | {built:.1f} | {xnnpack:.3f} |"
-              f" {builtin:.3f} |")  # fmt: skip
+        print(
+            f"| {preset}, {optimizer} | {len(artifact):,} |"
+            f" {len(gzip.compress(artifact, 9, mtime=0)):,} | {built:.1f} | {xnnpack:.3f} |"
+            f" {builtin:.3f} |"
+        )
     return 0
 
 

@@ -18,8 +18,12 @@ from fedprune.protocol.topics import check_name
 
 OPTIMIZERS = ("sgd", "adam")
 
-_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float),
-                                       "bool": (bool,)}  # fmt: skip
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
 
 
 def _check_types(record: Any) -> None:
@@ -237,8 +241,10 @@ class RunConfig:
         elif self.downlink is Downlink.CODEC:
             raise ConfigError("--downlink codec sends changes in the run's codec: give --codec")
         if self.aggregators and (self.aggregation != "fedavg" or self.staleness_weight):
-            raise ConfigError("aggregators add partial sums: they need --aggregation fedavg and"
-                              " no --staleness-weight")  # fmt: skip
+            raise ConfigError(
+                "aggregators add partial sums: they need --aggregation fedavg and"
+                " no --staleness-weight"
+            )
         if self.staleness_weight and self.aggregation != "fedavg":
             raise ConfigError(
                 f"staleness_weight needs --aggregation fedavg ({self.aggregation} weighs every"

@@ -83,12 +83,27 @@ def _start_clients(
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     processes = []
     for i, path in enumerate(paths):
-        command = [sys.executable, "-m", "fedprune.edge_client",
-                   "--broker", url, "--data", str(path),
-                   "--run", run, "--id", f"client-{i}", "--seed", str(i),
-                   "--profile", profiles[i % len(profiles)],
-                   "--models", str(run_dir / "devices" / f"client-{i}"),
-                   "--cache", str(run_dir / "devices" / f"client-{i}" / "cache")]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "fedprune.edge_client",
+            "--broker",
+            url,
+            "--data",
+            str(path),
+            "--run",
+            run,
+            "--id",
+            f"client-{i}",
+            "--seed",
+            str(i),
+            "--profile",
+            profiles[i % len(profiles)],
+            "--models",
+            str(run_dir / "devices" / f"client-{i}"),
+            "--cache",
+            str(run_dir / "devices" / f"client-{i}" / "cache"),
+        ]
         with (logs / f"client-{i}.log").open("wb") as log_file:
             processes.append(
                 subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

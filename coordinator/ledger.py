@@ -89,16 +89,28 @@ class Ledger:
             if not self._room():
                 return
             row = self._rows[client_id] = DeviceRow(
-                id=client_id, profile="", trainer="", samples=0, online=True, joined=now,
+                id=client_id,
+                profile="",
+                trainer="",
+                samples=0,
+                online=True,
+                joined=now,
                 last_seen=now,
-            )  # fmt: skip
-            self.event("join", f"{hello.profile}, {hello.num_samples} samples, {hello.backend}",
-                       client_id)  # fmt: skip
+            )
+            self.event(
+                "join", f"{hello.profile}, {hello.num_samples} samples, {hello.backend}", client_id
+            )
         elif not row.online:
             self.event("join", "back online", client_id)
         new_model = hello.installed is not None and hello.installed != row.model
-        self._set(client_id, profile=_short(hello.profile), trainer=_short(hello.backend),
-                  samples=hello.num_samples, online=True, last_seen=now)  # fmt: skip
+        self._set(
+            client_id,
+            profile=_short(hello.profile),
+            trainer=_short(hello.backend),
+            samples=hello.num_samples,
+            online=True,
+            last_seen=now,
+        )
         if hello.installed is not None:
             installed = _short(hello.installed)
             self._set(client_id, model=installed, model_accuracy=self._exports.get(installed))

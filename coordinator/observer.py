@@ -29,8 +29,9 @@ class Observer:
     def left(self, client_id: str) -> None:
         """A device went offline."""
 
-    def round_started(self, round_: int, selected: list[str], deadline: float,
-                      bytes_down: int) -> None:  # fmt: skip
+    def round_started(
+        self, round_: int, selected: list[str], deadline: float, bytes_down: int
+    ) -> None:
         """A round was announced to ``selected``; each gets ``bytes_down`` bytes of model."""
 
     def received(self, client_id: str, nbytes: int) -> None:
@@ -77,8 +78,9 @@ class Observers(Observer):
         for o in self.observers:
             o.left(client_id)
 
-    def round_started(self, round_: int, selected: list[str], deadline: float,
-                      bytes_down: int) -> None:  # fmt: skip
+    def round_started(
+        self, round_: int, selected: list[str], deadline: float, bytes_down: int
+    ) -> None:
         for o in self.observers:
             o.round_started(round_, selected, deadline, bytes_down)
 

@@ -56,14 +56,17 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
             + "".join(
                 f", {b.name.split('_')[0]} budget {'met' if b.met else 'MISSED'}"
                 for b in export.budgets
-            ),  # fmt: skip
+            ),
             f"      {export.model_path}",
         ]
     if summary.deployed and summary.not_installed:
-        lines.append(f"  devices    {', '.join(summary.not_installed)} did not confirm the deployed"
-                     " model")  # fmt: skip
-    lines.append(f"  run        {summary.run_dir} (config.toml, metrics.jsonl, devices.json,"
-                 " model/, export/)")  # fmt: skip
+        lines.append(
+            f"  devices    {', '.join(summary.not_installed)} did not confirm the deployed model"
+        )
+    lines.append(
+        f"  run        {summary.run_dir} (config.toml, metrics.jsonl, devices.json,"
+        " model/, export/)"
+    )
     if summary.unhealthy is not None:
         lines.append(f"  WARNING    the final model looks broken: {summary.unhealthy}")
     return lines

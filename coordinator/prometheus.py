@@ -32,9 +32,11 @@ class Metrics(Observer):
             "fedprune_updates_accepted", "Updates that passed validation.", registry=r
         )
         self.rejected_updates = Counter(
-            "fedprune_updates_rejected", "Messages refused on devices' topics, by reason.",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            "fedprune_updates_rejected",
+            "Messages refused on devices' topics, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.bytes_up = Counter(
             "fedprune_uplink_bytes",
             "Bytes received on devices' update topics, added when each round ends (metrics.jsonl's"
@@ -57,30 +59,38 @@ class Metrics(Observer):
             "fedprune_sparsity", "Share of pruned weights after the last round.", registry=r
         )
         self.round_seconds = Histogram(
-            "fedprune_round_duration_seconds", "Wall time of a round.",
-            buckets=SECONDS_BUCKETS, registry=r,
-        )  # fmt: skip
+            "fedprune_round_duration_seconds",
+            "Wall time of a round.",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.update_bytes = Histogram(
-            "fedprune_update_bytes", "Size on the wire of accepted updates.",
-            buckets=BYTES_BUCKETS, registry=r,
-        )  # fmt: skip
+            "fedprune_update_bytes",
+            "Size on the wire of accepted updates.",
+            buckets=BYTES_BUCKETS,
+            registry=r,
+        )
         self.train_seconds = Histogram(
-            "fedprune_device_train_seconds", "Local training time devices report per update.",
-            buckets=SECONDS_BUCKETS, registry=r,
-        )  # fmt: skip
+            "fedprune_device_train_seconds",
+            "Local training time devices report per update.",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.connection_changes = Counter(
             "fedprune_broker_connection_changes",
             "The coordinator's connection to the broker lost, restored with the session kept, or"
             " restored with the session lost (what was published for it meanwhile is gone).",
-            ["change"], registry=r,
-        )  # fmt: skip
+            ["change"],
+            registry=r,
+        )
         self.overdue_updates = Counter(
             "fedprune_updates_overdue",
             "Updates that devices say they resent for want of a notice, not received by then.",
             registry=r,
         )
-        self.info = Gauge("fedprune_run_info", "The run this coordinator serves.", ["run"],
-                          registry=r)  # fmt: skip
+        self.info = Gauge(
+            "fedprune_run_info", "The run this coordinator serves.", ["run"], registry=r
+        )
         self.info.labels(run=run).set(1)
         self.rounds.set(rounds)
         self._online: set[str] = set()
@@ -117,8 +127,9 @@ class Metrics(Observer):
         self._online.discard(client_id)
         self.online.set(len(self._online))
 
-    def round_started(self, round_: int, selected: list[str], deadline: float,
-                      bytes_down: int) -> None:  # fmt: skip
+    def round_started(
+        self, round_: int, selected: list[str], deadline: float, bytes_down: int
+    ) -> None:
         self.round.set(round_)
         self._pending.clear()
 

@@ -48,8 +48,14 @@ def parser() -> argparse.ArgumentParser:
     add = commands.add_parser("add", help="new device accounts and bundles")
     add.add_argument("folder", type=Path, metavar="DIR")
     add.add_argument("devices", nargs="*", metavar="ID", help="device ids")
-    add.add_argument("--devices", dest="count", type=int, default=0, metavar="N",
-                     help="N more devices named PREFIX-<n>")  # fmt: skip
+    add.add_argument(
+        "--devices",
+        dest="count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N more devices named PREFIX-<n>",
+    )
     add.add_argument("--prefix", default="device")
     revoke = commands.add_parser("revoke", help="remove device accounts (then reload mosquitto)")
     revoke.add_argument("folder", type=Path, metavar="DIR")
@@ -63,14 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             names = provision.device_names(args.prefix, args.devices)
             fleet = provision.init(
-                args.folder, hosts=args.hosts, port=args.port, devices=names,
+                args.folder,
+                hosts=args.hosts,
+                port=args.port,
+                devices=names,
                 broker_dir=args.broker_dir,
-            )  # fmt: skip
+            )
             print(f"provisioned {args.folder}: broker {fleet.url}, {len(names)} device(s)")
             print(f"  broker:      mosquitto -c {args.folder / 'broker' / 'mosquitto.conf'}")
             home = args.folder / "coordinator"
-            print(f"  coordinator: {_flags(home, 'coordinator', fleet)} --signing-key"
-                  f" {home / 'signing.key'} --device-keys {home / 'device-keys'}")  # fmt: skip
+            print(
+                f"  coordinator: {_flags(home, 'coordinator', fleet)} --signing-key"
+                f" {home / 'signing.key'} --device-keys {home / 'device-keys'}"
+            )
             monitor = args.folder / "monitor" / "monitor.toml"
             print(f"  monitor:     fedprune-monitor --config {monitor} --run NAME")
             _bundles(args.folder, names)

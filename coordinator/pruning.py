@@ -221,9 +221,10 @@ class Pruner:
         self.weight_phase = self._weight_phase(round_)
         if self.weight_phase:
             schedule = ScheduleConfig(
-                target=schedule.weight_target, begin_round=schedule.units_end,
+                target=schedule.weight_target,
+                begin_round=schedule.units_end,
                 end_round=schedule.last_round,
-            )  # fmt: skip
+            )
         self._adopt(wrap(model, schedule), round_)
         for wrapper in self.wrappers:
             if masks is not None and wrapper.layer.name in masks and wrapper.pruning_vars:

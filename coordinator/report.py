@@ -27,8 +27,15 @@ PROG = "fedprune-report"
 BARS = 60
 """Up to this many devices, one group of bars each; beyond, a histogram of participation."""
 
-NEEDED = ("round", "sparsity", "bytes_up", "bytes_down", "dense_bytes_up", "dense_bytes_down",
-          "seconds")  # fmt: skip
+NEEDED = (
+    "round",
+    "sparsity",
+    "bytes_up",
+    "bytes_down",
+    "dense_bytes_up",
+    "dense_bytes_down",
+    "seconds",
+)
 """What every line of metrics.jsonl must hold for the report (fedprune 0.1 wrote them all)."""
 
 
@@ -134,15 +141,21 @@ def plots(run: Run, out: Path) -> list[tuple[str, str]]:
             tick.set_parse_math(False)  # a device's id is text, never math ("$")
         ax.set(ylabel="rounds", title="Participation per device")
         ax.legend()
-        save(fig, "participation.png", "Rounds each device was selected for, reported, was late"
-             " or was rejected")  # fmt: skip
+        save(
+            fig,
+            "participation.png",
+            "Rounds each device was selected for, reported, was late or was rejected",
+        )
     elif run.devices:  # too many for a bar each: how many devices reported how much
         fig, ax = plt.subplots(figsize=(7, 3.6))
         shares = [d["reported"] / d["selected"] for d in run.devices if d["selected"]]
         ax.hist(shares, bins=20, range=(0, 1))
         title = f"Participation of {len(run.devices):,} devices"
-        ax.set(xlabel="share of the rounds it was selected for that it reported",
-               ylabel="devices", title=title)  # fmt: skip
+        ax.set(
+            xlabel="share of the rounds it was selected for that it reported",
+            ylabel="devices",
+            title=title,
+        )
         save(fig, "participation.png", "How many devices reported which share of their rounds")
     return made
 
@@ -186,26 +199,54 @@ def page(run: Run, made: list[tuple[str, str]]) -> str:
     dense_up = sum(r["dense_bytes_up"] for r in run.rounds)
     sent_down = sum(r["bytes_down"] for r in run.rounds)
     dense_down = sum(r["dense_bytes_down"] for r in run.rounds)
-    summary = _table(["figure", "value"], [
-        ["rounds", len(run.rounds)],
-        ["final held-out accuracy", _fmt(last.get("accuracy"), ".4f")],
-        ["final sparsity", _fmt(last["sparsity"], ".4f")],
-        ["parameters (first round / last)",
-         f"{run.rounds[0].get('parameters', 0):,} / {last.get('parameters', 0):,}"],
-        ["devices", len(run.devices)],
-        ["uplink (sent / dense float32)", f"{sent_up:,} / {dense_up:,} bytes"],
-        ["downlink (sent / dense float32)", f"{sent_down:,} / {dense_down:,} bytes"],
-        ["updates rejected", sum(sum(r.get("rejected", {}).values()) for r in run.rounds)],
-        ["wall time of the rounds", f"{sum(r['seconds'] for r in run.rounds):.1f} s"],
-    ])  # fmt: skip
-    exports = _table(
-        ["profile", "precision", "tflite bytes", "gzip bytes", "LiteRT accuracy",
-         "Keras accuracy", "latency p50 ms", "latency p95 ms", "runtime"],
-        [[name, e.get("precision"), e.get("tflite_bytes"), e.get("gzip_bytes"),
-          _fmt(e.get("tflite_accuracy"), ".4f"), _fmt(e.get("keras_accuracy"), ".4f"),
-          _fmt(e.get("latency_ms_p50"), ".3f"), _fmt(e.get("latency_ms_p95"), ".3f"),
-          e.get("runtime", "")] for name, e in run.exports.items()],
-    ) if run.exports else "<p>No exports in this run directory.</p>"  # fmt: skip
+    summary = _table(
+        ["figure", "value"],
+        [
+            ["rounds", len(run.rounds)],
+            ["final held-out accuracy", _fmt(last.get("accuracy"), ".4f")],
+            ["final sparsity", _fmt(last["sparsity"], ".4f")],
+            [
+                "parameters (first round / last)",
+                f"{run.rounds[0].get('parameters', 0):,} / {last.get('parameters', 0):,}",
+            ],
+            ["devices", len(run.devices)],
+            ["uplink (sent / dense float32)", f"{sent_up:,} / {dense_up:,} bytes"],
+            ["downlink (sent / dense float32)", f"{sent_down:,} / {dense_down:,} bytes"],
+            ["updates rejected", sum(sum(r.get("rejected", {}).values()) for r in run.rounds)],
+            ["wall time of the rounds", f"{sum(r['seconds'] for r in run.rounds):.1f} s"],
+        ],
+    )
+    exports = (
+        _table(
+            [
+                "profile",
+                "precision",
+                "tflite bytes",
+                "gzip bytes",
+                "LiteRT accuracy",
+                "Keras accuracy",
+                "latency p50 ms",
+                "latency p95 ms",
+                "runtime",
+            ],
+            [
+                [
+                    name,
+                    e.get("precision"),
+                    e.get("tflite_bytes"),
+                    e.get("gzip_bytes"),
+                    _fmt(e.get("tflite_accuracy"), ".4f"),
+                    _fmt(e.get("keras_accuracy"), ".4f"),
+                    _fmt(e.get("latency_ms_p50"), ".3f"),
+                    _fmt(e.get("latency_ms_p95"), ".3f"),
+                    e.get("runtime", ""),
+                ]
+                for name, e in run.exports.items()
+            ],
+        )
+        if run.exports
+        else "<p>No exports in this run directory.</p>"
+    )
     figures = "".join(
         f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -214,9 +255,15 @@ def page(run: Run, made: list[tuple[str, str]]) -> str:
     flat = _flatten(run.config)
     config = _table(["setting", "value"], [[k, v] for k, v in flat.items()])
     return PAGE.substitute(
-        run=html.escape(run.path.name), path=html.escape(str(run.path)), prog=PROG,
-        version=__version__, summary=summary, exports=exports, plots=figures, config=config,
-    )  # fmt: skip
+        run=html.escape(run.path.name),
+        path=html.escape(str(run.path)),
+        prog=PROG,
+        version=__version__,
+        summary=summary,
+        exports=exports,
+        plots=figures,
+        config=config,
+    )
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

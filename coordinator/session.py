@@ -129,9 +129,11 @@ def run(
         coordinator.finish(deployed=sorted(deployable))
         rundir.write_devices(coordinator.telemetry.ledger)
         rundir.write_summary(
-            bytes_down=coordinator.bytes_down, deployed=sorted(deployable),
-            not_installed=not_installed, unhealthy=unhealthy,
-        )  # fmt: skip
+            bytes_down=coordinator.bytes_down,
+            deployed=sorted(deployable),
+            not_installed=not_installed,
+            unhealthy=unhealthy,
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             coordinator.abort()

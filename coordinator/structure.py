@@ -34,9 +34,14 @@ _UNITS: dict[type, str] = {layers.Dense: "units", layers.Conv2D: "filters"}
 """Layers whose units can be removed, and the config key that counts them."""
 _ACTIVATIONS = (layers.Activation, layers.ReLU, layers.LeakyReLU, layers.ELU)
 _CARRY = (
-    layers.InputLayer, layers.Dropout, layers.MaxPooling2D, layers.AveragePooling2D,
-    layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D, *_ACTIVATIONS,
-)  # fmt: skip
+    layers.InputLayer,
+    layers.Dropout,
+    layers.MaxPooling2D,
+    layers.AveragePooling2D,
+    layers.GlobalAveragePooling2D,
+    layers.GlobalMaxPooling2D,
+    *_ACTIVATIONS,
+)
 """Layers that pass each channel through on its own: a constant channel stays constant."""
 
 
@@ -154,8 +159,10 @@ def rebuild(
             log.warning(
                 "unit pruning keeps %d removed unit(s) of %s in the rebuilt model: the next"
                 " convolution pads with zeros where they give a constant, so no bias can stand"
-                " for them", len(units), name,
-            )  # fmt: skip
+                " for them",
+                len(units),
+                name,
+            )
     rebuilt = type(model).from_config(config)
     for layer in rebuilt.layers:
         if layer.name in weights:
@@ -184,8 +191,12 @@ def _walk(
             positions = int(np.prod(layer.input_shape[1:-1]))
             width = flow.const.size
             kept = (np.arange(positions)[:, None] * width + flow.kept[None, :]).reshape(-1)
-            flow = _Flow(kept=kept, const=np.tile(flow.const, positions), source=flow.source,
-                         unit=np.tile(flow.unit, positions))  # fmt: skip
+            flow = _Flow(
+                kept=kept,
+                const=np.tile(flow.const, positions),
+                source=flow.source,
+                unit=np.tile(flow.unit, positions),
+            )
         elif isinstance(layer, _ACTIVATIONS):
             flow.const = _apply(layer, flow.const)
     return config, weights, new_masks

@@ -118,14 +118,20 @@ class Telemetry(Observer):
         self.ledger.left(client_id)
         self._changed()
 
-    def round_started(self, round_: int, selected: list[str], deadline: float,
-                      bytes_down: int) -> None:  # fmt: skip
+    def round_started(
+        self, round_: int, selected: list[str], deadline: float, bytes_down: int
+    ) -> None:
         self._round = round_
         self.ledger.selected(selected, bytes_down)
         self._progress = Progress(
-            round=round_, started=self._clock(), deadline=deadline, selected=list(selected),
-            reported=[], rejected={}, bytes_up=0,
-        )  # fmt: skip
+            round=round_,
+            started=self._clock(),
+            deadline=deadline,
+            selected=list(selected),
+            reported=[],
+            rejected={},
+            bytes_up=0,
+        )
         self._changed(now=True)
 
     def received(self, client_id: str, nbytes: int) -> None:
@@ -141,8 +147,7 @@ class Telemetry(Observer):
         if self._progress is not None:
             reported = [*self._progress.reported, client_id]
             overdue = [c for c in self._progress.overdue if c != client_id]
-            self._progress = dataclasses.replace(self._progress, reported=reported,
-                                                 overdue=overdue)  # fmt: skip
+            self._progress = dataclasses.replace(self._progress, reported=reported, overdue=overdue)
         self._changed()
 
     def overdue(self, client_id: str, resends: int) -> None:
@@ -151,9 +156,11 @@ class Telemetry(Observer):
             self._progress = dataclasses.replace(progress, overdue=[*progress.overdue, client_id])
             if len(progress.overdue) % 100 == 0:  # the first, then one in a hundred
                 self.ledger.event(
-                    "overdue", f"round {progress.round}: {len(progress.overdue) + 1} update(s)"
-                    " that devices say they sent have not arrived; they resend them", client_id,
-                )  # fmt: skip
+                    "overdue",
+                    f"round {progress.round}: {len(progress.overdue) + 1} update(s)"
+                    " that devices say they sent have not arrived; they resend them",
+                    client_id,
+                )
         self._changed()
 
     def connection(self, event: ConnectionEvent) -> None:
@@ -171,8 +178,7 @@ class Telemetry(Observer):
             overdue = [
                 c for c in self._progress.overdue if c != client_id or reason in NOT_ITS_DOING
             ]
-            self._progress = dataclasses.replace(self._progress, rejected=rejected,
-                                                 overdue=overdue)  # fmt: skip
+            self._progress = dataclasses.replace(self._progress, rejected=rejected, overdue=overdue)
         self._changed()
 
     def round_ended(self, result: RoundResult, late: list[str]) -> None:
@@ -231,8 +237,13 @@ class Telemetry(Observer):
             signed=self.signed,
             devices_total=len(self.ledger),
         )
-        return Snapshot(run=run, progress=progress, rounds=list(self._rounds),
-                        devices=self.ledger.rows(), events=list(self.ledger.events))  # fmt: skip
+        return Snapshot(
+            run=run,
+            progress=progress,
+            rounds=list(self._rounds),
+            devices=self.ledger.rows(),
+            events=list(self.ledger.events),
+        )
 
     def send(self) -> None:
         """Publish a snapshot now and hand it to the listeners."""
@@ -303,8 +314,11 @@ def shrunk(snapshot: Snapshot) -> Snapshot | None:
     shorter lists of the round's devices, then fewer events and rounds; ``None`` when nothing is
     left to drop."""
     events, rounds, devices, progress = (
-        snapshot.events, snapshot.rounds, snapshot.devices, snapshot.progress
-    )  # fmt: skip
+        snapshot.events,
+        snapshot.rounds,
+        snapshot.devices,
+        snapshot.progress,
+    )
     if len(events) > 10 or len(rounds) > 20:
         return dataclasses.replace(snapshot, events=events[-10:], rounds=rounds[-20:])
     if devices:
@@ -314,9 +328,10 @@ def shrunk(snapshot: Snapshot) -> Snapshot | None:
         return dataclasses.replace(snapshot, devices=kept)
     if progress is not None and (progress.selected or progress.reported):
         half = dataclasses.replace(
-            progress, selected=progress.selected[: len(progress.selected) // 2],
+            progress,
+            selected=progress.selected[: len(progress.selected) // 2],
             reported=progress.reported[: len(progress.reported) // 2],
-        )  # fmt: skip
+        )
         return dataclasses.replace(snapshot, progress=half)
     if events or rounds:
         return dataclasses.replace(

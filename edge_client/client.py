@@ -125,9 +125,9 @@ class EdgeClient:
         self._residual_file = (
             None if cache is None else cache / f"residual-{identity.client_id}.npz"
         )
-        self.residual = Residual() if self._residual_file is None else (
-            Residual.load(self._residual_file)
-        )  # fmt: skip
+        self.residual = (
+            Residual() if self._residual_file is None else (Residual.load(self._residual_file))
+        )
         self._trainer_key: tuple[Spec, Manifest | None] | None = None
         self.deploy_wait = deploy_wait
         self.identity = identity
@@ -205,15 +205,22 @@ class EdgeClient:
         limit = self.identity.max_payload
         if limit and len(payload) > limit:
             self.report.oversize += 1
-            log.warning("ignored a message of %d bytes on %s: over this profile's %d-byte limit",
-                        len(payload), topic, limit)  # fmt: skip
+            log.warning(
+                "ignored a message of %d bytes on %s: over this profile's %d-byte limit",
+                len(payload),
+                topic,
+                limit,
+            )
             return
         self.handle(topic, payload)
 
     def _next_run(self) -> None:
         """The run ended (finished or aborted): wait for the coordinator's next session."""
-        log.info("run %r %s; waiting for its next start (--forever)", self.topics.run,
-                 "stopped" if self.report.aborted else "finished")  # fmt: skip
+        log.info(
+            "run %r %s; waiting for its next start (--forever)",
+            self.topics.run,
+            "stopped" if self.report.aborted else "finished",
+        )
         self.report.finished = self.report.aborted = False
         self._finished_at = None
         self._live = self._awaiting_deploy = False
@@ -414,8 +421,10 @@ class EdgeClient:
         if round_.model.size > self.download.max_size:  # it would be refused chunk by chunk
             self._trained.add(round_.round)
             limit = self.download.max_size
-            why = (f"the model of {round_.model.size:,} bytes is over the {limit:,} this device"
-                   " assembles at most (a quarter of its profile's memory)")  # fmt: skip
+            why = (
+                f"the model of {round_.model.size:,} bytes is over the {limit:,} this device"
+                " assembles at most (a quarter of its profile's memory)"
+            )
             log.error("round %d: %s; told the coordinator", round_.round, why)
             self.uplink.failed(round_.round, why)
             return
@@ -442,8 +451,12 @@ class EdgeClient:
         if self._time_left(round_) <= 0:
             if self._out_of_time != round_.round:
                 self._out_of_time = round_.round
-                log.warning("round %d: its time ran out before this device could train (the"
-                            " round lasts %.0f s)", round_.round, round_.duration)  # fmt: skip
+                log.warning(
+                    "round %d: its time ran out before this device could train (the"
+                    " round lasts %.0f s)",
+                    round_.round,
+                    round_.duration,
+                )
             return
         if (why := self._cannot_train(spec)) is not None:  # only when serving forever
             self._trained.add(round_.round)
@@ -505,14 +518,21 @@ class EdgeClient:
             )
         started = time.perf_counter()
         epochs = self.local_epochs or min(
-            round_.local_epochs, round_.local_epochs if self.profile is None
-            else self.profile.local_epochs,
-        )  # fmt: skip
-        self._show_state(f"round {round_.round}: training {epochs} epoch(s) on"
-                         f" {self.data.num_samples} samples")  # fmt: skip
+            round_.local_epochs,
+            round_.local_epochs if self.profile is None else self.profile.local_epochs,
+        )
+        self._show_state(
+            f"round {round_.round}: training {epochs} epoch(s) on {self.data.num_samples} samples"
+        )
         seed = self.seed * 100_003 + round_.round
-        new = self._trainer.fit(model, x, self.data.y, epochs=epochs, seed=seed,
-                                on_epoch=self._epoch_hook(round_.round, epochs))  # fmt: skip
+        new = self._trainer.fit(
+            model,
+            x,
+            self.data.y,
+            epochs=epochs,
+            seed=seed,
+            on_epoch=self._epoch_hook(round_.round, epochs),
+        )
         train_seconds = time.perf_counter() - started
         evaluation = (
             self._trainer.evaluate(new, x_test, self.data.y_test)
@@ -548,8 +568,13 @@ class EdgeClient:
         )
         peak = update.metrics["peak_memory_mb"]
         if self.profile is not None and peak > self.profile.memory_mb:
-            log.warning("round %d: peak memory %.0f MB is over profile %s's %d MB", round_.round,
-                        peak, self.profile.name, self.profile.memory_mb)  # fmt: skip
+            log.warning(
+                "round %d: peak memory %.0f MB is over profile %s's %d MB",
+                round_.round,
+                peak,
+                self.profile.name,
+                self.profile.memory_mb,
+            )
 
     def _encode(self, update: Update, model: Model, spec: Spec, seed: int) -> bytes:
         """The update's payload in this device's codec; a lossy codec adds what earlier updates
@@ -587,8 +612,9 @@ class EdgeClient:
             self._show_state(f"round {round_}: training, epoch {done} of {epochs}")
             now = time.monotonic()
             if now - said >= EPOCH_REPORT_SECONDS and done < epochs:
-                log.info("round %d: %d of %d epoch(s) done (%.0f s)", round_, done, epochs,
-                         now - started)  # fmt: skip
+                log.info(
+                    "round %d: %d of %d epoch(s) done (%.0f s)", round_, done, epochs, now - started
+                )
                 said = now
 
         return epoch_done

@@ -22,21 +22,60 @@ from fedprune.protocol.messages import Spec
 
 ALLOWED_LAYERS = frozenset(
     {
-        "Sequential", "Functional", "Model", "InputLayer",
-        "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
-        "MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D",
-        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
-        "GlobalMaxPooling2D", "ZeroPadding2D", "Flatten", "Reshape", "Dropout",
-        "BatchNormalization", "LayerNormalization", "Activation", "ReLU", "LeakyReLU", "Softmax",
-        "Add", "Concatenate", "Multiply", "Average",
+        "Sequential",
+        "Functional",
+        "Model",
+        "InputLayer",
+        "Dense",
+        "Conv1D",
+        "Conv2D",
+        "DepthwiseConv2D",
+        "SeparableConv2D",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "ZeroPadding2D",
+        "Flatten",
+        "Reshape",
+        "Dropout",
+        "BatchNormalization",
+        "LayerNormalization",
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "Softmax",
+        "Add",
+        "Concatenate",
+        "Multiply",
+        "Average",
     }
-)  # fmt: skip
+)
 """Layer classes a device builds from the network's JSON; anything else is refused."""
 
 ALLOWED_ACTIVATIONS = frozenset(
-    {"linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "tanh", "softmax", "softplus",
-     "softsign", "elu", "selu", "gelu", "swish", "silu", "exponential"}
-)  # fmt: skip
+    {
+        "linear",
+        "relu",
+        "relu6",
+        "sigmoid",
+        "hard_sigmoid",
+        "tanh",
+        "softmax",
+        "softplus",
+        "softsign",
+        "elu",
+        "selu",
+        "gelu",
+        "swish",
+        "silu",
+        "exponential",
+    }
+)
 
 
 def check_architecture(model_json: str) -> None:

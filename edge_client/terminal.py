@@ -54,8 +54,12 @@ def steps(total: int, description: str, *, console: Console | None = None) -> It
     if not console.is_terminal:
         yield Steps(None, None)
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         yield Steps(progress, progress.add_task(description, total=total))
 

@@ -92,9 +92,11 @@ class Pending:
 
     def claim(self) -> Unanswered:
         return Unanswered(
-            session=self.session, round=self.round, sha256=sha256(self.payload),
+            session=self.session,
+            round=self.round,
+            sha256=sha256(self.payload),
             resends=self.resends,
-        )  # fmt: skip
+        )
 
 
 class Counts(Protocol):
@@ -140,8 +142,9 @@ class Uplink:
 
     def update(self, round_: int, session: str, payload: bytes) -> int:
         """Send an update payload, kept until its notice arrives; the bytes put on the wire."""
-        self.pending = Pending(round=round_, session=session, payload=payload,
-                               sent_at=time.monotonic())  # fmt: skip
+        self.pending = Pending(
+            round=round_, session=session, payload=payload, sent_at=time.monotonic()
+        )
         return self.send(round_, payload)
 
     def forget(self) -> None:
@@ -157,8 +160,11 @@ class Uplink:
             self.transport.publish(f"{prefix}/{chunk.index}", body)
             sent += len(body)
         if not self.transport.flush(timeout=30):
-            log.warning("round %d: the broker has not acknowledged the update yet; it will be"
-                        " resent after a reconnect", round_)  # fmt: skip
+            log.warning(
+                "round %d: the broker has not acknowledged the update yet; it will be"
+                " resent after a reconnect",
+                round_,
+            )
         self.counts.bytes_up += sent
         return sent
 
@@ -201,9 +207,13 @@ class Uplink:
             log.info("round %d: resending the update after a reconnect", pending.round)
         elif waited >= resend_wait(round_, pending.resends, self.resend_after):
             pending.resends += 1
-            log.warning("round %d: no answer from the coordinator %.0f s after the update was"
-                        " sent; sending it again (resend %d)", pending.round, waited,
-                        pending.resends)  # fmt: skip
+            log.warning(
+                "round %d: no answer from the coordinator %.0f s after the update was"
+                " sent; sending it again (resend %d)",
+                pending.round,
+                waited,
+                pending.resends,
+            )
             self.hello()
         else:
             return

@@ -178,8 +178,12 @@ def _live(watcher: Watcher) -> int:
     from rich.live import Live
 
     assert watcher.snapshot is not None
-    with Live(render(watcher.snapshot, watcher.coordinator, width=out.width), console=out,
-              refresh_per_second=4, screen=False) as live:  # fmt: skip
+    with Live(
+        render(watcher.snapshot, watcher.coordinator, width=out.width),
+        console=out,
+        refresh_per_second=4,
+        screen=False,
+    ) as live:
         while True:
             if watcher.poll(1.0) and watcher.snapshot is not None:
                 live.update(render(watcher.snapshot, watcher.coordinator, width=out.width))

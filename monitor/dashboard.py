@@ -55,11 +55,13 @@ class Dashboard:
         try:
             self._server = ThreadingHTTPServer(address, _handler(self))
         except OSError as exc:
-            raise ConfigError(f"cannot serve the dashboard on {address[0]}:{address[1]}: "
-                              f"{exc.strerror or exc}") from exc  # fmt: skip
+            raise ConfigError(
+                f"cannot serve the dashboard on {address[0]}:{address[1]}: {exc.strerror or exc}"
+            ) from exc
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="fedprune-dashboard")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="fedprune-dashboard"
+        )
 
     @property
     def url(self) -> str:
@@ -157,8 +159,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(HTTPStatus.OK, gzip.decompress(packed.read_bytes()), ASSETS[name])
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
-              encoding: str | None = None) -> None:  # fmt: skip
+    def _send(
+        self, status: HTTPStatus, body: bytes, content_type: str, encoding: str | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         if encoding is not None:

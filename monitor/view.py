@@ -63,16 +63,22 @@ def _header(snapshot: Telemetry, coordinator: str) -> Panel:
     if run.deadline is not None:
         deadline = f"in {max(0.0, run.deadline - run.updated):.0f} s"
     facts = Text.assemble(
-        ("phase ", "dim"), (run.phase, "bold"),
-        ("   round ", "dim"), (f"{run.round}/{run.rounds}", "bold"),
-        ("   accuracy ", "dim"), (_num(last.get("accuracy"), 3), "bold"),
-        ("   sparsity ", "dim"), (f"{run.sparsity:.2f}", "bold"),
+        ("phase ", "dim"),
+        (run.phase, "bold"),
+        ("   round ", "dim"),
+        (f"{run.round}/{run.rounds}", "bold"),
+        ("   accuracy ", "dim"),
+        (_num(last.get("accuracy"), 3), "bold"),
+        ("   sparsity ", "dim"),
+        (f"{run.sparsity:.2f}", "bold"),
         (f" (target {run.sparsity_target:.2f})", "dim"),
-        ("   devices online ", "dim"), (f"{online}/{run.devices_total}", "bold"),
-        ("   deadline ", "dim"), (deadline, "bold"),
+        ("   devices online ", "dim"),
+        (f"{online}/{run.devices_total}", "bold"),
+        ("   deadline ", "dim"),
+        (deadline, "bold"),
         ("   coordinator ", "dim"),
         (coordinator, "bold red" if coordinator == "offline" else "bold"),
-    )  # fmt: skip
+    )
     config = " · ".join(f"{k} {v}" for k, v in run.config.items())
     config += " · signed messages" if run.signed else " · unsigned"
     title = Text.assemble("fedprune run ", (run.name, "bold"), f" (session {run.session})")
@@ -92,10 +98,13 @@ def _progress(snapshot: Telemetry) -> Table | Text:
         Text(
             f"{len(p.reported)} of {len(p.selected)} selected devices reported;"
             f" rejected: {rejected}; {_kb(p.bytes_up)} received"
-        ),  # fmt: skip
+        ),
     )
-    grid.add_row("", "", Text("waiting for: " + ", ".join(waiting) if waiting else "all reported",
-                              style="dim"))  # fmt: skip
+    grid.add_row(
+        "",
+        "",
+        Text("waiting for: " + ", ".join(waiting) if waiting else "all reported", style="dim"),
+    )
     if p.overdue:
         grid.add_row("", "", Text(_overdue(p.overdue), style="bold red"))
     return grid
@@ -103,14 +112,25 @@ def _progress(snapshot: Telemetry) -> Table | Text:
 
 def _overdue(overdue: list[str]) -> str:
     """The devices that say they sent an update the coordinator has not received."""
-    return (f"overdue: {len(overdue)} update(s) that devices say they sent have not arrived"
-            f" (they resend them): {', '.join(overdue)}")  # fmt: skip
+    return (
+        f"overdue: {len(overdue)} update(s) that devices say they sent have not arrived"
+        f" (they resend them): {', '.join(overdue)}"
+    )
 
 
 def _rounds(snapshot: Telemetry) -> Table:
     table = Table(title="Rounds", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("round", "accuracy", "devices' acc", "sparsity", "reported", "up (sent/dense)",
-                   "down (sent/dense)", "rejected", "seconds"):  # fmt: skip
+    for column in (
+        "round",
+        "accuracy",
+        "devices' acc",
+        "sparsity",
+        "reported",
+        "up (sent/dense)",
+        "down (sent/dense)",
+        "rejected",
+        "seconds",
+    ):
         table.add_column(column, justify="right")
     for r in snapshot.rounds[-ROUNDS_SHOWN:]:
         try:  # metrics lines are plain maps: one that is not what it should be is left out
@@ -143,26 +163,41 @@ def _devices(snapshot: Telemetry, width: int) -> Table:
     now = snapshot.run.updated
     rows: list[dict[str, str | Text]] = []
     for d in snapshot.devices:
-        seen = Text("online", style="green") if d.online else Text(
-            f"off, {_ago(now - d.last_seen)}", style="dim")  # fmt: skip
-        rows.append({
-            "device": d.id, "profile": d.profile, "seen": seen,
-            "rep/sel": f"{d.reported}/{d.selected}",
-            "late": Text(str(d.late), style="red" if d.late else ""),
-            "rej": Text(str(d.rejected), style="red" if d.rejected else ""),
-            "last reason": d.last_reason, "up KB": f"{d.bytes_up / 1024:,.0f}",
-            "down KB": f"{d.bytes_down / 1024:,.0f}", "trainer": d.trainer,
-            "samples": str(d.samples), "train s": _num(d.train_seconds, 2),
-            "MB": _num(d.peak_memory_mb, 0), "acc": _num(d.accuracy, 3),
-            "model": "-" if d.model is None else d.model[:8],
-        })  # fmt: skip
+        seen = (
+            Text("online", style="green")
+            if d.online
+            else Text(f"off, {_ago(now - d.last_seen)}", style="dim")
+        )
+        rows.append(
+            {
+                "device": d.id,
+                "profile": d.profile,
+                "seen": seen,
+                "rep/sel": f"{d.reported}/{d.selected}",
+                "late": Text(str(d.late), style="red" if d.late else ""),
+                "rej": Text(str(d.rejected), style="red" if d.rejected else ""),
+                "last reason": d.last_reason,
+                "up KB": f"{d.bytes_up / 1024:,.0f}",
+                "down KB": f"{d.bytes_down / 1024:,.0f}",
+                "trainer": d.trainer,
+                "samples": str(d.samples),
+                "train s": _num(d.train_seconds, 2),
+                "MB": _num(d.peak_memory_mb, 0),
+                "acc": _num(d.accuracy, 3),
+                "model": "-" if d.model is None else d.model[:8],
+            }
+        )
     columns = ["device", "profile", "seen", "rep/sel", "late", "rej", "last reason", "up KB"]
     if width >= WIDE:
         columns[2:2] = ["trainer", "samples"]
         columns += ["down KB", "train s", "MB", "acc", "model"]
     for column in columns:
-        table.add_column(column, no_wrap=True, overflow="ellipsis",
-                         max_width=24 if column == "last reason" else None)  # fmt: skip
+        table.add_column(
+            column,
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=24 if column == "last reason" else None,
+        )
     for row in rows:  # as Text: what devices send is never read as markup
         table.add_row(*(Text(v) if isinstance(v, str) else v for v in (row[c] for c in columns)))
     return table

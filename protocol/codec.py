@@ -34,8 +34,11 @@ except ImportError:
 
 _F32 = np.dtype("<f4")
 _FORMATS: dict[str, np.dtype[Any]] = {
-    "f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "int8": np.dtype("i1"), "int8sr": np.dtype("i1")
-}  # fmt: skip
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "int8": np.dtype("i1"),
+    "int8sr": np.dtype("i1"),
+}
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
 """zstandard's default level: about 1 ms for a 100 kB update on a Pi 4 class core."""
@@ -338,9 +341,11 @@ def decode_update(payload: bytes, model: Model) -> Update:
             zip(values, model.weights, model.masks, strict=True)
         ):
             n = model.kept(i)
-            flat = _unpack(raw, n, f"tensor {i}") if "codec" not in body else (
-                _decode_tensor(raw, n, codec, f"tensor {i}")
-            )  # fmt: skip
+            flat = (
+                _unpack(raw, n, f"tensor {i}")
+                if "codec" not in body
+                else (_decode_tensor(raw, n, codec, f"tensor {i}"))
+            )
             if mask is None:
                 deltas.append(flat.reshape(weight.shape))
             else:

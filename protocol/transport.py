@@ -112,10 +112,14 @@ class Inbox:
         with self._changed:
             if self.limit and self._items and self._held + len(item[1]) > self.limit:
                 room = self._changed.wait_for(
-                    lambda: self._unbounded or self._closed or not self._items
-                    or self._held <= self.limit // 2,
+                    lambda: (
+                        self._unbounded
+                        or self._closed
+                        or not self._items
+                        or self._held <= self.limit // 2
+                    ),
                     timeout=None if self.patience == math.inf else self.patience,
-                )  # fmt: skip
+                )
                 self.overdrawn += not room
             if self._closed:
                 return
@@ -226,8 +230,7 @@ class MqttTransport(Transport):
         inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         """``inbox_bytes`` bounds what is received and not yet taken (:class:`Inbox`)."""
-        super().__init__(max_payload=max_payload,
-                         inbox=Inbox(inbox_bytes, patience=keepalive / 4))  # fmt: skip
+        super().__init__(max_payload=max_payload, inbox=Inbox(inbox_bytes, patience=keepalive / 4))
         if isinstance(broker, str):
             broker = BrokerUrl.parse(broker)
         self.settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(url=broker)
@@ -314,8 +317,12 @@ class MqttTransport(Transport):
         log.info("connecting to the MQTT broker at %s", self.url)
         for attempt in range(1, attempts + 1):
             try:
-                self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive,
-                                     properties=self._connect_properties())  # fmt: skip
+                self._client.connect(
+                    self.url.host,
+                    self.url.port,
+                    keepalive=self.keepalive,
+                    properties=self._connect_properties(),
+                )
                 break
             except ssl.SSLError as exc:  # permanent: retrying cannot fix a certificate
                 reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
@@ -332,8 +339,12 @@ class MqttTransport(Transport):
                     ) from exc
                 log.warning(
                     "the MQTT broker at %s is not reachable (%s); attempt %d of %d, next in %.1f s",
-                    self.url, reason, attempt, attempts, delay,
-                )  # fmt: skip
+                    self.url,
+                    reason,
+                    attempt,
+                    attempts,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
         self._client.loop_start()
@@ -378,19 +389,24 @@ class MqttTransport(Transport):
         self._down_since = math.inf
         if kept or not self.persistent:
             what = "the broker kept this client's session" if kept else "a clean session"
-            log.warning("reconnected to the MQTT broker at %s after %.1f s (%s)", self.url,
-                        down, what)  # fmt: skip
+            log.warning(
+                "reconnected to the MQTT broker at %s after %.1f s (%s)", self.url, down, what
+            )
             detail = f"reconnected after {down:.1f} s ({what})"
         else:
             log.warning(
                 "reconnected to the MQTT broker at %s after %.1f s, but the broker did not keep"
                 " this client's session: what was published for it meanwhile is lost (a broker"
                 " restart without persistence, or a session expiry shorter than the outage)",
-                self.url, down,
-            )  # fmt: skip
+                self.url,
+                down,
+            )
             detail = f"reconnected after {down:.1f} s; the broker lost the session"
-        self._events.append(ConnectionEvent(change=ConnectionChange.RESTORED, detail=detail,
-                                            session_kept=kept, down=down))  # fmt: skip
+        self._events.append(
+            ConnectionEvent(
+                change=ConnectionChange.RESTORED, detail=detail, session_kept=kept, down=down
+            )
+        )
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: object, _f: object, rc: object, *_p: object
@@ -415,18 +431,27 @@ class MqttTransport(Transport):
         with self._lock:
             unacknowledged = sum(1 for info in self._pending if not _settled(info))
         kept = (
-            "the broker keeps this client's session: what is published for it meanwhile waits"
-            " there" if self.persistent else "what is published for it meanwhile is not kept"
-        )  # fmt: skip
+            "the broker keeps this client's session: what is published for it meanwhile waits there"
+            if self.persistent
+            else "what is published for it meanwhile is not kept"
+        )
         log.warning(
             "lost the connection to the MQTT broker at %s (%s); %d received message(s) not yet"
             " handled, %d publish(es) not yet acknowledged; %s; reconnecting",
-            self.url, reason, waiting, unacknowledged, kept,
-        )  # fmt: skip
-        self._events.append(ConnectionEvent(
-            change=ConnectionChange.LOST, detail=f"lost the connection ({reason})",
-            waiting=waiting, unacknowledged=unacknowledged,
-        ))  # fmt: skip
+            self.url,
+            reason,
+            waiting,
+            unacknowledged,
+            kept,
+        )
+        self._events.append(
+            ConnectionEvent(
+                change=ConnectionChange.LOST,
+                detail=f"lost the connection ({reason})",
+                waiting=waiting,
+                unacknowledged=unacknowledged,
+            )
+        )
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put((msg.topic, bytes(msg.payload)))

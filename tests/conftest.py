@@ -71,9 +71,20 @@ def edge_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     env_dir = tmp_path_factory.mktemp("edge") / "venv"
     venv.create(env_dir, with_pip=True)
     install = subprocess.run(
-        [env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         f"{wheel}[edge,monitor]"],
-        capture_output=True, text=True, timeout=600, env=clean_env(), cwd=env_dir,
-    )  # fmt: skip
+        [
+            env_dir / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            f"{wheel}[edge,monitor]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+        cwd=env_dir,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     yield env_dir / "bin"

@@ -84,8 +84,11 @@ def test_the_wheel_holds_every_file_of_the_package_folders_and_nothing_else(whee
         f"{package.replace('.', '/')}/py.typed" for package in PACKAGE_DIRS
     }
     assert {n.split("/", 1)[0] for n in metadata} == {f"fedprune-{fedprune.__version__}.dist-info"}
-    web = {n.removeprefix("fedprune/monitor/web-assets/").removesuffix(".gz") for n in names
-           if n.startswith("fedprune/monitor/web-assets/")}  # fmt: skip
+    web = {
+        n.removeprefix("fedprune/monitor/web-assets/").removesuffix(".gz")
+        for n in names
+        if n.startswith("fedprune/monitor/web-assets/")
+    }
     assert set(ASSETS) <= web  # the dashboard's page and its assets
 
 
@@ -123,8 +126,15 @@ def test_the_wheel_installs_the_device_commands_without_tensorflow(
     assert facts["version"] == fedprune.__version__
     assert Path(facts["file"]).is_relative_to(edge_venv.parent)
     # The coordinator subpackage is in the wheel too; only its dependencies are not installed.
-    assert facts["missing"] == ["tensorflow", "edge_client", "coordinator", "converters",
-                                "device_profiles", "protocol", "monitor"]  # fmt: skip
+    assert facts["missing"] == [
+        "tensorflow",
+        "edge_client",
+        "coordinator",
+        "converters",
+        "device_profiles",
+        "protocol",
+        "monitor",
+    ]
     assert profiles.returncode == 0 and len(profiles.stdout.splitlines()) == 1 + 7
     assert keras.returncode == 2
     assert keras.stderr.strip().splitlines() == [
@@ -143,34 +153,83 @@ def test_devices_installed_from_the_wheel_train_in_a_real_run_and_run_the_deploy
 
     paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
     coordinator = subprocess.Popen(
-        [Path(sys.executable).parent / "fedprune-coordinator", "--broker", mosquitto, "--run",
-         "wheel", "--min-clients", "2", "--rounds", "3", "--begin-round", "1", "--end-round", "2",
-         "--heldout", heldout, "--out", tmp_path / "runs", "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            Path(sys.executable).parent / "fedprune-coordinator",
+            "--broker",
+            mosquitto,
+            "--run",
+            "wheel",
+            "--min-clients",
+            "2",
+            "--rounds",
+            "3",
+            "--begin-round",
+            "1",
+            "--end-round",
+            "2",
+            "--heldout",
+            heldout,
+            "--out",
+            tmp_path / "runs",
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     # Execute
     def device(i: int, data: Path) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [edge_venv / "fedprune-client", "--broker", mosquitto, "--run", "wheel", "--id",
-             f"pi-{i}", "--data", data, "--profile", "raspberry-pi-4", "--models",
-             tmp_path / f"pi-{i}", "--cache", tmp_path / f"cache-{i}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-        )  # fmt: skip
+            [
+                edge_venv / "fedprune-client",
+                "--broker",
+                mosquitto,
+                "--run",
+                "wheel",
+                "--id",
+                f"pi-{i}",
+                "--data",
+                data,
+                "--profile",
+                "raspberry-pi-4",
+                "--models",
+                tmp_path / f"pi-{i}",
+                "--cache",
+                tmp_path / f"cache-{i}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
 
     devices = [device(i, path) for i, path in enumerate(paths)]
     logs = [device.communicate(timeout=300)[0] for device in devices]
     _, err = coordinator.communicate(timeout=300)
     installed = tmp_path / "pi-0" / "raspberry-pi-4"
     monitor = subprocess.run(
-        [edge_venv / "fedprune-monitor", "--broker", mosquitto, "--run", "wheel", "--once",
-         "--json"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        [
+            edge_venv / "fedprune-monitor",
+            "--broker",
+            mosquitto,
+            "--run",
+            "wheel",
+            "--once",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     infer = subprocess.run(
         [edge_venv / "fedprune-infer", installed, "--data", heldout, "--json", "--runs", "5"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
     # Assert: both devices trained every round with LiteRT alone and run what was deployed
     assert [d.returncode for d in devices] == [0, 0], "\n".join(log[-2000:] for log in logs)
@@ -202,19 +261,56 @@ def test_a_device_without_zstandard_is_told_and_not_selected_when_the_run_forces
 
     paths, heldout = digits.write_demo_data(tmp_path / "data", 1, alpha=100.0, seed=0)
     coordinator = subprocess.Popen(
-        [Path(sys.executable).parent / "fedprune-coordinator", "--broker", mosquitto, "--run",
-         "zstd", "--min-clients", "1", "--rounds", "2", "--begin-round", "1", "--end-round",
-         "2", "--heldout", heldout, "--out", tmp_path / "runs", "--codec", "int8+zstd",
-         "--join-timeout", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            Path(sys.executable).parent / "fedprune-coordinator",
+            "--broker",
+            mosquitto,
+            "--run",
+            "zstd",
+            "--min-clients",
+            "1",
+            "--rounds",
+            "2",
+            "--begin-round",
+            "1",
+            "--end-round",
+            "2",
+            "--heldout",
+            heldout,
+            "--out",
+            tmp_path / "runs",
+            "--codec",
+            "int8+zstd",
+            "--join-timeout",
+            "8",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     # Execute
     device = subprocess.run(
-        [edge_venv / "fedprune-client", "--broker", mosquitto, "--run", "zstd", "--id", "pi-0",
-         "--data", paths[0], "--profile", "raspberry-pi-4", "--cache", tmp_path / "cache"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        [
+            edge_venv / "fedprune-client",
+            "--broker",
+            mosquitto,
+            "--run",
+            "zstd",
+            "--id",
+            "pi-0",
+            "--data",
+            paths[0],
+            "--profile",
+            "raspberry-pi-4",
+            "--cache",
+            tmp_path / "cache",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     _, err = coordinator.communicate(timeout=120)
     assert "client pi-0 joined" in err, err[-3000:]
 

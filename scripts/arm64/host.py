@@ -39,9 +39,10 @@ def requirements() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     light = dict.fromkeys(
-        r.split(";")[0].strip() for r in extras["edge"] + extras["zstd"] + extras["monitor"]
+        r.split(";")[0].strip()
+        for r in extras["edge"] + extras["zstd"] + extras["monitor"]
         if not r.startswith("fedprune")
-    )  # fmt: skip
+    )
     dev = [r for r in extras["dev"] if _name(r) in TEST_PACKAGES]
     return [*light, *dev]
 

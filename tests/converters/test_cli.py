@@ -68,10 +68,18 @@ def test_export_reports_which_of_the_profiles_budgets_it_meets(
     assert "budgets: latency met (" in out[0] and "vs 1000.000 ms), size MISSED (" in out[0]
     report = json.loads((run / "export" / "budgeted" / "export.json").read_text())
     latency, size = report["budgets"]
-    assert latency == {"name": "latency_ms", "limit": 1000.0,
-                       "measured": report["latency_ms_p50"], "met": True}  # fmt: skip
-    assert size == {"name": "size_bytes", "limit": 1000, "measured": report["tflite_bytes"],
-                    "met": False}  # fmt: skip
+    assert latency == {
+        "name": "latency_ms",
+        "limit": 1000.0,
+        "measured": report["latency_ms_p50"],
+        "met": True,
+    }
+    assert size == {
+        "name": "size_bytes",
+        "limit": 1000,
+        "measured": report["tflite_bytes"],
+        "met": False,
+    }
 
 
 @pytest.mark.slow

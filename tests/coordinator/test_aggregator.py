@@ -19,18 +19,20 @@ TOPICS = Topics(RUN)
 
 def _aggregator(broker: MemoryBroker, devices: list[str]) -> tuple[ShareAggregator, Model]:
     """An aggregator collecting round 1 of a two-tensor model that selects every device."""
-    aggregator = ShareAggregator(MemoryTransport(broker), RunConfig(run=RUN), name="agg-1",
-                                 group="fedprune")  # fmt: skip
-    model = Model(weights=[np.zeros((4, 3), np.float32), np.zeros(3, np.float32)],
-                  masks=[None, None])  # fmt: skip
+    aggregator = ShareAggregator(
+        MemoryTransport(broker), RunConfig(run=RUN), name="agg-1", group="fedprune"
+    )
+    model = Model(
+        weights=[np.zeros((4, 3), np.float32), np.zeros(3, np.float32)], masks=[None, None]
+    )
     payload = encode_model(model)
-    manifest = Manifest(topic=TOPICS.model(1), size=len(payload), chunks=1,
-                        sha256=sha256(payload))  # fmt: skip
+    manifest = Manifest(topic=TOPICS.model(1), size=len(payload), chunks=1, sha256=sha256(payload))
     for device in devices:
         hello = Hello(client_id=device, profile="generic-x86-64", num_samples=10, backend="keras")
         aggregator.handle(TOPICS.client_status(device), encode(hello, run=RUN, sender=device))
-    announced = Round(round=1, model_version=1, deadline=0.0, model=manifest, local_epochs=1,
-                      selected=devices)  # fmt: skip
+    announced = Round(
+        round=1, model_version=1, deadline=0.0, model=manifest, local_epochs=1, selected=devices
+    )
     aggregator._begin(announced, payload)
     return aggregator, model
 

@@ -51,9 +51,12 @@ def test_a_file_that_is_not_a_keras_model_is_a_one_line_error(
 
 def test_a_run_config_file_sets_the_run_and_flags_override_it(tmp_path: Path) -> None:
     # Prepare: a config.toml as every run writes it, with other rounds and schedule
-    config = RunConfig(run="garden", rounds=7, learning_rate=0.2,
-                       schedule=ScheduleConfig(kind=ScheduleKind.CONSTANT, target=0.5,
-                                               begin_round=3))  # fmt: skip
+    config = RunConfig(
+        run="garden",
+        rounds=7,
+        learning_rate=0.2,
+        schedule=ScheduleConfig(kind=ScheduleKind.CONSTANT, target=0.5, begin_round=3),
+    )
     RunDir(tmp_path / "garden").write_config(config)
 
     # Execute

@@ -26,7 +26,7 @@ def _rounds(*accuracies: float | None) -> list[RoundResult]:
             reported=1,
             rejected={},
             seconds=0.0,
-        )  # fmt: skip
+        )
         for i, a in enumerate(accuracies, start=1)
     ]
 

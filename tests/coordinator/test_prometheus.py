@@ -39,14 +39,35 @@ def test_a_scrape_shows_counters_gauges_and_histograms_of_the_run() -> None:
         metrics.round_started(3, ["a", "b"], deadline=0.0, bytes_down=1000)
         metrics.received("a", 600)
         metrics.received("a", 400)
-        metrics.accepted("a", Update(round=3, num_samples=5, deltas=[np.zeros(1, np.float32)],
-                                     metrics={"train_seconds": 0.7}))  # fmt: skip
+        metrics.accepted(
+            "a",
+            Update(
+                round=3,
+                num_samples=5,
+                deltas=[np.zeros(1, np.float32)],
+                metrics={"train_seconds": 0.7},
+            ),
+        )
         metrics.rejected("b", "norm", "too large")
-        metrics.round_ended(RoundResult(
-            round=3, accuracy=0.93, loss=0.2, client_accuracy=None, client_loss=None,
-            sparsity=0.4, bytes_up=1000, bytes_down=2000, dense_bytes_up=1, dense_bytes_down=1,
-            selected=2, reported=1, rejected={"norm": 1}, seconds=4.2,
-        ), late=[])  # fmt: skip
+        metrics.round_ended(
+            RoundResult(
+                round=3,
+                accuracy=0.93,
+                loss=0.2,
+                client_accuracy=None,
+                client_loss=None,
+                sparsity=0.4,
+                bytes_up=1000,
+                bytes_down=2000,
+                dense_bytes_up=1,
+                dense_bytes_down=1,
+                selected=2,
+                reported=1,
+                rejected={"norm": 1},
+                seconds=4.2,
+            ),
+            late=[],
+        )
 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()

@@ -50,8 +50,13 @@ def test_init_writes_a_ca_a_broker_and_an_account_per_device(folder: Path) -> No
         "pi-1.pub",
         "pi-2.pub",
     ]
-    private_files = ("devices/pi-1/device.key", "devices/pi-1/credentials.toml", "ca/ca.key",
-                     "devices/pi-1/signing.key", "coordinator/signing.key")  # fmt: skip
+    private_files = (
+        "devices/pi-1/device.key",
+        "devices/pi-1/credentials.toml",
+        "ca/ca.key",
+        "devices/pi-1/signing.key",
+        "coordinator/signing.key",
+    )
     for private in private_files:
         assert (folder / private).stat().st_mode & 0o077 == 0, private
 
@@ -77,9 +82,16 @@ def test_a_bundle_holds_what_the_device_needs_and_not_the_ca_key(folder: Path) -
         names = sorted(tar.getnames())
 
     # Assert
-    assert names == ["pi-2", "pi-2/ca.crt", "pi-2/coordinator.pub", "pi-2/credentials.toml",
-                     "pi-2/device.crt", "pi-2/device.key", "pi-2/device.toml",
-                     "pi-2/signing.key"]  # fmt: skip
+    assert names == [
+        "pi-2",
+        "pi-2/ca.crt",
+        "pi-2/coordinator.pub",
+        "pi-2/credentials.toml",
+        "pi-2/device.crt",
+        "pi-2/device.key",
+        "pi-2/device.toml",
+        "pi-2/signing.key",
+    ]
 
 
 def test_adding_and_revoking_devices_updates_accounts_and_acl(folder: Path) -> None:
@@ -130,7 +142,12 @@ def test_the_broker_keeps_a_rounds_backlog_for_the_fleet_and_forgets_dead_sessio
     assert set(queue_settings(2)) <= set(lines)
     assert "max_queued_bytes 1048576000" in lines
     assert "persistent_client_expiration 1h" in lines
-    assert queue_settings(2000) == ["max_queued_messages 100000", "max_queued_bytes 2097152000",
-                                    "persistent_client_expiration 1h"]  # fmt: skip
-    assert queue_settings(50_000) == ["max_queued_messages 500000",
-                                      "persistent_client_expiration 1h"]  # fmt: skip
+    assert queue_settings(2000) == [
+        "max_queued_messages 100000",
+        "max_queued_bytes 2097152000",
+        "persistent_client_expiration 1h",
+    ]
+    assert queue_settings(50_000) == [
+        "max_queued_messages 500000",
+        "persistent_client_expiration 1h",
+    ]

@@ -19,19 +19,40 @@ def _run_dir(tmp_path: Path, rounds: int = 4) -> Path:
         tomli_w.dumps({"run": "lab-7", "rounds": rounds, "schedule": {"target": 0.8}})
     )
     lines = [
-        {"round": r, "accuracy": 0.5 + 0.1 * r, "loss": 1.0 / r, "client_accuracy": 0.5,
-         "client_loss": 0.9, "sparsity": 0.2 * r, "bytes_up": 1000 * r, "bytes_down": 2000,
-         "dense_bytes_up": 5000, "dense_bytes_down": 5000, "selected": 2, "reported": 2,
-         "rejected": {"norm": 1} if r == 2 else {}, "seconds": 1.5}
+        {
+            "round": r,
+            "accuracy": 0.5 + 0.1 * r,
+            "loss": 1.0 / r,
+            "client_accuracy": 0.5,
+            "client_loss": 0.9,
+            "sparsity": 0.2 * r,
+            "bytes_up": 1000 * r,
+            "bytes_down": 2000,
+            "dense_bytes_up": 5000,
+            "dense_bytes_down": 5000,
+            "selected": 2,
+            "reported": 2,
+            "rejected": {"norm": 1} if r == 2 else {},
+            "seconds": 1.5,
+        }
         for r in range(1, rounds + 1)
-    ]  # fmt: skip
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    devices = [{"id": "pi-<1>", "selected": 4, "reported": 3, "late": 1, "rejected": 0},
-               {"id": "pi-2", "selected": 4, "reported": 4, "late": 0, "rejected": 1}]  # fmt: skip
+    devices = [
+        {"id": "pi-<1>", "selected": 4, "reported": 3, "late": 1, "rejected": 0},
+        {"id": "pi-2", "selected": 4, "reported": 4, "late": 0, "rejected": 1},
+    ]
     (run / "devices.json").write_text(json.dumps({"devices": devices, "events": []}))
-    export = {"precision": "dynamic_int8", "tflite_bytes": 137720, "gzip_bytes": 47383,
-              "tflite_accuracy": 0.9755, "keras_accuracy": 0.9755, "latency_ms_p50": 0.016,
-              "latency_ms_p95": 0.025, "runtime": "default interpreter (XNNPACK)"}  # fmt: skip
+    export = {
+        "precision": "dynamic_int8",
+        "tflite_bytes": 137720,
+        "gzip_bytes": 47383,
+        "tflite_accuracy": 0.9755,
+        "keras_accuracy": 0.9755,
+        "latency_ms_p50": 0.016,
+        "latency_ms_p95": 0.025,
+        "runtime": "default interpreter (XNNPACK)",
+    }
     (run / "export" / "raspberry-pi-4" / "export.json").write_text(json.dumps(export))
     return run
 
@@ -50,8 +71,16 @@ def test_the_report_has_every_plot_and_the_run_figures(
         image = matplotlib.image.imread(run / "report" / name)
         assert image.shape[0] > 200 and image.shape[1] > 400
         assert f'src="{name}"' in page
-    for figure in ("0.9000", "0.8000", "10,000 / 20,000 bytes", "raspberry-pi-4", "137720",
-                   "dynamic_int8", "0.9755", "schedule.target"):  # fmt: skip
+    for figure in (
+        "0.9000",
+        "0.8000",
+        "10,000 / 20,000 bytes",
+        "raspberry-pi-4",
+        "137720",
+        "dynamic_int8",
+        "0.9755",
+        "schedule.target",
+    ):
         assert figure in page, figure
     assert "pi-<1>" not in page  # device names are escaped (plots hold them as pixels)
 
@@ -62,8 +91,9 @@ def test_a_folder_that_is_not_a_run_is_one_line_and_exit_2(
     code = main([str(tmp_path)])
 
     err = capsys.readouterr().err.splitlines()
-    assert code == 2 and err == [f"fedprune-report: error: {tmp_path}: not a run directory"
-                                 " (no metrics.jsonl)"]  # fmt: skip
+    assert code == 2 and err == [
+        f"fedprune-report: error: {tmp_path}: not a run directory (no metrics.jsonl)"
+    ]
 
 
 def test_a_garbled_metrics_file_is_one_line_and_exit_2(
@@ -88,15 +118,19 @@ def test_a_metrics_line_without_a_field_is_named(
 
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].endswith("metrics.jsonl:1: no sparsity, bytes_up, bytes_down, dense_bytes_up,"
-                           " dense_bytes_down, seconds")  # fmt: skip
+    assert err[0].endswith(
+        "metrics.jsonl:1: no sparsity, bytes_up, bytes_down, dense_bytes_up,"
+        " dense_bytes_down, seconds"
+    )
 
 
 @pytest.mark.parametrize("count", [3, 1500])
 def test_devices_named_like_math_and_large_fleets_are_plotted(tmp_path: Path, count: int) -> None:
     run = _run_dir(tmp_path)
-    devices = [{"id": f"pi-$x^{i}$", "selected": 4, "reported": i % 5, "late": 0, "rejected": 0}
-               for i in range(count)]  # fmt: skip
+    devices = [
+        {"id": f"pi-$x^{i}$", "selected": 4, "reported": i % 5, "late": 0, "rejected": 0}
+        for i in range(count)
+    ]
     (run / "devices.json").write_text(json.dumps({"devices": devices, "events": []}))
 
     assert main([str(run)]) == 0

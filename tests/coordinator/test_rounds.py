@@ -398,8 +398,13 @@ def test_a_rebuilt_models_artifact_goes_in_the_chunks_the_devices_online_take() 
     coordinator = _with_artifact(broker, lambda: bytes(100_000))
     coordinator.start()
     device = MemoryTransport(broker)
-    hello = Hello(client_id="pi", profile="raspberry-pi-zero-2w", num_samples=5,
-                  backend="litert", max_payload=16 * 1024)  # fmt: skip
+    hello = Hello(
+        client_id="pi",
+        profile="raspberry-pi-zero-2w",
+        num_samples=5,
+        backend="litert",
+        max_payload=16 * 1024,
+    )
     device.publish(TOPICS.client_status("pi"), encode(hello, run=RUN, sender="pi"), retain=True)
     while coordinator.pump(0.0):
         pass
@@ -619,8 +624,14 @@ def test_a_hello_sent_as_another_device_does_not_change_its_row(
     harness: Callable[..., Harness],
 ) -> None:
     h = harness()
-    forged = Hello(client_id="b", profile="jetson-nano", num_samples=9, backend="keras",
-                   installed="ff" * 32, deploys=True)  # fmt: skip
+    forged = Hello(
+        client_id="b",
+        profile="jetson-nano",
+        num_samples=9,
+        backend="keras",
+        installed="ff" * 32,
+        deploys=True,
+    )
     h.clients["a"].transport.publish(
         TOPICS.client_status("b"), encode(forged, run=RUN, sender="a"), retain=True
     )
@@ -672,8 +683,9 @@ def test_a_trimmed_snapshot_keeps_the_devices_of_the_round_in_progress(
 ) -> None:
     ids = tuple(f"device-{i:04d}" for i in range(60))
     h = harness(ids, max_payload=4096, clients_per_round=3)
-    h.coordinator.telemetry.round_started(1, ["device-0057", "device-0058", "device-0059"],
-                                          deadline=0.0, bytes_down=1)  # fmt: skip
+    h.coordinator.telemetry.round_started(
+        1, ["device-0057", "device-0058", "device-0059"], deadline=0.0, bytes_down=1
+    )
 
     snapshot = decode(h.broker.retained[TOPICS.telemetry]).message
 
@@ -709,8 +721,9 @@ def test_a_device_whose_training_failed_is_not_waited_for_and_is_counted(
 
     def answer(announcement: Round, model: Model) -> None:
         h.clients["a"].send(announcement.round, update_payload(model, random_delta(model, 1)))
-        failed = encode(Failed(round=announcement.round, reason="MemoryError: "), run=RUN,
-                        sender="b")  # fmt: skip
+        failed = encode(
+            Failed(round=announcement.round, reason="MemoryError: "), run=RUN, sender="b"
+        )
         for _ in range(2):  # QoS 1 may deliver it twice: counted once
             h.clients["b"].transport.publish(
                 f"{TOPICS.update('b', announcement.round)}/failed", failed
@@ -740,9 +753,15 @@ def test_a_selection_from_a_huge_fleet_fits_in_a_few_bytes_and_every_device_comp
     drawn = h.coordinator.fleet.select(ROUND)
     again = h.coordinator.fleet.select(ROUND)
     selected, draw, cutoff = drawn.selected, drawn.draw, drawn.cutoff
-    announcement = Round(round=ROUND, model_version=ROUND, deadline=0.0, draw=draw, cutoff=cutoff,
-                         model=Manifest(topic="t", size=1, chunks=1, sha256="0" * 64),
-                         local_epochs=1)  # fmt: skip
+    announcement = Round(
+        round=ROUND,
+        model_version=ROUND,
+        deadline=0.0,
+        draw=draw,
+        cutoff=cutoff,
+        model=Manifest(topic="t", size=1, chunks=1, sha256="0" * 64),
+        local_epochs=1,
+    )
 
     # Assert: exactly the sample size, the same set every device derives, reproducible per round
     assert len(selected) == 5000
@@ -821,8 +840,15 @@ def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or
             return
         h.clients["b"].send(ROUND, update_payload(sent["model"], sent["b"], num_samples=10))  # type: ignore[arg-type]
         sent["a"] = random_delta(model, 3)
-        h.clients["a"].send(ROUND + 1, update_payload(model, sent["a"], round_=ROUND + 1,  # type: ignore[arg-type]
-                                                num_samples=30))  # fmt: skip
+        h.clients["a"].send(
+            ROUND + 1,
+            update_payload(
+                model,
+                sent["a"],
+                round_=ROUND + 1,  # type: ignore[arg-type]
+                num_samples=30,
+            ),
+        )
 
     h.on_round(answer)
     _, first, _ = h.run_round()
@@ -834,8 +860,10 @@ def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or
     # Assert: FedAvg with b's samples times the weight; rejected as late without one
     after = h.coordinator.pruner.model()
     a, b = sent["a"], sent["b"]
-    want = [w + (30 * da + weight * 10 * db) / (30 + weight * 10)
-            for w, da, db in zip(before.weights, a, b, strict=True)]  # type: ignore[call-overload]  # fmt: skip
+    want = [
+        w + (30 * da + weight * 10 * db) / (30 + weight * 10)
+        for w, da, db in zip(before.weights, a, b, strict=True)
+    ]  # type: ignore[call-overload]
     assert_weights(after, want)
     assert (first.late, first.reported) == (1, 1)
     assert (result.reported, result.stale) == (1, 1 if weight else 0)
@@ -859,8 +887,9 @@ def test_a_redelivered_update_of_the_previous_round_is_ignored_and_does_not_answ
                 h.clients["a"].send(ROUND, sent["a"])
                 h.clients["a"].send(ROUND, update_payload(model, random_delta(model, 9)))
             payload = update_payload(model, random_delta(model, 10 + i), round_=announcement.round)
-            client.send(announcement.round, sent[client.id] if announcement.round == ROUND
-                        else payload)  # fmt: skip
+            client.send(
+                announcement.round, sent[client.id] if announcement.round == ROUND else payload
+            )
 
     h.on_round(answer)
     h.run_round()
@@ -874,8 +903,12 @@ def test_a_redelivered_update_of_the_previous_round_is_ignored_and_does_not_answ
     notices = h.clients["a"].notices()
     assert (result.reported, result.rejected) == (2, {"duplicate": 1})
     assert [(n.round, n.accepted) for n in notices] == [
-        (ROUND, True), (ROUND, False), (ROUND + 1, True), (ROUND, True), (ROUND, False)
-    ]  # fmt: skip
+        (ROUND, True),
+        (ROUND, False),
+        (ROUND + 1, True),
+        (ROUND, True),
+        (ROUND, False),
+    ]
 
 
 def test_a_device_with_a_small_message_limit_gets_the_model_in_chunks_it_takes(
@@ -884,10 +917,16 @@ def test_a_device_with_a_small_message_limit_gets_the_model_in_chunks_it_takes(
     # Prepare: "zero" announces a 16 KiB limit (a Pi Zero's profile would say 128 KiB)
     h = harness(("a", "b"), max_payload=64 * 1024)
     zero = FakeClient(h.broker, "zero")
-    small = Hello(client_id="zero", profile="raspberry-pi-zero-2w", num_samples=100,
-                  backend="scripted", max_payload=16 * 1024)  # fmt: skip
-    zero.transport.publish(TOPICS.client_status("zero"), encode(small, run=RUN, sender="zero"),
-                           retain=True)  # fmt: skip
+    small = Hello(
+        client_id="zero",
+        profile="raspberry-pi-zero-2w",
+        num_samples=100,
+        backend="scripted",
+        max_payload=16 * 1024,
+    )
+    zero.transport.publish(
+        TOPICS.client_status("zero"), encode(small, run=RUN, sender="zero"), retain=True
+    )
     h.coordinator.pump(0.1)
     h.coordinator.pump(0.1)
 
@@ -1068,10 +1107,19 @@ def test_downlink_full_sends_the_whole_model_every_round(harness: Callable[..., 
 
 def _claim(h: Harness, client_id: str, round_: int, payload: bytes, *, session: str = "") -> None:
     """``client_id``'s hello saying it resent ``payload`` for want of a notice."""
-    claim = Unanswered(session=session or h.coordinator.telemetry.session, round=round_,
-                       sha256=sha256(payload), resends=1)  # fmt: skip
-    hello = Hello(client_id=client_id, profile="generic-x86-64", num_samples=100,
-                  backend="scripted", unanswered=claim)  # fmt: skip
+    claim = Unanswered(
+        session=session or h.coordinator.telemetry.session,
+        round=round_,
+        sha256=sha256(payload),
+        resends=1,
+    )
+    hello = Hello(
+        client_id=client_id,
+        profile="generic-x86-64",
+        num_samples=100,
+        backend="scripted",
+        unanswered=claim,
+    )
     h.clients[client_id].transport.publish(
         TOPICS.client_status(client_id), encode(hello, run=RUN, sender=client_id), retain=True
     )

@@ -44,10 +44,22 @@ def pruner() -> Pruner:
 
 
 def _result(round_: int) -> RoundResult:
-    return RoundResult(round=round_, accuracy=0.5, loss=1.0, client_accuracy=None,
-                       client_loss=None, sparsity=0.25, bytes_up=1, bytes_down=2,
-                       dense_bytes_up=3, dense_bytes_down=4, selected=1, reported=1,
-                       rejected={}, seconds=0.1)  # fmt: skip
+    return RoundResult(
+        round=round_,
+        accuracy=0.5,
+        loss=1.0,
+        client_accuracy=None,
+        client_loss=None,
+        sparsity=0.25,
+        bytes_up=1,
+        bytes_down=2,
+        dense_bytes_up=3,
+        dense_bytes_down=4,
+        selected=1,
+        reported=1,
+        rejected={},
+        seconds=0.1,
+    )
 
 
 @pytest.mark.parametrize("torn", [False, True])
@@ -67,8 +79,9 @@ def test_a_resumed_run_gets_the_checkpoint_and_drops_metrics_of_the_round_that_d
         text = run.metrics.read_text()
         run.metrics.write_text(text[: len(text) - 40])
     saved = [w.copy() for w in pruner.wrapped.get_weights()]
-    fresh = pruner_for(models.build("mlp", seed=1), ScheduleConfig(target=0.5, begin_round=0,
-                                                                    end_round=2))  # fmt: skip
+    fresh = pruner_for(
+        models.build("mlp", seed=1), ScheduleConfig(target=0.5, begin_round=0, end_round=2)
+    )
     restored_ledger = Ledger()
 
     # Execute
@@ -88,8 +101,9 @@ def test_a_rebuilt_model_resumes_with_its_smaller_architecture_and_schedule(
     tmp_path: Path, weight_target: float
 ) -> None:
     # Prepare: a unit-pruned cnn rebuilt at round 2 and checkpointed at round 3
-    schedule = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=2,
-                              weight_target=weight_target)  # fmt: skip
+    schedule = ScheduleConfig(
+        units="l1", target=0.5, begin_round=1, end_round=2, weight_target=weight_target
+    )
     pruner = pruner_for(models.build("cnn", seed=0), schedule)
     for round_ in (1, 2, 3):
         pruner.step(round_)

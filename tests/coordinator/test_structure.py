@@ -18,18 +18,20 @@ layers = tf_keras.layers
 def conv_bn() -> tf_keras.Model:
     """Conv -> BN -> ReLU -> Conv (same padding) -> pool -> Flatten -> Dense (sigmoid) -> out."""
     tf_keras.utils.set_random_seed(0)
-    return tf_keras.Sequential([
-        layers.Input((8, 8, 1)),
-        layers.Conv2D(6, 3, padding="same"),
-        layers.BatchNormalization(),
-        layers.ReLU(),
-        layers.Conv2D(8, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(),
-        layers.Flatten(),
-        layers.Dense(12, activation="sigmoid"),
-        layers.Dropout(0.2),
-        layers.Dense(10, activation="softmax"),
-    ])  # fmt: skip
+    return tf_keras.Sequential(
+        [
+            layers.Input((8, 8, 1)),
+            layers.Conv2D(6, 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(12, activation="sigmoid"),
+            layers.Dropout(0.2),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
 
 
 def conv_valid() -> tf_keras.Model:
@@ -46,8 +48,12 @@ def conv_valid() -> tf_keras.Model:
 
 def _randomize(model: tf_keras.Model, rng: np.random.Generator) -> None:
     """Nonzero biases and BatchNormalization statistics: what a trained model has."""
-    model.set_weights([rng.normal(0.5, 0.4, w.shape).astype(np.float32) if w.ndim == 1 else w
-                       for w in model.get_weights()])  # fmt: skip
+    model.set_weights(
+        [
+            rng.normal(0.5, 0.4, w.shape).astype(np.float32) if w.ndim == 1 else w
+            for w in model.get_weights()
+        ]
+    )
     for layer in model.layers:
         if isinstance(layer, layers.BatchNormalization):
             layer.moving_variance.assign(np.abs(layer.moving_variance.numpy()) + 0.1)

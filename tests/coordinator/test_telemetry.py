@@ -23,8 +23,13 @@ class Clock:
 
 
 def _hello(client_id: str, installed: str | None = None) -> Hello:
-    return Hello(client_id=client_id, profile="raspberry-pi-4", num_samples=120,
-                 backend="litert", installed=installed)  # fmt: skip
+    return Hello(
+        client_id=client_id,
+        profile="raspberry-pi-4",
+        num_samples=120,
+        backend="litert",
+        installed=installed,
+    )
 
 
 def _update(**metrics: float) -> Update:
@@ -33,10 +38,21 @@ def _update(**metrics: float) -> Update:
 
 def _result(round_: int, accuracy: float | None = 0.9) -> RoundResult:
     return RoundResult(
-        round=round_, accuracy=accuracy, loss=0.3, client_accuracy=0.8, client_loss=0.4,
-        sparsity=0.5, bytes_up=100, bytes_down=200, dense_bytes_up=400, dense_bytes_down=400,
-        selected=2, reported=1, rejected={"norm": 1}, seconds=1.5,
-    )  # fmt: skip
+        round=round_,
+        accuracy=accuracy,
+        loss=0.3,
+        client_accuracy=0.8,
+        client_loss=0.4,
+        sparsity=0.5,
+        bytes_up=100,
+        bytes_down=200,
+        dense_bytes_up=400,
+        dense_bytes_down=400,
+        selected=2,
+        reported=1,
+        rejected={"norm": 1},
+        seconds=1.5,
+    )
 
 
 def test_ledger_follows_a_device_through_a_round() -> None:
@@ -48,13 +64,18 @@ def test_ledger_follows_a_device_through_a_round() -> None:
     clock.now += 3
     ledger.received("pi-1", 700)
     ledger.received("stranger", 99)  # never said hello: not in the ledger
-    ledger.accepted("pi-1", _update(train_seconds=0.25, peak_memory_mb=71.5, accuracy=0.9,
-                                    n_eval=20))  # fmt: skip
+    ledger.accepted(
+        "pi-1", _update(train_seconds=0.25, peak_memory_mb=71.5, accuracy=0.9, n_eval=20)
+    )
 
     (row,) = ledger.rows()
     assert (row.id, row.profile, row.trainer, row.samples, row.online) == (
-        "pi-1", "raspberry-pi-4", "litert", 120, True,
-    )  # fmt: skip
+        "pi-1",
+        "raspberry-pi-4",
+        "litert",
+        120,
+        True,
+    )
     assert (row.selected, row.reported, row.bytes_up, row.bytes_down) == (1, 1, 700, 5000)
     assert (row.train_seconds, row.peak_memory_mb, row.accuracy) == (0.25, 71.5, 0.9)
     assert (row.joined, row.last_seen) == (1000.0, 1003.0)
@@ -71,8 +92,11 @@ def test_ledger_counts_rejections_lateness_and_departures_with_events() -> None:
 
     (row,) = ledger.rows()
     assert (row.rejected, row.last_reason, row.late, row.online) == (
-        1, "norm: update norm 1e9 exceeds 1e4", 1, True,
-    )  # fmt: skip
+        1,
+        "norm: update norm 1e9 exceeds 1e4",
+        1,
+        True,
+    )
     kinds = [(e.kind, e.device, e.text) for e in ledger.events]
     assert kinds == [
         ("join", "pi-1", "raspberry-pi-4, 120 samples, litert"),
@@ -134,8 +158,9 @@ def test_ledger_keeps_only_the_latest_events() -> None:
 
 
 def _telemetry(clock: Clock, sent: list[Snapshot]) -> Telemetry:
-    return Telemetry(RunConfig(run="t", rounds=12, min_clients=1), publish=sent.append,
-                     interval=0.5, clock=clock)  # fmt: skip
+    return Telemetry(
+        RunConfig(run="t", rounds=12, min_clients=1), publish=sent.append, interval=0.5, clock=clock
+    )
 
 
 def test_snapshots_are_sent_at_most_every_interval_but_at_once_at_a_round_boundary() -> None:
@@ -172,8 +197,11 @@ def test_a_snapshot_tells_the_run_the_round_in_progress_and_the_last_rounds() ->
     after = telemetry.snapshot()
 
     assert (during.run.name, during.run.phase, during.run.round, during.run.rounds) == (
-        "t", "training", 1, 12,
-    )  # fmt: skip
+        "t",
+        "training",
+        1,
+        12,
+    )
     assert during.run.deadline == 1060.0 and during.run.devices_total == 1
     assert during.progress is not None
     assert during.progress.reported == ["pi-1"]
@@ -239,7 +267,9 @@ def test_overdue_updates_are_in_the_round_until_they_arrive_and_connection_chang
     assert before.progress is not None and before.progress.overdue == ["pi-1", "pi-2"]
     assert after.progress is not None and after.progress.overdue == ["pi-2"]
     assert [(e.kind, e.text) for e in after.events if e.kind in ("overdue", "broker")] == [
-        ("overdue", "round 1: 1 update(s) that devices say they sent have not arrived; they resend"
-         " them"),
+        (
+            "overdue",
+            "round 1: 1 update(s) that devices say they sent have not arrived; they resend them",
+        ),
         ("broker", "lost the connection (timeout)"),
-    ]  # fmt: skip
+    ]

@@ -35,21 +35,28 @@ def _units(pruner: Pruner) -> dict[str, int]:
 def _perturb(pruner: Pruner, seed: int) -> None:
     """What a round's aggregate does: every weight moves a little, biases too."""
     rng = np.random.default_rng(seed)
-    pruner.set_weights([w + rng.normal(0, 0.01, w.shape).astype(np.float32)
-                        for w in pruner.stripped.get_weights()])  # fmt: skip
+    pruner.set_weights(
+        [w + rng.normal(0, 0.01, w.shape).astype(np.float32) for w in pruner.stripped.get_weights()]
+    )
 
 
 def test_units_of_least_norm_go_on_the_polynomial_schedule() -> None:
-    pruner = pruner_for(models.cnn(), ScheduleConfig(units="l1", target=0.75, begin_round=1,
-                                                     end_round=4))  # fmt: skip
+    pruner = pruner_for(
+        models.cnn(), ScheduleConfig(units="l1", target=0.75, begin_round=1, end_round=4)
+    )
     conv, dense = pruner.units  # 16 filters, 128 units
     counts = []
     for round_ in range(1, 5):
         _perturb(pruner, round_)
-        before = {name: unit_norms(pruner.stripped.get_layer(name).kernel.numpy(), 1)
-                  for name in pruner.units}  # fmt: skip
-        alive_before = {w.layer.name: alive(w.pruning_vars[0][1].numpy())
-                        for w in pruner.wrappers if w.pruning_vars}  # fmt: skip
+        before = {
+            name: unit_norms(pruner.stripped.get_layer(name).kernel.numpy(), 1)
+            for name in pruner.units
+        }
+        alive_before = {
+            w.layer.name: alive(w.pruning_vars[0][1].numpy())
+            for w in pruner.wrappers
+            if w.pruning_vars
+        }
 
         pruner.step(round_)
 
@@ -88,8 +95,9 @@ def test_tfmot_block_sparsity_cannot_make_a_dense_unit_one_block() -> None:
 
 
 def test_rebuild_keeps_the_outputs_and_shrinks_the_model_and_its_masks() -> None:
-    pruner = pruner_for(models.cnn(), ScheduleConfig(units="l2", target=0.75, begin_round=1,
-                                                     end_round=3))  # fmt: skip
+    pruner = pruner_for(
+        models.cnn(), ScheduleConfig(units="l2", target=0.75, begin_round=1, end_round=3)
+    )
     for round_ in range(1, 4):
         _perturb(pruner, round_)
         pruner.step(round_)
@@ -101,8 +109,13 @@ def test_rebuild_keeps_the_outputs_and_shrinks_the_model_and_its_masks() -> None
 
     np.testing.assert_allclose(pruner.stripped(X).numpy(), expected, atol=2e-5)
     assert [w.shape for w in pruner.model().weights] == [
-        (3, 3, 1, 4), (4,), (256, 32), (32,), (32, 10), (10,)
-    ]  # fmt: skip
+        (3, 3, 1, 4),
+        (4,),
+        (256, 32),
+        (32,),
+        (32, 10),
+        (10,),
+    ]
     assert all(m is None or m.all() for m in pruner.model().masks)
     assert pruner.parameters() < before / 10
     assert not pruner.rebuild()  # nothing left to remove
@@ -115,17 +128,23 @@ def test_filters_before_batch_normalization_and_a_same_padded_conv_go_all_the_wa
     scale, shift and running mean at zero, so it gives zero and the rebuild removes it."""
     layers = tf_keras.layers
     tf_keras.utils.set_random_seed(0)
-    model = tf_keras.Sequential([
-        layers.Input((8, 8, 1)), layers.Conv2D(8, 3, padding="same"),
-        layers.BatchNormalization(), layers.ReLU(),
-        layers.Conv2D(8, 3, padding="same", activation="relu"), layers.Flatten(),
-        layers.Dense(10, activation="softmax"),
-    ])  # fmt: skip
+    model = tf_keras.Sequential(
+        [
+            layers.Input((8, 8, 1)),
+            layers.Conv2D(8, 3, padding="same"),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.Flatten(),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
     norm = model.layers[1]
     norm.beta.assign(np.full(8, 0.3, np.float32))  # what training leaves: a nonzero shift
     norm.moving_mean.assign(np.full(8, -0.2, np.float32))
-    pruner = pruner_for(model, ScheduleConfig(units="l1", kind=ScheduleKind.CONSTANT,
-                                              target=0.5, begin_round=1))  # fmt: skip
+    pruner = pruner_for(
+        model, ScheduleConfig(units="l1", kind=ScheduleKind.CONSTANT, target=0.5, begin_round=1)
+    )
     pruner.step(1)
     expected = pruner.stripped(X).numpy()
 
@@ -166,8 +185,9 @@ def test_a_constant_unit_schedule_prunes_no_weights_after_its_rebuild() -> None:
 
 
 def test_hybrid_prunes_weights_inside_the_remaining_units_after_the_rebuild() -> None:
-    schedule = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=3,
-                              weight_target=0.8, weight_end_round=6)  # fmt: skip
+    schedule = ScheduleConfig(
+        units="l1", target=0.5, begin_round=1, end_round=3, weight_target=0.8, weight_end_round=6
+    )
     pruner = pruner_for(models.cnn(), schedule)
     for round_ in range(1, 7):
         _perturb(pruner, round_)
@@ -186,8 +206,15 @@ def test_hybrid_prunes_weights_even_when_its_last_unit_round_removes_nothing() -
     """Rebuilt every round, the ramp to half the units is done by round 7 (round(0.5015 * 16) =
     8 filters, as at round 8): the rebuild at round 8 removes nothing and the weights must still
     be pruned from then on."""
-    schedule = ScheduleConfig(units="l1", target=0.5, begin_round=1, end_round=8,
-                              rebuild_every=1, weight_target=0.8, weight_end_round=12)  # fmt: skip
+    schedule = ScheduleConfig(
+        units="l1",
+        target=0.5,
+        begin_round=1,
+        end_round=8,
+        rebuild_every=1,
+        weight_target=0.8,
+        weight_end_round=12,
+    )
     pruner = pruner_for(models.cnn(), schedule)
     for round_ in range(1, 13):
         _perturb(pruner, round_)
@@ -202,8 +229,9 @@ def test_hybrid_prunes_weights_even_when_its_last_unit_round_removes_nothing() -
 def test_the_mean_rule_reaches_the_same_widths_whether_rebuilt_on_the_way_or_not() -> None:
     widths = []
     for every in (0, 1):
-        schedule = ScheduleConfig(units="l1", kind=ScheduleKind.MEAN, begin_round=2,
-                                  end_round=8, rebuild_every=every)  # fmt: skip
+        schedule = ScheduleConfig(
+            units="l1", kind=ScheduleKind.MEAN, begin_round=2, end_round=8, rebuild_every=every
+        )
         pruner = pruner_for(models.build("cnn", seed=0), schedule)
         for round_ in range(1, 9):
             pruner.step(round_)
@@ -216,8 +244,9 @@ def test_the_mean_rule_reaches_the_same_widths_whether_rebuilt_on_the_way_or_not
 
 
 def test_mean_rule_at_unit_level_removes_units_below_the_mean_norm() -> None:
-    pruner = pruner_for(models.mlp(), ScheduleConfig(units="l1", kind=ScheduleKind.MEAN,
-                                                     begin_round=1, end_round=2))  # fmt: skip
+    pruner = pruner_for(
+        models.mlp(), ScheduleConfig(units="l1", kind=ScheduleKind.MEAN, begin_round=1, end_round=2)
+    )
     first = pruner.stripped.layers[0]
     norms = unit_norms(first.kernel.numpy(), 1)
 
@@ -248,19 +277,29 @@ def test_unit_pruning_refuses_a_model_it_cannot_rebuild() -> None:
     ids=["channels-first", "softmax-activation", "tf-nn-softmax"],
 )
 def test_unit_pruning_refuses_what_the_rebuild_would_get_wrong(layer: Any, message: str) -> None:
-    model = tf_keras.Sequential([tf_keras.layers.Input((8, 8, 4)), tf_keras.layers.Conv2D(4, 1),
-                                 layer, tf_keras.layers.Flatten(),
-                                 tf_keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+    model = tf_keras.Sequential(
+        [
+            tf_keras.layers.Input((8, 8, 4)),
+            tf_keras.layers.Conv2D(4, 1),
+            layer,
+            tf_keras.layers.Flatten(),
+            tf_keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
 
     with pytest.raises(ConfigError, match=message):
         pruner_for(model, ScheduleConfig(units="l1", begin_round=1, end_round=2))
 
 
 def test_unit_pruning_refuses_a_grouped_convolution() -> None:
-    model = tf_keras.Sequential([tf_keras.layers.Input((8, 8, 4)),
-                                 tf_keras.layers.Conv2D(4, 3, groups=2),
-                                 tf_keras.layers.Flatten(),
-                                 tf_keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+    model = tf_keras.Sequential(
+        [
+            tf_keras.layers.Input((8, 8, 4)),
+            tf_keras.layers.Conv2D(4, 3, groups=2),
+            tf_keras.layers.Flatten(),
+            tf_keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
 
     with pytest.raises(ConfigError, match="grouped"):
         pruner_for(model, ScheduleConfig(units="l1", begin_round=1, end_round=2))

@@ -52,8 +52,13 @@ def test_a_corrupt_cached_file_is_not_used(tmp_path: Path) -> None:
 def test_a_chunk_with_bad_data_is_refused_and_nothing_is_cached(tmp_path: Path) -> None:
     data = os.urandom(2500)
     _, chunks = manifest_and_chunks(data)
-    bad = Chunk(index=0, count=chunks[0].count, size=chunks[0].size, sha256=chunks[0].sha256,
-                data=b"\0" * len(chunks[0].data))  # fmt: skip
+    bad = Chunk(
+        index=0,
+        count=chunks[0].count,
+        size=chunks[0].size,
+        sha256=chunks[0].sha256,
+        data=b"\0" * len(chunks[0].data),
+    )
     store = ArtifactStore(tmp_path)
 
     with pytest.raises(WireError, match="SHA-256"):

@@ -114,8 +114,10 @@ def test_a_device_config_file_sets_the_options_and_flags_override_it(tmp_path: P
 
     # Assert
     assert (args.broker, args.client_id, args.run) == ("mqtts://broker.lan:8883", "pi-1", "garage")
-    assert (args.ca, args.credentials) == (str(config.parent / "ca.crt"),
-                                           str(config.parent / "credentials.toml"))  # fmt: skip
+    assert (args.ca, args.credentials) == (
+        str(config.parent / "ca.crt"),
+        str(config.parent / "credentials.toml"),
+    )
     assert args.data == config.parent / "local.npz"
 
 

@@ -237,9 +237,12 @@ def test_a_client_announces_itself_with_a_retained_hello(data: LocalData) -> Non
     # Assert
     hello = decode(broker.retained[TOPICS.client_status(CLIENT)]).message
     assert hello == Hello(
-        client_id=CLIENT, profile="raspberry-pi-4", num_samples=24, backend="fake",
+        client_id=CLIENT,
+        profile="raspberry-pi-4",
+        num_samples=24,
+        backend="fake",
         codecs=["f32", "f16", "int8", "int8sr", "topk", "zstd"],
-    )  # fmt: skip
+    )
 
 
 def test_a_client_not_selected_sends_nothing(model: Model, data: LocalData) -> None:
@@ -282,8 +285,9 @@ def test_a_device_that_runs_out_of_a_rounds_time_says_so_once(
 
     assert report.rounds == [] and _update_chunks(broker) == []
     said = [r.getMessage() for r in caplog.records if "time ran out" in r.getMessage()]
-    assert said == [f"round {ROUND}: its time ran out before this device could train (the round"
-                    " lasts 0 s)"]  # fmt: skip
+    assert said == [
+        f"round {ROUND}: its time ran out before this device could train (the round lasts 0 s)"
+    ]
 
 
 def test_a_round_whose_deadline_has_passed_is_skipped(model: Model, data: LocalData) -> None:
@@ -395,11 +399,16 @@ def test_a_waiting_client_says_what_it_waits_for_and_says_it_again_while_it_last
     broker = MemoryBroker()
     client = EdgeClient(
         MemoryTransport(broker),
-        identity=Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
-                          num_samples=data.num_samples, backend="fake"),
+        identity=Identity(
+            run=RUN,
+            client_id=CLIENT,
+            profile="raspberry-pi-4",
+            num_samples=data.num_samples,
+            backend="fake",
+        ),
         data=data,
         wait_report=0.05,
-    )  # fmt: skip
+    )
     caplog.set_level(logging.INFO, logger="fedprune.client")
 
     # Execute: wait alone (the loop wakes every 0.5 s), then a round that selects another device
@@ -426,13 +435,23 @@ def test_a_litert_device_stops_with_one_line_when_its_run_has_no_training_artifa
     # Prepare: the coordinator could not build the artifact and says why in the Spec
     broker = MemoryBroker()
     spec = Spec(
-        model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1, momentum=0.0,
-        local_epochs=1, batch_size=8,
+        model_json="{}",
+        input_shape=[4],
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.0,
+        local_epochs=1,
+        batch_size=8,
         artifact_error="layer 'bn' (BatchNormalization) is not supported by the litert trainer",
-    )  # fmt: skip
+    )
     MemoryTransport(broker).publish(TOPICS.spec, _encode(spec), retain=True)
-    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
-                        num_samples=data.num_samples, backend="litert")  # fmt: skip
+    identity = Identity(
+        run=RUN,
+        client_id=CLIENT,
+        profile="raspberry-pi-4",
+        num_samples=data.num_samples,
+        backend="litert",
+    )
     client = EdgeClient(MemoryTransport(broker), identity=identity, data=data)
 
     # Execute / Assert: a ConfigError, which the command prints as one line and exits 2 on
@@ -451,12 +470,23 @@ def test_a_device_serving_forever_answers_a_run_it_cannot_train_with_failed_roun
     broker = MemoryBroker()
     _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0)
     spec = Spec(
-        model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1, momentum=0.0,
-        local_epochs=1, batch_size=8, artifact_error="layer 'bn' is not supported",
-    )  # fmt: skip
+        model_json="{}",
+        input_shape=[4],
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.0,
+        local_epochs=1,
+        batch_size=8,
+        artifact_error="layer 'bn' is not supported",
+    )
     MemoryTransport(broker).publish(TOPICS.spec, _encode(spec), retain=True)
-    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
-                        num_samples=data.num_samples, backend="litert")  # fmt: skip
+    identity = Identity(
+        run=RUN,
+        client_id=CLIENT,
+        profile="raspberry-pi-4",
+        num_samples=data.num_samples,
+        backend="litert",
+    )
     client = EdgeClient(MemoryTransport(broker), identity=identity, data=data)
 
     # Execute: no ConfigError
@@ -476,8 +506,9 @@ def test_a_device_serving_forever_whose_labels_do_not_fit_fails_the_round_and_wa
 ) -> None:
     # Prepare: labels up to 40 for a model of 30 classes
     broker = MemoryBroker()
-    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
-                 session="s1")  # fmt: skip
+    _publish_run(
+        broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0, session="s1"
+    )
     bad = dataclasses.replace(data, y=np.full_like(data.y, 40))
 
     # Execute / Assert: one line and exit 2 without --forever; a failed round with it
@@ -498,12 +529,19 @@ def test_with_the_coordinator_key_a_forged_finished_status_is_dropped_and_counte
     stranger = MemoryTransport(broker)
     status = Status(phase=Phase.FINISHED, round=ROUND, rounds=ROUND)
     stranger.publish(TOPICS.status, _encode(status), retain=True)
-    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
-                        num_samples=data.num_samples, backend="fake")  # fmt: skip
+    identity = Identity(
+        run=RUN,
+        client_id=CLIENT,
+        profile="raspberry-pi-4",
+        num_samples=data.num_samples,
+        backend="fake",
+    )
     client = EdgeClient(
-        MemoryTransport(broker), identity=identity, data=data,
+        MemoryTransport(broker),
+        identity=identity,
+        data=data,
         trust=Trust.of({"coordinator": key.verify_key}),
-    )  # fmt: skip
+    )
 
     # Execute
     client.start()
@@ -560,10 +598,16 @@ def test_long_local_training_says_how_far_it_is_in_the_log(
     monkeypatch.setattr(client_module, "EPOCH_REPORT_SECONDS", 0.0)  # every epoch is "long"
     broker = FinishingBroker()
     _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60)
-    identity = Identity(run=RUN, client_id=CLIENT, profile="raspberry-pi-4",
-                        num_samples=data.num_samples, backend="fake")  # fmt: skip
-    client = EdgeClient(MemoryTransport(broker, max_payload=1024), identity=identity, data=data,
-                        local_epochs=3)  # fmt: skip
+    identity = Identity(
+        run=RUN,
+        client_id=CLIENT,
+        profile="raspberry-pi-4",
+        num_samples=data.num_samples,
+        backend="fake",
+    )
+    client = EdgeClient(
+        MemoryTransport(broker, max_payload=1024), identity=identity, data=data, local_epochs=3
+    )
 
     with caplog.at_level(logging.INFO, logger="fedprune.client"):
         client.run(timeout=10)
@@ -580,8 +624,9 @@ def test_a_new_coordinator_session_is_joined_and_its_rounds_trained_again(
 ) -> None:
     # Prepare: the device trained round 3 of session s1; the coordinator restarts (session s2)
     broker = MemoryBroker()
-    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
-                 session="s1")  # fmt: skip
+    _publish_run(
+        broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0, session="s1"
+    )
     client = _client(broker, data)
     client.run(timeout=0.5)
     assert client.report.rounds == [ROUND]
@@ -589,8 +634,9 @@ def test_a_new_coordinator_session_is_joined_and_its_rounds_trained_again(
     # Execute: the new session announces its own round 3
     status = Status(phase=Phase.TRAINING, round=ROUND, rounds=5, session="s2")
     MemoryTransport(broker).publish(TOPICS.status, _encode(status), retain=True)
-    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
-                 session="s2")  # fmt: skip
+    _publish_run(
+        broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0, session="s2"
+    )
     client.run(timeout=0.5)
 
     # Assert: trained again, not skipped as "already done"
@@ -602,8 +648,9 @@ def test_the_coordinators_last_will_is_said_and_waited_out(data: LocalData) -> N
     client = _client(broker, data)
     client.start()
     coordinator = MemoryTransport(broker)
-    coordinator.publish(TOPICS.status, _encode(Status(phase=Phase.WAITING, round=0, rounds=5)),
-                        retain=True)  # fmt: skip
+    coordinator.publish(
+        TOPICS.status, _encode(Status(phase=Phase.WAITING, round=0, rounds=5)), retain=True
+    )
     coordinator.publish(TOPICS.status, _encode(Offline(who="coordinator")), retain=True)
 
     while (item := client.transport.get(0.1)) is not None:
@@ -612,8 +659,9 @@ def test_the_coordinators_last_will_is_said_and_waited_out(data: LocalData) -> N
     assert client.waiting_for() == (
         f"the coordinator of run {RUN!r} to come back (its connection dropped)"
     )
-    coordinator.publish(TOPICS.status, _encode(Status(phase=Phase.WAITING, round=0, rounds=5)),
-                        retain=True)  # fmt: skip
+    coordinator.publish(
+        TOPICS.status, _encode(Status(phase=Phase.WAITING, round=0, rounds=5)), retain=True
+    )
     while (item := client.transport.get(0.1)) is not None:
         client.handle(*item)
     assert "to come back" not in (client.waiting_for() or "")
@@ -621,8 +669,14 @@ def test_the_coordinators_last_will_is_said_and_waited_out(data: LocalData) -> N
 
 def test_a_message_of_an_earlier_session_is_ignored(model: Model, data: LocalData) -> None:
     broker = MemoryBroker()
-    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
-                 session="00000002-b")  # fmt: skip
+    _publish_run(
+        broker,
+        model,
+        selected=[CLIENT],
+        deadline=time.time() + 60,
+        duration=60.0,
+        session="00000002-b",
+    )
     client = _client(broker, data)
     client.run(timeout=0.5)
 
@@ -671,8 +725,9 @@ def test_a_device_that_serves_forever_trains_the_next_run_even_when_its_model_is
 ) -> None:
     # Prepare: a run of session s1 that finishes once the device's update arrives
     broker = FinishingBroker()
-    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
-                 session="s1")  # fmt: skip
+    _publish_run(
+        broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0, session="s1"
+    )
     client = _client(broker, data)
     serving = threading.Thread(target=client.run, kwargs={"timeout": 8, "forever": True})
 
@@ -682,8 +737,9 @@ def test_a_device_that_serves_forever_trains_the_next_run_even_when_its_model_is
     while client.report.rounds != [ROUND] and time.monotonic() < end:
         time.sleep(0.05)
     time.sleep(0.7)  # the device takes in the end of the run
-    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
-                 session="s2")  # fmt: skip
+    _publish_run(
+        broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0, session="s2"
+    )
     while client.report.rounds != [ROUND, ROUND] and time.monotonic() < end:
         time.sleep(0.05)
     serving.join()
@@ -703,11 +759,17 @@ def test_a_device_trains_no_more_epochs_than_its_profile_and_ignores_messages_ov
     _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, local_epochs=3)
     big = b"x" * (profile.max_payload_bytes + 1)  # waits, retained, in the device's inbox
     MemoryTransport(broker).publish(TOPICS.inbox(CLIENT), big, retain=True)
-    identity = Identity(run=RUN, client_id=CLIENT, profile=profile.name,
-                        num_samples=data.num_samples, backend="fake",
-                        max_payload=profile.max_payload_bytes)  # fmt: skip
-    client = EdgeClient(MemoryTransport(broker, max_payload=1024), identity=identity, data=data,
-                        profile=profile)  # fmt: skip
+    identity = Identity(
+        run=RUN,
+        client_id=CLIENT,
+        profile=profile.name,
+        num_samples=data.num_samples,
+        backend="fake",
+        max_payload=profile.max_payload_bytes,
+    )
+    client = EdgeClient(
+        MemoryTransport(broker, max_payload=1024), identity=identity, data=data, profile=profile
+    )
     caplog.set_level(logging.WARNING, logger="fedprune.client")
 
     # Execute
@@ -731,9 +793,18 @@ def test_a_model_over_what_the_device_may_assemble_is_not_fetched_and_the_round_
     big = Model(weights=[np.ones((400, 400), np.float32)], masks=[None])
     broker = MemoryBroker()
     _publish_run(broker, big, selected=[CLIENT], deadline=time.time() + 60, duration=60.0)
-    client = EdgeClient(MemoryTransport(broker), data=data, profile=profile, identity=Identity(
-        run=RUN, client_id=CLIENT, profile=profile.name, num_samples=data.num_samples,
-        backend="fake"))  # fmt: skip
+    client = EdgeClient(
+        MemoryTransport(broker),
+        data=data,
+        profile=profile,
+        identity=Identity(
+            run=RUN,
+            client_id=CLIENT,
+            profile=profile.name,
+            num_samples=data.num_samples,
+            backend="fake",
+        ),
+    )
 
     # Execute
     report = client.run(timeout=1.0)
@@ -764,10 +835,16 @@ def test_a_device_sends_in_the_runs_codec_else_in_its_profiles_with_error_feedba
     broker = FinishingBroker()
     _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, codec=codec)
     chosen = device_profiles.load(profile)
-    identity = Identity(run=RUN, client_id=CLIENT, profile=profile,
-                        num_samples=data.num_samples, backend="fake")  # fmt: skip
-    client = EdgeClient(MemoryTransport(broker, max_payload=1024), identity=identity, data=data,
-                        profile=chosen, cache=tmp_path)  # fmt: skip
+    identity = Identity(
+        run=RUN, client_id=CLIENT, profile=profile, num_samples=data.num_samples, backend="fake"
+    )
+    client = EdgeClient(
+        MemoryTransport(broker, max_payload=1024),
+        identity=identity,
+        data=data,
+        profile=chosen,
+        cache=tmp_path,
+    )
 
     # Execute
     client.run(timeout=10)
@@ -788,12 +865,23 @@ def test_a_device_that_lacks_the_runs_codec_says_what_to_install(
 ) -> None:
     monkeypatch.setattr(client_module, "features", lambda: ["f32", "int8", "topk"])
     broker = MemoryBroker()
-    spec = Spec(model_json="{}", input_shape=[4], optimizer="sgd", learning_rate=0.1,
-                momentum=0.0, local_epochs=1, batch_size=8, codec="int8+top0.1+zstd")  # fmt: skip
+    spec = Spec(
+        model_json="{}",
+        input_shape=[4],
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.0,
+        local_epochs=1,
+        batch_size=8,
+        codec="int8+top0.1+zstd",
+    )
     MemoryTransport(broker).publish(TOPICS.spec, _encode(spec), retain=True)
 
-    with pytest.raises(ConfigError, match=r"sends updates as int8\+top0.1\+zstd, which needs zstd"
-                       r" \(pip install 'fedprune\[edge,zstd\]'\)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"sends updates as int8\+top0.1\+zstd, which needs zstd"
+        r" \(pip install 'fedprune\[edge,zstd\]'\)",
+    ):
         _client(broker, data).run(timeout=5)
 
 
@@ -811,11 +899,19 @@ def _publish_next(broker: MemoryBroker, base: Model, new: Model, *, against: Mod
         chunks = list(split(payload, max_chunk=700))
         for chunk in chunks:
             coordinator.publish(f"{prefix}/{chunk.index}", _encode(chunk), retain=True)
-        manifests[name] = Manifest(topic=prefix, size=len(payload), chunks=len(chunks),
-                                   sha256=sha256(payload))  # fmt: skip
-    announcement = Round(round=ROUND + 1, model_version=VERSION + 1, deadline=time.time() + 60,
-                         duration=60.0, selected=[CLIENT], local_epochs=1,
-                         base=sha256(encode_model(base)), **manifests)  # fmt: skip
+        manifests[name] = Manifest(
+            topic=prefix, size=len(payload), chunks=len(chunks), sha256=sha256(payload)
+        )
+    announcement = Round(
+        round=ROUND + 1,
+        model_version=VERSION + 1,
+        deadline=time.time() + 60,
+        duration=60.0,
+        selected=[CLIENT],
+        local_epochs=1,
+        base=sha256(encode_model(base)),
+        **manifests,
+    )
     coordinator.publish(TOPICS.round, _encode(announcement), retain=True)
     return whole
 
@@ -845,8 +941,10 @@ def test_a_device_that_holds_the_last_model_rebuilds_the_next_from_its_change(
     assert client.report.rounds == [ROUND, ROUND + 1]
     fetching = TOPICS.model(VERSION + 1) if broken else TOPICS.delta(VERSION + 1)
     assert f"{fetching}/+" in client.transport.patterns  # type: ignore[attr-defined]
-    warned = any("the model's change cannot be used (it does not give the round's model"
-                 in r.getMessage() for r in caplog.records)  # fmt: skip
+    warned = any(
+        "the model's change cannot be used (it does not give the round's model" in r.getMessage()
+        for r in caplog.records
+    )
     assert warned == broken
     payload = [p for t, p in broker.log if t.startswith(TOPICS.update(CLIENT, ROUND + 1))]
     assembler = Reassembler(max_size=1 << 20)
@@ -875,8 +973,14 @@ def _resending_client(broker: MemoryBroker, data: LocalData, after: float) -> Ed
 def test_resending_waits_half_the_round_at_least_a_minute_doubling_each_time(model: Model) -> None:
     def announced(duration: float) -> Round:
         manifest = Manifest(topic="t", size=1, chunks=1, sha256="x")
-        return Round(round=1, model_version=1, deadline=0.0, model=manifest, local_epochs=1,
-                     duration=duration)  # fmt: skip
+        return Round(
+            round=1,
+            model_version=1,
+            deadline=0.0,
+            model=manifest,
+            local_epochs=1,
+            duration=duration,
+        )
 
     assert resend_wait(announced(600.0), 0) == 300.0
     assert resend_wait(announced(600.0), 2) == 1200.0
@@ -890,8 +994,9 @@ def test_an_update_without_a_notice_is_sent_again_and_the_hello_says_so(
 ) -> None:
     # Prepare: nobody answers; the device resends after 0.2 s, then 0.4 s later
     broker = MemoryBroker()
-    _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0,
-                 session="s1")  # fmt: skip
+    _publish_run(
+        broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0, session="s1"
+    )
     client = _resending_client(broker, data, 0.2)
 
     # Execute

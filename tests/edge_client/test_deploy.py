@@ -20,8 +20,9 @@ def deployment(model: bytes, *, sha: str | None = None) -> tuple[Deployment, lis
     ]
     manifest = Manifest(topic="t", size=len(model), chunks=len(chunks), sha256=digest)
     meta = json.dumps({"sha256": digest, "precision": "float32"})
-    message = Deployment(profile="p", model=manifest, precision="float32", accuracy=0.9,
-                         export_json=meta)  # fmt: skip
+    message = Deployment(
+        profile="p", model=manifest, precision="float32", accuracy=0.9, export_json=meta
+    )
     return message, chunks
 
 

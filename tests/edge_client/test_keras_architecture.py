@@ -42,7 +42,7 @@ def test_plain_layers_pass() -> None:
                 {
                     "class_name": "Functional",
                     "config": {"name": "inner", "layers": [_layer("MyCustomLayer", "custom")]},
-                }  # fmt: skip
+                }
             ),
             "layer 'custom' of class 'MyCustomLayer'",
         ),

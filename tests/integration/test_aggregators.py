@@ -46,7 +46,7 @@ def _run(mosquitto: str, tmp_path: Path, out: str, aggregators: int) -> tuple[Pa
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for k in range(aggregators)
     ]
     devices = [
@@ -63,18 +63,47 @@ def _run(mosquitto: str, tmp_path: Path, out: str, aggregators: int) -> tuple[Pa
             str(tmp_path / f"cache-{i}"),
             "--no-deploy",
             env=env,
-        )  # fmt: skip
+        )
         for i, path in enumerate(paths)
     ]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto, "--run",
-             run, "--out", str(tmp_path / out), "--heldout", str(heldout), "--rounds",
-             str(ROUNDS), "--begin-round", "2", "--end-round", "5", "--min-clients", "3",
-             "--round-timeout", "60", "--install-wait", "0", "--profile", "raspberry-pi-4",
-             "--max-payload", "1048576", "--aggregators", str(aggregators)],
-            capture_output=True, text=True, timeout=600, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "fedprune.coordinator.cli",
+                "--broker",
+                mosquitto,
+                "--run",
+                run,
+                "--out",
+                str(tmp_path / out),
+                "--heldout",
+                str(heldout),
+                "--rounds",
+                str(ROUNDS),
+                "--begin-round",
+                "2",
+                "--end-round",
+                "5",
+                "--min-clients",
+                "3",
+                "--round-timeout",
+                "60",
+                "--install-wait",
+                "0",
+                "--profile",
+                "raspberry-pi-4",
+                "--max-payload",
+                "1048576",
+                "--aggregators",
+                str(aggregators),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         logs = [helper.communicate(timeout=60)[0] for helper in helpers]
     finally:

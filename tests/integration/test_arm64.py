@@ -172,21 +172,69 @@ def test_a_federated_run_with_an_emulated_arm_client_completes(
     paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
     bin_ = Path(sys.executable).parent
     coordinator = subprocess.Popen(
-        [bin_ / "fedprune-coordinator", "--broker", mosquitto, "--run", "arm", "--min-clients",
-         "2", "--rounds", "3", "--begin-round", "1", "--end-round", "2", "--heldout", heldout,
-         "--out", tmp_path / "runs", "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            bin_ / "fedprune-coordinator",
+            "--broker",
+            mosquitto,
+            "--run",
+            "arm",
+            "--min-clients",
+            "2",
+            "--rounds",
+            "3",
+            "--begin-round",
+            "1",
+            "--end-round",
+            "2",
+            "--heldout",
+            heldout,
+            "--out",
+            tmp_path / "runs",
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     host = subprocess.Popen(
-        [bin_ / "fedprune-client", "--broker", mosquitto, "--run", "arm", "--id", "host",
-         "--data", paths[0], "--profile", "generic-x86-64", "--models", tmp_path / "host"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            bin_ / "fedprune-client",
+            "--broker",
+            mosquitto,
+            "--run",
+            "arm",
+            "--id",
+            "host",
+            "--data",
+            paths[0],
+            "--profile",
+            "generic-x86-64",
+            "--models",
+            tmp_path / "host",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     # Execute
-    arm = _arm("client", "--broker", mosquitto, "--run", "arm", "--id", "pi", "--data", paths[1],
-               "--profile", "raspberry-pi-4", "--models", tmp_path / "pi",
-               "--cache", tmp_path / "cache", timeout=900)  # fmt: skip
+    arm = _arm(
+        "client",
+        "--broker",
+        mosquitto,
+        "--run",
+        "arm",
+        "--id",
+        "pi",
+        "--data",
+        paths[1],
+        "--profile",
+        "raspberry-pi-4",
+        "--models",
+        tmp_path / "pi",
+        "--cache",
+        tmp_path / "cache",
+        timeout=900,
+    )
     out, err = coordinator.communicate(timeout=300)
     host.wait(timeout=120)
 

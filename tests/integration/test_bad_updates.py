@@ -101,10 +101,25 @@ def test_bad_updates_are_rejected_by_reason_and_the_run_goes_on(
     # Prepare: the rogue joins before the coordinator starts, so it is selected from round 1.
     rogue = Rogue(mosquitto)
     rogue.start()
-    command = [sys.executable, "-m", "fedprune.coordinator.demo",
-               "--out", str(tmp_path), "--run", RUN,
-               "--broker", mosquitto, "--clients", "2", "--rounds", "10", "--begin-round", "2",
-               "--end-round", "7"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "fedprune.coordinator.demo",
+        "--out",
+        str(tmp_path),
+        "--run",
+        RUN,
+        "--broker",
+        mosquitto,
+        "--clients",
+        "2",
+        "--rounds",
+        "10",
+        "--begin-round",
+        "2",
+        "--end-round",
+        "7",
+    ]
 
     # Execute
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -37,14 +37,17 @@ def test_the_systemd_units_command_serves_the_device_and_sigterm_makes_it_say_of
     data = tmp_path / "local.npz"
     np.savez(data, x=np.zeros((12, 64), np.float32), y=np.arange(12) % 3)
     config = tmp_path / "device.toml"
-    config.write_text(f'broker = "{mosquitto}"\nrun = "service"\nid = "pi-9"\ndata = "local.npz"\n'
-                      f'trainer = "litert"\ncache = "cache"\n')  # fmt: skip
+    config.write_text(
+        f'broker = "{mosquitto}"\nrun = "service"\nid = "pi-9"\ndata = "local.npz"\n'
+        f'trainer = "litert"\ncache = "cache"\n'
+    )
     assert main(["--systemd-unit", "--config", str(config)]) == 0
     unit = tmp_path / "fedprune-client.service"
     unit.write_text(capsys.readouterr().out)
     if shutil.which("systemd-analyze"):
-        verified = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                                  text=True, check=False)  # fmt: skip
+        verified = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+        )
         assert verified.returncode == 0, verified.stderr
     service = configparser.ConfigParser(strict=False, interpolation=None)
     service.read_string(unit.read_text())
@@ -52,8 +55,9 @@ def test_the_systemd_units_command_serves_the_device_and_sigterm_makes_it_say_of
     topics = Topics("service")
     watcher = MqttTransport(mosquitto, client_id="watcher")
     watcher.subscribe(topics.client_status("pi-9"))
-    device = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=tmp_path)  # fmt: skip
+    device = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
     try:
         assert isinstance(_status(watcher, 60), Hello)
         time.sleep(1.5)  # its loop says what it waits for within 0.5 s

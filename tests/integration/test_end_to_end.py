@@ -102,10 +102,20 @@ def test_each_device_receives_and_runs_the_model_exported_for_its_profile(
         assert meta["profile"] == profile
         precisions.add(meta["precision"])
         infer = subprocess.run(
-            [sys.executable, "-m", "fedprune.edge_client.infer", str(installed), "--data",
-             str(run_dir / "heldout.npz"), "--json", "--runs", "5"],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "fedprune.edge_client.infer",
+                str(installed),
+                "--data",
+                str(run_dir / "heldout.npz"),
+                "--json",
+                "--runs",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert infer.returncode == 0, infer.stderr
         assert json.loads(infer.stdout)["accuracy"] >= meta["keras_accuracy"] - 0.02
     assert precisions == {"dynamic_int8", "full_int8", "float16"}
@@ -146,9 +156,23 @@ def test_twenty_real_device_processes_all_report_every_round_exactly_once(
     counter.subscribe(Topics(run).all_updates)
 
     # Execute: 20 fedprune-client processes (litert: a Pi 4 and a Pi Zero profile in turn)
-    done = run_demo(tmp_path, "--broker", mosquitto, "--clients", "20", "--run", run,
-                    "--rounds", "8", "--begin-round", "2", "--end-round", "6",
-                    "--client-profiles", "raspberry-pi-4,raspberry-pi-zero-2w")  # fmt: skip
+    done = run_demo(
+        tmp_path,
+        "--broker",
+        mosquitto,
+        "--clients",
+        "20",
+        "--run",
+        run,
+        "--rounds",
+        "8",
+        "--begin-round",
+        "2",
+        "--end-round",
+        "6",
+        "--client-profiles",
+        "raspberry-pi-4,raspberry-pi-zero-2w",
+    )
     counted = 0
     while (item := counter.get(timeout=0.5)) is not None:
         counted += len(item[1])
@@ -171,9 +195,25 @@ def test_a_run_in_one_top_k_codec_both_ways_counts_every_byte(
     counter.subscribe(Topics(run).all_updates)
 
     # Execute: updates and model changes in int8 top-10% with zstandard
-    done = run_demo(tmp_path, "--broker", mosquitto, "--clients", "3", "--run", run,
-                    "--rounds", "10", "--begin-round", "0", "--end-round", "5",
-                    "--codec", "int8+top0.1+zstd", "--downlink", "codec")  # fmt: skip
+    done = run_demo(
+        tmp_path,
+        "--broker",
+        mosquitto,
+        "--clients",
+        "3",
+        "--run",
+        run,
+        "--rounds",
+        "10",
+        "--begin-round",
+        "0",
+        "--end-round",
+        "5",
+        "--codec",
+        "int8+top0.1+zstd",
+        "--downlink",
+        "codec",
+    )
     counted = 0
     while (item := counter.get(timeout=0.5)) is not None:
         counted += len(item[1])
@@ -203,9 +243,27 @@ def test_a_unit_pruned_run_rebuilds_the_model_smaller_and_the_devices_switch(
     counter.subscribe(Topics(run).all_updates)
 
     # Execute: three quarters of the cnn's filters and units go by round 4, rebuilt at 3 and 4
-    done = run_demo(tmp_path, "--broker", mosquitto, "--clients", "3", "--run", run,
-                    "--rounds", "8", "--units", "l2", "--target", "0.75", "--begin-round", "1",
-                    "--end-round", "4", "--rebuild-every", "2")  # fmt: skip
+    done = run_demo(
+        tmp_path,
+        "--broker",
+        mosquitto,
+        "--clients",
+        "3",
+        "--run",
+        run,
+        "--rounds",
+        "8",
+        "--units",
+        "l2",
+        "--target",
+        "0.75",
+        "--begin-round",
+        "1",
+        "--end-round",
+        "4",
+        "--rebuild-every",
+        "2",
+    )
     counted = 0
     while (item := counter.get(timeout=0.5)) is not None:
         counted += len(item[1])

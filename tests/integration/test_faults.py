@@ -41,12 +41,37 @@ def test_a_device_killed_mid_round_is_not_waited_for_and_rejoins_when_it_reboots
     paths, heldout = write_demo_data(tmp_path / "data", 3, alpha=0.5, seed=0)
     run_dir = tmp_path / "runs" / "faults"
     coordinator = subprocess.Popen(
-        [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto, "--run",
-         "faults", "--out", str(tmp_path / "runs"), "--heldout", str(heldout), "--rounds",
-         str(ROUNDS), "--begin-round", "1", "--end-round", "6", "--local-epochs", "5",
-         "--min-clients", "3", "--round-timeout", "120", "--install-wait", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedprune.coordinator.cli",
+            "--broker",
+            mosquitto,
+            "--run",
+            "faults",
+            "--out",
+            str(tmp_path / "runs"),
+            "--heldout",
+            str(heldout),
+            "--rounds",
+            str(ROUNDS),
+            "--begin-round",
+            "1",
+            "--end-round",
+            "6",
+            "--local-epochs",
+            "5",
+            "--min-clients",
+            "3",
+            "--round-timeout",
+            "120",
+            "--install-wait",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     devices = [_device(mosquitto, i, path, tmp_path) for i, path in enumerate(paths)]
     try:
         # Execute: once round 1 is in, kill pi-2 outright (the power cut of a Pi), then boot it

@@ -20,8 +20,21 @@ def test_a_fleet_of_200_signed_devices_is_counted_exactly_once(
 ) -> None:
     # Prepare: 200 devices in 2 worker processes, each sending a distinct signed dense update.
     out = tmp_path / "fleet.json"
-    command = [sys.executable, str(FLEET), "--devices", "200", "--updates", "dense", "--workers",
-               "2", "--broker", mosquitto, "--no-deadline", "--json", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(FLEET),
+        "--devices",
+        "200",
+        "--updates",
+        "dense",
+        "--workers",
+        "2",
+        "--broker",
+        mosquitto,
+        "--no-deadline",
+        "--json",
+        str(out),
+    ]
 
     # Execute
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -29,9 +29,15 @@ TOLERANCE = 1e-4
 def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None:
     # Prepare: an 80%-masked model and 200 digits
     keras_model = models.build(preset, seed=1)
-    spec = Spec(model_json=keras_model.to_json(), input_shape=list(keras_model.input_shape[1:]),
-                optimizer="sgd", learning_rate=0.05, momentum=0.9, local_epochs=2,
-                batch_size=32)  # fmt: skip
+    spec = Spec(
+        model_json=keras_model.to_json(),
+        input_shape=list(keras_model.input_shape[1:]),
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.9,
+        local_epochs=2,
+        batch_size=32,
+    )
     rng = np.random.default_rng(0)
     weights = keras_model.get_weights()
     masks = [
@@ -43,14 +49,14 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
     )
     x, y = digits.load()
     x, y = x[:200].reshape((-1, *spec.input_shape)), y[:200]
-    artifact = build_trainable(keras_model, batch_size=32, optimizer="sgd", learning_rate=0.05,
-                               momentum=0.9)  # fmt: skip
+    artifact = build_trainable(
+        keras_model, batch_size=32, optimizer="sgd", learning_rate=0.05, momentum=0.9
+    )
 
     # Execute
     heard: dict[str, list[int]] = {"keras": [], "litert": []}
     litert = LiteRTTrainer(spec, artifact=artifact)
-    by_keras = KerasTrainer(spec).fit(start, x, y, epochs=2, seed=7,
-                                      on_epoch=heard["keras"].append)  # fmt: skip
+    by_keras = KerasTrainer(spec).fit(start, x, y, epochs=2, seed=7, on_epoch=heard["keras"].append)
     by_litert = litert.fit(start, x, y, epochs=2, seed=7, on_epoch=heard["litert"].append)
 
     # Assert: the same weights, the same zeros, and training did move them
@@ -64,11 +70,23 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
 
 def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:
     # The same codec whatever the profiles: only the trainers differ.
-    command = [sys.executable, "-m", "fedprune.coordinator.demo",
-               "--out", str(tmp_path), "--run", run,
-               "--broker", "mosquitto", "--clients", "4",
-               "--client-profiles", profiles,
-               "--codec", "int8"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "fedprune.coordinator.demo",
+        "--out",
+        str(tmp_path),
+        "--run",
+        run,
+        "--broker",
+        "mosquitto",
+        "--clients",
+        "4",
+        "--client-profiles",
+        profiles,
+        "--codec",
+        "int8",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     last: dict[str, float] = json.loads(

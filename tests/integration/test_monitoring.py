@@ -114,8 +114,10 @@ def _chromium(url: str, *flags: str) -> list[str]:
 
 def _all_at_once(commands: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
     """Run the commands side by side (the run goes on meanwhile); each one's outcome."""
-    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for c in commands]  # fmt: skip
+    started = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
     done = []
     for command, process in zip(commands, started, strict=True):
         out, err = process.communicate(timeout=120)
@@ -134,12 +136,37 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
     web, metrics_port = _free_port(), _free_port()
     dashboard = f"http://127.0.0.1:{web}/"
     coordinator = subprocess.Popen(
-        [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto, "--run", RUN,
-         "--min-clients", "3", "--rounds", "6", "--begin-round", "1", "--end-round", "4",
-         "--heldout", str(heldout), "--out", str(tmp_path / "runs"), "--round-timeout", "120",
-         "--dashboard", f"127.0.0.1:{web}", "--metrics-port", f"127.0.0.1:{metrics_port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedprune.coordinator.cli",
+            "--broker",
+            mosquitto,
+            "--run",
+            RUN,
+            "--min-clients",
+            "3",
+            "--rounds",
+            "6",
+            "--begin-round",
+            "1",
+            "--end-round",
+            "4",
+            "--heldout",
+            str(heldout),
+            "--out",
+            str(tmp_path / "runs"),
+            "--round-timeout",
+            "120",
+            "--dashboard",
+            f"127.0.0.1:{web}",
+            "--metrics-port",
+            f"127.0.0.1:{metrics_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     profiles = ["raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64"]
     devices = [
         start_device(
@@ -157,7 +184,7 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
             stderr=subprocess.STDOUT,
             text=True,
             env=None,
-        )  # fmt: skip
+        )
         for name, data, profile in zip(CLIENTS, paths, profiles, strict=True)
     ]
     try:
@@ -167,19 +194,31 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
         devices[2].send_signal(signal.SIGSTOP)
         during = _snapshot_when(
             dashboard,
-            lambda s: s["progress"] is not None
-            and sorted(s["progress"]["reported"]) == CLIENTS[:2],
-            coordinator, timeout=300,
-        )  # fmt: skip
+            lambda s: (
+                s["progress"] is not None and sorted(s["progress"]["reported"]) == CLIENTS[:2]
+            ),
+            coordinator,
+            timeout=300,
+        )
         scrape = _get(f"http://127.0.0.1:{metrics_port}/metrics")
-        monitor_command = [sys.executable, "-m", "fedprune.monitor.cli",
-                           "--broker", mosquitto, "--run", RUN, "--once"]  # fmt: skip
-        monitor, view, dom, shot = _all_at_once([
-            [*monitor_command, "--json"],
-            [*monitor_command, "--svg", str(ARTIFACTS / "monitor.svg")],
-            _chromium(dashboard, "--dump-dom"),
-            _chromium(dashboard, f"--screenshot={ARTIFACTS / 'dashboard.png'}"),
-        ])  # fmt: skip
+        monitor_command = [
+            sys.executable,
+            "-m",
+            "fedprune.monitor.cli",
+            "--broker",
+            mosquitto,
+            "--run",
+            RUN,
+            "--once",
+        ]
+        monitor, view, dom, shot = _all_at_once(
+            [
+                [*monitor_command, "--json"],
+                [*monitor_command, "--svg", str(ARTIFACTS / "monitor.svg")],
+                _chromium(dashboard, "--dump-dom"),
+                _chromium(dashboard, f"--screenshot={ARTIFACTS / 'dashboard.png'}"),
+            ]
+        )
         devices[2].send_signal(signal.SIGCONT)
         out, _ = coordinator.communicate(timeout=600)
         logs = [device.communicate(timeout=120)[0] for device in devices]
@@ -192,8 +231,10 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     report = subprocess.run(
         [sys.executable, "-m", "fedprune.coordinator.report", str(run_dir)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     # Assert: the run itself went through
     assert coordinator.returncode == 0, out[-3000:]
@@ -218,8 +259,9 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
 
     # The dashboard in chromium: no console messages; the table and the charts show the run
     assert dom.returncode == 0 and shot.returncode == 0, dom.stderr[-2000:]
-    console = [line for line in dom.stderr.splitlines() + shot.stderr.splitlines()
-               if "CONSOLE" in line]  # fmt: skip
+    console = [
+        line for line in dom.stderr.splitlines() + shot.stderr.splitlines() if "CONSOLE" in line
+    ]
     assert console == []
     page = DeviceRows()
     page.feed(dom.stdout)
@@ -227,14 +269,20 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
     assert sorted(page.rows) == CLIENTS
     for device in snapshot["devices"]:
         cells = page.rows[device["id"]]
-        assert cells[:4] == [device["id"], device["profile"], device["trainer"],
-                             str(device["samples"])]  # fmt: skip
+        assert cells[:4] == [
+            device["id"],
+            device["profile"],
+            device["trainer"],
+            str(device["samples"]),
+        ]
         assert cells[4] == "online" and cells[6:8] == [str(waiting), str(device["reported"])]
     assert "waiting for: client-2" in dom.stdout
     shown = page.points["chart-accuracy"]
     assert shown["labels"] == list(range(1, waiting))
-    assert shown["series"] == [[r["accuracy"] for r in rounds[: waiting - 1]],
-                               [r["client_accuracy"] for r in rounds[: waiting - 1]]]  # fmt: skip
+    assert shown["series"] == [
+        [r["accuracy"] for r in rounds[: waiting - 1]],
+        [r["client_accuracy"] for r in rounds[: waiting - 1]],
+    ]
     assert page.points["chart-sparsity"]["series"] == [
         [r["sparsity"] for r in rounds[: waiting - 1]]
     ]
@@ -245,8 +293,12 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
 
     # Prometheus, scraped in the waiting round, parsed by prometheus-client's parser
     assert scrape is not None
-    samples = {s.name: s.value for f in text_string_to_metric_families(scrape.decode())
-               for s in f.samples if not s.labels}  # fmt: skip
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(scrape.decode())
+        for s in f.samples
+        if not s.labels
+    }
     assert samples["fedprune_round"] == waiting and samples["fedprune_rounds"] == 6
     assert samples["fedprune_devices_online"] == 3
     assert samples["fedprune_updates_accepted_total"] == 3 * (waiting - 1) + 2
@@ -258,8 +310,9 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
 
     # After the run: the ledger in the run directory, and the report
     devices_json = json.loads((run_dir / "devices.json").read_text())["devices"]
-    assert [(d["id"], d["selected"], d["reported"], d["late"], d["rejected"])
-            for d in devices_json] == [(c, 6, 6, 0, 0) for c in CLIENTS]  # fmt: skip
+    assert [
+        (d["id"], d["selected"], d["reported"], d["late"], d["rejected"]) for d in devices_json
+    ] == [(c, 6, 6, 0, 0) for c in CLIENTS]
     for d in devices_json:
         export = json.loads((run_dir / "export" / d["profile"] / "export.json").read_text())
         assert d["model"] == export["sha256"]
@@ -279,9 +332,19 @@ def test_the_dashboard_shows_updates_that_devices_say_they_sent_and_have_not_arr
     from fedprune.protocol.messages import Telemetry
     from fedprune.protocol.telemetry import Progress, RunInfo
 
-    run = RunInfo(name=RUN, session="s1", phase="training", round=2, rounds=5, deadline=1060.0,
-                  model_version=2, sparsity_target=0.8, sparsity=0.4, started=1000.0,
-                  updated=1030.0)  # fmt: skip
+    run = RunInfo(
+        name=RUN,
+        session="s1",
+        phase="training",
+        round=2,
+        rounds=5,
+        deadline=1060.0,
+        model_version=2,
+        sparsity_target=0.8,
+        sparsity=0.4,
+        started=1000.0,
+        updated=1030.0,
+    )
     progress = Progress(
         round=2,
         started=1020.0,
@@ -297,8 +360,9 @@ def test_the_dashboard_shows_updates_that_devices_say_they_sent_and_have_not_arr
 
     # Execute
     try:
-        done = subprocess.run(_chromium(dashboard.url, "--dump-dom"), capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            _chromium(dashboard.url, "--dump-dom"), capture_output=True, text=True, timeout=120
+        )
     finally:
         dashboard.close()
 

@@ -25,13 +25,20 @@ def rounds_done(metrics: Path) -> int:
 
 def _mosquitto(port: int, folder: Path, *, persistence: bool) -> subprocess.Popen[bytes]:
     conf = folder / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 10000",
-             f"user {getpass.getuser()}"]  # fmt: skip  # stay who we are: the folder is ours
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "max_queued_messages 10000",
+        f"user {getpass.getuser()}",
+    ]  # stay who we are: the folder is ours
     if persistence:  # saved every second, so a SIGKILL loses at most the last second
         lines += ["persistence true", f"persistence_location {folder}/", "autosave_interval 1"]
     conf.write_text("\n".join(lines) + "\n")
-    process = subprocess.Popen([mosquitto_binary() or "mosquitto", "-c", str(conf)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [mosquitto_binary() or "mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     return process
 

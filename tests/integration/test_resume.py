@@ -31,11 +31,34 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
 
 
 def _coordinator(mosquitto: str, out: Path, heldout: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto,
-            "--out", str(out), "--heldout", str(heldout), "--model", "mlp",
-            "--rounds", str(ROUNDS), "--begin-round", "2", "--end-round", "6",
-            "--min-clients", str(CLIENTS), "--round-timeout", "60", "--install-wait", "0",
-            "--profile", "raspberry-pi-4", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "fedprune.coordinator.cli",
+        "--broker",
+        mosquitto,
+        "--out",
+        str(out),
+        "--heldout",
+        str(heldout),
+        "--model",
+        "mlp",
+        "--rounds",
+        str(ROUNDS),
+        "--begin-round",
+        "2",
+        "--end-round",
+        "6",
+        "--min-clients",
+        str(CLIENTS),
+        "--round-timeout",
+        "60",
+        "--install-wait",
+        "0",
+        "--profile",
+        "raspberry-pi-4",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -54,7 +77,7 @@ def devices(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i, path in enumerate(data[0])
     ]
     yield processes
@@ -86,8 +109,10 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     heldout = data[1]
     baseline = subprocess.run(
         [*_coordinator(mosquitto, tmp_path / "base", heldout, "--run", "crash", *pruning)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert baseline.returncode == 0, baseline.stdout[-2000:] + baseline.stderr[-3000:]
     expected = _metrics(tmp_path / "base" / "crash")
 
@@ -97,8 +122,10 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     run_dir = tmp_path / "runs" / "crash"
     first = subprocess.Popen(
         _coordinator(mosquitto, tmp_path / "runs", heldout, "--run", "crash", *pruning),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     end = time.monotonic() + 300
     while len(_metrics(run_dir)) < kill_after and first.poll() is None and time.monotonic() < end:
         time.sleep(0.02)
@@ -106,10 +133,19 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     first.communicate()
     killed_after = len(_metrics(run_dir))
     resumed = subprocess.run(
-        [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto,
-         "--resume", str(run_dir)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedprune.coordinator.cli",
+            "--broker",
+            mosquitto,
+            "--resume",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
     # Assert: killed mid-run, resumed where the checkpoint was, and ended like the baseline
     assert kill_after <= killed_after < ROUNDS

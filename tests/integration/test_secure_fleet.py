@@ -48,9 +48,18 @@ class Fleet:
 
     def flags(self, who: str, stem: str) -> list[str]:
         home = self.folder / who
-        return ["--broker", self.url, "--ca", str(home / "ca.crt"), "--cert",
-                str(home / f"{stem}.crt"), "--key", str(home / f"{stem}.key"),
-                "--credentials", str(home / "credentials.toml")]  # fmt: skip
+        return [
+            "--broker",
+            self.url,
+            "--ca",
+            str(home / "ca.crt"),
+            "--cert",
+            str(home / f"{stem}.crt"),
+            "--key",
+            str(home / f"{stem}.key"),
+            "--credentials",
+            str(home / "credentials.toml"),
+        ]
 
 
 @pytest.fixture
@@ -64,17 +73,33 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     etc = Path(tempfile.mkdtemp(prefix="fedprune-etc-"))
     etc.chmod(0o755)
     done = subprocess.run(
-        [BIN / "fedprune-provision", "init", folder, "--host", "127.0.0.1", "--port", str(port),
-         "--devices", "2", "--prefix", "pi", "--broker-dir", etc / "broker"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            BIN / "fedprune-provision",
+            "init",
+            folder,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--devices",
+            "2",
+            "--prefix",
+            "pi",
+            "--broker-dir",
+            etc / "broker",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     shutil.copytree(folder / "broker", etc / "broker")
     shutil.chown(etc / "broker" / "server.key", group="mosquitto")  # copies keep mode, not group
     broker = subprocess.Popen(
         [mosquitto_binary() or "mosquitto", "-c", str(etc / "broker" / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     assert broker.poll() is None, "mosquitto did not start with the provisioned configuration"
     yield Fleet(folder=folder, url=f"mqtts://127.0.0.1:{port}", broker=broker, etc=etc / "broker")
@@ -100,14 +125,39 @@ def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device_and_rob
         for i in (1, 2)
     ]
     coordinator = subprocess.Popen(
-        [BIN / "fedprune-coordinator", *fleet.flags("coordinator", "coordinator"), "--run",
-         "secure", "--min-clients", "2", "--rounds", "3", "--begin-round", "1", "--end-round",
-         "2", "--heldout", heldout, "--out", tmp_path / "runs", "-q",
-         "--aggregation", "trimmed-mean", "--trim", "0.25", "--clip-norm", "50",
-         "--signing-key", fleet.folder / "coordinator/signing.key",
-         "--device-keys", fleet.folder / "coordinator/device-keys"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            BIN / "fedprune-coordinator",
+            *fleet.flags("coordinator", "coordinator"),
+            "--run",
+            "secure",
+            "--min-clients",
+            "2",
+            "--rounds",
+            "3",
+            "--begin-round",
+            "1",
+            "--end-round",
+            "2",
+            "--heldout",
+            heldout,
+            "--out",
+            tmp_path / "runs",
+            "-q",
+            "--aggregation",
+            "trimmed-mean",
+            "--trim",
+            "0.25",
+            "--clip-norm",
+            "50",
+            "--signing-key",
+            fleet.folder / "coordinator/signing.key",
+            "--device-keys",
+            fleet.folder / "coordinator/device-keys",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     # Execute
     devices = [
@@ -130,17 +180,26 @@ def test_a_provisioned_fleet_trains_over_tls_with_one_account_per_device_and_rob
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i, (config, data) in enumerate(zip(configs, paths, strict=True))
     ]
     logs = [device.communicate(timeout=300)[0] for device in devices]
     _, err = coordinator.communicate(timeout=300)
     # The monitor with its provisioned read-only account, over TLS, checking signatures
     monitor = subprocess.run(
-        [BIN / "fedprune-monitor", "--config", fleet.folder / "monitor" / "monitor.toml",
-         "--run", "secure", "--once", "--json"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            BIN / "fedprune-monitor",
+            "--config",
+            fleet.folder / "monitor" / "monitor.toml",
+            "--run",
+            "secure",
+            "--once",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     # Assert
     assert coordinator.returncode == 0, err[-3000:]
@@ -215,8 +274,10 @@ def test_a_revoked_device_is_refused_after_the_broker_reloads(fleet: Fleet) -> N
     # Execute: revoke pi-2, then SIGHUP makes mosquitto reread its password file and ACL
     done = subprocess.run(
         [BIN / "fedprune-provision", "revoke", fleet.folder, "pi-2"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     for name in ("passwd", "acl"):  # the operator copies the changed files again
         shutil.copy(fleet.folder / "broker" / name, fleet.etc / name)
     fleet.broker.send_signal(signal.SIGHUP)

@@ -45,29 +45,46 @@ class Stranger(threading.Thread):
             if not isinstance(announcement, Round):
                 continue
             finished = Status(phase=Phase.FINISHED, round=9, rounds=9)
-            self.transport.publish(self.topics.status, encode(finished, run=RUN,
-                                   sender="coordinator"), retain=True)  # fmt: skip
-            fake = Round(round=announcement.round, model_version=99, deadline=announcement.deadline,
-                         draw=announcement.draw, cutoff=announcement.cutoff,
-                         model=announcement.model,
-                         local_epochs=1)  # fmt: skip
+            self.transport.publish(
+                self.topics.status, encode(finished, run=RUN, sender="coordinator"), retain=True
+            )
+            fake = Round(
+                round=announcement.round,
+                model_version=99,
+                deadline=announcement.deadline,
+                draw=announcement.draw,
+                cutoff=announcement.cutoff,
+                model=announcement.model,
+                local_epochs=1,
+            )
             self.transport.publish(self.topics.round, encode(fake, run=RUN, sender="coordinator"))
             chunk = Chunk(index=0, count=1, size=4, sha256="0" * 64, data=b"evil")
-            self.transport.publish(f"{self.topics.update('pi-1', announcement.round)}/0",
-                                   encode(chunk, run=RUN, sender="pi-1"))  # fmt: skip
-            self.transport.publish(f"{announcement.model.topic}/0",
-                                   encode(chunk, run=RUN, sender="coordinator"))  # fmt: skip
+            self.transport.publish(
+                f"{self.topics.update('pi-1', announcement.round)}/0",
+                encode(chunk, run=RUN, sender="pi-1"),
+            )
+            self.transport.publish(
+                f"{announcement.model.topic}/0", encode(chunk, run=RUN, sender="coordinator")
+            )
             model = b"a tflite file of the stranger's"
             prefix = f"{self.topics.deploy('raspberry-pi-4')}/chunks"
             (evil,) = split(model, max_chunk=1 << 20)
-            self.transport.publish(f"{prefix}/0", encode(evil, run=RUN, sender="coordinator"),
-                                   retain=True)  # fmt: skip
+            self.transport.publish(
+                f"{prefix}/0", encode(evil, run=RUN, sender="coordinator"), retain=True
+            )
             manifest = Manifest(topic=prefix, size=len(model), chunks=1, sha256=sha256(model))
-            deployment = Deployment(profile="raspberry-pi-4", model=manifest, precision="float32",
-                                    accuracy=1.0, export_json="{}")  # fmt: skip
-            self.transport.publish(self.topics.deploy("raspberry-pi-4"),
-                                   encode(deployment, run=RUN, sender="coordinator"),
-                                   retain=True)  # fmt: skip
+            deployment = Deployment(
+                profile="raspberry-pi-4",
+                model=manifest,
+                precision="float32",
+                accuracy=1.0,
+                export_json="{}",
+            )
+            self.transport.publish(
+                self.topics.deploy("raspberry-pi-4"),
+                encode(deployment, run=RUN, sender="coordinator"),
+                retain=True,
+            )
             self.transport.flush(timeout=5)
             self.forged.set()
 
@@ -78,20 +95,54 @@ def test_forgeries_on_an_open_broker_are_dropped_and_the_run_is_unharmed(
     # Prepare: keys from fedprune-provision; the broker here is open (no TLS, no ACL)
     fleet = tmp_path / "fleet"
     provisioned = subprocess.run(
-        [BIN / "fedprune-provision", "init", fleet, "--host", "127.0.0.1", "--devices", "2",
-         "--prefix", "pi"], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            BIN / "fedprune-provision",
+            "init",
+            fleet,
+            "--host",
+            "127.0.0.1",
+            "--devices",
+            "2",
+            "--prefix",
+            "pi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert provisioned.returncode == 0, provisioned.stderr
     paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
     stranger = Stranger(mosquitto)
     stranger.start()
     coordinator = subprocess.Popen(
-        [BIN / "fedprune-coordinator", "--broker", mosquitto, "--run", RUN, "--min-clients", "2",
-         "--rounds", "3", "--begin-round", "1", "--end-round", "2", "--heldout", heldout,
-         "--out", tmp_path / "runs", "--signing-key", fleet / "coordinator/signing.key",
-         "--device-keys", fleet / "coordinator/device-keys", "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            BIN / "fedprune-coordinator",
+            "--broker",
+            mosquitto,
+            "--run",
+            RUN,
+            "--min-clients",
+            "2",
+            "--rounds",
+            "3",
+            "--begin-round",
+            "1",
+            "--end-round",
+            "2",
+            "--heldout",
+            heldout,
+            "--out",
+            tmp_path / "runs",
+            "--signing-key",
+            fleet / "coordinator/signing.key",
+            "--device-keys",
+            fleet / "coordinator/device-keys",
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     # Execute
     devices = [
@@ -120,7 +171,7 @@ def test_forgeries_on_an_open_broker_are_dropped_and_the_run_is_unharmed(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i, data in zip((1, 2), paths, strict=True)
     ]
     logs = [device.communicate(timeout=300)[0] for device in devices]

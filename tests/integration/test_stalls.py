@@ -48,16 +48,18 @@ class Burst:
         self.transport = MqttTransport(url, client_id=f"burst-{run}")
         self.sent = 0
         for device in self.ids:
-            hello = Hello(client_id=device, profile="generic-x86-64", num_samples=10,
-                          backend="keras")  # fmt: skip
+            hello = Hello(
+                client_id=device, profile="generic-x86-64", num_samples=10, backend="keras"
+            )
             self.publish(self.topics.client_status(device), hello, device, retain=True)
         self.transport.subscribe(self.topics.round)
         self.transport.subscribe(self.topics.all_models)
         self._thread = threading.Thread(target=self._answer, daemon=True)
         self._thread.start()
 
-    def publish(self, topic: str, message: Hello | Chunk, device: str, *, retain: bool = False
-                ) -> None:  # fmt: skip
+    def publish(
+        self, topic: str, message: Hello | Chunk, device: str, *, retain: bool = False
+    ) -> None:
         self.transport.publish(topic, encode(message, run=self.run, sender=device), retain=retain)
 
     def _answer(self) -> None:
@@ -103,14 +105,22 @@ def test_a_reader_held_up_past_the_keepalive_grace_during_a_burst_loses_no_updat
     # used to hold before it stopped reading) arrive while the reader is held for 5 s
     devices, run = 2000, "stall"
     model: tf_keras.Model = models.build("mlp", seed=0)
-    config = RunConfig(run=run, model="mlp", rounds=1, min_clients=devices, round_timeout=300.0,
-                       quorum=1.0, join_timeout=60.0,
-                       schedule=ScheduleConfig(kind=ScheduleKind.CONSTANT, target=0.5,
-                                               begin_round=1))  # fmt: skip
-    transport = MqttTransport(mosquitto, client_id="fedprune-coordinator-stall", keepalive=2,
-                              persistent=True)  # fmt: skip
-    coordinator = Coordinator(transport, config, Pruner(model, config.schedule),
-                              evaluate=lambda: None)  # fmt: skip
+    config = RunConfig(
+        run=run,
+        model="mlp",
+        rounds=1,
+        min_clients=devices,
+        round_timeout=300.0,
+        quorum=1.0,
+        join_timeout=60.0,
+        schedule=ScheduleConfig(kind=ScheduleKind.CONSTANT, target=0.5, begin_round=1),
+    )
+    transport = MqttTransport(
+        mosquitto, client_id="fedprune-coordinator-stall", keepalive=2, persistent=True
+    )
+    coordinator = Coordinator(
+        transport, config, Pruner(model, config.schedule), evaluate=lambda: None
+    )
     connections = Connections()
     coordinator.observer.observers.append(connections)
     handle, held = coordinator.handle, threading.Event()
@@ -150,12 +160,36 @@ def test_a_coordinator_stopped_for_a_minute_mid_round_counts_every_update_once(
     paths, heldout = write_demo_data(tmp_path / "data", 3, alpha=0.5, seed=1)
     run_dir = tmp_path / "runs" / "paused"
     coordinator = subprocess.Popen(
-        [sys.executable, "-m", "fedprune.coordinator.cli", "--broker", mosquitto, "--run",
-         "paused", "--out", str(tmp_path / "runs"), "--heldout", str(heldout), "--rounds", "3",
-         "--min-clients", "3", "--round-timeout", "300", "--install-wait", "0", "--begin-round",
-         "1", "--end-round", "2", "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedprune.coordinator.cli",
+            "--broker",
+            mosquitto,
+            "--run",
+            "paused",
+            "--out",
+            str(tmp_path / "runs"),
+            "--heldout",
+            str(heldout),
+            "--rounds",
+            "3",
+            "--min-clients",
+            "3",
+            "--round-timeout",
+            "300",
+            "--install-wait",
+            "0",
+            "--begin-round",
+            "1",
+            "--end-round",
+            "2",
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     devices = [
         start_device(
             mosquitto, "paused", f"pi-{i}", path, *litert(i, tmp_path), "--resend-after", "300"

@@ -39,16 +39,53 @@ def _functional(kind: str) -> tf_keras.Model:
 
 
 def _coordinator(model: Path, heldout: Path, out: Path, run: str, broker: str) -> list[str]:
-    return [str(BIN / "fedprune-coordinator"), "--broker", broker, "--run", run, "--model",
-            str(model), "--min-clients", "2", "--rounds", "3", "--begin-round", "1",
-            "--end-round", "2", "--target", "0.5", "--heldout", str(heldout), "--out", str(out),
-            "--join-timeout", "60"]  # fmt: skip
+    return [
+        str(BIN / "fedprune-coordinator"),
+        "--broker",
+        broker,
+        "--run",
+        run,
+        "--model",
+        str(model),
+        "--min-clients",
+        "2",
+        "--rounds",
+        "3",
+        "--begin-round",
+        "1",
+        "--end-round",
+        "2",
+        "--target",
+        "0.5",
+        "--heldout",
+        str(heldout),
+        "--out",
+        str(out),
+        "--join-timeout",
+        "60",
+    ]
 
 
 def _device(data: Path, run: str, broker: str, profile: str, tmp: Path) -> list[str]:
-    return [str(BIN / "fedprune-client"), "--broker", broker, "--run", run, "--id", profile,
-            "--data", str(data), "--profile", profile, "--models", str(tmp / profile),
-            "--cache", str(tmp / "cache"), "--timeout", "240"]  # fmt: skip
+    return [
+        str(BIN / "fedprune-client"),
+        "--broker",
+        broker,
+        "--run",
+        run,
+        "--id",
+        profile,
+        "--data",
+        str(data),
+        "--profile",
+        profile,
+        "--models",
+        str(tmp / profile),
+        "--cache",
+        str(tmp / "cache"),
+        "--timeout",
+        "240",
+    ]
 
 
 def test_a_functional_model_with_batchnorm_trains_on_litert_and_keras_devices(
@@ -60,8 +97,10 @@ def test_a_functional_model_with_batchnorm_trains_on_litert_and_keras_devices(
     paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
     coordinator = subprocess.Popen(
         _coordinator(model, heldout, tmp_path / "runs", "functional", mosquitto),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     # Execute
     devices = [
@@ -70,7 +109,7 @@ def test_a_functional_model_with_batchnorm_trains_on_litert_and_keras_devices(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for path, profile in zip(paths, ["raspberry-pi-4", "generic-x86-64"], strict=True)
     ]
     logs = [device.communicate(timeout=300)[0] for device in devices]
@@ -94,12 +133,18 @@ def test_a_model_litert_cannot_train_is_said_at_start_and_the_litert_device_stop
     paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
     coordinator = subprocess.Popen(
         _coordinator(model, heldout, tmp_path / "runs", "bn", mosquitto),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     # Execute: the Pi joins first and must be told, not left waiting
-    pi = subprocess.run(_device(paths[0], "bn", mosquitto, "raspberry-pi-4", tmp_path),
-                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    pi = subprocess.run(
+        _device(paths[0], "bn", mosquitto, "raspberry-pi-4", tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     coordinator.kill()
     _, err = coordinator.communicate(timeout=60)
 
@@ -111,8 +156,9 @@ def test_a_model_litert_cannot_train_is_said_at_start_and_the_litert_device_stop
     assert pi.returncode == 2, pi.stderr[-2000:]
     said = pi.stderr.strip().splitlines()[-1]
     assert said.startswith("fedprune-client: error: this device's trainer (litert) cannot train")
-    assert said.endswith(f"run 'bn': {reason} (or use the keras trainer: trainer = \"keras\" in"
-                         " the device profile)")  # fmt: skip
+    assert said.endswith(
+        f"run 'bn': {reason} (or use the keras trainer: trainer = \"keras\" in the device profile)"
+    )
     assert f"litert devices cannot train this model: {reason}" in err
 
 
@@ -123,10 +169,19 @@ def test_a_logits_model_is_refused_at_start_with_one_line(tmp_path: Path) -> Non
 
     # Execute: no broker is needed to be told
     done = subprocess.run(
-        [str(BIN / "fedprune-coordinator"), "--model", str(model), "--broker",
-         "mqtt://127.0.0.1:9", "--out", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            str(BIN / "fedprune-coordinator"),
+            "--model",
+            str(model),
+            "--broker",
+            "mqtt://127.0.0.1:9",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     # Assert
     assert done.returncode == 2
@@ -147,10 +202,19 @@ def test_one_hot_labels_on_a_device_are_one_line_saying_integer_labels_are_neede
 
     # Execute
     done = subprocess.run(
-        [str(BIN / "fedprune-client"), "--data", str(data), "--profile", "raspberry-pi-4",
-         "--broker", "mqtt://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            str(BIN / "fedprune-client"),
+            "--data",
+            str(data),
+            "--profile",
+            "raspberry-pi-4",
+            "--broker",
+            "mqtt://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     # Assert
     assert done.returncode == 2

@@ -17,10 +17,24 @@ from fedprune.protocol.messages import Telemetry
 from fedprune.protocol.telemetry import Event, RunInfo
 
 SNAPSHOT = Telemetry(
-    run=RunInfo(name="demo", session="s1", phase="training", round=2, rounds=5, deadline=None,
-                model_version=2, sparsity_target=0.8, sparsity=0.2, started=1.0, updated=2.0),
-    progress=None, rounds=[{"round": 1, "loss": float("nan")}], devices=[], events=[],
-)  # fmt: skip
+    run=RunInfo(
+        name="demo",
+        session="s1",
+        phase="training",
+        round=2,
+        rounds=5,
+        deadline=None,
+        model_version=2,
+        sparsity_target=0.8,
+        sparsity=0.2,
+        started=1.0,
+        updated=2.0,
+    ),
+    progress=None,
+    rounds=[{"round": 1, "loss": float("nan")}],
+    devices=[],
+    events=[],
+)
 
 
 @pytest.fixture
@@ -102,9 +116,13 @@ def test_anything_else_is_not_found(dashboard: Dashboard, path: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "address"),
-    [("8080", ("127.0.0.1", 8080)), (":8080", ("127.0.0.1", 8080)),
-     ("0.0.0.0:9000", ("0.0.0.0", 9000)), ("[::1]:80", ("::1", 80))],
-)  # fmt: skip
+    [
+        ("8080", ("127.0.0.1", 8080)),
+        (":8080", ("127.0.0.1", 8080)),
+        ("0.0.0.0:9000", ("0.0.0.0", 9000)),
+        ("[::1]:80", ("::1", 80)),
+    ],
+)
 def test_web_addresses_default_to_loopback(text: str, address: tuple[str, int]) -> None:
     assert parse_address(text) == address
 

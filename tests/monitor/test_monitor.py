@@ -22,23 +22,75 @@ from fedprune.protocol.topics import Topics
 RUN = "watched"
 TOPICS = Topics(RUN)
 SNAPSHOT = Telemetry(
-    run=RunInfo(name=RUN, session="s1", phase="training", round=4, rounds=10, deadline=1060.0,
-                model_version=4, sparsity_target=0.8, sparsity=0.39, started=900.0,
-                updated=1030.0, config={"model": "cnn"}, devices_total=2),
-    progress=Progress(round=4, started=1020.0, deadline=1060.0, selected=["pi-1", "pi-2"],
-                      reported=["pi-1"], rejected={"norm": 1}, bytes_up=2048),
-    rounds=[{"round": 3, "accuracy": 0.912, "client_accuracy": 0.9, "sparsity": 0.22,
-             "reported": 2, "selected": 2, "bytes_up": 4096, "dense_bytes_up": 8192,
-             "bytes_down": 4096, "dense_bytes_down": 8192, "rejected": {}, "seconds": 1.25}],
+    run=RunInfo(
+        name=RUN,
+        session="s1",
+        phase="training",
+        round=4,
+        rounds=10,
+        deadline=1060.0,
+        model_version=4,
+        sparsity_target=0.8,
+        sparsity=0.39,
+        started=900.0,
+        updated=1030.0,
+        config={"model": "cnn"},
+        devices_total=2,
+    ),
+    progress=Progress(
+        round=4,
+        started=1020.0,
+        deadline=1060.0,
+        selected=["pi-1", "pi-2"],
+        reported=["pi-1"],
+        rejected={"norm": 1},
+        bytes_up=2048,
+    ),
+    rounds=[
+        {
+            "round": 3,
+            "accuracy": 0.912,
+            "client_accuracy": 0.9,
+            "sparsity": 0.22,
+            "reported": 2,
+            "selected": 2,
+            "bytes_up": 4096,
+            "dense_bytes_up": 8192,
+            "bytes_down": 4096,
+            "dense_bytes_down": 8192,
+            "rejected": {},
+            "seconds": 1.25,
+        }
+    ],
     devices=[
-        DeviceRow(id="pi-1", profile="raspberry-pi-4", trainer="litert", samples=120,
-                  online=True, joined=900.0, last_seen=1025.0, selected=4, reported=4),
-        DeviceRow(id="pi-2", profile="raspberry-pi-4", trainer="litert", samples=80,
-                  online=False, joined=900.0, last_seen=1000.0, selected=4, reported=2, late=1,
-                  rejected=1, last_reason="norm: update norm 1e9 exceeds 1e4"),
+        DeviceRow(
+            id="pi-1",
+            profile="raspberry-pi-4",
+            trainer="litert",
+            samples=120,
+            online=True,
+            joined=900.0,
+            last_seen=1025.0,
+            selected=4,
+            reported=4,
+        ),
+        DeviceRow(
+            id="pi-2",
+            profile="raspberry-pi-4",
+            trainer="litert",
+            samples=80,
+            online=False,
+            joined=900.0,
+            last_seen=1000.0,
+            selected=4,
+            reported=2,
+            late=1,
+            rejected=1,
+            last_reason="norm: update norm 1e9 exceeds 1e4",
+        ),
     ],
     events=[Event(time=1021.0, kind="reject", text="norm: update norm 1e9", device="pi-2")],
-)  # fmt: skip
+)
 
 
 def _publish(broker: MemoryBroker, topic: str, payload: bytes) -> None:
@@ -67,16 +119,16 @@ def test_a_watcher_with_the_coordinators_key_drops_what_it_did_not_sign() -> Non
     broker = MemoryBroker()
     coordinator, stranger = SigningKey.generate(), SigningKey.generate()
     forged = dataclasses.replace(SNAPSHOT, devices=[])
-    _publish(broker, TOPICS.telemetry,
-             encode(forged, run=RUN, sender=COORDINATOR, signer=stranger))  # fmt: skip
+    _publish(broker, TOPICS.telemetry, encode(forged, run=RUN, sender=COORDINATOR, signer=stranger))
     watcher = Watcher(
         MemoryTransport(broker), RUN, trust=Trust.of({COORDINATOR: coordinator.verify_key})
     )
 
     with pytest.raises(NoRun, match="no telemetry for run 'watched'"):
         watcher.wait(0.3)
-    _publish(broker, TOPICS.telemetry,
-             encode(SNAPSHOT, run=RUN, sender=COORDINATOR, signer=coordinator))  # fmt: skip
+    _publish(
+        broker, TOPICS.telemetry, encode(SNAPSHOT, run=RUN, sender=COORDINATOR, signer=coordinator)
+    )
 
     assert watcher.wait(1.0) == SNAPSHOT and watcher.dropped == 1
 
@@ -94,10 +146,19 @@ def test_the_terminal_view_shows_the_run_the_round_the_devices_and_the_events() 
     out.print(render(SNAPSHOT, "online"))
     text = out.export_text()
 
-    for expected in ("fedprune run watched (session s1)", "round 4/10", "1/2",
-                     "1 of 2 selected devices reported", "waiting for: pi-2",
-                     "pi-1", "off, 30 s ago", "norm: update norm 1e9", "0.912", "in 30 s",
-                     "reject pi-2"):  # fmt: skip
+    for expected in (
+        "fedprune run watched (session s1)",
+        "round 4/10",
+        "1/2",
+        "1 of 2 selected devices reported",
+        "waiting for: pi-2",
+        "pi-1",
+        "off, 30 s ago",
+        "norm: update norm 1e9",
+        "0.912",
+        "in 30 s",
+        "reject pi-2",
+    ):
         assert expected in text, expected
     assert line(SNAPSHOT, "online") == (
         "watched: training, round 4/10, coordinator online; round 3: accuracy 0.912, sparsity"
@@ -137,10 +198,12 @@ def test_no_broker_is_one_line_and_exit_3(capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--json"], "--json and --svg go with --once"),
-     (["--web", ":0", "--once"], "does not go with --once"),
-     (["--run", "a/b"], "argument --run")],
-)  # fmt: skip
+    [
+        (["--json"], "--json and --svg go with --once"),
+        (["--web", ":0", "--once"], "does not go with --once"),
+        (["--run", "a/b"], "argument --run"),
+    ],
+)
 def test_bad_flags_are_usage_errors(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -163,8 +226,11 @@ def test_a_config_file_with_an_unknown_key_is_one_line_and_exit_2(
 
 def test_what_devices_send_is_shown_as_text_never_as_markup() -> None:
     hostile = dataclasses.replace(
-        SNAPSHOT.devices[1], profile="[/x]", trainer="[i]x[/]", last_reason="[bold]norm[/]: [/]",
-    )  # fmt: skip
+        SNAPSHOT.devices[1],
+        profile="[/x]",
+        trainer="[i]x[/]",
+        last_reason="[bold]norm[/]: [/]",
+    )
     snapshot = dataclasses.replace(SNAPSHOT, devices=[SNAPSHOT.devices[0], hostile])
     out = console(record=True)
 

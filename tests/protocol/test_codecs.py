@@ -233,8 +233,9 @@ def test_a_model_change_rebuilds_the_new_mask_and_is_refused_when_malformed(mode
     # Prepare: the next model prunes half of what was kept and moves the rest a little
     rng = np.random.default_rng(3)
     mask = model.masks[0] * (rng.random(model.masks[0].shape) < 0.5)  # type: ignore[operator]
-    new = Model(weights=[(model.weights[0] + 0.01) * mask, model.weights[1] + 0.5],
-                masks=[mask, None])  # fmt: skip
+    new = Model(
+        weights=[(model.weights[0] + 0.01) * mask, model.weights[1] + 0.5], masks=[mask, None]
+    )
 
     # Execute
     delta = encode_delta(model, new, "int8")
@@ -257,8 +258,9 @@ def test_a_model_change_in_a_top_k_codec_sends_the_largest_changes_compressed(
     model: Model,
 ) -> None:
     # Prepare: every kept weight moves, a few of them a lot
-    moved = [w + 0.001 * (1 if m is None else m) for w, m in zip(model.weights, model.masks,
-                                                                  strict=True)]  # fmt: skip
+    moved = [
+        w + 0.001 * (1 if m is None else m) for w, m in zip(model.weights, model.masks, strict=True)
+    ]
     moved[1][:2] += 1.0
     new = Model(weights=moved, masks=model.masks)
 

@@ -39,14 +39,17 @@ MAX_ALLOCATION = 8 * 1024 * 1024  # bytes any one decode may allocate for these 
 
 # msgpack values of every kind a hostile peer can send
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
     | st.binary(max_size=64),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),
     max_leaves=12,
-)  # fmt: skip
+)
 
 TRUST = Trust.of({"coordinator": SigningKey.generate().verify_key})
 
@@ -128,7 +131,7 @@ def test_envelope_decoding_of_arbitrary_bytes(data: bytes) -> None:
                 values,
                 max_size=8,
             ),
-        }  # fmt: skip
+        }
     )
 )
 def test_every_message_kind_with_hostile_fields(envelope: dict[str, Any]) -> None:
@@ -136,8 +139,12 @@ def test_every_message_kind_with_hostile_fields(envelope: dict[str, Any]) -> Non
 
 
 @FUZZ
-@given(st.binary(max_size=512) | st.builds(_flipped, st.just(UPDATE),
-       st.lists(st.integers(0, 10_000), max_size=6), st.integers(0, 255)))  # fmt: skip
+@given(
+    st.binary(max_size=512)
+    | st.builds(
+        _flipped, st.just(UPDATE), st.lists(st.integers(0, 10_000), max_size=6), st.integers(0, 255)
+    )
+)
 def test_update_payloads(data: bytes) -> None:
     _clean(lambda d: decode_update(d, MODEL), data)
 
@@ -149,7 +156,7 @@ CODED = [
         ),
         MODEL.masks,
         Codec.parse(name),
-    )  # fmt: skip
+    )
     for name in ("f16", "int8+top0.5", "int8sr+zstd")
 ]
 
@@ -161,7 +168,7 @@ CODED = [
         st.sampled_from(CODED),
         st.lists(st.integers(0, 10_000), max_size=6),
         st.integers(0, 255),
-    )  # fmt: skip
+    )
     | st.builds(
         lambda codec, tensors: msgpack.packb(
             {"round": 1, "num_samples": 1, "codec": codec, "tensors": tensors}, use_bin_type=True
@@ -174,7 +181,7 @@ CODED = [
                     "q": st.binary(max_size=64) | values,
                     "s": st.floats(allow_nan=True) | values,
                 }
-            ),  # fmt: skip
+            ),
             max_size=3,
         ),
     )
@@ -195,7 +202,7 @@ def test_coded_update_payloads_and_model_changes(data: bytes) -> None:
                     "shape": st.lists(st.integers(-5, 2**40), max_size=4) | values,
                     "mask": st.none() | st.binary(max_size=16) | values,
                     "values": st.binary(max_size=64) | values,
-                }  # fmt: skip
+                }
             ),
             max_size=3,
         ),
@@ -205,7 +212,7 @@ def test_coded_update_payloads_and_model_changes(data: bytes) -> None:
         st.just(encode_model(MODEL)),
         st.lists(st.integers(0, 10_000), max_size=6),
         st.integers(0, 255),
-    )  # fmt: skip
+    )
 )
 def test_model_payloads(data: bytes) -> None:
     _clean(decode_model, data)
@@ -248,7 +255,7 @@ def test_chunk_sequences_never_hold_more_than_declared(chunks: list[Chunk]) -> N
             lambda s: encode(s, run="r", sender="coordinator"), st.just(Offline(who="coordinator"))
         ),
         st.binary(min_size=0, max_size=80),
-    )  # fmt: skip
+    )
 )
 def test_signed_envelopes_with_a_trust(data: bytes) -> None:
     _clean(lambda d: decode(d, TRUST), data)

@@ -36,13 +36,17 @@ def test_a_signed_message_from_a_trusted_sender_decodes() -> None:
     ("payload", "reason"),
     [
         (encode(FINISHED, run="r", sender="coordinator"), "unsigned message from 'coordinator'"),
-        (encode(FINISHED, run="r", sender="coordinator", signer=STRANGER_KEY),
-         "bad signature on a message from 'coordinator'"),
-        (encode(Offline(who="pi"), run="r", sender="pi", signer=STRANGER_KEY),
-         "no key for sender 'pi'"),
+        (
+            encode(FINISHED, run="r", sender="coordinator", signer=STRANGER_KEY),
+            "bad signature on a message from 'coordinator'",
+        ),
+        (
+            encode(Offline(who="pi"), run="r", sender="pi", signer=STRANGER_KEY),
+            "no key for sender 'pi'",
+        ),
     ],
     ids=["unsigned", "wrong-key", "unknown-sender"],
-)  # fmt: skip
+)
 def test_unsigned_wrongly_signed_or_unknown_senders_are_refused(
     payload: bytes, reason: str
 ) -> None:

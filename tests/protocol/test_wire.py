@@ -43,22 +43,59 @@ NEWER = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR + 1}"  # a minor version from the fut
 
 SNAPSHOT = Telemetry(
     run=RunInfo(
-        name="demo", session="abc123", phase="training", round=3, rounds=10, deadline=1e9 + 60,
-        model_version=3, sparsity_target=0.8, sparsity=0.39, started=1e9, updated=1e9 + 30,
-        config={"model": "cnn", "quorum": 1.0}, signed=True, devices_total=2,
+        name="demo",
+        session="abc123",
+        phase="training",
+        round=3,
+        rounds=10,
+        deadline=1e9 + 60,
+        model_version=3,
+        sparsity_target=0.8,
+        sparsity=0.39,
+        started=1e9,
+        updated=1e9 + 30,
+        config={"model": "cnn", "quorum": 1.0},
+        signed=True,
+        devices_total=2,
     ),
-    progress=Progress(round=3, started=1e9 + 20, deadline=1e9 + 60, selected=["a", "b"],
-                      reported=["a"], rejected={"norm": 1}, bytes_up=1234),
+    progress=Progress(
+        round=3,
+        started=1e9 + 20,
+        deadline=1e9 + 60,
+        selected=["a", "b"],
+        reported=["a"],
+        rejected={"norm": 1},
+        bytes_up=1234,
+    ),
     rounds=[{"round": 2, "accuracy": 0.9, "rejected": {}}],
     devices=[
-        DeviceRow(id="a", profile="raspberry-pi-4", trainer="litert", samples=100, online=True,
-                  joined=1e9, last_seen=1e9 + 25, reported=2, train_seconds=0.5),
-        DeviceRow(id="b", profile="generic-x86-64", trainer="keras", samples=50, online=False,
-                  joined=1e9, last_seen=1e9 + 5, rejected=1, last_reason="norm: too large",
-                  model="ab" * 32, model_accuracy=0.97),
+        DeviceRow(
+            id="a",
+            profile="raspberry-pi-4",
+            trainer="litert",
+            samples=100,
+            online=True,
+            joined=1e9,
+            last_seen=1e9 + 25,
+            reported=2,
+            train_seconds=0.5,
+        ),
+        DeviceRow(
+            id="b",
+            profile="generic-x86-64",
+            trainer="keras",
+            samples=50,
+            online=False,
+            joined=1e9,
+            last_seen=1e9 + 5,
+            rejected=1,
+            last_reason="norm: too large",
+            model="ab" * 32,
+            model_accuracy=0.97,
+        ),
     ],
     events=[Event(time=1e9 + 21, kind="reject", text="norm: too large", device="b")],
-)  # fmt: skip
+)
 
 PAYLOAD = bytes(range(256)) * 3
 
@@ -117,7 +154,7 @@ MESSAGES: list[Message] = [
         draw="9f3a",
         cutoff=2**63,
         model=Manifest(topic="t", size=1, chunks=1, sha256="0" * 64),
-    ),  # fmt: skip
+    ),
     Failed(round=3, reason="MemoryError: out of memory"),
     Tally(
         round=3,
@@ -358,29 +395,75 @@ def _envelope(kind: str, body: dict[str, object], version: str = "1.1") -> bytes
         ("hello", {"client_id": "c", "profile": ["p"], "num_samples": 1, "backend": "keras"}),
         ("status", {"phase": "finished", "round": 1, "rounds": 1, "deploy": 3}),
         ("status", {"phase": "bogus", "round": 1, "rounds": 1}),
-        ("round", {"round": 1, "model_version": 1, "deadline": "soon", "selected": ["a"],
-                   "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x"},
-                   "local_epochs": 1}),
-        ("round", {"round": 1, "model_version": 1, "deadline": 1.0, "selected": 5,
-                   "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x"},
-                   "local_epochs": 1}),
-        ("telemetry", {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [],
-                       "devices": [{"id": "a"}], "events": []}),
-        ("telemetry", {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [],
-                       "devices": ["a"], "events": []}),
-        ("telemetry", {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [],
-                       "devices": [], "events": [{"time": "now", "kind": "join", "text": ""}]}),
+        (
+            "round",
+            {
+                "round": 1,
+                "model_version": 1,
+                "deadline": "soon",
+                "selected": ["a"],
+                "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x"},
+                "local_epochs": 1,
+            },
+        ),
+        (
+            "round",
+            {
+                "round": 1,
+                "model_version": 1,
+                "deadline": 1.0,
+                "selected": 5,
+                "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x"},
+                "local_epochs": 1,
+            },
+        ),
+        (
+            "telemetry",
+            {
+                "run": _plain(SNAPSHOT.run),
+                "progress": None,
+                "rounds": [],
+                "devices": [{"id": "a"}],
+                "events": [],
+            },
+        ),
+        (
+            "telemetry",
+            {
+                "run": _plain(SNAPSHOT.run),
+                "progress": None,
+                "rounds": [],
+                "devices": ["a"],
+                "events": [],
+            },
+        ),
+        (
+            "telemetry",
+            {
+                "run": _plain(SNAPSHOT.run),
+                "progress": None,
+                "rounds": [],
+                "devices": [],
+                "events": [{"time": "now", "kind": "join", "text": ""}],
+            },
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_field_of_the_wrong_type_is_a_wire_error(kind: str, body: dict[str, object]) -> None:
     with pytest.raises(WireError, match="wrong type|malformed"):
         decode(_envelope(kind, body))
 
 
 def test_a_newer_minor_may_add_fields_to_nested_records_too() -> None:
-    body = {"round": 1, "model_version": 1, "deadline": 1.0, "selected": ["a"],
-            "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x", "codec": "zstd"},
-            "local_epochs": 1, "priority": 3}  # fmt: skip
+    body = {
+        "round": 1,
+        "model_version": 1,
+        "deadline": 1.0,
+        "selected": ["a"],
+        "model": {"topic": "t", "size": 1, "chunks": 1, "sha256": "x", "codec": "zstd"},
+        "local_epochs": 1,
+        "priority": 3,
+    }
 
     message = decode(_envelope("round", body, version=NEWER)).message
 
@@ -400,8 +483,13 @@ def test_chunks_cannot_carry_more_than_the_declared_size() -> None:
 
 def test_a_newer_minor_may_add_fields_to_records_in_a_list() -> None:
     device = {**_plain(SNAPSHOT.devices[0]), "temperature": 61.5}
-    body = {"run": _plain(SNAPSHOT.run), "progress": None, "rounds": [], "devices": [device],
-            "events": []}  # fmt: skip
+    body = {
+        "run": _plain(SNAPSHOT.run),
+        "progress": None,
+        "rounds": [],
+        "devices": [device],
+        "events": [],
+    }
 
     message = decode(_envelope("telemetry", body, version=NEWER)).message
 

@@ -77,8 +77,13 @@ class FakeClient:
         self.id = client_id
         self.transport = MemoryTransport(broker)
         self.transport.subscribe(TOPICS.inbox(client_id))
-        hello = Hello(client_id=client_id, profile="generic-x86-64", num_samples=100,
-                      backend="scripted", codecs=list(codecs))  # fmt: skip
+        hello = Hello(
+            client_id=client_id,
+            profile="generic-x86-64",
+            num_samples=100,
+            backend="scripted",
+            codecs=list(codecs),
+        )
         self.transport.publish(
             TOPICS.client_status(client_id), encode(hello, run=RUN, sender=client_id), retain=True
         )
