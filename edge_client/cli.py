@@ -15,8 +15,9 @@ from pathlib import Path
 
 from fedprune import __version__, device_profiles
 from fedprune.edge_client import data as local_data
-from fedprune.edge_client.client import EdgeClient, peak_memory_mb
+from fedprune.edge_client.client import EdgeClient
 from fedprune.edge_client.deploy import DeploymentReceiver
+from fedprune.edge_client.local_training import peak_memory_mb
 from fedprune.edge_client.service import DEFAULT_CONFIG, unit
 from fedprune.edge_client.trainer import check_backend
 from fedprune.edge_client.uplink import RESEND_AFTER, Identity

@@ -7,40 +7,27 @@ round again and rejoins it if the deadline has not passed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from fedprune.edge_client.artifact import ArtifactStore
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
 from fedprune.edge_client.download import ModelDownload
+from fedprune.edge_client.local_training import LocalTraining
 from fedprune.edge_client.trainer import (
-    EpochHook,
-    Evaluation,
-    Trainer,
     backend_class,
-    make_trainer,
 )
 from fedprune.edge_client.uplink import Identity, Uplink
 from fedprune.protocol.chunks import MAX_ASSEMBLED_BYTES
 from fedprune.protocol.codec import (
-    F32,
     Codec,
     Model,
-    Residual,
-    Update,
     decode_model,
-    decode_update,
-    default_codec,
-    encode_update,
     features,
 )
 from fedprune.protocol.envelope import UNSIGNED, receive
@@ -49,7 +36,6 @@ from fedprune.protocol.messages import (
     COORDINATOR,
     Chunk,
     Deployment,
-    Manifest,
     Notice,
     Offline,
     Phase,
@@ -68,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedprune.client")
 
 WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
-EPOCH_REPORT_SECONDS = 10.0  # how often a long local training says how far it is
 
 
 @dataclass(kw_only=True)
@@ -122,23 +107,22 @@ class EdgeClient:
         self.deploy = deploy
         needs_artifact = backend_class(identity.backend).needs_artifact
         self.artifacts = ArtifactStore(cache) if needs_artifact else None
-        self._residual_file = (
-            None if cache is None else cache / f"residual-{identity.client_id}.npz"
+        self.training = LocalTraining(
+            identity.backend,
+            data,
+            profile=profile,
+            local_epochs=local_epochs,
+            seed=seed,
+            residual_file=None if cache is None else cache / f"residual-{identity.client_id}.npz",
+            show=self._show_state,
         )
-        self.residual = (
-            Residual() if self._residual_file is None else (Residual.load(self._residual_file))
-        )
-        self._trainer_key: tuple[Spec, Manifest | None] | None = None
         self.deploy_wait = deploy_wait
         self.identity = identity
         self.topics = Topics(identity.run)
         self.client_id = identity.client_id
         self.data = data
-        self.local_epochs = local_epochs
-        self.seed = seed
         self.report = ClientReport()
         self._spec: Spec | None = None
-        self._trainer: Trainer | None = None
         self._round: Round | None = None
         self._round_seen: tuple[int, float] | None = None  # round number, monotonic time seen
         self._out_of_time: int | None = None  # the round whose running out was said
@@ -302,12 +286,6 @@ class EdgeClient:
                     f" {', '.join(sorted(missing))} (pip install 'fedprune[edge,zstd]')"
                 )
         return None
-
-    def codec(self, spec: Spec) -> Codec:
-        """How this device sends its updates: the run's codec, else its profile's default."""
-        if spec.codec:
-            return Codec.parse(spec.codec)
-        return F32 if self.profile is None else default_codec(self.profile.uplink_kbps)
 
     def _on_status(self, status: Status) -> None:
         self._status = status
@@ -499,100 +477,29 @@ class EdgeClient:
     def train_round(
         self, round_: Round, spec: Spec, model: Model, artifact: bytes | None = None
     ) -> None:
-        # A new trainer when what it trains changes (the Spec is republished with the artifact).
-        key = (dataclasses.replace(spec, artifact=None), spec.artifact if artifact else None)
-        if self._trainer is None or self._trainer_key != key:
-            if self.profile is not None:  # the profile's batch where it is smaller
-                spec = dataclasses.replace(
-                    spec, batch_size=min(spec.batch_size, self.profile.batch_size)
-                )
-            self._trainer = make_trainer(self.identity.backend, spec, artifact=artifact)
-            self._trainer_key = key
-        x, x_test = self.data.shaped(spec.input_shape)
-        classes = model.weights[-1].shape[-1]  # the output layer's bias
-        labels = np.concatenate([self.data.y, self.data.y_test])
-        if labels.min() < 0 or labels.max() >= classes:
-            raise ConfigError(
-                f"local labels run from {labels.min()} to {labels.max()}; the model has"
-                f" {classes} classes (0..{classes - 1})"
-            )
-        started = time.perf_counter()
-        epochs = self.local_epochs or min(
-            round_.local_epochs,
-            round_.local_epochs if self.profile is None else self.profile.local_epochs,
-        )
-        self._show_state(
-            f"round {round_.round}: training {epochs} epoch(s) on {self.data.num_samples} samples"
-        )
-        seed = self.seed * 100_003 + round_.round
-        new = self._trainer.fit(
-            model,
-            x,
-            self.data.y,
-            epochs=epochs,
-            seed=seed,
-            on_epoch=self._epoch_hook(round_.round, epochs),
-        )
-        train_seconds = time.perf_counter() - started
-        evaluation = (
-            self._trainer.evaluate(new, x_test, self.data.y_test)
-            if len(self.data.y_test)
-            else Evaluation(loss=0.0, accuracy=0.0, n=0)  # nothing held out: weight 0
-        )
-        deltas = [np.asarray(n, np.float32) - w for n, w in zip(new, model.weights, strict=True)]
-        update = Update(
-            round=round_.round,
-            num_samples=self.data.num_samples,
-            deltas=deltas,
-            metrics={
-                "loss": evaluation.loss,
-                "accuracy": evaluation.accuracy,
-                "n_eval": float(evaluation.n),
-                "train_seconds": train_seconds,
-                "peak_memory_mb": peak_memory_mb(),
-                "epochs": float(epochs),
-                "batch_size": float(self._trainer.batch_size),
-            },
-        )
-        payload = self._encode(update, model, spec, seed)
-        sent = self.uplink.update(round_.round, self._session or "", payload)
+        """Train ``round_`` on the local data and send the update."""
+        session = self._session or ""
+        trained = self.training.train(round_, spec, model, artifact, session)
+        sent = self.uplink.update(round_.round, session, trained.payload)
+        metrics = trained.update.metrics
         log.info(
             "round %d: trained %d epoch(s) on %d samples in %.3f s, held-out accuracy %.3f,"
             " sent %d bytes",
             round_.round,
-            epochs,
+            trained.epochs,
             self.data.num_samples,
-            update.metrics["train_seconds"],
-            evaluation.accuracy,
+            metrics["train_seconds"],
+            trained.evaluation.accuracy,
             sent,
         )
-        peak = update.metrics["peak_memory_mb"]
-        if self.profile is not None and peak > self.profile.memory_mb:
+        if self.profile is not None and metrics["peak_memory_mb"] > self.profile.memory_mb:
             log.warning(
                 "round %d: peak memory %.0f MB is over profile %s's %d MB",
                 round_.round,
-                peak,
+                metrics["peak_memory_mb"],
                 self.profile.name,
                 self.profile.memory_mb,
             )
-
-    def _encode(self, update: Update, model: Model, spec: Spec, seed: int) -> bytes:
-        """The update's payload in this device's codec; a lossy codec adds what earlier updates
-        did not send (error feedback) and keeps what this one does not."""
-        codec = self.codec(spec)
-        if not codec.lossy:
-            return encode_update(update, model.masks, codec)
-        key = self._session or ""
-        with_residual = self.residual.add(update.deltas, key, model.masks)
-        wanted = dataclasses.replace(update, deltas=with_residual)
-        payload = encode_update(wanted, model.masks, codec, rng=np.random.default_rng(seed))
-        self.residual.keep(wanted.deltas, decode_update(payload, model).deltas, key)
-        if self._residual_file is not None:
-            try:
-                self.residual.save(self._residual_file)
-            except OSError as exc:
-                log.warning("cannot keep the codec's residual in %s: %s", self._residual_file, exc)
-        return payload
 
     def _time_left(self, round_: Round) -> float:
         """Seconds left in ``round_`` by this device's own monotonic clock, counted from when it
@@ -601,32 +508,3 @@ class EdgeClient:
         if round_.duration <= 0 or self._round_seen is None:
             return round_.deadline - time.time()
         return self._round_seen[1] + round_.duration - time.monotonic()
-
-    def _epoch_hook(self, round_: int, epochs: int) -> EpochHook:
-        """Progress through a round's local epochs: on the live line after each one, and in the
-        log every ``EPOCH_REPORT_SECONDS`` when training takes that long (a big dataset on a Pi)."""
-        started = said = time.monotonic()
-
-        def epoch_done(done: int) -> None:
-            nonlocal said
-            self._show_state(f"round {round_}: training, epoch {done} of {epochs}")
-            now = time.monotonic()
-            if now - said >= EPOCH_REPORT_SECONDS and done < epochs:
-                log.info(
-                    "round %d: %d of %d epoch(s) done (%.0f s)", round_, done, epochs, now - started
-                )
-                said = now
-
-        return epoch_done
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM, because ``ru_maxrss`` survives exec
-    and so reports the parent's peak when that was larger."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -14,7 +14,7 @@ from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune import device_profiles
 from fedprune.edge_client import client as client_module
-from fedprune.edge_client import trainer
+from fedprune.edge_client import local_training, trainer
 from fedprune.edge_client.client import ClientReport, EdgeClient
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
@@ -595,7 +595,7 @@ def test_long_local_training_says_how_far_it_is_in_the_log(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(client_module, "EPOCH_REPORT_SECONDS", 0.0)  # every epoch is "long"
+    monkeypatch.setattr(local_training, "EPOCH_REPORT_SECONDS", 0.0)  # every epoch is "long"
     broker = FinishingBroker()
     _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60)
     identity = Identity(
@@ -704,7 +704,7 @@ class BrokenTrainer(AddOneTrainer):
 def test_a_training_that_raises_is_reported_as_a_failed_round_not_a_crash(
     model: Model, data: LocalData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_module, "make_trainer", lambda *a, **k: BrokenTrainer(a[1]))
+    monkeypatch.setattr(local_training, "make_trainer", lambda *a, **k: BrokenTrainer(a[1]))
     broker = MemoryBroker()
     _publish_run(broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0)
 
