@@ -1,0 +1,296 @@
+"""The layers a LiteRT training artifact can train, one registry entry each: the layer's forward
+step in plain TF ops whose gradients are TFLite builtins (converters/trainable.py says why).
+
+An entry takes the tf_keras layer and its variables and returns a :class:`Step`: the forward
+function, the activation that follows it (relu, tanh and sigmoid carry hand-written gradients)
+and, for a layer that trains differently from how it infers (BatchNormalization), its training
+forward. A layer it cannot take raises :class:`Unsupported` with what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+_Fn = Callable[[tf.Tensor], tf.Tensor]
+
+
+# --- activations: forward op with a gradient made of builtin ops --------------------------------
+
+
+def _relu_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
+    def grad(dy: tf.Tensor) -> tf.Tensor:
+        return dy * tf.cast(x > 0, dy.dtype)
+
+    return tf.nn.relu(x), grad
+
+
+def _tanh_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
+    y = tf.tanh(x)
+
+    def grad(dy: tf.Tensor) -> tf.Tensor:
+        return dy * (1 - y * y)
+
+    return y, grad
+
+
+def _sigmoid_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
+    y = tf.sigmoid(x)
+
+    def grad(dy: tf.Tensor) -> tf.Tensor:
+        return dy * y * (1 - y)
+
+    return y, grad
+
+
+def _linear(x: tf.Tensor) -> tf.Tensor:
+    return x
+
+
+ACTIVATIONS: dict[str, _Fn] = {
+    "linear": _linear,
+    "relu": tf.custom_gradient(_relu_and_grad),
+    "tanh": tf.custom_gradient(_tanh_and_grad),
+    "sigmoid": tf.custom_gradient(_sigmoid_and_grad),
+    "softmax": tf.nn.softmax,
+}
+
+
+# --- layers: each becomes an affine/shape part followed by a named activation -------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer as plain TF: ``activation(body(x))``. The softmax of the last step is left to the
+    loss, which takes its input as logits. ``train_body`` replaces ``body`` in ``train`` for the
+    layers that behave differently in training (BatchNormalization: batch statistics)."""
+
+    body: _Fn
+    activation: str
+    train_body: _Fn | None = None
+
+    def run(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+        """The step without its activation, as ``train`` (``training``) or ``infer`` runs it."""
+        body = self.train_body if training and self.train_body is not None else self.body
+        return body(x)
+
+
+class Unsupported(Exception):
+    """Raised by a layer builder for a configuration it cannot express; carries the detail."""
+
+
+Builder = Callable[[Any, list[tf.Variable]], Step]
+
+
+def activation_name(layer: Any, fn: Any) -> str:
+    name = str(getattr(fn, "__name__", ""))
+    if name not in ACTIVATIONS or tf_keras.activations.get(name) is not fn:
+        raise Unsupported(f"activation {name or fn!r}")
+    return name
+
+
+def _require(layer: Any, **expected: Any) -> None:
+    for attr, value in expected.items():
+        actual = getattr(layer, attr)
+        if actual != value:
+            raise Unsupported(f"{attr}={actual!r}")
+
+
+def _dense(layer: Any, variables: list[tf.Variable]) -> Step:
+    if len(layer.input_shape) != 2:
+        raise Unsupported(f"input of rank {len(layer.input_shape)}")
+    kernel, *bias = variables
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        y = tf.matmul(x, kernel)
+        return y + bias[0] if bias else y
+
+    return Step(body, activation_name(layer, layer.activation))
+
+
+def _taps(
+    x: tf.Tensor,
+    size: tuple[int, int],
+    strides: tuple[int, int],
+    padding: str,
+    pad_value: float = 0.0,
+) -> list[tf.Tensor]:
+    """What each kernel tap sees: ``kh * kw`` tensors shaped [B, out_h, out_w, C], row-major.
+
+    Built from ``tf.pad``, ``tf.slice`` and reshapes only, so the gradient is Pad and Slice:
+    strided slicing would need ``StridedSliceGrad`` (Flex). A stride is taken by reshaping a
+    contiguous slice to (out, stride) and keeping index 0.
+    """
+    b, h, w, c = (int(d) for d in x.shape)
+    rows = _axis(h, size[0], strides[0], padding)
+    cols = _axis(w, size[1], strides[1], padding)
+    paddings = [[0, 0], [rows[1], rows[2]], [cols[1], cols[2]], [0, 0]]
+    if any(any(p) for p in paddings):
+        x = tf.pad(x, paddings, constant_values=pad_value)
+    (oh, sh), (ow, sw) = (rows[0], strides[0]), (cols[0], strides[1])
+    taps = []
+    for i in range(size[0]):
+        for j in range(size[1]):
+            tap = tf.slice(x, [0, i, j, 0], [b, oh * sh, ow * sw, c])
+            if sh > 1:
+                tap = tf.reshape(tap, [b * oh, sh, ow * sw * c])
+                tap = tf.slice(tap, [0, 0, 0], [b * oh, 1, ow * sw * c])
+            if sw > 1:
+                tap = tf.reshape(tap, [b * oh * ow, sw, c])
+                tap = tf.slice(tap, [0, 0, 0], [b * oh * ow, 1, c])
+            taps.append(tf.reshape(tap, [b, oh, ow, c]))
+    return taps
+
+
+def _axis(n: int, k: int, s: int, padding: str) -> tuple[int, int, int]:
+    """(output length, padding before, padding after) along one axis, TensorFlow's rules, plus
+    enough trailing padding that every tap's slice of ``out * s`` entries fits."""
+    if padding == "same":
+        out = -(-n // s)
+        total = max((out - 1) * s + k - n, 0)
+        before = total // 2
+    else:
+        out = (n - k) // s + 1
+        before = 0
+    after = max((k - 1) + out * s - (n + before), 0)
+    return out, before, after
+
+
+def _window(layer: Any) -> tuple[tuple[int, int], tuple[int, int], str]:
+    _require(layer, data_format="channels_last")
+    if layer.padding not in ("same", "valid"):
+        raise Unsupported(f"padding={layer.padding!r}")
+    kh, kw = getattr(layer, "kernel_size", None) or layer.pool_size
+    sh, sw = layer.strides
+    return (int(kh), int(kw)), (int(sh), int(sw)), str(layer.padding)
+
+
+def _conv2d(layer: Any, variables: list[tf.Variable]) -> Step:
+    _require(layer, dilation_rate=(1, 1), groups=1)
+    size, strides, padding = _window(layer)
+    kernel, *bias = variables
+    kh, kw, cin, cout = (int(d) for d in kernel.shape)
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        taps = _taps(x, size, strides, padding)
+        b, oh, ow, _ = (int(d) for d in taps[0].shape)
+        patches = tf.concat([tf.reshape(t, [b * oh * ow, cin]) for t in taps], axis=1)
+        y = tf.matmul(patches, tf.reshape(kernel, [kh * kw * cin, cout]))
+        y = tf.reshape(y, [b, oh, ow, cout])
+        return y + bias[0] if bias else y
+
+    return Step(body, activation_name(layer, layer.activation))
+
+
+def _max_pool(layer: Any, variables: list[tf.Variable]) -> Step:
+    size, strides, padding = _window(layer)
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        taps = _taps(x, size, strides, padding, pad_value=float(np.finfo(np.float32).min))
+        y = taps[0]
+        for tap in taps[1:]:
+            y = tf.maximum(y, tap)
+        return y
+
+    return Step(body, "linear")
+
+
+def _average_pool(layer: Any, variables: list[tf.Variable]) -> Step:
+    size, strides, padding = _window(layer)
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        # Like TensorFlow, 'same' windows average over the entries inside the input only.
+        ones = tf.ones([1, *x.shape[1:3], 1])
+        counts = tf.add_n(_taps(ones, size, strides, padding))
+        return tf.add_n(_taps(x, size, strides, padding)) / counts
+
+    return Step(body, "linear")
+
+
+def _flatten(layer: Any, variables: list[tf.Variable]) -> Step:
+    _require(layer, data_format="channels_last")
+    return Step(lambda x: tf.reshape(x, [x.shape[0], -1]), "linear")
+
+
+def _reshape(layer: Any, variables: list[tf.Variable]) -> Step:
+    target = [int(d) for d in layer.output_shape[1:]]
+    return Step(lambda x: tf.reshape(x, [x.shape[0], *target]), "linear")
+
+
+def _relu_layer(layer: Any, variables: list[tf.Variable]) -> Step:
+    if layer.max_value is not None or float(layer.negative_slope) or float(layer.threshold):
+        raise Unsupported("max_value, negative_slope or threshold set")
+    return Step(_linear, "relu")
+
+
+def _activation(layer: Any, variables: list[tf.Variable]) -> Step:
+    return Step(_linear, activation_name(layer, layer.activation))
+
+
+def _softmax(layer: Any, variables: list[tf.Variable]) -> Step:
+    if layer.axis not in (-1, [-1]):
+        raise Unsupported(f"axis={layer.axis!r}")
+    return Step(_linear, "softmax")
+
+
+def _identity(layer: Any, variables: list[tf.Variable]) -> Step:
+    return Step(_linear, "linear")
+
+
+def _batch_norm(layer: Any, variables: list[tf.Variable]) -> Step:
+    """tf_keras BatchNormalization over the last axis, in both modes.
+
+    Inference (and a layer with ``trainable=False``, which tf_keras always runs in inference
+    mode) normalizes with the moving statistics. Training normalizes with the batch's mean and
+    biased variance, as ``tf.nn.moments`` computes them, and moves the moving statistics toward
+    them by tf_keras's rule ``v -= (v - batch) * (1 - momentum)``. Mean, square, rsqrt and their
+    gradients at a fixed batch size convert to builtins (MEAN, SQUARED_DIFFERENCE, RSQRT, TILE).
+    """
+    _require(layer, renorm=False, virtual_batch_size=None, adjustment=None, synchronized=False)
+    rank = len(layer.input_shape)
+    if list(layer.axis) != [rank - 1]:
+        raise Unsupported(f"axis={list(layer.axis)!r}")
+    by_id = {id(w): v for w, v in zip(layer.weights, variables, strict=True)}
+    gamma = by_id[id(layer.gamma)] if layer.scale else None
+    beta = by_id[id(layer.beta)] if layer.center else None
+    moving_mean, moving_var = by_id[id(layer.moving_mean)], by_id[id(layer.moving_variance)]
+    epsilon, decay = float(layer.epsilon), 1.0 - float(layer.momentum)
+    axes = list(range(rank - 1))
+
+    def normalize(x: tf.Tensor, mean: tf.Tensor, variance: tf.Tensor) -> tf.Tensor:
+        # tf.nn.batch_normalization's expression: x * inv + (beta - mean * inv).
+        inv = tf.math.rsqrt(variance + epsilon)
+        inv = inv * gamma if gamma is not None else inv
+        return x * inv + (beta - mean * inv if beta is not None else -mean * inv)
+
+    def infer(x: tf.Tensor) -> tf.Tensor:
+        return normalize(x, moving_mean, moving_var)
+
+    def train(x: tf.Tensor) -> tf.Tensor:
+        mean = tf.reduce_mean(x, axes)
+        variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
+        moving_mean.assign_sub((moving_mean - mean) * decay)
+        moving_var.assign_sub((moving_var - variance) * decay)
+        return normalize(x, mean, variance)
+
+    return Step(infer, "linear", train if layer.trainable else None)
+
+
+LAYERS: dict[type, Builder] = {
+    tf_keras.layers.Dense: _dense,
+    tf_keras.layers.Conv2D: _conv2d,
+    tf_keras.layers.MaxPooling2D: _max_pool,
+    tf_keras.layers.AveragePooling2D: _average_pool,
+    tf_keras.layers.Flatten: _flatten,
+    tf_keras.layers.Reshape: _reshape,
+    tf_keras.layers.ReLU: _relu_layer,
+    tf_keras.layers.Activation: _activation,
+    tf_keras.layers.Softmax: _softmax,
+    tf_keras.layers.Dropout: _identity,  # dropout is off in on-device training
+    tf_keras.layers.BatchNormalization: _batch_norm,
+}
