@@ -17,7 +17,7 @@ from simulated_fleet import RUN
 
 from fedprune.coordinator.broker import free_port, mosquitto_binary, queue_settings
 from fedprune.protocol.envelope import decode
-from fedprune.protocol.messages import Metrics, Round
+from fedprune.protocol.messages import Round, RoundMetrics
 from fedprune.protocol.signing import Trust
 from fedprune.protocol.topics import Topics
 from fedprune.protocol.transport import MqttTransport
@@ -70,7 +70,7 @@ class Watcher:
             with self.changed:
                 if isinstance(message, Round):
                     self.announced.setdefault(message.round, (now, cpu, hwm))
-                elif isinstance(message, Metrics):
+                elif isinstance(message, RoundMetrics):
                     values = message.values
                     self.ended.setdefault(int(values["round"]), (now, cpu, hwm, values))
                 self.changed.notify_all()

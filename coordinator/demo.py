@@ -22,7 +22,7 @@ from fedprune import __version__, device_profiles
 from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.terminal import steps
 from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
-from fedprune.protocol.messages import Telemetry
+from fedprune.protocol.messages import Snapshot
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
@@ -111,7 +111,7 @@ def _start_clients(
     return processes
 
 
-def _doing(snapshot: Telemetry) -> str:
+def _doing(snapshot: Snapshot) -> str:
     """What the run is doing, for the progress bar."""
     run = snapshot.run
     if run.phase == "waiting":

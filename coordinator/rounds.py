@@ -37,10 +37,10 @@ from fedprune.protocol.messages import (
     COORDINATOR,
     Close,
     Hello,
-    Metrics,
     Notice,
     Phase,
     Round,
+    RoundMetrics,
     Status,
 )
 from fedprune.protocol.signing import SigningKey, Trust
@@ -140,7 +140,7 @@ class Coordinator:
             else None
         )
         self.results: list[RoundResult] = []
-        self.report: dict[str, Any] = {}  # who was late, gone, failed or rejected: last round
+        self.last_round: dict[str, Any] = {}  # who was late, gone, failed or rejected in it
         self._down_counted = 0  # bytes_down already in a round's result
         self._dense = 4 * model.parameters()  # float32 bytes of the model the run began with
 
@@ -298,10 +298,10 @@ class Coordinator:
             bytes_down=self.bytes_down - self._down_counted,  # since the last round's end
             seconds=seconds,
         )
-        self.report = round_report(state, set(self.fleet))
+        self.last_round = round_report(state, set(self.fleet))
         self._down_counted = self.bytes_down
         self.results.append(result)
-        self.downlink.publish(self.topics.metrics, Metrics(values=result.to_dict()))
+        self.downlink.publish(self.topics.metrics, RoundMetrics(values=result.to_dict()))
         self.observer.round_ended(result, state.late())
         self.on_round(result)
         return result

@@ -27,7 +27,7 @@ from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.trainer import Evaluation
 from fedprune.protocol.envelope import encode
 from fedprune.protocol.errors import ConfigError
-from fedprune.protocol.messages import COORDINATOR, Offline, Telemetry
+from fedprune.protocol.messages import COORDINATOR, Offline, Snapshot
 from fedprune.protocol.topics import Topics
 from fedprune.protocol.transport import MqttTransport
 
@@ -66,7 +66,7 @@ def run(
     *,
     on_round: Callable[[RoundResult], None] | None = None,
     observers: list[Observer] | None = None,
-    listeners: list[Callable[[Telemetry], None]] | None = None,
+    listeners: list[Callable[[Snapshot], None]] | None = None,
     resume: bool = False,
 ) -> Summary:
     """Serve the run to its end. ``observers`` hear the round loop's events (Prometheus metrics);
@@ -83,7 +83,7 @@ def run(
 
     def after_round(result: RoundResult) -> None:
         rundir.append(result)
-        rundir.write_round_report(coordinator.report)
+        rundir.write_round_report(coordinator.last_round)
         rundir.checkpoint(result.round, pruner, coordinator.telemetry.ledger)  # the commit point
         rundir.write_devices(coordinator.telemetry.ledger)
         if on_round is not None:

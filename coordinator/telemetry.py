@@ -3,7 +3,7 @@
 :class:`Telemetry` is an :class:`~fedprune.coordinator.observer.Observer`: from the round loop's
 hooks it keeps the run's header, the round in progress, the last rounds' metrics and the device
 :class:`~fedprune.coordinator.ledger.Ledger`. When something changed it builds one
-:class:`~fedprune.protocol.messages.Telemetry` snapshot, at most every ``interval`` seconds (and at
+:class:`~fedprune.protocol.messages.Snapshot`, at most every ``interval`` seconds (and at
 once at a round's end or a change of phase), hands it to ``publish`` (the coordinator signs it and
 puts it on the ``telemetry`` topic) and to every listener (the web dashboard).
 """
@@ -22,8 +22,7 @@ from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.observer import Observer
 from fedprune.protocol.codec import Update
-from fedprune.protocol.messages import Hello, Phase
-from fedprune.protocol.messages import Telemetry as Snapshot
+from fedprune.protocol.messages import Hello, Phase, Snapshot
 from fedprune.protocol.telemetry import Progress, RunInfo
 from fedprune.protocol.transport import ConnectionEvent, Transport
 

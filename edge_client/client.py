@@ -57,7 +57,7 @@ WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
 
 
 @dataclass(kw_only=True)
-class ClientReport:
+class ClientStats:
     rounds: list[int] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0  # payload bytes of every message the broker delivered
@@ -121,7 +121,7 @@ class EdgeClient:
         self.topics = Topics(identity.run)
         self.client_id = identity.client_id
         self.data = data
-        self.report = ClientReport()
+        self.stats = ClientStats()
         self._spec: Spec | None = None
         self._round: Round | None = None
         self._round_seen: tuple[int, float] | None = None  # round number, monotonic time seen
@@ -129,7 +129,7 @@ class EdgeClient:
         self.uplink = Uplink(
             transport,
             identity,
-            counts=self.report,
+            counts=self.stats,
             installed=lambda: None if deploy is None else deploy.installed_sha256,
             deploys=deploy is not None,
             resend_after=resend_after,
@@ -163,32 +163,32 @@ class EdgeClient:
             self.transport.subscribe(pattern)
         self.uplink.hello()
 
-    def run(self, *, timeout: float | None = None, forever: bool = False) -> ClientReport:
+    def run(self, *, timeout: float | None = None, forever: bool = False) -> ClientStats:
         """Serve rounds until the coordinator finishes (or ``timeout`` seconds pass); with
         ``forever``, serve every later run of the same name too (a device as a service): a run
         this device cannot train is then answered with a failed round each round, not an exit."""
         self._forever = forever
         self.start()
         end = None if timeout is None else time.monotonic() + timeout
-        while not self.report.finished and (end is None or time.monotonic() < end):
+        while not self.stats.finished and (end is None or time.monotonic() < end):
             item = self.transport.get(timeout=0.5)
             if item is not None:
-                self.report.bytes_down += len(item[1])
+                self.stats.bytes_down += len(item[1])
                 self._receive(*item)
             self._maybe_train()
             self._maybe_resend()
             self._check_finished()
-            if forever and self.report.finished:
+            if forever and self.stats.finished:
                 self._next_run()
             self._report_waiting()
             self._show_state()
-        return self.report
+        return self.stats
 
     def _receive(self, topic: str, payload: bytes) -> None:
         """Handle a message that fits the profile's payload limit; ignore a bigger one."""
         limit = self.identity.max_payload
         if limit and len(payload) > limit:
-            self.report.oversize += 1
+            self.stats.oversize += 1
             log.warning(
                 "ignored a message of %d bytes on %s: over this profile's %d-byte limit",
                 len(payload),
@@ -203,9 +203,9 @@ class EdgeClient:
         log.info(
             "run %r %s; waiting for its next start (--forever)",
             self.topics.run,
-            "stopped" if self.report.aborted else "finished",
+            "stopped" if self.stats.aborted else "finished",
         )
-        self.report.finished = self.report.aborted = False
+        self.stats.finished = self.stats.aborted = False
         self._finished_at = None
         self._live = self._awaiting_deploy = False
         self._ended = self._session
@@ -214,10 +214,10 @@ class EdgeClient:
         """Tell ``show`` what the client is doing (``doing``, else what it waits for)."""
         if self.show is None:
             return
-        done = self.report.rounds
+        done = self.stats.rounds
         text = doing or f"waiting for {self.waiting_for() or 'the coordinator'}"
         if done and doing is None:
-            text = f"{len(done)} round(s) done, {self.report.bytes_up:,} bytes sent; {text}"
+            text = f"{len(done)} round(s) done, {self.stats.bytes_up:,} bytes sent; {text}"
         if text != self._shown:
             self.show(text)
             self._shown = text
@@ -298,8 +298,8 @@ class EdgeClient:
             self._live = True
         elif status.phase is Phase.ABORTED:
             log.error("the coordinator stopped the run on an error")
-            self.report.aborted = self.report.finished = True
-        elif not (self._live or self.report.rounds):
+            self.stats.aborted = self.stats.finished = True
+        elif not (self._live or self.stats.rounds):
             # A retained FINISHED from an earlier run of the same name: wait for the next one.
             log.info("run %s has already finished; waiting for it to start again", self.topics.run)
         else:
@@ -314,7 +314,7 @@ class EdgeClient:
             return
         if waiting:
             log.warning("the deployed model did not arrive within %.0f s", self.deploy_wait)
-        self.report.finished = True
+        self.stats.finished = True
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message from the coordinator (only it may send on the topics a device reads)."""
@@ -323,7 +323,7 @@ class EdgeClient:
         try:
             message = receive(payload, self.trust, sender=COORDINATOR).message
         except SignatureError as exc:
-            self.report.dropped += 1
+            self.stats.dropped += 1
             log.warning("dropped a message on %s: %s", topic, exc)
             return
         except WireError as exc:  # whatever arrives from the network is data, never fatal
@@ -449,7 +449,7 @@ class EdgeClient:
         artifact = self._artifact(spec)
         if self.artifacts is not None and artifact is None:
             return
-        self.report.rounds.append(round_.round)
+        self.stats.rounds.append(round_.round)
         self._trained.add(round_.round)
         try:
             model = decode_model(payload)

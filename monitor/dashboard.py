@@ -22,7 +22,7 @@ from importlib.resources.abc import Traversable
 from typing import Any, ClassVar
 
 from fedprune.protocol.errors import ConfigError
-from fedprune.protocol.messages import Telemetry
+from fedprune.protocol.messages import Snapshot
 from fedprune.protocol.telemetry import as_json
 
 log = logging.getLogger("fedprune.dashboard")
@@ -74,7 +74,7 @@ class Dashboard:
         log.info("dashboard at %s", self.url)
         return self
 
-    def show(self, snapshot: Telemetry, coordinator: str = "online") -> None:
+    def show(self, snapshot: Snapshot, coordinator: str = "online") -> None:
         """Make ``snapshot`` the one served and push it to every open page, with what is known
         of its coordinator (the monitor's ``Watcher.coordinator``; the coordinator's own
         dashboard: online)."""

@@ -13,7 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fedprune.protocol.messages import Telemetry
+from fedprune.protocol.messages import Snapshot
 
 ROUNDS_SHOWN = 10
 EVENTS_SHOWN = 8
@@ -36,7 +36,7 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s ago" if seconds < 90 else f"{seconds / 60:.0f} min ago"
 
 
-def line(snapshot: Telemetry, coordinator: str) -> str:
+def line(snapshot: Snapshot, coordinator: str) -> str:
     """One line: the run's phase and round, and the last round's figures."""
     run = snapshot.run
     text = f"{run.name}: {run.phase}, round {run.round}/{run.rounds}, coordinator {coordinator}"
@@ -55,7 +55,7 @@ def line(snapshot: Telemetry, coordinator: str) -> str:
     return text
 
 
-def _header(snapshot: Telemetry, coordinator: str) -> Panel:
+def _header(snapshot: Snapshot, coordinator: str) -> Panel:
     run = snapshot.run
     last = snapshot.rounds[-1] if snapshot.rounds else {}
     online = sum(d.online for d in snapshot.devices)
@@ -85,7 +85,7 @@ def _header(snapshot: Telemetry, coordinator: str) -> Panel:
     return Panel(Group(facts, Text(config, style="dim")), title=title, title_align="left")
 
 
-def _progress(snapshot: Telemetry) -> Table | Text:
+def _progress(snapshot: Snapshot) -> Table | Text:
     p = snapshot.progress
     if p is None:
         return Text("no round in progress", style="dim")
@@ -118,7 +118,7 @@ def _overdue(overdue: list[str]) -> str:
     )
 
 
-def _rounds(snapshot: Telemetry) -> Table:
+def _rounds(snapshot: Snapshot) -> Table:
     table = Table(title="Rounds", title_justify="left", box=box.SIMPLE_HEAD)
     for column in (
         "round",
@@ -155,7 +155,7 @@ WIDE = 160
 """Terminals at least this wide get every device column; narrower ones the essential ones."""
 
 
-def _devices(snapshot: Telemetry, width: int) -> Table:
+def _devices(snapshot: Snapshot, width: int) -> Table:
     total = snapshot.run.devices_total
     shown = len(snapshot.devices)
     title = f"Devices ({shown} of {total} shown)" if shown < total else f"Devices ({total})"
@@ -203,7 +203,7 @@ def _devices(snapshot: Telemetry, width: int) -> Table:
     return table
 
 
-def _events(snapshot: Telemetry) -> Table:
+def _events(snapshot: Snapshot) -> Table:
     table = Table(
         title="Recent events", title_justify="left", box=box.SIMPLE_HEAD, show_header=False
     )
@@ -217,7 +217,7 @@ def _events(snapshot: Telemetry) -> Table:
     return table
 
 
-def render(snapshot: Telemetry, coordinator: str, *, width: int = WIDE) -> Group:
+def render(snapshot: Snapshot, coordinator: str, *, width: int = WIDE) -> Group:
     """The whole view; ``width`` is the terminal's, which decides the device columns."""
     return Group(
         _header(snapshot, coordinator),

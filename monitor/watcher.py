@@ -12,7 +12,7 @@ import time
 
 from fedprune.protocol.envelope import UNSIGNED, receive
 from fedprune.protocol.errors import FedpruneError, SenderError, SignatureError, WireError
-from fedprune.protocol.messages import COORDINATOR, Offline, Phase, Status, Telemetry
+from fedprune.protocol.messages import COORDINATOR, Offline, Phase, Snapshot, Status
 from fedprune.protocol.signing import Trust
 from fedprune.protocol.telemetry import as_json
 from fedprune.protocol.topics import Topics
@@ -32,7 +32,7 @@ class Watcher:
         self.transport = transport
         self.topics = Topics(run)
         self.trust = trust
-        self.snapshot: Telemetry | None = None
+        self.snapshot: Snapshot | None = None
         # online (waiting or training), finished, aborted, offline (its last will), or unknown
         self.coordinator = "unknown"
         self.dropped = 0
@@ -56,7 +56,7 @@ class Watcher:
         except WireError as exc:
             log.warning("ignored a message on %s: %s", topic, exc)
             return False
-        if isinstance(message, Telemetry):
+        if isinstance(message, Snapshot):
             self.snapshot = message
         elif isinstance(message, Status):
             finished = message.phase in (Phase.FINISHED, Phase.ABORTED)
@@ -67,7 +67,7 @@ class Watcher:
             return False
         return True
 
-    def wait(self, seconds: float) -> Telemetry:
+    def wait(self, seconds: float) -> Snapshot:
         """The first snapshot (retained ones arrive at once), or ``NoRun`` after ``seconds``."""
         end = time.monotonic() + seconds
         while self.snapshot is None and time.monotonic() < end:

@@ -25,14 +25,8 @@ from fedprune.protocol.messages import KINDS, Kind, Message
 from fedprune.protocol.signing import SigningKey, Trust
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 9  # 1.1: Deployment, Status.deploy, Spec.artifact; 1.2: Spec.artifact_error;
-# 1.3: signed messages (an outer map of kind "signed" around the envelope's bytes);
-# 1.4: Telemetry, Hello.installed and Hello.deploys; 1.5: Round.duration, Status.session and
-# Round.session, Failed; 1.6: Round.draw and Round.cutoff (a selection of any size in a few
-# bytes; Round.selected is no longer sent), Hello.max_payload; 1.7: update codecs (Spec.codec,
-# Hello.codecs, an update's "codec" and "tensors", zstandard payloads), Round.delta and base;
-# 1.8: Round.architecture (a unit-pruned model is rebuilt smaller and the Spec published again);
-# 1.9: Hello.unanswered (an update a device resends for want of a notice), Progress.overdue
+PROTOCOL_MINOR = 9
+"""Minors only add optional fields and kinds; docs/protocol.md, "Versioning", says what each did."""
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 SIGNED = "signed"

@@ -201,7 +201,7 @@ class Chunk(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Metrics(Message):
+class RoundMetrics(Message):
     """Per-round summary for monitors (retained on ``metrics``)."""
 
     KIND: ClassVar[Kind] = Kind.METRICS
@@ -231,7 +231,7 @@ class Notice(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Telemetry(Message):
+class Snapshot(Message):
     """Everything a monitor shows (retained on ``telemetry``; see protocol.telemetry)."""
 
     KIND: ClassVar[Kind] = Kind.TELEMETRY

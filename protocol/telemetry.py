@@ -1,4 +1,4 @@
-"""What the coordinator tells its monitors: the records of a ``Telemetry`` snapshot.
+"""What the coordinator tells its monitors: the records of a ``Snapshot``.
 
 The coordinator publishes one snapshot, retained on ``telemetry``, whenever something changes
 (at most a few times a second): the run, the round in progress, the last rounds' metrics, a
@@ -31,7 +31,7 @@ class RunInfo:
     updated: float
     config: dict[str, Any] = field(default_factory=dict)  # a summary: model, aggregation, ...
     signed: bool = False  # messages are signed and devices must sign theirs
-    devices_total: int = 0  # devices known, even if the snapshot lists fewer (see Telemetry)
+    devices_total: int = 0  # devices known, even if the snapshot lists fewer (see messages.Snapshot)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,7 +54,7 @@ class Topics:
 
     @property
     def telemetry(self) -> str:
-        """The retained ``Telemetry`` snapshot that monitors show."""
+        """The retained ``Snapshot`` that monitors show."""
         return f"{self.root}/telemetry"
 
     @property

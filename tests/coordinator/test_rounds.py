@@ -53,11 +53,11 @@ from fedprune.protocol.messages import (
     Offline,
     Phase,
     Round,
+    Snapshot,
     Spec,
     Status,
     Unanswered,
 )
-from fedprune.protocol.messages import Telemetry as TelemetrySnapshot
 from fedprune.protocol.signing import SigningKey, Trust
 
 
@@ -590,7 +590,7 @@ def test_telemetry_on_the_broker_tells_who_reported_who_was_rejected_and_who_was
     h.run_round()
 
     snapshot = decode(h.broker.retained[TOPICS.telemetry]).message
-    assert isinstance(snapshot, TelemetrySnapshot)
+    assert isinstance(snapshot, Snapshot)
     rows = {d.id: d for d in snapshot.devices}
     assert (rows["a"].selected, rows["a"].reported, rows["a"].rejected, rows["a"].late) == (
         1,
@@ -614,7 +614,7 @@ def test_telemetry_lists_fewer_devices_rather_than_exceed_the_payload_limit(
     h.coordinator.telemetry.send()
 
     snapshot = decode(h.broker.retained[TOPICS.telemetry]).message
-    assert isinstance(snapshot, TelemetrySnapshot)
+    assert isinstance(snapshot, Snapshot)
     assert len(h.broker.retained[TOPICS.telemetry]) <= 4096
     assert 0 < len(snapshot.devices) < 60 and snapshot.run.devices_total == 60
     assert snapshot.devices == sorted(snapshot.devices, key=lambda d: d.id)
@@ -689,7 +689,7 @@ def test_a_trimmed_snapshot_keeps_the_devices_of_the_round_in_progress(
 
     snapshot = decode(h.broker.retained[TOPICS.telemetry]).message
 
-    assert isinstance(snapshot, TelemetrySnapshot)
+    assert isinstance(snapshot, Snapshot)
     listed = [d.id for d in snapshot.devices]
     assert {"device-0057", "device-0058", "device-0059"} <= set(listed) and len(listed) < 60
 
@@ -819,7 +819,7 @@ def test_late_joiners_fill_the_round_up_to_its_devices_and_only_accepted_ones_co
     # Assert: y fills the round; x never counted as selected, z is one too many
     assert (result.selected, result.reported) == (3, 3)
     assert result.rejected["unselected"] == 1 and sum(result.rejected.values()) == 2
-    assert "has its 3 devices" in h.coordinator.report["rejected"]["z"]
+    assert "has its 3 devices" in h.coordinator.last_round["rejected"]["z"]
 
 
 @pytest.mark.parametrize("weight", [0.5, 0.0])
@@ -868,7 +868,7 @@ def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or
     assert (first.late, first.reported) == (1, 1)
     assert (result.reported, result.stale) == (1, 1 if weight else 0)
     assert result.rejected == ({} if weight else {"round": 1})
-    assert h.coordinator.report["stale"] == (["b"] if weight else [])
+    assert h.coordinator.last_round["stale"] == (["b"] if weight else [])
 
 
 def test_a_redelivered_update_of_the_previous_round_is_ignored_and_does_not_answer_this_one(
@@ -964,7 +964,7 @@ def test_an_update_missing_a_chunk_is_never_counted_and_its_device_is_late(
 
     # Assert: the round ends at its deadline with a's update alone; b is late, nothing rejected
     assert (result.selected, result.reported, result.late, result.rejected) == (2, 1, 1, {})
-    assert h.coordinator.report["late"] == ["b"]
+    assert h.coordinator.last_round["late"] == ["b"]
     assert_weights(after, [w + d for w, d in zip(before.weights, sent, strict=True)])
 
 
@@ -993,7 +993,7 @@ def test_a_forced_codec_selects_only_devices_that_have_it_and_refuses_other_code
     # Assert
     assert (result.selected, result.reported, result.codecs) == (2, 1, {"int8+zstd": 1})
     assert result.rejected == {"codec": 1}
-    assert "sent as f16; this run's codec is int8+zstd" in h.coordinator.report["rejected"]["b"]
+    assert "sent as f16; this run's codec is int8+zstd" in h.coordinator.last_round["rejected"]["b"]
     (notice,) = old.notices()
     assert (notice.round, notice.accepted) == (0, False)
     assert notice.reason == (

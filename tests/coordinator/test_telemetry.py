@@ -9,8 +9,7 @@ from fedprune.coordinator.ledger import EVENTS, TEXT, Ledger
 from fedprune.coordinator.result import RoundResult
 from fedprune.coordinator.telemetry import Telemetry
 from fedprune.protocol.codec import Update
-from fedprune.protocol.messages import Hello, Phase
-from fedprune.protocol.messages import Telemetry as Snapshot
+from fedprune.protocol.messages import Hello, Phase, Snapshot
 from fedprune.protocol.transport import ConnectionChange, ConnectionEvent
 
 

@@ -15,7 +15,7 @@ from memory_broker import MemoryBroker, MemoryTransport
 from fedprune import device_profiles
 from fedprune.edge_client import client as client_module
 from fedprune.edge_client import local_training, trainer
-from fedprune.edge_client.client import ClientReport, EdgeClient
+from fedprune.edge_client.client import ClientStats, EdgeClient
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
 from fedprune.edge_client.uplink import Identity, resend_wait
@@ -357,7 +357,7 @@ def test_a_training_status_does_not_finish_the_client(data: LocalData) -> None:
     client.handle(TOPICS.status, _encode(status))
 
     # Assert
-    assert client.report.finished is False
+    assert client.stats.finished is False
 
 
 def test_a_rejected_notice_is_counted_and_an_accepted_one_is_not(data: LocalData) -> None:
@@ -371,7 +371,7 @@ def test_a_rejected_notice_is_counted_and_an_accepted_one_is_not(data: LocalData
     client.handle(TOPICS.inbox(CLIENT), _encode(accepted))
 
     # Assert
-    assert client.report.rejected == 1
+    assert client.stats.rejected == 1
 
 
 def test_a_garbled_message_is_logged_and_ignored(
@@ -389,7 +389,7 @@ def test_a_garbled_message_is_logged_and_ignored(
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1
     assert messages[0].startswith(f"ignored a message on {TOPICS.round}: undecodable message")
-    assert client.report == ClientReport()
+    assert client.stats == ClientStats()
 
 
 def test_a_waiting_client_says_what_it_waits_for_and_says_it_again_while_it_lasts(
@@ -550,8 +550,8 @@ def test_with_the_coordinator_key_a_forged_finished_status_is_dropped_and_counte
     client.handle(TOPICS.status, encode(waiting, run=RUN, sender="coordinator", signer=key))
 
     # Assert: the forgery did not end the client; the genuine status was taken
-    assert client.report.dropped == 1
-    assert client.report.finished is False
+    assert client.stats.dropped == 1
+    assert client.stats.finished is False
     assert client.waiting_for() == f"run {RUN!r} to start its first round (coordinator waiting)"
 
 
@@ -629,7 +629,7 @@ def test_a_new_coordinator_session_is_joined_and_its_rounds_trained_again(
     )
     client = _client(broker, data)
     client.run(timeout=0.5)
-    assert client.report.rounds == [ROUND]
+    assert client.stats.rounds == [ROUND]
 
     # Execute: the new session announces its own round 3
     status = Status(phase=Phase.TRAINING, round=ROUND, rounds=5, session="s2")
@@ -640,7 +640,7 @@ def test_a_new_coordinator_session_is_joined_and_its_rounds_trained_again(
     client.run(timeout=0.5)
 
     # Assert: trained again, not skipped as "already done"
-    assert client.report.rounds == [ROUND, ROUND]
+    assert client.stats.rounds == [ROUND, ROUND]
 
 
 def test_the_coordinators_last_will_is_said_and_waited_out(data: LocalData) -> None:
@@ -684,7 +684,7 @@ def test_a_message_of_an_earlier_session_is_ignored(model: Model, data: LocalDat
     MemoryTransport(broker).publish(TOPICS.status, _encode(old), retain=True)
     client.run(timeout=0.3)
 
-    assert client.report.rounds == [ROUND] and not client.report.finished
+    assert client.stats.rounds == [ROUND] and not client.stats.finished
 
 
 class BrokenTrainer(AddOneTrainer):
@@ -734,19 +734,19 @@ def test_a_device_that_serves_forever_trains_the_next_run_even_when_its_model_is
     # Execute: the same run started again (session s2) once the first one finished
     serving.start()
     end = time.monotonic() + 8
-    while client.report.rounds != [ROUND] and time.monotonic() < end:
+    while client.stats.rounds != [ROUND] and time.monotonic() < end:
         time.sleep(0.05)
     time.sleep(0.7)  # the device takes in the end of the run
     _publish_run(
         broker, model, selected=[CLIENT], deadline=time.time() + 60, duration=60.0, session="s2"
     )
-    while client.report.rounds != [ROUND, ROUND] and time.monotonic() < end:
+    while client.stats.rounds != [ROUND, ROUND] and time.monotonic() < end:
         time.sleep(0.05)
     serving.join()
 
     # Assert: both runs served by the one process, the same round number trained twice
-    assert client.report.rounds == [ROUND, ROUND]
-    assert not client.report.finished
+    assert client.stats.rounds == [ROUND, ROUND]
+    assert not client.stats.finished
 
 
 def test_a_device_trains_no_more_epochs_than_its_profile_and_ignores_messages_over_its_limit(
@@ -938,7 +938,7 @@ def test_a_device_that_holds_the_last_model_rebuilds_the_next_from_its_change(
 
     # Assert: it trained the round on the new model either way, from the change when it was
     # good, else from the whole model, fetched after it
-    assert client.report.rounds == [ROUND, ROUND + 1]
+    assert client.stats.rounds == [ROUND, ROUND + 1]
     fetching = TOPICS.model(VERSION + 1) if broken else TOPICS.delta(VERSION + 1)
     assert f"{fetching}/+" in client.transport.patterns  # type: ignore[attr-defined]
     warned = any(

@@ -329,7 +329,7 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
 def test_the_dashboard_shows_updates_that_devices_say_they_sent_and_have_not_arrived() -> None:
     # Prepare: a round in which pi-2 resent its update for want of a notice, nothing from it here
     from fedprune.monitor.dashboard import Dashboard
-    from fedprune.protocol.messages import Telemetry
+    from fedprune.protocol.messages import Snapshot
     from fedprune.protocol.telemetry import Progress, RunInfo
 
     run = RunInfo(
@@ -356,7 +356,7 @@ def test_the_dashboard_shows_updates_that_devices_say_they_sent_and_have_not_arr
         overdue=["pi-2"],
     )
     dashboard = Dashboard(("127.0.0.1", 0)).start()
-    dashboard.show(Telemetry(run=run, progress=progress, rounds=[], devices=[], events=[]))
+    dashboard.show(Snapshot(run=run, progress=progress, rounds=[], devices=[], events=[]))
 
     # Execute
     try:

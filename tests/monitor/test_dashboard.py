@@ -13,10 +13,10 @@ import pytest
 
 from fedprune.monitor.dashboard import ASSETS, Dashboard, parse_address
 from fedprune.protocol.errors import ConfigError
-from fedprune.protocol.messages import Telemetry
+from fedprune.protocol.messages import Snapshot
 from fedprune.protocol.telemetry import Event, RunInfo
 
-SNAPSHOT = Telemetry(
+SNAPSHOT = Snapshot(
     run=RunInfo(
         name="demo",
         session="s1",
@@ -99,7 +99,7 @@ def test_the_event_stream_sends_the_latest_snapshot_then_each_new_one(
         first = stream.readline()
         assert stream.readline() == b"\n"
         dashboard.show(
-            Telemetry(
+            Snapshot(
                 **{**SNAPSHOT.__dict__, "run": RunInfo(**{**SNAPSHOT.run.__dict__, "round": 3})}
             )
         )

@@ -14,14 +14,14 @@ from fedprune.monitor.cli import main
 from fedprune.monitor.view import console, line, render
 from fedprune.monitor.watcher import NoRun, Watcher
 from fedprune.protocol.envelope import encode
-from fedprune.protocol.messages import COORDINATOR, Offline, Phase, Status, Telemetry
+from fedprune.protocol.messages import COORDINATOR, Offline, Phase, Snapshot, Status
 from fedprune.protocol.signing import SigningKey, Trust
 from fedprune.protocol.telemetry import DeviceRow, Event, Progress, RunInfo
 from fedprune.protocol.topics import Topics
 
 RUN = "watched"
 TOPICS = Topics(RUN)
-SNAPSHOT = Telemetry(
+SNAPSHOT = Snapshot(
     run=RunInfo(
         name=RUN,
         session="s1",

@@ -27,21 +27,21 @@ from fedprune.protocol.messages import (
     Hello,
     Manifest,
     Message,
-    Metrics,
     Notice,
     Offline,
     Phase,
     Round,
+    RoundMetrics,
+    Snapshot,
     Spec,
     Status,
     Tally,
-    Telemetry,
 )
 from fedprune.protocol.telemetry import DeviceRow, Event, Progress, RunInfo
 
 NEWER = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR + 1}"  # a minor version from the future
 
-SNAPSHOT = Telemetry(
+SNAPSHOT = Snapshot(
     run=RunInfo(
         name="demo",
         session="abc123",
@@ -132,7 +132,7 @@ MESSAGES: list[Message] = [
         sha256=hashlib.sha256(PAYLOAD).hexdigest(),
         data=PAYLOAD[384:],
     ),
-    Metrics(values={"round": 3, "accuracy": 0.91, "sparsity": 0.5, "clients": ["a", "b"]}),
+    RoundMetrics(values={"round": 3, "accuracy": 0.91, "sparsity": 0.5, "clients": ["a", "b"]}),
     Notice(round=3, accepted=False, reason="update norm 1e9 exceeds the limit 100"),
     SNAPSHOT,
     dataclasses.replace(SNAPSHOT, progress=None, devices=[], events=[]),
@@ -493,7 +493,7 @@ def test_a_newer_minor_may_add_fields_to_records_in_a_list() -> None:
 
     message = decode(_envelope("telemetry", body, version=NEWER)).message
 
-    assert isinstance(message, Telemetry)
+    assert isinstance(message, Snapshot)
     assert message.devices == [SNAPSHOT.devices[0]]
 
 
