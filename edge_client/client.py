@@ -70,6 +70,31 @@ class ClientStats:
     resent: int = 0  # updates sent again for want of a notice (or after a reconnect)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Seen:
+    """A round announcement, and when this device first saw it (its own monotonic clock)."""
+
+    round: int
+    at: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unable:
+    """A coordinator session this device cannot train, and why (it serves it failed rounds)."""
+
+    session: str | None
+    why: str
+
+
+@dataclass(kw_only=True)
+class Waiting:
+    """What keeps the device from training, since when, and when the log last said so."""
+
+    what: str
+    since: float
+    said: float
+
+
 class EdgeClient:
     def __init__(
         self,
@@ -124,7 +149,7 @@ class EdgeClient:
         self.stats = ClientStats()
         self._spec: Spec | None = None
         self._round: Round | None = None
-        self._round_seen: tuple[int, float] | None = None  # round number, monotonic time seen
+        self._round_seen: Seen | None = None  # the round announced, and when (monotonic)
         self._out_of_time: int | None = None  # the round whose running out was said
         self.uplink = Uplink(
             transport,
@@ -143,14 +168,14 @@ class EdgeClient:
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
         self._ended: str | None = None  # the session whose end was served (``forever``)
         self._forever = False
-        self._unable: tuple[str | None, str] | None = None  # a session it cannot train, why
+        self._unable: Unable | None = None  # a session this device cannot train, and why
         self._session: str | None = None  # the coordinator session it follows (protocol 1.5)
         self._coordinator_gone: float | None = None  # since when its last will says it is away
         self._trained: set[int] = set()  # rounds trained in that session
         self._awaiting_deploy = False
         self._status: Status | None = None
         self.wait_report = wait_report
-        self._waiting: tuple[str, float, float] | None = None  # what, since, last said
+        self._waiting: Waiting | None = None  # what it waits for, since when, last said
 
     def start(self) -> None:
         t = self.topics
@@ -254,12 +279,12 @@ class EdgeClient:
         what, now = self.waiting_for(), time.monotonic()
         if what is None:
             self._waiting = None
-        elif self._waiting is None or self._waiting[0] != what:
+        elif self._waiting is None or self._waiting.what != what:
             log.info("waiting for %s", what)
-            self._waiting = (what, now, now)
-        elif now - self._waiting[2] >= self.wait_report:
-            log.info("still waiting for %s (%.0f s)", what, now - self._waiting[1])
-            self._waiting = (what, self._waiting[1], now)
+            self._waiting = Waiting(what=what, since=now, said=now)
+        elif now - self._waiting.said >= self.wait_report:
+            log.info("still waiting for %s (%.0f s)", what, now - self._waiting.since)
+            self._waiting.said = now
 
     def _on_spec(self, spec: Spec) -> None:
         self._spec = spec
@@ -273,8 +298,8 @@ class EdgeClient:
                 f"this device's trainer ({self.identity.backend}) cannot train run"
                 f" {self.topics.run!r}: {spec.artifact_error}"
             )
-        if self._unable is not None and self._unable[0] == self._session:
-            return self._unable[1]
+        if self._unable is not None and self._unable.session == self._session:
+            return self._unable.why
         if spec.codec:
             try:
                 missing = Codec.parse(spec.codec).features() - set(features())
@@ -362,8 +387,8 @@ class EdgeClient:
             self.download.on_chunk(chunk, self._round)
 
     def _on_round(self, round_: Round) -> None:
-        if self._round_seen is None or self._round_seen[0] != round_.round:
-            self._round_seen = (round_.round, time.monotonic())
+        if self._round_seen is None or self._round_seen.round != round_.round:
+            self._round_seen = Seen(round=round_.round, at=time.monotonic())
         self._round = round_
         self._fetch_model(round_)
 
@@ -461,7 +486,7 @@ class EdgeClient:
         except ConfigError as exc:  # this device cannot take part (its labels, its trainer)
             if not self._forever:
                 raise  # it says so and stops
-            self._unable = (self._session, str(exc))
+            self._unable = Unable(session=self._session, why=str(exc))
             log.error("round %d: %s; waiting for the next run (--forever)", round_.round, exc)
             self.uplink.failed(round_.round, str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed round is data, not the device's end
@@ -507,4 +532,4 @@ class EdgeClient:
         then its deadline is compared with this device's wall clock."""
         if round_.duration <= 0 or self._round_seen is None:
             return round_.deadline - time.time()
-        return self._round_seen[1] + round_.duration - time.monotonic()
+        return self._round_seen.at + round_.duration - time.monotonic()

@@ -31,7 +31,9 @@ class RunInfo:
     updated: float
     config: dict[str, Any] = field(default_factory=dict)  # a summary: model, aggregation, ...
     signed: bool = False  # messages are signed and devices must sign theirs
-    devices_total: int = 0  # devices known, even if the snapshot lists fewer (see messages.Snapshot)
+    devices_total: int = (
+        0  # devices known, even if the snapshot lists fewer (see messages.Snapshot)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
