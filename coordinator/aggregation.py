@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 
 import numpy as np
 
@@ -102,22 +103,33 @@ class Stacked(Aggregator):
         """One tensor's combined delta from its updates stacked on axis 0."""
 
 
-RULES = ("fedavg", "median", "trimmed-mean")
+class Rule(StrEnum):
+    """How a round's updates are combined: one module each."""
+
+    FEDAVG = "fedavg"  # fedavg.py: the sample-weighted mean, a streaming sum
+    MEDIAN = "median"  # median.py: the coordinate-wise median
+    TRIMMED_MEAN = "trimmed-mean"  # trimmed_mean.py: the mean without the extremes
 
 
 def make_aggregator(
-    rule: str, shapes: Sequence[tuple[int, ...]], *, clip_norm: float = 0.0, trim: float = 0.1
+    rule: Rule | str,
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    clip_norm: float = 0.0,
+    trim: float = 0.1,
 ) -> Aggregator:
-    """The aggregator named ``rule`` (one of ``RULES``)."""
+    """The aggregator of ``rule``."""
     from fedprune.coordinator.fedavg import FedAvg  # the rules import this module
     from fedprune.coordinator.median import Median
     from fedprune.coordinator.trimmed_mean import TrimmedMean
 
-    makers: dict[str, Callable[[], Aggregator]] = {
-        "fedavg": lambda: FedAvg(shapes, clip_norm=clip_norm),
-        "median": lambda: Median(shapes, clip_norm=clip_norm),
-        "trimmed-mean": lambda: TrimmedMean(shapes, clip_norm=clip_norm, trim=trim),
+    makers: dict[Rule, Callable[[], Aggregator]] = {
+        Rule.FEDAVG: lambda: FedAvg(shapes, clip_norm=clip_norm),
+        Rule.MEDIAN: lambda: Median(shapes, clip_norm=clip_norm),
+        Rule.TRIMMED_MEAN: lambda: TrimmedMean(shapes, clip_norm=clip_norm, trim=trim),
     }
-    if rule not in makers:
-        raise ConfigError(f"unknown aggregation {rule!r} (one of {', '.join(RULES)})")
-    return makers[rule]()
+    try:
+        return makers[Rule(rule)]()
+    except ValueError:
+        rules = ", ".join(r.value for r in Rule)
+        raise ConfigError(f"unknown aggregation {rule!r} (one of {rules})") from None

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fedprune import __version__, device_profiles
-from fedprune.coordinator.aggregation import RULES
-from fedprune.coordinator.config import Downlink, RunConfig, ScheduleConfig
+from fedprune.coordinator.aggregation import Rule
+from fedprune.coordinator.config import Downlink, RunConfig, ScheduleConfig, UnitNorm
 from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
 from fedprune.protocol.options import add_broker_arguments, load_toml
@@ -63,8 +63,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--units",
-        choices=["l1", "l2"],
-        default=s.units or None,
+        choices=[norm.value for norm in UnitNorm if norm],
+        default=s.units.value or None,
         help="structural pruning: remove whole Dense units and Conv2D filters of least L1 or L2 "
         "norm (--target is then the share of each layer's units) and rebuild the model smaller "
         "when the schedule is done; devices switch to it",
@@ -145,8 +145,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--aggregation",
-        choices=RULES,
-        default=d.aggregation,
+        choices=[rule.value for rule in Rule],
+        default=d.aggregation.value,
         help="how updates are combined: fedavg (weighted by samples), or the robust median and "
         "trimmed-mean, which weigh every device the same (default: %(default)s)",
     )
@@ -307,7 +307,7 @@ def config_from(args: argparse.Namespace, **overrides: object) -> RunConfig:
         begin_round=args.begin_round,
         end_round=args.end_round,
         structure=args.structure,
-        units=args.units or "",
+        units=UnitNorm(args.units or ""),
         rebuild_every=args.rebuild_every,
         weight_target=args.weight_target,
         weight_end_round=args.weight_end_round,

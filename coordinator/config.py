@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from fedprune.coordinator.aggregation import RULES
+from fedprune.coordinator.aggregation import Rule
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.protocol.codec import Codec
 from fedprune.protocol.connection import BrokerSettings
@@ -55,6 +55,14 @@ class Downlink(StrEnum):
     FULL = "full"  # only whole (float32 values at the kept positions)
 
 
+class UnitNorm(StrEnum):
+    """The norm that ranks a layer's units for unit pruning (none: prune single weights)."""
+
+    NONE = ""
+    L1 = "l1"
+    L2 = "l2"
+
+
 class ScheduleKind(StrEnum):
     POLYNOMIAL = "polynomial"
     CONSTANT = "constant"
@@ -76,9 +84,9 @@ class ScheduleConfig:
     begin_round: int = 2
     end_round: int = 12
     structure: str = ""  # "M:N" (e.g. "2:4"): TF-MOT m-by-n sparsity at begin_round instead
-    # "l1" or "l2": remove whole Dense units and Conv2D filters of least norm instead of single
+    # l1 or l2: remove whole Dense units and Conv2D filters of least norm instead of single
     # weights (``target`` is then the share of each layer's units), and rebuild the model smaller
-    units: str = ""
+    units: UnitNorm = UnitNorm.NONE
     rebuild_every: int = 0  # units: rebuild every N rounds while pruning too (0: at the end only)
     # units, hybrid: then prune the weights inside the survivors to this sparsity, polynomially
     # from the round the units are done to ``weight_end_round`` (0: as many rounds again)
@@ -98,10 +106,12 @@ class ScheduleConfig:
                 raise ConfigError(f"structure must be M:N with 0 < M < N, got {self.structure!r}")
         if not 0.0 <= self.target < 1.0:
             raise ConfigError(f"target sparsity must be in [0, 1), got {self.target}")
-        if self.units not in ("", "l1", "l2"):
+        try:
+            object.__setattr__(self, "units", UnitNorm(self.units))
+        except ValueError:
             raise ConfigError(
                 f"units must be l1 or l2 (the norm that ranks units), got {self.units!r}"
-            )
+            ) from None
         if self.units and self.structure:
             raise ConfigError("units and structure are two different kinds of pruning: give one")
         if not self.units and (self.rebuild_every or self.weight_target):
@@ -183,7 +193,7 @@ class RunConfig:
     overwrite: bool = False  # replace an earlier run of the same name in out/
     deploy_anyway: bool = False  # deploy a final model that fails coordinator.health's checks
     install_wait: float = 15.0  # seconds devices get to confirm a deployed model before the end
-    aggregation: str = "fedavg"  # coordinator.aggregation.RULES
+    aggregation: Rule = Rule.FEDAVG
     clip_norm: float = 0.0  # scale updates with a larger L2 norm down to it (0 = off)
     # Updates of the previous round that arrive during the next count with their samples times
     # this weight (FedAvg only); 0 = rejected as late, as before
@@ -209,6 +219,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _enum(self, "downlink", Downlink)
+        _enum(self, "aggregation", Rule)
         checks: list[tuple[str, bool, str]] = [
             ("rounds", self.rounds >= 1, ">= 1"),
             ("min_clients", self.min_clients >= 1, ">= 1"),
@@ -224,7 +235,6 @@ class RunConfig:
             ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
             ("max_update_bytes", self.max_update_bytes >= 0, ">= 0 (0 = twice the dense model)"),
             ("max_norm", self.max_norm > 0, "> 0"),
-            ("aggregation", self.aggregation in RULES, f"one of {', '.join(RULES)}"),
             ("clip_norm", self.clip_norm >= 0, ">= 0 (0 = off)"),
             ("staleness_weight", 0.0 <= self.staleness_weight <= 1.0, "in [0, 1] (0 = off)"),
             ("trim", 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
@@ -282,4 +292,6 @@ class RunConfig:
         data = dataclasses.asdict(self)
         data["schedule"]["kind"] = self.schedule.kind.value
         data["downlink"] = self.downlink.value
+        data["aggregation"] = self.aggregation.value
+        data["schedule"]["units"] = self.schedule.units.value
         return data

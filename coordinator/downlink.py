@@ -15,7 +15,15 @@ from typing import Any
 
 from fedprune.coordinator.config import Downlink as DownlinkMode
 from fedprune.protocol.chunks import sha256, split_to_fit
-from fedprune.protocol.codec import Codec, Model, apply_delta, encode_delta, encode_model
+from fedprune.protocol.codec import (
+    INT8,
+    Codec,
+    Model,
+    ValueFormat,
+    apply_delta,
+    encode_delta,
+    encode_model,
+)
 from fedprune.protocol.envelope import encode
 from fedprune.protocol.messages import COORDINATOR, Deployment, Hello, Manifest, Message
 from fedprune.protocol.signing import SigningKey
@@ -117,11 +125,7 @@ class Downlink:
         delta, base = None, ""
         if held is not None and holders:
             base_model, base = held
-            values = "int8" if codec is None else codec.values
-            change = values if values in ("f32", "f16") else "int8"
-            if mode is DownlinkMode.CODEC and codec is not None:
-                change = codec.name  # top-k and zstd too: every receiver has them
-            delta = encode_delta(base_model, model, change)
+            delta = encode_delta(base_model, model, change_codec(codec, mode))
             model = apply_delta(base_model, delta)
         payload = encode_model(model)
         if delta is not None and len(delta) >= len(payload):
@@ -158,3 +162,13 @@ class Downlink:
         deployment = Deployment(profile=profile, model=manifest, **fields)
         self.publish(self.topics.deploy(profile), deployment, receivers=len(devices))
         return manifest
+
+
+def change_codec(codec: Codec | None, mode: DownlinkMode) -> Codec:
+    """How a model's change travels: the run's codec (``mode`` codec: top-k and zstd too, which
+    every receiver has), else int8, or float16/32 when the run's codec keeps values that way."""
+    if mode is DownlinkMode.CODEC and codec is not None:
+        return codec
+    if codec is not None and codec.values in (ValueFormat.F32, ValueFormat.F16):
+        return Codec(values=codec.values)
+    return INT8

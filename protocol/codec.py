@@ -15,6 +15,7 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,23 @@ except ImportError:
     except ImportError:
         zstd = None
 
+
+class ValueFormat(StrEnum):
+    """How an update's values are written: float32, float16, or int8 with a scale per tensor,
+    rounded to nearest or (``int8sr``) stochastically."""
+
+    F32 = "f32"
+    F16 = "f16"
+    INT8 = "int8"
+    INT8SR = "int8sr"
+
+
 _F32 = np.dtype("<f4")
-_FORMATS: dict[str, np.dtype[Any]] = {
-    "f32": np.dtype("<f4"),
-    "f16": np.dtype("<f2"),
-    "int8": np.dtype("i1"),
-    "int8sr": np.dtype("i1"),
+_FORMATS: dict[ValueFormat, np.dtype[Any]] = {
+    ValueFormat.F32: np.dtype("<f4"),
+    ValueFormat.F16: np.dtype("<f2"),
+    ValueFormat.INT8: np.dtype("i1"),
+    ValueFormat.INT8SR: np.dtype("i1"),
 }
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_LEVEL = 3
@@ -52,17 +64,17 @@ class Codec:
     ``zstd`` a lossless compression of the whole payload. Written as its parts joined by ``+``,
     e.g. ``int8+top0.1+zstd``; a lossy codec is used with error feedback (:class:`Residual`)."""
 
-    values: str = "f32"
+    values: ValueFormat = ValueFormat.F32
     topk: float = 0.0
     zstd: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Codec:
         """A codec from its name; ``ValueError`` with what is wrong."""
-        values, topk, packed = "f32", 0.0, False
+        values, topk, packed = ValueFormat.F32, 0.0, False
         for part in text.strip().split("+"):
             if part in _FORMATS:
-                values = part
+                values = ValueFormat(part)
             elif part == "zstd":
                 packed = True
             elif match := re.fullmatch(r"top(0?\.\d+)", part):
@@ -83,7 +95,7 @@ class Codec:
 
     @property
     def lossy(self) -> bool:
-        return self.values != "f32" or self.topk > 0
+        return self.values is not ValueFormat.F32 or self.topk > 0
 
     def features(self) -> set[str]:
         """What a device must support to use it (the names a hello lists)."""
@@ -93,6 +105,7 @@ class Codec:
 
 
 F32 = Codec()
+INT8 = Codec(values=ValueFormat.INT8)
 
 
 def features() -> list[str]:
@@ -104,10 +117,10 @@ def default_codec(uplink_kbps: int) -> Codec:
     """The codec a device picks for its uplink when the run does not force one: float16 on a
     fast link, int8 on a medium one, and top-k int8 compressed on a slow one (when it can)."""
     if uplink_kbps >= 50_000:
-        return Codec(values="f16")
+        return Codec(values=ValueFormat.F16)
     if uplink_kbps >= 10_000:
-        return Codec(values="int8")
-    return Codec(values="int8", topk=0.1, zstd=zstd is not None)
+        return Codec(values=ValueFormat.INT8)
+    return Codec(values=ValueFormat.INT8, topk=0.1, zstd=zstd is not None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,16 +211,16 @@ def decode_model(payload: bytes) -> Model:
     return Model(weights=weights, masks=masks)
 
 
-def encode_delta(base: Model, target: Model, codec: str = "int8") -> bytes:
+def encode_delta(base: Model, target: Model, codec: Codec = INT8) -> bytes:
     """``target`` as a change to ``base`` (the model a device holds): per tensor the target's
     mask when it differs from the base's, and the difference at the kept positions in ``codec``
     (a value format, optionally top-k and zstd; ``int8sr`` goes as ``int8``: rounding must be
     the same on every device). What a device rebuilds from it is :func:`apply_delta`'s result,
     which is not ``target`` exactly when the codec rounds or leaves values out: publish that, not
     ``target``, and take the next change against it (so nothing is lost, only late)."""
-    chosen = Codec.parse(codec)
-    if chosen.values == "int8sr":
-        chosen = dataclasses.replace(chosen, values="int8")
+    chosen = codec
+    if chosen.values is ValueFormat.INT8SR:
+        chosen = dataclasses.replace(chosen, values=ValueFormat.INT8)
     rng = np.random.default_rng(0)
     tensors = []
     for old, new, old_mask, new_mask in zip(
@@ -307,15 +320,15 @@ def _encode_tensor(flat: np.ndarray, codec: Codec, rng: np.random.Generator) -> 
         chosen[np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]] = True
         tensor["sel"] = np.packbits(chosen).tobytes()
         flat = flat[chosen]
-    if codec.values == "f32":
+    if codec.values is ValueFormat.F32:
         tensor["q"] = flat.tobytes()
-    elif codec.values == "f16":
+    elif codec.values is ValueFormat.F16:
         tensor["q"] = np.clip(flat, -65504, 65504).astype("<f2").tobytes()
     else:
         peak = float(np.max(np.abs(flat))) if flat.size else 0.0
         scale = np.float32(peak / 127.0)
         scaled = flat / scale if scale > 0 else np.zeros_like(flat)
-        if codec.values == "int8sr":  # unbiased: rounds up with the fraction's probability
+        if codec.values is ValueFormat.INT8SR:  # unbiased: up with the fraction's probability
             scaled = np.floor(scaled + rng.random(flat.size, dtype=np.float32))
         tensor["q"] = np.clip(np.rint(scaled), -127, 127).astype("i1").tobytes()
         tensor["s"] = float(scale)

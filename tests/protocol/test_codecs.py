@@ -238,7 +238,7 @@ def test_a_model_change_rebuilds_the_new_mask_and_is_refused_when_malformed(mode
     )
 
     # Execute
-    delta = encode_delta(model, new, "int8")
+    delta = encode_delta(model, new, Codec.parse("int8"))
     rebuilt = apply_delta(model, delta)
 
     # Assert: the new mask, zeros where it prunes, the rest within int8 rounding
@@ -265,11 +265,11 @@ def test_a_model_change_in_a_top_k_codec_sends_the_largest_changes_compressed(
     new = Model(weights=moved, masks=model.masks)
 
     # Execute
-    delta = encode_delta(model, new, "int8+top0.05+zstd")
+    delta = encode_delta(model, new, Codec.parse("int8+top0.05+zstd"))
     rebuilt = apply_delta(model, delta)
 
     # Assert: compressed, the two big moves made, the small ones mostly left for later
     assert delta[:4] == b"\x28\xb5\x2f\xfd"
-    assert len(delta) < len(encode_delta(model, new, "int8")) / 4
+    assert len(delta) < len(encode_delta(model, new, Codec.parse("int8"))) / 4
     np.testing.assert_allclose(rebuilt.weights[1][:2], new.weights[1][:2], atol=0.01)
     assert np.count_nonzero(rebuilt.weights[0] != model.weights[0]) <= 0.05 * 480 + 1
