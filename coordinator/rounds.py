@@ -15,22 +15,21 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from fedprune.coordinator.aggregation import make_aggregator
 from fedprune.coordinator.aggregator import PartialSums
 from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.deployment import Deployments
 from fedprune.coordinator.downlink import Downlink
 from fedprune.coordinator.fleet import Change, Fleet, needs_artifact
+from fedprune.coordinator.global_model import Evaluator, GlobalModel
 from fedprune.coordinator.intake import RoundState, UpdateIntake
 from fedprune.coordinator.observer import Observer, Observers
 from fedprune.coordinator.result import RoundResult, round_report
 from fedprune.coordinator.spec import SpecPublisher
 from fedprune.coordinator.telemetry import Telemetry, publisher
 from fedprune.coordinator.validation import Limits
-from fedprune.edge_client.trainer import Evaluation
 from fedprune.protocol.codec import Codec, Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import (
@@ -47,7 +46,7 @@ from fedprune.protocol.signing import SigningKey, Trust
 from fedprune.protocol.topics import Topics
 from fedprune.protocol.transport import Transport
 
-__all__ = ["Coordinator", "GlobalModel"]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger("fedprune.coordinator")
 
@@ -58,22 +57,6 @@ left to wait for: a broker that goes down sends every device's last will, then d
 RECONNECT_GRACE = 15.0
 """Seconds after our own connection came back (a broker restart) in which the devices that went
 with it are still waited for: they reconnect with backoff (up to 8 s apart)."""
-
-Evaluator = Callable[[], Evaluation | None]
-
-
-class GlobalModel(Protocol):
-    """What the loop needs of the global model (:class:`~fedprune.coordinator.pruning.Pruner`)."""
-
-    def model(self) -> Model: ...
-    def set_weights(self, weights: list[np.ndarray]) -> None: ...
-    def step(self, round_: int) -> None: ...
-    def rebuild_due(self, round_: int) -> bool: ...
-    def rebuild(self) -> bool: ...
-    def architecture(self) -> str: ...
-    def input_shape(self) -> list[int]: ...
-    def parameters(self) -> int: ...
-    def sparsity(self) -> float: ...
 
 
 class Coordinator:
@@ -139,6 +122,7 @@ class Coordinator:
             if config.aggregators
             else None
         )
+        self.deployments = Deployments(self.fleet, self.downlink, self.observer, self.pump)
         self.results: list[RoundResult] = []
         self.last_round: dict[str, Any] = {}  # who was late, gone, failed or rejected in it
         self._down_counted = 0  # bytes_down already in a round's result
@@ -170,7 +154,7 @@ class Coordinator:
         self.start()
         first = len(self.results) + 1
         if first <= self.config.rounds:
-            self.wait_for_clients()
+            self.wait_for_clients(self.config.min_clients)
         for round_ in range(first, self.config.rounds + 1):
             self.run_round(round_)
         return self.results
@@ -192,10 +176,7 @@ class Coordinator:
         if results:
             log.info("resuming after round %d of %d", results[-1].round, self.config.rounds)
 
-    def wait_for_clients(self) -> None:
-        self._await_clients(self.config.min_clients)
-
-    def _await_clients(self, count: int) -> None:
+    def wait_for_clients(self, count: int) -> None:
         """Wait up to ``join_timeout`` for ``count`` clients online, then read every hello that is
         already queued, so that clients joining together are all in the first selection."""
         deadline = time.monotonic() + self.config.join_timeout
@@ -212,7 +193,7 @@ class Coordinator:
     def run_round(self, round_: int) -> RoundResult:
         """One round: draw, publish, collect, aggregate, prune, evaluate, report."""
         started = time.perf_counter()
-        self._await_clients(1)  # everyone may have dropped: wait for someone to come back
+        self.wait_for_clients(1)  # everyone may have dropped: wait for someone to come back
         model = self.pruner.model()
         draw = self.fleet.select(round_)
         if not draw.selected:
@@ -395,33 +376,6 @@ class Coordinator:
         self.observer.phase(phase, round_)
 
     # -- the end ---------------------------------------------------------------------------------
-
-    def deploy(
-        self, profile: str, model: bytes, *, precision: str, accuracy: float, export_json: str
-    ) -> str:
-        """Publish an exported model to the devices of one profile; its SHA-256, which a device's
-        hello names once it installed it."""
-        devices = self.fleet.of_profile(profile)
-        manifest = self.downlink.deploy(
-            profile,
-            model,
-            devices,
-            limit=self.fleet.fit(devices),
-            precision=precision,
-            accuracy=accuracy,
-            export_json=export_json,
-        )
-        self.observer.deployed(profile, manifest.sha256, accuracy)
-        return manifest.sha256
-
-    def await_installs(self, deployed: dict[str, str], timeout: float) -> list[str]:
-        """Give the online devices of each deployed profile (``deployed``: profile -> SHA-256)
-        that install deployments up to ``timeout`` seconds to say they run the new model; those
-        that have not, by id."""
-        end = time.monotonic() + timeout
-        while self.fleet.not_installed(deployed) and time.monotonic() < end:
-            self.pump(0.1)
-        return self.fleet.not_installed(deployed)
 
     def abort(self) -> None:
         """Tell the clients the run stopped on an error (best effort: the broker may be gone)."""

@@ -198,7 +198,7 @@ def _deploy(
     if deployable:
         coordinator.telemetry.stage("deploying")
     shas = {
-        profile: coordinator.deploy(
+        profile: coordinator.deployments.publish(
             profile,
             report.model_path.read_bytes(),
             precision=str(report.precision),
@@ -207,7 +207,9 @@ def _deploy(
         )
         for profile, report in deployable.items()
     }
-    not_installed = coordinator.await_installs(shas, timeout=config.install_wait) if shas else []
+    not_installed = (
+        coordinator.deployments.await_installs(shas, timeout=config.install_wait) if shas else []
+    )
     if not_installed:
         log.warning(
             "%d device(s) did not confirm the deployed model within %.0f s: %s",

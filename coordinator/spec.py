@@ -21,7 +21,7 @@ from fedprune.protocol.errors import FedpruneError
 from fedprune.protocol.messages import Manifest, Spec, architecture
 
 if TYPE_CHECKING:
-    from fedprune.coordinator.rounds import GlobalModel
+    from fedprune.coordinator.global_model import GlobalModel
 
 log = logging.getLogger("fedprune.coordinator")
 

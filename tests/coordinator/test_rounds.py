@@ -673,7 +673,7 @@ def test_only_devices_that_install_deployments_are_waited_for(
     h = harness()  # the fake clients' hellos do not say they install deployments
     started = time.monotonic()
 
-    missing = h.coordinator.await_installs({"generic-x86-64": "ab" * 32}, timeout=5.0)
+    missing = h.coordinator.deployments.await_installs({"generic-x86-64": "ab" * 32}, timeout=5.0)
 
     assert missing == [] and time.monotonic() - started < 1.0
 

@@ -137,7 +137,7 @@ def test_a_reader_held_up_past_the_keepalive_grace_during_a_burst_loses_no_updat
     # Execute
     try:
         coordinator.start()
-        coordinator.wait_for_clients()
+        coordinator.wait_for_clients(coordinator.config.min_clients)
         result = coordinator.run_round(1)
     finally:
         burst.close()

@@ -2,8 +2,8 @@
 
 It has the shapes of the ``mlp`` preset (64-64-64-10: 8,970 parameters) with half of each kernel
 masked, as the TF-MOT pruner leaves it once its schedule is done, and answers what the loop asks
-of a :class:`~fedprune.coordinator.rounds.GlobalModel`. A test helper, kept out of the installed
-package; pytest finds it through ``pythonpath``.
+of a :class:`~fedprune.coordinator.global_model.GlobalModel`. A test helper, kept out of the
+installed package; pytest finds it through ``pythonpath``.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ from global_model import MaskedModel
 from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.coordinator.global_model import GlobalModel
 from fedprune.coordinator.result import RoundResult
-from fedprune.coordinator.rounds import Coordinator, GlobalModel
+from fedprune.coordinator.rounds import Coordinator
 from fedprune.coordinator.validation import Limits
 from fedprune.protocol.chunks import Reassembler, sha256, split
 from fedprune.protocol.codec import Model, Update, decode_model, encode_update
@@ -186,7 +187,7 @@ def make_harness(
             limits=limits,
         )
         coordinator.start()
-        coordinator.wait_for_clients()
+        coordinator.wait_for_clients(coordinator.config.min_clients)
         return Harness(broker=broker, coordinator=coordinator, clients=clients)
 
     return make

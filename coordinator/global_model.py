@@ -1,0 +1,29 @@
+"""What the round loop needs of the global model, so that the loop runs (and is tested) without
+TensorFlow: :class:`~fedprune.coordinator.pruning.Pruner` is the implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from fedprune.edge_client.trainer import Evaluation
+from fedprune.protocol.codec import Model
+
+__all__ = ["Evaluator", "GlobalModel"]
+
+Evaluator = Callable[[], Evaluation | None]
+"""The global model's accuracy on the held-out set; ``None`` without one."""
+
+
+class GlobalModel(Protocol):
+    def model(self) -> Model: ...
+    def set_weights(self, weights: list[np.ndarray]) -> None: ...
+    def step(self, round_: int) -> None: ...
+    def rebuild_due(self, round_: int) -> bool: ...
+    def rebuild(self) -> bool: ...
+    def architecture(self) -> str: ...
+    def input_shape(self) -> list[int]: ...
+    def parameters(self) -> int: ...
+    def sparsity(self) -> float: ...
