@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,17 +19,10 @@ from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.deploy import DeploymentReceiver, DeployResult
 from fedprune.edge_client.download import ModelDownload
 from fedprune.edge_client.local_training import LocalTraining
-from fedprune.edge_client.trainer import (
-    backend_class,
-)
+from fedprune.edge_client.run_follower import ClientStats, RunFollower, Unable
 from fedprune.edge_client.uplink import Identity, Uplink
 from fedprune.protocol.chunks import MAX_ASSEMBLED_BYTES
-from fedprune.protocol.codec import (
-    Codec,
-    Model,
-    decode_model,
-    features,
-)
+from fedprune.protocol.codec import Model, decode_model
 from fedprune.protocol.envelope import UNSIGNED, receive
 from fedprune.protocol.errors import ConfigError, SignatureError, WireError
 from fedprune.protocol.messages import (
@@ -38,7 +31,6 @@ from fedprune.protocol.messages import (
     Deployment,
     Notice,
     Offline,
-    Phase,
     Round,
     Spec,
     Status,
@@ -56,20 +48,6 @@ log = logging.getLogger("fedprune.client")
 WAIT_REPORT_SECONDS = 30.0  # how often a client that still waits says so again
 
 
-@dataclass(kw_only=True)
-class ClientStats:
-    rounds: list[int] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0  # payload bytes of every message the broker delivered
-    rejected: int = 0
-    finished: bool = False
-    aborted: bool = False
-    dropped: int = 0  # messages refused for a missing or bad signature
-    oversize: int = 0  # messages over the profile's payload limit, ignored
-    failed: int = 0  # rounds whose training raised (reported to the coordinator)
-    resent: int = 0  # updates sent again for want of a notice (or after a reconnect)
-
-
 @dataclass(frozen=True, kw_only=True)
 class Seen:
     """A round announcement, and when this device first saw it (its own monotonic clock)."""
@@ -78,12 +56,13 @@ class Seen:
     at: float
 
 
-@dataclass(frozen=True, kw_only=True)
-class Unable:
-    """A coordinator session this device cannot train, and why (it serves it failed rounds)."""
-
-    session: str | None
-    why: str
+def time_left(round_: Round, seen: Seen | None) -> float:
+    """Seconds left in ``round_`` by this device's own monotonic clock, counted from when it
+    first saw the announcement (``seen``); a coordinator older than protocol 1.5 sends no
+    duration, and then its deadline is compared with this device's wall clock."""
+    if round_.duration <= 0 or seen is None:
+        return round_.deadline - time.time()
+    return seen.at + round_.duration - time.monotonic()
 
 
 @dataclass(kw_only=True)
@@ -130,8 +109,6 @@ class EdgeClient:
         self._shown = ""
         self.transport = transport
         self.deploy = deploy
-        needs_artifact = backend_class(identity.backend).needs_artifact
-        self.artifacts = ArtifactStore(cache) if needs_artifact else None
         self.training = LocalTraining(
             identity.backend,
             data,
@@ -141,7 +118,7 @@ class EdgeClient:
             residual_file=None if cache is None else cache / f"residual-{identity.client_id}.npz",
             show=self._show_state,
         )
-        self.deploy_wait = deploy_wait
+        self.artifacts = ArtifactStore(cache) if self.training.needs_artifact else None
         self.identity = identity
         self.topics = Topics(identity.run)
         self.client_id = identity.client_id
@@ -164,16 +141,16 @@ class EdgeClient:
             transport, self.topics, max_size=min(MAX_ASSEMBLED_BYTES, assemble)
         )
         self._deploy_prefix = self.topics.deploy(identity.profile)
-        self._finished_at: float | None = None  # when the coordinator said it finished
-        self._live = False  # saw this run waiting or training (so a FINISHED is about it)
-        self._ended: str | None = None  # the session whose end was served (``forever``)
+        self.following = RunFollower(
+            identity.run,
+            identity.profile,
+            self.stats,
+            deploy=deploy,
+            deploy_wait=deploy_wait,
+            on_new_session=self._new_session,
+        )
         self._forever = False
-        self._unable: Unable | None = None  # a session this device cannot train, and why
-        self._session: str | None = None  # the coordinator session it follows (protocol 1.5)
-        self._coordinator_gone: float | None = None  # since when its last will says it is away
-        self._trained: set[int] = set()  # rounds trained in that session
-        self._awaiting_deploy = False
-        self._status: Status | None = None
+        self._trained: set[int] = set()  # rounds trained in the session followed
         self.wait_report = wait_report
         self._waiting: Waiting | None = None  # what it waits for, since when, last said
 
@@ -199,41 +176,15 @@ class EdgeClient:
             item = self.transport.get(timeout=0.5)
             if item is not None:
                 self.stats.bytes_down += len(item[1])
-                self._receive(*item)
+                self.handle(*item)
             self._maybe_train()
             self._maybe_resend()
-            self._check_finished()
+            self.following.check_finished()
             if forever and self.stats.finished:
-                self._next_run()
+                self.following.next_run()
             self._report_waiting()
             self._show_state()
         return self.stats
-
-    def _receive(self, topic: str, payload: bytes) -> None:
-        """Handle a message that fits the profile's payload limit; ignore a bigger one."""
-        limit = self.identity.max_payload
-        if limit and len(payload) > limit:
-            self.stats.oversize += 1
-            log.warning(
-                "ignored a message of %d bytes on %s: over this profile's %d-byte limit",
-                len(payload),
-                topic,
-                limit,
-            )
-            return
-        self.handle(topic, payload)
-
-    def _next_run(self) -> None:
-        """The run ended (finished or aborted): wait for the coordinator's next session."""
-        log.info(
-            "run %r %s; waiting for its next start (--forever)",
-            self.topics.run,
-            "stopped" if self.stats.aborted else "finished",
-        )
-        self.stats.finished = self.stats.aborted = False
-        self._finished_at = None
-        self._live = self._awaiting_deploy = False
-        self._ended = self._session
 
     def _show_state(self, doing: str | None = None) -> None:
         """Tell ``show`` what the client is doing (``doing``, else what it waits for)."""
@@ -249,16 +200,17 @@ class EdgeClient:
 
     def waiting_for(self) -> str | None:
         """What keeps this client from training now, in words; ``None`` when nothing does."""
-        run, round_, spec = self.topics.run, self._round, self._spec
-        if self._finished_at is not None:
-            deploy = self._awaiting_deploy and self.deploy is not None
+        run, round_, spec, following = self.topics.run, self._round, self._spec, self.following
+        if following.finished_at is not None:
+            deploy = following.waits_for_deployment()
             return f"the model deployed to profile {self.identity.profile}" if deploy else None
-        if self._coordinator_gone:
+        if following.away_since:
             return f"the coordinator of run {run!r} to come back (its connection dropped)"
-        if self._status is None and spec is None:
+        status = following.status
+        if status is None and spec is None:
             return f"the coordinator of run {run!r} (nothing from it on the broker yet)"
         if spec is None or round_ is None:
-            phase = "" if self._status is None else f" (coordinator {self._status.phase})"
+            phase = "" if status is None else f" (coordinator {status.phase})"
             return f"run {run!r} to start its first round{phase}"
         if self.artifacts is not None and spec.artifact is not None and not self._artifact(spec):
             return f"the training artifact ({spec.artifact.size:,} bytes)"
@@ -268,7 +220,7 @@ class EdgeClient:
             return f"the round after round {round_.round}"
         if not round_.selects(self.client_id):
             return f"a round that selects this device (round {round_.round} does not)"
-        if self._time_left(round_) <= 0:
+        if time_left(round_, self._round_seen) <= 0:
             return f"the next round (round {round_.round}'s time ran out)"
         if self.download.model(round_) is None:
             return f"round {round_.round}'s model ({round_.model.size:,} bytes)"
@@ -293,57 +245,21 @@ class EdgeClient:
 
     def _cannot_train(self, spec: Spec) -> str | None:
         """Why this device cannot train the run it follows, or ``None``."""
-        if spec.artifact_error is not None and self.artifacts is not None:
-            return (
-                f"this device's trainer ({self.identity.backend}) cannot train run"
-                f" {self.topics.run!r}: {spec.artifact_error}"
-            )
-        if self._unable is not None and self._unable.session == self._session:
-            return self._unable.why
-        if spec.codec:
-            try:
-                missing = Codec.parse(spec.codec).features() - set(features())
-            except ValueError as exc:
-                return f"run {self.topics.run!r} sends updates in a codec unknown here: {exc}"
-            if missing:
-                return (
-                    f"run {self.topics.run!r} sends updates as {spec.codec}, which needs"
-                    f" {', '.join(sorted(missing))} (pip install 'fedprune[edge,zstd]')"
-                )
-        return None
-
-    def _on_status(self, status: Status) -> None:
-        self._status = status
-        if self._coordinator_gone is not None:
-            self.uplink.coordinator_back(self._coordinator_gone)
-            self._coordinator_gone = None
-        if status.session and status.session == self._ended:
-            return  # the end of a run already served, again (a reconnect)
-        if status.phase in (Phase.WAITING, Phase.TRAINING):
-            self._live = True
-        elif status.phase is Phase.ABORTED:
-            log.error("the coordinator stopped the run on an error")
-            self.stats.aborted = self.stats.finished = True
-        elif not (self._live or self.stats.rounds):
-            # A retained FINISHED from an earlier run of the same name: wait for the next one.
-            log.info("run %s has already finished; waiting for it to start again", self.topics.run)
-        else:
-            self._finished_at = time.monotonic()
-            self._awaiting_deploy = self.identity.profile in status.deploy
-
-    def _check_finished(self) -> None:
-        if self._finished_at is None:
-            return
-        waiting = self._awaiting_deploy and self.deploy is not None and not self.deploy.settled()
-        if waiting and time.monotonic() - self._finished_at < self.deploy_wait:
-            return
-        if waiting:
-            log.warning("the deployed model did not arrive within %.0f s", self.deploy_wait)
-        self.stats.finished = True
+        return self.training.cannot_train(spec, self.topics.run) or self.following.cannot_train()
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """One message from the coordinator (only it may send on the topics a device reads)."""
+        """One message from the coordinator (only it may send on the topics a device reads); one
+        over the profile's payload limit is ignored."""
         if not payload:  # a cleared retained message
+            return
+        if (limit := self.identity.max_payload) and len(payload) > limit:
+            self.stats.oversize += 1
+            log.warning(
+                "ignored a message of %d bytes on %s: over this profile's %d-byte limit",
+                len(payload),
+                topic,
+                limit,
+            )
             return
         try:
             message = receive(payload, self.trust, sender=COORDINATOR).message
@@ -358,18 +274,17 @@ class EdgeClient:
             if isinstance(message, Chunk):
                 self._on_chunk(topic, message)
             elif isinstance(message, Round):
-                if self._follow_session(message.session):
+                if self.following.follow(message.session):
                     self._on_round(message)
             elif isinstance(message, Status):
-                if self._follow_session(message.session):
+                if self.following.follow(message.session):
                     self._on_status(message)
             elif isinstance(message, Spec):
                 self._on_spec(message)
             elif isinstance(message, Deployment) and self.deploy is not None:
                 self._installed(self.deploy.on_deployment(message))
             elif isinstance(message, Offline) and topic == self.topics.status:
-                log.warning("the coordinator's connection dropped; waiting for it to come back")
-                self._coordinator_gone = self._coordinator_gone or time.monotonic()
+                self.following.on_offline()
             elif isinstance(message, Notice):
                 self.uplink.on_notice(message)
         except WireError as exc:  # a chunk that does not belong, a model that does not decode
@@ -392,24 +307,15 @@ class EdgeClient:
         self._round = round_
         self._fetch_model(round_)
 
-    def _follow_session(self, session: str) -> bool:
-        """Whether a message of coordinator session ``session`` is current. A newer session (a
-        restart, a resumed run) is joined: this run's rounds are forgotten, so that its round
-        numbers, which start over, are trained again. An older one is stale (a replay)."""
-        if not session or session == self._session:
-            return True
-        if self._session is not None and session < self._session:
-            log.warning("ignored a message of an earlier coordinator session (%s)", session[:32])
-            return False
-        if self._session is not None:
-            log.info("the coordinator started a new session (%s): this device joins it", session)
-            self._trained.clear()
-            self._round = self._round_seen = self._out_of_time = None
-            self.uplink.forget()
-            self._finished_at = None
-            self._unable = None
-        self._session = session
-        return True
+    def _new_session(self) -> None:
+        """The coordinator started a new session: its round numbers start over."""
+        self._trained.clear()
+        self._round = self._round_seen = self._out_of_time = None
+        self.uplink.forget()
+
+    def _on_status(self, status: Status) -> None:
+        if (away_since := self.following.on_status(status)) is not None:
+            self.uplink.coordinator_back(away_since)
 
     def _installed(self, result: DeployResult | None) -> None:
         """Tell the coordinator (in a new hello) which model this device now runs."""
@@ -421,17 +327,16 @@ class EdgeClient:
         unselected device downloads nothing), instead of the previous round's."""
         if not round_.selects(self.client_id) or round_.round in self._trained:
             return
-        if round_.model.size > self.download.max_size:  # it would be refused chunk by chunk
-            self._trained.add(round_.round)
-            limit = self.download.max_size
-            why = (
-                f"the model of {round_.model.size:,} bytes is over the {limit:,} this device"
-                " assembles at most (a quarter of its profile's memory)"
-            )
-            log.error("round %d: %s; told the coordinator", round_.round, why)
-            self.uplink.failed(round_.round, why)
-            return
-        self.download.fetch(round_)
+        if (why := self.download.too_big(round_)) is not None:
+            self._fail(round_.round, why)
+        else:
+            self.download.fetch(round_)
+
+    def _fail(self, round_: int, why: str) -> None:
+        """This device cannot train ``round_``: it says why to the coordinator (a failed round)."""
+        self._trained.add(round_)
+        log.error("round %d: %s; told the coordinator", round_, why)
+        self.uplink.failed(round_, why)
 
     def _maybe_resend(self) -> None:
         """Send the pending update again if its notice is overdue, or at once after this
@@ -441,8 +346,8 @@ class EdgeClient:
             e.change is ConnectionChange.RESTORED for e in self.transport.connection_events()
         )
         round_ = self._round
-        open_ = round_ is not None and self._time_left(round_) > 0
-        away = self._coordinator_gone is not None and not reconnected
+        open_ = round_ is not None and time_left(round_, self._round_seen) > 0
+        away = self.following.away_since is not None and not reconnected
         self.uplink.maybe_resend(round_, open_=open_ and not away, reconnected=reconnected)
 
     def _maybe_train(self) -> None:
@@ -451,7 +356,7 @@ class EdgeClient:
             return
         if not round_.selects(self.client_id):
             return
-        if self._time_left(round_) <= 0:
+        if time_left(round_, self._round_seen) <= 0:
             if self._out_of_time != round_.round:
                 self._out_of_time = round_.round
                 log.warning(
@@ -462,9 +367,7 @@ class EdgeClient:
                 )
             return
         if (why := self._cannot_train(spec)) is not None:  # only when serving forever
-            self._trained.add(round_.round)
-            log.error("round %d: %s; told the coordinator", round_.round, why)
-            self.uplink.failed(round_.round, why)
+            self._fail(round_.round, why)
             return
         payload = self.download.model(round_)
         if payload is None:
@@ -486,7 +389,7 @@ class EdgeClient:
         except ConfigError as exc:  # this device cannot take part (its labels, its trainer)
             if not self._forever:
                 raise  # it says so and stops
-            self._unable = Unable(session=self._session, why=str(exc))
+            self.following.unable = Unable(session=self.following.session, why=str(exc))
             log.error("round %d: %s; waiting for the next run (--forever)", round_.round, exc)
             self.uplink.failed(round_.round, str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed round is data, not the device's end
@@ -503,7 +406,7 @@ class EdgeClient:
         self, round_: Round, spec: Spec, model: Model, artifact: bytes | None = None
     ) -> None:
         """Train ``round_`` on the local data and send the update."""
-        session = self._session or ""
+        session = self.following.session or ""
         trained = self.training.train(round_, spec, model, artifact, session)
         sent = self.uplink.update(round_.round, session, trained.payload)
         metrics = trained.update.metrics
@@ -517,19 +420,3 @@ class EdgeClient:
             trained.evaluation.accuracy,
             sent,
         )
-        if self.profile is not None and metrics["peak_memory_mb"] > self.profile.memory_mb:
-            log.warning(
-                "round %d: peak memory %.0f MB is over profile %s's %d MB",
-                round_.round,
-                metrics["peak_memory_mb"],
-                self.profile.name,
-                self.profile.memory_mb,
-            )
-
-    def _time_left(self, round_: Round) -> float:
-        """Seconds left in ``round_`` by this device's own monotonic clock, counted from when it
-        first saw the announcement; a coordinator older than protocol 1.5 sends no duration, and
-        then its deadline is compared with this device's wall clock."""
-        if round_.duration <= 0 or self._round_seen is None:
-            return round_.deadline - time.time()
-        return self._round_seen.at + round_.duration - time.monotonic()

@@ -34,6 +34,16 @@ class ModelDownload:
         self._chunks = Collector(max_size=max_size)
         self._pattern: str | None = None  # the model chunks subscribed to
 
+    def too_big(self, round_: Round) -> str | None:
+        """Why ``round_``'s model cannot be assembled here (it would be refused chunk by chunk),
+        or ``None``."""
+        if round_.model.size <= self.max_size:
+            return None
+        return (
+            f"the model of {round_.model.size:,} bytes is over the {self.max_size:,} this device"
+            " assembles at most (a quarter of its profile's memory)"
+        )
+
     def fetch(self, round_: Round) -> None:
         """Receive ``round_``'s model instead of the one before: its change when this device
         holds the model it changes, else the whole model."""

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedprune.edge_client.data import LocalData
-from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, make_trainer
+from fedprune.edge_client.trainer import (
+    EpochHook,
+    Evaluation,
+    Trainer,
+    backend_class,
+    make_trainer,
+)
 from fedprune.protocol.codec import (
     F32,
     Codec,
@@ -31,6 +37,7 @@ from fedprune.protocol.codec import (
     decode_update,
     default_codec,
     encode_update,
+    features,
 )
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import Manifest, Round, Spec
@@ -71,6 +78,7 @@ class LocalTraining:
         show: Callable[[str], None] = lambda text: None,
     ) -> None:
         self.backend = backend
+        self.needs_artifact = backend_class(backend).needs_artifact
         self.data = data
         self.profile = profile
         self.local_epochs = local_epochs
@@ -80,6 +88,27 @@ class LocalTraining:
         self.residual = Residual() if residual_file is None else Residual.load(residual_file)
         self._trainer: Trainer | None = None
         self._trainer_key: tuple[Spec, Manifest | None] | None = None
+
+    def cannot_train(self, spec: Spec, run: str) -> str | None:
+        """Why this device cannot train run ``run`` of ``spec``: its trainer's artifact could
+        not be built, or its updates' codec is not installed here; ``None`` when it can."""
+        if spec.artifact_error is not None and self.needs_artifact:
+            return (
+                f"this device's trainer ({self.backend}) cannot train run {run!r}:"
+                f" {spec.artifact_error}"
+            )
+        if not spec.codec:
+            return None
+        try:
+            missing = Codec.parse(spec.codec).features() - set(features())
+        except ValueError as exc:
+            return f"run {run!r} sends updates in a codec unknown here: {exc}"
+        if missing:
+            return (
+                f"run {run!r} sends updates as {spec.codec}, which needs"
+                f" {', '.join(sorted(missing))} (pip install 'fedprune[edge,zstd]')"
+            )
+        return None
 
     def codec(self, spec: Spec) -> Codec:
         """How this device sends its updates: the run's codec, else its profile's default."""
@@ -134,6 +163,14 @@ class LocalTraining:
             },
         )
         payload = self._encode(update, model, spec, seed, session)
+        if self.profile is not None and update.metrics["peak_memory_mb"] > self.profile.memory_mb:
+            log.warning(
+                "round %d: peak memory %.0f MB is over profile %s's %d MB",
+                round_.round,
+                update.metrics["peak_memory_mb"],
+                self.profile.name,
+                self.profile.memory_mb,
+            )
         return Trained(update=update, payload=payload, epochs=epochs, evaluation=evaluation)
 
     def _trainer_for(self, spec: Spec, artifact: bytes | None) -> Trainer:

@@ -13,10 +13,10 @@ import pytest
 from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune import device_profiles
-from fedprune.edge_client import client as client_module
 from fedprune.edge_client import local_training, trainer
-from fedprune.edge_client.client import ClientStats, EdgeClient
+from fedprune.edge_client.client import EdgeClient
 from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.run_follower import ClientStats
 from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
 from fedprune.edge_client.uplink import Identity, resend_wait
 from fedprune.protocol.chunks import Reassembler, sha256, split
@@ -863,7 +863,7 @@ def test_a_device_sends_in_the_runs_codec_else_in_its_profiles_with_error_feedba
 def test_a_device_that_lacks_the_runs_codec_says_what_to_install(
     data: LocalData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_module, "features", lambda: ["f32", "int8", "topk"])
+    monkeypatch.setattr(local_training, "features", lambda: ["f32", "int8", "topk"])
     broker = MemoryBroker()
     spec = Spec(
         model_json="{}",
