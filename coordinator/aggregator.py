@@ -38,6 +38,7 @@ from fedprune.coordinator.downlink import Downlink
 from fedprune.coordinator.fleet import Fleet
 from fedprune.coordinator.intake import RoundState, UpdateIntake
 from fedprune.coordinator.observer import Observer
+from fedprune.coordinator.options import add_run_arguments, config_from
 from fedprune.coordinator.validation import Limits
 from fedprune.protocol.chunks import Collector
 from fedprune.protocol.codec import Codec, Update, decode_model, decode_update, encode_update
@@ -366,6 +367,10 @@ class Told:
     at: float = 0.0
 
 
+AGGREGATOR_OPTIONS = ("run", "signing_key", "device_keys", "max_payload", "clip_norm")
+"""The run's options an aggregator takes, given as to its coordinator."""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -375,8 +380,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_broker_arguments(p)
-    d = RunConfig()
-    p.add_argument("--run", type=name, default=d.run, help="run name, as given to the coordinator")
+    add_run_arguments(p, AGGREGATOR_OPTIONS)
     p.add_argument(
         "--id",
         type=name,
@@ -388,30 +392,6 @@ def parser() -> argparse.ArgumentParser:
         type=name,
         default="fedprune",
         help="shared subscription group (default: %(default)s)",
-    )
-    p.add_argument(
-        "--signing-key",
-        default="",
-        metavar="FILE",
-        help="the coordinator's signing key (with --device-keys), when the run is signed",
-    )
-    p.add_argument(
-        "--device-keys",
-        default="",
-        metavar="DIR",
-        help="the devices' <id>.pub verify keys, as the coordinator has them",
-    )
-    p.add_argument(
-        "--max-payload",
-        type=int,
-        default=d.max_payload,
-        help="largest MQTT payload, as the coordinator's (default: %(default)s)",
-    )
-    p.add_argument(
-        "--clip-norm",
-        type=float,
-        default=d.clip_norm,
-        help="as the coordinator's (default: 0 = off)",
     )
     p.add_argument(
         "--timeout",
@@ -431,21 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     aggregator_id = args.id or f"{socket.gethostname()}-{os.getpid()}"
     try:
-        config = RunConfig(
-            run=args.run,
-            broker=args.broker,
-            ca=args.ca or "",
-            cert=args.cert or "",
-            key=args.key or "",
-            credentials=args.credentials or "",
-            signing_key=args.signing_key,
-            device_keys=args.device_keys,
-            max_payload=args.max_payload,
-            clip_norm=args.clip_norm,
-        )
+        config = config_from(args)
         transport = MqttTransport(
             config.broker_settings(),
-            client_id=f"fedprune-aggregator-{args.run}-{aggregator_id}",
+            client_id=f"fedprune-aggregator-{config.run}-{aggregator_id}",
             max_payload=config.max_payload,
             persistent=True,  # its share of the updates waits on the broker while it is away
         )

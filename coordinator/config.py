@@ -18,6 +18,22 @@ from fedprune.protocol.topics import check_name
 
 OPTIMIZERS = ("sgd", "adam")
 
+
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - argparse's name
+    *,
+    flag: str = "",
+    metavar: str | None = None,
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """A run option: the field and its one description, from which the command-line flag
+    (``--flag``, by default the field's name with dashes), the config file's key (the field's
+    name) and its check are made (coordinator.options)."""
+    meta = {"help": help, "flag": flag, "metavar": metavar, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
 _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "int": (int,),
@@ -79,19 +95,42 @@ class ScheduleConfig:
     magnitude is below the layer's mean magnitude (``target`` is unused).
     """
 
-    kind: ScheduleKind = ScheduleKind.POLYNOMIAL
-    target: float = 0.8
-    begin_round: int = 2
-    end_round: int = 12
-    structure: str = ""  # "M:N" (e.g. "2:4"): TF-MOT m-by-n sparsity at begin_round instead
-    # l1 or l2: remove whole Dense units and Conv2D filters of least norm instead of single
-    # weights (``target`` is then the share of each layer's units), and rebuild the model smaller
-    units: UnitNorm = UnitNorm.NONE
-    rebuild_every: int = 0  # units: rebuild every N rounds while pruning too (0: at the end only)
-    # units, hybrid: then prune the weights inside the survivors to this sparsity, polynomially
-    # from the round the units are done to ``weight_end_round`` (0: as many rounds again)
-    weight_target: float = 0.0
-    weight_end_round: int = 0
+    kind: ScheduleKind = option(
+        ScheduleKind.POLYNOMIAL,
+        "pruning schedule, in rounds (default: %(default)s)",
+        flag="schedule",
+    )
+    target: float = option(0.8, "target sparsity (default: %(default)s)")
+    begin_round: int = option(2, "first round that prunes (default: %(default)s)")
+    end_round: int = option(12, "round at which the target is reached (default: %(default)s)")
+    structure: str = option(
+        "",
+        "structured sparsity instead of the schedule: M zeros in every N consecutive weights "
+        "(TF-MOT sparsity_m_by_n, e.g. 2:4), applied at --begin-round",
+        metavar="M:N",
+    )
+    units: UnitNorm = option(
+        UnitNorm.NONE,
+        "structural pruning: remove whole Dense units and Conv2D filters of least L1 or L2 "
+        "norm (--target is then the share of each layer's units) and rebuild the model smaller "
+        "when the schedule is done; devices switch to it",
+    )
+    rebuild_every: int = option(
+        0,
+        "with --units: rebuild the model every N rounds while pruning too (default: at the "
+        "end only)",
+        metavar="N",
+    )
+    weight_target: float = option(
+        0.0,
+        "with --units (hybrid): then prune weights inside the remaining units to this "
+        "sparsity, polynomially until --weight-end-round (default: off)",
+    )
+    weight_end_round: int = option(
+        0,
+        "with --weight-target: the round it is reached (default: as many rounds after the "
+        "units are done as they took)",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -164,57 +203,119 @@ class ScheduleConfig:
 class RunConfig:
     """Everything needed to reproduce a run (the broker URL and paths are where, not what)."""
 
-    run: str = "default"
-    broker: str = "mqtt://127.0.0.1:1883"
-    ca: str = ""  # TLS and credential files (protocol.connection); never the secrets themselves
-    cert: str = ""
-    key: str = ""
-    credentials: str = ""
-    signing_key: str = ""  # the coordinator's Ed25519 signing key (protocol.signing)
-    device_keys: str = ""  # folder of <device id>.pub: with it, unsigned devices are refused
-    model: str = "cnn"
-    rounds: int = 20
-    min_clients: int = 3
-    clients_per_round: int = 0
-    quorum: float = 1.0
-    round_timeout: float = 60.0
-    join_timeout: float = 120.0
-    local_epochs: int = 2
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    momentum: float = 0.9
+    run: str = option("default", "run name: topic root and run directory name")
+    # Where the broker is and what proves who we are to it: protocol.options.add_broker_arguments
+    broker: str = field(default="mqtt://127.0.0.1:1883", metadata={"broker": True})
+    ca: str = field(default="", metadata={"broker": True})  # never the secrets themselves
+    cert: str = field(default="", metadata={"broker": True})
+    key: str = field(default="", metadata={"broker": True})
+    credentials: str = field(default="", metadata={"broker": True})
+    signing_key: str = option(
+        "",
+        "the coordinator's Ed25519 signing key (with --device-keys): everything the coordinator"
+        " publishes is signed with it",
+        metavar="FILE",
+    )
+    device_keys: str = option(
+        "",
+        "folder of <device id>.pub verify keys; messages not signed by one of them are "
+        "dropped, and unsigned devices refused (fedprune-provision writes both)",
+        metavar="DIR",
+    )
+    model: str = option(
+        "cnn", "preset (cnn, mlp) or path to a .keras/.h5 model (default: %(default)s)"
+    )
+    rounds: int = option(20, "rounds (default: %(default)s)")
+    min_clients: int = option(3, "clients that must join before round 1 (default: %(default)s)")
+    clients_per_round: int = option(
+        0, "clients sampled per round, 0 = all online (default: %(default)s)"
+    )
+    quorum: float = option(
+        1.0, "share of selected clients that closes a round early (default: %(default)s)"
+    )
+    round_timeout: float = option(60.0, "seconds a round waits for updates (default: %(default)s)")
+    join_timeout: float = option(120.0, "seconds to wait for them (default: %(default)s)")
+    local_epochs: int = option(2, "epochs each client trains per round (default: %(default)s)")
+    batch_size: int = option(32, "(default: %(default)s)")
+    optimizer: str = option("sgd", "(default: %(default)s)", choices=OPTIMIZERS)
+    learning_rate: float = option(0.05, "(default: %(default)s)", flag="lr")
+    momentum: float = option(0.9, "(default: %(default)s)")
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    max_payload: int = 256 * 1024
-    heldout: str = ""
-    out: str = "runs"
-    profile: str = DEFAULT_PROFILE
-    seed: int = 0
-    overwrite: bool = False  # replace an earlier run of the same name in out/
-    deploy_anyway: bool = False  # deploy a final model that fails coordinator.health's checks
-    install_wait: float = 15.0  # seconds devices get to confirm a deployed model before the end
-    aggregation: Rule = Rule.FEDAVG
-    clip_norm: float = 0.0  # scale updates with a larger L2 norm down to it (0 = off)
-    # Updates of the previous round that arrive during the next count with their samples times
-    # this weight (FedAvg only); 0 = rejected as late, as before
-    staleness_weight: float = 0.0
-    trim: float = 0.1  # share of the largest and of the smallest values trimmed-mean drops
-    # What an update may be (coordinator.validation.Limits); 0 bytes = twice the dense model
-    max_update_bytes: int = 0
-    max_norm: float = 1e4
-    max_samples: int = 10_000_000
-    max_pending_bytes: int = 512 * 1024 * 1024
-    # Aggregator processes that take the updates (MQTT 5 shared subscription) and send partial
-    # sums (fedprune-aggregator, docs/scaling.md); 0 = the coordinator takes them itself
-    aggregators: int = 0
-    # How updates travel (protocol.codec.Codec, e.g. int8+top0.1+zstd); "auto" = each device
-    # picks by its profile's uplink (codec.default_codec)
-    codec: str = "auto"
-    # delta: a round's model also goes as a change to the previous round's, quantized like the
-    # updates (int8 unless the codec says f32 or f16), to the devices that hold that one; codec:
-    # the change in the run's codec, top-k and zstd included (what is left out goes with a later
-    # round); full: only whole (float32 values at the kept positions)
-    downlink: Downlink = Downlink.DELTA
+    max_payload: int = option(
+        256 * 1024, "largest MQTT payload in bytes; bigger ones are chunked (default: %(default)s)"
+    )
+    heldout: str = option(
+        "", ".npz (x, y) the coordinator evaluates on and exports with (optional)"
+    )
+    out: str = option("runs", "folder of run directories (default: %(default)s)")
+    profile: str = option(
+        DEFAULT_PROFILE, "device profile of the final export (default: %(default)s)"
+    )
+    seed: int = option(0, "(default: %(default)s)")
+    overwrite: bool = option(False, "replace an earlier run of the same name")
+    deploy_anyway: bool = option(
+        False,
+        "deploy the final model even when it is not better than chance or ends far below "
+        "its first evaluated round (such a run is otherwise exported but not deployed)",
+    )
+    install_wait: float = option(
+        15.0,
+        "seconds devices get to confirm the deployed model before the run ends "
+        "(default: %(default)s)",
+    )
+    aggregation: Rule = option(
+        Rule.FEDAVG,
+        "how updates are combined: fedavg (weighted by samples), or the robust median and "
+        "trimmed-mean, which weigh every device the same (default: %(default)s)",
+    )
+    clip_norm: float = option(
+        0.0, "scale any update with a larger L2 norm down to this norm (default: 0 = off)"
+    )
+    staleness_weight: float = option(
+        0.0,
+        "count an update of the previous round that arrives late, during the next, with its "
+        "samples times W (fedavg only; default: 0 = rejected as late)",
+        metavar="W",
+    )
+    trim: float = option(
+        0.1,
+        "trimmed-mean: share of the largest and of the smallest values dropped per weight "
+        "(default: %(default)s)",
+    )
+    # What an update may be (coordinator.validation.Limits)
+    max_update_bytes: int = option(
+        0, "largest update a device may send (default: twice the dense float32 model)"
+    )
+    max_norm: float = option(1e4, "largest L2 norm of an update (default: %(default)s)")
+    max_samples: int = option(
+        10_000_000,
+        "most samples an update may claim; never more than the device's hello declared "
+        "(default: %(default)s)",
+    )
+    max_pending_bytes: int = option(
+        512 * 1024 * 1024,
+        "memory for updates still in assembly, all devices together (default: %(default)s)",
+    )
+    aggregators: int = option(
+        0,
+        "N fedprune-aggregator processes take the updates through an MQTT 5 shared "
+        "subscription and send partial sums (fedavg; docs/scaling.md; default: 0 = none)",
+        metavar="N",
+    )
+    codec: str = option(
+        "auto",
+        "how devices send updates: auto (each by its profile's uplink), or one for all, "
+        "such as f32, f16, int8, int8sr (stochastic rounding), int8+top0.1 (the largest 10%% "
+        "of the kept values, with error feedback), int8+top0.1+zstd (default: %(default)s)",
+        metavar="CODEC",
+    )
+    downlink: Downlink = option(
+        Downlink.DELTA,
+        "delta: send each round's model as a change to the previous one (int8 unless "
+        "--codec says f32 or f16) to the devices that hold it, whole to the others; codec: the "
+        "change in the --codec given, top-k and zstd included (what it leaves out goes later); "
+        "full: always whole (default: %(default)s)",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)

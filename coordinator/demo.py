@@ -29,7 +29,8 @@ DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
 
 
 def parser() -> argparse.ArgumentParser:
-    from fedprune.coordinator.cli import add_run_arguments
+    from fedprune.coordinator.cli import add_monitoring_arguments
+    from fedprune.coordinator.options import COORDINATOR_ONLY, add_run_arguments
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -54,11 +55,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--broker",
+        dest="broker_choice",
+        metavar="BROKER",
         default="auto",
         help="auto (mosquitto if installed, else the in-process amqtt broker), "
         "mosquitto, amqtt, or the URL of a running broker (default: auto)",
     )
-    add_run_arguments(p)
+    add_run_arguments(p, exclude=COORDINATOR_ONLY)
+    add_monitoring_arguments(p)
     p.set_defaults(run="", round_timeout=60.0)
     return p
 
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with native_log_filtered():
             from fedprune.coordinator import digits, session
-        from fedprune.coordinator.cli import config_from, monitoring
+        from fedprune.coordinator.cli import monitoring
+        from fedprune.coordinator.options import config_from
         from fedprune.coordinator.progress import round_line, summary_lines
 
         run_dir = Path(args.out) / run
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         paths, _ = digits.write_demo_data(
             run_dir / "data", args.clients, alpha=args.alpha, seed=args.seed
         )
-        with _broker(args.broker) as (url, kind):
+        with _broker(args.broker_choice) as (url, kind):
             print(
                 f"fedprune demo: run {run}, {args.clients} clients on non-IID digits "
                 f"(alpha {args.alpha}), broker {kind} at {url}",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedprune.coordinator.cli import config_from, main, parse
+from fedprune.coordinator.cli import main, parse
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.coordinator.options import config_from
 from fedprune.coordinator.rundir import RunDir
 
 
