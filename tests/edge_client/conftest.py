@@ -8,7 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from fedprune.edge_client import trainer
+from fedprune.edge_client.data import LocalData
+from fedprune.protocol.codec import Model
 
 # Two real TFLite digits classifiers, built once per session in a subprocess, so that the edge
 # client's tests never import TensorFlow themselves.
@@ -70,3 +75,31 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return root
+
+
+# The client tests' trainer and their model and data (tests/support/client_harness.py).
+@pytest.fixture(autouse=True)
+def fake_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(trainer.BACKENDS, "fake", "client_harness:AddOneTrainer")
+
+
+@pytest.fixture
+def model() -> Model:
+    """A 20x30 kernel with 40% of it pruned and an unpruned bias; values are multiples of 0.5 so
+    that ``w + 1 - w`` is exactly 1.0 in float32."""
+    rng = np.random.default_rng(11)
+    mask = (rng.random((20, 30)) > 0.4).astype(np.float32)
+    kernel = (rng.integers(-8, 8, size=(20, 30)) * 0.5).astype(np.float32) * mask
+    bias = (rng.integers(-8, 8, size=30) * 0.5).astype(np.float32)
+    return Model(weights=[kernel, bias], masks=[mask, None])
+
+
+@pytest.fixture
+def data() -> LocalData:
+    rng = np.random.default_rng(5)
+    return LocalData(
+        x=rng.normal(size=(24, 4)).astype(np.float32),
+        y=rng.integers(0, 3, size=24),
+        x_test=rng.normal(size=(6, 4)).astype(np.float32),
+        y_test=rng.integers(0, 3, size=6),
+    )

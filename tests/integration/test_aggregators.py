@@ -4,13 +4,11 @@ subscription, and the coordinator adds their partial sums: the same run as witho
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from devices import start_device
+from processes import QUIET_TF, aggregator, coordinator, start_device
 
 from fedprune.coordinator.digits import write_demo_data
 from fedprune.protocol.topics import Topics
@@ -26,26 +24,13 @@ def _run(mosquitto: str, tmp_path: Path, out: str, aggregators: int) -> tuple[Pa
     its run directory and the aggregators' logs."""
     paths, heldout = write_demo_data(tmp_path / "data", 3, alpha=0.5, seed=0)
     run = f"share-{aggregators}"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     helpers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedprune.coordinator.aggregator",
-                "--broker",
-                mosquitto,
-                "--run",
-                run,
-                "--id",
-                f"agg-{k}",
-                "--max-payload",
-                "1048576",
-            ],
+            aggregator(mosquitto, run=run, id=f"agg-{k}", max_payload=2**20),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env=QUIET_TF,
         )
         for k in range(aggregators)
     ]
@@ -62,48 +47,26 @@ def _run(mosquitto: str, tmp_path: Path, out: str, aggregators: int) -> tuple[Pa
             "--cache",
             str(tmp_path / f"cache-{i}"),
             "--no-deploy",
-            env=env,
         )
         for i, path in enumerate(paths)
     ]
     try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedprune.coordinator.cli",
-                "--broker",
-                mosquitto,
-                "--run",
-                run,
-                "--out",
-                str(tmp_path / out),
-                "--heldout",
-                str(heldout),
-                "--rounds",
-                str(ROUNDS),
-                "--begin-round",
-                "2",
-                "--end-round",
-                "5",
-                "--min-clients",
-                "3",
-                "--round-timeout",
-                "60",
-                "--install-wait",
-                "0",
-                "--profile",
-                "raspberry-pi-4",
-                "--max-payload",
-                "1048576",
-                "--aggregators",
-                str(aggregators),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
+        argv = coordinator(
+            mosquitto,
+            run=run,
+            out=tmp_path / out,
+            heldout=heldout,
+            rounds=ROUNDS,
+            begin_round=2,
+            end_round=5,
+            min_clients=3,
+            round_timeout=60,
+            install_wait=0,
+            profile="raspberry-pi-4",
+            max_payload=2**20,
+            aggregators=aggregators,
         )
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=QUIET_TF)
         assert done.returncode == 0, done.stderr[-3000:]
         logs = [helper.communicate(timeout=60)[0] for helper in helpers]
     finally:

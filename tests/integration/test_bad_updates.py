@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
+from processes import demo
 
 from fedprune.protocol.chunks import Reassembler, split
 from fedprune.protocol.codec import Model, Update, decode_model, encode_update
@@ -101,25 +101,9 @@ def test_bad_updates_are_rejected_by_reason_and_the_run_goes_on(
     # Prepare: the rogue joins before the coordinator starts, so it is selected from round 1.
     rogue = Rogue(mosquitto)
     rogue.start()
-    command = [
-        sys.executable,
-        "-m",
-        "fedprune.coordinator.demo",
-        "--out",
-        str(tmp_path),
-        "--run",
-        RUN,
-        "--broker",
-        mosquitto,
-        "--clients",
-        "2",
-        "--rounds",
-        "10",
-        "--begin-round",
-        "2",
-        "--end-round",
-        "7",
-    ]
+    command = demo(
+        mosquitto, out=tmp_path, run=RUN, clients=2, rounds=10, begin_round=2, end_round=7
+    )
 
     # Execute
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

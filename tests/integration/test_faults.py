@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from devices import litert, start_device
+from processes import coordinator as coordinator_command
+from processes import litert, start_device
 
 from fedprune.coordinator.digits import write_demo_data
 
@@ -40,34 +40,21 @@ def test_a_device_killed_mid_round_is_not_waited_for_and_rejoins_when_it_reboots
     # devices
     paths, heldout = write_demo_data(tmp_path / "data", 3, alpha=0.5, seed=0)
     run_dir = tmp_path / "runs" / "faults"
+    argv = coordinator_command(
+        mosquitto,
+        run="faults",
+        out=tmp_path / "runs",
+        heldout=heldout,
+        rounds=ROUNDS,
+        begin_round=1,
+        end_round=6,
+        local_epochs=5,
+        min_clients=3,
+        round_timeout=120,
+        install_wait=0,
+    )
     coordinator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.cli",
-            "--broker",
-            mosquitto,
-            "--run",
-            "faults",
-            "--out",
-            str(tmp_path / "runs"),
-            "--heldout",
-            str(heldout),
-            "--rounds",
-            str(ROUNDS),
-            "--begin-round",
-            "1",
-            "--end-round",
-            "6",
-            "--local-epochs",
-            "5",
-            "--min-clients",
-            "3",
-            "--round-timeout",
-            "120",
-            "--install-wait",
-            "0",
-        ],
+        argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

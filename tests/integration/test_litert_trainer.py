@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import demo
 
 from fedprune.converters.trainable import build_trainable
 from fedprune.coordinator import digits, models
@@ -70,23 +70,9 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
 
 def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:
     # The same codec whatever the profiles: only the trainers differ.
-    command = [
-        sys.executable,
-        "-m",
-        "fedprune.coordinator.demo",
-        "--out",
-        str(tmp_path),
-        "--run",
-        run,
-        "--broker",
-        "mosquitto",
-        "--clients",
-        "4",
-        "--client-profiles",
-        profiles,
-        "--codec",
-        "int8",
-    ]
+    command = demo(
+        "mosquitto", out=tmp_path, run=run, clients=4, client_profiles=profiles, codec="int8"
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     last: dict[str, float] = json.loads(

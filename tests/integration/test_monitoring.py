@@ -22,7 +22,8 @@ from typing import Any
 
 import matplotlib.image
 import pytest
-from devices import start_device
+from processes import coordinator as coordinator_command
+from processes import start_device
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -135,34 +136,21 @@ def test_a_running_fleet_is_visible_in_the_monitor_the_dashboard_and_prometheus(
     paths, heldout = digits.write_demo_data(tmp_path / "data", 3, alpha=0.5, seed=0)
     web, metrics_port = _free_port(), _free_port()
     dashboard = f"http://127.0.0.1:{web}/"
+    argv = coordinator_command(
+        mosquitto,
+        run=RUN,
+        min_clients=3,
+        rounds=6,
+        begin_round=1,
+        end_round=4,
+        heldout=heldout,
+        out=tmp_path / "runs",
+        round_timeout=120,
+        dashboard=f"127.0.0.1:{web}",
+        metrics_port=f"127.0.0.1:{metrics_port}",
+    )
     coordinator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.cli",
-            "--broker",
-            mosquitto,
-            "--run",
-            RUN,
-            "--min-clients",
-            "3",
-            "--rounds",
-            "6",
-            "--begin-round",
-            "1",
-            "--end-round",
-            "4",
-            "--heldout",
-            str(heldout),
-            "--out",
-            str(tmp_path / "runs"),
-            "--round-timeout",
-            "120",
-            "--dashboard",
-            f"127.0.0.1:{web}",
-            "--metrics-port",
-            f"127.0.0.1:{metrics_port}",
-        ],
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

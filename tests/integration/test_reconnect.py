@@ -8,11 +8,11 @@ import getpass
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from processes import demo as demo_command
 
 from fedprune.coordinator.broker import free_port, mosquitto_binary
 
@@ -55,27 +55,16 @@ def test_run_survives_a_broker_restart(
     port = free_port()
     broker = _mosquitto(port, tmp_path, persistence=persistence)
     url = f"mqtt://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "fedprune.coordinator.demo",
-        "--out",
-        str(tmp_path),
-        "--run",
-        "drop",
-        "--broker",
+    command = demo_command(
         url,
-        "--clients",
-        "2",
-        "--rounds",
-        "8",
-        "--begin-round",
-        "1",
-        "--end-round",
-        "6",
-        "--round-timeout",
-        "40",
-    ]
+        out=tmp_path,
+        run="drop",
+        clients=2,
+        rounds=8,
+        begin_round=1,
+        end_round=6,
+        round_timeout=40,
+    )
     demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "drop" / "metrics.jsonl"
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devices import litert, start_device
+from processes import coordinator, litert, start_device
 
 from fedprune.coordinator.digits import write_demo_data
 
@@ -31,34 +30,20 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
 
 
 def _coordinator(mosquitto: str, out: Path, heldout: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "fedprune.coordinator.cli",
-        "--broker",
+    return coordinator(
         mosquitto,
-        "--out",
-        str(out),
-        "--heldout",
-        str(heldout),
-        "--model",
-        "mlp",
-        "--rounds",
-        str(ROUNDS),
-        "--begin-round",
-        "2",
-        "--end-round",
-        "6",
-        "--min-clients",
-        str(CLIENTS),
-        "--round-timeout",
-        "60",
-        "--install-wait",
-        "0",
-        "--profile",
-        "raspberry-pi-4",
         *extra,
-    ]
+        out=out,
+        heldout=heldout,
+        model="mlp",
+        rounds=ROUNDS,
+        begin_round=2,
+        end_round=6,
+        min_clients=CLIENTS,
+        round_timeout=60,
+        install_wait=0,
+        profile="raspberry-pi-4",
+    )
 
 
 @pytest.fixture
@@ -133,15 +118,7 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     first.communicate()
     killed_after = len(_metrics(run_dir))
     resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.cli",
-            "--broker",
-            mosquitto,
-            "--resume",
-            str(run_dir),
-        ],
+        coordinator(mosquitto, resume=run_dir),
         capture_output=True,
         text=True,
         timeout=600,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tf_keras
-from devices import litert, start_device
+from processes import coordinator as coordinator_command
+from processes import litert, start_device
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
@@ -159,33 +159,21 @@ def test_a_coordinator_stopped_for_a_minute_mid_round_counts_every_update_once(
     # can bring their updates), and a coordinator of three rounds
     paths, heldout = write_demo_data(tmp_path / "data", 3, alpha=0.5, seed=1)
     run_dir = tmp_path / "runs" / "paused"
+    argv = coordinator_command(
+        mosquitto,
+        "-q",
+        run="paused",
+        out=tmp_path / "runs",
+        heldout=heldout,
+        rounds=3,
+        min_clients=3,
+        round_timeout=300,
+        install_wait=0,
+        begin_round=1,
+        end_round=2,
+    )
     coordinator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.cli",
-            "--broker",
-            mosquitto,
-            "--run",
-            "paused",
-            "--out",
-            str(tmp_path / "runs"),
-            "--heldout",
-            str(heldout),
-            "--rounds",
-            "3",
-            "--min-clients",
-            "3",
-            "--round-timeout",
-            "300",
-            "--install-wait",
-            "0",
-            "--begin-round",
-            "1",
-            "--end-round",
-            "2",
-            "-q",
-        ],
+        argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from processes import demo
 
 from fedprune.coordinator.broker import EmbeddedBroker
 from fedprune.protocol.chunks import Reassembler, split
@@ -131,27 +131,9 @@ def test_payload_over_the_broker_limit_is_refused_before_it_is_sent() -> None:
 @pytest.mark.slow
 def test_a_short_run_works_over_mqtt5(mosquitto: str, tmp_path: Path) -> None:
     url = mosquitto.replace("mqtt://", "mqtt5://")
-    command = [
-        sys.executable,
-        "-m",
-        "fedprune.coordinator.demo",
-        "--out",
-        str(tmp_path),
-        "--run",
-        "v5",
-        "--broker",
-        url,
-        "--clients",
-        "2",
-        "--rounds",
-        "3",
-        "--begin-round",
-        "1",
-        "--end-round",
-        "2",
-        "--target",
-        "0.5",
-    ]
+    command = demo(
+        url, out=tmp_path, run="v5", clients=2, rounds=3, begin_round=1, end_round=2, target=0.5
+    )
 
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
 
