@@ -38,6 +38,9 @@ from fedprune.protocol.codec import Codec, Model, Update, decode_update, encode_
 from fedprune.protocol.topics import Topics
 from fedprune.protocol.transport import MqttTransport
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from processes import demo  # the test suite's commands
+
 # name -> (target sparsity, update codec, downlink)
 CONFIGS: dict[str, tuple[float, str, str]] = {
     "dense": (0.0, "f32", "full"),  # dense float32 FedAvg without pruning: the baseline
@@ -79,42 +82,24 @@ def one_run(
     counter.subscribe(Topics(run).all_updates)
     started = time.perf_counter()
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.demo",
-            "--broker",
+        demo(
             url,
-            "--out",
-            str(out),
-            "--run",
-            run,
-            "--model",
-            model,
-            "--clients",
-            str(clients),
-            "--alpha",
-            str(alpha),
-            "--seed",
-            str(seed),
-            "--rounds",
-            str(rounds),
-            "--target",
-            str(target),
-            "--begin-round",
-            "0",
-            "--end-round",
-            str(rounds // 2),
-            "--codec",
-            codec,
-            "--downlink",
-            downlink,
-            "--client-profiles",
-            PROFILE,
-            "--deploy-anyway",
-            "--install-wait",
-            "0",
-        ],
+            out=out,
+            run=run,
+            model=model,
+            clients=clients,
+            alpha=alpha,
+            seed=seed,
+            rounds=rounds,
+            target=target,
+            begin_round=0,
+            end_round=rounds // 2,
+            codec=codec,
+            downlink=downlink,
+            client_profiles=PROFILE,
+            deploy_anyway=True,
+            install_wait=0,
+        ),
         capture_output=True,
         text=True,
         check=False,

@@ -17,23 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from processes import demo as demo_command  # the test suite's commands
+
 
 def one_run(out: Path, broker: str, extra: list[str]) -> dict[str, float]:
     run = f"bench-{time.time_ns()}"
     started = time.perf_counter()
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.demo",
-            "--out",
-            str(out),
-            "--run",
-            run,
-            "--broker",
-            broker,
-            *extra,
-        ],
+        demo_command(broker, *extra, out=out, run=run),
         check=True,
         capture_output=True,
         text=True,

@@ -34,6 +34,9 @@ from fedprune.edge_client import data as npz_data  # noqa: E402
 from fedprune.edge_client.litert import load_interpreter  # noqa: E402
 from fedprune.edge_client.quiet import native_log_filtered  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from processes import demo  # the test suite's commands
+
 TARGETS = {"dense": "0.0", "p80": "0.8", "p90": "0.9"}
 FLOATS = (Precision.FLOAT32, Precision.FLOAT16)
 
@@ -50,16 +53,8 @@ def make_runs(out: Path) -> list[Path]:
     runs = []
     for name, target in TARGETS.items():
         print(f"demo run {name} (target {target}) ...", file=sys.stderr, flush=True)
-        command = [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.demo",
-            "--out",
-            str(out),
-            "--run",
-            name,
-        ]
-        subprocess.run([*command, "--target", target], check=True, capture_output=True)
+        command = demo("auto", out=out, run=name, target=target)
+        subprocess.run(command, check=True, capture_output=True)
         runs.append(out / name)
     return runs
 

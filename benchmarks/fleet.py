@@ -58,8 +58,9 @@ import time
 from dataclasses import asdict, dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from fleet_watch import (
     Hogs,
     Mosquitto,
@@ -69,6 +70,7 @@ from fleet_watch import (
     proc_kib,
 )
 from nacl.encoding import HexEncoder
+from processes import QUIET_TF, aggregator, coordinator
 from simulated_fleet import MEASURED, RUN, device_ids, device_key, worker
 
 from fedprune.protocol.messages import (
@@ -150,6 +152,49 @@ def keys_for(folder: Path, ids: list[str]) -> SigningKey:
     return coordinator_key
 
 
+def start_coordinator(
+    url: str,
+    folder: Path,
+    n: int,
+    measured: int,
+    round_timeout: float,
+    aggregators: int,
+    profile: Path | None,
+    log: IO[bytes],
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
+    """The coordinator of ``n`` signed devices (``measured`` rounds, pruned from round 1) and
+    its ``aggregators``, logging to ``log``; under cProfile with ``profile``."""
+    signed = ["--signing-key", str(folder / "coordinator.key")]
+    signed += ["--device-keys", str(folder / "device-keys")]
+    argv = coordinator(
+        url,
+        *signed,
+        "-q",
+        run=RUN,
+        out=folder / "runs",
+        min_clients=n,
+        join_timeout=900,
+        rounds=measured,
+        schedule="constant",
+        target=0.8,
+        begin_round=1,
+        round_timeout=round_timeout,
+        aggregators=aggregators,
+    )
+    if profile:
+        argv[1:1] = ["-m", "cProfile", "-o", str(profile)]
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=QUIET_TF)
+    helpers = [
+        subprocess.Popen(
+            aggregator(url, *signed, "-q", run=RUN, id=f"agg-{k}"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        for k in range(aggregators)
+    ]
+    return process, helpers
+
+
 def run_once(
     n: int,
     kind: str,
@@ -197,87 +242,30 @@ def run_once(
         ]
         hog = Hogs(hogs)
         log = (folder / "coordinator.log").open("wb")
-        signed = [
-            "--signing-key",
-            str(folder / "coordinator.key"),
-            "--device-keys",
-            str(folder / "device-keys"),
-        ]
-        coordinator = subprocess.Popen(
-            [
-                sys.executable,
-                *(["-m", "cProfile", "-o", str(profile)] if profile else []),
-                "-m",
-                "fedprune.coordinator.cli",
-                "--broker",
-                url,
-                "--run",
-                RUN,
-                "--out",
-                str(folder / "runs"),
-                "--min-clients",
-                str(n),
-                "--join-timeout",
-                "900",
-                "--rounds",
-                str(measured),
-                "--schedule",
-                "constant",
-                "--target",
-                "0.8",
-                "--begin-round",
-                "1",
-                "--round-timeout",
-                str(round_timeout),
-                *signed,
-                "--aggregators",
-                str(aggregators),
-                "-q",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        coordinator_process, helpers = start_coordinator(
+            url, folder, n, measured, round_timeout, aggregators, profile, log
         )
-        helpers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fedprune.coordinator.aggregator",
-                    "--broker",
-                    url,
-                    "--run",
-                    RUN,
-                    "--id",
-                    f"agg-{k}",
-                    *signed,
-                    "-q",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            for k in range(aggregators)
-        ]
-        watcher = Watcher(url, trust, coordinator.pid)
+        watcher = Watcher(url, trust, coordinator_process.pid)
         started = time.perf_counter()
         for process in processes:
             process.start()
         pauser = threading.Thread(
             target=lambda: (
-                watcher.wait_announced(measured, PAUSE_AFTER) and pause(coordinator.pid, pause_s)
+                watcher.wait_announced(measured, PAUSE_AFTER)
+                and pause(coordinator_process.pid, pause_s)
             ),
             daemon=True,
         )
         if pause_s:
             pauser.start()
         try:
-            watcher.wait_for(measured, lambda: coordinator.poll() is None, timeout=1800)
+            watcher.wait_for(measured, lambda: coordinator_process.poll() is None, timeout=1800)
             broker_hwm = proc_kib(broker.process.pid, "VmHWM") if broker is not None else 0
             load = os.getloadavg()[0]
-            coordinator.wait(120)
+            coordinator_process.wait(120)
             messages = collect(report, workers)
         except BaseException:
-            coordinator.kill()
+            coordinator_process.kill()
             for process in [*processes, *helpers]:
                 process.kill()
             print((folder / "coordinator.log").read_text()[-3000:], file=sys.stderr)

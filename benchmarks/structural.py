@@ -53,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from export_variants import variant_profile  # noqa: E402
 from trainable import step_ms  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from processes import demo  # noqa: E402 - the test suite's commands
+
 PROFILE = "raspberry-pi-4"
 CONFIGS: dict[str, list[str]] = {
     "dense": ["--target", "0"],
@@ -100,41 +103,24 @@ def one_run(
     hybrid = "--weight-target" in CONFIGS[config]
     end = rounds // 3 if hybrid else rounds // 2
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedprune.coordinator.demo",
-            "--broker",
+        demo(
             url,
-            "--out",
-            str(out),
-            "--run",
-            run,
-            "--model",
-            model,
-            "--clients",
-            str(clients),
-            "--alpha",
-            "0.5",
-            "--seed",
-            str(seed),
-            "--rounds",
-            str(rounds),
-            "--begin-round",
-            "0",
-            "--end-round",
-            str(end),
             *CONFIGS[config],
-            "--codec",
-            "f32",
-            "--downlink",
-            "full",
-            "--client-profiles",
-            PROFILE,
-            "--deploy-anyway",
-            "--install-wait",
-            "0",
-        ],
+            out=out,
+            run=run,
+            model=model,
+            clients=clients,
+            alpha=0.5,
+            seed=seed,
+            rounds=rounds,
+            begin_round=0,
+            end_round=end,
+            codec="f32",
+            downlink="full",
+            client_profiles=PROFILE,
+            deploy_anyway=True,
+            install_wait=0,
+        ),
         capture_output=True,
         text=True,
         check=False,
