@@ -25,7 +25,14 @@ from fedprune.protocol.codec import (
     encode_model,
 )
 from fedprune.protocol.envelope import encode
-from fedprune.protocol.messages import COORDINATOR, Deployment, Hello, Manifest, Message
+from fedprune.protocol.messages import (
+    COORDINATOR,
+    Deployment,
+    Hello,
+    Manifest,
+    Message,
+    Notice,
+)
 from fedprune.protocol.signing import SigningKey
 from fedprune.protocol.topics import Topics
 from fedprune.protocol.transport import Transport
@@ -70,6 +77,10 @@ class Downlink:
         self.transport.publish(topic, payload, retain=retain)
         self.bytes_down += len(payload) * receivers
         return len(payload)
+
+    def notify(self, client_id: str, notice: Notice) -> None:
+        """Tell one device how its update was judged (its inbox, not retained)."""
+        self.publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
 
     def publish_chunked(
         self, prefix: str, payload: bytes, limit: int, *, receivers: int, retain: bool = True

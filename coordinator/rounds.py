@@ -18,22 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from fedprune.coordinator.aggregation import make_aggregator
-from fedprune.coordinator.aggregator import PartialSums
-from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.deployment import Deployments
-from fedprune.coordinator.downlink import Downlink
-from fedprune.coordinator.fleet import Change, Fleet, needs_artifact
+from fedprune.coordinator.fleet import Change, needs_artifact
 from fedprune.coordinator.global_model import Evaluator, GlobalModel
-from fedprune.coordinator.intake import RoundState, UpdateIntake
-from fedprune.coordinator.observer import Observer, Observers
+from fedprune.coordinator.intake import RoundState
+from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.result import RoundResult, round_report
-from fedprune.coordinator.spec import SpecPublisher
-from fedprune.coordinator.telemetry import Telemetry, publisher
-from fedprune.coordinator.validation import Limits
-from fedprune.protocol.codec import Codec, Model
+from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import (
-    COORDINATOR,
     Close,
     Hello,
     Notice,
@@ -42,9 +35,6 @@ from fedprune.protocol.messages import (
     RoundMetrics,
     Status,
 )
-from fedprune.protocol.signing import SigningKey, Trust
-from fedprune.protocol.topics import Topics
-from fedprune.protocol.transport import Transport
 
 __all__ = ["Coordinator"]
 
@@ -60,68 +50,26 @@ with it are still waited for: they reconnect with backoff (up to 8 s apart)."""
 
 
 class Coordinator:
-    """Runs the rounds of one coordinator session against ``transport``."""
+    """Runs the rounds of one coordinator session."""
 
     def __init__(
         self,
-        transport: Transport,
-        config: RunConfig,
+        parts: Parts,
         model: GlobalModel,
         *,
         evaluate: Evaluator,
         on_round: Callable[[RoundResult], None] | None = None,
-        limits: Limits | None = None,
-        build_artifact: Callable[[], bytes] | None = None,
-        signer: SigningKey | None = None,
-        trust: Trust | None = None,
-        observers: list[Observer] | None = None,
     ) -> None:
-        """``build_artifact`` makes the trainable TFLite artifact that ``litert`` clients train
-        with, at :meth:`start` (and again after a rebuild), so that a model they cannot train is
-        known and said before any device waits for it. ``observers`` hear what happens, next to
-        :attr:`telemetry` (which monitors read on the broker)."""
-        self.transport = transport
-        self.config = config
+        """Runs the rounds of ``model`` with ``parts`` (:meth:`Parts.build`): ``evaluate``
+        measures the global model, and ``on_round`` hears each round's result (and
+        checkpoints)."""
+        self.transport, self.config, self.topics = parts.transport, parts.config, parts.topics
+        self.codec, self.downlink, self.fleet = parts.codec, parts.downlink, parts.fleet
+        self.telemetry, self.observer = parts.telemetry, parts.observer
+        self.spec, self.intake, self.partials = parts.spec, parts.intake, parts.partials
         self.pruner = model
         self.evaluate = evaluate
         self.on_round = on_round or (lambda result: None)
-        self.topics = Topics(config.run)
-        self.codec = None if config.codec == "auto" else Codec.parse(config.codec)
-        self.downlink = Downlink(transport, self.topics, signer=signer)
-        publish = publisher(transport, self.topics.telemetry, self.downlink.encode)
-        self.telemetry = Telemetry(config, publish=publish, signed=signer is not None)
-        self.observer = Observers(self.telemetry, *(observers or []))
-        self.fleet = Fleet(
-            seed=config.seed,
-            clients_per_round=config.clients_per_round,
-            max_payload=config.max_payload,
-            codec=self.codec,
-        )
-        self.spec = SpecPublisher(
-            config,
-            model,
-            downlink=self.downlink,
-            fleet=self.fleet,
-            codec=self.codec,
-            build_artifact=build_artifact,
-        )
-        self.intake = UpdateIntake(
-            fleet=self.fleet,
-            trust=trust or Trust(),
-            limits=limits or Limits(),
-            codec=self.codec,
-            clients_per_round=config.clients_per_round,
-            staleness_weight=config.staleness_weight,
-            observer=self.observer,
-            notify=self._notify,
-            session=self.telemetry.session,
-        )
-        own = Trust() if signer is None else Trust.of({COORDINATOR: signer.verify_key})
-        self.partials = (
-            PartialSums(self.topics, own, expected=config.aggregators)
-            if config.aggregators
-            else None
-        )
         self.deployments = Deployments(self.fleet, self.downlink, self.observer, self.pump)
         self.results: list[RoundResult] = []
         self.last_round: dict[str, Any] = {}  # who was late, gone, failed or rejected in it
@@ -356,10 +304,7 @@ class Coordinator:
         if needs:
             self.spec.joined(self.fleet.fit([hello]))
         if (unable := self.fleet.cannot_encode(hello)) is not None:
-            self._notify(hello.client_id, Notice(round=0, accepted=False, reason=unable))
-
-    def _notify(self, client_id: str, notice: Notice) -> None:
-        self.downlink.publish(self.topics.inbox(client_id), notice, retain=False, receivers=1)
+            self.downlink.notify(hello.client_id, Notice(round=0, accepted=False, reason=unable))
 
     # -- what devices read ----------------------------------------------------------------------
 

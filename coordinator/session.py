@@ -17,6 +17,7 @@ from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.health import chance_accuracy, verdict
 from fedprune.coordinator.observer import Observer
+from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.pruning import Pruner, pruner_for
 from fedprune.coordinator.result import RoundResult
 from fedprune.coordinator.rounds import Coordinator
@@ -98,17 +99,18 @@ def run(
         max_payload=config.max_payload,
         persistent=True,  # what devices send while we are away waits on the broker
     )
-    coordinator = Coordinator(
+    parts = Parts.build(
         transport,
         config,
         pruner,
-        evaluate=_evaluator(pruner, x, y),
         limits=Limits.for_model(pruner.model(), config),
-        on_round=after_round,
         build_artifact=lambda: _trainable(pruner, config),
         signer=signer,
         trust=trust,
         observers=observers,
+    )
+    coordinator = Coordinator(
+        parts, pruner, evaluate=_evaluator(pruner, x, y), on_round=after_round
     )
     coordinator.telemetry.listeners.extend(listeners or [])
     if resume:

@@ -24,6 +24,7 @@ from round_harness import (
 )
 
 from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.rounds import Coordinator
 from fedprune.protocol.chunks import Reassembler, sha256
 from fedprune.protocol.codec import Codec, Model, Update, apply_delta, encode_model, encode_update
@@ -34,13 +35,10 @@ from fedprune.protocol.messages import Hello, Round, Spec
 
 def _with_artifact(broker: ScriptedBroker, build: Callable[[], bytes]) -> Coordinator:
     """A coordinator of a one-round mlp run whose training artifact ``build`` makes."""
-    return Coordinator(
-        MemoryTransport(broker),
-        RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE),
-        MaskedModel(),
-        evaluate=lambda: None,
-        build_artifact=build,
-    )
+    config = RunConfig(run=RUN, model="mlp", rounds=1, schedule=SCHEDULE)
+    model = MaskedModel()
+    parts = Parts.build(MemoryTransport(broker), config, model, build_artifact=build)
+    return Coordinator(parts, model, evaluate=lambda: None)
 
 
 @pytest.mark.parametrize("fails", [False, True])

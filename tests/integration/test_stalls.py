@@ -25,6 +25,7 @@ from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.coordinator.digits import write_demo_data
 from fedprune.coordinator.observer import Observer
+from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.rounds import Coordinator
 from fedprune.protocol.chunks import Collector, split_to_fit
@@ -118,9 +119,8 @@ def test_a_reader_held_up_past_the_keepalive_grace_during_a_burst_loses_no_updat
     transport = MqttTransport(
         mosquitto, client_id="fedprune-coordinator-stall", keepalive=2, persistent=True
     )
-    coordinator = Coordinator(
-        transport, config, Pruner(model, config.schedule), evaluate=lambda: None
-    )
+    pruner = Pruner(model, config.schedule)
+    coordinator = Coordinator(Parts.build(transport, config, pruner), pruner, evaluate=lambda: None)
     connections = Connections()
     coordinator.observer.observers.append(connections)
     handle, held = coordinator.handle, threading.Event()

@@ -18,6 +18,7 @@ from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.coordinator.global_model import GlobalModel
+from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.result import RoundResult
 from fedprune.coordinator.rounds import Coordinator
 from fedprune.coordinator.validation import Limits
@@ -179,13 +180,10 @@ def make_harness(
         broker = ScriptedBroker()
         clients = {i: FakeClient(broker, i) for i in ids}
         config = RunConfig(**values)  # type: ignore[arg-type]
-        coordinator = Coordinator(
-            MemoryTransport(broker, max_payload=config.max_payload),
-            config,
-            model(config.schedule),
-            evaluate=lambda: None,
-            limits=limits,
-        )
+        transport = MemoryTransport(broker, max_payload=config.max_payload)
+        global_model = model(config.schedule)
+        parts = Parts.build(transport, config, global_model, limits=limits)
+        coordinator = Coordinator(parts, global_model, evaluate=lambda: None)
         coordinator.start()
         coordinator.wait_for_clients(coordinator.config.min_clients)
         return Harness(broker=broker, coordinator=coordinator, clients=clients)
