@@ -264,7 +264,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             with _status_line() as show:
                 client.show = show
-                report = client.run(timeout=args.timeout, forever=args.forever)
+                stats = client.run(timeout=args.timeout, forever=args.forever)
         finally:
             # A clean disconnect discards the last will: say "offline" ourselves, so that the
             # coordinator does not keep selecting a device that has gone.
@@ -282,13 +282,13 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("fedprune.client").info(
         "done: %d round(s), %d bytes sent, %d bytes received, peak memory %.1f MB, TensorFlow"
         " loaded: %s",
-        len(report.rounds),
-        report.bytes_up,
-        report.bytes_down,
+        len(stats.rounds),
+        stats.bytes_up,
+        stats.bytes_down,
         peak_memory_mb(),
         "yes" if "tensorflow" in sys.modules else "no",
     )
-    return 0 if report.finished and not report.aborted else 1
+    return 0 if stats.finished and not stats.aborted else 1
 
 
 if __name__ == "__main__":
