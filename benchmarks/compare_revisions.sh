@@ -17,19 +17,20 @@ rm -rf "$out" && mkdir -p "$out"
 
 for side in old new; do
   rev=${!side}
-  tree=$out/$side/tree
-  git worktree add -q --detach "$tree" "$rev"
-  "$python" -m pip install -q --no-deps --target "$out/$side/site" "$tree" >/dev/null
-  export PYTHONPATH=$out/$side/site
-  (cd "$out" && "$python" -m fedprune.coordinator.demo --seed 3 --out "$out/$side/demo" --run ab) \
-    >"$out/demo-$side.log" 2>&1
-  for i in $(seq "$repeats"); do
-    "$python" "$tree/benchmarks/fleet.py" --devices 1000 --updates pruned --no-deadline \
-      --json "$out/fleet-$side-$i.json" >"$out/fleet-$side-$i.log" 2>&1
-  done
-  unset PYTHONPATH
-  git worktree remove --force "$tree"
+  git worktree add -q --detach "$out/$side/tree" "$rev"
+  "$python" -m pip install -q --no-deps --target "$out/$side/site" "$out/$side/tree" >/dev/null
+  (cd "$out" && PYTHONPATH=$out/$side/site "$python" -m fedprune.coordinator.demo --seed 3 \
+    --out "$out/$side/demo" --run ab) >"$out/demo-$side.log" 2>&1
 done
+# The fleet runs alternate (old, new, old, new, ...) so that a machine that slows down or speeds
+# up during the comparison weighs on both sides alike.
+for i in $(seq "$repeats"); do
+  for side in old new; do
+    PYTHONPATH=$out/$side/site "$python" "$out/$side/tree/benchmarks/fleet.py" --devices 1000 \
+      --updates pruned --no-deadline --json "$out/fleet-$side-$i.json" >"$out/fleet-$side-$i.log" 2>&1
+  done
+done
+for side in old new; do git worktree remove --force "$out/$side/tree"; done
 
 # The demo's rounds and exports must match line for line once timings and paths are set aside.
 strip() { sed -E -e "s#$out/(old|new)#OUT#g" -e 's/[0-9.]+ ?s(: [0-9]+ rounds)?$/\1/' -e 's/127\.0\.0\.1:[0-9]+/BROKER/' "$1"; }
