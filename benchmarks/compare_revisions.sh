@@ -19,6 +19,11 @@ for side in old new; do
   rev=${!side}
   git worktree add -q --detach "$out/$side/tree" "$rev"
   "$python" -m pip install -q --no-deps --target "$out/$side/site" "$out/$side/tree" >/dev/null
+  # From $out, not the checkout: "python -m" puts the working folder first on sys.path, and the
+  # checkout's fedprune/ would win over the revision's.
+  where=$(cd "$out" && PYTHONPATH=$out/$side/site "$python" -c \
+    'import fedprune.coordinator.rounds as r; print(r.__file__)')
+  [[ $where == "$out/$side/site/"* ]] || { echo "$side: imports $where, not its own" >&2; exit 1; }
   (cd "$out" && PYTHONPATH=$out/$side/site "$python" -m fedprune.coordinator.demo --seed 3 \
     --out "$out/$side/demo" --run ab) >"$out/demo-$side.log" 2>&1
 done
@@ -26,8 +31,9 @@ done
 # up during the comparison weighs on both sides alike.
 for i in $(seq "$repeats"); do
   for side in old new; do
-    PYTHONPATH=$out/$side/site "$python" "$out/$side/tree/benchmarks/fleet.py" --devices 1000 \
-      --updates pruned --no-deadline --json "$out/fleet-$side-$i.json" >"$out/fleet-$side-$i.log" 2>&1
+    (cd "$out" && PYTHONPATH=$out/$side/site "$python" "$out/$side/tree/benchmarks/fleet.py" \
+      --devices 1000 --updates pruned --no-deadline --json "$out/fleet-$side-$i.json") \
+      >"$out/fleet-$side-$i.log" 2>&1
   done
 done
 for side in old new; do git worktree remove --force "$out/$side/tree"; done
