@@ -43,11 +43,12 @@ from fedprune.coordinator.validation import Limits
 from fedprune.protocol.chunks import Collector
 from fedprune.protocol.codec import Codec, Update, decode_model, decode_update, encode_update
 from fedprune.protocol.envelope import receive
-from fedprune.protocol.errors import FedpruneError, WireError, print_error
+from fedprune.protocol.errors import FedpruneError, ReplayError, WireError, print_error
 from fedprune.protocol.messages import (
     COORDINATOR,
     Chunk,
     Close,
+    Message,
     Notice,
     Phase,
     Round,
@@ -57,7 +58,7 @@ from fedprune.protocol.messages import (
 from fedprune.protocol.options import add_broker_arguments, name
 from fedprune.protocol.signing import Trust
 from fedprune.protocol.topics import Topics
-from fedprune.protocol.transport import MqttTransport, Transport
+from fedprune.protocol.transport import MqttTransport, Transport, topic_matches
 
 PROG = "fedprune-aggregator"
 TALLY_SECONDS = 0.25
@@ -86,10 +87,11 @@ class PartialSums:
     """The coordinator's side of ``expected`` aggregators: their tallies count in the round being
     collected; once it is closed, their partial sums are added into its aggregate."""
 
-    def __init__(self, topics: Topics, trust: Trust, *, expected: int) -> None:
+    def __init__(self, topics: Topics, trust: Trust, *, expected: int, session: str = "") -> None:
         self.topics = topics
         self.trust = trust  # the coordinator's own key: aggregators sign with it
         self.expected = expected
+        self.session = session  # the coordinator's: what the aggregators send answers it
         self.root = topics.aggregators.removesuffix("/#")
         self._round: _Round | None = None
 
@@ -102,7 +104,9 @@ class PartialSums:
         sums = self._round
         aggregator = topic[len(self.root) + 1 :].split("/")[0]
         try:
-            message = receive(payload, self.trust, sender=COORDINATOR).message
+            message = receive(
+                payload, self.trust, sender=COORDINATOR, run=self.topics.run, session=self.session
+            ).message
             if isinstance(message, Tally) and message.round == state.round:
                 self._tally(state, sums, aggregator, message)
             elif isinstance(message, Chunk) and f"/partial/{state.round}/" in topic:
@@ -189,6 +193,7 @@ class ShareAggregator:
             staleness_weight=0.0,
             observer=Observer(),
             notify=self._notify,
+            run=config.run,
         )
         self.rounds = 0  # rounds whose partial it sent
         self.taken = 0  # updates it accepted, all rounds
@@ -236,7 +241,7 @@ class ShareAggregator:
         if (parsed := t.parse_update(topic)) is not None:
             self._on_update(*parsed, payload)
         elif (client_id := t.client_of_status(topic)) is not None:
-            change = self.fleet.on_status(client_id, payload, self.intake.trust)
+            change = self.fleet.on_status(client_id, payload, self.intake.trust, run=t.run)
             if change is not None and change.hello is not None:
                 self.intake.claimed(client_id, change.hello.unanswered)
         elif topic != t.tally(self.name):  # its own tallies come back too
@@ -260,19 +265,24 @@ class ShareAggregator:
 
     def _follow(self, topic: str, payload: bytes) -> None:
         """The coordinator's round, model, close and status, and the other aggregators' tallies
-        (all sent as the coordinator)."""
+        (all sent as the coordinator); what does not make sense is logged and ignored."""
         try:
-            message = receive(payload, self.own, sender=COORDINATOR).message
+            envelope = receive(payload, self.own, sender=COORDINATOR, run=self.topics.run)
+            session = self._begun[0]
+            if envelope.session and session and envelope.session < session:
+                raise ReplayError(f"of an earlier coordinator session ({envelope.session[:32]})")
+            self._take(topic, envelope.message)
         except WireError as exc:
             log.warning("ignored a message on %s: %s", topic, exc)
-            return
+
+    def _take(self, topic: str, message: Message) -> None:
         state = self.intake.current
         if isinstance(message, Tally):
             if state is not None and message.round == state.round:
                 self._elsewhere.update(message.reported)
         elif isinstance(message, Round):
             self._announced = message
-        elif isinstance(message, Chunk):
+        elif isinstance(message, Chunk) and topic_matches(self.topics.all_models, topic):
             whole = self._models.add(message)
             if whole is not None:
                 self._model = (message.sha256, whole)
@@ -288,6 +298,8 @@ class ShareAggregator:
     def _begin(self, announced: Round, payload: bytes) -> None:
         """Collect ``announced``'s updates, against its model."""
         self._begun = (announced.session, announced.round)
+        # Updates answer this session, and so does what this aggregator sends (protocol 1.10)
+        self.intake.session = self.downlink.session = announced.session
         self._elsewhere = set()
         model = decode_model(payload)
         self.intake.limits = Limits.for_model(model, self.config)

@@ -53,10 +53,13 @@ class ModelRelease:
 class Downlink:
     """Publishes as the coordinator (signed with ``signer``) and counts the bytes delivered."""
 
-    def __init__(self, transport: Transport, topics: Topics, *, signer: SigningKey | None) -> None:
+    def __init__(
+        self, transport: Transport, topics: Topics, *, signer: SigningKey | None, session: str = ""
+    ) -> None:
         self.transport = transport
         self.topics = topics
         self.signer = signer
+        self.session = session  # the coordinator session every message is bound to (1.10)
         self.bytes_down = 0
         # What a device that joins receives at once (retained): the size of each.
         self.joining = {"spec": 0, "artifact": 0, "status": 0, "round": 0}
@@ -67,7 +70,13 @@ class Downlink:
         self.holders: set[str] = set()
 
     def encode(self, message: Message) -> bytes:
-        return encode(message, run=self.topics.run, sender=COORDINATOR, signer=self.signer)
+        return encode(
+            message,
+            run=self.topics.run,
+            sender=COORDINATOR,
+            signer=self.signer,
+            session=self.session,
+        )
 
     def publish(
         self, topic: str, message: Message, *, retain: bool = True, receivers: int = 0

@@ -79,13 +79,16 @@ class Fleet:
     def __iter__(self) -> Iterator[str]:
         return iter(self.devices)
 
-    def on_status(self, client_id: str, payload: bytes, trust: Trust) -> Change | None:
-        """A message on ``client_id``'s status topic, which only that device may send: its hello
-        or its last will. ``None`` when it changes nothing (a forged, garbled or cleared one)."""
+    def on_status(
+        self, client_id: str, payload: bytes, trust: Trust, *, run: str | None = None
+    ) -> Change | None:
+        """A message on ``client_id``'s status topic, which only that device may send, for run
+        ``run``: its hello or its last will. ``None`` when it changes nothing (a forged,
+        replayed, garbled or cleared one)."""
         if not payload or not NAME.fullmatch(client_id):
             return None
         try:
-            message = receive(payload, trust, sender=client_id).message
+            message = receive(payload, trust, sender=client_id, run=run).message
         except SignatureError as exc:
             self.dropped += 1
             log.warning("dropped a status message on %s's topic: %s", client_id, exc)

@@ -25,7 +25,7 @@ from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, 
 from fedprune.protocol.chunks import Reassembler
 from fedprune.protocol.codec import Codec, Model, Update
 from fedprune.protocol.envelope import receive
-from fedprune.protocol.errors import SignatureError, WireError
+from fedprune.protocol.errors import ReplayError, SignatureError, WireError
 from fedprune.protocol.messages import Chunk, Failed, Notice, Round, Unanswered
 from fedprune.protocol.signing import Trust
 
@@ -76,8 +76,9 @@ class RoundState:
 class UpdateIntake:
     """Receives, reassembles, validates and sums the updates of the round being collected.
 
-    ``notify`` sends a device its notice; ``session`` is the coordinator session whose claims of
-    unanswered updates count (``Hello.unanswered``)."""
+    ``notify`` sends a device its notice. Updates must be made for run ``run`` (any, if empty)
+    and answer coordinator session ``session`` (protocol 1.10), whose claims of unanswered
+    updates count too (``Hello.unanswered``); another run's or session's are replays, dropped."""
 
     def __init__(
         self,
@@ -90,6 +91,7 @@ class UpdateIntake:
         staleness_weight: float,
         observer: Observer,
         notify: Callable[[str, Notice], None],
+        run: str = "",
         session: str = "",
     ) -> None:
         self.fleet = fleet
@@ -100,10 +102,11 @@ class UpdateIntake:
         self.staleness_weight = staleness_weight
         self.observer = observer
         self.notify = notify
+        self.run = run
         self.session = session
         self.current: RoundState | None = None
         self.previous: RoundState | None = None  # late updates may still count (staleness)
-        self.dropped = 0  # messages refused for a missing or bad signature
+        self.dropped = 0  # messages refused for a missing or bad signature, or replayed
 
     def open(self, state: RoundState) -> None:
         """Collect ``state``'s round from now on."""
@@ -140,7 +143,9 @@ class UpdateIntake:
         slot: Slot | None = None
         target = state  # the round the payload is for, once known: its chunks are kept there
         try:
-            message = receive(payload, self.trust, sender=client_id).message
+            message = receive(
+                payload, self.trust, sender=client_id, run=self.run or None, session=self.session
+            ).message
             self.observer.received(client_id, len(payload))  # the device's own bytes
             if isinstance(message, Failed):
                 if round_text != str(state.round) or message.round != state.round:
@@ -161,10 +166,12 @@ class UpdateIntake:
             if update is None:
                 return
         except SignatureError as exc:
-            # Not the device's: counted and logged, and kept away from the device's round state.
-            state.rejected[Reason.SIGNATURE.value] += 1
+            # Not the device's (a forgery, or a replay of one it made for another run or
+            # session): counted and logged, and kept away from the device's round state.
+            reason = Reason.REPLAY if isinstance(exc, ReplayError) else Reason.SIGNATURE
+            state.rejected[reason.value] += 1
             self.dropped += 1
-            self.observer.rejected(client_id, Reason.SIGNATURE.value, str(exc))
+            self.observer.rejected(client_id, reason.value, str(exc))
             log.warning(
                 "round %d: dropped an update chunk on %s's topic: %s", state.round, client_id, exc
             )

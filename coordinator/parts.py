@@ -5,6 +5,7 @@ sums. A test or another deployment builds them differently; the loop only orders
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from fedprune.coordinator.global_model import GlobalModel
 from fedprune.coordinator.intake import UpdateIntake
 from fedprune.coordinator.observer import Observer, Observers
 from fedprune.coordinator.spec import SpecPublisher
-from fedprune.coordinator.telemetry import Telemetry, publisher
+from fedprune.coordinator.telemetry import Telemetry, new_session, publisher
 from fedprune.coordinator.validation import Limits
 from fedprune.protocol.codec import Codec
 from fedprune.protocol.messages import COORDINATOR
@@ -59,9 +60,10 @@ class Parts:
         broker)."""
         topics = Topics(config.run)
         codec = None if config.codec == "auto" else Codec.parse(config.codec)
-        downlink = Downlink(transport, topics, signer=signer)
+        session = new_session(time.time())
+        downlink = Downlink(transport, topics, signer=signer, session=session)
         publish = publisher(transport, topics.telemetry, downlink.encode)
-        telemetry = Telemetry(config, publish=publish, signed=signer is not None)
+        telemetry = Telemetry(config, publish=publish, signed=signer is not None, session=session)
         observer = Observers(telemetry, *(observers or []))
         fleet = Fleet(
             seed=config.seed,
@@ -86,11 +88,14 @@ class Parts:
             staleness_weight=config.staleness_weight,
             observer=observer,
             notify=downlink.notify,
-            session=telemetry.session,
+            run=config.run,
+            session=session,
         )
         own = Trust() if signer is None else Trust.of({COORDINATOR: signer.verify_key})
         partials = (
-            PartialSums(topics, own, expected=config.aggregators) if config.aggregators else None
+            PartialSums(topics, own, expected=config.aggregators, session=session)
+            if config.aggregators
+            else None
         )
         return cls(
             transport=transport,

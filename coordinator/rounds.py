@@ -19,7 +19,7 @@ from typing import Any
 
 from fedprune.coordinator.aggregation import make_aggregator
 from fedprune.coordinator.deployment import Deployments
-from fedprune.coordinator.fleet import Change, needs_artifact
+from fedprune.coordinator.fleet import Change, Draw, needs_artifact
 from fedprune.coordinator.global_model import Evaluator, GlobalModel
 from fedprune.coordinator.intake import RoundState
 from fedprune.coordinator.parts import Parts
@@ -141,14 +141,8 @@ class Coordinator:
     def run_round(self, round_: int) -> RoundResult:
         """One round: draw, publish, collect, aggregate, prune, evaluate, report."""
         started = time.perf_counter()
-        self.wait_for_clients(1)  # everyone may have dropped: wait for someone to come back
+        draw = self._draw(round_)
         model = self.pruner.model()
-        draw = self.fleet.select(round_)
-        if not draw.selected:
-            raise ConfigError(
-                f"none of the {len(self.fleet)} online clients can train this"
-                f" model ({self.fleet.why_none_can_train()})"
-            )
         announcement, sent = self._announce(round_, model, draw.selected, draw.draw, draw.cutoff)
         self.observer.round_started(round_, draw.selected, announcement.deadline, sent)
         self.status(Phase.TRAINING, round_)
@@ -187,6 +181,20 @@ class Coordinator:
         if self.pruner.rebuild_due(round_) and self.pruner.rebuild():
             self._rebuilt(round_)
         return self._ended(state, len(draw.selected), time.perf_counter() - started)
+
+    def _draw(self, round_: int) -> Draw:
+        """The round's draw, once a device that can train it is online. Everyone may have gone
+        (their last wills, or forged ones, read while waiting): then it waits again."""
+        while True:
+            self.wait_for_clients(1)
+            draw = self.fleet.select(round_)
+            if draw.selected:
+                return draw
+            if len(self.fleet):
+                raise ConfigError(
+                    f"none of the {len(self.fleet)} online clients can train this"
+                    f" model ({self.fleet.why_none_can_train()})"
+                )
 
     def _announce(
         self, round_: int, model: Model, selected: list[str], draw: str, cutoff: int
@@ -280,7 +288,9 @@ class Coordinator:
         elif (parsed := self.topics.parse_update(topic)) is not None:
             self.intake.on_message(parsed[0], parsed[1], payload)
         elif (client_id := self.topics.client_of_status(topic)) is not None:
-            change = self.fleet.on_status(client_id, payload, self.intake.trust)
+            change = self.fleet.on_status(
+                client_id, payload, self.intake.trust, run=self.topics.run
+            )
             if change is not None:
                 self._changed(change)
 

@@ -36,10 +36,11 @@ ROUNDS_KEPT = 200
 
 Listener = Callable[[Snapshot], None]
 
-NOT_ITS_DOING = ("signature", "sender", "round")
+NOT_ITS_DOING = ("signature", "sender", "replay", "round")
 """Rejections that are events, not marks on the device's row: a message it did not sign or that
-names another sender (anyone can forge those on an open broker), and an update for a round that
-has closed (the device is already counted late for it)."""
+names another sender (anyone can forge those on an open broker), one it made for another run or
+session (anyone can replay those), and an update for a round that has closed (the device is
+already counted late for it)."""
 
 
 def new_session(now: float) -> str:
@@ -75,12 +76,13 @@ class Telemetry(Observer):
         signed: bool = False,
         interval: float = 0.5,
         clock: Callable[[], float] = time.time,
+        session: str = "",
     ) -> None:
         self.config = config
         self.publish = publish
         self.listeners: list[Listener] = []
         self.ledger = Ledger(clock=clock)
-        self.session = new_session(clock())
+        self.session = session or new_session(clock())
         self.signed = signed
         self.interval = interval
         self._clock = clock

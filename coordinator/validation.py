@@ -13,6 +13,7 @@ from fedprune.protocol.codec import Model, Update, decode_update
 from fedprune.protocol.errors import (
     ConfigError,
     OversizeError,
+    ReplayError,
     SenderError,
     ShapeError,
     SignatureError,
@@ -40,6 +41,7 @@ class Reason(StrEnum):
     SAMPLES = "samples"
     SENDER = "sender"
     SIGNATURE = "signature"  # not signed by the device whose topic it came on: dropped
+    REPLAY = "replay"  # made for another run or coordinator session: dropped
     FAILED = "failed"  # the device said its training failed (no update is coming)
     CODEC = "codec"  # not in the codec the run forces
 
@@ -97,6 +99,7 @@ class Limits:
 
 _BY_ERROR: list[tuple[type[WireError], Reason]] = [
     (SenderError, Reason.SENDER),
+    (ReplayError, Reason.REPLAY),
     (SignatureError, Reason.SIGNATURE),
     (OversizeError, Reason.OVERSIZE),
     (VersionError, Reason.VERSION),

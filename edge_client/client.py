@@ -23,10 +23,9 @@ from fedprune.edge_client.run_follower import ClientStats, RunFollower, Unable
 from fedprune.edge_client.uplink import Identity, Uplink
 from fedprune.protocol.chunks import MAX_ASSEMBLED_BYTES
 from fedprune.protocol.codec import Model, decode_model
-from fedprune.protocol.envelope import UNSIGNED, receive
-from fedprune.protocol.errors import ConfigError, SignatureError, WireError
+from fedprune.protocol.envelope import UNSIGNED
+from fedprune.protocol.errors import ConfigError, WireError
 from fedprune.protocol.messages import (
-    COORDINATOR,
     Chunk,
     Deployment,
     Notice,
@@ -148,6 +147,8 @@ class EdgeClient:
             deploy=deploy,
             deploy_wait=deploy_wait,
             on_new_session=self._new_session,
+            trust=trust,
+            max_payload=identity.max_payload,
         )
         self._forever = False
         self._trained: set[int] = set()  # rounds trained in the session followed
@@ -173,18 +174,22 @@ class EdgeClient:
         self.start()
         end = None if timeout is None else time.monotonic() + timeout
         while not self.stats.finished and (end is None or time.monotonic() < end):
-            item = self.transport.get(timeout=0.5)
-            if item is not None:
-                self.stats.bytes_down += len(item[1])
-                self.handle(*item)
-            self._maybe_train()
-            self._maybe_resend()
-            self.following.check_finished()
-            if forever and self.stats.finished:
-                self.following.next_run()
-            self._report_waiting()
-            self._show_state()
+            self.step(self.transport.get(timeout=0.5))
         return self.stats
+
+    def step(self, item: tuple[str, bytes] | None) -> None:
+        """One turn of the loop: handle ``item`` (a message, if one came), then train, resend,
+        end the run or say what it waits for, as is due."""
+        if item is not None:
+            self.stats.bytes_down += len(item[1])
+            self.handle(*item)
+        self._maybe_train()
+        self._maybe_resend()
+        self.following.check_finished()
+        if self._forever and self.stats.finished:
+            self.following.next_run()
+        self._report_waiting()
+        self._show_state()
 
     def _show_state(self, doing: str | None = None) -> None:
         """Tell ``show`` what the client is doing (``doing``, else what it waits for)."""
@@ -248,37 +253,15 @@ class EdgeClient:
         return self.training.cannot_train(spec, self.topics.run) or self.following.cannot_train()
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """One message from the coordinator (only it may send on the topics a device reads); one
-        over the profile's payload limit is ignored."""
-        if not payload:  # a cleared retained message
-            return
-        if (limit := self.identity.max_payload) and len(payload) > limit:
-            self.stats.oversize += 1
-            log.warning(
-                "ignored a message of %d bytes on %s: over this profile's %d-byte limit",
-                len(payload),
-                topic,
-                limit,
-            )
-            return
-        try:
-            message = receive(payload, self.trust, sender=COORDINATOR).message
-        except SignatureError as exc:
-            self.stats.dropped += 1
-            log.warning("dropped a message on %s: %s", topic, exc)
-            return
-        except WireError as exc:  # whatever arrives from the network is data, never fatal
-            log.warning("ignored a message on %s: %s", topic, exc)
-            return
+        """One message from the coordinator (only it may send on the topics a device reads)."""
+        message = self.following.receive(topic, payload)
         try:
             if isinstance(message, Chunk):
                 self._on_chunk(topic, message)
             elif isinstance(message, Round):
-                if self.following.follow(message.session):
-                    self._on_round(message)
+                self._on_round(message)
             elif isinstance(message, Status):
-                if self.following.follow(message.session):
-                    self._on_status(message)
+                self._on_status(message)
             elif isinstance(message, Spec):
                 self._on_spec(message)
             elif isinstance(message, Deployment) and self.deploy is not None:
@@ -336,7 +319,7 @@ class EdgeClient:
         """This device cannot train ``round_``: it says why to the coordinator (a failed round)."""
         self._trained.add(round_)
         log.error("round %d: %s; told the coordinator", round_, why)
-        self.uplink.failed(round_, why)
+        self.uplink.failed(round_, self.following.session or "", why)
 
     def _maybe_resend(self) -> None:
         """Send the pending update again if its notice is overdue, or at once after this
@@ -391,10 +374,12 @@ class EdgeClient:
                 raise  # it says so and stops
             self.following.unable = Unable(session=self.following.session, why=str(exc))
             log.error("round %d: %s; waiting for the next run (--forever)", round_.round, exc)
-            self.uplink.failed(round_.round, str(exc))
+            self.uplink.failed(round_.round, self.following.session or "", str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed round is data, not the device's end
             log.exception("round %d: training failed", round_.round)
-            self.uplink.failed(round_.round, f"{type(exc).__name__}: {exc}")
+            self.uplink.failed(
+                round_.round, self.following.session or "", f"{type(exc).__name__}: {exc}"
+            )
 
     def _artifact(self, spec: Spec) -> bytes | None:
         """The training artifact this client's backend needs, once it is here."""

@@ -1,5 +1,6 @@
-"""The coordinator's run as a device follows it, apart from its rounds: which coordinator session
-it follows (a newer one is joined, an older one is a replay), the run's phase from its status,
+"""The coordinator's run as a device follows it, apart from its rounds: which of the coordinator's
+messages belong to it (signed by the coordinator, made for this run and the coordinator session
+followed: a newer session is joined, an older one is a replay), the run's phase from its status,
 whether the coordinator's last will says it is away, and the run's end, with the deployed model
 the device waits for before it exits."""
 
@@ -11,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedprune.edge_client.deploy import DeploymentReceiver
-from fedprune.protocol.messages import Phase, Status
+from fedprune.protocol.envelope import UNSIGNED, receive
+from fedprune.protocol.errors import ReplayError, SignatureError, WireError
+from fedprune.protocol.messages import COORDINATOR, Message, Phase, Status
+from fedprune.protocol.signing import Trust
 
 log = logging.getLogger("fedprune.client")
 
@@ -25,6 +29,7 @@ class ClientStats:
     finished: bool = False
     aborted: bool = False
     dropped: int = 0  # messages refused for a missing or bad signature
+    replayed: int = 0  # messages made for another run or an earlier coordinator session
     oversize: int = 0  # messages over the profile's payload limit, ignored
     failed: int = 0  # rounds whose training raised (reported to the coordinator)
     resent: int = 0  # updates sent again for want of a notice (or after a reconnect)
@@ -39,10 +44,11 @@ class Unable:
 
 
 class RunFollower:
-    """Follows run ``run`` for a device of profile ``profile``, ending it in ``stats``. A newer
-    coordinator session calls ``on_new_session`` (the device forgets that run's rounds). With
-    ``deploy``, the end of a run that deploys to this profile waits up to ``deploy_wait``
-    seconds for the model."""
+    """Follows run ``run`` for a device of profile ``profile``, ending it in ``stats``: it takes
+    the coordinator's messages that belong to the run (signed with the key in ``trust``, no
+    larger than ``max_payload``). A newer coordinator session calls ``on_new_session`` (the
+    device forgets that run's rounds). With ``deploy``, the end of a run that deploys to this
+    profile waits up to ``deploy_wait`` seconds for the model."""
 
     def __init__(
         self,
@@ -53,6 +59,8 @@ class RunFollower:
         deploy: DeploymentReceiver | None,
         deploy_wait: float,
         on_new_session: Callable[[], None],
+        trust: Trust = UNSIGNED,
+        max_payload: int = 0,
     ) -> None:
         self.run = run
         self.profile = profile
@@ -60,6 +68,8 @@ class RunFollower:
         self.deploy = deploy
         self.deploy_wait = deploy_wait
         self.on_new_session = on_new_session
+        self.trust = trust  # the coordinator's verify key (or unsigned)
+        self.max_payload = max_payload  # the largest message the device takes (0: any)
         self.session: str | None = None  # the coordinator session it follows (protocol 1.5)
         self.status: Status | None = None  # the coordinator's last
         self.away_since: float | None = None  # since when its last will says it is away
@@ -68,6 +78,41 @@ class RunFollower:
         self.awaiting_deploy = False  # the finished run deploys to this device's profile
         self._live = False  # saw this run waiting or training (so a FINISHED is about it)
         self._ended: str | None = None  # the session whose end was served (``forever``)
+
+    def receive(self, topic: str, payload: bytes) -> Message | None:
+        """The coordinator's message in ``payload``; ``None`` (counted and logged) when it is
+        empty (a cleared retained message), over the profile's payload limit, unreadable, not
+        signed by the coordinator, or made for another run or an earlier coordinator session."""
+        if not payload:
+            return None
+        if (limit := self.max_payload) and len(payload) > limit:
+            self.stats.oversize += 1
+            log.warning(
+                "ignored a message of %d bytes on %s: over this profile's %d-byte limit",
+                len(payload),
+                topic,
+                limit,
+            )
+            return None
+        try:
+            envelope = receive(payload, self.trust, sender=COORDINATOR, run=self.run)
+        except ReplayError as exc:
+            self.stats.replayed += 1
+            log.warning("dropped a message on %s: %s", topic, exc)
+            return None
+        except SignatureError as exc:
+            self.stats.dropped += 1
+            log.warning("dropped a message on %s: %s", topic, exc)
+            return None
+        except WireError as exc:  # whatever arrives from the network is data, never fatal
+            log.warning("ignored a message on %s: %s", topic, exc)
+            return None
+        # The session: in every envelope from 1.10, in the round and status messages from 1.5
+        session = envelope.session or getattr(envelope.message, "session", "")
+        if not self.follow(session):
+            self.stats.replayed += 1
+            return None
+        return envelope.message
 
     def follow(self, session: str) -> bool:
         """Whether a message of coordinator session ``session`` is current. A newer session (a

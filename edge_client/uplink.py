@@ -50,8 +50,11 @@ class Identity:
     max_payload: int = 0  # the largest message it takes (its profile's), 0 = any
     signer: SigningKey | None = field(default=None, repr=False, compare=False)
 
-    def encode(self, message: Message) -> bytes:
-        return encode(message, run=self.run, sender=self.client_id, signer=self.signer)
+    def encode(self, message: Message, session: str = "") -> bytes:
+        """``message`` as this device's, answering coordinator session ``session`` if given."""
+        return encode(
+            message, run=self.run, sender=self.client_id, signer=self.signer, session=session
+        )
 
     def hello(
         self,
@@ -145,18 +148,19 @@ class Uplink:
         self.pending = Pending(
             round=round_, session=session, payload=payload, sent_at=time.monotonic()
         )
-        return self.send(round_, payload)
+        return self.send(round_, session, payload)
 
     def forget(self) -> None:
         """A new coordinator session: the pending update is of a session that is gone."""
         self.pending = None
 
-    def send(self, round_: int, payload: bytes) -> int:
-        """Publish an update payload in chunks; returns the bytes put on the wire."""
+    def send(self, round_: int, session: str, payload: bytes) -> int:
+        """Publish an update payload, answering coordinator session ``session``, in chunks;
+        returns the bytes put on the wire."""
         prefix = self.topics.update(self.identity.client_id, round_)
         sent = 0
         for chunk in split_to_fit(payload, max_payload=self.transport.max_payload):
-            body = self.identity.encode(chunk)
+            body = self.identity.encode(chunk, session)
             self.transport.publish(f"{prefix}/{chunk.index}", body)
             sent += len(body)
         if not self.transport.flush(timeout=30):
@@ -168,12 +172,12 @@ class Uplink:
         self.counts.bytes_up += sent
         return sent
 
-    def failed(self, round_: int, reason: str) -> None:
+    def failed(self, round_: int, session: str, reason: str) -> None:
         """Tell the coordinator this round's training failed, so that it does not wait for it."""
         self.counts.failed += 1
         message = Failed(round=round_, reason=reason[:500])
         topic = f"{self.topics.update(self.identity.client_id, round_)}/failed"
-        self.transport.publish(topic, self.identity.encode(message))
+        self.transport.publish(topic, self.identity.encode(message, session))
 
     def on_notice(self, notice: Notice) -> None:
         """The coordinator's answer: the pending update of its round is no longer pending."""
@@ -218,5 +222,5 @@ class Uplink:
         else:
             return
         self.counts.resent += 1
-        self.send(pending.round, pending.payload)
+        self.send(pending.round, pending.session, pending.payload)
         pending.sent_at = time.monotonic()

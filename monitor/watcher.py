@@ -46,7 +46,7 @@ class Watcher:
             return False
         topic, payload = item
         try:
-            message = receive(payload, self.trust, sender=COORDINATOR).message
+            message = receive(payload, self.trust, sender=COORDINATOR, run=self.topics.run).message
         except SignatureError as exc:
             self.dropped += 1
             log.warning("dropped a message on %s: %s", topic, exc)

@@ -1,10 +1,12 @@
 """The envelope around every message: version, run, sender, sequence, an optional signature.
 
 Every message is one msgpack map ``{"v": "<major>.<minor>", "kind": ..., "run": ..., "sender":
-..., "seq": ..., "body": {...}}`` (``v`` is :data:`PROTOCOL_VERSION`); a signed one is wrapped in
-an outer map of kind ``"signed"`` with the inner bytes and their Ed25519 signature. The major
-version also appears in the topic (``fedprune/v1/<run>/...``); a message whose major differs from
-ours is refused. Every field is checked against its type; nothing is ever pickled.
+..., "seq": ..., "session": ..., "body": {...}}`` (``v`` is :data:`PROTOCOL_VERSION`;
+``session``, from 1.10, is the coordinator session the message belongs to or answers, when there
+is one); a signed one is wrapped in an outer map of kind ``"signed"`` with the inner bytes and
+their Ed25519 signature, so that the signature also binds the message to its run and session.
+The major version also appears in the topic (``fedprune/v1/<run>/...``); a message whose major
+differs from ours is refused. Every field is checked against its type; nothing is ever pickled.
 :func:`receive` is how every reader takes a message: decode, verify, and check the sender.
 """
 
@@ -20,12 +22,12 @@ from typing import Any
 
 import msgpack
 
-from fedprune.protocol.errors import SenderError, VersionError, WireError
+from fedprune.protocol.errors import ReplayError, SenderError, VersionError, WireError
 from fedprune.protocol.messages import KINDS, Kind, Message
 from fedprune.protocol.signing import SigningKey, Trust
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 9
+PROTOCOL_MINOR = 10
 """Minors only add optional fields and kinds; docs/protocol.md, "Versioning", says what each did."""
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
@@ -34,6 +36,9 @@ SIGNED = "signed"
 
 UNSIGNED = Trust()
 """The trust of a receiver that takes unsigned messages (the demo, tests)."""
+
+SESSION_MINOR = 10
+"""The minor from which envelopes name their coordinator session."""
 
 _seq = itertools.count()
 
@@ -47,11 +52,24 @@ class Envelope:
     sender: str
     seq: int
     message: Message = field(repr=False)
+    session: str = ""  # the coordinator session it belongs to or answers (1.10), if any
     signed: bool = False  # carried a signature that the receiver's Trust checked
 
+    @property
+    def minor(self) -> int:
+        return int(self.version.partition(".")[2])
 
-def encode(message: Message, *, run: str, sender: str, signer: SigningKey | None = None) -> bytes:
-    """Serialize one message in its envelope; with ``signer``, wrapped with its signature."""
+
+def encode(
+    message: Message,
+    *,
+    run: str,
+    sender: str,
+    signer: SigningKey | None = None,
+    session: str = "",
+) -> bytes:
+    """Serialize one message in its envelope, for ``run`` and, when given, coordinator session
+    ``session``; with ``signer``, wrapped with its signature."""
     body = {f.name: _plain(getattr(message, f.name)) for f in dataclasses.fields(message)}
     envelope = {
         "v": PROTOCOL_VERSION,
@@ -61,6 +79,8 @@ def encode(message: Message, *, run: str, sender: str, signer: SigningKey | None
         "seq": next(_seq),
         "body": body,
     }
+    if session:
+        envelope["session"] = session
     inner: bytes = msgpack.packb(envelope, use_bin_type=True)
     if signer is None:
         return inner
@@ -73,13 +93,28 @@ def encode(message: Message, *, run: str, sender: str, signer: SigningKey | None
     return msgpack.packb(signed, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def receive(payload: bytes, trust: Trust, *, sender: str | None = None) -> Envelope:
-    """A message as every reader takes one: decoded, its signature checked against ``trust``,
-    and, with ``sender``, sent as that id (``SenderError`` otherwise: on a device's topic only
-    that device may speak, on the coordinator's only the coordinator)."""
+def receive(
+    payload: bytes,
+    trust: Trust,
+    *,
+    sender: str | None = None,
+    run: str | None = None,
+    session: str | None = None,
+) -> Envelope:
+    """A message as every reader takes one: decoded, its signature checked against ``trust``;
+    with ``sender``, sent as that id (``SenderError`` otherwise: on a device's topic only that
+    device may speak, on the coordinator's only the coordinator); with ``run``, made for that
+    run, and with ``session``, for that coordinator session (``ReplayError`` otherwise). A
+    message older than 1.10 names no session and passes."""
     envelope = decode(payload, trust)
     if sender is not None and envelope.sender != sender:
         raise SenderError(f"sent as {envelope.sender[:64]!r}, expected {sender[:64]!r}")
+    if run is not None and envelope.run != run:
+        raise ReplayError(f"made for run {envelope.run[:64]!r}, not {run[:64]!r}")
+    if session and envelope.minor >= SESSION_MINOR and envelope.session != session:
+        raise ReplayError(
+            f"made for coordinator session {envelope.session[:32]!r}, not {session[:32]!r}"
+        )
     return envelope
 
 
@@ -135,9 +170,16 @@ def _envelope(raw: dict[Any, Any]) -> Envelope:
             sender=str(raw["sender"]),
             seq=int(raw["seq"]),
             message=message,
+            session=_text(raw.get("session", "")),
         )
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed message ({exc})") from exc
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
 
 
 def _build(cls: type[Any], body: Any, *, newer: bool) -> Any:

@@ -42,6 +42,11 @@ class SignatureError(WireError):
     """A message whose signature is missing, wrong, or made with a key we do not trust."""
 
 
+class ReplayError(SignatureError):
+    """A message made for another run or coordinator session than the receiver's: a replay (its
+    signature, if any, is genuine; the context it was signed for is not this one)."""
+
+
 class SenderError(WireError):
     """A message sent as someone other than the one whose topic it is on (or who must send it)."""
 

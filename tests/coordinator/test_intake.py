@@ -302,7 +302,8 @@ def test_with_device_keys_an_unsigned_update_in_a_devices_name_is_dropped_and_it
 
     def signed(name: str, payload: bytes) -> list[bytes]:
         chunks = split(payload, max_chunk=1 << 20)
-        return [encode(c, run=RUN, sender=name, signer=keys[name]) for c in chunks]
+        session = h.clients[name].session  # the coordinator session it answers (protocol 1.10)
+        return [encode(c, run=RUN, sender=name, signer=keys[name], session=session) for c in chunks]
 
     def answer(announcement: Round, model: Model) -> None:
         forged = update_payload(model, random_delta(model, 9, scale=1.0), num_samples=100)
@@ -326,6 +327,48 @@ def test_with_device_keys_an_unsigned_update_in_a_devices_name_is_dropped_and_it
     ]
     assert_weights(after, want)
     assert h.coordinator.intake.dropped == 1
+
+
+@pytest.mark.parametrize(
+    ("run", "session"), [(RUN, "0000000001-0ld5e55n"), ("another-run", "")], ids=["session", "run"]
+)
+def test_a_devices_signed_update_replayed_from_another_session_or_run_is_dropped(
+    harness: Callable[..., Harness], run: str, session: str
+) -> None:
+    # Prepare: a's genuine signed update of an earlier coordinator session (or of another run,
+    # for this session) is replayed on a's topic before a's own update of this session
+    h = harness()
+    keys = {name: SigningKey.generate() for name in ("a", "b")}
+    h.coordinator.intake.trust = Trust.of({name: key.verify_key for name, key in keys.items()})
+    deltas: dict[str, list[np.ndarray]] = {}
+
+    def signed(name: str, payload: bytes, *, run: str = RUN, session: str = "") -> list[bytes]:
+        session = session or h.clients[name].session
+        chunks = split(payload, max_chunk=1 << 20)
+        return [encode(c, run=run, sender=name, signer=keys[name], session=session) for c in chunks]
+
+    def answer(announcement: Round, model: Model) -> None:
+        old = update_payload(model, random_delta(model, 9, scale=1.0))
+        h.clients["a"].publish(announcement.round, signed("a", old, run=run, session=session))
+        for name, seed in (("a", 1), ("b", 2)):
+            deltas[name] = random_delta(model, seed)
+            payload = update_payload(model, deltas[name])
+            h.clients[name].publish(announcement.round, signed(name, payload))
+
+    h.on_round(answer)
+
+    # Execute
+    before, result, after = h.run_round()
+
+    # Assert: the replay is counted as such and is not a mark on a's row; a's and b's count
+    assert result.rejected == {"replay": 1}
+    assert result.reported == 2
+    want = [
+        w + (a + b) / 2 for w, a, b in zip(before.weights, deltas["a"], deltas["b"], strict=True)
+    ]
+    assert_weights(after, want)
+    rows = {r.id: r for r in h.coordinator.telemetry.ledger.rows()}
+    assert (rows["a"].rejected, rows["a"].reported) == (0, 1)
 
 
 @pytest.mark.parametrize("weight", [0.5, 0.0])

@@ -144,6 +144,32 @@ def test_no_client_able_to_train_stops_the_run(harness: Callable[..., Harness]) 
         h.coordinator.run_round(ROUND)
 
 
+def test_a_fleet_that_leaves_at_a_round_boundary_ends_the_run_with_one_line(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: round 1 with a and b; then both go (their last wills, or forged ones)
+    h = harness(join_timeout=0.5)
+
+    def answer(announcement: Round, model: Model) -> None:
+        for name, seed in (("a", 1), ("b", 2)):
+            h.clients[name].send(
+                announcement.round, update_payload(model, random_delta(model, seed))
+            )
+
+    h.on_round(answer)
+    h.run_round()
+    for name in ("a", "b"):
+        will = encode(Offline(who=name), run=RUN, sender=name)
+        h.clients[name].transport.publish(TOPICS.client_status(name), will, retain=True)
+
+    # Execute / Assert: the next round waits for someone to come back, then ends the run with
+    # one line (fedprune-coordinator prints it and exits 1), not an exception of ours
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="only 0 of 1 clients online after waiting"):
+        h.coordinator.run_round(ROUND + 1)
+    assert time.monotonic() - started < 5
+
+
 def test_only_devices_that_install_deployments_are_waited_for(
     harness: Callable[..., Harness],
 ) -> None:
@@ -183,7 +209,10 @@ def test_a_device_whose_training_failed_is_not_waited_for_and_is_counted(
     def answer(announcement: Round, model: Model) -> None:
         h.clients["a"].send(announcement.round, update_payload(model, random_delta(model, 1)))
         failed = encode(
-            Failed(round=announcement.round, reason="MemoryError: "), run=RUN, sender="b"
+            Failed(round=announcement.round, reason="MemoryError: "),
+            run=RUN,
+            sender="b",
+            session=announcement.session,
         )
         for _ in range(2):  # QoS 1 may deliver it twice: counted once
             h.clients["b"].transport.publish(

@@ -5,9 +5,11 @@ sessions, its last will, runs a device cannot train, and what a waiting device s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,15 +28,20 @@ from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.edge_client.client import EdgeClient
 from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.deploy import DeploymentReceiver
 from fedprune.edge_client.run_follower import ClientStats
 from fedprune.edge_client.uplink import Identity
+from fedprune.protocol.chunks import sha256, split
 from fedprune.protocol.codec import (
     Model,
 )
 from fedprune.protocol.envelope import decode, encode
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import (
+    Deployment,
     Failed,
+    Manifest,
+    Message,
     Notice,
     Offline,
     Phase,
@@ -358,3 +365,91 @@ def test_a_device_that_serves_forever_trains_the_next_run_even_when_its_model_is
     # Assert: both runs served by the one process, the same round number trained twice
     assert client.stats.rounds == [ROUND, ROUND]
     assert not client.stats.finished
+
+
+@pytest.mark.parametrize("made_for", [RUN, "another-run"])
+def test_a_signed_deployment_is_installed_only_in_the_run_it_was_made_for(
+    models: Path, data: LocalData, tmp_path: Path, made_for: str
+) -> None:
+    # Prepare: the coordinator's genuine signed deployment of run `made_for`, left retained on
+    # this run's deployment topic (anyone on an open broker can replay it there), for a device
+    # that joins afterwards
+    key = SigningKey.generate()
+    broker = MemoryBroker()
+    tflite = (models / "int8" / "model.tflite").read_bytes()
+    chunks = list(split(tflite, max_chunk=4096))
+    manifest = Manifest(topic="t", size=len(tflite), chunks=len(chunks), sha256=sha256(tflite))
+    export = json.dumps({"sha256": sha256(tflite), "precision": "int8"})
+    deployment = Deployment(
+        profile="raspberry-pi-4", model=manifest, precision="int8", accuracy=0.9, export_json=export
+    )
+    prefix = TOPICS.deploy("raspberry-pi-4")
+    replayer = MemoryTransport(broker)
+    for chunk in chunks:
+        signed = encode(chunk, run=made_for, sender="coordinator", signer=key)
+        replayer.publish(f"{prefix}/chunks/{chunk.index}", signed, retain=True)
+    signed = encode(deployment, run=made_for, sender="coordinator", signer=key)
+    replayer.publish(prefix, signed, retain=True)
+    with np.load(models / "digits.npz") as npz:
+        receiver = DeploymentReceiver(tmp_path / "installed", sample=npz["x"][:4])
+    client = EdgeClient(
+        MemoryTransport(broker),
+        identity=Identity(
+            run=RUN,
+            client_id=CLIENT,
+            profile="raspberry-pi-4",
+            num_samples=data.num_samples,
+            backend="fake",
+        ),
+        data=data,
+        trust=Trust.of({"coordinator": key.verify_key}),
+        deploy=receiver,
+    )
+
+    # Execute
+    client.start()
+    while (item := client.transport.get(0)) is not None:
+        client.handle(*item)
+
+    # Assert: installed in its own run; another run's is refused, every message counted
+    if made_for == RUN:
+        assert receiver.installed_sha256 == sha256(tflite)
+        assert client.stats.replayed == 0
+    else:
+        assert receiver.installed_sha256 is None
+        assert not (tmp_path / "installed").exists()
+        assert client.stats.replayed == len(chunks) + 1
+        assert client.stats.dropped == 0  # genuine signatures: a replay, not a forgery
+
+
+def test_a_message_of_an_earlier_coordinator_session_is_refused_as_a_replay(
+    data: LocalData,
+) -> None:
+    # Prepare: the device follows session "0002-b"; session "0001-a"'s genuine FINISHED comes again
+    key = SigningKey.generate()
+    broker = MemoryBroker()
+    client = EdgeClient(
+        MemoryTransport(broker),
+        identity=Identity(
+            run=RUN,
+            client_id=CLIENT,
+            profile="raspberry-pi-4",
+            num_samples=data.num_samples,
+            backend="fake",
+        ),
+        data=data,
+        trust=Trust.of({"coordinator": key.verify_key}),
+    )
+
+    def signed(message: Message, session: str) -> bytes:
+        return encode(message, run=RUN, sender="coordinator", signer=key, session=session)
+
+    client.handle(TOPICS.status, signed(Status(phase=Phase.WAITING, round=0, rounds=3), "0002-b"))
+
+    # Execute
+    client.handle(TOPICS.status, signed(Status(phase=Phase.FINISHED, round=3, rounds=3), "0001-a"))
+
+    # Assert: refused and counted, the run goes on
+    assert client.stats.replayed == 1
+    assert client.stats.finished is False
+    assert client.following.session == "0002-b"

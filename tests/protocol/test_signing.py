@@ -7,8 +7,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from fedprune.protocol.envelope import decode, encode
-from fedprune.protocol.errors import ConfigError, SignatureError
+from fedprune.protocol.envelope import decode, encode, receive
+from fedprune.protocol.errors import ConfigError, ReplayError, SignatureError
 from fedprune.protocol.messages import Offline, Phase, Status
 from fedprune.protocol.signing import (
     SigningKey,
@@ -66,6 +66,59 @@ def test_a_signature_covers_every_byte_of_the_envelope() -> None:
     # Execute / Assert: a replay into another run does not verify
     with pytest.raises(SignatureError, match="bad signature"):
         decode(msgpack.packb(outer, use_bin_type=True), TRUST)
+
+
+def test_a_signature_covers_the_session_too() -> None:
+    # Prepare: a genuine signed FINISHED of session "0002-b" changed to name session "0003-c"
+    signed = encode(
+        FINISHED, run="r", sender="coordinator", signer=COORDINATOR_KEY, session="0002-b"
+    )
+    outer = msgpack.unpackb(signed, raw=False)
+    inner = msgpack.unpackb(outer["signed"], raw=False)
+    inner["session"] = "0003-c"
+    outer["signed"] = msgpack.packb(inner, use_bin_type=True)
+
+    # Execute / Assert
+    assert decode(signed, TRUST).session == "0002-b"
+    with pytest.raises(SignatureError, match="bad signature"):
+        decode(msgpack.packb(outer, use_bin_type=True), TRUST)
+
+
+@pytest.mark.parametrize("signer", [COORDINATOR_KEY, None], ids=["signed", "unsigned"])
+def test_a_message_is_received_only_in_the_run_and_session_it_was_made_for(
+    signer: SigningKey | None,
+) -> None:
+    trust = TRUST if signer else Trust()
+    payload = encode(FINISHED, run="r", sender="coordinator", signer=signer, session="0002-b")
+
+    # The run and session it was made for, or no session asked
+    assert receive(payload, trust, run="r", session="0002-b").message == FINISHED
+    assert receive(payload, trust, run="r").message == FINISHED
+    # Another run, another session: a replay, refused
+    with pytest.raises(ReplayError, match="made for run 'r', not 'other'"):
+        receive(payload, trust, run="other", session="0002-b")
+    with pytest.raises(ReplayError, match="made for coordinator session '0002-b', not '0003-c'"):
+        receive(payload, trust, run="r", session="0003-c")
+
+
+def test_a_message_older_than_1_10_names_no_session_and_is_taken_in_any() -> None:
+    # Prepare: a 1.9 envelope, which has no session field, signed as a 1.9 coordinator signs
+    inner = msgpack.unpackb(encode(FINISHED, run="r", sender="coordinator"), raw=False)
+    inner["v"] = "1.9"
+    body = msgpack.packb(inner, use_bin_type=True)
+    outer = {
+        "v": "1.9",
+        "kind": "signed",
+        "signed": body,
+        "sig": COORDINATOR_KEY.sign(body).signature,
+    }
+    payload = msgpack.packb(outer, use_bin_type=True)
+
+    # Execute / Assert: taken; and a 1.10 message without its session is refused
+    assert receive(payload, TRUST, run="r", session="0002-b").session == ""
+    without = encode(FINISHED, run="r", sender="coordinator", signer=COORDINATOR_KEY)
+    with pytest.raises(ReplayError):
+        receive(without, TRUST, run="r", session="0002-b")
 
 
 def test_a_receiver_without_keys_takes_signed_and_unsigned_messages() -> None:

@@ -25,7 +25,7 @@ from fedprune.coordinator.validation import Limits
 from fedprune.protocol.chunks import Reassembler, sha256, split
 from fedprune.protocol.codec import Model, Update, decode_model, encode_update
 from fedprune.protocol.envelope import decode, encode
-from fedprune.protocol.messages import Hello, Notice, Round
+from fedprune.protocol.messages import Hello, Notice, Round, Status
 from fedprune.protocol.topics import Topics
 
 RUN = "unit"
@@ -71,7 +71,8 @@ class ScriptedBroker(MemoryBroker):
 
 
 class FakeClient:
-    """Joins with a retained hello, publishes update chunks and reads its inbox."""
+    """Joins with a retained hello, publishes update chunks (answering the coordinator session
+    it read on the status topic, as a device does) and reads its inbox."""
 
     def __init__(
         self, broker: ScriptedBroker, client_id: str, codecs: tuple[str, ...] = ("f32",)
@@ -79,6 +80,9 @@ class FakeClient:
         self.id = client_id
         self.transport = MemoryTransport(broker)
         self.transport.subscribe(TOPICS.inbox(client_id))
+        self._status = MemoryTransport(broker)
+        self._status.subscribe(TOPICS.status)
+        self._session = ""
         hello = Hello(
             client_id=client_id,
             profile="generic-x86-64",
@@ -90,9 +94,21 @@ class FakeClient:
             TOPICS.client_status(client_id), encode(hello, run=RUN, sender=client_id), retain=True
         )
 
+    @property
+    def session(self) -> str:
+        """The coordinator session of the last status it published."""
+        while (item := self._status.get(0)) is not None:
+            if item[1] and isinstance(status := decode(item[1]).message, Status):
+                self._session = status.session
+        return self._session
+
     def chunks(self, payload: bytes, *, max_chunk: int = 1 << 20) -> list[bytes]:
         """The payload as encoded chunk messages."""
-        return [encode(c, run=RUN, sender=self.id) for c in split(payload, max_chunk=max_chunk)]
+        session = self.session
+        return [
+            encode(c, run=RUN, sender=self.id, session=session)
+            for c in split(payload, max_chunk=max_chunk)
+        ]
 
     def publish(self, round_: int, messages: list[bytes]) -> None:
         for message in messages:
