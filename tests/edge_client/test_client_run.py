@@ -392,19 +392,8 @@ def test_a_signed_deployment_is_installed_only_in_the_run_it_was_made_for(
     replayer.publish(prefix, signed, retain=True)
     with np.load(models / "digits.npz") as npz:
         receiver = DeploymentReceiver(tmp_path / "installed", sample=npz["x"][:4])
-    client = EdgeClient(
-        MemoryTransport(broker),
-        identity=Identity(
-            run=RUN,
-            client_id=CLIENT,
-            profile="raspberry-pi-4",
-            num_samples=data.num_samples,
-            backend="fake",
-        ),
-        data=data,
-        trust=Trust.of({"coordinator": key.verify_key}),
-        deploy=receiver,
-    )
+    trust = Trust.of({"coordinator": key.verify_key})
+    client = make_client(broker, data, max_payload=256 * 1024, trust=trust, deploy=receiver)
 
     # Execute
     client.start()
@@ -428,18 +417,7 @@ def test_a_message_of_an_earlier_coordinator_session_is_refused_as_a_replay(
     # Prepare: the device follows session "0002-b"; session "0001-a"'s genuine FINISHED comes again
     key = SigningKey.generate()
     broker = MemoryBroker()
-    client = EdgeClient(
-        MemoryTransport(broker),
-        identity=Identity(
-            run=RUN,
-            client_id=CLIENT,
-            profile="raspberry-pi-4",
-            num_samples=data.num_samples,
-            backend="fake",
-        ),
-        data=data,
-        trust=Trust.of({"coordinator": key.verify_key}),
-    )
+    client = make_client(broker, data, trust=Trust.of({"coordinator": key.verify_key}))
 
     def signed(message: Message, session: str) -> bytes:
         return encode(message, run=RUN, sender="coordinator", signer=key, session=session)

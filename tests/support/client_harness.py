@@ -7,6 +7,7 @@ A test helper, kept out of the installed package; pytest finds it through ``pyth
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 from memory_broker import MemoryBroker, MemoryTransport
@@ -120,9 +121,15 @@ def publish_run(
 
 
 def make_client(
-    broker: MemoryBroker, data: LocalData, *, backend: str = "fake", max_payload: int = 1024
+    broker: MemoryBroker,
+    data: LocalData,
+    *,
+    backend: str = "fake",
+    max_payload: int = 1024,
+    **options: Any,
 ) -> EdgeClient:
-    """Device ``CLIENT`` (a Pi 4) of run ``RUN`` with ``data``, training with ``backend``."""
+    """Device ``CLIENT`` (a Pi 4) of run ``RUN`` with ``data``, training with ``backend``, with
+    EdgeClient's other ``options`` (its trust, its deployment receiver, ...)."""
     identity = Identity(
         run=RUN,
         client_id=CLIENT,
@@ -131,7 +138,7 @@ def make_client(
         backend=backend,
     )
     transport = MemoryTransport(broker, max_payload=max_payload)
-    return EdgeClient(transport, identity=identity, data=data)
+    return EdgeClient(transport, identity=identity, data=data, **options)
 
 
 def publish_spec(broker: MemoryBroker, **changes: object) -> None:
