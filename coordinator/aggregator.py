@@ -42,6 +42,7 @@ from fedprune.coordinator.options import add_run_arguments, config_from
 from fedprune.coordinator.validation import Limits
 from fedprune.protocol.chunks import Collector
 from fedprune.protocol.codec import Codec, Update, decode_model, decode_update, encode_update
+from fedprune.protocol.connection import Reminder, check_exposure
 from fedprune.protocol.envelope import receive
 from fedprune.protocol.errors import FedpruneError, ReplayError, WireError, print_error
 from fedprune.protocol.messages import (
@@ -55,7 +56,7 @@ from fedprune.protocol.messages import (
     Status,
     Tally,
 )
-from fedprune.protocol.options import add_broker_arguments, name
+from fedprune.protocol.options import add_broker_arguments, add_insecure_argument, name
 from fedprune.protocol.signing import Trust
 from fedprune.protocol.topics import Topics
 from fedprune.protocol.transport import MqttTransport, Transport, topic_matches
@@ -208,8 +209,11 @@ class ShareAggregator:
     def _notify(self, client_id: str, notice: Notice) -> None:
         self.downlink.publish(self.topics.inbox(client_id), notice, retain=False)
 
-    def serve(self, *, timeout: float | None = None) -> None:
-        """Aggregate until the coordinator says the run is over (or ``timeout`` seconds pass)."""
+    def serve(
+        self, *, timeout: float | None = None, remind: Callable[[], None] | None = None
+    ) -> None:
+        """Aggregate until the coordinator says the run is over (or ``timeout`` seconds pass);
+        ``remind`` is called on each turn (a ``Reminder`` of an exposed broker)."""
         t = self.topics
         for pattern in (
             t.all_client_status,
@@ -233,6 +237,8 @@ class ShareAggregator:
             if item is not None and item[1]:
                 self.handle(*item)
             self._tally()
+            if remind is not None:
+                remind()
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message: a device's hello or update, another aggregator's tally, or one of the
@@ -392,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_broker_arguments(p)
+    add_insecure_argument(p)
     add_run_arguments(p, AGGREGATOR_OPTIONS)
     p.add_argument(
         "--id",
@@ -424,15 +431,18 @@ def main(argv: list[str] | None = None) -> int:
     aggregator_id = args.id or f"{socket.gethostname()}-{os.getpid()}"
     try:
         config = config_from(args)
+        settings = config.broker_settings()
+        exposed = check_exposure(settings, signed=bool(config.signing_key), insecure=args.insecure)
         transport = MqttTransport(
-            config.broker_settings(),
+            settings,
             client_id=f"fedprune-aggregator-{config.run}-{aggregator_id}",
             max_payload=config.max_payload,
             persistent=True,  # its share of the updates waits on the broker while it is away
         )
         aggregator = ShareAggregator(transport, config, name=aggregator_id, group=args.group)
         try:
-            aggregator.serve(timeout=args.timeout)
+            remind = None if exposed is None else Reminder(log, exposed)
+            aggregator.serve(timeout=args.timeout, remind=remind)
         finally:
             transport.close()
     except (FedpruneError, OSError) as exc:

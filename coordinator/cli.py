@@ -14,12 +14,16 @@ from typing import Any
 
 from fedprune import __version__, device_profiles
 from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.observer import Reminding
 from fedprune.coordinator.options import add_run_arguments, config_from, read_run_config
 from fedprune.edge_client.quiet import native_log_filtered
+from fedprune.protocol.connection import Reminder, check_exposure
 from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
-from fedprune.protocol.options import add_broker_arguments
+from fedprune.protocol.options import add_broker_arguments, add_insecure_argument
 
 PROG = "fedprune-coordinator"
+
+log = logging.getLogger("fedprune.coordinator")
 
 
 def add_monitoring_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
         "config it was started with (flags override it); its devices rejoin by themselves",
     )
     add_broker_arguments(p)
+    add_insecure_argument(p)
     add_run_arguments(p)
     add_monitoring_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -128,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device_profiles.load(args.profile)
         config = config_from(args)
+        exposed = check_exposure(
+            config.broker_settings(), signed=bool(config.signing_key), insecure=args.insecure
+        )
         with native_log_filtered():
             from fedprune.coordinator import session
             from fedprune.coordinator.progress import round_line, summary_lines
 
         started = time.perf_counter()
         with monitoring(args, config) as extra:
+            if exposed:
+                extra["observers"].append(Reminding(Reminder(log, exposed)))
             summary = session.run(
                 config,
                 on_round=lambda r: print(round_line(r), flush=True),

@@ -21,8 +21,10 @@ from pathlib import Path
 from fedprune import __version__, device_profiles
 from fedprune.edge_client.quiet import native_log_filtered
 from fedprune.edge_client.terminal import steps
+from fedprune.protocol.connection import BrokerSettings, check_exposure
 from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
 from fedprune.protocol.messages import Snapshot
+from fedprune.protocol.options import add_insecure_argument
 
 PROG = "fedprune-demo"
 DEMO_PROFILES = ("raspberry-pi-4", "raspberry-pi-zero-2w", "generic-x86-64")
@@ -61,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
         help="auto (mosquitto if installed, else the in-process amqtt broker), "
         "mosquitto, amqtt, or the URL of a running broker (default: auto)",
     )
+    add_insecure_argument(p)
     add_run_arguments(p, exclude=COORDINATOR_ONLY)
     add_monitoring_arguments(p)
     p.set_defaults(run="", round_timeout=60.0)
@@ -79,7 +82,7 @@ def _broker(choice: str) -> Iterator[tuple[str, str]]:
 
 
 def _start_clients(
-    paths: list[Path], url: str, run: str, run_dir: Path, profiles: list[str]
+    paths: list[Path], url: str, run: str, run_dir: Path, profiles: list[str], insecure: bool
 ) -> list[subprocess.Popen[bytes]]:
     """One client process per data file; client i gets profile i modulo the list."""
     logs = run_dir / "logs"
@@ -107,6 +110,7 @@ def _start_clients(
             str(run_dir / "devices" / f"client-{i}"),
             "--cache",
             str(run_dir / "devices" / f"client-{i}" / "cache"),
+            *(["--insecure"] if insecure else []),
         ]
         with (logs / f"client-{i}.log").open("wb") as log_file:
             processes.append(
@@ -155,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             run_dir / "data", args.clients, alpha=args.alpha, seed=args.seed
         )
         with _broker(args.broker_choice) as (url, kind):
+            exposed = check_exposure(BrokerSettings.load(url), signed=False, insecure=args.insecure)
+            if exposed:
+                logging.getLogger("fedprune.coordinator").warning("%s", exposed)
             print(
                 f"fedprune demo: run {run}, {args.clients} clients on non-IID digits "
                 f"(alpha {args.alpha}), broker {kind} at {url}",
                 flush=True,
             )
-            processes = _start_clients(paths, url, run, run_dir, profiles)
+            processes = _start_clients(paths, url, run, run_dir, profiles, args.insecure)
             with monitoring(args, config) as extra, steps(config.rounds, "starting") as bar:
                 extra["listeners"].append(lambda snapshot: bar.describe(_doing(snapshot)))
                 summary = session.run(

@@ -7,6 +7,7 @@ a run each implement the hooks they care about (every hook does nothing by defau
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fedprune.protocol.codec import Update
@@ -58,6 +59,16 @@ class Observer:
 
     def tick(self) -> None:
         """Called often from the loop: a chance to do work that is due."""
+
+
+class Reminding(Observer):
+    """Calls ``remind`` from the loop (a :class:`~fedprune.protocol.connection.Reminder`)."""
+
+    def __init__(self, remind: Callable[[], None]) -> None:
+        self.remind = remind
+
+    def tick(self) -> None:
+        self.remind()
 
 
 class Observers(Observer):

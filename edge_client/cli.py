@@ -21,11 +21,13 @@ from fedprune.edge_client.local_training import peak_memory_mb
 from fedprune.edge_client.service import DEFAULT_CONFIG, unit
 from fedprune.edge_client.trainer import check_backend
 from fedprune.edge_client.uplink import RESEND_AFTER, Identity
+from fedprune.protocol.connection import Reminder, check_exposure
 from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
 from fedprune.protocol.messages import COORDINATOR
 from fedprune.protocol.options import (
     add_broker_arguments,
     add_config_argument,
+    add_insecure_argument,
     at_least_one,
     broker_settings,
     name,
@@ -36,6 +38,8 @@ from fedprune.protocol.signing import Trust, load_signing_key, load_verify_key
 from fedprune.protocol.transport import MqttTransport
 
 PROG = "fedprune-client"
+
+log = logging.getLogger("fedprune.client")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_config_argument(p, CONFIG_KEYS)
     add_broker_arguments(p)
+    add_insecure_argument(p)
     p.add_argument(
         "--models",
         type=Path,
@@ -163,6 +168,7 @@ CONFIG_KEYS = {  # key in a device's config file: (argparse dest, is a path)
     "signing_key": ("signing_key", True),
     "coordinator_key": ("coordinator_key", True),
     "resend_after": ("resend_after", False),
+    "insecure": ("insecure", False),
 }
 
 
@@ -239,8 +245,10 @@ def _main(argv: list[str] | None) -> int:
             backend=backend,
             max_payload=profile.max_payload_bytes,
         )
+        settings = broker_settings(args)
+        exposed = check_exposure(settings, signed=signer is not None, insecure=args.insecure)
         transport = MqttTransport(
-            broker_settings(args),
+            settings,
             client_id=identity.client_id,
             will=identity.will(),
             max_payload=profile.max_payload_bytes,
@@ -260,6 +268,7 @@ def _main(argv: list[str] | None) -> int:
             trust=trust,
             profile=profile,
             resend_after=args.resend_after,
+            remind=None if exposed is None else Reminder(log, exposed),
         )
         try:
             with _status_line() as show:
@@ -277,9 +286,9 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return 130
     except Stopped:
-        logging.getLogger("fedprune.client").info("stopped (SIGTERM); said offline to the broker")
+        log.info("stopped (SIGTERM); said offline to the broker")
         return 0
-    logging.getLogger("fedprune.client").info(
+    log.info(
         "done: %d round(s), %d bytes sent, %d bytes received, peak memory %.1f MB, TensorFlow"
         " loaded: %s",
         len(stats.rounds),

@@ -90,6 +90,7 @@ class EdgeClient:
         show: Callable[[str], None] | None = None,
         profile: DeviceProfile | None = None,
         resend_after: float | None = None,
+        remind: Callable[[], None] | None = None,
     ) -> None:
         """``deploy`` installs the model deployed to this client's profile at the end of the run;
         the client then waits up to ``deploy_wait`` seconds for it before it exits. While it
@@ -101,7 +102,8 @@ class EdgeClient:
         the run's, and its memory: no model over a quarter of it is assembled. An update with no
         notice from the coordinator ``resend_after`` seconds after it was sent (by default half
         the round, at least a minute: :func:`resend_wait`) is sent again, then after twice as
-        long, and so on while its round lasts."""
+        long, and so on while its round lasts. ``remind`` is called every turn of the loop (a
+        ``Reminder`` of an exposed broker)."""
         self.profile = profile
         self.trust = trust
         self.show = show
@@ -153,6 +155,7 @@ class EdgeClient:
         self._forever = False
         self._trained: set[int] = set()  # rounds trained in the session followed
         self.wait_report = wait_report
+        self.remind = remind or (lambda: None)
         self._waiting: Waiting | None = None  # what it waits for, since when, last said
 
     def start(self) -> None:
@@ -190,6 +193,7 @@ class EdgeClient:
             self.following.next_run()
         self._report_waiting()
         self._show_state()
+        self.remind()
 
     def _show_state(self, doing: str | None = None) -> None:
         """Tell ``show`` what the client is doing (``doing``, else what it waits for)."""

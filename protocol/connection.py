@@ -11,7 +11,10 @@ file or from ``FEDPRUNE_MQTT_USERNAME`` / ``FEDPRUNE_MQTT_PASSWORD``.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +65,16 @@ class BrokerUrl:
         if not parts.hostname:
             raise ConfigError(f"broker URL {url!r}: no host")
         return cls(host=parts.hostname, port=port, mqtt5=mqtt5, tls=tls)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the broker is on this machine (``localhost`` or a loopback address)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     def __str__(self) -> str:
         scheme = ("mqtts" if self.tls else "mqtt") + ("5" if self.mqtt5 else "")
@@ -118,6 +131,59 @@ class BrokerSettings:
             username=username,
             password=password,
         )
+
+
+SECURE_DOCS = "see 'Deploying securely' in fedprune's README"
+
+
+def exposure(settings: BrokerSettings, *, signed: bool) -> tuple[str, bool] | None:
+    """What anyone who reaches the broker can do to a run, when the broker is not on this
+    machine, and whether that needs the user's ``--insecure`` (an unsigned run); ``None`` when
+    the broker is on this machine, or the run is signed on a broker that checks who connects."""
+    url = settings.url
+    if url.loopback:
+        return None
+    if not signed:
+        return (
+            f"the run is unsigned and the broker {url} is not on this machine: anyone who can"
+            " publish there can end the run, deploy a model of theirs to every device or outweigh"
+            f" every device's update; {SECURE_DOCS}",
+            True,
+        )
+    if not url.tls and settings.username is None:
+        return (
+            f"the broker {url} takes anyone (no TLS, no credentials): the run is signed, but"
+            " anyone can read every update (made from the devices' private data) and flood the"
+            f" run; {SECURE_DOCS}",
+            False,
+        )
+    return None
+
+
+def check_exposure(settings: BrokerSettings, *, signed: bool, insecure: bool) -> str | None:
+    """The warning to give about the broker (:func:`exposure`); ``ConfigError`` when the run is
+    unsigned on a broker elsewhere and ``insecure`` was not given."""
+    found = exposure(settings, signed=signed)
+    if found is None:
+        return None
+    text, needs_insecure = found
+    if needs_insecure and not insecure:
+        raise ConfigError(f"{text} (--insecure runs it anyway)")
+    return text
+
+
+class Reminder:
+    """Says ``text`` in the log now and again every ``every`` seconds, when called."""
+
+    def __init__(self, log: logging.Logger, text: str, *, every: float = 3600.0) -> None:
+        self.log, self.text, self.every = log, text, every
+        self._said: float | None = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self._said is None or now - self._said >= self.every:
+            self.log.warning("%s", self.text)
+            self._said = now
 
 
 def _path(value: str | Path | None) -> Path | None:

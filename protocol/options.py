@@ -66,6 +66,16 @@ def add_broker_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_insecure_argument(p: argparse.ArgumentParser) -> None:
+    """``--insecure``: run unsigned against a broker that is not on this machine."""
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run unsigned against a broker that is not on this machine, where anyone who can"
+        " publish can steer the run (a warning says so every hour)",
+    )
+
+
 def broker_settings(args: argparse.Namespace) -> BrokerSettings:
     """The settings ``add_broker_arguments`` collected (the environment fills in credentials)."""
     return BrokerSettings.load(

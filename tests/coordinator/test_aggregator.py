@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from memory_broker import MemoryBroker, MemoryTransport
 
-from fedprune.coordinator.aggregator import ShareAggregator
+from fedprune.coordinator.aggregator import ShareAggregator, main
 from fedprune.coordinator.config import RunConfig
 from fedprune.protocol.chunks import sha256, split
 from fedprune.protocol.codec import Model, Update, encode_model, encode_update
@@ -66,3 +67,14 @@ def test_an_update_another_aggregator_took_is_answered_not_summed_again() -> Non
     notices = [decode(item[1]).message for item in iter(lambda: inbox.get(0), None)]
     assert notices == [Notice(round=1, accepted=True, reason="")]
     assert state.bytes_up > 0
+
+
+def test_an_unsigned_aggregator_needs_insecure_for_a_broker_elsewhere(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["--broker", "mqtt://192.0.2.7:1883", "--run", "garden"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("fedprune-aggregator: error: the run is unsigned")
+    assert "--insecure" in err[0]

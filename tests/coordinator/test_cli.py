@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedprune.coordinator import demo
 from fedprune.coordinator.cli import main, parse
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
 from fedprune.coordinator.options import config_from
@@ -26,6 +27,10 @@ def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--rounds", "0"], "rounds must be >= 1, got 0"),
         (["--structure", "4:2"], "structure must be M:N"),
         (["--rounds", "5", "--end-round", "9"], "ends at round 9, after the last round 5"),
+        (
+            ["--broker", "mqtt://192.0.2.7:1883"],
+            "the run is unsigned and the broker mqtt://192.0.2.7:1883 is not on this machine",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(
@@ -87,3 +92,12 @@ def test_a_bad_config_file_is_a_one_line_error(
 
     assert code == 2
     assert message in _one_line(capsys)
+
+
+def test_the_demo_on_an_unsigned_broker_elsewhere_needs_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = demo.main(["--broker", "mqtt://192.0.2.7:1883", "--out", str(tmp_path)])
+
+    assert code == 2
+    assert "--insecure runs it anyway" in _one_line(capsys)

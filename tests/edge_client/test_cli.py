@@ -74,6 +74,24 @@ def test_an_unreachable_broker_exits_3_naming_it(
     assert time.monotonic() - started < 3.0
 
 
+def test_an_unsigned_device_needs_insecure_for_a_broker_elsewhere(
+    good_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: a broker on another machine (never reached: the check comes first)
+    started = time.monotonic()
+    code = main(["--broker", "mqtt://192.0.2.7:1883", "--data", str(good_data), "-q"])
+
+    # Assert: one line naming the risk, the way out and the docs
+    lines = _error_lines(capsys)
+    assert code == 2 and len(lines) == 1
+    assert (
+        "the run is unsigned and the broker mqtt://192.0.2.7:1883 is not on this machine"
+        in (lines[0])
+    )
+    assert "Deploying securely" in lines[0] and "--insecure" in lines[0]
+    assert time.monotonic() - started < 3.0
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
 def test_connect_attempts_below_one_is_a_usage_error(
     good_data: Path, value: str, capsys: pytest.CaptureFixture[str]

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import pytest
 
-from fedprune.protocol.connection import BrokerSettings, BrokerUrl
+from fedprune.protocol.connection import (
+    PASSWORD_ENV,
+    USERNAME_ENV,
+    BrokerSettings,
+    BrokerUrl,
+    Reminder,
+    check_exposure,
+    exposure,
+)
 from fedprune.protocol.errors import ConfigError
 
 
@@ -76,3 +86,54 @@ def test_bad_broker_settings_are_one_line_naming_what_to_fix(
 
     # Assert
     assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("url", "signed", "credentials", "expected"),
+    [
+        ("mqtt://127.0.0.1:1883", False, False, None),
+        ("mqtt://localhost:1883", False, False, None),
+        ("mqtt://[::1]:1883", False, False, None),
+        ("mqtt://broker.example:1883", False, False, ("is unsigned", True)),
+        ("mqtts://broker.example:8883", False, True, ("is unsigned", True)),
+        ("mqtt://broker.example:1883", True, False, ("takes anyone", False)),
+        ("mqtt://broker.example:1883", True, True, None),
+        ("mqtts://broker.example:8883", True, False, None),
+    ],
+)
+def test_a_broker_elsewhere_is_named_as_a_risk_unless_the_run_is_protected(
+    url: str, signed: bool, credentials: bool, expected: tuple[str, bool] | None
+) -> None:
+    environ = {USERNAME_ENV: "u", PASSWORD_ENV: "p"} if credentials else {}
+    settings = BrokerSettings.load(url, environ=environ)
+
+    found = exposure(settings, signed=signed)
+
+    if expected is None:
+        assert found is None
+    else:
+        assert found is not None and expected[0] in found[0] and found[1] == expected[1]
+        assert "Deploying securely" in found[0]
+
+
+def test_insecure_is_needed_only_to_run_unsigned_elsewhere() -> None:
+    elsewhere = BrokerSettings.load("mqtt://broker.example:1883", environ={})
+
+    with pytest.raises(ConfigError, match="--insecure runs it anyway"):
+        check_exposure(elsewhere, signed=False, insecure=False)
+    assert "is unsigned" in str(check_exposure(elsewhere, signed=False, insecure=True))
+    assert "takes anyone" in str(check_exposure(elsewhere, signed=True, insecure=False))
+
+
+def test_a_reminder_says_its_text_at_once_then_once_per_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    remind = Reminder(logging.getLogger("test.reminder"), "the broker is open", every=0.2)
+
+    with caplog.at_level(logging.WARNING, logger="test.reminder"):
+        remind()
+        remind()  # too soon: nothing
+        time.sleep(0.25)
+        remind()
+
+    assert [r.getMessage() for r in caplog.records] == ["the broker is open"] * 2
