@@ -15,6 +15,7 @@ from fedprune.coordinator.downlink import Downlink
 from fedprune.coordinator.fleet import Fleet
 from fedprune.coordinator.global_model import GlobalModel
 from fedprune.coordinator.intake import UpdateIntake
+from fedprune.coordinator.keys import DeviceKeys
 from fedprune.coordinator.observer import Observer, Observers
 from fedprune.coordinator.spec import SpecPublisher
 from fedprune.coordinator.telemetry import Telemetry, new_session, publisher
@@ -39,6 +40,7 @@ class Parts:
     spec: SpecPublisher
     intake: UpdateIntake
     partials: PartialSums | None  # with aggregators
+    keys: DeviceKeys | None = None  # the devices' verify keys, read again when they change
 
     @classmethod
     def build(
@@ -51,11 +53,13 @@ class Parts:
         build_artifact: Callable[[], bytes] | None = None,
         signer: SigningKey | None = None,
         trust: Trust | None = None,
+        keys: DeviceKeys | None = None,
         observers: list[Observer] | None = None,
     ) -> Parts:
         """The parts of a run of ``config`` on ``transport``. ``build_artifact`` makes the
         trainable TFLite artifact that ``litert`` clients train with (spec.SpecPublisher);
-        ``signer`` signs what the coordinator publishes and ``trust`` holds the devices' keys;
+        ``signer`` signs what the coordinator publishes and ``trust`` holds the devices' keys
+        (``keys``: as read from their folder, and again when it changes);
         ``observers`` hear what happens, next to the telemetry (which monitors read on the
         broker)."""
         topics = Topics(config.run)
@@ -81,7 +85,7 @@ class Parts:
         )
         intake = UpdateIntake(
             fleet=fleet,
-            trust=trust or Trust(),
+            trust=keys.trust if keys is not None else trust or Trust(),
             limits=limits or Limits(),
             codec=codec,
             clients_per_round=config.clients_per_round,
@@ -109,4 +113,5 @@ class Parts:
             spec=spec,
             intake=intake,
             partials=partials,
+            keys=keys,
         )

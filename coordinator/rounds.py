@@ -67,6 +67,7 @@ class Coordinator:
         self.codec, self.downlink, self.fleet = parts.codec, parts.downlink, parts.fleet
         self.telemetry, self.observer = parts.telemetry, parts.observer
         self.spec, self.intake, self.partials = parts.spec, parts.intake, parts.partials
+        self.keys = parts.keys
         self.pruner = model
         self.evaluate = evaluate
         self.on_round = on_round or (lambda result: None)
@@ -275,11 +276,21 @@ class Coordinator:
         for event in self.transport.connection_events():
             self.observer.connection(event)
         self.observer.tick()
+        if self.keys is not None and (revoked := self.keys.reload()) is not None:
+            self._revoked(revoked)
         item = self.transport.get(timeout)
         if item is None:
             return False
         self.handle(*item)
         return True
+
+    def _revoked(self, revoked: set[str]) -> None:
+        """The devices' keys were read again: those of ``revoked`` are gone from the fleet (not
+        selected, not waited for), and what they send is dropped."""
+        self.intake.trust = self.keys.trust if self.keys is not None else self.intake.trust
+        for client_id in sorted(revoked):
+            if self.fleet.offline(client_id):
+                self.observer.left(client_id)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message: an update, a device's status, or an aggregator's tally or partial sum."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from fedprune.converters.export import ExportReport, export_profiles, resolve_pr
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.health import chance_accuracy, verdict
+from fedprune.coordinator.keys import DeviceKeys
 from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.pruning import Pruner, pruner_for
@@ -76,6 +79,7 @@ def run(
     devices join by themselves)."""
     broker = config.broker_settings()  # a bad TLS, credentials or key file fails before the work
     signer, trust = config.signatures()
+    keys = DeviceKeys(config.device_keys) if config.device_keys else None
     model = models.build(config.model, seed=config.seed)
     pruner = pruner_for(model, config.schedule)
     rundir = RunDir(config.run_dir, overwrite=config.overwrite, resume=resume)
@@ -107,6 +111,7 @@ def run(
         build_artifact=lambda: _trainable(pruner, config),
         signer=signer,
         trust=trust,
+        keys=keys,
         observers=observers,
     )
     coordinator = Coordinator(
@@ -115,6 +120,7 @@ def run(
     coordinator.telemetry.listeners.extend(listeners or [])
     if resume:
         coordinator.resume(rundir.restore(pruner, coordinator.telemetry.ledger))
+    restore_hangup = _reload_keys_on_hangup(keys)
     try:
         results = coordinator.train()
         if pruner.rebuild():  # unit pruning: what is exported is the smaller model
@@ -141,6 +147,7 @@ def run(
             coordinator.abort()
         raise
     finally:
+        restore_hangup()
         transport.close()
     return Summary(
         run_dir=rundir.path,
@@ -151,6 +158,19 @@ def run(
         not_installed=not_installed,
         bytes_down=coordinator.bytes_down,
     )
+
+
+def _reload_keys_on_hangup(keys: DeviceKeys | None) -> Callable[[], None]:
+    """SIGHUP reads the devices' keys again (``kill -HUP``, ``systemctl reload``); what puts the
+    previous handler back. Only the main thread may set one (tests run sessions in others)."""
+    if keys is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: keys.request())
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous)
+
+    return restore
 
 
 def _heldout(
