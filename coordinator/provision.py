@@ -18,17 +18,19 @@ device, the account's name is its MQTT client id). The ACL lets a device publish
 ``clients/<id>/status`` and ``clients/<id>/update/...``, and read only what devices need; the
 coordinator account owns every fedprune topic and the monitor account reads them all. Revoking a
 device removes its password: its certificate alone cannot log in. Certificates and keys come from
-``cryptography``; password hashes from Debian's ``mosquitto_passwd``.
+``cryptography``; password hashes are mosquitto's own format (``$7$``: PBKDF2-HMAC-SHA512), made
+here, so that no password is ever on a command line where other users could read it.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import ipaddress
 import os
 import secrets
 import shutil
-import subprocess
 import tarfile
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -117,7 +119,6 @@ def init(
         raise ConfigError("give the broker's host name or address (--host), as devices reach it")
     if not 1 <= port <= 65535:
         raise ConfigError(f"port must be in 1..65535, got {port}")
-    _mosquitto_passwd()
     ca_key, ca_cert = _new_ca()
     _write_pem(folder / "ca", "ca", ca_key, ca_cert)
     broker = (broker_dir or folder / "broker").absolute()
@@ -166,7 +167,7 @@ def revoke(folder: Path, devices: Iterable[str]) -> None:
     for device in devices:
         if fleet.devices.get(device) != "active":
             raise ConfigError(f"no active device {device!r} in {folder}")
-        _run_passwd(["-D", str(folder / "broker" / "passwd"), device])
+        _set_password(folder / "broker" / "passwd", device, None)
         (folder / "coordinator" / "device-keys" / f"{device}.pub").unlink(missing_ok=True)
         fleet.devices[device] = "revoked"
         fleet.write(folder)
@@ -194,7 +195,7 @@ def _account(folder: Path, fleet: Fleet, home: Path, name: str, role: str) -> No
     stem = "device" if role == "device" else name.removeprefix("fedprune-")
     _write_pem(home, stem, key, cert, ca_cert)
     password = secrets.token_urlsafe(24)
-    _run_passwd(["-b", str(folder / "broker" / "passwd"), name, password])
+    _set_password(folder / "broker" / "passwd", name, password)
     credentials = tomli_w.dumps({"username": name, "password": password}).encode()
     _write(home / "credentials.toml", credentials, private=True)
 
@@ -395,20 +396,25 @@ def _readable_by_mosquitto(path: Path) -> None:
         pass
 
 
-# -- mosquitto_passwd ------------------------------------------------------------------------------
+# -- mosquitto's password file ------------------------------------------------------------------
+
+HASH_ITERATIONS = 101
+"""PBKDF2 rounds of a password hash: mosquitto_passwd's default (the broker pays them at every
+connection)."""
 
 
-def _mosquitto_passwd() -> str:
-    found = shutil.which("mosquitto_passwd") or (
-        "/usr/bin/mosquitto_passwd" if Path("/usr/bin/mosquitto_passwd").exists() else None
-    )
-    if found is None:
-        raise ConfigError("mosquitto_passwd is not installed (apt-get install mosquitto)")
-    return found
+def password_hash(password: str, *, salt: bytes | None = None) -> str:
+    """``password`` as mosquitto 2.0 keeps it: ``$7$<iterations>$<salt>$<PBKDF2-HMAC-SHA512>``,
+    base64, with 12 random bytes of salt (what ``mosquitto_passwd`` writes)."""
+    salt = secrets.token_bytes(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, HASH_ITERATIONS)
+    encoded = [base64.b64encode(part).decode() for part in (salt, digest)]
+    return f"$7${HASH_ITERATIONS}${encoded[0]}${encoded[1]}"
 
 
-def _run_passwd(args: list[str]) -> None:
-    done = subprocess.run([_mosquitto_passwd(), *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        reason = (done.stderr or done.stdout).strip().splitlines()
-        raise ConfigError(f"mosquitto_passwd failed: {reason[-1] if reason else done.returncode}")
+def _set_password(path: Path, user: str, password: str | None) -> None:
+    """Set ``user``'s password in mosquitto's password file, or remove the user (``None``)."""
+    lines = [line for line in path.read_text().splitlines() if line.partition(":")[0] != user]
+    if password is not None:
+        lines.append(f"{user}:{password_hash(password)}")
+    _write(path, "".join(f"{line}\n" for line in lines).encode())

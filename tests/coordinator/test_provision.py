@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import subprocess
 import tarfile
 import tomllib
 from pathlib import Path
@@ -150,4 +152,52 @@ def test_the_broker_keeps_a_rounds_backlog_for_the_fleet_and_forgets_dead_sessio
     assert queue_settings(50_000) == [
         "max_queued_messages 500000",
         "persistent_client_expiration 1h",
+    ]
+
+
+def test_a_password_hash_is_the_one_mosquitto_passwd_makes(tmp_path: Path) -> None:
+    # Prepare: Debian's mosquitto_passwd hashes a password (in a test, on its command line)
+    passwd = tmp_path / "passwd"
+    made = subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(passwd), "alice", "s3cret pass"],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    theirs = passwd.read_text().strip().partition(":")[2]
+    salt = base64.b64decode(theirs.split("$")[3])
+
+    # Execute / Assert: ours, with the same salt, is the same line; a fresh one is salted anew
+    assert provision.password_hash("s3cret pass", salt=salt) == theirs
+    assert provision.password_hash("s3cret pass") != theirs
+
+
+def test_provisioning_puts_no_password_on_a_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+    real = subprocess.run
+
+    def recording(args: list[str], *rest: object, **options: object) -> object:
+        commands.append([str(a) for a in args])
+        return real(args, *rest, **options)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", recording)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started {a}"))
+    fleet = tmp_path / "fleet"
+    provision.init(fleet, hosts=["broker.lan"], devices=["pi-1", "pi-2"])
+    provision.add(fleet, ["pi-9"])
+
+    passwords = [
+        tomllib.loads(path.read_text())["password"] for path in fleet.rglob("credentials.toml")
+    ]
+    assert len(passwords) == 5  # coordinator, monitor, three devices
+    assert not any(p in " ".join(c) for c in commands for p in passwords)
+    lines = (fleet / "broker" / "passwd").read_text().splitlines()
+    assert [line.partition(":")[0] for line in lines] == [
+        "fedprune-coordinator",
+        "fedprune-monitor",
+        "pi-1",
+        "pi-2",
+        "pi-9",
     ]
