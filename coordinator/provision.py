@@ -16,7 +16,8 @@ It writes files and nothing else. One folder holds a deployment::
 The broker needs TLS with a client certificate signed by the CA *and* a password (one account per
 device, the account's name is its MQTT client id). The ACL lets a device publish only its own
 ``clients/<id>/status`` and ``clients/<id>/update/...``, and read only what devices need; the
-coordinator account owns every fedprune topic and the monitor account reads them all. Revoking a
+coordinator account owns every fedprune topic and the monitor account reads a run's telemetry,
+status and metrics only. Revoking a
 device removes its password: its certificate alone cannot log in. Certificates and keys come from
 ``cryptography``; password hashes are mosquitto's own format (``$7$``: PBKDF2-HMAC-SHA512), made
 here, so that no password is ever on a command line where other users could read it.
@@ -55,9 +56,22 @@ _CA_DAYS, _LEAF_DAYS = 3650, 1095
 
 # What a device account may do, in every run: publish its own status and updates, read its inbox
 # and what the coordinator publishes for all devices.
+MONITOR_ACL = [
+    "read fedprune/v1/+/telemetry",
+    "read fedprune/v1/+/coordinator/status",
+    "read fedprune/v1/+/metrics",
+]
+"""What the monitor account reads: the run's telemetry, status and metrics, never a device's
+updates (made from its private data) or inbox."""
+
+MAX_PACKET = 2 * 1024 * 1024 + 64 * 1024
+"""The largest MQTT packet the broker takes: a chunk as large as any profile's message limit
+(1 MiB) with room to spare for a run that chunks larger; a 200 MiB message is refused at the
+door."""
+
 DEVICE_ACL = [
     "write fedprune/v1/+/clients/{id}/status",
-    "write fedprune/v1/+/clients/{id}/update/#",
+    "write fedprune/v1/+/clients/{id}/update/+/+",
     "read fedprune/v1/+/clients/{id}/inbox",
     "read fedprune/v1/+/coordinator/status",
     "read fedprune/v1/+/spec",
@@ -254,6 +268,9 @@ def _write_broker_config(folder: Path, fleet: Fleet) -> None:
         f"# Sized for {len(fleet.devices)} devices' updates of up to"
         f" {UPDATE_ALLOWANCE // 2**20} MiB each: docs/scaling.md.",
         *queue_settings(len(fleet.devices)),
+        "# Nothing larger than a run's chunks gets in (a 200 MiB message would reach the",
+        "# coordinator whole).",
+        f"max_packet_size {MAX_PACKET}",
     ]
     _write(folder / "broker" / "mosquitto.conf", ("\n".join(lines) + "\n").encode())
     acl = [
@@ -263,7 +280,7 @@ def _write_broker_config(folder: Path, fleet: Fleet) -> None:
         "topic readwrite fedprune/#",
         "",
         f"user {MONITOR}",
-        "topic read fedprune/#",
+        *(f"topic {rule}" for rule in MONITOR_ACL),
     ]
     for device, state in fleet.devices.items():
         if state == "active":

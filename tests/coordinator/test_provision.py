@@ -72,10 +72,23 @@ def test_the_acl_lets_a_device_write_only_its_own_topics(folder: Path) -> None:
     writes = [line for line in pi1 if line.startswith("topic write")]
     assert writes == [
         "topic write fedprune/v1/+/clients/pi-1/status",
-        "topic write fedprune/v1/+/clients/pi-1/update/#",
+        "topic write fedprune/v1/+/clients/pi-1/update/+/+",  # update/<round>/<chunk>, no deeper
     ]
     assert not any("pi-2" in line for line in pi1)
-    assert "user fedprune-monitor\ntopic read fedprune/#" in blocks
+    # The monitor reads what it shows, not the devices' updates (made from their private data)
+    monitor = next(block for block in blocks if block.startswith("user fedprune-monitor\n"))
+    assert monitor.splitlines()[1:] == [
+        "topic read fedprune/v1/+/telemetry",
+        "topic read fedprune/v1/+/coordinator/status",
+        "topic read fedprune/v1/+/metrics",
+    ]
+
+
+def test_the_broker_refuses_a_message_larger_than_a_runs_chunks(folder: Path) -> None:
+    conf = (folder / "broker" / "mosquitto.conf").read_text().splitlines()
+
+    assert f"max_packet_size {provision.MAX_PACKET}" in conf
+    assert 1024 * 1024 < provision.MAX_PACKET < 4 * 1024 * 1024
 
 
 def test_a_bundle_holds_what_the_device_needs_and_not_the_ca_key(folder: Path) -> None:

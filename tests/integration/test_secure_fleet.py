@@ -246,6 +246,49 @@ def test_the_broker_drops_what_a_device_publishes_outside_its_own_topics(fleet: 
     assert by_device == []
 
 
+def test_the_monitor_reads_what_it_shows_and_nothing_is_larger_than_a_runs_chunks(
+    fleet: Fleet,
+) -> None:
+    # Prepare: the monitor's read-only account subscribed to everything; the coordinator's
+    # account sees every message that got in
+    monitor = MqttTransport(fleet.settings("monitor", "monitor"), client_id="monitor")
+    monitor.subscribe("fedprune/#")
+    coordinator = MqttTransport(
+        fleet.settings("coordinator", "coordinator"), client_id="x", max_payload=3 * 2**20
+    )
+    coordinator.subscribe("fedprune/v1/r/clients/#")
+    device = MqttTransport(
+        fleet.settings("devices/pi-1", "device"), client_id="pi-1", max_payload=3 * 2**20
+    )
+
+    # Execute: the coordinator publishes what the monitor shows and what it must not see; the
+    # device sends an update chunk, one nested deeper, and one over the broker's packet limit
+    for topic in ("telemetry", "coordinator/status", "metrics", "clients/pi-1/inbox"):
+        coordinator.publish(f"fedprune/v1/r/{topic}", b"x")
+    coordinator.flush(timeout=5)
+    device.publish("fedprune/v1/r/clients/pi-1/update/1/0", b"chunk")
+    device.publish("fedprune/v1/r/clients/pi-1/update/1/0/deeper", b"deeper")
+    device.flush(timeout=5)
+    seen_by_monitor = _drain(monitor)
+    device.publish("fedprune/v1/r/clients/pi-1/update/1/1", b"\0" * (2 * 2**20 + 128 * 1024))
+    device.flush(timeout=5)
+    seen = _drain(coordinator)
+    for transport in (monitor, coordinator, device):
+        transport.close()
+
+    # Assert: the monitor got its three topics and no device's update or inbox; of the
+    # device's, only the ordinary chunk got in
+    assert sorted(t for t, _ in seen_by_monitor) == [
+        "fedprune/v1/r/coordinator/status",
+        "fedprune/v1/r/metrics",
+        "fedprune/v1/r/telemetry",
+    ]
+    assert [t for t, _ in seen] == [
+        "fedprune/v1/r/clients/pi-1/inbox",
+        "fedprune/v1/r/clients/pi-1/update/1/0",
+    ]
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
