@@ -111,6 +111,20 @@ class Rule(StrEnum):
     TRIMMED_MEAN = "trimmed-mean"  # trimmed_mean.py: the mean without the extremes
 
 
+def tolerated(rule: Rule | str, devices: int, trim: float) -> int:
+    """How many of a round's ``devices`` may send anything at all (Byzantine) without moving
+    ``rule``'s result beyond the honest devices' range, per weight: none for FedAvg (one update
+    can move the mean anywhere; clipping and the weight cap only bound how far)."""
+    from fedprune.coordinator.trimmed_mean import trimmed  # the rules import this module
+
+    rule = Rule(rule)
+    if rule is Rule.MEDIAN:
+        return max(0, (devices - 1) // 2)
+    if rule is Rule.TRIMMED_MEAN:
+        return trimmed(trim, devices)
+    return 0
+
+
 def make_aggregator(
     rule: Rule | str,
     shapes: Sequence[tuple[int, ...]],

@@ -356,6 +356,13 @@ class RunConfig:
                 "aggregators add partial sums: they need --aggregation fedavg and"
                 " no --staleness-weight"
             )
+        per_round = self.clients_per_round or self.min_clients
+        if self.aggregation is Rule.TRIMMED_MEAN and (per_round < 3 or self.trim <= 0):
+            raise ConfigError(
+                f"trimmed-mean of {per_round} device(s) a round with trim {self.trim:g} trims"
+                " nothing: it would be the plain mean (give --trim > 0 and at least 3 devices a"
+                " round, --clients-per-round or --min-clients; or --aggregation median)"
+            )
         if self.staleness_weight and self.aggregation != "fedavg":
             raise ConfigError(
                 f"staleness_weight needs --aggregation fedavg ({self.aggregation} weighs every"

@@ -24,6 +24,7 @@ from fedprune.coordinator.global_model import Evaluator, GlobalModel
 from fedprune.coordinator.intake import RoundState
 from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.result import RoundResult, round_report
+from fedprune.coordinator.telemetry import tolerance
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import (
@@ -96,6 +97,7 @@ class Coordinator:
         updates = self.topics.aggregators if self.partials else self.topics.all_updates
         self.transport.subscribe(updates)
         self.spec.publish()
+        log.info("aggregation %s tolerates %s", self.config.aggregation, tolerance(self.config))
         self.status(Phase.WAITING, 0)
 
     def train(self) -> list[RoundResult]:

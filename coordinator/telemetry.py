@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from fedprune.coordinator.aggregation import Rule, tolerated
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.observer import Observer
@@ -50,12 +51,24 @@ def new_session(now: float) -> str:
     return f"{int(now):010x}-{uuid.uuid4().hex[:8]}"
 
 
+def tolerance(config: RunConfig) -> str:
+    """What the run's aggregation withstands, in words: how many Byzantine devices of how many
+    a round draws (at least)."""
+    devices = config.clients_per_round or config.min_clients
+    of = f"{devices}" if config.clients_per_round else f"at least {devices}"
+    if config.aggregation is Rule.FEDAVG:
+        return f"no Byzantine device of {of} a round (fedavg: each update moves the mean)"
+    n = tolerated(config.aggregation, devices, config.trim)
+    return f"{n} Byzantine device(s) of {of} a round"
+
+
 def config_summary(config: RunConfig) -> dict[str, Any]:
     """What an operator wants to see of a run's configuration, in one line of a header."""
     schedule = config.schedule
     return {
         "model": config.model,
         "aggregation": config.aggregation,
+        "tolerates": tolerance(config),
         "schedule": f"{schedule.kind.value} to {schedule.target:g}"
         + (f" ({schedule.structure})" if schedule.structure else ""),
         "min_clients": config.min_clients,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprune.coordinator.aggregation import make_aggregator
+from fedprune.coordinator.aggregation import make_aggregator, tolerated
 from fedprune.coordinator.fedavg import FedAvg
+from fedprune.coordinator.trimmed_mean import trimmed
 from fedprune.protocol.codec import Update
 from fedprune.protocol.errors import ConfigError
 
@@ -193,3 +194,40 @@ def test_bad_aggregation_settings_are_one_line(kwargs: dict[str, object], messag
     with pytest.raises(ConfigError) as caught:
         make_aggregator(rule, [(1,)], **kwargs)  # type: ignore[arg-type]
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(("devices", "dropped"), [(2, 0), (3, 1), (5, 1), (10, 1), (20, 2)])
+def test_trimmed_mean_drops_at_least_one_at_each_end_from_three_devices(
+    devices: int, dropped: int
+) -> None:
+    # Prepare: one weight; one device sends 1,000, the others 0..devices-2
+    aggregator = make_aggregator("trimmed-mean", [(1,)], trim=0.1)
+    values = [*range(devices - 1), 1000]
+    for value in values:
+        aggregator.add(Update(round=1, num_samples=1, deltas=[np.array([float(value)])]))
+
+    # Execute
+    (delta,) = aggregator.apply([np.zeros(1, np.float32)])
+
+    # Assert: the outlier is dropped whenever there are three or more
+    kept = sorted(values)[dropped : devices - dropped]
+    assert trimmed(0.1, devices) == dropped
+    np.testing.assert_allclose(delta, [np.mean(kept)], rtol=1e-6)
+    assert (delta[0] < 1000 / devices) == (devices >= 3)
+
+
+@pytest.mark.parametrize(
+    ("rule", "devices", "trim", "expected"),
+    [
+        ("median", 3, 0.1, 1),
+        ("median", 10, 0.1, 4),
+        ("trimmed-mean", 10, 0.1, 1),
+        ("trimmed-mean", 10, 0.2, 2),
+        ("trimmed-mean", 2, 0.1, 0),
+        ("fedavg", 10, 0.1, 0),
+    ],
+)
+def test_each_rule_says_how_many_byzantine_devices_it_tolerates(
+    rule: str, devices: int, trim: float, expected: int
+) -> None:
+    assert tolerated(rule, devices, trim) == expected

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedprune.coordinator.config import RunConfig, ScheduleConfig, ScheduleKind
+from fedprune.coordinator.telemetry import config_summary
 from fedprune.protocol.errors import ConfigError
 
 
@@ -104,3 +105,25 @@ def test_downlink_in_the_runs_codec_needs_a_codec() -> None:
     with pytest.raises(ConfigError, match="--downlink codec sends changes in the run's codec"):
         RunConfig(downlink="codec")
     assert RunConfig(downlink="codec", codec="int8+top0.1").downlink == "codec"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"min_clients": 2}, {"clients_per_round": 2, "min_clients": 5}, {"trim": 0.0}],
+    ids=["two-devices", "two-drawn", "no-trim"],
+)
+def test_a_trimmed_mean_that_would_trim_nothing_is_refused(changes: dict[str, object]) -> None:
+    values: dict[str, object] = {"aggregation": "trimmed-mean", "min_clients": 3, **changes}
+    with pytest.raises(ConfigError, match="trims nothing: it would be the plain mean"):
+        RunConfig(**values)  # type: ignore[arg-type]
+
+
+def test_the_run_says_how_many_byzantine_devices_its_rule_tolerates() -> None:
+    def of(**values: object) -> str:
+        return str(config_summary(RunConfig(**values))["tolerates"])  # type: ignore[arg-type]
+
+    assert of(aggregation="trimmed-mean", min_clients=3) == (
+        "1 Byzantine device(s) of at least 3 a round"
+    )
+    assert of(aggregation="median", clients_per_round=10) == "4 Byzantine device(s) of 10 a round"
+    assert of(min_clients=5).startswith("no Byzantine device of at least 5 a round (fedavg")
