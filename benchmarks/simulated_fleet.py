@@ -98,8 +98,11 @@ class Fleet:
             )
         self.transport.flush(timeout=120)
 
-    def _signed(self, message: Any, device_id: str) -> bytes:
-        return encode(message, run=RUN, sender=device_id, signer=self.keys[device_id])
+    def _signed(self, message: Any, device_id: str, session: str = "") -> bytes:
+        """``message`` as ``device_id``'s, answering coordinator session ``session``."""
+        return encode(
+            message, run=RUN, sender=device_id, signer=self.keys[device_id], session=session
+        )
 
     def serve(self, report: Queue[Any]) -> None:
         """Answer every round until the coordinator finishes (or aborts) the run; resend, as
@@ -179,7 +182,10 @@ class Fleet:
             self.publish(
                 self.topics.client_status(device_id), self._signed(hello, device_id), retain=True
             )
-            sent = sum(self.publish(t, self._signed(c, device_id)) for t, c in pending.chunks)
+            sent = sum(
+                self.publish(t, self._signed(c, device_id, pending.session))
+                for t, c in pending.chunks
+            )
             pending.sent_at = time.monotonic()
             report.put(("resent", round_, 1, sent))
 
@@ -198,7 +204,8 @@ class Fleet:
             number = int(device_id.split("-")[1])
             if warm_up:
                 failed = Failed(round=round_, reason="warm-up round of the benchmark")
-                sent += self.publish(f"{prefix}/failed", self._signed(failed, device_id))
+                signed = self._signed(failed, device_id, announcement.session)
+                sent += self.publish(f"{prefix}/failed", signed)
                 count += 1
                 continue
             deltas[-1].flat[0] = number * 1e-6  # the last bias is never masked: a distinct update
@@ -213,7 +220,7 @@ class Fleet:
                 (f"{prefix}/{c.index}", c) for c in split_to_fit(payload, max_payload=MAX_PAYLOAD)
             ]
             for topic, chunk in chunks:
-                sent += self.publish(topic, self._signed(chunk, device_id))
+                sent += self.publish(topic, self._signed(chunk, device_id, announcement.session))
             self.pending[(device_id, round_)] = Pending(
                 round=announcement,
                 session=announcement.session,

@@ -27,12 +27,14 @@ BAD_KINDS = ["nonfinite", "decode", "version", "round", "shape"]
 
 
 class Rogue(threading.Thread):
-    """Joins as a device, then answers round i with a bad update of kind BAD_KINDS[i - 1]."""
+    """Joins as a device, then answers round i with a bad update of kind BAD_KINDS[i - 1] (for
+    the coordinator session that announced it, as devices do)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.topics = Topics(RUN)
         self.transport = MqttTransport(url, client_id="rogue")
+        self.session = ""  # the coordinator session of the round it answers
         for pattern in (self.topics.round, self.topics.all_models):
             self.transport.subscribe(pattern)
         hello = Hello(client_id="rogue", profile="generic-x86-64", num_samples=50, backend="keras")
@@ -41,7 +43,7 @@ class Rogue(threading.Thread):
         self.stop = threading.Event()
 
     def _encode(self, message: object) -> bytes:
-        return encode(message, run=RUN, sender="rogue")  # type: ignore[arg-type]
+        return encode(message, run=RUN, sender="rogue", session=self.session)  # type: ignore[arg-type]
 
     def _send(self, round_: int, payload: bytes, *, version: str | None = None) -> None:
         for chunk in split(payload, max_chunk=100_000):
@@ -80,7 +82,7 @@ class Rogue(threading.Thread):
             if item is not None and item[1]:
                 message = decode(item[1]).message
                 if isinstance(message, Round):
-                    pending = message
+                    pending, self.session = message, message.session
                 elif isinstance(message, Chunk):
                     part = assemblers.setdefault(message.sha256, Reassembler(max_size=10**8))
                     if (payload := part.add(message)) is not None:

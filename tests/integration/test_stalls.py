@@ -59,9 +59,16 @@ class Burst:
         self._thread.start()
 
     def publish(
-        self, topic: str, message: Hello | Chunk, device: str, *, retain: bool = False
+        self,
+        topic: str,
+        message: Hello | Chunk,
+        device: str,
+        *,
+        retain: bool = False,
+        session: str = "",
     ) -> None:
-        self.transport.publish(topic, encode(message, run=self.run, sender=device), retain=retain)
+        payload = encode(message, run=self.run, sender=device, session=session)
+        self.transport.publish(topic, payload, retain=retain)
 
     def _answer(self) -> None:
         collector, models_, announced = Collector(), {}, None
@@ -81,7 +88,7 @@ class Burst:
             payload = encode_update(update, model.masks)
             for chunk in split_to_fit(payload, max_payload=self.transport.max_payload):
                 topic = f"{self.topics.update(device, announced.round)}/{chunk.index}"
-                self.publish(topic, chunk, device)
+                self.publish(topic, chunk, device, session=announced.session)
             self.sent += 1
         self.transport.flush(timeout=60)
 
