@@ -258,6 +258,11 @@ class RunConfig:
         "deploy the final model even when it is not better than chance or ends far below "
         "its first evaluated round (such a run is otherwise exported but not deployed)",
     )
+    class_drop: float = option(
+        0.10,
+        "do not deploy a final model that recalls any class of the held-out set this much less"
+        " often than the run's best round did (a backdoor; 0 = off; default: %(default)s)",
+    )
     install_wait: float = option(
         15.0,
         "seconds devices get to confirm the deployed model before the run ends "
@@ -328,6 +333,7 @@ class RunConfig:
             ("quorum", 0.0 < self.quorum <= 1.0, "in (0, 1]"),
             ("round_timeout", self.round_timeout > 0, "> 0"),
             ("install_wait", self.install_wait >= 0, ">= 0"),
+            ("class_drop", 0.0 <= self.class_drop <= 1.0, "in [0, 1] (0 = off)"),
             ("local_epochs", self.local_epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),

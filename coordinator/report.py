@@ -204,6 +204,10 @@ def page(run: Run, made: list[tuple[str, str]]) -> str:
         [
             ["rounds", len(run.rounds)],
             ["final held-out accuracy", _fmt(last.get("accuracy"), ".4f")],
+            [
+                "final held-out recall per class",
+                ", ".join(f"{c}: {r:.2f}" for c, r in enumerate(last.get("recall") or [])) or "-",
+            ],
             ["final sparsity", _fmt(last["sparsity"], ".4f")],
             [
                 "parameters (first round / last)",

@@ -32,6 +32,7 @@ class RoundResult:
     codecs: dict[str, int] = field(default_factory=dict)  # accepted updates by codec (1.7)
     parameters: int = 0  # the model's, after the round (fewer once unit pruning rebuilt it)
     overdue: int = 0  # devices that resent their update for want of a notice (Hello.unanswered)
+    recall: list[float] | None = None  # held-out recall of each class (health.verdict)
 
     @classmethod
     def of(
@@ -69,6 +70,7 @@ class RoundResult:
             codecs=dict(state.codecs),
             parameters=parameters,
             overdue=len(state.claimed),
+            recall=None if evaluation is None else evaluation.recall,
         )
 
     def to_dict(self) -> dict[str, Any]:

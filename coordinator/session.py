@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import tf_keras
+from sklearn.metrics import recall_score
 
 from fedprune.converters.export import ExportReport, export_profiles, resolve_profile
 from fedprune.coordinator import models
@@ -59,8 +60,16 @@ def _evaluator(
         if x is None or y is None:
             return None
         probs = pruner.stripped(x, training=False).numpy()
-        accuracy = float(np.mean(np.argmax(probs, axis=1) == y))
-        return Evaluation(loss=float(loss_fn(y, probs).numpy()), accuracy=accuracy, n=len(y))
+        predicted = np.argmax(probs, axis=1)
+        recall = recall_score(
+            y, predicted, labels=range(probs.shape[1]), average=None, zero_division=0.0
+        )
+        return Evaluation(
+            loss=float(loss_fn(y, probs).numpy()),
+            accuracy=float(np.mean(predicted == y)),
+            n=len(y),
+            recall=[round(float(r), 4) for r in recall],
+        )
 
     return evaluate
 
@@ -129,7 +138,12 @@ def run(
                 pruner.parameters(),
             )
         rundir.save_models(pruner)
-        unhealthy = verdict(results, None if y is None else chance_accuracy(y))
+        unhealthy = verdict(
+            results,
+            None if y is None else chance_accuracy(y),
+            class_drop=config.class_drop,
+            support=() if y is None else np.bincount(y).tolist(),
+        )
         wanted = sorted({config.profile, *coordinator.profiles.values()})
         coordinator.telemetry.stage("exporting")
         exports = _export(rundir.path, wanted) if x is not None else {}
@@ -141,6 +155,7 @@ def run(
             deployed=sorted(deployable),
             not_installed=not_installed,
             unhealthy=unhealthy,
+            recall=results[-1].recall if results else None,  # the final model's, per class
         )
     except BaseException:
         with contextlib.suppress(Exception):

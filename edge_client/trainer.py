@@ -27,6 +27,7 @@ class Evaluation:
     loss: float
     accuracy: float
     n: int
+    recall: list[float] | None = None  # per class (the coordinator's held-out set)
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

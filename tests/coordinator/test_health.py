@@ -9,7 +9,10 @@ from fedprune.coordinator.health import chance_accuracy, verdict
 from fedprune.coordinator.result import RoundResult
 
 
-def _rounds(*accuracies: float | None) -> list[RoundResult]:
+def _rounds(
+    *accuracies: float | None, recalls: list[list[float] | None] | None = None
+) -> list[RoundResult]:
+    recalls = recalls or [None] * len(accuracies)
     return [
         RoundResult(
             round=i,
@@ -26,8 +29,9 @@ def _rounds(*accuracies: float | None) -> list[RoundResult]:
             reported=1,
             rejected={},
             seconds=0.0,
+            recall=r,
         )
-        for i, a in enumerate(accuracies, start=1)
+        for i, (a, r) in enumerate(zip(accuracies, recalls, strict=True), start=1)
     ]
 
 
@@ -58,3 +62,43 @@ def test_a_final_model_at_chance_or_far_below_its_first_round_is_flagged(
         assert reason is None
     else:
         assert reason is not None and reason.startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("last", "class_drop", "expected"),
+    [
+        ([0.95, 0.90, 0.92, 0.97], 0.10, None),  # the best round's figures: nothing fell
+        ([0.95, 0.82, 0.92, 0.97], 0.10, None),  # class 1 down 8 points: within the margin
+        (
+            [0.95, 0.00, 0.92, 0.01],
+            0.10,
+            "the final model misses classes its best round (round 2) recalled: 1 (0.90 -> 0.00),"
+            " 3 (0.97 -> 0.01)",
+        ),
+        ([0.95, 0.00, 0.92, 0.01], 0.0, None),  # the check off
+        # 16 points down, as an honest skewed run's class went between two rounds: on 36
+        # held-out samples of the class, chance explains it
+        ([0.95, 0.74, 0.92, 0.97], 0.10, None),
+    ],
+)
+def test_a_final_model_that_lost_a_class_is_flagged_though_its_accuracy_looks_fine(
+    last: list[float], class_drop: float, expected: str | None
+) -> None:
+    # Prepare: round 2 is the best; the last round's overall accuracy is still 0.744 (as the
+    # report's backdoored model was), above chance and within 10 points of round 1's
+    recalls: list[list[float] | None] = [[0.6, 0.5, 0.6, 0.7], [0.95, 0.90, 0.92, 0.97], last]
+    results = _rounds(0.60, 0.93, 0.744, recalls=recalls)
+
+    # Execute
+    reason = verdict(results, 0.25, class_drop=class_drop, support=[36, 36, 36, 36])
+
+    # Assert
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and reason.startswith(expected)
+
+
+def test_without_the_held_out_support_no_class_is_judged() -> None:
+    recalls: list[list[float] | None] = [[0.9, 0.9], [0.9, 0.0]]
+    assert verdict(_rounds(0.9, 0.9, recalls=recalls), 0.5) is None
