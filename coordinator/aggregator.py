@@ -195,6 +195,7 @@ class ShareAggregator:
             observer=Observer(),
             notify=self._notify,
             run=config.run,
+            weight_cap=config.weight_cap,
         )
         self.rounds = 0  # rounds whose partial it sent
         self.taken = 0  # updates it accepted, all rounds
@@ -385,7 +386,7 @@ class Told:
     at: float = 0.0
 
 
-AGGREGATOR_OPTIONS = ("run", "signing_key", "device_keys", "max_payload", "clip_norm")
+AGGREGATOR_OPTIONS = ("run", "signing_key", "device_keys", "max_payload", "clip_norm", "weight_cap")
 """The run's options an aggregator takes, given as to its coordinator."""
 
 

@@ -273,6 +273,11 @@ class RunConfig:
         "how updates are combined: fedavg (weighted by samples), or the robust median and "
         "trimmed-mean, which weigh every device the same (default: %(default)s)",
     )
+    weight_cap: float = option(
+        3.0,
+        "no update weighs more than this many times the median sample count its round's devices"
+        " declared, whatever its device claims (fedavg; 0 = off; default: %(default)s)",
+    )
     clip_norm: float = option(
         0.0, "scale any update with a larger L2 norm down to this norm (default: 0 = off)"
     )
@@ -343,6 +348,7 @@ class RunConfig:
             ("max_update_bytes", self.max_update_bytes >= 0, ">= 0 (0 = twice the dense model)"),
             ("max_norm", self.max_norm > 0, "> 0"),
             ("clip_norm", self.clip_norm >= 0, ">= 0 (0 = off)"),
+            ("weight_cap", self.weight_cap == 0 or self.weight_cap >= 1, ">= 1 (0 = off)"),
             ("staleness_weight", 0.0 <= self.staleness_weight <= 1.0, "in [0, 1] (0 = off)"),
             ("trim", 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
             ("max_samples", self.max_samples >= 1, ">= 1"),

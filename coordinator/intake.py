@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
+import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +66,8 @@ class RoundState:
     stale: list[str] = field(default_factory=list)  # devices whose previous-round update counted
     # devices that said they resent an update for want of a notice (overdue until it is in)
     claimed: set[str] = field(default_factory=set)
+    sample_cap: float = math.inf  # the most samples an update weighs (UpdateIntake.weight_cap)
+    capped: list[str] = field(default_factory=list)  # devices whose claim counted as the cap
 
     def overdue(self) -> set[str]:
         return self.claimed - self.responded
@@ -93,6 +97,7 @@ class UpdateIntake:
         notify: Callable[[str, Notice], None],
         run: str = "",
         session: str = "",
+        weight_cap: float = 0.0,
     ) -> None:
         self.fleet = fleet
         self.trust = trust
@@ -104,12 +109,20 @@ class UpdateIntake:
         self.notify = notify
         self.run = run
         self.session = session
+        self.weight_cap = weight_cap
         self.current: RoundState | None = None
         self.previous: RoundState | None = None  # late updates may still count (staleness)
         self.dropped = 0  # messages refused for a missing or bad signature, or replayed
 
     def open(self, state: RoundState) -> None:
-        """Collect ``state``'s round from now on."""
+        """Collect ``state``'s round from now on. No update weighs more than ``weight_cap`` times
+        the median of the sample counts its selected devices declared (0: no cap): a device's
+        claim is its own, a few devices cannot move the median."""
+        declared = [
+            hello.num_samples for c in state.selected if (hello := self.fleet.devices.get(c))
+        ]
+        if self.weight_cap and declared:
+            state.sample_cap = self.weight_cap * statistics.median(declared)
         self.current = state
 
     def close(self) -> RoundState:
@@ -219,12 +232,25 @@ class UpdateIntake:
     def _accept(self, state: RoundState, target: RoundState, update: Update, slot: Slot) -> None:
         """Add an accepted update to the round being collected and tell its device."""
         client_id = slot[0]
+        share = 1.0  # of its claimed samples that count
+        if update.num_samples > target.sample_cap:
+            share = target.sample_cap / update.num_samples
+            state.capped.append(client_id)
+            log.info(
+                "round %d: %s claims %d samples; it weighs %d (the cap: %g times the median"
+                " its round's devices declared)",
+                state.round,
+                client_id,
+                update.num_samples,
+                target.sample_cap,
+                self.weight_cap,
+            )
         if target is state:
-            state.aggregator.add(update)
+            state.aggregator.add(update, weight=share)
         else:  # late, for the previous round: its deltas where the current model still has
             masks = state.model.masks
             kept = [d if m is None else d * m for d, m in zip(update.deltas, masks, strict=True)]
-            weight = self.staleness_weight
+            weight = self.staleness_weight * share
             state.aggregator.add(dataclasses.replace(update, deltas=kept), weight=weight)
             state.stale.append(client_id)
             log.info(

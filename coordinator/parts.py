@@ -94,6 +94,7 @@ class Parts:
             notify=downlink.notify,
             run=config.run,
             session=session,
+            weight_cap=config.weight_cap,
         )
         own = Trust() if signer is None else Trust.of({COORDINATOR: signer.verify_key})
         partials = (

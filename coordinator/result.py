@@ -33,6 +33,7 @@ class RoundResult:
     parameters: int = 0  # the model's, after the round (fewer once unit pruning rebuilt it)
     overdue: int = 0  # devices that resent their update for want of a notice (Hello.unanswered)
     recall: list[float] | None = None  # held-out recall of each class (health.verdict)
+    capped: int = 0  # updates whose sample claim counted as the round's cap (weight_cap)
 
     @classmethod
     def of(
@@ -71,6 +72,7 @@ class RoundResult:
             parameters=parameters,
             overdue=len(state.claimed),
             recall=None if evaluation is None else evaluation.recall,
+            capped=len(state.capped),
         )
 
     def to_dict(self) -> dict[str, Any]:

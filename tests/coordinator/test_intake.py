@@ -371,6 +371,40 @@ def test_a_devices_signed_update_replayed_from_another_session_or_run_is_dropped
     assert (rows["a"].rejected, rows["a"].reported) == (0, 1)
 
 
+@pytest.mark.parametrize("cap", [3.0, 0.0], ids=["capped", "off"])
+def test_no_update_weighs_more_than_the_cap_times_the_median_declared_claim(
+    harness: Callable[..., Harness], cap: float
+) -> None:
+    # Prepare: a and b declare 100 samples; c (a stolen bundle) declares and claims 10,000,000
+    h = harness(("a", "b", "c"), weight_cap=cap)
+    big = Hello(client_id="c", profile="generic-x86-64", num_samples=10_000_000, backend="x")
+    h.clients["c"].transport.publish(
+        TOPICS.client_status("c"), encode(big, run=RUN, sender="c"), retain=True
+    )
+    deltas: dict[str, list[np.ndarray]] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        for name, seed, claim in (("a", 1, 100), ("b", 2, 100), ("c", 3, 10_000_000)):
+            deltas[name] = random_delta(model, seed)
+            payload = update_payload(model, deltas[name], num_samples=claim)
+            h.clients[name].send(announcement.round, payload)
+
+    h.on_round(answer)
+
+    # Execute
+    before, result, after = h.run_round()
+
+    # Assert: capped, c weighs 3 x the median declared claim (300), not 10,000,000
+    weights = {"a": 100.0, "b": 100.0, "c": 300.0 if cap else 10_000_000.0}
+    total = sum(weights.values())
+    want = [
+        w + sum(weights[n] * deltas[n][i] for n in weights) / total
+        for i, w in enumerate(before.weights)
+    ]
+    assert_weights(after, want)
+    assert result.capped == (1 if cap else 0)
+
+
 @pytest.mark.parametrize("weight", [0.5, 0.0])
 def test_a_late_update_of_the_previous_round_counts_with_its_staleness_weight_or_not_at_all(
     harness: Callable[..., Harness], weight: float
