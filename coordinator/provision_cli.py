@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             monitor = args.folder / "monitor" / "monitor.toml"
             print(f"  monitor:     fedprune-monitor --config {monitor} --run NAME")
             _bundles(args.folder, names)
+            ca_key = args.folder / "ca" / "ca.key"
+            print(
+                f"keep {ca_key} offline (it signs every certificate of the fleet; 'add' needs"
+                " it back): on no broker, coordinator or device"
+            )
         elif args.command == "add":
             taken = provision.Fleet.read(args.folder).devices
             names = [*args.devices, *provision.device_names(args.prefix, args.count, taken)]
@@ -93,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             print("reload mosquitto to let them in (systemctl reload mosquitto, or kill -HUP)")
         else:
             provision.revoke(args.folder, args.devices)
+            keys = args.folder / "coordinator" / "device-keys"
             print(
-                f"revoked {', '.join(args.devices)}; reload mosquitto and restart the coordinator"
+                f"revoked {', '.join(args.devices)}; reload mosquitto (systemctl reload mosquitto,"
+                f" or kill -HUP). A coordinator reading {keys} drops them within 2 s."
             )
     except (FedpruneError, OSError) as exc:
         return print_error(PROG, exc)

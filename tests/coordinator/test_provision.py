@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from fedprune.coordinator import provision
+from fedprune.coordinator import provision, provision_cli
 from fedprune.coordinator.broker import queue_settings
 from fedprune.protocol.errors import ConfigError
 
@@ -214,3 +214,18 @@ def test_provisioning_puts_no_password_on_a_command_line(
         "pi-2",
         "pi-9",
     ]
+
+
+def test_the_command_says_to_keep_the_ca_key_offline_and_what_revoking_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet"
+
+    assert provision_cli.main(["init", str(fleet), "--host", "broker.lan", "--devices", "1"]) == 0
+    said = capsys.readouterr().out
+    assert provision_cli.main(["revoke", str(fleet), "device-1"]) == 0
+    revoked = capsys.readouterr().out
+
+    assert f"keep {fleet / 'ca' / 'ca.key'} offline" in said
+    assert "drops them within 2 s" in revoked
+    assert not (fleet / "coordinator" / "device-keys" / "device-1.pub").exists()
