@@ -95,7 +95,7 @@ class Coordinator:
         self.transport.subscribe(self.topics.all_client_status)
         # With aggregators, they take the updates ($share) and send tallies and partial sums.
         updates = self.topics.aggregators if self.partials else self.topics.all_updates
-        self.transport.subscribe(updates)
+        self.transport.subscribe(updates, retained=False)  # a device's retained update: stale
         self.spec.publish()
         log.info("aggregation %s tolerates %s", self.config.aggregation, tolerance(self.config))
         self.status(Phase.WAITING, 0)

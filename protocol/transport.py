@@ -194,7 +194,10 @@ class Transport(ABC):
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
 
     @abstractmethod
-    def subscribe(self, pattern: str, qos: int = 1) -> None: ...
+    def subscribe(self, pattern: str, qos: int = 1, *, retained: bool = True) -> None:
+        """Receive what is published on ``pattern`` from now on; with ``retained``, also what
+        the broker keeps retained there. Without it, a retained message on those topics is
+        dropped and cleared from the broker (nobody should leave one there: a device's update)."""
 
     @abstractmethod
     def unsubscribe(self, pattern: str) -> None: ...
@@ -239,6 +242,8 @@ class MqttTransport(Transport):
         self.persistent = persistent
         self.keepalive = keepalive
         self._subscriptions: dict[str, int] = {}
+        self._fresh_only: set[str] = set()  # patterns whose retained messages are not wanted
+        self.stale_retained = 0  # retained messages dropped (and cleared) on those
         self._unconfirmed: set[str] = set()  # subscribed or unsubscribed while disconnected
         self._connected = threading.Event()
         self._closing = False
@@ -454,12 +459,22 @@ class MqttTransport(Transport):
         )
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        fresh_only = any(topic_matches(p, msg.topic) for p in self._fresh_only)
+        if fresh_only and msg.retain and msg.payload:
+            # Clear it: left there, it would come to every later session
+            self._client.publish(msg.topic, b"", qos=1, retain=True)
+            self.stale_retained += 1
+            log.warning("dropped and cleared a retained message on %s", msg.topic)
+        if fresh_only and (msg.retain or not msg.payload):
+            return  # (an empty one is such a clearing, ours or another's)
         self.inbox.put((msg.topic, bytes(msg.payload)))
 
-    def subscribe(self, pattern: str, qos: int = 1) -> None:
+    def subscribe(self, pattern: str, qos: int = 1, *, retained: bool = True) -> None:
         """Subscribe and wait (up to 10 s) for the broker's acknowledgement, so that nothing
-        published after this returns can be missed."""
+        published after this returns can be missed (``retained``: :meth:`Transport.subscribe`)."""
         self._subscriptions[pattern] = qos
+        if not retained:
+            self._fresh_only.add(pattern)
         result, mid = self._client.subscribe(pattern, qos)
         if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
             self._unconfirmed.add(pattern)  # not connected: _on_connect subscribes

@@ -140,3 +140,33 @@ def test_a_short_run_works_over_mqtt5(mosquitto: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     last = (tmp_path / "v5" / "metrics.jsonl").read_text().splitlines()[-1]
     assert '"reported": 2' in last
+
+
+@pytest.mark.parametrize("scheme", ["mqtt", "mqtt5"])
+def test_a_retained_update_is_dropped_and_cleared_and_live_ones_still_come(
+    mosquitto: str, scheme: str
+) -> None:
+    # Prepare: a device (or whoever holds its bundle) leaves an update chunk retained
+    url = mosquitto.replace("mqtt://", f"{scheme}://")
+    topic = "fedprune/v1/r/clients/pi-1/update/1/0"
+    device = MqttTransport(url, client_id="pi-1")
+    device.publish(topic, b"kept for every later session", retain=True)
+    assert device.flush(timeout=5)
+
+    # Execute: a coordinator subscribes to the update topics without retained messages
+    coordinator = MqttTransport(url, client_id="coordinator")
+    coordinator.subscribe("fedprune/v1/r/clients/+/update/#", retained=False)
+    stale = coordinator.get(timeout=1.0)
+    assert coordinator.flush(timeout=5)
+    later = MqttTransport(url, client_id="later")
+    later.subscribe("fedprune/v1/r/clients/+/update/#")
+    device.publish(topic, b"live")
+    device.flush(timeout=5)
+
+    # Assert: not handed over, cleared from the broker (a later subscriber finds nothing
+    # retained), and a live update still arrives
+    assert stale is None and coordinator.stale_retained == 1
+    assert later.get(timeout=2.0) == (topic, b"live")
+    assert coordinator.get(timeout=5.0) == (topic, b"live")
+    for transport in (device, coordinator, later):
+        transport.close()

@@ -38,9 +38,9 @@ class MemoryTransport(Transport):
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         self.broker.route(topic, payload, retain)
 
-    def subscribe(self, pattern: str, qos: int = 1) -> None:
+    def subscribe(self, pattern: str, qos: int = 1, *, retained: bool = True) -> None:
         self.patterns.append(pattern)
-        for topic, payload in self.broker.retained.items():
+        for topic, payload in list(self.broker.retained.items()) if retained else []:
             if topic_matches(pattern, topic):
                 self.inbox.put((topic, payload))
 
