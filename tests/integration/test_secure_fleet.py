@@ -337,3 +337,67 @@ def _drain(transport: MqttTransport) -> list[tuple[str, bytes]]:
     while (item := transport.get(timeout=0.5)) is not None:
         items.append(item)
     return items
+
+
+def test_a_device_revoked_mid_run_is_not_waited_for_by_the_running_coordinator(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # Prepare: a signed run of two provisioned devices with a long round deadline
+    paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
+    coordinator = subprocess.Popen(
+        [
+            BIN / "fedprune-coordinator",
+            *fleet.flags("coordinator", "coordinator"),
+            *("--run", "revoke", "--min-clients", "2", "--rounds", "5", "--round-timeout", "90"),
+            *("--begin-round", "1", "--end-round", "3", "--install-wait", "0", "-q"),
+            *("--heldout", heldout, "--out", tmp_path / "runs", "--model", "mlp"),
+            *("--signing-key", fleet.folder / "coordinator/signing.key"),
+            *("--device-keys", fleet.folder / "coordinator/device-keys"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    devices = [
+        subprocess.Popen(
+            [
+                BIN / "fedprune-client",
+                *(
+                    "--config",
+                    _unpack(fleet.folder / "devices" / f"pi-{i}.tar.gz", tmp_path / f"d{i}"),
+                ),
+                *("--run", "revoke", "--data", path, "--profile", "raspberry-pi-4"),
+                *("--trainer", "litert", "--cache", tmp_path / f"cache-{i}", "--no-deploy"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, path in zip((1, 2), paths, strict=True)
+    ]
+    metrics = tmp_path / "runs" / "revoke" / "metrics.jsonl"
+
+    # Execute: once round 1 is in, revoke pi-2 as the operator does; its connection stays up
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    revoked_at = time.monotonic()
+    subprocess.run(
+        [BIN / "fedprune-provision", "revoke", fleet.folder, "pi-2"], check=True, timeout=60
+    )
+    for name in ("passwd", "acl"):
+        shutil.copy(fleet.folder / "broker" / name, fleet.etc / name)
+    fleet.broker.send_signal(signal.SIGHUP)
+    _, err = coordinator.communicate(timeout=300)
+    finished = time.monotonic()
+    for device in devices:
+        device.kill()
+        device.wait()
+
+    # Assert: the run went on without pi-2 and never waited out a deadline for it
+    assert coordinator.returncode == 0, err[-3000:]
+    rounds = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(rounds) == 5
+    assert rounds[0]["selected"] == 2
+    assert rounds[-1]["selected"] == rounds[-1]["reported"] == 1
+    assert all(r["seconds"] < 30 for r in rounds)
+    assert finished - revoked_at < 90
