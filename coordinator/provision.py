@@ -57,9 +57,9 @@ _CA_DAYS, _LEAF_DAYS = 3650, 1095
 # What a device account may do, in every run: publish its own status and updates, read its inbox
 # and what the coordinator publishes for all devices.
 MONITOR_ACL = [
-    "read fedprune/v1/+/telemetry",
-    "read fedprune/v1/+/coordinator/status",
-    "read fedprune/v1/+/metrics",
+    "read fedprune/v1/{run}/telemetry",
+    "read fedprune/v1/{run}/coordinator/status",
+    "read fedprune/v1/{run}/metrics",
 ]
 """What the monitor account reads: the run's telemetry, status and metrics, never a device's
 updates (made from its private data) or inbox."""
@@ -70,17 +70,19 @@ MAX_PACKET = 2 * 1024 * 1024 + 64 * 1024
 door."""
 
 DEVICE_ACL = [
-    "write fedprune/v1/+/clients/{id}/status",
-    "write fedprune/v1/+/clients/{id}/update/+/+",
-    "read fedprune/v1/+/clients/{id}/inbox",
-    "read fedprune/v1/+/coordinator/status",
-    "read fedprune/v1/+/spec",
-    "read fedprune/v1/+/round",
-    "read fedprune/v1/+/metrics",
-    "read fedprune/v1/+/model/#",
-    "read fedprune/v1/+/artifact/#",
-    "read fedprune/v1/+/deploy/#",
+    "write fedprune/v1/{run}/clients/{id}/status",
+    "write fedprune/v1/{run}/clients/{id}/update/+/+",
+    "read fedprune/v1/{run}/clients/{id}/inbox",
+    "read fedprune/v1/{run}/coordinator/status",
+    "read fedprune/v1/{run}/spec",
+    "read fedprune/v1/{run}/round",
+    "read fedprune/v1/{run}/metrics",
+    "read fedprune/v1/{run}/model/#",
+    "read fedprune/v1/{run}/artifact/#",
+    "read fedprune/v1/{run}/deploy/{profile}",
+    "read fedprune/v1/{run}/deploy/{profile}/#",
 ]
+"""A device's rules, for each run the fleet serves (``+``: any) and its profile (``+``: any)."""
 
 
 @dataclass(kw_only=True)
@@ -91,6 +93,12 @@ class Fleet:
     port: int
     broker_dir: str  # where mosquitto will read its files (paths in mosquitto.conf)
     devices: dict[str, str] = field(default_factory=dict)  # id -> "active" | "revoked"
+    runs: list[str] = field(default_factory=list)  # the runs its accounts may take part in; [] any
+    profiles: dict[str, str] = field(default_factory=dict)  # id -> its profile (deployments)
+
+    def scopes(self) -> list[str]:
+        """The run levels of the ACL's topics: the fleet's runs, or ``+`` (any)."""
+        return self.runs or ["+"]
 
     @classmethod
     def read(cls, folder: Path) -> Fleet:
@@ -102,6 +110,8 @@ class Fleet:
                 port=int(table["port"]),
                 broker_dir=str(table["broker_dir"]),
                 devices=dict(table.get("devices", {})),
+                runs=list(table.get("runs", [])),
+                profiles=dict(table.get("profiles", {})),
             )
         except FileNotFoundError as exc:
             raise ConfigError(f"{folder}: not a provisioned folder (no {FLEET_FILE})") from exc
@@ -109,8 +119,15 @@ class Fleet:
             raise ConfigError(f"{path}: unreadable ({exc})") from exc
 
     def write(self, folder: Path) -> None:
-        table = {"hosts": self.hosts, "port": self.port, "broker_dir": self.broker_dir}
-        _write(folder / FLEET_FILE, tomli_w.dumps({**table, "devices": self.devices}).encode())
+        table = {
+            "hosts": self.hosts,
+            "port": self.port,
+            "broker_dir": self.broker_dir,
+            "runs": self.runs,
+            "devices": self.devices,
+            "profiles": self.profiles,
+        }
+        _write(folder / FLEET_FILE, tomli_w.dumps(table).encode())
 
     @property
     def url(self) -> str:
@@ -124,6 +141,8 @@ def init(
     port: int = 8883,
     devices: Sequence[str] = (),
     broker_dir: Path | None = None,
+    runs: Sequence[str] = (),
+    profile: str | None = None,
 ) -> Fleet:
     """A new deployment in ``folder`` (which must not hold one): CA, broker, coordinator and
     monitor accounts, and ``devices``."""
@@ -136,7 +155,9 @@ def init(
     ca_key, ca_cert = _new_ca()
     _write_pem(folder / "ca", "ca", ca_key, ca_cert)
     broker = (broker_dir or folder / "broker").absolute()
-    fleet = Fleet(hosts=list(hosts), port=port, broker_dir=str(broker))
+    for run in runs:
+        check_name(run, "run name")
+    fleet = Fleet(hosts=list(hosts), port=port, broker_dir=str(broker), runs=list(runs))
     server_key, server_cert = _leaf(ca_key, ca_cert, "fedprune-broker", server_names=hosts)
     _write_pem(folder / "broker", "server", server_key, server_cert, ca_cert)
     _readable_by_mosquitto(folder / "broker" / "server.key")
@@ -150,13 +171,16 @@ def init(
     shutil.copy(home / "coordinator.pub", monitor / "coordinator.pub")
     _write(monitor / "monitor.toml", tomli_w.dumps(_monitor_config(fleet)).encode())
     fleet.write(folder)
-    add(folder, devices)
+    add(folder, devices, profile=profile)
     return Fleet.read(folder)
 
 
-def add(folder: Path, devices: Iterable[str]) -> list[Path]:
-    """New device accounts; returns the bundle (``.tar.gz``) of each."""
+def add(folder: Path, devices: Iterable[str], *, profile: str | None = None) -> list[Path]:
+    """New device accounts, of ``profile`` if given (they then read only its deployments);
+    returns the bundle (``.tar.gz``) of each."""
     fleet = Fleet.read(folder)
+    if profile is not None:
+        check_name(profile, "profile")
     bundles = []
     for device in devices:
         check_name(device, "device id")
@@ -166,6 +190,8 @@ def add(folder: Path, devices: Iterable[str]) -> list[Path]:
         _account(folder, fleet, home, device, "device")
         new_keypair(home / "signing.key", folder / "coordinator" / "device-keys" / f"{device}.pub")
         shutil.copy(folder / "coordinator" / "coordinator.pub", home / "coordinator.pub")
+        if profile is not None:
+            fleet.profiles[device] = profile
         _write(home / "device.toml", tomli_w.dumps(_device_config(fleet, device)).encode())
         fleet.devices[device] = "active"
         fleet.write(folder)
@@ -225,6 +251,8 @@ def _device_config(fleet: Fleet, device: str) -> dict[str, str]:
         "signing_key": "signing.key",
         "coordinator_key": "coordinator.pub",
         "id": device,
+        **({"profile": fleet.profiles[device]} if device in fleet.profiles else {}),
+        **({"run": fleet.runs[0]} if len(fleet.runs) == 1 else {}),
     }
 
 
@@ -280,14 +308,19 @@ def _write_broker_config(folder: Path, fleet: Fleet) -> None:
         "topic readwrite fedprune/#",
         "",
         f"user {MONITOR}",
-        *(f"topic {rule}" for rule in MONITOR_ACL),
+        *(f"topic {rule.format(run=run)}" for run in fleet.scopes() for rule in MONITOR_ACL),
     ]
     for device, state in fleet.devices.items():
+        profile = fleet.profiles.get(device, "+")
         if state == "active":
             acl += [
                 "",
                 f"user {device}",
-                *(f"topic {rule.format(id=device)}" for rule in DEVICE_ACL),
+                *(
+                    f"topic {rule.format(id=device, run=run, profile=profile)}"
+                    for run in fleet.scopes()
+                    for rule in DEVICE_ACL
+                ),
             ]
     _write(folder / "broker" / "acl", ("\n".join(acl) + "\n").encode())
 

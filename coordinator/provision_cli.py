@@ -39,6 +39,16 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--devices", type=int, default=0, metavar="N", help="N device accounts")
     init.add_argument("--prefix", default="device", help="device ids: PREFIX-1, PREFIX-2, ...")
     init.add_argument(
+        "--run",
+        dest="runs",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a run the accounts may take part in (repeat for several; default: any): devices and "
+        "the monitor read and write only those runs' topics",
+    )
+    _add_profile(init)
+    init.add_argument(
         "--broker-dir",
         type=Path,
         metavar="PATH",
@@ -57,10 +67,20 @@ def parser() -> argparse.ArgumentParser:
         help="N more devices named PREFIX-<n>",
     )
     add.add_argument("--prefix", default="device")
+    _add_profile(add)
     revoke = commands.add_parser("revoke", help="remove device accounts (then reload mosquitto)")
     revoke.add_argument("folder", type=Path, metavar="DIR")
     revoke.add_argument("devices", nargs="+", metavar="ID")
     return p
+
+
+def _add_profile(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="the devices' profile (put in their device.toml): they read only its deployments"
+        " (default: any profile's)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 devices=names,
                 broker_dir=args.broker_dir,
+                runs=args.runs,
+                profile=args.profile,
             )
             print(f"provisioned {args.folder}: broker {fleet.url}, {len(names)} device(s)")
             print(f"  broker:      mosquitto -c {args.folder / 'broker' / 'mosquitto.conf'}")
@@ -93,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "add":
             taken = provision.Fleet.read(args.folder).devices
             names = [*args.devices, *provision.device_names(args.prefix, args.count, taken)]
-            provision.add(args.folder, names)
+            provision.add(args.folder, names, profile=args.profile)
             _bundles(args.folder, names)
             print("reload mosquitto to let them in (systemctl reload mosquitto, or kill -HUP)")
         else:

@@ -229,3 +229,36 @@ def test_the_command_says_to_keep_the_ca_key_offline_and_what_revoking_does(
     assert f"keep {fleet / 'ca' / 'ca.key'} offline" in said
     assert "drops them within 2 s" in revoked
     assert not (fleet / "coordinator" / "device-keys" / "device-1.pub").exists()
+
+
+def test_accounts_can_be_scoped_to_runs_and_a_devices_profile(tmp_path: Path) -> None:
+    # Execute: a fleet for run "kitchen" only, its devices Pi 4s
+    fleet = tmp_path / "fleet"
+    provision.init(
+        fleet, hosts=["broker.lan"], devices=["pi-1"], runs=["kitchen"], profile="raspberry-pi-4"
+    )
+    blocks = (fleet / "broker" / "acl").read_text().split("\n\n")
+
+    # Assert: every rule names the run; the device reads only its profile's deployments
+    pi1 = next(b for b in blocks if b.startswith("user pi-1\n")).splitlines()[1:]
+    monitor = next(b for b in blocks if b.startswith("user fedprune-monitor\n")).splitlines()[1:]
+    assert all("fedprune/v1/kitchen/" in rule for rule in pi1 + monitor)
+    deploy = [rule for rule in pi1 if "/deploy/" in rule]
+    assert deploy == [
+        "topic read fedprune/v1/kitchen/deploy/raspberry-pi-4",
+        "topic read fedprune/v1/kitchen/deploy/raspberry-pi-4/#",
+    ]
+    config = tomllib.loads((fleet / "devices" / "pi-1" / "device.toml").read_text())
+    assert (config["run"], config["profile"]) == ("kitchen", "raspberry-pi-4")
+    read = provision.Fleet.read(fleet)
+    assert (read.runs, read.profiles) == (["kitchen"], {"pi-1": "raspberry-pi-4"})
+
+
+def test_a_fleet_file_written_before_runs_and_profiles_still_reads(tmp_path: Path) -> None:
+    (tmp_path / "fleet.toml").write_text(
+        'hosts = ["b"]\nport = 8883\nbroker_dir = "/etc/x"\n[devices]\npi-1 = "active"\n'
+    )
+
+    fleet = provision.Fleet.read(tmp_path)
+
+    assert (fleet.runs, fleet.profiles, fleet.scopes()) == ([], {}, ["+"])

@@ -401,3 +401,35 @@ def test_a_device_revoked_mid_run_is_not_waited_for_by_the_running_coordinator(
     assert rounds[-1]["selected"] == rounds[-1]["reported"] == 1
     assert all(r["seconds"] < 30 for r in rounds)
     assert finished - revoked_at < 90
+
+
+def test_a_device_of_a_profile_reads_only_that_profiles_deployments(fleet: Fleet) -> None:
+    # Prepare: a Pi 4 added to the fleet with its profile; the broker reloads its files
+    subprocess.run(
+        [BIN / "fedprune-provision", "add", fleet.folder, "pi-9", "--profile", "raspberry-pi-4"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    for name in ("passwd", "acl"):
+        shutil.copy(fleet.folder / "broker" / name, fleet.etc / name)
+    fleet.broker.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    device = MqttTransport(fleet.settings("devices/pi-9", "device"), client_id="pi-9")
+    device.subscribe("fedprune/v1/r/deploy/#")
+    coordinator = MqttTransport(fleet.settings("coordinator", "coordinator"), client_id="x")
+
+    # Execute: deployments for its profile and for another
+    for profile in ("raspberry-pi-4", "generic-x86-64"):
+        coordinator.publish(f"fedprune/v1/r/deploy/{profile}", b"manifest")
+        coordinator.publish(f"fedprune/v1/r/deploy/{profile}/chunks/0", b"model")
+    coordinator.flush(timeout=5)
+    seen = sorted(topic for topic, _ in _drain(device))
+    for transport in (device, coordinator):
+        transport.close()
+
+    # Assert
+    assert seen == [
+        "fedprune/v1/r/deploy/raspberry-pi-4",
+        "fedprune/v1/r/deploy/raspberry-pi-4/chunks/0",
+    ]
