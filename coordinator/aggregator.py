@@ -37,6 +37,7 @@ from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.downlink import Downlink
 from fedprune.coordinator.fleet import Fleet
 from fedprune.coordinator.intake import RoundState, UpdateIntake
+from fedprune.coordinator.keys import DeviceKeys
 from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.options import add_run_arguments, config_from
 from fedprune.coordinator.validation import Limits
@@ -172,6 +173,8 @@ class ShareAggregator:
 
     def __init__(self, transport: Transport, config: RunConfig, *, name: str, group: str) -> None:
         signer, trust = config.signatures()
+        # The devices' keys, read again when their folder changes, as the coordinator does
+        self.keys = DeviceKeys(config.device_keys) if config.device_keys else None
         self.transport = transport
         self.config = config
         self.name, self.group = name, group
@@ -238,8 +241,17 @@ class ShareAggregator:
             if item is not None and item[1]:
                 self.handle(*item)
             self._tally()
+            self._reload_keys()
             if remind is not None:
                 remind()
+
+    def _reload_keys(self) -> None:
+        """A revoked device's updates are dropped from now on, and it is no longer counted."""
+        if self.keys is None or (revoked := self.keys.reload()) is None:
+            return
+        self.intake.trust = self.keys.trust
+        for client_id in revoked:
+            self.fleet.offline(client_id)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message: a device's hello or update, another aggregator's tally, or one of the
