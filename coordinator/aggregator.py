@@ -241,17 +241,10 @@ class ShareAggregator:
             if item is not None and item[1]:
                 self.handle(*item)
             self._tally()
-            self._reload_keys()
+            if self.keys is not None:
+                self.intake.reload_keys(self.keys)
             if remind is not None:
                 remind()
-
-    def _reload_keys(self) -> None:
-        """A revoked device's updates are dropped from now on, and it is no longer counted."""
-        if self.keys is None or (revoked := self.keys.reload()) is None:
-            return
-        self.intake.trust = self.keys.trust
-        for client_id in revoked:
-            self.fleet.offline(client_id)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message: a device's hello or update, another aggregator's tally, or one of the

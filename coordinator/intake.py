@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from fedprune.coordinator.aggregation import Aggregator
 from fedprune.coordinator.fleet import Fleet
+from fedprune.coordinator.keys import DeviceKeys
 from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.validation import Limits, Reason, Rejected, classify, validate
 from fedprune.protocol.chunks import Reassembler
@@ -113,6 +114,15 @@ class UpdateIntake:
         self.current: RoundState | None = None
         self.previous: RoundState | None = None  # late updates may still count (staleness)
         self.dropped = 0  # messages refused for a missing or bad signature, or replayed
+
+    def reload_keys(self, keys: DeviceKeys) -> list[str]:
+        """Read the devices' keys again if due (``DeviceKeys.reload``): from then on, what a
+        revoked device sends is dropped, and it leaves the fleet. The devices that left."""
+        revoked = keys.reload()
+        if revoked is None:
+            return []
+        self.trust = keys.trust
+        return [c for c in sorted(revoked) if self.fleet.offline(c)]
 
     def open(self, state: RoundState) -> None:
         """Collect ``state``'s round from now on. No update weighs more than ``weight_cap`` times

@@ -278,21 +278,14 @@ class Coordinator:
         for event in self.transport.connection_events():
             self.observer.connection(event)
         self.observer.tick()
-        if self.keys is not None and (revoked := self.keys.reload()) is not None:
-            self._revoked(revoked)
+        if self.keys is not None:
+            for client_id in self.intake.reload_keys(self.keys):
+                self.observer.left(client_id)
         item = self.transport.get(timeout)
         if item is None:
             return False
         self.handle(*item)
         return True
-
-    def _revoked(self, revoked: set[str]) -> None:
-        """The devices' keys were read again: those of ``revoked`` are gone from the fleet (not
-        selected, not waited for), and what they send is dropped."""
-        self.intake.trust = self.keys.trust if self.keys is not None else self.intake.trust
-        for client_id in sorted(revoked):
-            if self.fleet.offline(client_id):
-                self.observer.left(client_id)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message: an update, a device's status, or an aggregator's tally or partial sum."""

@@ -112,7 +112,7 @@ def test_an_aggregator_drops_a_device_revoked_while_it_runs(tmp_path: Path) -> N
     (keys / "b.pub").unlink()
     assert aggregator.keys is not None
     aggregator.keys.request()
-    aggregator._reload_keys()
+    aggregator.intake.reload_keys(aggregator.keys)
     for device, signer in signers.items():
         update = Update(round=1, num_samples=10, deltas=[np.ones(3, np.float32)])
         for chunk in split(encode_update(update, model.masks), max_chunk=1 << 20):
