@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import socket
 import sys
@@ -83,6 +84,7 @@ class _Round:
     # each aggregator's chunks apart: two with nothing to add send the same bytes
     parts: dict[str, Collector] = field(default_factory=dict)
     partials: dict[str, Update] = field(default_factory=dict)  # by aggregator, once closed
+    norms: dict[str, list[float]] = field(default_factory=dict)  # its updates' (NormBound)
 
 
 class PartialSums:
@@ -138,6 +140,9 @@ class PartialSums:
         for reason, count in tally.rejected.items():
             state.rejected[str(reason)[:32]] += max(0, int(count))
         state.bytes_up += max(0, tally.bytes_up)
+        sums.norms.setdefault(aggregator, []).extend(
+            n for n in tally.norms[: len(tally.reported)] if math.isfinite(n) and n >= 0
+        )
 
     def gather(
         self, state: RoundState, *, close: Callable[[], object], pump: Callable[[float], bool]
@@ -159,10 +164,14 @@ class PartialSums:
                 self.expected,
                 PARTIAL_WAIT,
             )
-        for partial in sums.partials.values():
+        for aggregator, partial in sums.partials.items():
             weight = partial.metrics.get("weight", 0.0)
             if weight > 0:
-                state.aggregator.add(dataclasses.replace(partial, num_samples=1), weight=weight)
+                state.aggregator.merge(
+                    dataclasses.replace(partial, num_samples=1),
+                    weight=weight,
+                    norms=sums.norms.get(aggregator, []),
+                )
 
 
 # -- an aggregator process ------------------------------------------------------------------------
@@ -322,7 +331,7 @@ class ShareAggregator:
                 announcement=announced,
                 selected={c for c in self.fleet if announced.selects(c)},
                 aggregator=make_aggregator(
-                    "fedavg", [w.shape for w in model.weights], clip_norm=self.config.clip_norm
+                    "fedavg", [w.shape for w in model.weights], clip_norm=announced.norm_bound
                 ),
             )
         )
@@ -340,6 +349,7 @@ class ShareAggregator:
             responded=sorted(state.responded - told.responded),
             rejected=dict(state.rejected - told.rejected),
             bytes_up=state.bytes_up - told.bytes_up,
+            norms=state.aggregator.norms[told.norms :],
         )
         told.at = time.monotonic()
         if tally.reported or tally.responded or tally.rejected or tally.bytes_up or now:
@@ -349,6 +359,7 @@ class ShareAggregator:
                 responded=set(state.responded),
                 rejected=Counter(state.rejected),
                 bytes_up=state.bytes_up,
+                norms=len(state.aggregator.norms),
                 at=told.at,
             )
 
@@ -388,10 +399,11 @@ class Told:
     responded: set[str] = field(default_factory=set)
     rejected: Counter[str] = field(default_factory=Counter)
     bytes_up: int = 0
+    norms: int = 0  # how many of the round's update norms it sent
     at: float = 0.0
 
 
-AGGREGATOR_OPTIONS = ("run", "signing_key", "device_keys", "max_payload", "clip_norm", "weight_cap")
+AGGREGATOR_OPTIONS = ("run", "signing_key", "device_keys", "max_payload", "weight_cap")
 """The run's options an aggregator takes, given as to its coordinator."""
 
 

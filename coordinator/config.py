@@ -269,17 +269,26 @@ class RunConfig:
         "(default: %(default)s)",
     )
     aggregation: Rule = option(
-        Rule.FEDAVG,
-        "how updates are combined: fedavg (weighted by samples), or the robust median and "
-        "trimmed-mean, which weigh every device the same (default: %(default)s)",
+        Rule.AUTO,
+        "how updates are combined: fedavg (weighted by samples); the robust median and "
+        "trimmed-mean, which weigh every device the same; screened: fedavg of the updates that do"
+        " not make the held-out loss worse (needs --heldout). auto: screened in a signed fleet"
+        " with --heldout (median without), fedavg otherwise and with --aggregators"
+        " (default: %(default)s)",
     )
     weight_cap: float = option(
         3.0,
         "no update weighs more than this many times the median sample count its round's devices"
         " declared, whatever its device claims (fedavg; 0 = off; default: %(default)s)",
     )
+    clip_multiple: float = option(
+        3.0,
+        "clip each update to this many times the median norm of the previous round's updates"
+        " (the first round: to the model's own norm; 0 = off; default: %(default)s)",
+        metavar="M",
+    )
     clip_norm: float = option(
-        0.0, "scale any update with a larger L2 norm down to this norm (default: 0 = off)"
+        0.0, "clip each update to this fixed L2 norm instead (default: 0 = --clip-multiple)"
     )
     staleness_weight: float = option(
         0.0,
@@ -331,6 +340,10 @@ class RunConfig:
         _check_types(self)
         _enum(self, "downlink", Downlink)
         _enum(self, "aggregation", Rule)
+        if self.aggregation is Rule.AUTO:
+            robust = self.signing_key and not self.aggregators and not self.staleness_weight
+            chosen = Rule.SCREENED if self.heldout else Rule.MEDIAN
+            object.__setattr__(self, "aggregation", chosen if robust else Rule.FEDAVG)
         checks: list[tuple[str, bool, str]] = [
             ("rounds", self.rounds >= 1, ">= 1"),
             ("min_clients", self.min_clients >= 1, ">= 1"),
@@ -347,7 +360,8 @@ class RunConfig:
             ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
             ("max_update_bytes", self.max_update_bytes >= 0, ">= 0 (0 = twice the dense model)"),
             ("max_norm", self.max_norm > 0, "> 0"),
-            ("clip_norm", self.clip_norm >= 0, ">= 0 (0 = off)"),
+            ("clip_norm", self.clip_norm >= 0, ">= 0 (0 = --clip-multiple)"),
+            ("clip_multiple", self.clip_multiple == 0 or self.clip_multiple >= 1, ">= 1 (0 = off)"),
             ("weight_cap", self.weight_cap == 0 or self.weight_cap >= 1, ">= 1 (0 = off)"),
             ("staleness_weight", 0.0 <= self.staleness_weight <= 1.0, "in [0, 1] (0 = off)"),
             ("trim", 0.0 <= self.trim < 0.5, "in [0, 0.5)"),
@@ -374,6 +388,10 @@ class RunConfig:
                 f"trimmed-mean of {per_round} device(s) a round with trim {self.trim:g} trims"
                 " nothing: it would be the plain mean (give --trim > 0 and at least 3 devices a"
                 " round, --clients-per-round or --min-clients; or --aggregation median)"
+            )
+        if self.aggregation is Rule.SCREENED and not self.heldout:
+            raise ConfigError(
+                "--aggregation screened measures each update on the held-out set: give --heldout"
             )
         if self.staleness_weight and self.aggregation != "fedavg":
             raise ConfigError(

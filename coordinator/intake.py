@@ -78,6 +78,12 @@ class RoundState:
         return sorted(self.selected - self.responded)
 
 
+def sample_cap(weight_cap: float, declared: list[int]) -> float:
+    """The most samples an update weighs: ``weight_cap`` times the median of the sample counts
+    its round's devices ``declared`` (no cap: 0, or nothing declared)."""
+    return weight_cap * statistics.median(declared) if weight_cap and declared else math.inf
+
+
 class UpdateIntake:
     """Receives, reassembles, validates and sums the updates of the round being collected.
 
@@ -131,8 +137,7 @@ class UpdateIntake:
         declared = [
             hello.num_samples for c in state.selected if (hello := self.fleet.devices.get(c))
         ]
-        if self.weight_cap and declared:
-            state.sample_cap = self.weight_cap * statistics.median(declared)
+        state.sample_cap = sample_cap(self.weight_cap, declared)
         self.current = state
 
     def close(self) -> RoundState:
@@ -256,12 +261,14 @@ class UpdateIntake:
                 self.weight_cap,
             )
         if target is state:
-            state.aggregator.add(update, weight=share)
+            state.aggregator.add(update, weight=share, source=client_id)
         else:  # late, for the previous round: its deltas where the current model still has
             masks = state.model.masks
             kept = [d if m is None else d * m for d, m in zip(update.deltas, masks, strict=True)]
             weight = self.staleness_weight * share
-            state.aggregator.add(dataclasses.replace(update, deltas=kept), weight=weight)
+            state.aggregator.add(
+                dataclasses.replace(update, deltas=kept), weight=weight, source=client_id
+            )
             state.stale.append(client_id)
             log.info(
                 "round %d: counted %s's late update for round %d (weight %g)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedprune.coordinator.aggregation import median_norm
 from fedprune.coordinator.intake import RoundState
 from fedprune.edge_client.trainer import Evaluation
 
@@ -34,6 +35,10 @@ class RoundResult:
     overdue: int = 0  # devices that resent their update for want of a notice (Hello.unanswered)
     recall: list[float] | None = None  # held-out recall of each class (health.verdict)
     capped: int = 0  # updates whose sample claim counted as the round's cap (weight_cap)
+    norm_bound: float = 0.0  # the L2 norm updates were clipped to (aggregation.NormBound; 0: none)
+    norm_median: float | None = None  # the median norm of the updates taken, before clipping
+    clipped: int = 0  # updates larger than norm_bound, scaled down to it
+    left_out: int = 0  # accepted updates the rule left out (screened: they made the loss worse)
 
     @classmethod
     def of(
@@ -73,6 +78,10 @@ class RoundResult:
             overdue=len(state.claimed),
             recall=None if evaluation is None else evaluation.recall,
             capped=len(state.capped),
+            norm_bound=state.aggregator.clip_norm,
+            norm_median=median_norm(state.aggregator.norms),
+            clipped=state.aggregator.clipped(),
+            left_out=len(state.aggregator.left_out),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,8 +89,8 @@ class RoundResult:
 
 
 def round_report(state: RoundState, online: set[str]) -> dict[str, Any]:
-    """Who was late (still ``online``) or gone (their connection dropped), stale or rejected
-    (and why) in a closed round: runs/<run>/rounds/round-NNNN.json."""
+    """Who was late (still ``online``) or gone (their connection dropped), stale, rejected (and
+    why), capped or left out by the rule in a closed round: runs/<run>/rounds/round-NNNN.json."""
     late = state.late()
     return {
         "round": state.round,
@@ -89,4 +98,6 @@ def round_report(state: RoundState, online: set[str]) -> dict[str, Any]:
         "stale": state.stale,
         "gone": [c for c in late if c not in online],
         "rejected": state.why,
+        "capped": state.capped,
+        "left_out": state.aggregator.left_out,
     }

@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedprune.coordinator.aggregation import make_aggregator
+from fedprune.coordinator.aggregation import Loss, NormBound, make_aggregator, median_norm
 from fedprune.coordinator.deployment import Deployments
 from fedprune.coordinator.fleet import Change, Draw, needs_artifact
 from fedprune.coordinator.global_model import Evaluator, GlobalModel
 from fedprune.coordinator.intake import RoundState
 from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.result import RoundResult, round_report
-from fedprune.coordinator.telemetry import tolerance
+from fedprune.coordinator.telemetry import clipping, tolerance
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import (
@@ -59,11 +59,12 @@ class Coordinator:
         model: GlobalModel,
         *,
         evaluate: Evaluator,
+        loss: Loss | None = None,
         on_round: Callable[[RoundResult], None] | None = None,
     ) -> None:
         """Runs the rounds of ``model`` with ``parts`` (:meth:`Parts.build`): ``evaluate``
-        measures the global model, and ``on_round`` hears each round's result (and
-        checkpoints)."""
+        measures the global model, ``loss`` the held-out loss of given weights (the screened
+        rule), and ``on_round`` hears each round's result (and checkpoints)."""
         self.transport, self.config, self.topics = parts.transport, parts.config, parts.topics
         self.codec, self.downlink, self.fleet = parts.codec, parts.downlink, parts.fleet
         self.telemetry, self.observer = parts.telemetry, parts.observer
@@ -71,12 +72,14 @@ class Coordinator:
         self.keys = parts.keys
         self.pruner = model
         self.evaluate = evaluate
+        self.loss = loss
         self.on_round = on_round or (lambda result: None)
         self.deployments = Deployments(self.fleet, self.downlink, self.observer, self.pump)
         self.results: list[RoundResult] = []
         self.last_round: dict[str, Any] = {}  # who was late, gone, failed or rejected in it
         self._down_counted = 0  # bytes_down already in a round's result
         self._dense = 4 * model.parameters()  # float32 bytes of the model the run began with
+        self.bound = NormBound(fixed=self.config.clip_norm, multiple=self.config.clip_multiple)
 
     @property
     def bytes_down(self) -> int:
@@ -97,7 +100,12 @@ class Coordinator:
         updates = self.topics.aggregators if self.partials else self.topics.all_updates
         self.transport.subscribe(updates, retained=False)  # a device's retained update: stale
         self.spec.publish()
-        log.info("aggregation %s tolerates %s", self.config.aggregation, tolerance(self.config))
+        log.info(
+            "aggregation %s tolerates %s; updates clipped to %s",
+            self.config.aggregation,
+            tolerance(self.config),
+            clipping(self.config),
+        )
         self.status(Phase.WAITING, 0)
 
     def train(self) -> list[RoundResult]:
@@ -124,6 +132,8 @@ class Coordinator:
         self.downlink.bytes_down += restored
         self._down_counted += restored
         self.telemetry.resume(self.results)
+        for result in results:
+            self.bound.observe(result.norm_median)
         if results:
             log.info("resuming after round %d of %d", results[-1].round, self.config.rounds)
 
@@ -146,15 +156,16 @@ class Coordinator:
         started = time.perf_counter()
         draw = self._draw(round_)
         model = self.pruner.model()
-        announcement, sent = self._announce(round_, model, draw.selected, draw.draw, draw.cutoff)
-        self.observer.round_started(round_, draw.selected, announcement.deadline, sent)
-        self.status(Phase.TRAINING, round_)
         aggregator = make_aggregator(
             self.config.aggregation,
             [w.shape for w in model.weights],
-            clip_norm=self.config.clip_norm,
+            clip_norm=self.bound.of(model.weights),
             trim=self.config.trim,
+            loss=self.loss,
         )
+        announcement, sent = self._announce(round_, model, draw, aggregator.clip_norm)
+        self.observer.round_started(round_, draw.selected, announcement.deadline, sent)
+        self.status(Phase.TRAINING, round_)
         state = RoundState(
             round=round_,
             model=model,
@@ -176,8 +187,16 @@ class Coordinator:
             )
         self.intake.close()
         self.downlink.holders = set(state.reported)  # they hold this model: a change's base
+        self.bound.observe(median_norm(state.aggregator.norms))
         if state.aggregator.count:
             self.pruner.set_weights(state.aggregator.apply(model.weights))
+            if state.aggregator.left_out:
+                log.info(
+                    "round %d: left out the update(s) of %s: without each, the held-out loss"
+                    " was lower",
+                    round_,
+                    ", ".join(state.aggregator.left_out),
+                )
         else:
             log.warning("round %d: no valid update arrived; the model is unchanged", round_)
         self.pruner.step(round_)
@@ -200,13 +219,13 @@ class Coordinator:
                 )
 
     def _announce(
-        self, round_: int, model: Model, selected: list[str], draw: str, cutoff: int
+        self, round_: int, model: Model, draw: Draw, norm_bound: float
     ) -> tuple[Round, int]:
         """Publish the round's model and its announcement; the announcement and the bytes each
         selected device receives."""
-        limit = self.fleet.fit_ids(selected)
+        limit = self.fleet.fit_ids(draw.selected)
         release, model_bytes = self.downlink.publish_model(
-            round_, model, selected, limit=limit, mode=self.config.downlink, codec=self.codec
+            round_, model, draw.selected, limit=limit, mode=self.config.downlink, codec=self.codec
         )
         announcement = Round(
             round=round_,
@@ -214,13 +233,14 @@ class Coordinator:
             deadline=time.time() + self.config.round_timeout,
             duration=self.config.round_timeout,
             session=self.telemetry.session,
-            draw=draw,
-            cutoff=cutoff,
+            draw=draw.draw,
+            cutoff=draw.cutoff,
             local_epochs=self.config.local_epochs,
             architecture=self.spec.architecture,
             model=release.model,
             delta=release.delta,
             base=release.base,
+            norm_bound=norm_bound,
         )
         size = self.downlink.publish(self.topics.round, announcement, receivers=len(self.fleet))
         self.downlink.joining["round"] = size

@@ -17,6 +17,7 @@ from sklearn.metrics import recall_score
 
 from fedprune.converters.export import ExportReport, export_profiles, resolve_profile
 from fedprune.coordinator import models
+from fedprune.coordinator.aggregation import Loss
 from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.health import chance_accuracy, verdict
 from fedprune.coordinator.keys import DeviceKeys
@@ -51,7 +52,7 @@ class Summary:
     bytes_down: int = 0  # everything the devices received, the deployment after the rounds too
 
 
-def _evaluator(
+def evaluator(
     pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None
 ) -> Callable[[], Evaluation | None]:
     loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
@@ -72,6 +73,20 @@ def _evaluator(
         )
 
     return evaluate
+
+
+def held_out_loss(pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None) -> Loss | None:
+    """The held-out loss of the global model with given weights (the screened rule's measure);
+    it leaves the model at those weights."""
+    if x is None or y is None:
+        return None
+    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
+
+    def loss(weights: list[np.ndarray]) -> float:
+        pruner.set_weights(weights)
+        return float(loss_fn(y, pruner.stripped(x, training=False)).numpy())
+
+    return loss
 
 
 def run(
@@ -124,7 +139,11 @@ def run(
         observers=observers,
     )
     coordinator = Coordinator(
-        parts, pruner, evaluate=_evaluator(pruner, x, y), on_round=after_round
+        parts,
+        pruner,
+        evaluate=evaluator(pruner, x, y),
+        loss=held_out_loss(pruner, x, y),
+        on_round=after_round,
     )
     coordinator.telemetry.listeners.extend(listeners or [])
     if resume:

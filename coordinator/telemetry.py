@@ -62,6 +62,15 @@ def tolerance(config: RunConfig) -> str:
     return f"{n} Byzantine device(s) of {of} a round"
 
 
+def clipping(config: RunConfig) -> str:
+    """The norm updates are clipped to (aggregation.NormBound), in words."""
+    if config.clip_norm:
+        return f"{config.clip_norm:g}"
+    if config.clip_multiple:
+        return f"{config.clip_multiple:g}x the previous round's median norm"
+    return "off"
+
+
 def config_summary(config: RunConfig) -> dict[str, Any]:
     """What an operator wants to see of a run's configuration, in one line of a header."""
     schedule = config.schedule
@@ -69,6 +78,7 @@ def config_summary(config: RunConfig) -> dict[str, Any]:
         "model": config.model,
         "aggregation": config.aggregation,
         "tolerates": tolerance(config),
+        "clip": clipping(config),
         "schedule": f"{schedule.kind.value} to {schedule.target:g}"
         + (f" ({schedule.structure})" if schedule.structure else ""),
         "min_clients": config.min_clients,

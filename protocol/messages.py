@@ -164,6 +164,9 @@ class Round(Message):
     # The SHA-256 of the Spec's ``model_json`` this round's model has (1.8, :func:`architecture`):
     # a rebuilt model comes with a new Spec, and a device trains once it holds that one.
     architecture: str = ""
+    # The L2 norm this round's updates are clipped to (1.11, 0: none): the coordinator's
+    # aggregators clip to it; devices need not know it.
+    norm_bound: float = 0.0
 
     def selects(self, client_id: str) -> bool:
         """Whether this round selects ``client_id``."""
@@ -264,6 +267,7 @@ class Tally(Message):
     responded: list[str]
     rejected: dict[str, int]
     bytes_up: int
+    norms: list[float] = field(default_factory=list)  # of the updates it accepted (1.11)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
-from fedprune.coordinator.aggregation import make_aggregator, tolerated
+from fedprune.coordinator.aggregation import NormBound, make_aggregator, median_norm, tolerated
 from fedprune.coordinator.fedavg import FedAvg
 from fedprune.coordinator.trimmed_mean import trimmed
 from fedprune.protocol.codec import Update
@@ -176,15 +178,59 @@ def test_norm_clipping_scales_large_updates_down_to_the_limit() -> None:
     # Execute
     (new,) = aggregator.apply([np.zeros(2, np.float32)])
 
-    # Assert: (0.6, 0.8) and (0.3, 0.4) averaged; one update was clipped
+    # Assert: (0.6, 0.8) and (0.3, 0.4) averaged; one update was clipped; the norms as they came
     np.testing.assert_allclose(new, [0.45, 0.6], rtol=1e-6)
-    assert aggregator.clipped == 1
+    assert aggregator.clipped() == 1
+    np.testing.assert_allclose(aggregator.norms, [5.0, 0.5])
+
+
+def test_the_adaptive_bound_follows_the_previous_rounds_median_norm() -> None:
+    # Prepare: 3x the median; a model of norm 13 (5, 12)
+    bound = NormBound(multiple=3.0)
+    weights = [np.array([5.0, 12.0], np.float32)]
+
+    # Execute / Assert: before any round took updates, the model's own norm
+    assert bound.of(weights) == pytest.approx(13.0)
+    # a round of norms 1, 2 and 1000 (one liar): 3 x the median 2
+    bound.observe(median_norm([1.0, 1000.0, 2.0]))
+    assert bound.of(weights) == pytest.approx(6.0)
+    # a round without updates (or only zero ones) keeps the bound
+    bound.observe(median_norm([]))
+    bound.observe(median_norm([0.0, 0.0]))
+    assert bound.of(weights) == pytest.approx(6.0)
+
+
+def test_a_fixed_clip_norm_wins_and_zero_means_no_bound() -> None:
+    weights = [np.ones(4, np.float32)]
+    assert NormBound(fixed=5.0, multiple=3.0).of(weights) == 5.0
+    assert NormBound().of(weights) == 0.0
+
+
+def test_the_liar_of_three_moves_the_next_bound_no_further_than_an_honest_device() -> None:
+    # Prepare: two honest updates of norm about 1, one of norm 1e4 (near the old fixed limit)
+    bound = NormBound(multiple=3.0)
+    bound.observe(1.0)
+    aggregator = make_aggregator("fedavg", [(2,)], clip_norm=bound.of([np.zeros(2)]))
+    for values in ([0.6, 0.8], [0.8, 0.6], [6000.0, 8000.0]):
+        aggregator.add(_update(values))
+
+    # Execute
+    (new,) = aggregator.apply([np.zeros(2, np.float32)])
+    bound.observe(median_norm(aggregator.norms))
+
+    # Assert: the liar's update counts with norm 3 at most, and the next bound is still 3
+    assert aggregator.clipped() == 1
+    assert float(np.linalg.norm(new)) <= (1 + 1 + 3) / 3 + 1e-6
+    assert bound.of([np.zeros(2)]) == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rule": "krum"}, "unknown aggregation 'krum' (one of fedavg, median, trimmed-mean)"),
+        (
+            {"rule": "krum"},
+            "unknown aggregation 'krum' (one of fedavg, median, trimmed-mean, screened)",
+        ),
         ({"rule": "trimmed-mean", "trim": 0.5}, "trim must be in [0, 0.5), got 0.5"),
         ({"rule": "median", "clip_norm": -1.0}, "clip_norm must be >= 0 (0 = off), got -1.0"),
     ],
@@ -231,3 +277,57 @@ def test_each_rule_says_how_many_byzantine_devices_it_tolerates(
     rule: str, devices: int, trim: float, expected: int
 ) -> None:
     assert tolerated(rule, devices, trim) == expected
+
+
+def _distance_to(target: list[float]) -> Callable[[list[np.ndarray]], float]:
+    """A held-out loss whose best model is ``target``."""
+    return lambda weights: float(np.sum((weights[0] - np.array(target)) ** 2))
+
+
+def test_screened_leaves_out_the_update_that_makes_the_held_out_loss_worse() -> None:
+    # Prepare: two honest devices step towards (1, 1); a liar claims 100x the samples and pulls
+    # the other way (its claim already capped to 3x by the intake)
+    aggregator = make_aggregator("screened", [(2,)], loss=_distance_to([1.0, 1.0]))
+    aggregator.add(_update([0.5, 0.4]), source="a")
+    aggregator.add(_update([0.4, 0.5]), source="b")
+    aggregator.add(_update([-5.0, -5.0]), weight=3.0, source="liar")
+
+    # Execute
+    (new,) = aggregator.apply([np.zeros(2, np.float32)])
+
+    # Assert: the honest devices' FedAvg, and who was left out
+    np.testing.assert_allclose(new, [0.45, 0.45], rtol=1e-6)
+    assert aggregator.left_out == ["liar"]
+
+
+def test_screened_never_leaves_out_half_of_a_round_nor_one_whose_absence_does_not_help() -> None:
+    # Prepare: four updates, three of them bad; and a round where no absence lowers the loss
+    bad = make_aggregator("screened", [(1,)], loss=_distance_to([1.0]))
+    for value, source in ((0.5, "a"), (-2.0, "b"), (-3.0, "c"), (-4.0, "d")):
+        bad.add(_update([value]), source=source)
+    good = make_aggregator("screened", [(1,)], loss=_distance_to([1.0]))
+    for value in (0.3, 0.3, 0.3):
+        good.add(_update([value]))
+
+    # Execute
+    bad.apply([np.zeros(1, np.float32)])
+    (new,) = good.apply([np.zeros(1, np.float32)])
+
+    # Assert: at most (4 - 1) // 2 = 1 left out (the worst); none of the equal ones
+    assert bad.left_out == ["d"]
+    assert good.left_out == []
+    np.testing.assert_allclose(new, [0.3], rtol=1e-6)
+
+
+def test_screened_does_not_judge_two_updates() -> None:
+    aggregator = make_aggregator("screened", [(1,)], loss=_distance_to([1.0]))
+    aggregator.add(_update([0.5]))
+    aggregator.add(_update([-5.0]))
+    (new,) = aggregator.apply([np.zeros(1, np.float32)])
+    np.testing.assert_allclose(new, [-2.25], rtol=1e-6)  # which of two lies? no one can say
+    assert aggregator.left_out == []
+
+
+def test_screened_without_a_held_out_set_is_one_line() -> None:
+    with pytest.raises(ConfigError, match="^the screened rule needs a held-out set"):
+        make_aggregator("screened", [(1,)])

@@ -127,3 +127,46 @@ def test_the_run_says_how_many_byzantine_devices_its_rule_tolerates() -> None:
     )
     assert of(aggregation="median", clients_per_round=10) == "4 Byzantine device(s) of 10 a round"
     assert of(min_clients=5).startswith("no Byzantine device of at least 5 a round (fedavg")
+
+
+@pytest.mark.parametrize(
+    ("values", "rule"),
+    [
+        ({}, "fedavg"),
+        ({"signing_key": "c.sign", "device_keys": "keys"}, "median"),
+        ({"signing_key": "c.sign", "device_keys": "keys", "heldout": "h.npz"}, "screened"),
+        ({"signing_key": "c.sign", "device_keys": "keys", "aggregators": 2}, "fedavg"),
+        ({"signing_key": "c.sign", "device_keys": "keys", "staleness_weight": 0.5}, "fedavg"),
+        ({"signing_key": "c.sign", "device_keys": "keys", "aggregation": "fedavg"}, "fedavg"),
+        ({"aggregation": "median"}, "median"),
+    ],
+    ids=[
+        "open",
+        "signed",
+        "signed-heldout",
+        "signed-aggregators",
+        "signed-staleness",
+        "signed-asked",
+        "asked",
+    ],
+)
+def test_auto_aggregation_is_robust_in_a_signed_fleet(values: dict[str, object], rule: str) -> None:
+    config = RunConfig(**values)  # type: ignore[arg-type]
+    assert config.aggregation == rule
+    assert config.to_dict()["aggregation"] == rule  # config.toml: a resumed run keeps it
+
+
+def test_the_run_says_what_updates_are_clipped_to() -> None:
+    def of(**values: object) -> str:
+        return str(config_summary(RunConfig(**values))["clip"])  # type: ignore[arg-type]
+
+    assert of() == "3x the previous round's median norm"
+    assert of(clip_norm=5.0) == "5"
+    assert of(clip_multiple=0.0) == "off"
+    with pytest.raises(ConfigError, match="clip_multiple must be >= 1"):
+        RunConfig(clip_multiple=0.5)
+
+
+def test_the_screened_rule_without_a_held_out_set_is_refused() -> None:
+    with pytest.raises(ConfigError, match="screened measures each update on the held-out set"):
+        RunConfig(aggregation="screened")

@@ -61,6 +61,7 @@ EVERY_OPTION_CHANGED = RunConfig(
     install_wait=30.0,
     aggregation=Rule.FEDAVG,
     clip_norm=5.0,
+    clip_multiple=2.0,
     weight_cap=2.0,
     staleness_weight=0.5,
     trim=0.2,
@@ -135,7 +136,7 @@ def test_flags_set_every_option_as_the_config_file_does(tmp_path: Path) -> None:
         *("--max-payload", "65536", "--heldout", config.heldout, "--out", config.out),
         *("--profile", config.profile, "--seed", "7", "--deploy-anyway"),
         *("--install-wait", "30", "--clip-norm", "5", "--staleness-weight", "0.5"),
-        *("--class-drop", "0.2", "--weight-cap", "2"),
+        *("--class-drop", "0.2", "--weight-cap", "2", "--clip-multiple", "2"),
         *("--trim", "0.2", "--max-update-bytes", "1000000", "--max-norm", "100"),
         *("--max-samples", "5000", "--max-pending-bytes", str(2**20)),
         *("--codec", config.codec, "--downlink", "codec"),
@@ -145,7 +146,7 @@ def test_flags_set_every_option_as_the_config_file_does(tmp_path: Path) -> None:
 
 
 def test_an_aggregator_takes_the_options_it_shares_with_its_coordinator() -> None:
-    argv = ["--run", "garden", "--max-payload", "65536", "--clip-norm", "5"]
+    argv = ["--run", "garden", "--max-payload", "65536", "--weight-cap", "2"]
     argv += ["--signing-key", "c.sign", "--device-keys", "keys", "--id", "agg-1"]
 
     config = config_from(aggregator.parser().parse_args(argv))
@@ -153,7 +154,7 @@ def test_an_aggregator_takes_the_options_it_shares_with_its_coordinator() -> Non
     assert config == RunConfig(
         run="garden",
         max_payload=65536,
-        clip_norm=5.0,
+        weight_cap=2.0,
         signing_key="c.sign",
         device_keys="keys",
     )

@@ -24,6 +24,7 @@ from round_harness import (
     update_payload,
 )
 
+from fedprune.coordinator.aggregation import l2_norm
 from fedprune.protocol.codec import Model
 from fedprune.protocol.envelope import decode, encode
 from fedprune.protocol.errors import ConfigError
@@ -228,3 +229,41 @@ def test_a_device_whose_training_failed_is_not_waited_for_and_is_counted(
     assert (result.reported, result.rejected) == (1, {"failed": 1})
     row = next(r for r in h.coordinator.telemetry.ledger.rows() if r.id == "b")
     assert row.last_reason == "failed: its training failed: MemoryError: "
+
+
+def test_updates_are_clipped_to_a_bound_the_previous_round_set_and_announced(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: a and b send small updates; c (a stolen bundle) one of norm 9,900 (just inside
+    # the fixed limit of 1e4), every round
+    h = harness(("a", "b", "c"), rounds=3)
+    announced: list[float] = []
+    sent: dict[str, list[np.ndarray]] = {}
+
+    def answer(announcement: Round, model: Model) -> None:
+        announced.append(announcement.norm_bound)
+        for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+            sent[name] = random_delta(model, seed + 10 * announcement.round)
+            if name == "c":
+                sent[name] = [d * (9_900 / l2_norm(sent[name])) for d in sent[name]]
+            h.clients[name].send(
+                announcement.round, update_payload(model, sent[name], round_=announcement.round)
+            )
+
+    h.on_round(answer)
+
+    # Execute: round 2, then round 3
+    before, first, _ = h.run_round()
+    second = h.coordinator.run_round(ROUND + 1)
+
+    # Assert: round 2 (no round before it) clips to the model's own norm; round 3 to 3x the
+    # median norm of round 2's updates (an honest one): c is clipped both times, and said so
+    own = l2_norm(before.weights)
+    assert first.norm_bound == pytest.approx(own, rel=1e-5)
+    assert first.norm_median is not None and first.norm_median < 1.0
+    assert second.norm_bound == pytest.approx(3 * first.norm_median)
+    assert (first.clipped, second.clipped) == (1, 1)
+    assert announced == pytest.approx([first.norm_bound, second.norm_bound])
+    after = h.coordinator.pruner.model()
+    moved = l2_norm([a - b for a, b in zip(after.weights, before.weights, strict=True)])
+    assert moved < own  # not 9,900 / 3

@@ -15,12 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from stolen_device import StolenDevice
 
 from fedprune.coordinator import digits, provision
+from fedprune.coordinator.aggregation import l2_norm
 from fedprune.coordinator.broker import free_port, mosquitto_binary
+from fedprune.protocol.codec import Model
 from fedprune.protocol.connection import BrokerSettings
 from fedprune.protocol.errors import BrokerError
+from fedprune.protocol.signing import load_signing_key
 from fedprune.protocol.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,8 +68,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    """``fedprune-provision init`` with two devices, its broker folder copied where mosquitto
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    """``fedprune-provision init`` with two devices (or the test's parameter), its broker folder
+    copied where mosquitto
     (which drops to the 'mosquitto' user before reading keys) can read it, as an operator copies
     it to /etc/mosquitto, and mosquitto started with it."""
     if mosquitto_binary() is None:
@@ -82,7 +88,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             "--port",
             str(port),
             "--devices",
-            "2",
+            str(getattr(request, "param", 2)),
             "--prefix",
             "pi",
             "--broker-dir",
@@ -332,6 +338,28 @@ def test_a_revoked_device_is_refused_after_the_broker_reloads(fleet: Fleet) -> N
     assert provision.Fleet.read(fleet.folder).devices == {"pi-1": "active", "pi-2": "revoked"}
 
 
+def _litert_devices(
+    fleet: Fleet, tmp_path: Path, run: str, paths: list[Path]
+) -> list[subprocess.Popen[bytes]]:
+    """pi-1, pi-2, ... from their unpacked bundles, each with its data of ``paths``."""
+    return [
+        subprocess.Popen(
+            [
+                BIN / "fedprune-client",
+                *(
+                    "--config",
+                    _unpack(fleet.folder / "devices" / f"pi-{i}.tar.gz", tmp_path / f"d{i}"),
+                ),
+                *("--run", run, "--data", path, "--profile", "raspberry-pi-4"),
+                *("--trainer", "litert", "--cache", tmp_path / f"cache-{i}", "--no-deploy"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, path in enumerate(paths, start=1)
+    ]
+
+
 def _drain(transport: MqttTransport) -> list[tuple[str, bytes]]:
     items = []
     while (item := transport.get(timeout=0.5)) is not None:
@@ -358,22 +386,7 @@ def test_a_device_revoked_mid_run_is_not_waited_for_by_the_running_coordinator(
         stderr=subprocess.PIPE,
         text=True,
     )
-    devices = [
-        subprocess.Popen(
-            [
-                BIN / "fedprune-client",
-                *(
-                    "--config",
-                    _unpack(fleet.folder / "devices" / f"pi-{i}.tar.gz", tmp_path / f"d{i}"),
-                ),
-                *("--run", "revoke", "--data", path, "--profile", "raspberry-pi-4"),
-                *("--trainer", "litert", "--cache", tmp_path / f"cache-{i}", "--no-deploy"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for i, path in zip((1, 2), paths, strict=True)
-    ]
+    devices = _litert_devices(fleet, tmp_path, "revoke", paths)
     metrics = tmp_path / "runs" / "revoke" / "metrics.jsonl"
 
     # Execute: once round 1 is in, revoke pi-2 as the operator does; its connection stays up
@@ -433,3 +446,72 @@ def test_a_device_of_a_profile_reads_only_that_profiles_deployments(fleet: Fleet
         "fedprune/v1/r/deploy/raspberry-pi-4",
         "fedprune/v1/r/deploy/raspberry-pi-4/chunks/0",
     ]
+
+
+def _away_from_the_model(round_: int, model: Model) -> tuple[list[np.ndarray], int]:
+    """A stolen device's update: the model pushed towards its negative (where it is kept), its
+    L2 norm just inside the fixed limit (1e4), claiming 10,000,000 samples."""
+    kept = [w if m is None else w * m for w, m in zip(model.weights, model.masks, strict=True)]
+    return [w * (-9_900 / l2_norm(kept)) for w in kept], 10_000_000
+
+
+@pytest.mark.parametrize("fleet", [3], indirect=True)
+def test_one_stolen_device_of_three_cannot_steer_a_provisioned_run_with_its_defaults(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # Prepare: a signed run with every default but its size; pi-3's bundle is in an attacker's
+    # hands: it declares and claims 10,000,000 samples and sends near-limit updates every round
+    paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
+    rounds = 4
+    coordinator = subprocess.Popen(
+        [
+            BIN / "fedprune-coordinator",
+            *fleet.flags("coordinator", "coordinator"),
+            *("--run", "stolen", "--min-clients", "3", "--rounds", str(rounds)),
+            *("--begin-round", "1", "--end-round", "3", "--install-wait", "0"),
+            *("--heldout", heldout, "--out", tmp_path / "runs", "--model", "mlp"),
+            *("--signing-key", fleet.folder / "coordinator/signing.key"),
+            *("--device-keys", fleet.folder / "coordinator/device-keys"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    home = fleet.folder / "devices" / "pi-3"
+    attacker = StolenDevice(
+        fleet.settings("devices/pi-3", "device"),
+        run="stolen",
+        client_id="pi-3",
+        rounds=rounds,
+        declared=10_000_000,
+        craft=_away_from_the_model,
+        signer=load_signing_key(home / "signing.key"),
+    )
+    attacker.start()
+    devices = _litert_devices(fleet, tmp_path, "stolen", paths)
+
+    # Execute
+    _, err = coordinator.communicate(timeout=400)
+    attacker.stop.set()
+    attacker.join(10)
+    for device in devices:
+        device.wait(60)
+
+    # Assert: every attack was taken in and left out (the screened default); the honest devices
+    # were never rejected (the model never left their norm limit); the model learned and deployed
+    assert coordinator.returncode == 0, err[-3000:]
+    run = tmp_path / "runs" / "stolen"
+    results = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert attacker.answered == list(range(1, rounds + 1))
+    assert [r["reported"] for r in results] == [3] * rounds
+    assert [r["rejected"] for r in results] == [{}] * rounds
+    assert [r["left_out"] for r in results] == [1] * rounds
+    assert [r["clipped"] >= 1 for r in results] == [True] * rounds
+    for r in range(1, rounds + 1):
+        report = json.loads((run / "rounds" / f"round-{r:04d}.json").read_text())
+        assert report["left_out"] == ["pi-3"]
+        assert report["capped"] == ["pi-3"]
+    assert results[-1]["accuracy"] >= 0.8
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["unhealthy"] is None
+    assert "aggregation screened tolerates 1 Byzantine device(s) of at least 3" in err

@@ -1,0 +1,69 @@
+"""FedAvg of the updates that do not make the held-out loss worse (loss-based rejection, as in
+Fang et al. 2020, "Local Model Poisoning Attacks to Byzantine-Robust Federated Learning").
+
+The round's updates are kept (clipped, with their capped sample weights). When the round closes,
+the coordinator's held-out loss is measured for the FedAvg of all of them and for each FedAvg
+that leaves one out: an update whose absence lowers the loss is harming the model. The worst of
+those, at most a minority of the round's updates, are left out, and the rest are averaged by
+their samples as FedAvg does. So a stolen device among three cannot steer the model, whatever it
+claims or sends, while an honest device with skewed data still counts unless it is among the
+worst of its round. It costs one held-out evaluation per update and per round, and every update
+of the round in memory: a rule for the small signed fleets it defends, not for thousands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedprune.coordinator.aggregation import Aggregator, Loss
+from fedprune.protocol.errors import ConfigError
+
+
+class Screened(Aggregator):
+    def __init__(
+        self, shapes: Sequence[tuple[int, ...]], *, clip_norm: float = 0.0, loss: Loss | None
+    ) -> None:
+        super().__init__(shapes, clip_norm=clip_norm)
+        if loss is None:
+            raise ConfigError("the screened rule needs a held-out set to measure updates on")
+        self.loss = loss
+        self._updates: list[tuple[list[np.ndarray], float]] = []  # (deltas, samples)
+        self._out: list[int] = []  # the updates left out, by the order they came in
+
+    def _add(self, deltas: list[np.ndarray], num_samples: float) -> None:
+        self._updates.append((deltas, num_samples))
+
+    def apply(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+        if len(self._updates) >= 3:  # of two, which one lies?
+            self._out = self._screen(weights)
+            self.left_out = [self.sources[i] for i in self._out]
+        return super().apply(weights)
+
+    def _screen(self, weights: list[np.ndarray]) -> list[int]:
+        """The updates whose absence lowers the held-out loss most, up to a minority of them."""
+        everyone = range(len(self._updates))
+        base = self._loss(weights, everyone)
+        harm = [base - self._loss(weights, [j for j in everyone if j != i]) for i in everyone]
+        worst = sorted(everyone, key=lambda i: -harm[i])[: (len(self._updates) - 1) // 2]
+        return sorted(i for i in worst if harm[i] > 0)
+
+    def _loss(self, weights: list[np.ndarray], kept: Sequence[int]) -> float:
+        candidate = [
+            (w.astype(np.float64) + d).astype(np.float32)
+            for w, d in zip(weights, self._mean(kept), strict=True)
+        ]
+        return self.loss(candidate)
+
+    def _mean(self, kept: Sequence[int]) -> list[np.ndarray]:
+        total = sum(self._updates[i][1] for i in kept) or 1.0
+        mean = [np.zeros(shape, np.float64) for shape in self.shapes]
+        for i in kept:
+            deltas, samples = self._updates[i]
+            for acc, delta in zip(mean, deltas, strict=True):
+                acc += (samples / total) * delta
+        return mean
+
+    def _delta(self) -> list[np.ndarray]:
+        return self._mean([i for i in range(len(self._updates)) if i not in self._out])
