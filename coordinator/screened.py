@@ -3,12 +3,12 @@ Fang et al. 2020, "Local Model Poisoning Attacks to Byzantine-Robust Federated L
 
 The round's updates are kept (clipped, with their capped sample weights). When the round closes,
 the coordinator's held-out loss is measured for the FedAvg of all of them and for each FedAvg
-that leaves one out: an update whose absence lowers the loss is harming the model. The worst of
-those, at most a minority of the round's updates, are left out, and the rest are averaged by
-their samples as FedAvg does. So a stolen device among three cannot steer the model, whatever it
-claims or sends, while an honest device with skewed data still counts unless it is among the
-worst of its round. It costs one held-out evaluation per update and per round, and every update
-of the round in memory: a rule for the small signed fleets it defends, not for thousands.
+that leaves one out: an update whose absence lowers the loss is harming the model. The worst is
+left out and the rest measured again, until no absence lowers the loss or a minority of the
+round's updates is out; the rest are averaged by their samples as FedAvg does. An honest device
+with skewed data still counts unless it is among the worst of its round. It costs one held-out
+evaluation per update, per update left out, per round, and every update of the round in memory:
+a rule for the small signed fleets it defends, not for thousands.
 """
 
 from __future__ import annotations
@@ -42,12 +42,19 @@ class Screened(Aggregator):
         return super().apply(weights)
 
     def _screen(self, weights: list[np.ndarray]) -> list[int]:
-        """The updates whose absence lowers the held-out loss most, up to a minority of them."""
-        everyone = range(len(self._updates))
-        base = self._loss(weights, everyone)
-        harm = [base - self._loss(weights, [j for j in everyone if j != i]) for i in everyone]
-        worst = sorted(everyone, key=lambda i: -harm[i])[: (len(self._updates) - 1) // 2]
-        return sorted(i for i in worst if harm[i] > 0)
+        """Leave out, one at a time, the update whose absence lowers the held-out loss most, and
+        measure again (two devices that send the same lie each look harmless while the other
+        stays), until none lowers it or a minority of the round is out."""
+        kept, out = list(range(len(self._updates))), list[int]()
+        while len(out) < (len(self._updates) - 1) // 2:
+            base = self._loss(weights, kept)
+            harm = {i: base - self._loss(weights, [j for j in kept if j != i]) for i in kept}
+            worst = max(kept, key=lambda i: harm[i])
+            if harm[worst] <= 0:
+                break
+            kept.remove(worst)
+            out.append(worst)
+        return sorted(out)
 
     def _loss(self, weights: list[np.ndarray], kept: Sequence[int]) -> float:
         candidate = [

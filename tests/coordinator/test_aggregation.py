@@ -331,3 +331,17 @@ def test_screened_does_not_judge_two_updates() -> None:
 def test_screened_without_a_held_out_set_is_one_line() -> None:
     with pytest.raises(ConfigError, match="^the screened rule needs a held-out set"):
         make_aggregator("screened", [(1,)])
+
+
+def test_screened_leaves_out_two_devices_that_send_the_same_lie() -> None:
+    # Prepare: three honest devices, two colluders sending the same update
+    aggregator = make_aggregator("screened", [(1,)], loss=_distance_to([1.0]))
+    for value, source in ((0.5, "a"), (0.4, "b"), (0.6, "c"), (-3.0, "x"), (-3.0, "y")):
+        aggregator.add(_update([value]), source=source)
+
+    # Execute
+    (new,) = aggregator.apply([np.zeros(1, np.float32)])
+
+    # Assert
+    assert sorted(aggregator.left_out) == ["x", "y"]
+    np.testing.assert_allclose(new, [0.5], rtol=1e-6)
