@@ -180,6 +180,7 @@ def start_coordinator(
         begin_round=1,
         round_timeout=round_timeout,
         aggregators=aggregators,
+        aggregation="fedavg",  # a signed run's default is a robust rule that keeps every update
     )
     if profile:
         argv[1:1] = ["-m", "cProfile", "-o", str(profile)]

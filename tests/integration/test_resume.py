@@ -138,6 +138,14 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bytes_down"] >= sum(r["bytes_down"] for r in got)  # the whole run's
     report = json.loads((run_dir / "rounds" / f"round-{ROUNDS:04d}.json").read_text())
-    assert report == {"round": ROUNDS, "late": [], "stale": [], "gone": [], "rejected": {}}
+    assert report == {
+        "round": ROUNDS,
+        "late": [],
+        "stale": [],
+        "gone": [],
+        "rejected": {},
+        "capped": [],
+        "left_out": [],
+    }
     assert (run_dir / "export" / "raspberry-pi-4" / "model.tflite").is_file()
     assert all(device.poll() is None for device in devices)  # they stayed up and rejoined
