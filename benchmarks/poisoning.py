@@ -14,14 +14,15 @@ deployment gate (``health.verdict``) says whether the final model would be deplo
 
 One or two devices are attackers with valid bundles (they are enrolled and sign what they send):
 
+    absent      sends nothing: the honest devices alone, the best any defence can reach
     claim-10M   the negative of its honest delta, claiming 10,000,000 samples (hello and update)
     sign-flip   -100 times its honest delta
     near-limit  the negative of its honest delta, scaled to just below --max-norm (0.99 x 1e4)
     targeted    honest until the last round; then an update that erases classes 0 and 1 (their
                 output biases -50 per device of the round), claiming 10,000,000 samples
 
-A row meets the goal when its final accuracy is within 2 points of the clean run's and no model
-whose targeted classes fell is deployed.
+A row meets the goal when its final accuracy is within 2 points of the clean run's (where the
+attackers' devices trained honestly) and no model whose targeted classes fell is deployed.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from fedprune.edge_client.keras_trainer import KerasTrainer  # noqa: E402
 from fedprune.protocol.codec import Update, encode_update  # noqa: E402
 from fedprune.protocol.messages import Hello, Spec  # noqa: E402
 
-ATTACKS = ("claim-10M", "sign-flip", "near-limit", "targeted")
+ATTACKS = ("absent", "claim-10M", "sign-flip", "near-limit", "targeted")
 CLAIM = 10_000_000
 TARGETS = (0, 1)  # the classes the targeted update erases
 FLEETS = ((3, 1), (3, 2), (10, 1), (10, 2))  # (devices, attackers)
@@ -127,6 +128,8 @@ def run(
         cap = sample_cap(config.weight_cap, claims)
         limits = Limits.for_model(model, config)
         for i, device in enumerate(data):
+            if i in liars and attack == "absent":
+                continue
             x, _ = device.shaped(shape)
             seed_i = seed * 1000 + round_ * 10 + i
             new = trainer.fit(model, x, device.y, epochs=config.local_epochs, seed=seed_i)
@@ -232,22 +235,28 @@ def main() -> None:
         f"\nseed {args.seed}, alpha {args.alpha:g}, aggregation {args.aggregation},"
         f" {time.perf_counter() - started:.0f} s\n"
     )
-    print("| devices | attackers | attack | accuracy | vs clean | deployed | classes 0, 1 | goal |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| devices | attackers | attack | accuracy | vs clean | vs absent | deployed"
+        " | classes 0, 1 | goal |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for devices, outcome in clean.items():
         print(
-            f"| {devices} | 0 | none | {outcome.accuracy:.3f} | | {_yes(outcome.deployed)}"
+            f"| {devices} | 0 | none | {outcome.accuracy:.3f} | | | {_yes(outcome.deployed)}"
             f" | {outcome.targets:.2f} | |"
         )
+    absent = {(d, a): o.accuracy for d, a, attack, o in rows if attack == "absent"}
     for devices, attackers, attack, outcome in rows:
         drop = 100 * (clean[devices].accuracy - outcome.accuracy)
+        below = 100 * (outcome.accuracy - absent[devices, attackers])
         erased = attack == "targeted" and (
             outcome.targets < outcome.targets_best - RunConfig().class_drop
         )
         goal = "met" if drop <= 2.0 and not (outcome.deployed and erased) else "**missed**"
         print(
             f"| {devices} | {attackers} | {attack} | {outcome.accuracy:.3f} | {-drop:+.1f}"
-            f" | {_yes(outcome.deployed)} | {outcome.targets:.2f} | {goal} |"
+            f" | {below:+.1f} | {_yes(outcome.deployed)} | {outcome.targets:.2f}"
+            f" | {goal if attack != 'absent' else ''} |"
         )
 
 

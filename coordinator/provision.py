@@ -4,33 +4,31 @@ It writes files and nothing else. One folder holds a deployment::
 
     DIR/fleet.toml                    the broker address and every account (active or revoked)
     DIR/ca/ca.crt, ca.key             the fleet's CA (keep ca.key off the devices)
-    DIR/broker/                       mosquitto.conf, server.crt/.key, ca.crt, passwd, acl
-    DIR/coordinator/, DIR/monitor/    each: ca.crt, <name>.crt/.key, credentials.toml;
+    DIR/broker/                       mosquitto.conf, server.crt/.key, ca.crt, crl.pem, acl
+    DIR/coordinator/, DIR/monitor/    each: ca.crt, <name>.crt/.key;
                                       monitor/monitor.toml and coordinator.pub for fedprune-monitor
     DIR/coordinator/signing.key       the coordinator's Ed25519 signing key; coordinator.pub
     DIR/coordinator/device-keys/      <id>.pub: every enrolled device's verify key
-    DIR/devices/<id>/                 ca.crt, device.crt/.key, credentials.toml, device.toml,
+    DIR/devices/<id>/                 ca.crt, device.crt/.key, device.toml,
                                       signing.key (the device's) and coordinator.pub
     DIR/devices/<id>.tar.gz           the same folder packed, to copy onto the device
 
-The broker needs TLS with a client certificate signed by the CA *and* a password (one account per
-device, the account's name is its MQTT client id). The ACL lets a device publish only its own
+The broker needs TLS with a client certificate signed by the CA, and the certificate is the
+account (``use_identity_as_username``: its common name is the user name and, with
+``use_username_as_clientid``, the MQTT client id), so one device's certificate cannot log in as
+another device whatever it claims. The ACL lets a device publish only its own
 ``clients/<id>/status`` and ``clients/<id>/update/...``, and read only what devices need; the
 coordinator account owns every fedprune topic and the monitor account reads a run's telemetry,
-status and metrics only. Revoking a
-device removes its password: its certificate alone cannot log in. Certificates and keys come from
-``cryptography``; password hashes are mosquitto's own format (``$7$``: PBKDF2-HMAC-SHA512), made
-here, so that no password is ever on a command line where other users could read it.
+status and metrics only. Revoking a device puts its certificate on the CA's revocation list
+(``crl.pem``, which mosquitto reads again on SIGHUP) and takes its ACL block away. Certificates,
+keys and the list come from ``cryptography``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
 import ipaddress
 import os
-import secrets
 import shutil
 import tarfile
 import tomllib
@@ -95,6 +93,7 @@ class Fleet:
     devices: dict[str, str] = field(default_factory=dict)  # id -> "active" | "revoked"
     runs: list[str] = field(default_factory=list)  # the runs its accounts may take part in; [] any
     profiles: dict[str, str] = field(default_factory=dict)  # id -> its profile (deployments)
+    revoked: list[str] = field(default_factory=list)  # serial numbers (hex) of revoked certificates
 
     def scopes(self) -> list[str]:
         """The run levels of the ACL's topics: the fleet's runs, or ``+`` (any)."""
@@ -112,6 +111,7 @@ class Fleet:
                 devices=dict(table.get("devices", {})),
                 runs=list(table.get("runs", [])),
                 profiles=dict(table.get("profiles", {})),
+                revoked=list(table.get("revoked", [])),
             )
         except FileNotFoundError as exc:
             raise ConfigError(f"{folder}: not a provisioned folder (no {FLEET_FILE})") from exc
@@ -126,6 +126,7 @@ class Fleet:
             "runs": self.runs,
             "devices": self.devices,
             "profiles": self.profiles,
+            "revoked": self.revoked,
         }
         _write(folder / FLEET_FILE, tomli_w.dumps(table).encode())
 
@@ -161,7 +162,6 @@ def init(
     server_key, server_cert = _leaf(ca_key, ca_cert, "fedprune-broker", server_names=hosts)
     _write_pem(folder / "broker", "server", server_key, server_cert, ca_cert)
     _readable_by_mosquitto(folder / "broker" / "server.key")
-    _write(folder / "broker" / "passwd", b"")
     for name in (COORDINATOR, MONITOR):
         _account(folder, fleet, folder / name.removeprefix("fedprune-"), name, "client")
     home = folder / "coordinator"
@@ -201,14 +201,16 @@ def add(folder: Path, devices: Iterable[str], *, profile: str | None = None) -> 
 
 
 def revoke(folder: Path, devices: Iterable[str]) -> None:
-    """Remove device accounts (their passwords and verify keys); reload mosquitto and restart the
-    coordinator to apply it."""
+    """Remove device accounts: their certificates go on the revocation list, their ACL blocks and
+    verify keys go; reload mosquitto to apply it (a running coordinator reads its keys again)."""
     fleet = Fleet.read(folder)
+    _read_ca(folder)  # the list is signed with the CA's key: say so before changing anything
     for device in devices:
         if fleet.devices.get(device) != "active":
             raise ConfigError(f"no active device {device!r} in {folder}")
-        _set_password(folder / "broker" / "passwd", device, None)
         (folder / "coordinator" / "device-keys" / f"{device}.pub").unlink(missing_ok=True)
+        cert = (folder / "devices" / device / "device.crt").read_bytes()
+        fleet.revoked.append(f"{x509.load_pem_x509_certificate(cert).serial_number:x}")
         fleet.devices[device] = "revoked"
         fleet.write(folder)
     _write_broker_config(folder, fleet)
@@ -229,15 +231,11 @@ def device_names(prefix: str, count: int, taken: Iterable[str] = ()) -> list[str
 
 
 def _account(folder: Path, fleet: Fleet, home: Path, name: str, role: str) -> None:
-    """A certificate, a key and a password for ``name``, written to ``home``."""
+    """A certificate (its common name is the account) and its key for ``name``, in ``home``."""
     ca_key, ca_cert = _read_ca(folder)
     key, cert = _leaf(ca_key, ca_cert, name, client=True)
     stem = "device" if role == "device" else name.removeprefix("fedprune-")
     _write_pem(home, stem, key, cert, ca_cert)
-    password = secrets.token_urlsafe(24)
-    _set_password(folder / "broker" / "passwd", name, password)
-    credentials = tomli_w.dumps({"username": name, "password": password}).encode()
-    _write(home / "credentials.toml", credentials, private=True)
 
 
 def _device_config(fleet: Fleet, device: str) -> dict[str, str]:
@@ -247,7 +245,6 @@ def _device_config(fleet: Fleet, device: str) -> dict[str, str]:
         "ca": "ca.crt",
         "cert": "device.crt",
         "key": "device.key",
-        "credentials": "credentials.toml",
         "signing_key": "signing.key",
         "coordinator_key": "coordinator.pub",
         "id": device,
@@ -263,7 +260,6 @@ def _monitor_config(fleet: Fleet) -> dict[str, str]:
         "ca": "ca.crt",
         "cert": "monitor.crt",
         "key": "monitor.key",
-        "credentials": "credentials.toml",
         "coordinator_key": "coordinator.pub",
     }
 
@@ -278,18 +274,21 @@ def _pack(home: Path) -> Path:
 
 def _write_broker_config(folder: Path, fleet: Fleet) -> None:
     broker = Path(fleet.broker_dir)
+    _write_crl(folder, fleet)
     lines = [
-        "# Written by fedprune-provision: a TLS listener with client certificates and passwords,",
-        "# no anonymous access, and the fedprune ACL. Reload mosquitto after adding devices.",
+        "# Written by fedprune-provision: a TLS listener where a client certificate of the fleet's",
+        "# CA is the account (its common name), no anonymous access, and the fedprune ACL.",
+        "# Reload mosquitto after adding or revoking devices.",
         "per_listener_settings false",
         "allow_anonymous false",
-        f"password_file {broker / 'passwd'}",
         f"acl_file {broker / 'acl'}",
         f"listener {fleet.port}",
         f"cafile {broker / 'ca.crt'}",
         f"certfile {broker / 'server.crt'}",
         f"keyfile {broker / 'server.key'}",
+        f"crlfile {broker / 'crl.pem'}",
         "require_certificate true",
+        "use_identity_as_username true",
         "use_username_as_clientid true",
         "# Room for a round's updates queued for the coordinator while it verifies them or is",
         "# away (its session is kept): mosquitto's default of 1000 messages would drop the rest.",
@@ -326,6 +325,24 @@ def _write_broker_config(folder: Path, fleet: Fleet) -> None:
 
 
 # -- certificates ---------------------------------------------------------------------------------
+
+
+def _write_crl(folder: Path, fleet: Fleet) -> None:
+    """broker/crl.pem: the revoked certificates, signed by the CA (valid as long as the CA is:
+    an expired list would refuse every connection)."""
+    ca_key, ca_cert = _read_ca(folder)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for serial in fleet.revoked:  # every certificate ever revoked, a re-added device's old one too
+        revoked = x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
+        builder = builder.add_revoked_certificate(revoked.revocation_date(now).build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(folder / "broker" / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
 
 
 def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -444,27 +461,3 @@ def _readable_by_mosquitto(path: Path) -> None:
             path.chmod(0o640)
     except (LookupError, OSError):  # no such group here: the operator sets the owner
         pass
-
-
-# -- mosquitto's password file ------------------------------------------------------------------
-
-HASH_ITERATIONS = 101
-"""PBKDF2 rounds of a password hash: mosquitto_passwd's default (the broker pays them at every
-connection)."""
-
-
-def password_hash(password: str, *, salt: bytes | None = None) -> str:
-    """``password`` as mosquitto 2.0 keeps it: ``$7$<iterations>$<salt>$<PBKDF2-HMAC-SHA512>``,
-    base64, with 12 random bytes of salt (what ``mosquitto_passwd`` writes)."""
-    salt = secrets.token_bytes(12) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, HASH_ITERATIONS)
-    encoded = [base64.b64encode(part).decode() for part in (salt, digest)]
-    return f"$7${HASH_ITERATIONS}${encoded[0]}${encoded[1]}"
-
-
-def _set_password(path: Path, user: str, password: str | None) -> None:
-    """Set ``user``'s password in mosquitto's password file, or remove the user (``None``)."""
-    lines = [line for line in path.read_text().splitlines() if line.partition(":")[0] != user]
-    if password is not None:
-        lines.append(f"{user}:{password_hash(password)}")
-    _write(path, "".join(f"{line}\n" for line in lines).encode())

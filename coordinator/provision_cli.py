@@ -17,10 +17,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Provision a fleet in one folder: a CA, the broker's TLS certificate, one "
-        "account (certificate, key, password) for the coordinator, a read-only monitor and each "
-        "device, and mosquitto's configuration (TLS listener, no anonymous access, an ACL under "
-        "which a device may publish only its own topics). Each device gets a bundle to copy onto "
-        "it; fedprune-client --config BUNDLE/device.toml uses it.",
+        "account (a certificate: its name is the account) for the coordinator, a read-only monitor "
+        "and each device, and mosquitto's configuration (TLS listener, no anonymous access, a "
+        "revocation list, an ACL under which a device may publish only its own topics). Each "
+        "device gets a bundle to copy onto it (fedprune-client --config BUNDLE/device.toml).",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             _bundles(args.folder, names)
             ca_key = args.folder / "ca" / "ca.key"
             print(
-                f"keep {ca_key} offline (it signs every certificate of the fleet; 'add' needs"
-                " it back): on no broker, coordinator or device"
+                f"keep {ca_key} offline (it signs every certificate of the fleet; 'add' and"
+                " 'revoke' need it back): on no broker, coordinator or device"
             )
         elif args.command == "add":
             taken = provision.Fleet.read(args.folder).devices
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             provision.revoke(args.folder, args.devices)
             keys = args.folder / "coordinator" / "device-keys"
             print(
-                f"revoked {', '.join(args.devices)}; reload mosquitto (systemctl reload mosquitto,"
+                f"revoked {', '.join(args.devices)}; copy crl.pem and acl to the broker and reload"
+                " mosquitto (systemctl reload mosquitto,"
                 f" or kill -HUP). A coordinator reading {keys} drops them within 2 s."
             )
     except (FedpruneError, OSError) as exc:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def _flags(home: Path, stem: str, fleet: provision.Fleet) -> str:
     return (
         f"--broker {fleet.url} --ca {home / 'ca.crt'} --cert {home / (stem + '.crt')}"
-        f" --key {home / (stem + '.key')} --credentials {home / 'credentials.toml'}"
+        f" --key {home / (stem + '.key')}"
     )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import subprocess
 import tarfile
 import tomllib
 from pathlib import Path
@@ -30,7 +28,9 @@ def test_init_writes_a_ca_a_broker_and_an_account_per_device(folder: Path) -> No
     device = x509.load_pem_x509_certificate((folder / "devices/pi-1/device.crt").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     config = tomllib.loads((folder / "devices/pi-1/device.toml").read_text())
-    users = [line.split(":")[0] for line in (folder / "broker/passwd").read_text().splitlines()]
+    acl = (folder / "broker/acl").read_text().splitlines()
+    users = [line.removeprefix("user ") for line in acl if line.startswith("user ")]
+    conf = (folder / "broker/mosquitto.conf").read_text().splitlines()
 
     # Assert: certificates chain to the CA; the broker answers to both names; keys are private
     assert server.issuer == ca.subject and device.issuer == ca.subject
@@ -42,19 +42,21 @@ def test_init_writes_a_ca_a_broker_and_an_account_per_device(folder: Path) -> No
         "ca": "ca.crt",
         "cert": "device.crt",
         "key": "device.key",
-        "credentials": "credentials.toml",
         "signing_key": "signing.key",
         "coordinator_key": "coordinator.pub",
         "id": "pi-1",
     }
+    # The certificate is the account: its common name is the user (no password anywhere)
     assert sorted(users) == ["fedprune-coordinator", "fedprune-monitor", "pi-1", "pi-2"]
+    assert {"require_certificate true", "use_identity_as_username true"} <= set(conf)
+    assert not any(line.startswith("password_file") for line in conf)
+    assert not list(folder.rglob("credentials.toml"))
     assert sorted(p.name for p in (folder / "coordinator/device-keys").iterdir()) == [
         "pi-1.pub",
         "pi-2.pub",
     ]
     private_files = (
         "devices/pi-1/device.key",
-        "devices/pi-1/credentials.toml",
         "ca/ca.key",
         "devices/pi-1/signing.key",
         "coordinator/signing.key",
@@ -101,7 +103,6 @@ def test_a_bundle_holds_what_the_device_needs_and_not_the_ca_key(folder: Path) -
         "pi-2",
         "pi-2/ca.crt",
         "pi-2/coordinator.pub",
-        "pi-2/credentials.toml",
         "pi-2/device.crt",
         "pi-2/device.key",
         "pi-2/device.toml",
@@ -117,8 +118,6 @@ def test_adding_and_revoking_devices_updates_accounts_and_acl(folder: Path) -> N
     # Assert
     fleet = provision.Fleet.read(folder)
     assert fleet.devices == {"pi-1": "revoked", "pi-2": "active", "pi-3": "active"}
-    users = [line.split(":")[0] for line in (folder / "broker/passwd").read_text().splitlines()]
-    assert "pi-1" not in users and "pi-3" in users
     acl = (folder / "broker" / "acl").read_text()
     assert "user pi-1\n" not in acl and "user pi-3\n" in acl
     keys = sorted(p.stem for p in (folder / "coordinator/device-keys").iterdir())
@@ -168,52 +167,43 @@ def test_the_broker_keeps_a_rounds_backlog_for_the_fleet_and_forgets_dead_sessio
     ]
 
 
-def test_a_password_hash_is_the_one_mosquitto_passwd_makes(tmp_path: Path) -> None:
-    # Prepare: Debian's mosquitto_passwd hashes a password (in a test, on its command line)
-    passwd = tmp_path / "passwd"
-    made = subprocess.run(
-        ["mosquitto_passwd", "-c", "-b", str(passwd), "alice", "s3cret pass"],
-        capture_output=True,
-        text=True,
-    )
-    assert made.returncode == 0, made.stderr
-    theirs = passwd.read_text().strip().partition(":")[2]
-    salt = base64.b64decode(theirs.split("$")[3])
-
-    # Execute / Assert: ours, with the same salt, is the same line; a fresh one is salted anew
-    assert provision.password_hash("s3cret pass", salt=salt) == theirs
-    assert provision.password_hash("s3cret pass") != theirs
+def _revoked_serials(folder: Path) -> list[int]:
+    crl = x509.load_pem_x509_crl((folder / "broker" / "crl.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((folder / "ca" / "ca.crt").read_bytes())
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert crl.next_update_utc == ca.not_valid_after_utc  # an expired list refuses everyone
+    return sorted(r.serial_number for r in crl)
 
 
-def test_provisioning_puts_no_password_on_a_command_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    commands: list[list[str]] = []
-    real = subprocess.run
+def _serial(folder: Path, device: str) -> int:
+    cert = (folder / "devices" / device / "device.crt").read_bytes()
+    return x509.load_pem_x509_certificate(cert).serial_number
 
-    def recording(args: list[str], *rest: object, **options: object) -> object:
-        commands.append([str(a) for a in args])
-        return real(args, *rest, **options)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(subprocess, "run", recording)
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started {a}"))
-    fleet = tmp_path / "fleet"
-    provision.init(fleet, hosts=["broker.lan"], devices=["pi-1", "pi-2"])
-    provision.add(fleet, ["pi-9"])
+def test_a_revoked_certificate_stays_on_the_list_when_its_id_comes_back(folder: Path) -> None:
+    # Prepare: the list is empty at first
+    assert _revoked_serials(folder) == []
+    stolen = _serial(folder, "pi-1")
 
-    passwords = [
-        tomllib.loads(path.read_text())["password"] for path in fleet.rglob("credentials.toml")
-    ]
-    assert len(passwords) == 5  # coordinator, monitor, three devices
-    assert not any(p in " ".join(c) for c in commands for p in passwords)
-    lines = (fleet / "broker" / "passwd").read_text().splitlines()
-    assert [line.partition(":")[0] for line in lines] == [
-        "fedprune-coordinator",
-        "fedprune-monitor",
-        "pi-1",
-        "pi-2",
-        "pi-9",
-    ]
+    # Execute: pi-1 is revoked, then the id is given a new account
+    provision.revoke(folder, ["pi-1"])
+    revoked = _revoked_serials(folder)
+    provision.add(folder, ["pi-1"])
+
+    # Assert: the old certificate stays refused; the new one is not
+    assert revoked == [stolen]
+    assert _revoked_serials(folder) == [stolen]
+    assert _serial(folder, "pi-1") != stolen
+
+
+def test_revoking_needs_the_ca_key_and_changes_nothing_without_it(folder: Path) -> None:
+    (folder / "ca" / "ca.key").rename(folder / "offline.key")
+
+    with pytest.raises(ConfigError, match="cannot read the fleet's CA"):
+        provision.revoke(folder, ["pi-1"])
+
+    assert provision.Fleet.read(folder).devices["pi-1"] == "active"
+    assert (folder / "coordinator" / "device-keys" / "pi-1.pub").exists()
 
 
 def test_the_command_says_to_keep_the_ca_key_offline_and_what_revoking_does(

@@ -46,7 +46,6 @@ class Fleet:
             "ca": str(home / "ca.crt"),
             "cert": str(home / f"{stem}.crt"),
             "key": str(home / f"{stem}.key"),
-            "credentials": str(home / "credentials.toml"),
         }
         files.update(changes)
         return BrokerSettings.load(self.url, environ={}, **files)  # type: ignore[arg-type]
@@ -62,8 +61,6 @@ class Fleet:
             str(home / f"{stem}.crt"),
             "--key",
             str(home / f"{stem}.key"),
-            "--credentials",
-            str(home / "credentials.toml"),
         ]
 
 
@@ -296,13 +293,12 @@ def test_the_monitor_reads_what_it_shows_and_nothing_is_larger_than_a_runs_chunk
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"credentials": None}, "refused the connection: Not authorized (it needs credentials"),
         ({"cert": None, "key": None}, "requires a client certificate does this when none is"),
         ({"ca": None}, "failed: self-signed certificate in certificate chain (check --ca"),
     ],
-    ids=["no-password", "no-certificate", "unknown-ca"],
+    ids=["no-certificate", "unknown-ca"],
 )
-def test_a_device_without_its_credentials_is_refused_and_told_why(
+def test_a_device_without_its_certificate_is_refused_and_told_why(
     fleet: Fleet, changes: dict[str, str | None], reason: str
 ) -> None:
     # Execute
@@ -317,22 +313,46 @@ def test_a_device_without_its_credentials_is_refused_and_told_why(
     assert reason in str(caught.value)
 
 
+def test_a_certificate_is_its_account_whatever_name_and_password_it_claims(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # Prepare: pi-1's certificate, with pi-2's name as user name and client id
+    claims = tmp_path / "claims.toml"
+    claims.write_text('username = "pi-2"\npassword = "anything"\n')
+    coordinator = MqttTransport(fleet.settings("coordinator", "coordinator"), client_id="x")
+    coordinator.subscribe("fedprune/v1/r/clients/+/status")
+    device = MqttTransport(
+        fleet.settings("devices/pi-1", "device", credentials=str(claims)), client_id="pi-2"
+    )
+
+    # Execute
+    device.publish("fedprune/v1/r/clients/pi-2/status", b"as pi-2")
+    device.publish("fedprune/v1/r/clients/pi-1/status", b"as pi-1")
+    device.flush(timeout=5)
+    seen = _drain(coordinator)
+    coordinator.close()
+    device.close()
+
+    # Assert: the broker took it for pi-1, the name in its certificate
+    assert seen == [("fedprune/v1/r/clients/pi-1/status", b"as pi-1")]
+
+
 def test_a_revoked_device_is_refused_after_the_broker_reloads(fleet: Fleet) -> None:
-    # Execute: revoke pi-2, then SIGHUP makes mosquitto reread its password file and ACL
+    # Execute: revoke pi-2, then SIGHUP makes mosquitto reread its revocation list and ACL
     done = subprocess.run(
         [BIN / "fedprune-provision", "revoke", fleet.folder, "pi-2"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    for name in ("passwd", "acl"):  # the operator copies the changed files again
+    for name in ("crl.pem", "acl"):  # the operator copies the changed files again
         shutil.copy(fleet.folder / "broker" / name, fleet.etc / name)
     fleet.broker.send_signal(signal.SIGHUP)
     time.sleep(0.5)
 
-    # Assert: pi-2 is out, pi-1 is not
+    # Assert: pi-2's certificate is refused, pi-1's is not
     assert done.returncode == 0, done.stderr
-    with pytest.raises(BrokerError, match="Not authorized"):
+    with pytest.raises(BrokerError, match="certificate"):
         MqttTransport(fleet.settings("devices/pi-2", "device"), client_id="pi-2")
     MqttTransport(fleet.settings("devices/pi-1", "device"), client_id="pi-1").close()
     assert provision.Fleet.read(fleet.folder).devices == {"pi-1": "active", "pi-2": "revoked"}
@@ -397,7 +417,7 @@ def test_a_device_revoked_mid_run_is_not_waited_for_by_the_running_coordinator(
     subprocess.run(
         [BIN / "fedprune-provision", "revoke", fleet.folder, "pi-2"], check=True, timeout=60
     )
-    for name in ("passwd", "acl"):
+    for name in ("crl.pem", "acl"):
         shutil.copy(fleet.folder / "broker" / name, fleet.etc / name)
     fleet.broker.send_signal(signal.SIGHUP)
     _, err = coordinator.communicate(timeout=300)
@@ -424,7 +444,7 @@ def test_a_device_of_a_profile_reads_only_that_profiles_deployments(fleet: Fleet
         capture_output=True,
         timeout=60,
     )
-    for name in ("passwd", "acl"):
+    for name in ("crl.pem", "acl"):
         shutil.copy(fleet.folder / "broker" / name, fleet.etc / name)
     fleet.broker.send_signal(signal.SIGHUP)
     time.sleep(0.5)
