@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fedprune import __version__
 from fedprune.coordinator import provision
+from fedprune.protocol import signing
 from fedprune.protocol.errors import FedpruneError, print_error
 
 PROG = "fedprune-provision"
@@ -71,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
     revoke = commands.add_parser("revoke", help="remove device accounts (then reload mosquitto)")
     revoke.add_argument("folder", type=Path, metavar="DIR")
     revoke.add_argument("devices", nargs="+", metavar="ID")
+    seal = commands.add_parser(
+        "seal",
+        help="encrypt signing keys with a passphrase (from FEDPRUNE_KEY_PASSPHRASE, or the file "
+        "FEDPRUNE_KEY_PASSPHRASE_FILE names); what loads them then needs the same",
+    )
+    seal.add_argument("keys", nargs="+", type=Path, metavar="KEYFILE")
     return p
 
 
@@ -118,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             provision.add(args.folder, names, profile=args.profile)
             _bundles(args.folder, names)
             print("reload mosquitto to let them in (systemctl reload mosquitto, or kill -HUP)")
+        elif args.command == "seal":
+            for key in args.keys:
+                signing.seal(key)
+                print(
+                    f"sealed {key}: set {signing.PASSPHRASE_ENV} (or"
+                    f" {signing.PASSPHRASE_FILE_ENV}) wherever it is used"
+                )
         else:
             provision.revoke(args.folder, args.devices)
             keys = args.folder / "coordinator" / "device-keys"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedprune.edge_client.cli import main, parse
+from fedprune.protocol.signing import new_keypair, seal
 
 
 @pytest.fixture
@@ -93,6 +94,37 @@ def test_an_unsigned_device_needs_insecure_for_a_broker_elsewhere(
     )
     assert "Deploying securely" in lines[0] and "--insecure" in lines[0]
     assert time.monotonic() - started < 3.0
+
+
+def test_a_sealed_signing_key_needs_its_passphrase(
+    good_data: Path,
+    free_port: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the device's key sealed with a passphrase (fedprune-provision seal)
+    key, coordinator = tmp_path / "signing.key", tmp_path / "coordinator.pub"
+    new_keypair(key, tmp_path / "device.pub")
+    new_keypair(tmp_path / "c.key", coordinator)
+    seal(key, {"FEDPRUNE_KEY_PASSPHRASE": "long enough"})
+    argv = ["--broker", f"mqtt://127.0.0.1:{free_port}", "--connect-attempts", "1"]
+    argv += ["--signing-key", str(key), "--coordinator-key", str(coordinator)]
+    argv += ["--data", str(good_data), "--trainer", "litert", "-q"]
+    monkeypatch.delenv("FEDPRUNE_KEY_PASSPHRASE", raising=False)
+    monkeypatch.delenv("FEDPRUNE_KEY_PASSPHRASE_FILE", raising=False)
+
+    # Execute: without the passphrase, then with it (then the broker is what is missing)
+    without = main(argv)
+    refused = _error_lines(capsys)
+    monkeypatch.setenv("FEDPRUNE_KEY_PASSPHRASE", "long enough")
+    opened = main(argv)
+
+    # Assert
+    assert without == 2 and len(refused) == 1
+    assert "the signing key is sealed" in refused[0]
+    assert opened == 3
+    assert "cannot reach the MQTT broker" in _error_lines(capsys)[0]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two"])

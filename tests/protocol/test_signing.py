@@ -16,6 +16,7 @@ from fedprune.protocol.signing import (
     load_signing_key,
     load_verify_key,
     new_keypair,
+    seal,
 )
 
 COORDINATOR_KEY = SigningKey.generate()
@@ -143,3 +144,25 @@ def test_key_files_round_trip_and_bad_ones_are_one_line(tmp_path: Path) -> None:
         load_verify_key(tmp_path / "bad.pub")
     (tmp_path / "bad.pub").unlink()
     assert dict(Trust.from_folder(tmp_path).keys) == {"signing": public}
+
+
+def test_a_sealed_signing_key_opens_only_with_its_passphrase(tmp_path: Path) -> None:
+    # Prepare: a key sealed with a passphrase from the environment
+    path, file = tmp_path / "signing.key", tmp_path / "passphrase"
+    new_keypair(path, tmp_path / "signing.pub")
+    seed = load_signing_key(path).encode()
+    seal(path, {"FEDPRUNE_KEY_PASSPHRASE": "correct horse"})
+    file.write_text("correct horse\n")
+
+    # Execute / Assert: the seed is not in the file; the passphrase from the environment or from
+    # a file opens it; a wrong or missing one is one line
+    assert seed.hex() not in path.read_text() and path.stat().st_mode & 0o077 == 0
+    assert load_signing_key(path, {"FEDPRUNE_KEY_PASSPHRASE": "correct horse"}).encode() == seed
+    assert load_signing_key(path, {"FEDPRUNE_KEY_PASSPHRASE_FILE": str(file)}).encode() == seed
+    with pytest.raises(ConfigError, match="the passphrase does not open this sealed signing key"):
+        load_signing_key(path, {"FEDPRUNE_KEY_PASSPHRASE": "wrong"})
+    with pytest.raises(ConfigError, match="sealed .* set FEDPRUNE_KEY_PASSPHRASE, or"):
+        load_signing_key(path, {})
+    with pytest.raises(ConfigError, match="an empty passphrase file"):
+        file.write_text("")
+        load_signing_key(path, {"FEDPRUNE_KEY_PASSPHRASE_FILE": str(file)})
