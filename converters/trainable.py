@@ -7,11 +7,12 @@ are built from ``tf.pad``/``tf.slice`` views of the input (no ``Conv2DBackpropFi
 ``StridedSliceGrad``), the batch size is fixed (no ``BroadcastGradientArgs``) and checkpoints are
 replaced by ``get_weights``/``set_weights`` signatures (no ``Save``/``Restore``).
 
-Any model whose layers form one chain from a single input to a single output is accepted, whatever
-API built it (Sequential, Functional, a clone, TF-MOT's stripped copy, a loaded file); nested
-models are flattened into the chain. The chain is read from the model's own graph (``_chain``),
-and a branch, a merge, a layer used twice or a second input or output is refused with one line
-naming it.
+Any model whose layers form a graph from a single input to a single output is accepted, whatever
+API built it (Sequential, Functional, a clone, TF-MOT's stripped copy, a loaded file): branches
+(a tensor several layers take), merges (``Add``, ``Concatenate``, ``Multiply``: residual and
+squeeze-and-excite blocks) and nested models, inlined where they are called. The graph is read
+from the model's own nodes (``_graph``); a layer used twice or a second input or output is refused
+with one line naming it.
 
 BatchNormalization is trained, not folded. Folding it into the preceding kernel would give the
 artifact another weight layout than ``model.get_weights()``, which the coordinator and the keras
@@ -124,6 +125,7 @@ class _Trainable(tf.Module):  # type: ignore[misc]
     def __init__(
         self,
         steps: list[Step],
+        sources: list[tuple[int, ...]],
         weights: list[tf.Variable],
         trainable: list[bool],
         optimizer: type[_Sgd] | type[_Adam],
@@ -131,7 +133,7 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         x_spec: tf.TensorSpec,
     ) -> None:
         super().__init__()
-        self.steps = steps
+        self.steps, self.sources = steps, sources
         self.weights = weights
         self.masks = [tf.Variable(tf.ones(w.shape), trainable=False) for w in weights]
         self.trained = [i for i, flag in enumerate(trainable) if flag]
@@ -151,9 +153,13 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         self.set_masks = tf.function(self._set_masks, input_signature=m_specs)
 
     def _logits(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
-        for step in self.steps[:-1]:
-            x = ACTIVATIONS[step.activation](step.run(x, training=training))
-        return self.steps[-1].run(x, training=training)
+        """Every call in order, each on the outputs it takes (-1: the input); the last one's
+        softmax is left to the loss."""
+        outputs: list[tf.Tensor] = []
+        for i, (step, sources) in enumerate(zip(self.steps, self.sources, strict=True)):
+            y = step.run([x if j < 0 else outputs[j] for j in sources], training=training)
+            outputs.append(y if i == len(self.steps) - 1 else ACTIVATIONS[step.activation](y))
+        return outputs[-1]
 
     def _train(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
         variables = [self.weights[i] for i in self.trained]
@@ -198,7 +204,7 @@ def build_trainable(
 ) -> bytes:
     """The LiteRT training artifact (see the module docstring) for a stripped tf_keras classifier.
 
-    The model must be a chain of supported layers (``LAYERS``) ending in a softmax. Dropout is
+    The model must be a graph of supported layers (``LAYERS``) ending in a softmax. Dropout is
     off in on-device training (it is the identity). The artifact's variables start at the model's
     weights, masks at ones and optimizer state at zero. ``momentum`` is ignored by Adam.
 
@@ -207,13 +213,13 @@ def build_trainable(
         ExportError: an unsupported layer or model shape, or the conversion fails.
     """
     hyper = _hyper(optimizer, batch_size, learning_rate, momentum)
-    layers = _chain(model)
+    calls = _graph(model)
     weights = [tf.Variable(np.asarray(w, np.float32)) for w in model.get_weights()]
     index = {id(v): i for i, v in enumerate(model.weights)}
     if len(index) != len(weights):
         raise ExportError(f"model {model.name!r}: weights and get_weights() do not match")
     steps = []
-    for layer in layers:
+    for layer, inputs in calls:
         if type(layer).__name__ == "PruneLowMagnitude":  # checked by name: no TF-MOT import here
             raise ExportError(
                 f"layer {layer.name!r} is a pruning wrapper; strip the model first"
@@ -223,7 +229,10 @@ def build_trainable(
         try:
             if builder is None:
                 raise Unsupported("")
-            steps.append(builder(layer, [weights[index[id(v)]] for v in layer.weights]))
+            step = builder(layer, [weights[index[id(v)]] for v in layer.weights])
+            if not step.merge and len(inputs) != 1:
+                raise Unsupported(f"{len(inputs)} inputs")
+            steps.append(step)
         except Unsupported as exc:
             raise _unsupported(layer, str(exc)) from None
     if not steps or steps[-1].activation != "softmax":
@@ -235,7 +244,8 @@ def build_trainable(
     for v in model.trainable_weights:
         trainable[index[id(v)]] = True
     x_spec = tf.TensorSpec([batch_size, *sample_shape(model)], tf.float32, name="x")
-    module = _Trainable(steps, weights, trainable, _OPTIMIZERS[optimizer], hyper, x_spec)
+    sources = [inputs for _, inputs in calls]
+    module = _Trainable(steps, sources, weights, trainable, _OPTIMIZERS[optimizer], hyper, x_spec)
     content = _convert(module)
     _verify(content)
     return content
@@ -254,10 +264,14 @@ def _hyper(optimizer: str, batch_size: int, lr: float, momentum: float) -> dict[
     return {"lr": float(lr), "momentum": float(momentum)}
 
 
-def _chain(model: tf_keras.Model) -> list[Any]:
-    """The model's layers from input to output, nested models flattened, or an ExportError naming
-    what keeps them from being a single chain (a merge, a layer used twice, several inputs or
-    outputs, a subclassed model).
+Call = tuple[Any, tuple[int, ...]]
+"""A layer call of the graph: the layer and the calls whose outputs it takes (-1: the input)."""
+
+
+def _graph(model: tf_keras.Model) -> list[Call]:
+    """The model's layer calls, each after those it takes from and the output's last, nested
+    models inlined; or an ExportError naming what the artifact cannot take (a layer used twice,
+    several inputs or outputs, a subclassed model).
 
     Whatever API built the model, the walk follows the model's own graph: back from its output,
     ``KerasTensor.node`` is the call of a layer that made the tensor *in this model*. A layer's
@@ -265,51 +279,61 @@ def _chain(model: tf_keras.Model) -> list[Any]:
     layers again in a new graph, so each layer has one node per model, and its ``input`` and
     ``output`` are those of the first (the copy the pruner wrapped), not of the stripped model.
     """
-    if getattr(model, "_is_graph_network", False):
-        layers = _walk(model)
-    elif isinstance(model, tf_keras.Sequential):
-        layers = list(model.layers)  # not built on a known input: a chain by construction
-    else:
-        raise _not_a_chain(model, "it is a subclassed model, not a graph of layers")
-    flat = [inner for layer in layers for inner in _unnest(layer)]
+    calls: list[Call] = []
+    _inline(model, -1, calls)
     seen: set[int] = set()
-    for layer in flat:
+    for layer, _ in calls:
         if id(layer) in seen:
-            raise _not_a_chain(model, f"{_named(layer)} is used more than once")
+            raise _refused(model, f"{_named(layer)} is used more than once")
         seen.add(id(layer))
-    return flat
+    return calls
 
 
-def _walk(model: tf_keras.Model) -> list[Any]:
-    """The layers of a graph model, from the node after its InputLayer to its single output."""
+def _inline(model: tf_keras.Model, source: int, calls: list[Call]) -> int:
+    """Append ``model``'s calls, its input being call ``source``'s output; its output's call."""
+    if isinstance(model, tf_keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        for layer in model.layers:  # not built on a known input: a chain by construction
+            source = _call(layer, (source,), calls)
+        return source
+    if not getattr(model, "_is_graph_network", False):
+        raise _refused(model, "it is a subclassed model, not a graph of layers")
     for what, tensors in (("inputs", model.inputs), ("outputs", model.outputs)):
         if len(tensors) != 1:
             names = ", ".join(repr(t.node.layer.name) for t in tensors)
-            raise _not_a_chain(model, f"it has {len(tensors)} {what} ({names})")
-    layers = []
-    node = model.outputs[0].node
-    while not node.is_input:
-        if len(node.keras_inputs) != 1:
-            reason = f"{_named(node.layer)} takes {len(node.keras_inputs)} inputs"
-            raise _not_a_chain(model, reason)
-        layers.append(node.layer)
-        node = node.keras_inputs[0].node
-    return layers[::-1]
+            raise _refused(model, f"it has {len(tensors)} {what} ({names})")
+    done: dict[int, int] = {}  # id(node) -> the call that made its output
+
+    def visit(node: Any) -> int:
+        if node.is_input:
+            return source
+        if id(node) not in done:
+            if len(tf.nest.flatten(node.outputs)) != 1:
+                raise _refused(model, f"{_named(node.layer)} has several outputs")
+            inputs = tuple(visit(tensor.node) for tensor in node.keras_inputs)
+            done[id(node)] = _call(node.layer, inputs, calls)
+        return done[id(node)]
+
+    return visit(model.outputs[0].node)
 
 
-def _unnest(layer: Any) -> list[Any]:
-    """A nested model's chain in its place; any other layer as it is."""
-    return _chain(layer) if isinstance(layer, tf_keras.Model) else [layer]
+def _call(layer: Any, inputs: tuple[int, ...], calls: list[Call]) -> int:
+    """Append a call of ``layer`` (a nested model: its calls); the index of its output."""
+    if isinstance(layer, tf_keras.Model):
+        if len(inputs) != 1:
+            raise _refused(layer, f"it takes {len(inputs)} inputs")
+        return _inline(layer, inputs[0], calls)
+    calls.append((layer, inputs))
+    return len(calls) - 1
 
 
 def _named(layer: Any) -> str:
     return f"layer {layer.name!r} ({type(layer).__name__})"
 
 
-def _not_a_chain(model: tf_keras.Model, reason: str) -> ExportError:
+def _refused(model: tf_keras.Model, reason: str) -> ExportError:
     return ExportError(
-        f"model {model.name!r} is not a single chain of layers: {reason}; the litert trainer"
-        ' needs one (or use the keras trainer: trainer = "keras" in the device profile)'
+        f"model {model.name!r} cannot be trained by the litert trainer: {reason}"
+        ' (use the keras trainer: trainer = "keras" in the device profile)'
     )
 
 

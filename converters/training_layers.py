@@ -23,11 +23,19 @@ _Fn = Callable[[tf.Tensor], tf.Tensor]
 # --- activations: forward op with a gradient made of builtin ops --------------------------------
 
 
-def _relu_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
-    def grad(dy: tf.Tensor) -> tf.Tensor:
-        return dy * tf.cast(x > 0, dy.dtype)
+# relu and relu6 forward as a multiplication by their mask, not RELU/RELU6: the converter fuses
+# those into the op before them, and a bias-less layer's BATCH_MATMUL has no fused activation, so
+# the relu was silently dropped (measured: a Dense or Conv2D without bias, then ReLU, inferred 0.25
+# away from tf_keras).
 
-    return tf.nn.relu(x), grad
+
+def _relu_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
+    mask = tf.cast(x > 0, x.dtype)
+
+    def grad(dy: tf.Tensor) -> tf.Tensor:
+        return dy * mask
+
+    return x * mask, grad
 
 
 def _tanh_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
@@ -48,6 +56,16 @@ def _sigmoid_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
     return y, grad
 
 
+def _relu6_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
+    inside = tf.cast(tf.logical_and(x > 0, x < 6), x.dtype)
+    above = tf.cast(x >= 6, x.dtype)
+
+    def grad(dy: tf.Tensor) -> tf.Tensor:
+        return dy * inside
+
+    return x * inside + 6.0 * above, grad
+
+
 def _linear(x: tf.Tensor) -> tf.Tensor:
     return x
 
@@ -55,6 +73,7 @@ def _linear(x: tf.Tensor) -> tf.Tensor:
 ACTIVATIONS: dict[str, _Fn] = {
     "linear": _linear,
     "relu": tf.custom_gradient(_relu_and_grad),
+    "relu6": tf.custom_gradient(_relu6_and_grad),
     "tanh": tf.custom_gradient(_tanh_and_grad),
     "sigmoid": tf.custom_gradient(_sigmoid_and_grad),
     "softmax": tf.nn.softmax,
@@ -73,11 +92,12 @@ class Step:
     body: _Fn
     activation: str
     train_body: _Fn | None = None
+    merge: bool = False  # the body takes the list of its inputs (Add, Concatenate, ...)
 
-    def run(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+    def run(self, inputs: list[tf.Tensor], *, training: bool) -> tf.Tensor:
         """The step without its activation, as ``train`` (``training``) or ``infer`` runs it."""
         body = self.train_body if training and self.train_body is not None else self.body
-        return body(x)
+        return body(inputs) if self.merge else body(inputs[0])
 
 
 class Unsupported(Exception):
@@ -102,13 +122,16 @@ def _require(layer: Any, **expected: Any) -> None:
 
 
 def _dense(layer: Any, variables: list[tf.Variable]) -> Step:
-    if len(layer.input_shape) != 2:
-        raise Unsupported(f"input of rank {len(layer.input_shape)}")
+    """Over the last axis, whatever the rank (a squeeze-and-excite block's [B, 1, 1, C])."""
     kernel, *bias = variables
+    units = int(kernel.shape[1])
 
     def body(x: tf.Tensor) -> tf.Tensor:
-        y = tf.matmul(x, kernel)
-        return y + bias[0] if bias else y
+        shape = [int(d) for d in x.shape]
+        flat = x if len(shape) == 2 else tf.reshape(x, [-1, shape[-1]])
+        y = tf.matmul(flat, kernel)
+        y = y + bias[0] if bias else y
+        return y if len(shape) == 2 else tf.reshape(y, [*shape[:-1], units])
 
     return Step(body, activation_name(layer, layer.activation))
 
@@ -223,9 +246,13 @@ def _reshape(layer: Any, variables: list[tf.Variable]) -> Step:
 
 
 def _relu_layer(layer: Any, variables: list[tf.Variable]) -> Step:
-    if layer.max_value is not None or float(layer.negative_slope) or float(layer.threshold):
-        raise Unsupported("max_value, negative_slope or threshold set")
-    return Step(_linear, "relu")
+    if float(layer.negative_slope) or float(layer.threshold):
+        raise Unsupported("negative_slope or threshold set")
+    if layer.max_value is None:
+        return Step(_linear, "relu")
+    if float(layer.max_value) == 6.0:
+        return Step(_linear, "relu6")
+    raise Unsupported(f"max_value={float(layer.max_value):g} (6 or none)")
 
 
 def _activation(layer: Any, variables: list[tf.Variable]) -> Step:
@@ -281,6 +308,92 @@ def _batch_norm(layer: Any, variables: list[tf.Variable]) -> Step:
     return Step(infer, "linear", train if layer.trainable else None)
 
 
+def _depthwise(kernel: tf.Variable, layer: Any) -> _Fn:
+    """A depthwise convolution's body: each channel's taps times its own kernel, the
+    ``depth_multiplier`` outputs of channel c at c * M + m, as tf_keras orders them."""
+    _require(layer, dilation_rate=(1, 1))
+    size, strides, padding = _window(layer)
+    kh, kw, cin, multiplier = (int(d) for d in kernel.shape)
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        taps = _taps(x, size, strides, padding)
+        b, oh, ow, _ = (int(d) for d in taps[0].shape)
+        # One kernel slice per tap by unstacking (its gradient is a PACK; a strided slice's
+        # would be StridedSliceGrad, which no builtin does)
+        weights = tf.unstack(tf.reshape(kernel, [kh * kw, cin, multiplier]))
+        if multiplier == 1:
+            return tf.add_n(
+                [tap * tf.reshape(w, [cin]) for tap, w in zip(taps, weights, strict=True)]
+            )
+        y = tf.add_n([tf.expand_dims(tap, -1) * w for tap, w in zip(taps, weights, strict=True)])
+        return tf.reshape(y, [b, oh, ow, cin * multiplier])
+
+    return body
+
+
+def _depthwise_conv2d(layer: Any, variables: list[tf.Variable]) -> Step:
+    kernel, *bias = variables
+    depthwise = _depthwise(kernel, layer)
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        y = depthwise(x)
+        return y + bias[0] if bias else y
+
+    return Step(body, activation_name(layer, layer.activation))
+
+
+def _separable_conv2d(layer: Any, variables: list[tf.Variable]) -> Step:
+    """A depthwise convolution, then a 1x1 convolution over its channels (and the bias)."""
+    depthwise_kernel, pointwise, *bias = variables
+    depthwise = _depthwise(depthwise_kernel, layer)
+    cin, cout = (int(d) for d in pointwise.shape[2:])
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        y = depthwise(x)
+        b, oh, ow, _ = (int(d) for d in y.shape)
+        y = tf.matmul(tf.reshape(y, [b * oh * ow, cin]), tf.reshape(pointwise, [cin, cout]))
+        y = tf.reshape(y, [b, oh, ow, cout])
+        return y + bias[0] if bias else y
+
+    return Step(body, activation_name(layer, layer.activation))
+
+
+def _global_pool(reduce: Callable[..., tf.Tensor]) -> Builder:
+    def build(layer: Any, variables: list[tf.Variable]) -> Step:
+        _require(layer, data_format="channels_last")
+        keep = bool(getattr(layer, "keepdims", False))
+        return Step(lambda x: reduce(x, axis=[1, 2], keepdims=keep), "linear")
+
+    return build
+
+
+def _zero_padding2d(layer: Any, variables: list[tf.Variable]) -> Step:
+    _require(layer, data_format="channels_last")
+    (top, bottom), (left, right) = layer.padding
+    paddings = [[0, 0], [int(top), int(bottom)], [int(left), int(right)], [0, 0]]
+    return Step(lambda x: tf.pad(x, paddings), "linear")
+
+
+def _add(layer: Any, variables: list[tf.Variable]) -> Step:
+    return Step(tf.add_n, "linear", merge=True)
+
+
+def _multiply(layer: Any, variables: list[tf.Variable]) -> Step:
+    def body(inputs: list[tf.Tensor]) -> tf.Tensor:
+        y = inputs[0]
+        for x in inputs[1:]:
+            y = y * x
+        return y
+
+    return Step(body, "linear", merge=True)
+
+
+def _concatenate(layer: Any, variables: list[tf.Variable]) -> Step:
+    if layer.axis not in (-1, len(layer.output_shape) - 1):
+        raise Unsupported(f"axis={layer.axis!r} (the last only)")
+    return Step(lambda inputs: tf.concat(inputs, axis=-1), "linear", merge=True)
+
+
 LAYERS: dict[type, Builder] = {
     tf_keras.layers.Dense: _dense,
     tf_keras.layers.Conv2D: _conv2d,
@@ -293,4 +406,12 @@ LAYERS: dict[type, Builder] = {
     tf_keras.layers.Softmax: _softmax,
     tf_keras.layers.Dropout: _identity,  # dropout is off in on-device training
     tf_keras.layers.BatchNormalization: _batch_norm,
+    tf_keras.layers.DepthwiseConv2D: _depthwise_conv2d,
+    tf_keras.layers.SeparableConv2D: _separable_conv2d,
+    tf_keras.layers.GlobalAveragePooling2D: _global_pool(tf.reduce_mean),
+    tf_keras.layers.GlobalMaxPooling2D: _global_pool(tf.reduce_max),
+    tf_keras.layers.ZeroPadding2D: _zero_padding2d,
+    tf_keras.layers.Add: _add,
+    tf_keras.layers.Multiply: _multiply,
+    tf_keras.layers.Concatenate: _concatenate,
 }

@@ -28,7 +28,7 @@ LR, MOMENTUM, ADAM_LR = 0.05, 0.9, 0.01
 PARITY = 1e-5  # measured: <= 1.2e-6 (weights) and <= 4.8e-7 (losses) over one epoch
 # BatchNormalization divides by the batch's deviation, which scales rounding up, and tf_keras runs
 # a fused kernel on 4-D inputs: measured <= 1.2e-5 (weights) and <= 3.1e-6 (losses) over one epoch.
-PARITY_OF = {"batch-norm": 5e-5}
+PARITY_OF = {"batch-norm": 5e-5, "residual": 5e-5}
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 layers = tf_keras.layers
 
@@ -156,6 +156,41 @@ def _nested() -> tf_keras.Model:
     )
 
 
+def _residual() -> tf_keras.Model:
+    """ResNet blocks: Conv-BN-ReLU, an identity shortcut, a strided block with a 1x1 projection
+    (several consumers of one tensor, Add), global average pooling."""
+    tf_keras.utils.set_random_seed(5)
+    x = inputs = layers.Input((8, 8, 1))
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same")(x)))
+    y = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    y = layers.Conv2D(8, 3, padding="same")(y)
+    x = layers.ReLU()(layers.Add()([x, y]))
+    y = layers.Conv2D(12, 3, strides=2, padding="same", activation="relu")(x)
+    y = layers.Conv2D(12, 3, padding="same", use_bias=False)(y)
+    x = layers.Activation("relu")(layers.Add()([layers.Conv2D(12, 1, strides=2)(x), y]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x), name="resnet")
+
+
+def _mobile() -> tf_keras.Model:
+    """MobileNet parts: zero padding, ReLU(6), an inverted residual with a depthwise convolution
+    and squeeze-and-excite (Dense on [B, 1, 1, C], Multiply), a depth multiplier, a separable
+    convolution, Concatenate, global max pooling."""
+    tf_keras.utils.set_random_seed(6)
+    x = inputs = layers.Input((8, 8, 1))
+    x = layers.ZeroPadding2D(((0, 1), (0, 1)))(x)
+    x = layers.ReLU(6.0)(layers.Conv2D(8, 3, strides=2, use_bias=False)(x))
+    y = layers.Conv2D(16, 1, activation="relu")(x)
+    y = layers.ReLU(max_value=6.0)(layers.DepthwiseConv2D(3, padding="same", use_bias=False)(y))
+    se = layers.GlobalAveragePooling2D(keepdims=True)(y)
+    y = layers.Multiply()([y, layers.Dense(16, activation="sigmoid")(se)])
+    x = layers.Add()([x, layers.Conv2D(8, 1)(y)])
+    a = layers.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same")(x)
+    b = layers.SeparableConv2D(6, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.GlobalMaxPooling2D()(layers.Concatenate()([layers.ReLU()(a), b]))
+    return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x), name="mobile")
+
+
 BUILDS: dict[str, tuple[Callable[[], tf_keras.Model], str]] = {
     "mlp": (lambda: models.build("mlp"), "sgd"),
     "cnn": (lambda: models.build("cnn"), "sgd"),
@@ -165,6 +200,9 @@ BUILDS: dict[str, tuple[Callable[[], tf_keras.Model], str]] = {
     "functional-stripped": (pruned_then_stripped(_functional), "sgd"),
     "batch-norm": (pruned_then_stripped(_batch_normed), "sgd"),
     "nested": (_nested, "sgd"),
+    "residual": (pruned_then_stripped(_residual), "sgd"),
+    "mobile": (_mobile, "sgd"),
+    "mobile-adam": (_mobile, "adam"),
 }
 
 
@@ -248,7 +286,9 @@ def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "zoo", "functional-stripped", "batch-norm"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "cnn", "zoo", "functional-stripped", "batch-norm", "residual", "mobile"]
+)
 def test_artifact_holds_builtin_ops_only(cases: dict[str, Case], name: str) -> None:
     artifact = cases[name].artifact
 
@@ -295,7 +335,8 @@ def test_signatures_follow_the_contract(cases: dict[str, Case], name: str) -> No
 
 
 @pytest.mark.parametrize(
-    "name", ["mlp", "cnn", "zoo", "functional-stripped", "batch-norm", "nested"]
+    "name",
+    ["mlp", "cnn", "zoo", "functional-stripped", "batch-norm", "nested", "residual", "mobile"],
 )
 def test_infer_matches_keras_after_set_weights(
     cases: dict[str, Case], digits: Digits, name: str
@@ -332,7 +373,18 @@ def test_get_weights_round_trips_what_set_weights_wrote(cases: dict[str, Case]) 
 @pytest.mark.parametrize("resolver", ["builtin", "xnnpack"])
 @pytest.mark.parametrize(
     "name",
-    ["mlp", "cnn", "mlp-tanh-adam", "cnn-tanh-adam", "zoo", "functional-stripped", "batch-norm"],
+    [
+        "mlp",
+        "cnn",
+        "mlp-tanh-adam",
+        "cnn-tanh-adam",
+        "zoo",
+        "functional-stripped",
+        "batch-norm",
+        "residual",
+        "mobile",
+        "mobile-adam",
+    ],
 )
 def test_one_masked_epoch_matches_tf_keras(
     cases: dict[str, Case], digits: Digits, name: str, resolver: str
