@@ -69,6 +69,7 @@ class Fleet:
         self.artifact_error: str | None = None  # why litert devices cannot train, if they cannot
         self.left_at = -math.inf  # when a device last went offline (monotonic)
         self.dropped = 0  # status messages refused for a missing or bad signature
+        self.turned_away: dict[str, str] = {}  # devices that joined unable to train it: why
 
     def __contains__(self, client_id: object) -> bool:
         return client_id in self.devices
@@ -111,15 +112,16 @@ class Fleet:
         client_id = hello.client_id
         joined = client_id not in self.devices
         if joined:
+            why = None if self.can_train(hello) else self.why_not(hello)
+            if why is not None:
+                self.turned_away[client_id] = why
             log.info(
                 "client %s joined (%s, %d samples, %s trainer)%s",
                 client_id,
                 hello.profile,
                 hello.num_samples,
                 hello.backend,
-                ""
-                if self.can_train(hello)
-                else f": {self.cannot_encode(hello) or 'it cannot train this model'}",
+                "" if why is None else f": {why}",
             )
             exported = catalogue_profile(client_id, hello.profile)
             if exported is not None:
@@ -156,9 +158,23 @@ class Fleet:
 
     def why_none_can_train(self) -> str:
         """Why no online device can train this run (there are some online)."""
-        hello = next(iter(self.devices.values()))
+        return self.why_not(next(iter(self.devices.values())))
+
+    def why_not(self, hello: Hello) -> str:
+        """Why a device that cannot train this run cannot."""
         return self.cannot_encode(hello) or (
-            f"their trainer needs the TFLite training artifact: {self.artifact_error}"
+            f"its trainer ({hello.backend}) needs a TFLite training artifact, and this model has"
+            f" none: {self.artifact_error}"
+        )
+
+    def turned_away_why(self) -> str:
+        """The devices that joined unable to train this run, and why (empty: none did)."""
+        if not self.turned_away:
+            return ""
+        reasons = sorted(set(self.turned_away.values()))
+        return (
+            f"; {len(self.turned_away)} device(s) joined that cannot train it"
+            f" ({', '.join(sorted(self.turned_away)[:5])}): {reasons[0]}"
         )
 
     def select(self, round_: int) -> Draw:

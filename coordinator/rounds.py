@@ -145,7 +145,7 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise ConfigError(
                     f"only {len(self.fleet)} of {count} clients online after waiting"
-                    f" {self.config.join_timeout:.0f} s"
+                    f" {self.config.join_timeout:.0f} s{self.fleet.turned_away_why()}"
                 )
             self.pump(0.2)
         while self.pump(0.0):

@@ -145,6 +145,27 @@ def test_no_client_able_to_train_stops_the_run(harness: Callable[..., Harness]) 
         h.coordinator.run_round(ROUND)
 
 
+def test_devices_that_joined_unable_to_train_and_left_are_named_with_why(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: the artifact could not be built; litert device "a" joins, is told, and stops
+    h = harness(("a",), join_timeout=0.5)
+    h.coordinator.fleet.devices.clear()
+    h.coordinator.fleet.artifact_error = "layer 'lstm' (LSTM) is not supported"
+    litert = Hello(client_id="a", profile="p", num_samples=5, backend="litert")
+    h.coordinator.fleet.hello(litert)
+    h.coordinator.fleet.offline("a")
+
+    # Execute / Assert: not "0 of 1 online" alone, but who came and why they could not train
+    with pytest.raises(ConfigError) as caught:
+        h.coordinator.wait_for_clients(1)
+    assert str(caught.value) == (
+        "only 0 of 1 clients online after waiting 0 s; 1 device(s) joined that cannot train it"
+        " (a): its trainer (litert) needs a TFLite training artifact, and this model has none:"
+        " layer 'lstm' (LSTM) is not supported"
+    )
+
+
 def test_a_fleet_that_leaves_at_a_round_boundary_ends_the_run_with_one_line(
     harness: Callable[..., Harness],
 ) -> None:
