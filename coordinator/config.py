@@ -223,7 +223,9 @@ class RunConfig:
         metavar="DIR",
     )
     model: str = option(
-        "cnn", "preset (cnn, mlp) or path to a .keras/.h5 model (default: %(default)s)"
+        "cnn",
+        "preset (cnn, mlp; resnet8, dscnn, mobilenet after MLPerf Tiny) or path to a .keras/.h5"
+        " model (default: %(default)s)",
     )
     rounds: int = option(20, "rounds (default: %(default)s)")
     min_clients: int = option(3, "clients that must join before round 1 (default: %(default)s)")
