@@ -358,11 +358,29 @@ def _separable_conv2d(layer: Any, variables: list[tf.Variable]) -> Step:
     return Step(body, activation_name(layer, layer.activation))
 
 
-def _global_pool(reduce: Callable[..., tf.Tensor]) -> Builder:
+def _conv1d(layer: Any, variables: list[tf.Variable]) -> Step:
+    """A Conv1D as a Conv2D of one row: the same taps over [B, 1, W, C]."""
+    _require(layer, dilation_rate=(1,), groups=1, data_format="channels_last")
+    if layer.padding not in ("same", "valid"):
+        raise Unsupported(f"padding={layer.padding!r}")
+    kernel, *bias = variables
+    k, cin, cout = (int(d) for d in kernel.shape)
+
+    def body(x: tf.Tensor) -> tf.Tensor:
+        taps = _taps(tf.expand_dims(x, 1), (1, k), (1, int(layer.strides[0])), layer.padding)
+        b, _, ow, _ = (int(d) for d in taps[0].shape)
+        patches = tf.concat([tf.reshape(t, [b * ow, cin]) for t in taps], axis=1)
+        y = tf.reshape(tf.matmul(patches, tf.reshape(kernel, [k * cin, cout])), [b, ow, cout])
+        return y + bias[0] if bias else y
+
+    return Step(body, activation_name(layer, layer.activation))
+
+
+def _global_pool(reduce: Callable[..., tf.Tensor], axes: list[int]) -> Builder:
     def build(layer: Any, variables: list[tf.Variable]) -> Step:
         _require(layer, data_format="channels_last")
         keep = bool(getattr(layer, "keepdims", False))
-        return Step(lambda x: reduce(x, axis=[1, 2], keepdims=keep), "linear")
+        return Step(lambda x: reduce(x, axis=axes, keepdims=keep), "linear")
 
     return build
 
@@ -408,8 +426,11 @@ LAYERS: dict[type, Builder] = {
     tf_keras.layers.BatchNormalization: _batch_norm,
     tf_keras.layers.DepthwiseConv2D: _depthwise_conv2d,
     tf_keras.layers.SeparableConv2D: _separable_conv2d,
-    tf_keras.layers.GlobalAveragePooling2D: _global_pool(tf.reduce_mean),
-    tf_keras.layers.GlobalMaxPooling2D: _global_pool(tf.reduce_max),
+    tf_keras.layers.GlobalAveragePooling2D: _global_pool(tf.reduce_mean, [1, 2]),
+    tf_keras.layers.GlobalMaxPooling2D: _global_pool(tf.reduce_max, [1, 2]),
+    tf_keras.layers.Conv1D: _conv1d,
+    tf_keras.layers.GlobalAveragePooling1D: _global_pool(tf.reduce_mean, [1]),
+    tf_keras.layers.GlobalMaxPooling1D: _global_pool(tf.reduce_max, [1]),
     tf_keras.layers.ZeroPadding2D: _zero_padding2d,
     tf_keras.layers.Add: _add,
     tf_keras.layers.Multiply: _multiply,

@@ -191,6 +191,17 @@ def _mobile() -> tf_keras.Model:
     return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x), name="mobile")
 
 
+def _sequence() -> tf_keras.Model:
+    """The digits as 8 steps of 8 features: Conv1D (same and strided valid), both 1-D global
+    poolings, Concatenate."""
+    tf_keras.utils.set_random_seed(7)
+    x = inputs = layers.Input((8, 8))
+    x = layers.Conv1D(12, 3, padding="same", activation="relu")(x)
+    x = layers.Conv1D(16, 2, strides=2, use_bias=False, activation="tanh")(x)
+    x = layers.Concatenate()([layers.GlobalAveragePooling1D()(x), layers.GlobalMaxPooling1D()(x)])
+    return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x), name="sequence")
+
+
 BUILDS: dict[str, tuple[Callable[[], tf_keras.Model], str]] = {
     "mlp": (lambda: models.build("mlp"), "sgd"),
     "cnn": (lambda: models.build("cnn"), "sgd"),
@@ -203,6 +214,7 @@ BUILDS: dict[str, tuple[Callable[[], tf_keras.Model], str]] = {
     "residual": (pruned_then_stripped(_residual), "sgd"),
     "mobile": (_mobile, "sgd"),
     "mobile-adam": (_mobile, "adam"),
+    "sequence": (_sequence, "sgd"),
     # The MLPerf Tiny presets (coordinator/models.py)
     "resnet8": (lambda: models.build("resnet8"), "sgd"),
     "dscnn": (lambda: models.build("dscnn"), "sgd"),
@@ -350,6 +362,7 @@ def test_signatures_follow_the_contract(cases: dict[str, Case], name: str) -> No
         "nested",
         "residual",
         "mobile",
+        "sequence",
         "resnet8",
         "dscnn",
         "mobilenet",
@@ -401,6 +414,7 @@ def test_get_weights_round_trips_what_set_weights_wrote(cases: dict[str, Case]) 
         "residual",
         "mobile",
         "mobile-adam",
+        "sequence",
     ],
 )
 def test_one_masked_epoch_matches_tf_keras(
