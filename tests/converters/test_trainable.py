@@ -213,7 +213,6 @@ BUILDS: dict[str, tuple[Callable[[], tf_keras.Model], str]] = {
     "nested": (_nested, "sgd"),
     "residual": (pruned_then_stripped(_residual), "sgd"),
     "mobile": (_mobile, "sgd"),
-    "mobile-adam": (_mobile, "adam"),
     "sequence": (_sequence, "sgd"),
     # The MLPerf Tiny presets (coordinator/models.py)
     "resnet8": (lambda: models.build("resnet8"), "sgd"),
@@ -413,7 +412,6 @@ def test_get_weights_round_trips_what_set_weights_wrote(cases: dict[str, Case]) 
         "batch-norm",
         "residual",
         "mobile",
-        "mobile-adam",
         "sequence",
     ],
 )
