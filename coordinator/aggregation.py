@@ -83,12 +83,7 @@ class Aggregator(ABC):
 
     def apply(self, weights: list[np.ndarray]) -> list[np.ndarray]:
         """The new model; ``weights`` unchanged when nothing was added."""
-        if self.count == 0:
-            return weights
-        return [
-            (w.astype(np.float64) + d).astype(np.float32)
-            for w, d in zip(weights, self._delta(), strict=True)
-        ]
+        return plus(weights, self._delta()) if self.count else weights
 
     @property
     def evaluated(self) -> float:
@@ -126,6 +121,13 @@ class Stacked(Aggregator):
     @abstractmethod
     def _combine(self, stacked: np.ndarray) -> np.ndarray:
         """One tensor's combined delta from its updates stacked on axis 0."""
+
+
+def plus(weights: Sequence[np.ndarray], delta: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``weights + delta`` in float64, as float32 weights."""
+    return [
+        (w.astype(np.float64) + d).astype(np.float32) for w, d in zip(weights, delta, strict=True)
+    ]
 
 
 def l2_norm(arrays: Sequence[np.ndarray]) -> float:

@@ -171,10 +171,9 @@ class Fleet:
         """The devices that joined unable to train this run, and why (empty: none did)."""
         if not self.turned_away:
             return ""
-        reasons = sorted(set(self.turned_away.values()))
         return (
             f"; {len(self.turned_away)} device(s) joined that cannot train it"
-            f" ({', '.join(sorted(self.turned_away)[:5])}): {reasons[0]}"
+            f" ({', '.join(sorted(self.turned_away)[:5])}): {min(self.turned_away.values())}"
         )
 
     def select(self, round_: int) -> Draw:

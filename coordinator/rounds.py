@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedprune.coordinator.aggregation import Loss, NormBound, make_aggregator, median_norm
+from fedprune.coordinator.aggregation import Loss, NormBound, make_aggregator
 from fedprune.coordinator.deployment import Deployments
 from fedprune.coordinator.fleet import Change, Draw, needs_artifact
 from fedprune.coordinator.global_model import Evaluator, GlobalModel
@@ -187,7 +187,6 @@ class Coordinator:
             )
         self.intake.close()
         self.downlink.holders = set(state.reported)  # they hold this model: a change's base
-        self.bound.observe(median_norm(state.aggregator.norms))
         if state.aggregator.count:
             self.pruner.set_weights(state.aggregator.apply(model.weights))
             if state.aggregator.left_out:
@@ -261,6 +260,7 @@ class Coordinator:
         self.last_round = round_report(state, set(self.fleet))
         self._down_counted = self.bytes_down
         self.results.append(result)
+        self.bound.observe(result.norm_median)  # the next round's bound (as on resume)
         self.downlink.publish(self.topics.metrics, RoundMetrics(values=result.to_dict()))
         self.observer.round_ended(result, state.late())
         self.on_round(result)

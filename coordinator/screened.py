@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedprune.coordinator.aggregation import Aggregator, Loss
+from fedprune.coordinator.aggregation import Aggregator, Loss, plus
 from fedprune.protocol.errors import ConfigError
 
 MIN_HARM = 0.01
@@ -51,22 +51,19 @@ class Screened(Aggregator):
         measure again (two devices that send the same lie each look harmless while the other
         stays), until none lowers it or a minority of the round is out."""
         kept, out = list(range(len(self._updates))), list[int]()
+        base = self._loss(weights, kept)
         while len(out) < (len(self._updates) - 1) // 2:
-            base = self._loss(weights, kept)
-            harm = {i: base - self._loss(weights, [j for j in kept if j != i]) for i in kept}
-            worst = max(kept, key=lambda i: harm[i])
-            if harm[worst] <= MIN_HARM * base:
+            without = {i: self._loss(weights, [j for j in kept if j != i]) for i in kept}
+            worst = min(kept, key=lambda i: without[i])
+            if base - without[worst] <= MIN_HARM * base:
                 break
             kept.remove(worst)
             out.append(worst)
+            base = without[worst]  # the loss of what is kept now, measured already
         return sorted(out)
 
     def _loss(self, weights: list[np.ndarray], kept: Sequence[int]) -> float:
-        candidate = [
-            (w.astype(np.float64) + d).astype(np.float32)
-            for w, d in zip(weights, self._mean(kept), strict=True)
-        ]
-        return self.loss(candidate)
+        return self.loss(plus(weights, self._mean(kept)))
 
     def _mean(self, kept: Sequence[int]) -> list[np.ndarray]:
         total = sum(self._updates[i][1] for i in kept) or 1.0
