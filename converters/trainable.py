@@ -10,9 +10,9 @@ replaced by ``get_weights``/``set_weights`` signatures (no ``Save``/``Restore``)
 Any model whose layers form a graph from a single input to a single output is accepted, whatever
 API built it (Sequential, Functional, a clone, TF-MOT's stripped copy, a loaded file): branches
 (a tensor several layers take), merges (``Add``, ``Concatenate``, ``Multiply``: residual and
-squeeze-and-excite blocks) and nested models, inlined where they are called. The graph is read
-from the model's own nodes (``_graph``); a layer used twice or a second input or output is refused
-with one line naming it.
+squeeze-and-excite blocks) and nested models, inlined where they are called (converters/graph.py
+reads the graph). A layer used twice or a second input or output is refused with one line naming
+it.
 
 BatchNormalization is trained, not folded. Folding it into the preceding kernel would give the
 artifact another weight layout than ``model.get_weights()``, which the coordinator and the keras
@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from fedprune.converters import graph
 from fedprune.converters._errors import short_reason
 from fedprune.converters.tflite import sample_shape
 from fedprune.converters.training_layers import ACTIVATIONS, LAYERS, Step, Unsupported
@@ -213,7 +214,7 @@ def build_trainable(
         ExportError: an unsupported layer or model shape, or the conversion fails.
     """
     hyper = _hyper(optimizer, batch_size, learning_rate, momentum)
-    calls = _graph(model)
+    calls = graph.calls(model, _refused)
     weights = [tf.Variable(np.asarray(w, np.float32)) for w in model.get_weights()]
     index = {id(v): i for i, v in enumerate(model.weights)}
     if len(index) != len(weights):
@@ -262,72 +263,6 @@ def _hyper(optimizer: str, batch_size: int, lr: float, momentum: float) -> dict[
         if not ok:
             raise ConfigError(f"trainable export: {name} must be {rule}, got {value!r}")
     return {"lr": float(lr), "momentum": float(momentum)}
-
-
-Call = tuple[Any, tuple[int, ...]]
-"""A layer call of the graph: the layer and the calls whose outputs it takes (-1: the input)."""
-
-
-def _graph(model: tf_keras.Model) -> list[Call]:
-    """The model's layer calls, each after those it takes from and the output's last, nested
-    models inlined; or an ExportError naming what the artifact cannot take (a layer used twice,
-    several inputs or outputs, a subclassed model).
-
-    Whatever API built the model, the walk follows the model's own graph: back from its output,
-    ``KerasTensor.node`` is the call of a layer that made the tensor *in this model*. A layer's
-    ``input``/``output`` do not do: TF-MOT's ``strip_pruning`` calls the wrapped model's inner
-    layers again in a new graph, so each layer has one node per model, and its ``input`` and
-    ``output`` are those of the first (the copy the pruner wrapped), not of the stripped model.
-    """
-    calls: list[Call] = []
-    _inline(model, -1, calls)
-    seen: set[int] = set()
-    for layer, _ in calls:
-        if id(layer) in seen:
-            raise _refused(model, f"{_named(layer)} is used more than once")
-        seen.add(id(layer))
-    return calls
-
-
-def _inline(model: tf_keras.Model, source: int, calls: list[Call]) -> int:
-    """Append ``model``'s calls, its input being call ``source``'s output; its output's call."""
-    if isinstance(model, tf_keras.Sequential) and not getattr(model, "_is_graph_network", False):
-        for layer in model.layers:  # not built on a known input: a chain by construction
-            source = _call(layer, (source,), calls)
-        return source
-    if not getattr(model, "_is_graph_network", False):
-        raise _refused(model, "it is a subclassed model, not a graph of layers")
-    for what, tensors in (("inputs", model.inputs), ("outputs", model.outputs)):
-        if len(tensors) != 1:
-            names = ", ".join(repr(t.node.layer.name) for t in tensors)
-            raise _refused(model, f"it has {len(tensors)} {what} ({names})")
-    done: dict[int, int] = {}  # id(node) -> the call that made its output
-
-    def visit(node: Any) -> int:
-        if node.is_input:
-            return source
-        if id(node) not in done:
-            if len(tf.nest.flatten(node.outputs)) != 1:
-                raise _refused(model, f"{_named(node.layer)} has several outputs")
-            inputs = tuple(visit(tensor.node) for tensor in node.keras_inputs)
-            done[id(node)] = _call(node.layer, inputs, calls)
-        return done[id(node)]
-
-    return visit(model.outputs[0].node)
-
-
-def _call(layer: Any, inputs: tuple[int, ...], calls: list[Call]) -> int:
-    """Append a call of ``layer`` (a nested model: its calls); the index of its output."""
-    if isinstance(layer, tf_keras.Model):
-        if len(inputs) != 1:
-            raise _refused(layer, f"it takes {len(inputs)} inputs")
-        return _inline(layer, inputs[0], calls)
-    calls.append((layer, inputs))
-    return len(calls) - 1
-
-
-def _named(layer: Any) -> str:
-    return f"layer {layer.name!r} ({type(layer).__name__})"
 
 
 def _refused(model: tf_keras.Model, reason: str) -> ExportError:

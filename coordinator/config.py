@@ -111,9 +111,10 @@ class ScheduleConfig:
     )
     units: UnitNorm = option(
         UnitNorm.NONE,
-        "structural pruning: remove whole Dense units and Conv2D filters of least L1 or L2 "
-        "norm (--target is then the share of each layer's units) and rebuild the model smaller "
-        "when the schedule is done; devices switch to it",
+        "structural pruning: remove whole channels (units, filters) of least L1 or L2 norm, "
+        "with the channels coupled to them (both inputs of an Add, a depthwise convolution's), "
+        "--target being the share of each layer's (family's) channels, and rebuild the model "
+        "smaller when the schedule is done; devices switch to it",
     )
     rebuild_every: int = option(
         0,

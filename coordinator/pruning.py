@@ -69,7 +69,7 @@ class MeanMagnitude(PruningSchedule):  # type: ignore[misc,valid-type]
 def pruner_for(model: tf_keras.Model, schedule: ScheduleConfig) -> Pruner:
     """Wrap ``model`` for ``schedule`` and return its pruner."""
     if schedule.units:
-        structure.check_chain(model)
+        structure.check(model)
     return Pruner(model, schedule)
 
 
@@ -88,22 +88,24 @@ def wrap(model: tf_keras.Model, schedule: ScheduleConfig) -> tf_keras.Model:
 class Pruner:
     """The global model: wrapped for TF-MOT, read through its stripped view and the masks.
 
-    With unit pruning (``schedule.units``) the schedule gives each round the share of every unit
-    layer's original units to remove; the pruner ranks them by norm, writes whole units into the
-    wrappers' masks and holds what the removed units give the next layer at zero
-    (:func:`structure.silence`). :meth:`rebuild` then replaces
-    the model by a smaller one without them (a hybrid schedule goes on with TF-MOT's own weight
-    pruning inside the remaining units)."""
+    With unit pruning (``schedule.units``) the schedule gives each round the share of every
+    family's original groups of coupled channels to remove (:class:`structure.Coupling`; in a
+    chain of layers a family is one layer, a group one of its units); the pruner ranks them by
+    norm, writes their units into the wrappers' masks and holds what they give at zero
+    (:meth:`structure.Coupling.silence`). :meth:`rebuild` then replaces the model by a smaller
+    one without them (a hybrid schedule goes on with TF-MOT's own weight pruning inside the
+    remaining units)."""
 
     def __init__(self, model: tf_keras.Model, schedule: ScheduleConfig) -> None:
         self.schedule = schedule
         # m-by-n sparsity is applied at TF-MOT step 1: a structured run counts from begin_round
         self.step_offset = schedule.begin_round - 1 if schedule.m_by_n else 0
-        # unit layer -> its units at the start: the schedule's share is of these
-        self.units = {
-            name: int(model.get_layer(name).get_weights()[0].shape[-1])
-            for name in (structure.unit_layers(model) if schedule.units else [])
-        }
+        # family -> its groups at the start: the schedule's share is of these
+        self.units = (
+            {name: g.size for name, g in structure.Coupling(model).families.items()}
+            if schedule.units
+            else {}
+        )
         self.weight_phase = False  # a hybrid schedule wraps for its weights once units are done
         self._adopt(wrap(model, schedule), round_=self.step_offset - 1)
 
@@ -111,6 +113,7 @@ class Pruner:
         self.wrapped = wrapped
         self.stripped = sparsity.strip_pruning(wrapped)  # shares the inner layers with ``wrapped``
         self.wrappers = [layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)]
+        self.coupling = structure.Coupling(self.stripped) if self.units else None
         position = {id(v): i for i, v in enumerate(self.stripped.weights)}
         self._mask_of: dict[int, Any] = {}
         for wrapper in self.wrappers:
@@ -154,35 +157,38 @@ class Pruner:
             wrapper.pruning_obj.weight_mask_op()
 
     def _unit_step(self) -> None:
-        """Remove the units of least norm in each unit layer, down to the schedule's share of its
-        original units (the mean rule: those below the layer's mean unit norm)."""
+        """Remove the groups of least norm in each family, down to the schedule's share of its
+        original groups (the mean rule: those below the family's mean group norm)."""
+        assert self.coupling is not None
         order = 1 if self.schedule.units == "l1" else 2
-        for wrapper in self.wrappers:
-            layer = wrapper.layer
-            if layer.name not in self.units:
-                continue
+        wrapper_of = {w.layer.name: w for w in self.wrappers}
+        masks = {name: wrapper_of[name].pruning_vars[0][1] for name in self.coupling.units}
+        kernels = {name: wrapper_of[name].pruning_vars[0][0].numpy() for name in masks}
+        groups = self.coupling.alive({name: mask.numpy() for name, mask in masks.items()})
+        norms = self.coupling.norms(
+            {name: kernels[name] * masks[name].numpy() for name in masks}, order
+        )
+        for family, members in self.coupling.families.items():
+            wrapper = wrapper_of[family.split("+")[0]]
             should, level = wrapper.pruning_schedule(wrapper.pruning_step)
             if not bool(should):
                 continue
-            _, mask, _ = wrapper.pruning_vars[0]
-            units = structure.alive(mask.numpy())
-            norms = structure.unit_norms(layer.kernel.numpy() * mask.numpy(), order)
+            kept, scores = groups[members], norms[members]
             if isinstance(wrapper.pruning_schedule, MeanMagnitude):
-                # the mean over the layer's original units (removed ones count as zero), so
+                # the mean over the family's original groups (removed ones count as zero), so
                 # that rebuilding in between changes nothing
-                units &= norms >= norms.sum() / self.units[layer.name]
+                kept &= scores >= scores.sum() / self.units[family]
             else:
-                excess = int(units.sum()) - max(
-                    1, round((1 - float(level)) * self.units[layer.name])
-                )
-                if excess > 0:  # the alive units of least norm
-                    units[np.argsort(np.where(units, norms, np.inf), kind="stable")[:excess]] = (
-                        False
-                    )
-            if not units.any():
-                units[int(np.argmax(norms))] = True  # a layer keeps at least one unit
+                excess = int(kept.sum()) - max(1, round((1 - float(level)) * self.units[family]))
+                if excess > 0:  # the kept groups of least norm
+                    kept[np.argsort(np.where(kept, scores, np.inf), kind="stable")[:excess]] = False
+            if not kept.any():
+                kept[int(np.argmax(scores))] = True  # a family keeps at least one group
+            groups[members] = kept
+        for name, mask in masks.items():
+            units = self.coupling.producer_kept(name, groups)
             mask.assign(np.broadcast_to(units, mask.shape).astype(np.float32))
-            structure.silence(self.stripped, layer.name, units)
+        self.coupling.silence(groups)
         for wrapper in self.wrappers:
             wrapper.pruning_obj.weight_mask_op()
 
@@ -203,7 +209,8 @@ class Pruner:
         masks = {
             w.layer.name: w.pruning_vars[0][1].numpy() for w in self.wrappers if w.pruning_vars
         }
-        keep = {name: structure.alive(masks[name]) for name in self.units}
+        assert self.coupling is not None
+        keep = {name: structure.alive(masks[name]) for name in self.coupling.producers}
         small, small_masks = self.stripped, masks
         if not all(units.all() for units in keep.values()):
             small, small_masks = structure.rebuild(self.stripped, masks, keep)

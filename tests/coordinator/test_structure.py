@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import graph_models
 import numpy as np
 import pytest
 import tf_keras
+from graph_models import ARCHITECTURES
 
 from fedprune.coordinator import models
-from fedprune.coordinator.structure import check_chain, rebuild, unit_layers, unit_norms
+from fedprune.coordinator.structure import Coupling, check, rebuild, unit_layers, unit_norms
 from fedprune.protocol.errors import ConfigError
 
 layers = tf_keras.layers
@@ -131,13 +134,143 @@ def test_a_removed_filter_a_same_padded_conv_cannot_fold_is_kept(
     assert f"keeps {carrying} removed unit(s) of {conv.name}" in caplog.text
 
 
-def test_a_branching_model_is_refused() -> None:
-    inputs = layers.Input((4,))
-    a, b = layers.Dense(3)(inputs), layers.Dense(3)(inputs)
-    model = tf_keras.Model(inputs, layers.Dense(2, activation="softmax")(layers.Add()([a, b])))
+def _kernel(layer: Any) -> Any:
+    """The kernel whose columns are a producer's units."""
+    return layer.pointwise_kernel if isinstance(layer, layers.SeparableConv2D) else layer.kernel
 
-    with pytest.raises(ConfigError, match="Add"):
-        check_chain(model)
+
+def _prune_groups(
+    model: tf_keras.Model, share: float
+) -> tuple[Coupling, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """What the pruner does: remove the ``share`` of each family's groups of least L1 norm, every
+    unit of them masked; the coupling, which groups stay, the masks and the units kept."""
+    coupling = Coupling(model)
+    kernels = {name: _kernel(model.get_layer(name)) for name in coupling.units}
+    norms = coupling.norms({name: k.numpy() for name, k in kernels.items()}, 1)
+    groups = np.ones(coupling.size, bool)
+    for members in coupling.families.values():
+        groups[members[np.argsort(norms[members])[: int(share * members.size)]]] = False
+    masks, keep = {}, {}
+    for name, kernel in kernels.items():
+        keep[name] = coupling.producer_kept(name, groups)
+        masks[name] = np.broadcast_to(keep[name], kernel.shape).astype(np.float32)
+        kernel.assign(kernel.numpy() * masks[name])
+    return coupling, groups, masks, keep
+
+
+def _input(model: tf_keras.Model) -> np.ndarray:
+    return np.random.default_rng(3).random((16, *model.input_shape[1:])).astype(np.float32)
+
+
+@pytest.mark.parametrize("width", [4, 8])
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_coupled_channels_go_together_and_the_rebuilt_graph_gives_the_same_outputs(
+    architecture: str, width: int
+) -> None:
+    tf_keras.utils.set_random_seed(width)
+    model = ARCHITECTURES[architecture](width)
+    _randomize(model, np.random.default_rng(width))
+    coupling, groups, masks, keep = _prune_groups(model, 0.5)
+    coupling.silence(groups)  # as the pruner does: removed channels give zero
+    x = _input(model)
+
+    small, small_masks = rebuild(model, masks, keep)
+
+    np.testing.assert_allclose(small(x).numpy(), model(x).numpy(), atol=2e-5)
+    assert small.count_params() < model.count_params()
+    widths = {name: int(g.sum()) for name, g in keep.items()}
+    assert {
+        name: int(getattr(small.get_layer(name), "filters", 0) or small.get_layer(name).units)
+        for name in keep
+    } == widths  # every group removed
+    left = Coupling(small)
+    assert {f: m.size for f, m in left.families.items()} == {
+        f: int(groups[m].sum()) for f, m in coupling.families.items()
+    }
+    for name, mask in small_masks.items():
+        assert mask.shape == _kernel(small.get_layer(name)).shape
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_constants_removed_channels_carry_are_folded_or_their_groups_kept(
+    architecture: str,
+) -> None:
+    """Not silenced: removed channels carry what their biases and BatchNormalization give."""
+    tf_keras.utils.set_random_seed(5)
+    model = ARCHITECTURES[architecture](6)
+    _randomize(model, np.random.default_rng(5))
+    _, _, masks, keep = _prune_groups(model, 0.5)
+    x = _input(model)
+
+    small, _ = rebuild(model, masks, keep)
+
+    np.testing.assert_allclose(small(x).numpy(), model(x).numpy(), atol=2e-5)
+    assert small.count_params() <= model.count_params()
+
+
+def test_both_inputs_of_an_add_and_the_shortcut_before_them_are_one_family() -> None:
+    model = graph_models.residual(4)
+    convs = [layer.name for layer in model.layers if isinstance(layer, layers.Conv2D)]
+    stem, _, second, _, _, projection = convs
+
+    families = Coupling(model).families
+
+    assert {frozenset(name.split("+")): g.size for name, g in families.items()} == {
+        frozenset({stem, second}): 4,  # the stem (the first shortcut) and the block's last conv
+        frozenset({convs[1]}): 4,
+        frozenset({convs[3]}): 8,
+        frozenset({convs[4], projection}): 8,
+    }
+
+
+def test_a_depthwise_convolution_follows_its_inputs_channels() -> None:
+    inputs = layers.Input((8, 8, 1))
+    x = layers.Conv2D(4, 3, padding="same")(inputs)
+    x = layers.DepthwiseConv2D(3, depth_multiplier=3)(x)
+    model = tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(layers.Flatten()(x)))
+
+    coupling = Coupling(model)
+
+    assert coupling.size == 4
+    np.testing.assert_array_equal(coupling.channels[1], np.repeat(np.arange(4), 3))
+
+
+def _nested() -> tf_keras.Model:
+    inner = tf_keras.Sequential([layers.Input((8, 8, 1)), layers.Conv2D(4, 3)], name="inner")
+    inputs = layers.Input((8, 8, 1))
+    x = layers.Flatten()(inner(inputs))
+    return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
+
+
+def _with(*middle: Any, shape: tuple[int, ...] = (8, 8, 4)) -> Callable[[], tf_keras.Model]:
+    def build() -> tf_keras.Model:
+        inputs = layers.Input(shape)
+        x = layers.Conv2D(4, 1)(inputs)
+        for layer in middle:
+            x = layer(x)
+        return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(layers.Flatten()(x)))
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (_with(layers.LayerNormalization()), "cannot cut layer .* \\(LayerNormalization\\)"),
+        (_with(layers.Reshape((8, 16, 2))), "does not keep the channels"),
+        (_with(layers.BatchNormalization(axis=1)), "does not normalize the last axis"),
+        (_nested, "layer 'inner' \\(Sequential\\) is a nested model"),
+    ],
+    ids=["layer-norm", "reshape", "batch-norm-axis", "nested"],
+)
+def test_what_cannot_be_rebuilt_is_refused_in_one_line(
+    build: Callable[[], tf_keras.Model], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        check(build())
+
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith("unit pruning cannot rebuild model ")
 
 
 def test_the_output_layer_is_never_a_unit_layer() -> None:
