@@ -2,9 +2,10 @@
 step in plain TF ops whose gradients are TFLite builtins (converters/trainable.py says why).
 
 An entry takes the tf_keras layer and its variables and returns a :class:`Step`: the forward
-function, the activation that follows it (relu, tanh and sigmoid carry hand-written gradients)
-and, for a layer that trains differently from how it infers (BatchNormalization), its training
-forward. A layer it cannot take raises :class:`Unsupported` with what is wrong.
+function, the activation that follows it (relu, relu6, tanh, sigmoid and hard_sigmoid carry
+hand-written gradients) and, for a layer that trains differently from how it infers
+(BatchNormalization), its training forward. A layer it cannot take raises :class:`Unsupported`
+with what is wrong.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def _relu6_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
     return x * inside + 6.0 * above, grad
 
 
+def _hard_sigmoid_and_grad(x: tf.Tensor) -> tuple[tf.Tensor, _Fn]:
+    """tf_keras 2's hard_sigmoid, ``clip(0.2 * x + 0.5, 0, 1)`` (not Keras 3's
+    ``relu6(x + 3) / 6``), with its float32 roundings and clip's gradient: ``0.2 * dy`` wherever
+    the clip lets it through, bounds included. tf_keras 2 has no hard-swish: models write it as
+    ``Multiply()([x, Activation("hard_sigmoid")(x)])``."""
+    z = x * 0.2 + 0.5
+    inside = tf.cast(tf.logical_and(z >= 0, z <= 1), x.dtype)
+    above = tf.cast(z > 1, x.dtype)
+
+    def grad(dy: tf.Tensor) -> tf.Tensor:
+        return dy * inside * 0.2
+
+    return z * inside + above, grad
+
+
 def _linear(x: tf.Tensor) -> tf.Tensor:
     return x
 
@@ -76,6 +92,7 @@ ACTIVATIONS: dict[str, _Fn] = {
     "relu6": tf.custom_gradient(_relu6_and_grad),
     "tanh": tf.custom_gradient(_tanh_and_grad),
     "sigmoid": tf.custom_gradient(_sigmoid_and_grad),
+    "hard_sigmoid": tf.custom_gradient(_hard_sigmoid_and_grad),
     "softmax": tf.nn.softmax,
 }
 

@@ -1,4 +1,5 @@
-"""Shared, once-per-session fixtures: small digits models (dense and 80% pruned) and their files."""
+"""Shared, once-per-session fixtures: small digits models (dense and 80% pruned) and their files,
+and LiteRT training artifacts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import tensorflow_model_optimization as tfmot
 import tf_keras
 from sklearn.datasets import load_digits
+from training_artifacts import Cases
 
 from fedprune import device_profiles
 from fedprune.converters.strip import strip
@@ -64,6 +66,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> dict[st
     np.savez(root / "heldout.npz", x=x_test, y=y_test)
     names = ("dense.keras", "wrapped.keras", "stripped.keras", "heldout.npz")
     return {name: root / name for name in names}
+
+
+@pytest.fixture(scope="session")
+def training_cases() -> Cases:
+    """Training artifacts of trainable_models.BUILDS by name, each built when a test first asks
+    for it and kept for the session: the test_trainable files share them."""
+    return Cases()
 
 
 @pytest.fixture(scope="session")
