@@ -95,17 +95,28 @@ def wide() -> tf_keras.Model:
 
 
 def one_run(
-    url: str, out: Path, model: str, *, config: str, seed: int, rounds: int, clients: int
+    url: str,
+    out: Path,
+    model: str,
+    *,
+    config: str,
+    seed: int,
+    rounds: int,
+    clients: int,
+    flags: list[str] | None = None,
+    profile: str = PROFILE,
 ) -> Path:
-    """Train one configuration; its run directory."""
+    """Train one configuration (``flags``: its demo flags, by default ``CONFIGS[config]``, on
+    ``profile`` devices); its run directory."""
+    flags = CONFIGS[config] if flags is None else flags
     slug = re.sub(r"[^a-z0-9]+", "-", config).strip("-")
     run = f"struct-{Path(model).stem}-{slug}-{seed}"
-    hybrid = "--weight-target" in CONFIGS[config]
+    hybrid = "--weight-target" in flags
     end = rounds // 3 if hybrid else rounds // 2
     done = subprocess.run(
         demo(
             url,
-            *CONFIGS[config],
+            *flags,
             out=out,
             run=run,
             model=model,
@@ -117,7 +128,7 @@ def one_run(
             end_round=end,
             codec="f32",
             downlink="full",
-            client_profiles=PROFILE,
+            client_profiles=profile,
             deploy_anyway=True,
             install_wait=0,
         ),

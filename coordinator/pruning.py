@@ -205,11 +205,12 @@ class Pruner:
         """Replace the model by a smaller one without its removed units (same outputs); ``False``
         when there is nothing to remove. From the round the units are done a hybrid schedule
         prunes weights inside the remaining units (whether or not anything was removed)."""
+        if self.coupling is None:
+            return False  # weight pruning: nothing to rebuild
         round_ = int(self.wrappers[0].pruning_step.numpy()) + self.step_offset
         masks = {
             w.layer.name: w.pruning_vars[0][1].numpy() for w in self.wrappers if w.pruning_vars
         }
-        assert self.coupling is not None
         keep = {name: structure.alive(masks[name]) for name in self.coupling.producers}
         small, small_masks = self.stripped, masks
         if not all(units.all() for units in keep.values()):

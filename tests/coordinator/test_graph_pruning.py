@@ -70,3 +70,12 @@ def test_a_residual_stage_is_one_family() -> None:
 
     assert sorted(len(name.split("+")) for name in families) == [1, 1, 1, 2, 2, 2]
     assert sorted(g.size for g in families.values()) == [16, 16, 32, 32, 64, 64]
+
+
+def test_a_weight_pruned_model_is_never_rebuilt() -> None:
+    pruner = pruner_for(models.resnet8(), ScheduleConfig(target=0.5, begin_round=1, end_round=2))
+    pruner.step(1)
+    before = pruner.architecture()
+
+    assert not pruner.rebuild()
+    assert pruner.architecture() == before
