@@ -29,6 +29,7 @@ Signatures, for B = ``batch_size``, S = the input shape, K = classes, N = ``len(
     get_weights()                              -> {"w000": float32[...], ..., "w<N-1>": ...}
     set_weights(w000=float32[...], ...)        -> {"ok": int32[]}  (always 1)
     set_masks(m000=float32[...], ...)          -> {"ok": int32[]}  (always 1)
+    moments(x: float32[B, *S])                 -> {"w<i>": float32[C], ...}  (with BN only)
 
 ``train`` is one optimizer step as tf_keras takes it (mean sparse categorical cross-entropy on the
 final softmax's logits, then the tf_keras SGD-with-momentum or Adam update), after which every
@@ -37,7 +38,10 @@ step. The weights are ``model.get_weights()`` in order, non-trainable ones inclu
 BatchNormalization's moving mean and variance, which ``train`` updates and no optimizer touches).
 ``set_weights`` also zeroes the optimizer state: each round starts with a fresh optimizer, like
 the keras trainer. Masks start as ones; ``set_masks`` takes one per weight (ones for biases and
-for weights that are not pruned).
+for weights that are not pruned). A model with BatchNormalization also has ``moments``: the batch
+statistics each layer's moving mean and variance follow in ``train`` (named by their weight
+index), which a device averages over its data at the end of a round (edge_client/trainer.py,
+``calibrated``).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from fedprune.converters._errors import short_reason
 from fedprune.converters.tflite import sample_shape
 from fedprune.converters.training_layers import ACTIVATIONS, LAYERS, Step, Unsupported
 from fedprune.edge_client.litert import Runtime, load_interpreter
-from fedprune.edge_client.litert_trainer import SIGNATURES
+from fedprune.edge_client.litert_trainer import MOMENTS, SIGNATURES
 from fedprune.protocol.errors import ConfigError, ExportError, ModelError
 
 _Fn = Callable[[tf.Tensor], tf.Tensor]
@@ -149,18 +153,40 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         ]
         self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
         self.infer = tf.function(self._infer, input_signature=[x_spec])
+        position = {id(w): i for i, w in enumerate(weights)}
+        self.followed = {  # step -> where its moving mean and variance are in the weights
+            i: tuple(position[id(v)] for v in step.moving)
+            for i, step in enumerate(steps)
+            if step.moving is not None and step.moments is not None
+        }
+        if self.followed:
+            self.moments = tf.function(self._moments, input_signature=[x_spec])
         self.get_weights = tf.function(self._get_weights, input_signature=[])
         self.set_weights = tf.function(self._set_weights, input_signature=w_specs)
         self.set_masks = tf.function(self._set_masks, input_signature=m_specs)
 
-    def _logits(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+    def _logits(
+        self, x: tf.Tensor, *, training: bool, found: dict[str, tf.Tensor] | None = None
+    ) -> tf.Tensor:
         """Every call in order, each on the outputs it takes (-1: the input); the last one's
-        softmax is left to the loss."""
+        softmax is left to the loss. ``found`` collects, by weight name, the statistics each
+        BatchNormalization's moving mean and variance follow."""
         outputs: list[tf.Tensor] = []
         for i, (step, sources) in enumerate(zip(self.steps, self.sources, strict=True)):
-            y = step.run([x if j < 0 else outputs[j] for j in sources], training=training)
+            inputs = [x if j < 0 else outputs[j] for j in sources]
+            if found is not None and i in self.followed and step.moments is not None:
+                for at, value in zip(self.followed[i], step.moments(inputs[0]), strict=True):
+                    found[f"w{at:03d}"] = value
+            y = step.run(inputs, training=training)
             outputs.append(y if i == len(self.steps) - 1 else ACTIVATIONS[step.activation](y))
         return outputs[-1]
+
+    def _moments(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The batch statistics each BatchNormalization's moving mean and variance follow, by
+        weight name, from the training forward (which moves them too: the caller sets them)."""
+        found: dict[str, tf.Tensor] = {}
+        self._logits(x, training=True, found=found)
+        return found
 
     def _train(self, x: tf.Tensor, y: tf.Tensor) -> dict[str, tf.Tensor]:
         variables = [self.weights[i] for i in self.trained]
@@ -284,11 +310,10 @@ def _convert(module: _Trainable) -> bytes:
     """Trace the signatures, save them as a SavedModel and convert that with builtin ops only."""
     folder = Path(tempfile.mkdtemp(prefix="fedprune-trainable-"))
     try:
-        signatures = {key: getattr(module, key).get_concrete_function() for key in SIGNATURES}
+        keys = [*SIGNATURES, *([MOMENTS] if module.followed else [])]
+        signatures = {key: getattr(module, key).get_concrete_function() for key in keys}
         tf.saved_model.save(module, str(folder), signatures=signatures)
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            str(folder), signature_keys=list(SIGNATURES)
-        )
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(folder), signature_keys=keys)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True
         return bytes(converter.convert())
@@ -304,7 +329,7 @@ def _verify(content: bytes) -> None:
     starts on a device."""
     try:
         interpreter = load_interpreter(content, runtime=Runtime.DEFAULT)
-        for key in SIGNATURES:
+        for key in interpreter.get_signature_list():
             runner = interpreter.get_signature_runner(key)
             details = runner.get_input_details().items()
             runner(**{name: np.zeros(d["shape"], d["dtype"]) for name, d in details})

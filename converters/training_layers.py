@@ -10,6 +10,7 @@ with what is wrong.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,10 @@ class Step:
     activation: str
     train_body: _Fn | None = None
     merge: bool = False  # the body takes the list of its inputs (Add, Concatenate, ...)
+    # BatchNormalization: its moving mean and variance, and what they would become in one
+    # training step at momentum 0 (the batch's statistics)
+    moving: tuple[tf.Variable, tf.Variable] | None = None
+    moments: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
 
     def run(self, inputs: list[tf.Tensor], *, training: bool) -> tf.Tensor:
         """The step without its activation, as ``train`` (``training``) or ``infer`` runs it."""
@@ -292,8 +297,11 @@ def _batch_norm(layer: Any, variables: list[tf.Variable]) -> Step:
     Inference (and a layer with ``trainable=False``, which tf_keras always runs in inference
     mode) normalizes with the moving statistics. Training normalizes with the batch's mean and
     biased variance, as ``tf.nn.moments`` computes them, and moves the moving statistics toward
-    them by tf_keras's rule ``v -= (v - batch) * (1 - momentum)``. Mean, square, rsqrt and their
-    gradients at a fixed batch size convert to builtins (MEAN, SQUARED_DIFFERENCE, RSQRT, TILE).
+    them by tf_keras's rule ``v -= (v - batch) * (1 - momentum)``; where tf_keras runs the fused
+    kernel (``layer.fused``: 4-D input) the variance it moves toward carries Bessel's correction,
+    ``n / (n - 1)`` for the n values of a channel in the batch, and so does this one. Mean,
+    square, rsqrt and their gradients at a fixed batch size convert to builtins (MEAN,
+    SQUARED_DIFFERENCE, RSQRT, TILE).
     """
     _require(layer, renorm=False, virtual_batch_size=None, adjustment=None, synchronized=False)
     rank = len(layer.input_shape)
@@ -315,14 +323,33 @@ def _batch_norm(layer: Any, variables: list[tf.Variable]) -> Step:
     def infer(x: tf.Tensor) -> tf.Tensor:
         return normalize(x, moving_mean, moving_var)
 
-    def train(x: tf.Tensor) -> tf.Tensor:
+    def moments(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The batch's mean and biased variance, as tf.nn.moments computes them."""
         mean = tf.reduce_mean(x, axes)
-        variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
+        return mean, tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
+
+    def followed(x: tf.Tensor, variance: tf.Tensor) -> tf.Tensor:
+        """The variance the moving one follows: Bessel-corrected where tf_keras fuses."""
+        n = math.prod(int(d) for d in x.shape[:-1])
+        return variance * (n / (n - 1)) if layer.fused and n > 1 else variance
+
+    def train(x: tf.Tensor) -> tf.Tensor:
+        mean, variance = moments(x)
         moving_mean.assign_sub((moving_mean - mean) * decay)
-        moving_var.assign_sub((moving_var - variance) * decay)
+        moving_var.assign_sub((moving_var - followed(x, variance)) * decay)
         return normalize(x, mean, variance)
 
-    return Step(infer, "linear", train if layer.trainable else None)
+    def statistics(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        mean, variance = moments(x)
+        return mean, followed(x, variance)
+
+    return Step(
+        infer,
+        "linear",
+        train if layer.trainable else None,
+        moving=(moving_mean, moving_var),
+        moments=statistics if layer.trainable else None,
+    )
 
 
 def _depthwise(kernel: tf.Variable, layer: Any) -> _Fn:

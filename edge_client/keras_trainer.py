@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches
+from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches, calibrated
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import Spec
@@ -110,6 +110,15 @@ def _layers(config: Any) -> Iterator[dict[str, Any]]:
         yield from _layers(layer)
 
 
+def _all_layers(model: Any) -> Iterator[Any]:
+    """The layers of ``model``, those of nested models in their place."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
 class KerasTrainer(Trainer):
     """Builds the run's architecture once; each round trains a few epochs in a compiled step that
     multiplies every masked weight by its mask right after the optimizer update."""
@@ -173,7 +182,39 @@ class KerasTrainer(Trainer):
                 self._step(x[idx], y[idx])
             if on_epoch is not None:
                 on_epoch(epoch)
-        return [np.asarray(w) for w in self.model.get_weights()]
+        weights = [np.asarray(w) for w in self.model.get_weights()]
+        return calibrated(weights, self._statistics(x, seed))
+
+    def _statistics(self, x: np.ndarray, seed: int) -> Iterator[dict[int, np.ndarray]]:
+        """Per batch of one pass, the batch statistics each BatchNormalization's moving mean and
+        variance follow (as the litert artifact's ``moments``): what one training step at
+        momentum 0 sets them to, Dropout off (the litert artifact has none in training)."""
+        keras = self._keras
+        found = list(_all_layers(self.model))
+        norms = [la for la in found if isinstance(la, keras.layers.BatchNormalization)]
+        norms = [la for la in norms if la.trainable]
+        if not norms:
+            return
+        drops = [la for la in found if isinstance(la, keras.layers.Dropout)]
+        index = {id(w): i for i, w in enumerate(self.model.weights)}
+        saved = [la.momentum for la in norms], [la.rate for la in drops]
+        for la in norms:
+            la.momentum = 0.0
+        for la in drops:
+            la.rate = 0.0
+        try:
+            for idx in batches(len(x), self.spec.batch_size, np.random.default_rng(seed)):
+                self.model(x[idx], training=True)
+                yield {
+                    index[id(v)]: v.numpy()
+                    for la in norms
+                    for v in (la.moving_mean, la.moving_variance)
+                }
+        finally:
+            for la, momentum in zip(norms, saved[0], strict=True):
+                la.momentum = momentum
+            for la, rate in zip(drops, saved[1], strict=True):
+                la.rate = rate
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
         self.model.set_weights(weights)

@@ -3,8 +3,10 @@
 It runs the run's trainable TFLite artifact (built by ``converters.trainable``), whose signatures
 are the contract: ``train(x, y) -> loss`` (one optimizer step on one fixed-size batch, masks
 applied after it), ``infer(x) -> probs``, ``get_weights() -> w000...``, ``set_weights(w000=...)``
-(which also resets the optimizer state: a new round starts fresh) and ``set_masks(m000=...)``. The
-weights are ordered as the stripped Keras model's ``get_weights()``, like every payload on the wire.
+(which also resets the optimizer state: a new round starts fresh) and ``set_masks(m000=...)``; with
+BatchNormalization also ``moments(x)``, which sets the moving statistics at the end of a round
+(``trainer.calibrated``). The weights are ordered as the stripped Keras model's ``get_weights()``,
+like every payload on the wire.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches
+from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches, calibrated
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ModelError
 from fedprune.protocol.messages import Spec
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
 """The signature keys every training artifact holds: the contract with converters.trainable."""
+MOMENTS = "moments"
+"""The signature an artifact of a model with BatchNormalization holds too: the batch statistics
+its moving mean and variance follow, by weight name."""
 
 
 def _name(prefix: str, index: int) -> str:
@@ -43,7 +48,9 @@ class LiteRTTrainer(Trainer):
             if missing:
                 raise ModelError(f"the training artifact lacks signature(s) {', '.join(missing)}")
             self._run: dict[str, Any] = {
-                s: self._interpreter.get_signature_runner(s) for s in SIGNATURES
+                s: self._interpreter.get_signature_runner(s)
+                for s in (*SIGNATURES, MOMENTS)
+                if s in found
             }
         except ValueError as exc:
             raise ModelError(f"LiteRT cannot load the training artifact: {exc}") from exc
@@ -92,7 +99,14 @@ class LiteRTTrainer(Trainer):
                 self._run["train"](x=x[idx], y=y[idx])
             if on_epoch is not None:
                 on_epoch(epoch)
-        return self._weights(len(model.weights))
+        weights = self._weights(len(model.weights))
+        if MOMENTS not in self._run:
+            return weights
+        statistics = (
+            {int(name[1:]): value for name, value in self._run[MOMENTS](x=x[idx]).items()}
+            for idx in batches(len(x), self._batch, np.random.default_rng(seed))
+        )
+        return calibrated(weights, statistics)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
         self._set(weights, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +38,31 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarra
     count = max(1, -(-n // batch_size))
     padded = np.resize(order, count * batch_size)  # np.resize repeats from the start
     return list(padded.reshape(count, batch_size))
+
+
+def calibrated(
+    weights: list[np.ndarray], statistics: Iterable[dict[int, np.ndarray]]
+) -> list[np.ndarray]:
+    """``weights`` with each BatchNormalization's moving mean and variance replaced by the
+    average, over the batches of one pass through the device's data, of the batch statistics
+    they follow in training (``statistics``: one dict per batch, by weight index).
+
+    A few local epochs at tf_keras's momentum of 0.99 move the moving statistics only part of
+    the way toward what the new weights give, so the model inferred worse than it trained, most
+    of all after a pruning step changed the weights (measured: a ResNet-8 at 0.18 held-out
+    accuracy the round after one). Averaging the batch statistics (PreciseBN, Wu and Johnson
+    2021) sets them where training leaves them; the coordinator averages them over the devices
+    like every other weight."""
+    total: dict[int, np.ndarray] = {}
+    count = 0
+    for batch in statistics:
+        count += 1
+        for i, value in batch.items():
+            total[i] = total.get(i, 0.0) + np.asarray(value, np.float64)
+    out = list(weights)
+    for i, value in total.items():
+        out[i] = (value / count).astype(np.float32)
+    return out
 
 
 class Trainer(ABC):

@@ -163,10 +163,12 @@ def test_the_edge_unit_tests_pass_under_arm(arm64: None) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
-def test_a_federated_run_with_an_emulated_arm_client_completes(
+def test_a_depthwise_model_unit_pruned_mid_run_trains_on_an_emulated_arm_client(
     arm64: None, mosquitto: str, tmp_path: Path
 ) -> None:
-    # Prepare: the coordinator and one keras client on the host, one litert client under ARM
+    # Prepare: the coordinator and one litert client on the host, one litert client under ARM;
+    # the MobileNet preset (depthwise convolutions), half its channels gone and rebuilt after
+    # round 2
     from fedprune.coordinator import digits
 
     paths, heldout = digits.write_demo_data(tmp_path / "data", 2, alpha=100.0, seed=0)
@@ -178,6 +180,12 @@ def test_a_federated_run_with_an_emulated_arm_client_completes(
             mosquitto,
             "--run",
             "arm",
+            "--model",
+            "mobilenet",
+            "--units",
+            "l2",
+            "--target",
+            "0.5",
             "--min-clients",
             "2",
             "--rounds",
@@ -208,9 +216,11 @@ def test_a_federated_run_with_an_emulated_arm_client_completes(
             "--data",
             paths[0],
             "--profile",
-            "generic-x86-64",
+            "raspberry-pi-4",
             "--models",
             tmp_path / "host",
+            "--cache",
+            tmp_path / "host-cache",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -238,12 +248,15 @@ def test_a_federated_run_with_an_emulated_arm_client_completes(
     out, err = coordinator.communicate(timeout=300)
     host.wait(timeout=120)
 
-    # Assert: every round had both clients; the ARM one trained without TensorFlow and installed
-    # the model deployed to its profile.
+    # Assert: every round had both clients, the last one on the rebuilt model; the ARM one
+    # trained without TensorFlow and installed the model deployed to its profile.
     assert arm.returncode == 0, arm.stdout[-2000:] + arm.stderr[-2000:]
     assert coordinator.returncode == 0, err[-3000:]
     rounds = [json.loads(line) for line in (tmp_path / "runs" / "arm" / "metrics.jsonl").open()]
     assert [r["reported"] for r in rounds] == [2, 2, 2]
+    assert all(r["rejected"] == {} for r in rounds)
+    parameters = [r["parameters"] for r in rounds]
+    assert parameters[0] == 11_370 and parameters[1] == parameters[2] < 11_370 / 2
     log = arm.stdout + arm.stderr
     assert "TensorFlow loaded: no" in log
     assert (tmp_path / "pi" / "raspberry-pi-4" / "model.tflite").is_file()

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_keras
 from processes import demo
 
 from fedprune.converters.trainable import build_trainable
 from fedprune.coordinator import digits, models
 from fedprune.edge_client.keras_trainer import KerasTrainer
 from fedprune.edge_client.litert_trainer import LiteRTTrainer
+from fedprune.edge_client.trainer import batches
 from fedprune.protocol.codec import Model
 from fedprune.protocol.messages import Spec
 
@@ -66,6 +68,59 @@ def test_one_round_gives_the_same_update_with_both_trainers(preset: str) -> None
         if m is not None:
             assert np.all(li[m == 0] == 0.0) and np.all(ke[m == 0] == 0.0)
     assert heard == {"keras": [1, 2], "litert": [1, 2]}
+
+
+def _normed(conv: bool) -> tf_keras.Model:
+    """Dense -> BatchNormalization (tf_keras's plain kernel), or Conv2D -> BatchNormalization
+    (its fused kernel, whose moving variance follows the Bessel-corrected batch variance)."""
+    layers = tf_keras.layers
+    tf_keras.utils.set_random_seed(3)
+    inputs = layers.Input((8, 8, 1))
+    x = layers.Conv2D(4, 3)(inputs) if conv else layers.Dense(4)(layers.Flatten()(inputs))
+    x = layers.Flatten()(layers.BatchNormalization(momentum=0.99)(x))
+    return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["dense", "conv-fused"])
+def test_both_trainers_set_the_moving_statistics_to_the_average_of_their_batches(
+    conv: bool,
+) -> None:
+    # Prepare: no epoch, so what the statistics pass sees is the start model's
+    model = _normed(conv)
+    spec = Spec(
+        model_json=model.to_json(),
+        input_shape=[8, 8, 1],
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.0,
+        local_epochs=1,
+        batch_size=32,
+    )
+    x, y = digits.load()
+    x, y = x[:100].reshape((-1, 8, 8, 1)), y[:100]  # 4 batches, the last topped up
+    start = Model(weights=model.get_weights(), masks=[None] * len(model.weights))
+    artifact = build_trainable(model, batch_size=32, optimizer="sgd", learning_rate=0.05)
+    norm = next(la for la in model.layers if isinstance(la, tf_keras.layers.BatchNormalization))
+    features = tf_keras.Model(model.inputs, norm.input)  # what it normalizes
+    means, variances = [], []
+    for idx in batches(len(x), 32, np.random.default_rng(5)):
+        h = np.asarray(features(x[idx]), np.float64).reshape(-1, 4)
+        means.append(h.mean(axis=0))
+        variances.append(h.var(axis=0, ddof=1 if conv else 0))
+
+    # Execute
+    by_keras = KerasTrainer(spec).fit(start, x, y, epochs=0, seed=5)
+    by_litert = LiteRTTrainer(spec, artifact=artifact).fit(start, x, y, epochs=0, seed=5)
+
+    # Assert: the moving mean and variance are the batches' average; nothing else moved
+    index = {id(w): i for i, w in enumerate(model.weights)}
+    mean, variance = index[id(norm.moving_mean)], index[id(norm.moving_variance)]
+    for weights in (by_keras, by_litert):
+        np.testing.assert_allclose(weights[mean], np.mean(means, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weights[variance], np.mean(variances, axis=0), rtol=1e-5)
+        for i, (w, w0) in enumerate(zip(weights, start.weights, strict=True)):
+            if i not in (mean, variance):
+                np.testing.assert_array_equal(w, w0)
 
 
 def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:

@@ -42,22 +42,16 @@ def _functional(kind: str) -> tf_keras.Model:
 
 def _inverted_residual() -> tf_keras.Model:
     """A user's MobileNetV2-style model: two inverted residual blocks (1x1 expansion, depthwise
-    3x3, ReLU6, linear 1x1 projection, added to the block's input), global average pooling.
-    Its BatchNormalization momentum is 0.9: at tf_keras's 0.99 the moving statistics lag far
-    behind a few rounds of federated training (measured: 0.10 after 5 rounds), a problem of its
-    own (issue 23's note)."""
+    3x3, ReLU6, linear 1x1 projection, added to the block's input), global average pooling."""
     layers = tf_keras.layers
     tf_keras.utils.set_random_seed(0)
-
-    def norm(x: tf_keras.KerasTensor) -> tf_keras.KerasTensor:
-        return layers.BatchNormalization(momentum=0.9)(x)
-
     x = inputs = tf_keras.Input((8, 8, 1))
-    x = layers.ReLU(6.0)(norm(layers.Conv2D(16, 3, padding="same")(x)))
+    x = layers.ReLU(6.0)(layers.BatchNormalization()(layers.Conv2D(16, 3, padding="same")(x)))
     for _ in range(2):
-        y = layers.ReLU(6.0)(norm(layers.Conv2D(48, 1)(x)))
-        y = layers.ReLU(6.0)(norm(layers.DepthwiseConv2D(3, padding="same")(y)))
-        x = layers.Add()([x, norm(layers.Conv2D(16, 1)(y))])
+        y = layers.ReLU(6.0)(layers.BatchNormalization()(layers.Conv2D(48, 1)(x)))
+        y = layers.DepthwiseConv2D(3, padding="same")(y)
+        y = layers.ReLU(6.0)(layers.BatchNormalization()(y))
+        x = layers.Add()([x, layers.BatchNormalization()(layers.Conv2D(16, 1)(y))])
     x = layers.GlobalAveragePooling2D()(x)
     return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x), name="user-mobile")
 
@@ -192,7 +186,9 @@ def test_a_residual_depthwise_model_is_unit_pruned_and_rebuilt_mid_run_on_litert
     assert [(r["reported"], r["rejected"]) for r in rounds] == [(2, {})] * 5
     parameters = [r["parameters"] for r in rounds]
     assert parameters[0] == dense and parameters[1] == parameters[-1] < dense / 2
-    assert rounds[-1]["accuracy"] >= 0.8
+    # with tf_keras's BatchNormalization momentum of 0.99: 0.10 before the devices set their
+    # moving statistics at the end of each round (trainer.calibrated), 0.96 after
+    assert rounds[-1]["accuracy"] >= 0.9
     for i in range(2):
         assert (tmp_path / f"pi-{i}" / "raspberry-pi-4" / "model.tflite").is_file()
 
