@@ -9,6 +9,7 @@ After a round's aggregate is written into the model, ``Pruner.step(round)`` sets
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from fedprune.protocol.errors import ConfigError
 
 sparsity = tfmot.sparsity.keras
 PruningSchedule = sparsity.PruningSchedule
+
+log = logging.getLogger("fedprune.coordinator")
 
 
 def build_schedule(config: ScheduleConfig) -> Any:
@@ -169,6 +172,9 @@ class Pruner:
             {name: kernels[name] * masks[name].numpy() for name in masks}, order
         )
         for family, members in self.coupling.families.items():
+            if family not in self.units:  # a family that a rebuild made: counted from here
+                log.warning("unit pruning meets a new family of channels, %s", family)
+                self.units[family] = members.size
             wrapper = wrapper_of[family.split("+")[0]]
             should, level = wrapper.pruning_schedule(wrapper.pruning_step)
             if not bool(should):

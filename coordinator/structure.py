@@ -17,8 +17,10 @@ slice of zeros there), so stripping, checkpoints and the wire see nothing new.
 :meth:`Coupling.silence` holds what a removed group gives at zero; :func:`rebuild` then makes the
 physically smaller model: fewer units, every layer on the way cut to match (after Flatten too),
 and what a removed channel still carries, a constant, folded into the next producer's bias. It
-gives the same outputs as the masked model it came from. :func:`check` names, in one line, a layer
-the rebuild cannot take.
+gives the same outputs as the masked model it came from. A layer whose channels cannot be cut
+(one it does not know, a softmax, a Reshape that moves the channels, ...) is carried over as it
+is, and the channels around it stay; :func:`check` says which, and refuses in one line a model
+with nothing to remove, a nested model, or a layer used twice.
 """
 
 from __future__ import annotations
@@ -84,16 +86,20 @@ _MERGES: dict[type, Callable[[list[np.ndarray]], np.ndarray]] = {
 
 _SHAPES = (layers.DepthwiseConv2D, layers.Concatenate, layers.Flatten, layers.Softmax)
 """The other layers the walk follows: channels repeated, lined up, spread over positions."""
-_SUPPORTED = (
-    "Dense, Conv1D, Conv2D, SeparableConv2D, DepthwiseConv2D, BatchNormalization, Flatten,"
-    " Reshape (keeping the channels), pooling, zero padding, Dropout, activations, Concatenate"
-    " and Add, Subtract, Multiply, Average, Maximum, Minimum"
-)
 
 
 def check(model: tf_keras.Model) -> None:
-    """``ConfigError`` naming what :func:`rebuild` cannot take in ``model`` (in one line)."""
-    Coupling(model)
+    """``ConfigError``, in one line, unless unit pruning can remove channels of ``model``; logs
+    the layers whose channels it leaves alone."""
+    coupling = Coupling(model)
+    around = "; ".join(coupling.opaque)
+    if not coupling.size:
+        reason = f" (it keeps those around {around})" if around else ""
+        raise ConfigError(
+            f"unit pruning finds no channels it can remove in model {model.name!r}{reason}"
+        )
+    if around:
+        log.info("unit pruning keeps the channels around %s", around)
 
 
 def unit_layers(model: tf_keras.Model) -> list[str]:
@@ -135,12 +141,17 @@ class Coupling:
         self.calls = graph.calls(model, _refused)
         self.width = int(model.input_shape[-1])
         self._parent: list[int] = []
+        self.opaque: list[str] = []  # the layers whose channels stay, and why
         source = self._fresh(self.width)
         self._pinned = list(source)  # the input's channels, and channels broadcast to others
         outputs: list[np.ndarray] = []
+        self.carried: set[int] = set()  # the calls of those layers: carried over as they are
         for i, (layer, inputs) in enumerate(self.calls):
             ins = [source if j < 0 else outputs[j] for j in inputs]
+            before = len(self.opaque)
             outputs.append(self._atoms(layer, ins, last=i == len(self.calls) - 1))
+            if len(self.opaque) > before:
+                self.carried.add(i)
         pinned = {self._find(a) for a in (*self._pinned, *outputs[-1])}
         group: dict[int, int] = {}  # root atom -> group
         owners: list[list[str]] = []  # group -> its producers, in call order
@@ -187,8 +198,14 @@ class Coupling:
 
     def _atoms(self, layer: Any, ins: list[np.ndarray], *, last: bool) -> np.ndarray:
         """The atoms of ``layer``'s output channels, given its inputs'."""
-        self._check(layer, ins[0].size, last=last)
         kind = type(layer)
+        if reason := self._opaque(layer, ins[0].size, last=last):
+            # its channels cannot be cut: those around it stay, the layer is carried as it is
+            self.opaque.append(f"{graph.named(layer)}: {reason}")
+            self._pinned.extend(a for atoms in ins for a in atoms)
+            out = self._fresh(int(layer.output_shape[-1]))
+            self._pinned.extend(out)
+            return out
         if kind in _PRODUCERS:
             return self._fresh(int(getattr(layer, _PRODUCERS[kind])))
         if kind is layers.DepthwiseConv2D:
@@ -197,10 +214,10 @@ class Coupling:
             wide = max(a.size for a in ins)
             first = next(a for a in ins if a.size == wide)
             for a in ins:
-                if a.size == wide:
+                if a.size == wide and wide > 1:
                     for x, y in zip(a, first, strict=True):
                         self._parent[self._find(x)] = self._find(y)
-                else:  # broadcast over every channel: it cannot be removed from one
+                else:  # broadcast over every channel (or one channel each): none can go alone
                     self._pinned.extend(a)
             return first
         if kind is layers.Concatenate:
@@ -209,34 +226,33 @@ class Coupling:
             return np.tile(ins[0], int(np.prod(layer.input_shape[1:-1])))
         return ins[0]
 
-    def _check(self, layer: Any, width: int, *, last: bool) -> None:
-        """Refuse, in one line, a layer the walk cannot follow or the rebuild cannot cut."""
-        kind, name = type(layer), graph.named(layer)
+    @staticmethod
+    def _opaque(layer: Any, width: int, *, last: bool) -> str:
+        """Why the channels through ``layer`` cannot be cut ("" if they can)."""
+        kind = type(layer)
         activation = getattr(getattr(layer, "activation", None), "__name__", "")
         reasons = {
-            f"it needs channels_last data; {name} is not": (
+            "channels_first data": (
                 getattr(layer, "data_format", "channels_last") != "channels_last"
             ),
-            f"{name} applies a softmax, which mixes its channels": (
+            "a softmax mixes its channels": (
                 ("softmax" in activation or kind is layers.Softmax) and not last  # or softmax_v2
             ),
-            f"{name} is a grouped convolution": getattr(layer, "groups", 1) != 1,
-            f"{name} does not concatenate the channels": (
+            "a grouped convolution": getattr(layer, "groups", 1) != 1,
+            "it does not concatenate the channels": (
                 kind is layers.Concatenate and layer.axis not in (-1, len(layer.input_shape[0]) - 1)
             ),
-            f"{name} does not keep the channels as its last axis": (
+            "it does not keep the channels as its last axis": (
                 kind is layers.Reshape and tuple(layer.target_shape)[-1:] != (width,)
             ),
-            f"{name} does not normalize the last axis": (
+            "it does not normalize the last axis": (
                 kind is layers.BatchNormalization
                 and layer.axis not in ([-1], [len(layer.input_shape) - 1])
             ),
-            f"it cannot cut {name}; it cuts {_SUPPORTED}": kind
+            "a layer unit pruning does not cut": kind
             not in (*_PRODUCERS, *_PASS, *_MERGES, *_SHAPES),
         }
-        for reason, wrong in reasons.items():
-            if wrong:
-                raise _refused(self.model, reason)
+        return next((reason for reason, found in reasons.items() if found), "")
 
     # --- what the pruner asks -----------------------------------------------------------------
 
@@ -354,6 +370,9 @@ class _Cut:
         """Cut call ``i`` of ``layer`` (its first input: call ``source``); the constants of its
         output's channels."""
         kind = type(layer)
+        if i in self.coupling.carried:  # its channels all stay: as it is
+            self.weights[layer.name] = layer.get_weights()
+            return np.full(self.coupling.channels[i].size, np.nan)
         kept = self.coupling.kept(source, self.groups)
         const = ins[0]
         if kind in _MERGES:

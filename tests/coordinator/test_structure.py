@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import tf_keras
 from graph_models import ARCHITECTURES
 
+from fedprune.converters.graph import named as graph_named
 from fedprune.coordinator import models
 from fedprune.coordinator.structure import Coupling, check, rebuild, unit_layers, unit_norms
 from fedprune.protocol.errors import ConfigError
@@ -242,26 +244,59 @@ def _nested() -> tf_keras.Model:
     return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
 
 
-def _with(*middle: Any, shape: tuple[int, ...] = (8, 8, 4)) -> Callable[[], tf_keras.Model]:
-    def build() -> tf_keras.Model:
-        inputs = layers.Input(shape)
-        x = layers.Conv2D(4, 1)(inputs)
-        for layer in middle:
-            x = layer(x)
-        return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(layers.Flatten()(x)))
+def _around(layer: Any) -> tf_keras.Model:
+    """Conv (4) -> ``layer`` -> Conv (6) -> Flatten -> Dense (8, sigmoid) -> out."""
+    tf_keras.utils.set_random_seed(0)
+    inputs = layers.Input((8, 8, 1))
+    x = layer(layers.Conv2D(4, 3, padding="same", name="first")(inputs))
+    x = layers.Flatten()(layers.Conv2D(6, 3, activation="relu", name="second")(x))
+    x = layers.Dense(8, activation="sigmoid", name="hidden")(x)
+    return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
 
-    return build
+
+@pytest.mark.parametrize(
+    ("layer", "why"),
+    [
+        (layers.LayerNormalization(), "a layer unit pruning does not cut"),
+        (layers.Reshape((8, 16, 2)), "it does not keep the channels as its last axis"),
+        (layers.BatchNormalization(axis=1), "it does not normalize the last axis"),
+        (layers.Softmax(), "a softmax mixes its channels"),
+        (layers.Conv2D(4, 1, groups=2), "a grouped convolution"),
+    ],
+    ids=["layer-norm", "reshape", "batch-norm-axis", "softmax", "grouped"],
+)
+def test_channels_a_layer_cannot_cut_stay_and_the_rest_is_pruned(
+    layer: Any, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "fedprune.coordinator")
+    model = _around(layer)
+    _randomize(model, np.random.default_rng(4))
+    check(model)
+    coupling, groups, masks, keep = _prune_groups(model, 0.5)
+    x = _input(model)
+
+    small, _ = rebuild(model, masks, keep)
+
+    assert f"{graph_named(layer)}: {why}" in caplog.text
+    assert "first" not in coupling.producers  # next to the layer: its channels stay
+    assert small.get_layer("first").filters == 4
+    assert small.get_layer("second").filters == 3 and small.get_layer("hidden").units == 4
+    np.testing.assert_allclose(small(x).numpy(), model(x).numpy(), atol=2e-5)
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (_with(layers.LayerNormalization()), "cannot cut layer .* \\(LayerNormalization\\)"),
-        (_with(layers.Reshape((8, 16, 2))), "does not keep the channels"),
-        (_with(layers.BatchNormalization(axis=1)), "does not normalize the last axis"),
         (_nested, "layer 'inner' \\(Sequential\\) is a nested model"),
+        (
+            lambda: tf_keras.Sequential(
+                [layers.Input((4,)), layers.LayerNormalization(name="norm"), layers.Dense(2)]
+            ),
+            "finds no channels it can remove in model .* \\(it keeps those around layer 'norm'"
+            " \\(LayerNormalization\\): a layer unit pruning does not cut",
+        ),
     ],
-    ids=["layer-norm", "reshape", "batch-norm-axis", "nested"],
+    ids=["nested", "nothing-to-remove"],
 )
 def test_what_cannot_be_rebuilt_is_refused_in_one_line(
     build: Callable[[], tf_keras.Model], message: str
@@ -270,7 +305,26 @@ def test_what_cannot_be_rebuilt_is_refused_in_one_line(
         check(build())
 
     assert "\n" not in str(caught.value)
-    assert str(caught.value).startswith("unit pruning cannot rebuild model ")
+    assert str(caught.value).startswith("unit pruning ")
+
+
+def test_a_one_channel_gate_stays_apart_when_its_partner_is_down_to_one_channel() -> None:
+    """``x * gate(x)`` with a one-channel gate: once x's family is down to one channel, the
+    rebuilt merge has two inputs of one channel, and the family keeps its name."""
+    tf_keras.utils.set_random_seed(0)
+    inputs = layers.Input((8, 8, 1))
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="a")(inputs)
+    x = layers.Multiply()([x, layers.Conv2D(1, 1, activation="sigmoid", name="gate")(x)])
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, name="b")(x))
+    model = tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x))
+    coupling, groups, masks, keep = _prune_groups(model, 0.75)
+    coupling.silence(groups)
+
+    small, _ = rebuild(model, masks, keep)
+
+    assert small.get_layer("a").filters == 1
+    assert set(Coupling(small).families) == {"b"}  # "a", down to one channel, is left alone
+    assert set(coupling.families) == {"a", "b"}
 
 
 def test_the_output_layer_is_never_a_unit_layer() -> None:

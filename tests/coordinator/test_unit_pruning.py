@@ -270,13 +270,13 @@ def test_unit_pruning_refuses_a_model_it_cannot_rebuild() -> None:
 @pytest.mark.parametrize(
     ("layer", "message"),
     [
-        (tf_keras.layers.Conv2D(4, 3, groups=1, data_format="channels_first"), "channels_last"),
+        (tf_keras.layers.Conv2D(4, 3, groups=1, data_format="channels_first"), "channels_first"),
         (tf_keras.layers.Activation("softmax"), "softmax"),
         (tf_keras.layers.Dense(8, activation=tf.nn.softmax), "softmax"),
     ],
     ids=["channels-first", "softmax-activation", "tf-nn-softmax"],
 )
-def test_unit_pruning_refuses_what_the_rebuild_would_get_wrong(layer: Any, message: str) -> None:
+def test_unit_pruning_refuses_a_model_with_nothing_it_can_cut(layer: Any, message: str) -> None:
     model = tf_keras.Sequential(
         [
             tf_keras.layers.Input((8, 8, 4)),
