@@ -123,6 +123,42 @@ def test_both_trainers_set_the_moving_statistics_to_the_average_of_their_batches
                 np.testing.assert_array_equal(w, w0)
 
 
+def _spec(model: tf_keras.Model) -> Spec:
+    return Spec(
+        model_json=model.to_json(),
+        input_shape=[8, 8, 1],
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.9,
+        local_epochs=1,
+        batch_size=32,
+    )
+
+
+def test_the_keras_statistics_pass_leaves_the_next_round_as_a_fresh_trainer_would() -> None:
+    """The pass sets momentum and Dropout's rate to 0 for its calls: they are restored, and the
+    compiled step keeps tf_keras's momentum."""
+    x, y = digits.load()
+    x, y = x[:64].reshape((-1, 8, 8, 1)), y[:64]
+    model = models.build("resnet8", seed=2)  # BatchNormalization, no Dropout (random)
+    start = Model(weights=model.get_weights(), masks=[None] * len(model.weights))
+    trainer = KerasTrainer(_spec(model))
+    dropping = KerasTrainer(_spec(models.build("dscnn", seed=2)))
+
+    trainer.fit(start, x, y, epochs=1, seed=1)
+    again = trainer.fit(start, x, y, epochs=1, seed=1)
+    fresh = KerasTrainer(_spec(model)).fit(start, x, y, epochs=1, seed=1)
+    dscnn = dropping.model.get_weights()
+    dropping.fit(Model(weights=dscnn, masks=[None] * len(dscnn)), x, y, epochs=1, seed=1)
+
+    for a, b in zip(again, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
+    found = [*trainer.model.layers, *dropping.model.layers]
+    norms = [la for la in found if isinstance(la, tf_keras.layers.BatchNormalization)]
+    assert {la.momentum for la in norms} == {0.99}
+    assert [la.rate for la in found if isinstance(la, tf_keras.layers.Dropout)] == [0.2, 0.4]
+
+
 def _demo(tmp_path: Path, run: str, profiles: str) -> dict[str, float]:
     # The same codec whatever the profiles: only the trainers differ.
     command = demo(
