@@ -17,7 +17,8 @@ litert training artifact's batch-32 step.
 Then, per model, the device's training step against tf_keras's own on the same machine and batch
 (32, SGD with momentum): the litert artifact in a fresh process that imports ai-edge-litert only,
 tf_keras's compiled ``train_on_batch`` in a fresh process that imports TensorFlow; the median step
-and each process's peak memory (ru_maxrss).
+and each process's peak memory (VmHWM). ``--steps-only`` measures just these again, into
+``--results``.
 
 ``--keep DIR`` keeps the first seed's float32 and dynamic int8 files, and ``--arm64 DIR`` times
 them in the emulated 64-bit ARM userland (``structural.arm64``). Prints Markdown tables (medians
@@ -54,8 +55,17 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }
 BATCH, LR, MOMENTUM = 32, 0.05, 0.9
 
-LITERT_STEP = """
-import resource, statistics, sys, time
+PEAK = """
+def peak_mb():  # this process's own high-water mark (ru_maxrss keeps the forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+LITERT_STEP = (
+    PEAK
+    + """
+import statistics, sys, time
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 train = Interpreter(model_path=sys.argv[1]).get_signature_runner("train")
@@ -67,11 +77,14 @@ for i in range(int(sys.argv[2]) + 10):
     start = time.perf_counter()
     train(x=x, y=y)
     times.append(time.perf_counter() - start)
-print(statistics.median(times[10:]) * 1000, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(statistics.median(times[10:]) * 1000, peak_mb())
 """
+)
 
-KERAS_STEP = """
-import os, resource, statistics, sys, time
+KERAS_STEP = (
+    PEAK
+    + """
+import os, statistics, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
 import tf_keras
@@ -89,8 +102,9 @@ for i in range(int(sys.argv[2]) + 10):
     start = time.perf_counter()
     model.train_on_batch(x, y)
     times.append(time.perf_counter() - start)
-print(statistics.median(times[10:]) * 1000, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(statistics.median(times[10:]) * 1000, peak_mb())
 """
+)
 
 
 def _python(script: str, *args: object) -> tuple[float, float]:
@@ -103,8 +117,8 @@ def _python(script: str, *args: object) -> tuple[float, float]:
     )
     if done.returncode != 0:
         raise SystemExit(f"the step timing failed:\n{done.stderr[-3000:]}")
-    ms, kb = done.stdout.split()
-    return float(ms), float(kb) / 1024
+    ms, mb = done.stdout.split()
+    return float(ms), float(mb)
 
 
 def steps(model: str, count: int) -> dict[str, float]:
@@ -190,9 +204,16 @@ def main() -> int:
     )
     p.add_argument("--keep", type=Path, default=None, help="keep the first seed's .tflite here")
     p.add_argument("--arm64", type=Path, default=None, metavar="DIR", help="time DIR on arm64")
+    p.add_argument("--steps-only", action="store_true", help="only the train steps, into --results")
     args = p.parse_args()
     if args.arm64 is not None:
         arm64(args.arm64.resolve())
+        return 0
+    if args.steps_only:
+        saved = json.loads(args.results.read_text())
+        saved["steps"] = {model: steps(model, args.steps) for model in args.models.split(",")}
+        args.results.write_text(json.dumps(saved, indent=1))
+        report(saved["runs"], saved["steps"])
         return 0
     if args.report_only:
         saved = [json.loads(path.read_text()) for path in args.report_only]
