@@ -359,6 +359,9 @@ def _depthwise(kernel: tf.Variable, layer: Any) -> _Fn:
     size, strides, padding = _window(layer)
     kh, kw, cin, multiplier = (int(d) for d in kernel.shape)
 
+    if strides == (1, 1) and multiplier == 1 and kh % 2 == 1 and kw % 2 == 1:
+        return _depthwise_builtin(kernel, size, padding)
+
     def body(x: tf.Tensor) -> tf.Tensor:
         taps = _taps(x, size, strides, padding)
         b, oh, ow, _ = (int(d) for d in taps[0].shape)
@@ -372,6 +375,34 @@ def _depthwise(kernel: tf.Variable, layer: Any) -> _Fn:
         y = tf.add_n([tf.expand_dims(tap, -1) * w for tap, w in zip(taps, weights, strict=True)])
         return tf.reshape(y, [b, oh, ow, cin * multiplier])
 
+    return body
+
+
+def _depthwise_builtin(kernel: tf.Variable, size: tuple[int, int], padding: str) -> _Fn:
+    """A stride-1, multiplier-1 depthwise convolution with an odd kernel as TFLite's own
+    DEPTHWISE_CONV_2D forward, with a gradient of builtins: the input's is the same convolution
+    of the output's gradient with the kernel flipped (padded for ``valid``), the kernel's each
+    tap's view of the input times the output's gradient, summed."""
+    kh, kw = size
+    cin = int(kernel.shape[2])
+
+    def forward(x: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
+        y = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], padding.upper())
+
+        def grad(dy: tf.Tensor, variables: list[tf.Variable] | None = None) -> Any:
+            flipped = tf.reverse(kernel, [0, 1])
+            if padding == "valid":
+                dy_full = tf.pad(dy, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])
+                dx = tf.nn.depthwise_conv2d(dy_full, flipped, [1, 1, 1, 1], "VALID")
+            else:
+                dx = tf.nn.depthwise_conv2d(dy, flipped, [1, 1, 1, 1], "SAME")
+            taps = _taps(x, size, (1, 1), padding)
+            dk = tf.stack([tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in taps])
+            return dx, [tf.reshape(dk, [kh, kw, cin, 1])]
+
+        return y, grad
+
+    body: _Fn = tf.custom_gradient(forward)
     return body
 
 
