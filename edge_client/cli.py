@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -183,14 +184,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class Stopped(Exception):  # noqa: N818 - a request, not an error
-    """SIGTERM (``systemctl stop``, a shutdown): leave cleanly, saying offline first."""
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise Stopped
-
-
 @contextlib.contextmanager
 def _status_line() -> Iterator[Callable[[str], None] | None]:
     """A live line saying what the device does, on a terminal where rich is installed (the
@@ -205,14 +198,18 @@ def _status_line() -> Iterator[Callable[[str], None] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    previous = signal.signal(signal.SIGTERM, _stop)
+    # SIGTERM (``systemctl stop``, a shutdown) asks the loop to end after its current step, and
+    # the device leaves cleanly, saying offline first. The handler only sets a flag: an exception
+    # raised from it could land inside a lock's wait and leave the lock broken.
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:
-        return _main(argv)
+        return _main(argv, stopping)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, stopping: threading.Event) -> int:
     try:
         args = parse(argv)
     except ConfigError as exc:
@@ -273,7 +270,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             with _status_line() as show:
                 client.show = show
-                stats = client.run(timeout=args.timeout, forever=args.forever)
+                stats = client.run(timeout=args.timeout, forever=args.forever, stop=stopping)
         finally:
             # A clean disconnect discards the last will: say "offline" ourselves, so that the
             # coordinator does not keep selecting a device that has gone.
@@ -285,7 +282,7 @@ def _main(argv: list[str] | None) -> int:
         return print_error(PROG, exc)
     except KeyboardInterrupt:
         return 130
-    except Stopped:
+    if stopping.is_set():
         log.info("stopped (SIGTERM); said offline to the broker")
         return 0
     log.info(

@@ -8,6 +8,7 @@ round again and rejoins it if the deadline has not passed.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,14 +170,26 @@ class EdgeClient:
             self.transport.subscribe(pattern)
         self.uplink.hello()
 
-    def run(self, *, timeout: float | None = None, forever: bool = False) -> ClientStats:
-        """Serve rounds until the coordinator finishes (or ``timeout`` seconds pass); with
-        ``forever``, serve every later run of the same name too (a device as a service): a run
-        this device cannot train is then answered with a failed round each round, not an exit."""
+    def run(
+        self,
+        *,
+        timeout: float | None = None,
+        forever: bool = False,
+        stop: threading.Event | None = None,
+    ) -> ClientStats:
+        """Serve rounds until the coordinator finishes (or ``timeout`` seconds pass, or ``stop``
+        is set); with ``forever``, serve every later run of the same name too (a device as a
+        service): a run this device cannot train is then answered with a failed round each
+        round, not an exit."""
         self._forever = forever
         self.start()
         end = None if timeout is None else time.monotonic() + timeout
-        while not self.stats.finished and (end is None or time.monotonic() < end):
+        stop = stop or threading.Event()
+        while (
+            not self.stats.finished
+            and not stop.is_set()
+            and (end is None or time.monotonic() < end)
+        ):
             self.step(self.transport.get(timeout=0.5))
         return self.stats
 

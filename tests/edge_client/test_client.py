@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +123,26 @@ def test_a_client_not_selected_sends_nothing(model: Model, data: LocalData) -> N
         TOPICS.client_status(CLIENT)  # only its hello
     ]
     assert (report.rounds, report.bytes_up) == ([], 0)
+
+
+def test_a_client_asked_to_stop_leaves_its_loop_within_a_step(
+    model: Model, data: LocalData
+) -> None:
+    # Prepare: a run that would keep the device waiting for a minute; a stop request (what
+    # SIGTERM sets) arrives from another thread a moment later
+    broker = MemoryBroker()
+    publish_run(broker, model, selected=["pi-garage"], deadline=time.time() + 60)
+    client = make_client(broker, data)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+
+    # Execute
+    started = time.monotonic()
+    report = client.run(timeout=60, stop=stop)
+
+    # Assert: it left after its current step (the loop waits 0.5 s for a message), not at the end
+    assert time.monotonic() - started < 2
+    assert not report.finished
 
 
 def test_a_round_is_timed_by_its_duration_not_by_comparing_clocks(
