@@ -131,7 +131,7 @@ def _describe(profile: DeviceProfile, result: ExportResult) -> str:
     )
     return (
         f"{variant:<19} {result.tflite_bytes:>11,} B  gzip {result.gzip_bytes:>11,} B  "
-        f"accuracy keras {result.keras_accuracy:.4f} litert {result.tflite_accuracy:.4f}  "
+        f"{result.scores()}  "
         f"latency p50 {result.latency_ms_p50:.3f} ms p95 {result.latency_ms_p95:.3f} ms "
         f"({result.threads} threads)  {_budgets(result)}{result.model_path}"
     )

@@ -46,6 +46,7 @@ from fedprune.converters.report import (
     write_export,
 )
 from fedprune.converters.strip import kernel_sparsity, load_keras, strip
+from fedprune.converters.task import task_of
 from fedprune.converters.tflite import (
     CALIBRATION_RULE,
     CALIBRATION_SAMPLES,
@@ -56,17 +57,17 @@ from fedprune.converters.tflite import (
     split_calibration,
     to_tflite,
 )
-from fedprune.converters.verify import evaluate_keras, model_latency
+from fedprune.converters.verify import model_latency, predict_keras
 from fedprune.device_profiles import DEFAULT_PROFILE, DeviceProfile, Precision, ProfileError
 from fedprune.edge_client import data as npz_data
 from fedprune.edge_client.litert import (
     Runtime,
     TensorFormat,
-    accuracy,
     io_formats,
     open_model,
     predict,
 )
+from fedprune.edge_client.task import Evaluation, Task
 from fedprune.protocol.errors import ConfigError, ExportError, ModelError
 from fedprune.protocol.topics import check_name
 
@@ -101,8 +102,14 @@ def export_model(
     calibration_source: Path | None = None,
     max_accuracy_drop: float | None = None,
     int8_io: bool = False,
+    task: Task | None = None,
 ) -> ExportReport:
     """Convert ``model`` as ``profile`` asks, verify it under LiteRT, then write it to ``out_dir``.
+
+    A classifier is scored by accuracy. A reconstruction (``task``, by default read from the
+    model's output: converters.task) is scored by its mean squared error and, where ``y`` marks
+    anomalies (0 normal), by the ROC AUC of its error: the LiteRT AUC may fall at most the
+    tolerance below Keras's, or without anomaly labels its MSE rise at most that share above.
 
     ``x``/``y`` are the held-out samples both models are scored on. Full int8 calibrates on
     ``calibration`` when given (then every held-out sample is scored); otherwise on a share of the
@@ -122,6 +129,7 @@ def export_model(
         shape = sample_shape(model)
     except ExportError as exc:
         raise ExportError(f"profile {name}: {exc}") from exc
+    task = task or task_of(model)
     x = _shaped(x, shape, "x")
     y = np.asarray(y).reshape(-1)
     if len(x) == 0 or len(y) != len(x):
@@ -143,9 +151,9 @@ def export_model(
             f"profile {name}: the {kept.variant} model is {len(kept.content):,} bytes, "
             f"over max_model_bytes {profile.max_model_bytes:,}; nothing written"
         )
-    keras_acc = evaluate_keras(model, scored.x, scored.y)
-    tflite_acc = accuracy(kept.scores, scored.y)
-    _check_accuracy(profile, keras_acc, tflite_acc, len(scored.y), max_accuracy_drop)
+    keras = task.evaluate(predict_keras(model, scored.x), scored.x, scored.y, anomalies=True)
+    tflite = task.evaluate(kept.scores, scored.x, scored.y, anomalies=True)
+    _check_scores(profile, keras, tflite, max_accuracy_drop)
     latency = _litert(name, lambda: model_latency(kept.content, scored.x[0], num_threads=threads))
     report = ExportReport(
         profile=name,
@@ -161,8 +169,8 @@ def export_model(
         sha256=hashlib.sha256(kept.content).hexdigest(),
         dense_format_bytes=len(encoded.dense),
         sparse_format_bytes=None if encoded.sparse is None else len(encoded.sparse),
-        keras_accuracy=keras_acc,
-        tflite_accuracy=tflite_acc,
+        keras_accuracy=keras.accuracy,
+        tflite_accuracy=tflite.accuracy,
         n_eval=len(scored.y),
         calibration=scored.record,
         latency_ms_p50=latency.p50_ms,
@@ -176,6 +184,11 @@ def export_model(
         source=source,
         data=data,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        task=task.value,
+        keras_auc=keras.auc,
+        tflite_auc=tflite.auc,
+        keras_mse=None if keras.accuracy is not None else keras.loss,
+        tflite_mse=None if tflite.accuracy is not None else tflite.loss,
     )
     write_export(report, kept.content)
     return report
@@ -369,24 +382,33 @@ def _record(rows: np.ndarray, source: Path | None, rule: str) -> Calibration:
     return Calibration(source=source, samples=len(rows), rule=rule, sha256=samples_sha256(rows))
 
 
-def _check_accuracy(
+def _check_scores(
     profile: DeviceProfile,
-    keras_acc: float,
-    tflite_acc: float,
-    n_eval: int,
+    keras: Evaluation,
+    tflite: Evaluation,
     max_accuracy_drop: float | None,
 ) -> None:
-    """Refuse an export whose LiteRT accuracy falls more than the tolerance below Keras."""
+    """Refuse an export whose LiteRT score (accuracy, AUC) falls more than the tolerance below
+    Keras's; without a score (a reconstruction without anomaly labels), whose MSE rises more than
+    the tolerance's share above Keras's."""
     tolerance, limit_name = (
         (profile.accuracy_tolerance, "accuracy_tolerance")
         if max_accuracy_drop is None
         else (max_accuracy_drop, "max_accuracy_drop")
     )
-    if tflite_acc < keras_acc - tolerance - _SLACK:
+    if keras.score is not None and tflite.score is not None:
+        name = "accuracy" if keras.accuracy is not None else "AUC"
+        if tflite.score < keras.score - tolerance - _SLACK:
+            raise ExportError(
+                f"profile {profile.name}: LiteRT {name} {tflite.score:.4f} is below "
+                f"{keras.score - tolerance:.4f} (Keras {keras.score:.4f} minus {limit_name} "
+                f"{tolerance:g}) on {tflite.n} samples; nothing written"
+            )
+    elif tflite.loss > keras.loss * (1 + tolerance) + _SLACK:
         raise ExportError(
-            f"profile {profile.name}: LiteRT accuracy {tflite_acc:.4f} is below "
-            f"{keras_acc - tolerance:.4f} (Keras {keras_acc:.4f} minus {limit_name} "
-            f"{tolerance:g}) on {n_eval} samples; nothing written"
+            f"profile {profile.name}: LiteRT MSE {tflite.loss:.4g} is above"
+            f" {keras.loss * (1 + tolerance):.4g} (Keras {keras.loss:.4g} plus {limit_name}"
+            f" {tolerance:g} of it) on {tflite.n} samples; nothing written"
         )
 
 

@@ -90,8 +90,8 @@ class ExportReport:
     sha256: str
     dense_format_bytes: int
     sparse_format_bytes: int | None
-    keras_accuracy: float
-    tflite_accuracy: float
+    keras_accuracy: float | None  # a classifier's (None: a reconstruction, scored below)
+    tflite_accuracy: float | None
     n_eval: int
     calibration: Calibration | None
     latency_ms_p50: float
@@ -105,6 +105,29 @@ class ExportReport:
     source: Path | None
     data: Path | None
     created: str
+    task: str = "classify"  # what the model learns (edge_client.task.Task)
+    keras_auc: float | None = None  # a reconstruction's, where the held-out labels mark anomalies
+    tflite_auc: float | None = None
+    keras_mse: float | None = None  # a reconstruction's mean squared error
+    tflite_mse: float | None = None
+
+    @property
+    def tflite_score(self) -> float | None:
+        """What the export is verified on: its LiteRT accuracy, or a reconstruction's AUC."""
+        return self.tflite_accuracy if self.tflite_accuracy is not None else self.tflite_auc
+
+    def scores(self) -> str:
+        """``LiteRT accuracy 0.9600 (Keras 0.9611, 360 samples)``, or its AUC and MSE."""
+        if self.keras_accuracy is not None and self.tflite_accuracy is not None:
+            litert, keras = f"accuracy {self.tflite_accuracy:.4f}", f"{self.keras_accuracy:.4f}"
+        else:
+            auc = (
+                ""
+                if self.tflite_auc is None or self.keras_auc is None
+                else f"AUC {self.tflite_auc:.4f} (Keras {self.keras_auc:.4f}), "
+            )
+            litert, keras = f"{auc}MSE {self.tflite_mse:.4g}", f"{self.keras_mse:.4g}"
+        return f"LiteRT {litert} (Keras {keras}, {self.n_eval} samples)"
 
     @property
     def int8_io(self) -> bool:

@@ -26,13 +26,16 @@ Signatures, for B = ``batch_size``, S = the input shape, K = classes, N = ``len(
 
     train(x: float32[B, *S], y: int64[B])      -> {"loss": float32[]}
     infer(x: float32[B, *S])                   -> {"probs": float32[B, K]}
+    (reconstruct: train(x, y: float32[B, *O]), infer(x) -> {"output": float32[B, *O]})
     get_weights()                              -> {"w000": float32[...], ..., "w<N-1>": ...}
     set_weights(w000=float32[...], ...)        -> {"ok": int32[]}  (always 1)
     set_masks(m000=float32[...], ...)          -> {"ok": int32[]}  (always 1)
     moments(x: float32[B, *S])                 -> {"w<i>": float32[C], ...}  (with BN only)
 
 ``train`` is one optimizer step as tf_keras takes it (mean sparse categorical cross-entropy on the
-final softmax's logits, then the tf_keras SGD-with-momentum or Adam update), after which every
+final softmax's logits; for a reconstruction, with O the output shape, the mean squared error of
+the output against ``y``, the input itself: edge_client/task.py), then the tf_keras
+SGD-with-momentum or Adam update), after which every
 trainable weight is multiplied by its mask (1 = kept); the returned loss is the one before the
 step. The weights are ``model.get_weights()`` in order, non-trainable ones included (a
 BatchNormalization's moving mean and variance, which ``train`` updates and no optimizer touches).
@@ -63,6 +66,7 @@ from fedprune.converters.tflite import sample_shape
 from fedprune.converters.training_layers import ACTIVATIONS, LAYERS, Step, Unsupported
 from fedprune.edge_client.litert import Runtime, load_interpreter
 from fedprune.edge_client.litert_trainer import MOMENTS, SIGNATURES
+from fedprune.edge_client.task import Task
 from fedprune.protocol.errors import ConfigError, ExportError, ModelError
 
 _Fn = Callable[[tf.Tensor], tf.Tensor]
@@ -136,15 +140,22 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         optimizer: type[_Sgd] | type[_Adam],
         hyper: dict[str, float],
         x_spec: tf.TensorSpec,
+        output: Sequence[int] | None,
     ) -> None:
+        """``output``: the shape a reconstruction learns (``None``: a classifier)."""
         super().__init__()
+        self.output = output
         self.steps, self.sources = steps, sources
         self.weights = weights
         self.masks = [tf.Variable(tf.ones(w.shape), trainable=False) for w in weights]
         self.trained = [i for i, flag in enumerate(trainable) if flag]
         self.optimizer = optimizer([weights[i] for i in self.trained], **hyper)
         batch = int(x_spec.shape[0])
-        y_spec = tf.TensorSpec([batch], tf.int64, name="y")
+        y_spec = (
+            tf.TensorSpec([batch], tf.int64, name="y")
+            if output is None
+            else tf.TensorSpec([batch, *output], tf.float32, name="y")
+        )
         w_specs = [
             tf.TensorSpec(w.shape, tf.float32, name=f"w{i:03d}") for i, w in enumerate(weights)
         ]
@@ -192,15 +203,23 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         variables = [self.weights[i] for i in self.trained]
         with tf.GradientTape() as tape:
             logits = self._logits(x, training=True)
-            picked = tf.nn.log_softmax(logits) * tf.one_hot(y, int(logits.shape[-1]))
-            loss = -tf.reduce_mean(tf.reduce_sum(picked, axis=-1))
+            if self.output is None:
+                picked = tf.nn.log_softmax(logits) * tf.one_hot(y, int(logits.shape[-1]))
+                loss = -tf.reduce_mean(tf.reduce_sum(picked, axis=-1))
+            else:
+                loss = tf.reduce_mean(tf.square(self._activated(logits) - y))
         self.optimizer.apply(tape.gradient(loss, variables), variables)
         for i in self.trained:
             self.weights[i].assign(self.weights[i] * self.masks[i])
         return {"loss": loss}
 
+    def _activated(self, logits: tf.Tensor) -> tf.Tensor:
+        """The last layer's output from what ``_logits`` leaves (its activation not applied)."""
+        return ACTIVATIONS[self.steps[-1].activation](logits)
+
     def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probs": tf.nn.softmax(self._logits(x, training=False))}
+        output = self._activated(self._logits(x, training=False))
+        return {"probs" if self.output is None else "output": output}
 
     def _get_weights(self) -> dict[str, tf.Tensor]:
         return {f"w{i:03d}": w.read_value() for i, w in enumerate(self.weights)}
@@ -228,10 +247,12 @@ def build_trainable(
     optimizer: str = "sgd",
     learning_rate: float,
     momentum: float = 0.0,
+    task: Task = Task.CLASSIFY,
 ) -> bytes:
-    """The LiteRT training artifact (see the module docstring) for a stripped tf_keras classifier.
+    """The LiteRT training artifact (see the module docstring) for a stripped tf_keras model.
 
-    The model must be a graph of supported layers (``LAYERS``) ending in a softmax. Dropout is
+    The model must be a graph of supported layers (``LAYERS``); a classifier ends in a softmax,
+    a reconstruction (``task``) in any supported activation. Dropout is
     off in on-device training (it is the identity). The artifact's variables start at the model's
     weights, masks at ones and optimizer state at zero. ``momentum`` is ignored by Adam.
 
@@ -262,7 +283,7 @@ def build_trainable(
             steps.append(step)
         except Unsupported as exc:
             raise _unsupported(layer, str(exc)) from None
-    if not steps or steps[-1].activation != "softmax":
+    if task is Task.CLASSIFY and (not steps or steps[-1].activation != "softmax"):
         raise ExportError(
             f"model {model.name!r} does not end in a softmax; the litert trainer needs one"
             ' (or use the keras trainer: trainer = "keras" in the device profile)'
@@ -272,7 +293,10 @@ def build_trainable(
         trainable[index[id(v)]] = True
     x_spec = tf.TensorSpec([batch_size, *sample_shape(model)], tf.float32, name="x")
     sources = [inputs for _, inputs in calls]
-    module = _Trainable(steps, sources, weights, trainable, _OPTIMIZERS[optimizer], hyper, x_spec)
+    output = None if task is Task.CLASSIFY else tuple(int(d) for d in model.output_shape[1:])
+    module = _Trainable(
+        steps, sources, weights, trainable, _OPTIMIZERS[optimizer], hyper, x_spec, output
+    )
     content = _convert(module)
     _verify(content)
     return content

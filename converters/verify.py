@@ -31,6 +31,7 @@ __all__ = [
     "latency_percentiles_ms",
     "load_interpreter",
     "model_latency",
+    "predict_keras",
     "predict_tflite",
 ]
 
@@ -61,9 +62,14 @@ def evaluate_tflite(
     return accuracy(scores, y)
 
 
+def predict_keras(model: tf_keras.Model, x: np.ndarray) -> np.ndarray:
+    """The outputs of a tf_keras model for ``x``, in the batches LiteRT is run with."""
+    return np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0))
+
+
 def evaluate_keras(model: tf_keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of a tf_keras classifier on ``(x, y)``."""
-    return accuracy(model.predict(x, batch_size=BATCH_SIZE, verbose=0), y)
+    return accuracy(predict_keras(model, x), y)
 
 
 def model_latency(

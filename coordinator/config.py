@@ -225,8 +225,16 @@ class RunConfig:
     )
     model: str = option(
         "cnn",
-        "preset (cnn, mlp; resnet8, dscnn, mobilenet after MLPerf Tiny) or path to a .keras/.h5"
-        " model (default: %(default)s)",
+        "preset (cnn, mlp; resnet8, dscnn, mobilenet, autoencoder after MLPerf Tiny) or path to"
+        " a .keras/.h5 model (default: %(default)s)",
+    )
+    task: str = option(
+        "auto",
+        "what the model learns: classify (a softmax output, scored by accuracy), reconstruct (an"
+        " output the input's size, the input as target: an autoencoder, scored by MSE and by the"
+        " ROC AUC of its error where --heldout labels mark anomalies, 0 normal) or auto, from"
+        " the model's output (default: %(default)s)",
+        choices=("auto", "classify", "reconstruct"),
     )
     rounds: int = option(20, "rounds (default: %(default)s)")
     min_clients: int = option(3, "clients that must join before round 1 (default: %(default)s)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedprune import __version__, device_profiles
 from fedprune.edge_client.quiet import native_log_filtered
+from fedprune.edge_client.task import Task
 from fedprune.edge_client.terminal import steps
 from fedprune.protocol.connection import BrokerSettings, check_exposure
 from fedprune.protocol.errors import ConfigError, FedpruneError, print_error
@@ -155,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"need --clients >= 1 and --alpha > 0, got {args.clients}, {args.alpha}"
             )
+        normal = digits.NORMAL_DIGITS if session.task(config) is Task.RECONSTRUCT else None
         paths, _ = digits.write_demo_data(
-            run_dir / "data", args.clients, alpha=args.alpha, seed=args.seed
+            run_dir / "data",
+            args.clients,
+            alpha=args.alpha,
+            seed=args.seed,
+            normal=normal,
         )
         with _broker(args.broker_choice) as (url, kind):
             exposed = check_exposure(BrokerSettings.load(url), signed=False, insecure=args.insecure)
@@ -164,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger("fedprune.coordinator").warning("%s", exposed)
             print(
                 f"fedprune demo: run {run}, {args.clients} clients on non-IID digits "
-                f"(alpha {args.alpha}), broker {kind} at {url}",
+                f"(alpha {args.alpha}"
+                + ("" if normal is None else "; normal 0-4, the held-out 5-9 are anomalies")
+                + f"), broker {kind} at {url}",
                 flush=True,
             )
             processes = _start_clients(paths, url, run, run_dir, profiles, args.insecure)

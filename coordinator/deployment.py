@@ -25,7 +25,13 @@ class Deployments:
         self.pump = pump
 
     def publish(
-        self, profile: str, model: bytes, *, precision: str, accuracy: float, export_json: str
+        self,
+        profile: str,
+        model: bytes,
+        *,
+        precision: str,
+        accuracy: float | None,
+        export_json: str,
     ) -> str:
         """Publish an exported model to the devices of one profile; its SHA-256, which a device's
         hello names once it installed it."""

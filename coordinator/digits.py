@@ -40,15 +40,33 @@ def dirichlet_split(
     raise ConfigError(f"cannot give {n_clients} clients {min_size} samples each at alpha={alpha}")
 
 
+NORMAL_DIGITS = (0, 1, 2, 3, 4)
+"""The normal classes of the anomaly-detection proxy: an autoencoder learns to reconstruct these
+digits on the devices, and the held-out 5-9 are the anomalies its error should find."""
+
+
 def write_demo_data(
-    folder: Path, n_clients: int, *, alpha: float, seed: int, test_fraction: float = 0.25
+    folder: Path,
+    n_clients: int,
+    *,
+    alpha: float,
+    seed: int,
+    test_fraction: float = 0.25,
+    normal: tuple[int, ...] | None = None,
 ) -> tuple[list[Path], Path]:
-    """One .npz per client (x, y and its own held-out x_test, y_test) plus the coordinator's."""
+    """One .npz per client (x, y and its own held-out x_test, y_test) plus the coordinator's.
+
+    With ``normal`` classes (anomaly detection), the clients get only those, and the held-out
+    set keeps every class, labelled 0 (normal) or 1 (an anomaly)."""
     folder.mkdir(parents=True, exist_ok=True)
     x, y = load()
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
+    if normal is not None:
+        kept = np.isin(y_train, normal)
+        x_train, y_train = x_train[kept], y_train[kept]
+        y_test = (~np.isin(y_test, normal)).astype(np.int64)
     heldout = folder / "heldout.npz"
     np.savez(heldout, x=x_test, y=y_test)
     paths = []

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedprune.edge_client.trainer import Evaluation
+from fedprune.edge_client.task import Evaluation
 from fedprune.protocol.codec import Model
 
 __all__ = ["Evaluator", "GlobalModel"]

@@ -1,7 +1,8 @@
 """Is the run's final model worth deploying? Three plain checks against the run's own figures.
 
-A model that is not better than always answering the most frequent held-out class, that ends far
-below the accuracy of its first evaluated round, or one of whose classes the model now misses far
+A model that is not better than chance (always answering the most frequent held-out class; for an
+autoencoder, an AUC of one half on the held-out anomaly labels), that ends far below the score
+(accuracy or AUC) of its first evaluated round, or one of whose classes the model now misses far
 more often than in its best round, means something is wrong (a model without a softmax, a
 learning rate that diverged, poisoned updates, a backdoor: one last update that erases a class
 can leave the overall accuracy looking fine): it is flagged, and the coordinator does not deploy
@@ -16,12 +17,13 @@ import numpy as np
 from scipy.stats import fisher_exact
 
 from fedprune.coordinator.result import RoundResult
+from fedprune.edge_client.task import Task
 
 CHANCE_MARGIN = 0.05
-"""The final accuracy must beat the most frequent class's share by more than this."""
+"""The final score must beat chance by more than this."""
 
 MAX_DROP = 0.10
-"""The final accuracy may fall at most this far below the first evaluated round's."""
+"""The final score may fall at most this far below the first evaluated round's."""
 
 CLASS_DROP = 0.10
 """A class's held-out recall may fall at most this far below the best round's (``--class-drop``)."""
@@ -39,6 +41,12 @@ def chance_accuracy(y: np.ndarray) -> float:
     return float(counts.max() / counts.sum())
 
 
+def chance(task: Task, y: np.ndarray) -> float:
+    """The score of a model that knows nothing: always answering the most frequent class, or
+    a reconstruction error unrelated to the anomaly labels (an AUC of one half)."""
+    return chance_accuracy(y) if task is Task.CLASSIFY else 0.5
+
+
 def verdict(
     results: Sequence[RoundResult],
     chance: float | None,
@@ -53,21 +61,21 @@ def verdict(
     round's (by accuracy), beyond chance given its ``support`` (held-out samples per class), is
     named (``class_drop`` 0, or no support: that check is off).
     """
-    evaluated = [r for r in results if r.accuracy is not None]
+    evaluated = [r for r in results if r.score is not None]
     if not evaluated:
         return None
     first, last = evaluated[0], evaluated[-1]
-    assert first.accuracy is not None and last.accuracy is not None
-    if chance is not None and last.accuracy <= chance + CHANCE_MARGIN:
-        return (
-            f"final accuracy {last.accuracy:.3f} is not better than chance ({chance:.3f}, always"
-            f" answering the most frequent held-out class)"
+    assert first.score is not None and last.score is not None
+    name = last.metric
+    if chance is not None and last.score <= chance + CHANCE_MARGIN:
+        meaning = (
+            "always answering the most frequent held-out class"
+            if name == "accuracy"
+            else "a reconstruction error that says nothing of the anomaly labels"
         )
-    if last.accuracy < first.accuracy - MAX_DROP:
-        return (
-            f"final accuracy {last.accuracy:.3f} is far below round {first.round}'s"
-            f" {first.accuracy:.3f}"
-        )
+        return f"final {name} {last.score:.3f} is not better than chance ({chance:.3f}, {meaning})"
+    if last.score < first.score - MAX_DROP:
+        return f"final {name} {last.score:.3f} is far below round {first.round}'s {first.score:.3f}"
     return _fallen_classes(evaluated, class_drop, support) if class_drop > 0 else None
 
 

@@ -45,7 +45,7 @@ class Ledger:
         self.max_devices = max_devices
         self._rows: dict[str, DeviceRow] = {}
         self.events: deque[Event] = deque(maxlen=EVENTS)
-        self._exports: dict[str, float] = {}  # deployed model SHA-256 -> its export's accuracy
+        self._exports: dict[str, float | None] = {}  # deployed model SHA-256 -> its score
         self._full = False
 
     def restore(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
@@ -164,7 +164,7 @@ class Ledger:
                 self._set(client_id, late=row.late + 1)
             self.event("late", f"no update for round {round_} when it closed", client_id)
 
-    def deployed(self, sha256: str, accuracy: float) -> None:
+    def deployed(self, sha256: str, accuracy: float | None) -> None:
         self._exports[sha256] = accuracy
         for client_id, row in self._rows.items():
             if row.model == sha256:

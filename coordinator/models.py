@@ -1,10 +1,12 @@
 """The global model: built-in presets for 8x8 digits, or a user's Keras file.
 
-Besides the small ``cnn`` and ``mlp``, three presets follow the MLPerf Tiny reference models,
+Besides the small ``cnn`` and ``mlp``, four presets follow the MLPerf Tiny reference models,
 scaled to 8x8x1 digits (their own data sets cannot be fetched here): ``resnet8`` (image
 classification: residual stacks of 16, 32 and 64 filters), ``dscnn`` (keyword spotting: a
-convolution and four depthwise-separable blocks) and ``mobilenet`` (visual wake words: MobileNetV1
-blocks at width 0.25). All three train on devices without TensorFlow (the litert trainer).
+convolution and four depthwise-separable blocks), ``mobilenet`` (visual wake words: MobileNetV1
+blocks at width 0.25) and ``autoencoder`` (anomaly detection: a fully connected autoencoder, which
+reconstructs its input: edge_client/task.py). All four train on devices without TensorFlow (the
+litert trainer).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import tf_keras
 
 from fedprune.converters.strip import load_keras
+from fedprune.converters.task import task_of
 from fedprune.edge_client.keras_trainer import check_architecture
 from fedprune.protocol.errors import ConfigError
 
@@ -101,12 +104,25 @@ def mobilenet() -> tf_keras.Model:
     return tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(x), name="mobilenet")
 
 
+def autoencoder() -> tf_keras.Model:
+    """MLPerf Tiny's fully connected autoencoder (anomaly detection) on 8x8x1: the flattened 64
+    values through four Dense-BN-ReLU layers of 64, a bottleneck of 8 and four more of 64, back
+    to 64 linear outputs (a reconstruction: trained on normal samples, their error scores
+    anomalies)."""
+    x = inputs = layers.Input((8, 8, 1))
+    x = layers.Flatten()(x)
+    for units in (64, 64, 64, 64, 8, 64, 64, 64, 64):
+        x = layers.ReLU()(layers.BatchNormalization()(layers.Dense(units)(x)))
+    return tf_keras.Model(inputs, layers.Dense(64)(x), name="autoencoder")
+
+
 PRESETS: dict[str, Callable[[], tf_keras.Model]] = {
     "cnn": cnn,
     "mlp": mlp,
     "resnet8": resnet8,
     "dscnn": dscnn,
     "mobilenet": mobilenet,
+    "autoencoder": autoencoder,
 }
 
 
@@ -120,29 +136,9 @@ def build(name_or_path: str, *, seed: int = 0) -> tf_keras.Model:
         presets = ", ".join(PRESETS)
         raise ConfigError(f"unknown model {name_or_path!r}: not a preset ({presets}) nor a file")
     model = load_keras(path)
-    check_classifier(model, str(path))
+    task_of(model, source=str(path))
     try:
         check_architecture(model.to_json())  # what devices would refuse to build
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return model
-
-
-def check_classifier(model: tf_keras.Model, source: str) -> None:
-    """fedprune trains classifiers that output class probabilities: one output of shape
-    (batch, classes) made by a softmax. Every trainer's loss, the evaluation and the exports
-    assume it; a logits model would train to chance without an error, so it is refused here."""
-    shape = model.output_shape
-    if not isinstance(shape, tuple) or len(shape) != 2:
-        raise ConfigError(
-            f"{source}: the model must have one output of shape (batch, classes), got {shape}"
-        )
-    last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    if isinstance(last, layers.Softmax) or activation is tf_keras.activations.softmax:
-        return
-    ends_in = getattr(activation, "__name__", None) or type(last).__name__
-    raise ConfigError(
-        f"{source}: the output layer {last.name!r} ends in {ends_in!r}, not a softmax; fedprune"
-        " trains classifiers that output probabilities: give it activation='softmax'"
-    )

@@ -54,7 +54,7 @@ class Observer:
     def round_ended(self, result: RoundResult, late: list[str]) -> None:
         """A round was aggregated; ``late`` were selected and did not answer in time."""
 
-    def deployed(self, profile: str, sha256: str, accuracy: float) -> None:
+    def deployed(self, profile: str, sha256: str, accuracy: float | None) -> None:
         """The export for ``profile`` was published to its devices."""
 
     def tick(self) -> None:
@@ -119,7 +119,7 @@ class Observers(Observer):
         for o in self.observers:
             o.round_ended(result, late)
 
-    def deployed(self, profile: str, sha256: str, accuracy: float) -> None:
+    def deployed(self, profile: str, sha256: str, accuracy: float | None) -> None:
         for o in self.observers:
             o.deployed(profile, sha256, accuracy)
 

@@ -11,10 +11,11 @@ def _kb(n: int) -> str:
 
 
 def round_line(r: RoundResult) -> str:
-    acc = "  -  " if r.accuracy is None else f"{r.accuracy:.3f}"
+    score = "  -  " if r.score is None else f"{r.score:.3f}"
     rejected = sum(r.rejected.values())
     line = (
-        f"round {r.round:3d}  acc {acc}  sparsity {r.sparsity:.2f}  params {r.parameters:,}"
+        f"round {r.round:3d}  {r.metric[:3].lower()} {score}  sparsity {r.sparsity:.2f}"
+        f"  params {r.parameters:,}"
         f"  clients {r.reported}/{r.selected}"
         f"  up {_kb(r.bytes_up)}/{_kb(r.dense_bytes_up)}"
         f"  down {_kb(r.bytes_down)}/{_kb(r.dense_bytes_down)} (sent/dense f32)  {r.seconds:.1f}s"
@@ -30,11 +31,11 @@ def _traffic(label: str, sent: int, dense: int) -> str:
 def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
     results = summary.results
     last = results[-1]
-    acc = "n/a" if last.accuracy is None else f"{last.accuracy:.4f}"
+    score = "n/a" if last.score is None else f"{last.score:.4f}"
     lines = [
         "",
         f"done in {seconds:.0f} s: {len(results)} rounds",
-        f"  accuracy   {acc} (held-out, Keras)   sparsity {last.sparsity:.4f}"
+        f"  {last.metric:<10} {score} (held-out, Keras)   sparsity {last.sparsity:.4f}"
         f"   parameters {last.parameters:,}",
         _traffic(
             "uplink", sum(r.bytes_up for r in results), sum(r.dense_bytes_up for r in results)
@@ -51,8 +52,7 @@ def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
         deployed = "deployed" if profile in summary.deployed else "NOT deployed"
         lines += [
             f"  {profile}: {export.precision}{sparse} tflite {export.tflite_bytes:,} bytes,"
-            f" gzip {export.gzip_bytes:,}, LiteRT accuracy {export.tflite_accuracy:.4f}"
-            f" (Keras {export.keras_accuracy:.4f}, {export.n_eval} samples), {deployed}"
+            f" gzip {export.gzip_bytes:,}, {export.scores()}, {deployed}"
             + "".join(
                 f", {b.name.split('_')[0]} budget {'met' if b.met else 'MISSED'}"
                 for b in export.budgets

@@ -118,6 +118,15 @@ class Pruner:
         self.wrappers = [layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)]
         self.coupling = structure.Coupling(self.stripped) if self.units else None
         position = {id(v): i for i, v in enumerate(self.stripped.weights)}
+        norms = [
+            layer
+            for layer in self.stripped.submodules
+            if isinstance(layer, tf_keras.layers.BatchNormalization)
+        ]
+        self._variances = [position[id(layer.moving_variance)] for layer in norms]
+        self._statistics = frozenset(
+            position[id(v)] for layer in norms for v in (layer.moving_mean, layer.moving_variance)
+        )
         self._mask_of: dict[int, Any] = {}
         for wrapper in self.wrappers:
             for weight, mask, _ in wrapper.pruning_vars:
@@ -129,9 +138,23 @@ class Pruner:
         masks: list[np.ndarray | None] = [None] * len(weights)
         for i, mask in self._mask_of.items():
             masks[i] = np.asarray(mask.numpy(), np.float32)
-        return Model(weights=weights, masks=masks)
+        return Model(weights=weights, masks=masks, exact=self._statistics)
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
+        """Set the global model's weights; a BatchNormalization's moving variance below zero is
+        set to zero. The devices' updates can sum to one (a lossy codec's rounding, a hostile
+        device on purpose), and the square root of a negative variance would make every output
+        of the model NaN from then on."""
+        weights = list(weights)
+        for i in self._variances:
+            negative = int(np.sum(weights[i] < 0))
+            if negative:
+                log.warning(
+                    "%d moving variance(s) of weight %d below zero after aggregation: set to 0",
+                    negative,
+                    i,
+                )
+                weights[i] = np.maximum(weights[i], 0.0)
         self.stripped.set_weights(weights)
 
     def step(self, round_: int, *, update_masks: bool = True) -> None:

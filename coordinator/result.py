@@ -7,7 +7,7 @@ from typing import Any
 
 from fedprune.coordinator.aggregation import median_norm
 from fedprune.coordinator.intake import RoundState
-from fedprune.edge_client.trainer import Evaluation
+from fedprune.edge_client.task import Evaluation
 
 
 @dataclass(kw_only=True)
@@ -39,6 +39,17 @@ class RoundResult:
     norm_median: float | None = None  # the median norm of the updates taken, before clipping
     clipped: int = 0  # updates larger than norm_bound, scaled down to it
     left_out: int = 0  # accepted updates the rule left out (screened: they made the loss worse)
+    auc: float | None = None  # a reconstruction's held-out AUC on anomaly labels (edge_client.task)
+
+    @property
+    def score(self) -> float | None:
+        """The held-out accuracy, or a reconstruction's AUC (health.verdict)."""
+        return self.accuracy if self.accuracy is not None else self.auc
+
+    @property
+    def metric(self) -> str:
+        """What ``score`` is: ``accuracy`` or ``AUC``."""
+        return "accuracy" if self.accuracy is not None or self.auc is None else "AUC"
 
     @classmethod
     def of(
@@ -82,6 +93,7 @@ class RoundResult:
             norm_median=median_norm(state.aggregator.norms),
             clipped=state.aggregator.clipped(),
             left_out=len(state.aggregator.left_out),
+            auc=None if evaluation is None else evaluation.auc,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tf_keras
 from sklearn.metrics import recall_score
 
 from fedprune.converters.export import ExportReport, export_profiles, resolve_profile
+from fedprune.converters.task import task_of
 from fedprune.coordinator import models
 from fedprune.coordinator.aggregation import Loss
 from fedprune.coordinator.config import RunConfig
-from fedprune.coordinator.health import chance_accuracy, verdict
+from fedprune.coordinator.health import chance, verdict
 from fedprune.coordinator.keys import DeviceKeys
 from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.parts import Parts
@@ -30,7 +30,7 @@ from fedprune.coordinator.rundir import RunDir
 from fedprune.coordinator.validation import Limits
 from fedprune.edge_client import data as local_data
 from fedprune.edge_client.quiet import native_log_filtered
-from fedprune.edge_client.trainer import Evaluation
+from fedprune.edge_client.task import Evaluation, Task
 from fedprune.protocol.envelope import encode
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import COORDINATOR, Offline, Snapshot
@@ -53,40 +53,48 @@ class Summary:
 
 
 def evaluator(
-    pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None
+    pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None, task: Task = Task.CLASSIFY
 ) -> Callable[[], Evaluation | None]:
-    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
+    """The global model's loss and score on the held-out set (with each class's recall for a
+    classifier, the AUC on its anomaly labels for a reconstruction); ``None`` without one."""
 
     def evaluate() -> Evaluation | None:
         if x is None or y is None:
             return None
-        probs = pruner.stripped(x, training=False).numpy()
-        predicted = np.argmax(probs, axis=1)
+        outputs = pruner.stripped(x, training=False).numpy()
+        evaluation = task.evaluate(outputs, x, y, anomalies=True)
+        if task is not Task.CLASSIFY:
+            return evaluation
         recall = recall_score(
-            y, predicted, labels=range(probs.shape[1]), average=None, zero_division=0.0
+            y,
+            np.argmax(outputs, axis=1),
+            labels=range(outputs.shape[1]),
+            average=None,
+            zero_division=0.0,
         )
-        return Evaluation(
-            loss=float(loss_fn(y, probs).numpy()),
-            accuracy=float(np.mean(predicted == y)),
-            n=len(y),
-            recall=[round(float(r), 4) for r in recall],
-        )
+        return dataclasses.replace(evaluation, recall=[round(float(r), 4) for r in recall])
 
     return evaluate
 
 
-def held_out_loss(pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None) -> Loss | None:
+def held_out_loss(
+    pruner: Pruner, x: np.ndarray | None, y: np.ndarray | None, task: Task = Task.CLASSIFY
+) -> Loss | None:
     """The held-out loss of the global model with given weights (the screened rule's measure);
     it leaves the model at those weights."""
     if x is None or y is None:
         return None
-    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
 
     def loss(weights: list[np.ndarray]) -> float:
         pruner.set_weights(weights)
-        return float(loss_fn(y, pruner.stripped(x, training=False)).numpy())
+        return task.evaluate(pruner.stripped(x, training=False).numpy(), x, y).loss
 
     return loss
+
+
+def task(config: RunConfig) -> Task:
+    """What the run's model learns (``--task``, or read from the model's output)."""
+    return task_of(models.build(config.model, seed=config.seed), config.task)
 
 
 def run(
@@ -105,6 +113,8 @@ def run(
     signer, trust = config.signatures()
     keys = DeviceKeys(config.device_keys) if config.device_keys else None
     model = models.build(config.model, seed=config.seed)
+    task = task_of(model, config.task)
+    config = dataclasses.replace(config, task=task.value)  # a resumed run keeps what it learns
     pruner = pruner_for(model, config.schedule)
     rundir = RunDir(config.run_dir, overwrite=config.overwrite, resume=resume)
     rundir.write_config(config)
@@ -141,8 +151,8 @@ def run(
     coordinator = Coordinator(
         parts,
         pruner,
-        evaluate=evaluator(pruner, x, y),
-        loss=held_out_loss(pruner, x, y),
+        evaluate=evaluator(pruner, x, y, task),
+        loss=held_out_loss(pruner, x, y, task),
         on_round=after_round,
     )
     coordinator.telemetry.listeners.extend(listeners or [])
@@ -159,9 +169,9 @@ def run(
         rundir.save_models(pruner)
         unhealthy = verdict(
             results,
-            None if y is None else chance_accuracy(y),
+            None if y is None else chance(task, y),
             class_drop=config.class_drop,
-            support=() if y is None else np.bincount(y).tolist(),
+            support=() if y is None or task is not Task.CLASSIFY else np.bincount(y).tolist(),
         )
         wanted = sorted({config.profile, *coordinator.profiles.values()})
         coordinator.telemetry.stage("exporting")
@@ -218,7 +228,7 @@ def _heldout(
     x, _ = heldout.shaped(pruner.input_shape())
     y = heldout.y
     classes = int(pruner.stripped.output_shape[-1])
-    if y.min() < 0 or y.max() >= classes:
+    if config.task == Task.CLASSIFY and (y.min() < 0 or y.max() >= classes):
         raise ConfigError(
             f"{config.heldout}: labels run from {y.min()} to {y.max()}; the model has"
             f" {classes} classes"
@@ -258,7 +268,7 @@ def _deploy(
             profile,
             report.model_path.read_bytes(),
             precision=str(report.precision),
-            accuracy=report.tflite_accuracy,
+            accuracy=report.tflite_score,
             export_json=(report.model_path.parent / "export.json").read_text(),
         )
         for profile, report in deployable.items()
@@ -287,6 +297,7 @@ def _trainable(pruner: Pruner, config: RunConfig) -> bytes:
             optimizer=config.optimizer,
             learning_rate=config.learning_rate,
             momentum=config.momentum,
+            task=Task(config.task),
         )
 
 

@@ -104,4 +104,5 @@ class SpecPublisher:
             local_epochs=config.local_epochs,
             batch_size=config.batch_size,
             codec=self.codec.name if self.codec else "",
+            task=config.task,
         )

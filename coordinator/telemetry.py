@@ -210,10 +210,10 @@ class Telemetry(Observer):
         self._progress = None
         self._rounds.append(result.to_dict())
         self._sparsity = result.sparsity
-        acc = "-" if result.accuracy is None else f"{result.accuracy:.3f}"
+        score = "-" if result.score is None else f"{result.score:.3f}"
         self.ledger.event(
             "round",
-            f"round {result.round}: accuracy {acc}, sparsity {result.sparsity:.2f},"
+            f"round {result.round}: {result.metric} {score}, sparsity {result.sparsity:.2f},"
             f" {result.reported}/{result.selected} reported",
         )
         self._changed(now=True)
@@ -226,9 +226,10 @@ class Telemetry(Observer):
             self.ledger.event("resume", f"resumed after round {self._round}")
         self._changed(now=True)
 
-    def deployed(self, profile: str, sha256: str, accuracy: float) -> None:
+    def deployed(self, profile: str, sha256: str, accuracy: float | None) -> None:
         self.ledger.deployed(sha256, accuracy)
-        self.ledger.event("deploy", f"{profile}: model {sha256[:12]}, accuracy {accuracy:.4f}")
+        score = "-" if accuracy is None else f"{accuracy:.4f}"
+        self.ledger.event("deploy", f"{profile}: model {sha256[:12]}, score {score}")
         self._changed(now=True)
 
     def tick(self) -> None:

@@ -413,12 +413,11 @@ class EdgeClient:
         sent = self.uplink.update(round_.round, session, trained.payload)
         metrics = trained.update.metrics
         log.info(
-            "round %d: trained %d epoch(s) on %d samples in %.3f s, held-out accuracy %.3f,"
-            " sent %d bytes",
+            "round %d: trained %d epoch(s) on %d samples in %.3f s, held-out %s, sent %d bytes",
             round_.round,
             trained.epochs,
             self.data.num_samples,
             metrics["train_seconds"],
-            trained.evaluation.accuracy,
+            trained.evaluation.describe(),
             sent,
         )

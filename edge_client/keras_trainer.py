@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches, calibrated
+from fedprune.edge_client.task import Evaluation, Task
+from fedprune.edge_client.trainer import EpochHook, Trainer, batches, calibrated
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import Spec
@@ -133,7 +134,11 @@ class KerasTrainer(Trainer):
         self._tf = tf
         self._keras = tf_keras
         self.model = tf_keras.models.model_from_json(spec.model_json)
-        self._loss = tf_keras.losses.SparseCategoricalCrossentropy()
+        self._loss = (
+            tf_keras.losses.SparseCategoricalCrossentropy()
+            if self.task is Task.CLASSIFY
+            else tf_keras.losses.MeanSquaredError()
+        )
         if spec.optimizer == "adam":
             self._optimizer: Any = tf_keras.optimizers.Adam(spec.learning_rate)
         else:
@@ -176,10 +181,11 @@ class KerasTrainer(Trainer):
         on_epoch: EpochHook | None = None,
     ) -> list[np.ndarray]:
         self._load(model)
+        targets = self.task.targets(x, y, self.model.output_shape[1:])
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):
             for idx in batches(len(x), self.spec.batch_size, rng):
-                self._step(x[idx], y[idx])
+                self._step(x[idx], targets[idx])
             if on_epoch is not None:
                 on_epoch(epoch)
         weights = [np.asarray(w) for w in self.model.get_weights()]
@@ -218,7 +224,4 @@ class KerasTrainer(Trainer):
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
         self.model.set_weights(weights)
-        probs = self.model(x, training=False).numpy()
-        loss = float(self._loss(y, probs).numpy())
-        accuracy = float(np.mean(np.argmax(probs, axis=1) == y))
-        return Evaluation(loss=loss, accuracy=accuracy, n=len(y))
+        return self.task.evaluate(self.model(x, training=False).numpy(), x, y)

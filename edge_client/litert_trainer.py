@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer, batches, calibrated
+from fedprune.edge_client.task import Evaluation
+from fedprune.edge_client.trainer import EpochHook, Trainer, batches, calibrated
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ModelError
 from fedprune.protocol.messages import Spec
@@ -58,6 +59,8 @@ class LiteRTTrainer(Trainer):
         self._batch = int(x_detail["shape"][0])
         self._input_shape = tuple(int(d) for d in x_detail["shape"][1:])
         self._y_dtype = self._run["train"].get_input_details()["y"]["dtype"]
+        (output,) = self._run["infer"].get_output_details().values()
+        self._output_shape = tuple(int(d) for d in output["shape"][1:])
 
     @property
     def batch_size(self) -> int:
@@ -92,7 +95,7 @@ class LiteRTTrainer(Trainer):
     ) -> list[np.ndarray]:
         self._set(model.weights, model.masks)
         x = x.reshape((-1, *self._input_shape)).astype(np.float32)
-        y = y.astype(self._y_dtype)
+        y = self.task.targets(x, y, self._output_shape).astype(self._y_dtype)
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):
             for idx in batches(len(x), self._batch, rng):
@@ -111,15 +114,10 @@ class LiteRTTrainer(Trainer):
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
         self._set(weights, None)
         x = x.reshape((-1, *self._input_shape)).astype(np.float32)
-        probs = []
+        outputs = []
         for start in range(0, len(x), self._batch):
             batch = x[start : start + self._batch]
             padded = np.resize(batch, (self._batch, *self._input_shape))  # fixed batch size
-            probs.append(self._run["infer"](x=padded)["probs"][: len(batch)])
-        p = np.concatenate(probs)
-        picked = np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)
-        return Evaluation(
-            loss=float(-np.mean(np.log(picked))),
-            accuracy=float(np.mean(np.argmax(p, axis=1) == y)),
-            n=len(y),
-        )
+            (out,) = self._run["infer"](x=padded).values()
+            outputs.append(out[: len(batch)])
+        return self.task.evaluate(np.concatenate(outputs), x, y)

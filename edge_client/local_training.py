@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedprune.edge_client.data import LocalData
+from fedprune.edge_client.task import Evaluation
 from fedprune.edge_client.trainer import (
     EpochHook,
-    Evaluation,
     Trainer,
     backend_class,
     make_trainer,
@@ -145,7 +145,7 @@ class LocalTraining:
         evaluation = (
             trainer.evaluate(new, x_test, self.data.y_test)
             if len(self.data.y_test)
-            else Evaluation(loss=0.0, accuracy=0.0, n=0)  # nothing held out: weight 0
+            else Evaluation(loss=0.0, n=0)  # nothing held out: weight 0
         )
         deltas = [np.asarray(n, np.float32) - w for n, w in zip(new, model.weights, strict=True)]
         update = Update(
@@ -154,7 +154,7 @@ class LocalTraining:
             deltas=deltas,
             metrics={
                 "loss": evaluation.loss,
-                "accuracy": evaluation.accuracy,
+                **({} if evaluation.accuracy is None else {"accuracy": evaluation.accuracy}),
                 "n_eval": float(evaluation.n),
                 "train_seconds": train_seconds,
                 "peak_memory_mb": peak_memory_mb(),
@@ -191,10 +191,12 @@ class LocalTraining:
         did not send (error feedback) and keeps what this one does not."""
         codec = self.codec(spec)
         if not codec.lossy:
-            return encode_update(update, model.masks, codec)
+            return encode_update(update, model.masks, codec, exact=model.exact)
         with_residual = self.residual.add(update.deltas, session, model.masks)
         wanted = dataclasses.replace(update, deltas=with_residual)
-        payload = encode_update(wanted, model.masks, codec, rng=np.random.default_rng(seed))
+        payload = encode_update(
+            wanted, model.masks, codec, rng=np.random.default_rng(seed), exact=model.exact
+        )
         self.residual.keep(wanted.deltas, decode_update(payload, model).deltas, session)
         if self.residual_file is not None:
             try:

@@ -11,23 +11,15 @@ import importlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
+from fedprune.edge_client.task import Evaluation, Task
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import Spec
 
 EpochHook = Callable[[int], None]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Evaluation:
-    loss: float
-    accuracy: float
-    n: int
-    recall: list[float] | None = None  # per class (the coordinator's held-out set)
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -74,6 +66,7 @@ class Trainer(ABC):
 
     def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
         self.spec = spec
+        self.task = Task(spec.task)
 
     @property
     def batch_size(self) -> int:

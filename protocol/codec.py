@@ -125,10 +125,22 @@ def default_codec(uplink_kbps: int) -> Codec:
 
 @dataclass(frozen=True, kw_only=True)
 class Model:
-    """Global weights (in the stripped model's ``get_weights`` order) and their masks."""
+    """Global weights (in the stripped model's ``get_weights`` order) and their masks.
+
+    ``exact`` names the tensors that are statistics, not learned by gradient (a
+    BatchNormalization's moving mean and variance, which each device sets from its data): every
+    update and model delta carries them in float32, every value, whatever the codec (1.12). A
+    rounded, sparsified or residual-delayed statistic is not a late gradient but a wrong value:
+    error feedback re-sent stale variance changes on top of new ones, and drove a variance below
+    zero, which makes the model's every output NaN."""
 
     weights: list[np.ndarray]
     masks: list[np.ndarray | None]
+    exact: frozenset[int] = frozenset()
+
+    def codec(self, index: int, codec: Codec) -> Codec:
+        """How tensor ``index`` travels in a payload of ``codec``."""
+        return F32 if index in self.exact else codec
 
     def kept(self, index: int) -> int:
         """Number of values sent for tensor ``index``."""
@@ -179,14 +191,16 @@ def encode_model(model: Model) -> bytes:
     for weight, mask in zip(model.weights, model.masks, strict=True):
         bits = None if mask is None else np.packbits(mask.reshape(-1).astype(bool)).tobytes()
         tensors.append({"shape": list(weight.shape), "mask": bits, "values": _values(weight, mask)})
-    return msgpack.packb({"tensors": tensors}, use_bin_type=True)  # type: ignore[no-any-return]
+    body = {"tensors": tensors, "exact": sorted(model.exact)}
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def decode_model(payload: bytes) -> Model:
     weights: list[np.ndarray] = []
     masks: list[np.ndarray | None] = []
     try:
-        for i, tensor in enumerate(_load(payload)["tensors"]):
+        body = _load(payload)
+        for i, tensor in enumerate(body["tensors"]):
             shape = tuple(int(d) for d in tensor["shape"])
             size = math.prod(shape)
             if min(shape, default=0) < 0 or size > _declared_limit(tensor):
@@ -206,9 +220,12 @@ def decode_model(payload: bytes) -> Model:
                 dense[mask.reshape(-1).astype(bool)] = values
             weights.append(dense.reshape(shape))
             masks.append(mask)
+        exact = frozenset(int(i) for i in body.get("exact", []))
+        if not all(0 <= i < len(weights) for i in exact):
+            raise ShapeError(f"exact tensors {sorted(exact)} named in a model of {len(weights)}")
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed model payload ({exc})") from exc
-    return Model(weights=weights, masks=masks)
+    return Model(weights=weights, masks=masks, exact=exact)
 
 
 def encode_delta(base: Model, target: Model, codec: Codec = INT8) -> bytes:
@@ -223,13 +240,14 @@ def encode_delta(base: Model, target: Model, codec: Codec = INT8) -> bytes:
         chosen = dataclasses.replace(chosen, values=ValueFormat.INT8)
     rng = np.random.default_rng(0)
     tensors = []
-    for old, new, old_mask, new_mask in zip(
-        base.weights, target.weights, base.masks, target.masks, strict=True
+    for i, (old, new, old_mask, new_mask) in enumerate(
+        zip(base.weights, target.weights, base.masks, target.masks, strict=True)
     ):
         if (old_mask is None) != (new_mask is None) or old.shape != new.shape:
             raise ShapeError("the base model does not have the target's tensors")
         change = np.asarray(new, np.float32) - np.asarray(old, np.float32)
-        tensor = _encode_tensor(np.frombuffer(_values(change, new_mask), _F32), chosen, rng)
+        values = np.frombuffer(_values(change, new_mask), _F32)
+        tensor = _encode_tensor(values, base.codec(i, chosen), rng)
         tensor["mask"] = None
         if new_mask is not None and old_mask is not None and not np.array_equal(old_mask, new_mask):
             tensor["mask"] = np.packbits(new_mask.reshape(-1) != 0).tobytes()
@@ -268,14 +286,15 @@ def apply_delta(base: Model, payload: bytes) -> Model:
                 mask = np.unpackbits(np.frombuffer(bits, np.uint8), count=old.size)
                 mask = mask.astype(np.float32).reshape(old.shape)
             kept = np.ones(old.size, bool) if mask is None else mask.reshape(-1) != 0
-            change = _decode_tensor(tensor, int(np.count_nonzero(kept)), codec, f"tensor {i}")
+            n = int(np.count_nonzero(kept))
+            change = _decode_tensor(tensor, n, base.codec(i, codec), f"tensor {i}")
             new = np.zeros(old.size, np.float32)
             new[kept] = np.asarray(old, np.float32).reshape(-1)[kept] + change
             weights.append(new.reshape(old.shape))
             masks.append(mask)
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed model delta ({exc})") from exc
-    return Model(weights=weights, masks=masks)
+    return Model(weights=weights, masks=masks, exact=base.exact)
 
 
 def encode_update(
@@ -284,9 +303,11 @@ def encode_update(
     codec: Codec = F32,
     *,
     rng: np.random.Generator | None = None,
+    exact: frozenset[int] = frozenset(),
 ) -> bytes:
-    """The update's values at the kept positions, as ``codec`` says (``rng`` draws the
-    stochastic rounding of ``int8sr``)."""
+    """The update's values at the kept positions, as ``codec`` says (the ``exact`` tensors in
+    float32: Model.exact; ``rng`` draws the stochastic rounding of ``int8sr``)."""
+    carried = Model(weights=[], masks=[], exact=exact)
     body: dict[str, Any] = {
         "round": update.round,
         "num_samples": update.num_samples,
@@ -296,9 +317,10 @@ def encode_update(
         body["values"] = [_values(d, m) for d, m in zip(update.deltas, masks, strict=True)]
         return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
     body["codec"] = codec.name
+    rng = rng or np.random.default_rng()
     body["tensors"] = [
-        _encode_tensor(np.frombuffer(_values(d, m), _F32), codec, rng or np.random.default_rng())
-        for d, m in zip(update.deltas, masks, strict=True)
+        _encode_tensor(np.frombuffer(_values(d, m), _F32), carried.codec(i, codec), rng)
+        for i, (d, m) in enumerate(zip(update.deltas, masks, strict=True))
     ]
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return _compress(packed) if codec.zstd else packed
@@ -357,7 +379,7 @@ def decode_update(payload: bytes, model: Model) -> Update:
             flat = (
                 _unpack(raw, n, f"tensor {i}")
                 if "codec" not in body
-                else (_decode_tensor(raw, n, codec, f"tensor {i}"))
+                else (_decode_tensor(raw, n, model.codec(i, codec), f"tensor {i}"))
             )
             if mask is None:
                 deltas.append(flat.reshape(weight.shape))

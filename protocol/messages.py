@@ -126,6 +126,7 @@ class Spec(Message):
     artifact: Manifest | None = None  # the trainable TFLite model for litert clients (1.1)
     artifact_error: str | None = None  # why there is none: litert clients cannot train (1.2)
     codec: str = ""  # how updates travel (1.7; codec.Codec); "" = each device by its profile
+    task: str = "classify"  # what the model learns (1.12; edge_client.task.Task)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +220,9 @@ class Deployment(Message):
     profile: str
     model: Manifest
     precision: str
-    accuracy: float
+    # The export's LiteRT score: its accuracy, or an autoencoder's AUC (1.12: None, an
+    # autoencoder scored by its MSE alone; export_json has everything)
+    accuracy: float | None
     export_json: str
 
 

@@ -28,7 +28,7 @@ def test_default_profile_prints_one_summary_line_and_exits_0(
     assert code == 0
     assert len(out) == 1
     assert out[0].startswith("generic-x86-64  float32 ")
-    assert "accuracy keras 0." in out[0] and "litert 0." in out[0]
+    assert "LiteRT accuracy 0." in out[0] and "(Keras 0." in out[0]
     threads = min(8, os.cpu_count() or 1)  # the profile's 8 cores, capped by this machine's
     assert "latency p50 " in out[0] and f"({threads} threads)" in out[0]
     assert out[0].endswith(str(run / "export" / "generic-x86-64" / "model.tflite"))

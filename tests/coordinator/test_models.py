@@ -132,7 +132,8 @@ def test_a_model_without_a_softmax_output_is_refused_with_one_line(
     # Assert
     assert str(caught.value) == (
         f"{path}: the output layer 'logits' ends in 'linear', not a softmax; fedprune trains"
-        " classifiers that output probabilities: give it activation='softmax'"
+        " classifiers that output probabilities (give it activation='softmax') and autoencoders"
+        " whose output has the input's size"
     )
 
 

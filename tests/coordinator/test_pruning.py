@@ -275,3 +275,25 @@ def test_structured_two_by_four_is_applied_at_begin_round_and_kept() -> None:
     for mask in (m for m in pruner.model().masks if m is not None):
         groups = mask.T.reshape(mask.shape[1], -1, 4)
         assert np.all(groups.sum(axis=-1) == 2)
+
+
+def test_a_negative_moving_variance_from_aggregation_is_set_to_zero_not_turned_into_nan() -> None:
+    # Prepare: updates that sum to a moving variance below zero (a lossy codec's rounding, or a
+    # hostile device), in the autoencoder preset's BatchNormalization layers
+    pruner = pruner_for(models.build("autoencoder", seed=0), _schedule(ScheduleKind.POLYNOMIAL))
+    weights = pruner.model().weights
+    variances = [i for i, v in enumerate(pruner.stripped.weights) if "moving_variance" in v.name]
+    for i in variances:
+        weights[i] = np.full_like(weights[i], -0.25)
+    x = np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32)
+
+    # Execute
+    pruner.set_weights(weights)
+
+    # Assert: those variances are 0, everything else as given, and the model's outputs finite
+    after = pruner.model().weights
+    assert len(variances) == 9
+    assert all(np.array_equal(after[i], np.zeros_like(after[i])) for i in variances)
+    others = [i for i in range(len(weights)) if i not in variances]
+    assert all(np.array_equal(after[i], weights[i]) for i in others)
+    assert np.isfinite(pruner.stripped(x, training=False).numpy()).all()

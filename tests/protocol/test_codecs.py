@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import msgpack
@@ -15,9 +16,11 @@ from fedprune.protocol.codec import (
     Residual,
     Update,
     apply_delta,
+    decode_model,
     decode_update,
     default_codec,
     encode_delta,
+    encode_model,
     encode_update,
     zstd,
 )
@@ -273,3 +276,35 @@ def test_a_model_change_in_a_top_k_codec_sends_the_largest_changes_compressed(
     assert len(delta) < len(encode_delta(model, new, Codec.parse("int8"))) / 4
     np.testing.assert_allclose(rebuilt.weights[1][:2], new.weights[1][:2], atol=0.01)
     assert np.count_nonzero(rebuilt.weights[0] != model.weights[0]) <= 0.05 * 480 + 1
+
+
+@pytest.mark.parametrize("codec", ["int8", "int8sr", "f16", "int8+top0.1+zstd"])
+def test_exact_tensors_travel_in_float32_whatever_the_codec(model: Model, codec: str) -> None:
+    # Prepare: the bias plays a BatchNormalization statistic (Model.exact)
+    exact = dataclasses.replace(model, exact=frozenset({1}))
+    update = _update(exact)
+    wanted = dataclasses.replace(update, deltas=[update.deltas[0], update.deltas[1] + 1 / 3])
+
+    # Execute: an update, a model payload and a model delta
+    back = decode_update(
+        encode_update(wanted, exact.masks, Codec.parse(codec), exact=exact.exact), exact
+    )
+    shipped = decode_model(encode_model(exact))
+    target = dataclasses.replace(
+        exact, weights=[w + d for w, d in zip(exact.weights, wanted.deltas, strict=True)]
+    )
+    rebuilt = apply_delta(shipped, encode_delta(shipped, target, Codec.parse(codec)))
+
+    # Assert: the statistic arrives as sent, every value; the kernel as the codec rounds it
+    assert np.array_equal(back.deltas[1], wanted.deltas[1])
+    assert not np.array_equal(back.deltas[0], wanted.deltas[0])
+    assert shipped.exact == rebuilt.exact == frozenset({1})
+    assert np.array_equal(rebuilt.weights[1], target.weights[1])
+
+
+def test_a_model_naming_an_exact_tensor_it_does_not_have_is_refused(model: Model) -> None:
+    body = msgpack.unpackb(encode_model(model))
+    body["exact"] = [2]
+
+    with pytest.raises(WireError, match=r"exact tensors \[2\] named in a model of 2"):
+        decode_model(msgpack.packb(body, use_bin_type=True))

@@ -14,7 +14,8 @@ from memory_broker import MemoryBroker, MemoryTransport
 
 from fedprune.edge_client.client import EdgeClient
 from fedprune.edge_client.data import LocalData
-from fedprune.edge_client.trainer import EpochHook, Evaluation, Trainer
+from fedprune.edge_client.task import Evaluation
+from fedprune.edge_client.trainer import EpochHook, Trainer
 from fedprune.edge_client.uplink import Identity
 from fedprune.protocol.chunks import sha256, split
 from fedprune.protocol.codec import Model, encode_model
