@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from fedprune.coordinator.health import chance_accuracy, verdict
+from fedprune.coordinator.health import chance, chance_accuracy, verdict
 from fedprune.coordinator.result import RoundResult
+from fedprune.edge_client.task import Task
 
 
 def _rounds(
@@ -102,3 +105,27 @@ def test_a_final_model_that_lost_a_class_is_flagged_though_its_accuracy_looks_fi
 def test_without_the_held_out_support_no_class_is_judged() -> None:
     recalls: list[list[float] | None] = [[0.9, 0.9], [0.9, 0.0]]
     assert verdict(_rounds(0.9, 0.9, recalls=recalls), 0.5) is None
+
+
+@pytest.mark.parametrize(
+    ("aucs", "expected"),
+    [
+        ((0.60, 0.93), None),
+        ((0.55, 0.53), "final AUC 0.530 is not better than chance (0.500, a reconstruction"),
+        ((0.95, 0.80), "final AUC 0.800 is far below round 1's 0.950"),
+    ],
+)
+def test_an_autoencoder_is_judged_on_the_auc_of_its_error_against_chance_at_one_half(
+    aucs: tuple[float, ...], expected: str | None
+) -> None:
+    # Prepare: rounds of a reconstruction: no accuracy, the held-out AUC
+    rounds = [
+        dataclasses.replace(r, accuracy=None, auc=a)
+        for r, a in zip(_rounds(*aucs), aucs, strict=True)
+    ]
+
+    # Execute
+    reason = verdict(rounds, chance(Task.RECONSTRUCT, np.array([0, 1, 1, 0])))
+
+    # Assert
+    assert reason is None if expected is None else reason and reason.startswith(expected)
