@@ -103,20 +103,17 @@ class Pruner:
         self.schedule = schedule
         # m-by-n sparsity is applied at TF-MOT step 1: a structured run counts from begin_round
         self.step_offset = schedule.begin_round - 1 if schedule.m_by_n else 0
-        # family -> its groups at the start: the schedule's share is of these
-        self.units = (
-            {name: g.size for name, g in structure.Coupling(model).families.items()}
-            if schedule.units
-            else {}
-        )
+        self.units: dict[str, int] = {}
         self.weight_phase = False  # a hybrid schedule wraps for its weights once units are done
         self._adopt(wrap(model, schedule), round_=self.step_offset - 1)
+        if self.coupling is not None:  # family -> its groups at the start: the schedule's share
+            self.units = {name: g.size for name, g in self.coupling.families.items()}
 
     def _adopt(self, wrapped: tf_keras.Model, round_: int) -> None:
         self.wrapped = wrapped
         self.stripped = sparsity.strip_pruning(wrapped)  # shares the inner layers with ``wrapped``
         self.wrappers = [layer for layer in wrapped.layers if isinstance(layer, PruneLowMagnitude)]
-        self.coupling = structure.Coupling(self.stripped) if self.units else None
+        self.coupling = structure.Coupling(self.stripped) if self.schedule.units else None
         position = {id(v): i for i, v in enumerate(self.stripped.weights)}
         norms = [
             layer

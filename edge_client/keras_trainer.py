@@ -148,6 +148,11 @@ class KerasTrainer(Trainer):
             tf.Variable(tf.ones_like(v), trainable=False) for v in self.model.trainable_variables
         ]
         self._step = tf.function(self._train_step)
+        found = list(_all_layers(self.model))
+        norms = [la for la in found if isinstance(la, tf_keras.layers.BatchNormalization)]
+        self._norms = [la for la in norms if la.trainable]  # what _statistics sets
+        self._drops = [la for la in found if isinstance(la, tf_keras.layers.Dropout)]
+        self._index = {id(w): i for i, w in enumerate(self.model.weights)}
 
     def _train_step(self, x: Any, y: Any) -> Any:
         tf = self._tf
@@ -195,14 +200,9 @@ class KerasTrainer(Trainer):
         """Per batch of one pass, the batch statistics each BatchNormalization's moving mean and
         variance follow (as the litert artifact's ``moments``): what one training step at
         momentum 0 sets them to, Dropout off (the litert artifact has none in training)."""
-        keras = self._keras
-        found = list(_all_layers(self.model))
-        norms = [la for la in found if isinstance(la, keras.layers.BatchNormalization)]
-        norms = [la for la in norms if la.trainable]
+        norms, drops, index = self._norms, self._drops, self._index
         if not norms:
             return
-        drops = [la for la in found if isinstance(la, keras.layers.Dropout)]
-        index = {id(w): i for i, w in enumerate(self.model.weights)}
         saved = [la.momentum for la in norms], [la.rate for la in drops]
         for la in norms:
             la.momentum = 0.0
