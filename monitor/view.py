@@ -5,6 +5,7 @@ from the coordinator's still shows them right."""
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from rich import box
 from rich.console import Console, Group
@@ -27,6 +28,13 @@ def _num(value: object, digits: int) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
 
 
+def _score(r: dict[str, Any]) -> tuple[str, str]:
+    """A round's held-out score and its name: the accuracy, or an autoencoder's AUC."""
+    if r.get("accuracy") is None and r.get("auc") is not None:
+        return "AUC", _num(r.get("auc"), 3)
+    return "accuracy", _num(r.get("accuracy"), 3)
+
+
 def _kb(n: float) -> str:
     return f"{n / 1024:,.0f} KB" if n < 10 * 1024 * 1024 else f"{n / 1024 / 1024:,.0f} MB"
 
@@ -44,7 +52,7 @@ def line(snapshot: Snapshot, coordinator: str) -> str:
         last = snapshot.rounds[-1]
         with contextlib.suppress(KeyError, TypeError, ValueError):
             text += (
-                f"; round {int(last['round'])}: accuracy {_num(last.get('accuracy'), 3)},"
+                f"; round {int(last['round'])}: {' '.join(_score(last))},"
                 f" sparsity {last['sparsity']:.2f},"
                 f" {int(last['reported'])}/{int(last['selected'])} reported"
             )
@@ -67,8 +75,8 @@ def _header(snapshot: Snapshot, coordinator: str) -> Panel:
         (run.phase, "bold"),
         ("   round ", "dim"),
         (f"{run.round}/{run.rounds}", "bold"),
-        ("   accuracy ", "dim"),
-        (_num(last.get("accuracy"), 3), "bold"),
+        (f"   {_score(last)[0]} ", "dim"),
+        (_score(last)[1], "bold"),
         ("   sparsity ", "dim"),
         (f"{run.sparsity:.2f}", "bold"),
         (f" (target {run.sparsity_target:.2f})", "dim"),
@@ -122,7 +130,7 @@ def _rounds(snapshot: Snapshot) -> Table:
     table = Table(title="Rounds", title_justify="left", box=box.SIMPLE_HEAD)
     for column in (
         "round",
-        "accuracy",
+        "accuracy/AUC",
         "devices' acc",
         "sparsity",
         "reported",
@@ -136,7 +144,7 @@ def _rounds(snapshot: Snapshot) -> Table:
         try:  # metrics lines are plain maps: one that is not what it should be is left out
             cells = [
                 f"{int(r['round'])}",
-                _num(r.get("accuracy"), 3),
+                _score(r)[1],
                 _num(r.get("client_accuracy"), 3),
                 f"{r['sparsity']:.2f}",
                 f"{int(r['reported'])}/{int(r['selected'])}",

@@ -139,14 +139,17 @@ function render(snapshot) {
   $("phase").textContent = run.phase;
   $("round").textContent = `${run.round} of ${run.rounds}`;
   $("sparsity").textContent = `${fmt(run.sparsity, 2)} (target ${fmt(run.sparsity_target, 2)})`;
-  $("accuracy").textContent = last ? fmt(last.accuracy, 3) : "-";
+  const auc = last && last.accuracy === null && last.auc !== null && last.auc !== undefined;
+  $("metric").textContent = auc ? "AUC" : "accuracy";
+  $("accuracy").textContent = last ? fmt(auc ? last.auc : last.accuracy, 3) : "-";
   $("online").textContent = `${snapshot.devices.filter((d) => d.online).length} of ${run.devices_total}`;
   $("deadline").textContent = run.deadline ? clock(run.deadline) : "-";
   $("coordinator").textContent = snapshot.coordinator || "-";
   $("config").textContent = Object.entries(run.config).map(([k, v]) => `${k} ${v}`).join(" · ")
     + (run.signed ? " · signed messages" : " · unsigned");
   const labels = rounds.map((r) => r.round);
-  updateChart("chart-accuracy", labels, [rounds.map((r) => r.accuracy), rounds.map((r) => r.client_accuracy)]);
+  const score = (r) => (r.accuracy === null && r.auc !== undefined ? r.auc : r.accuracy);
+  updateChart("chart-accuracy", labels, [rounds.map(score), rounds.map((r) => r.client_accuracy)]);
   updateChart("chart-sparsity", labels, [rounds.map((r) => r.sparsity)]);
   updateChart("chart-bytes", labels, [rounds.map((r) => r.bytes_up / 1024), rounds.map((r) => r.dense_bytes_up / 1024)]);
   renderProgress(snapshot);

@@ -166,6 +166,20 @@ def test_the_terminal_view_shows_the_run_the_round_the_devices_and_the_events() 
     )
 
 
+def test_an_autoencoders_rounds_show_their_auc_where_a_classifiers_show_accuracy() -> None:
+    # Prepare: a reconstruction's round: no accuracy, the held-out AUC of its error
+    rounds = [SNAPSHOT.rounds[0] | {"accuracy": None, "client_accuracy": None, "auc": 0.871}]
+    snapshot = dataclasses.replace(SNAPSHOT, rounds=rounds)
+    out = console(record=True)
+
+    # Execute
+    out.print(render(snapshot, "online"))
+
+    # Assert
+    assert "AUC 0.871" in out.export_text()
+    assert "; round 3: AUC 0.871, sparsity 0.22" in line(snapshot, "online")
+
+
 def test_updates_that_devices_say_they_sent_and_that_have_not_arrived_are_shown() -> None:
     # Prepare: pi-2 resent its update for want of a notice, and the round has not received it
     progress = dataclasses.replace(SNAPSHOT.progress, overdue=["pi-2"])
