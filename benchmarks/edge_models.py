@@ -1,7 +1,7 @@
 """The MLPerf Tiny reference models on devices without TensorFlow: accuracy, pruning, speed, size.
 
-    .venv/bin/python benchmarks/edge_models.py [--models resnet8,dscnn,mobilenet] [--seeds 0,1,2]
-        [--rounds 20] [--clients 5] [--results benchmarks/results/edge_models.json]
+    .venv/bin/python benchmarks/edge_models.py [--models resnet8,dscnn,mobilenet,autoencoder]
+        [--seeds 0,1,2] [--rounds 20] [--clients 5] [--results benchmarks/results/edge_models.json]
         [--keep DIR] [--arm64 DIR] [--report-only JSON...]
 
 Per model and seed, one ``fedprune-demo`` run per configuration against a mosquitto started here
@@ -14,10 +14,18 @@ one process (``structural.measure``): held-out accuracy, each precision's .tflit
 LiteRT accuracy and single-image latency on one thread in the default interpreter) and the
 litert training artifact's batch-32 step.
 
+``autoencoder`` (MLPerf Tiny's fully connected autoencoder, a reconstruction) is scored by ROC AUC
+instead of accuracy: the demo gives its devices the digits 0-4 only and labels the held-out digits
+5-9 anomalies, and the AUC is that of the reconstruction error as the anomaly score (the tables
+say so, and each row's ``metric`` in ``--results``). Its runs add ``MODEL_FLAGS`` (Adam, lr 0.01:
+SGD with momentum barely learns it in 20 rounds). An export that ``export_model`` refuses is
+recorded with its reason and shown as ``refused``.
+
 Then, per model, the device's training step against tf_keras's own on the same machine and batch
-(32, SGD with momentum): the litert artifact in a fresh process that imports ai-edge-litert only,
-tf_keras's compiled ``train_on_batch`` in a fresh process that imports TensorFlow; the median step
-and each process's peak memory (VmHWM). ``--steps-only`` measures just these again, into
+(32, SGD with momentum for every model; the autoencoder's loss is the MSE against its input): the
+litert artifact in a fresh process that imports ai-edge-litert only, tf_keras's compiled
+``train_on_batch`` in a fresh process that imports TensorFlow; the median step and each process's
+peak memory (VmHWM). ``--steps-only`` measures just these again, into
 ``--results``.
 
 ``--keep DIR`` keeps the first seed's float32 and dynamic int8 files, and ``--arm64 DIR`` times
@@ -40,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from structural import arm64, measure, one_run  # noqa: E402
 
+from fedprune.converters.task import task_of  # noqa: E402
 from fedprune.converters.trainable import build_trainable  # noqa: E402
 from fedprune.coordinator import models  # noqa: E402
 from fedprune.coordinator.broker import EmbeddedBroker  # noqa: E402
@@ -53,7 +62,14 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "units 50%": (LITERT, ["--units", "l2", "--target", "0.5"]),
     "hybrid": (LITERT, ["--units", "l2", "--target", "0.5", "--weight-target", "0.8"]),
 }
+MODEL_FLAGS: dict[str, list[str]] = {  # added to every configuration's demo flags
+    "autoencoder": ["--optimizer", "adam", "--lr", "0.01"],
+}
 BATCH, LR, MOMENTUM = 32, 0.05, 0.9
+AUC_NOTE = (
+    "AUC: the held-out ROC AUC of the reconstruction error as anomaly score (an anomaly detection"
+    " proxy: devices train on digits 0-4, the held-out digits 5-9 are the anomalies)."
+)
 
 PEAK = """
 def peak_mb():  # this process's own high-water mark (ru_maxrss keeps the forking parent's)
@@ -69,9 +85,15 @@ import statistics, sys, time
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 train = Interpreter(model_path=sys.argv[1]).get_signature_runner("train")
+details = train.get_input_details()
 rng = np.random.default_rng(0)
-x = rng.random(train.get_input_details()["x"]["shape"], dtype=np.float32)
-y = rng.integers(0, 10, x.shape[0]).astype(np.int64)
+x = rng.random(details["x"]["shape"], dtype=np.float32)
+if details["y"]["dtype"] != np.float32:  # a classifier's labels
+    y = rng.integers(0, 10, x.shape[0]).astype(np.int64)
+elif x.size == int(np.prod(details["y"]["shape"])):  # a reconstruction learns its input
+    y = x.reshape(details["y"]["shape"])
+else:
+    y = rng.random(details["y"]["shape"], dtype=np.float32)
 times = []
 for i in range(int(sys.argv[2]) + 10):
     start = time.perf_counter()
@@ -90,13 +112,17 @@ import numpy as np
 import tf_keras
 from fedprune.coordinator import models
 model = models.build(sys.argv[1])
+reconstruct = sys.argv[6] == "reconstruct"
 model.compile(
     tf_keras.optimizers.SGD(float(sys.argv[3]), momentum=float(sys.argv[4])),
-    "sparse_categorical_crossentropy",
+    "mse" if reconstruct else "sparse_categorical_crossentropy",
 )
 rng = np.random.default_rng(0)
 x = rng.random((int(sys.argv[5]), *model.input_shape[1:]), dtype=np.float32)
-y = rng.integers(0, 10, x.shape[0]).astype(np.int64)
+if reconstruct:
+    y = x.reshape(len(x), -1)
+else:
+    y = rng.integers(0, 10, x.shape[0]).astype(np.int64)
 times = []
 for i in range(int(sys.argv[2]) + 10):
     start = time.perf_counter()
@@ -123,14 +149,21 @@ def _python(script: str, *args: object) -> tuple[float, float]:
 
 def steps(model: str, count: int) -> dict[str, float]:
     """The litert artifact's train step against tf_keras's, each in its own process."""
+    keras_model = models.build(model)
+    task = task_of(keras_model)
     artifact = build_trainable(
-        models.build(model), batch_size=BATCH, optimizer="sgd", learning_rate=LR, momentum=MOMENTUM
+        keras_model,
+        batch_size=BATCH,
+        optimizer="sgd",
+        learning_rate=LR,
+        momentum=MOMENTUM,
+        task=task,
     )
     with tempfile.NamedTemporaryFile(suffix=".tflite") as file:
         file.write(artifact)
         file.flush()
         litert_ms, litert_mb = _python(LITERT_STEP, file.name, count)
-    keras_ms, keras_mb = _python(KERAS_STEP, model, count, LR, MOMENTUM, BATCH)
+    keras_ms, keras_mb = _python(KERAS_STEP, model, count, LR, MOMENTUM, BATCH, task.value)
     return {
         "litert_ms": litert_ms,
         "litert_mb": litert_mb,
@@ -146,15 +179,35 @@ def report(rows: list[dict[str, Any]], step_rows: dict[str, dict[str, float]]) -
         def med(config: str, get: Any, group: list[dict[str, Any]] = group) -> float:
             return statistics.median(get(r) for r in group if r["config"] == config)
 
+        def export(
+            config: str, p: Precision, dense_gzip: float, group: list[dict[str, Any]] = group
+        ) -> str:
+            """gzip bytes, x smaller and LiteRT score of ``config``'s ``p`` exports, or refused."""
+            done = [r["exports"][p.value] for r in group if r["config"] == config]
+            kept = [e for e in done if "refused" not in e]
+            if not kept:
+                return "refused | - | refused"
+            packed = statistics.median(e["gzip"] for e in kept)
+            score = statistics.median(e["accuracy"] for e in kept)
+            some = (
+                f" ({len(done) - len(kept)} of {len(done)} refused)"
+                if len(kept) < len(done)
+                else ""
+            )
+            return f"{packed:,.0f} | {dense_gzip / packed:.1f}x | {score:.3f}{some}"
+
         seeds = len({r["seed"] for r in group})
+        metric = group[0].get("metric", "accuracy")  # results before "metric" are accuracies
         dense_acc = med("dense", lambda r: r["accuracy"])
         dense_lat = med("dense", lambda r: r["exports"]["float32"]["latency_ms"])
         dense_gzip = med("dense", lambda r: r["exports"]["float32"]["gzip"])
         print(f"\n#### {model}: medians of {seeds} seed(s)\n")
+        if metric == "AUC":
+            print(AUC_NOTE + "\n")
         print(
-            "| config | accuracy | vs dense | parameters | float32 latency ms | x faster |"
-            " full int8 gzip | x smaller | full int8 accuracy | dynamic int8 gzip | x smaller |"
-            " dynamic int8 accuracy |"
+            f"| config | {metric} | vs dense | parameters | float32 latency ms | x faster |"
+            f" full int8 gzip | x smaller | full int8 {metric} | dynamic int8 gzip | x smaller |"
+            f" dynamic int8 {metric} |"
         )
         print("|---" * 12 + "|")
         for config in CONFIGS:
@@ -162,16 +215,24 @@ def report(rows: list[dict[str, Any]], step_rows: dict[str, dict[str, float]]) -
                 continue
             acc = med(config, lambda r: r["accuracy"])
             lat = med(config, lambda r: r["exports"]["float32"]["latency_ms"])
-            cells = []
-            for p in (Precision.FULL_INT8, Precision.DYNAMIC_INT8):
-                packed = med(config, lambda r, p=p: r["exports"][p.value]["gzip"])
-                p_acc = med(config, lambda r, p=p: r["exports"][p.value]["accuracy"])
-                cells.append(f"{packed:,.0f} | {dense_gzip / packed:.1f}x | {p_acc:.3f}")
+            cells = [
+                export(config, p, dense_gzip) for p in (Precision.FULL_INT8, Precision.DYNAMIC_INT8)
+            ]
             print(
                 f"| {config} | {acc:.3f} | {(acc - dense_acc) * 100:+.1f} pt"
                 f" | {med(config, lambda r: r['parameters']):,.0f} | {lat:.4f}"
                 f" | {dense_lat / lat:.1f}x | " + " | ".join(cells) + " |"
             )
+        refusals = {
+            f"{r['config']}, seed {r['seed']}, {precision}: {e['refused']}"
+            for r in group
+            for precision, e in r["exports"].items()
+            if "refused" in e
+        }
+        if refusals:
+            print("\nRefused exports:\n")
+            for line in sorted(refusals):
+                print(f"- {line}")
     print(
         "\n| model | litert step ms | tf_keras step ms | litert / tf_keras | litert peak MB |"
         " tf_keras peak MB | litert / tf_keras |"
@@ -217,7 +278,8 @@ def main() -> int:
         return 0
     if args.report_only:
         saved = [json.loads(path.read_text()) for path in args.report_only]
-        report([row for s in saved for row in s["runs"]], saved[0]["steps"])
+        steps_of = {model: s for one in reversed(saved) for model, s in one["steps"].items()}
+        report([row for s in saved for row in s["runs"]], steps_of)  # first file wins
         return 0
     configs = args.configs.split(",")
     if unknown := [c for c in configs if c not in CONFIGS]:
@@ -232,6 +294,7 @@ def main() -> int:
                 for config in configs:
                     started = time.perf_counter()
                     profile, flags = CONFIGS[config]
+                    flags = [*flags, *MODEL_FLAGS.get(model, [])]
                     run_dir = one_run(
                         broker.url,
                         Path(tmp),

@@ -43,11 +43,14 @@ import tf_keras  # noqa: E402
 from ai_edge_litert.interpreter import OpResolverType  # noqa: E402
 
 from fedprune.converters.export import export_model, load_run_model  # noqa: E402
+from fedprune.converters.task import task_of  # noqa: E402
 from fedprune.converters.trainable import build_trainable  # noqa: E402
 from fedprune.coordinator.broker import EmbeddedBroker  # noqa: E402
 from fedprune.device_profiles import Precision  # noqa: E402
 from fedprune.edge_client import data as npz_data  # noqa: E402
 from fedprune.edge_client.quiet import native_log_filtered  # noqa: E402
+from fedprune.edge_client.task import Task  # noqa: E402
+from fedprune.protocol.errors import ExportError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_variants import variant_profile  # noqa: E402
@@ -142,17 +145,32 @@ def one_run(
 
 
 def measure(run_dir: Path, steps: int, keep: Path | None = None) -> dict[str, Any]:
-    """The run's final model: accuracy, parameters, uplink, exports, latency, training step."""
+    """The run's final model: its score, parameters, uplink, exports, latency, training step.
+
+    ``metric`` says what ``accuracy`` (the coordinator's last held-out score) and each export's
+    ``accuracy`` (its LiteRT score) are: a classifier's accuracy, or a reconstruction's ROC AUC
+    (its ``loss`` and each export's ``mse`` are then the mean squared error). An export that
+    ``export_model`` refuses is recorded as ``{"refused": reason}``."""
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     model = load_run_model(run_dir)
+    task = task_of(model)
     heldout = npz_data.load(run_dir / "heldout.npz", holdout=0.0)
-    exports = {}
+    exports: dict[str, dict[str, Any]] = {}
     for precision in Precision:
         profile = variant_profile(precision, sparse=False)
-        with native_log_filtered():
-            report = export_model(
-                model, profile, x=heldout.x, y=heldout.y, out_dir=run_dir / "bench" / profile.name
-            )
+        try:
+            with native_log_filtered():
+                report = export_model(
+                    model,
+                    profile,
+                    x=heldout.x,
+                    y=heldout.y,
+                    out_dir=run_dir / "bench" / profile.name,
+                )
+        except ExportError as refused:
+            exports[precision.value] = {"refused": str(refused)}
+            print(f"{run_dir.name} {precision.value}: refused: {refused}", file=sys.stderr)
+            continue
         if keep is not None and precision in (Precision.FLOAT32, Precision.DYNAMIC_INT8):
             keep.mkdir(parents=True, exist_ok=True)
             name = f"{run_dir.name.removeprefix('struct-')}--{precision.value}.tflite"
@@ -160,18 +178,26 @@ def measure(run_dir: Path, steps: int, keep: Path | None = None) -> dict[str, An
         exports[precision.value] = {
             "bytes": report.tflite_bytes,
             "gzip": report.gzip_bytes,
-            "accuracy": report.tflite_accuracy,
+            "accuracy": report.tflite_score,
             "latency_ms": report.latency_ms_p50,
         }
+        if task is Task.RECONSTRUCT:
+            exports[precision.value]["mse"] = report.tflite_mse
     with native_log_filtered():
         artifact = build_trainable(
-            model, batch_size=32, optimizer="sgd", learning_rate=0.05, momentum=0.9
+            model, batch_size=32, optimizer="sgd", learning_rate=0.05, momentum=0.9, task=task
         )
+    last = metrics[-1]
+    scores: dict[str, Any] = (
+        {"metric": "accuracy", "accuracy": last["accuracy"]}
+        if task is Task.CLASSIFY
+        else {"metric": "AUC", "accuracy": last["auc"], "loss": last["loss"]}
+    )
     return {
-        "accuracy": metrics[-1]["accuracy"],
+        **scores,
         "parameters": int(model.count_params()),
-        "sparsity": metrics[-1]["sparsity"],
-        "up_per_round": metrics[-1]["bytes_up"] / max(1, metrics[-1]["reported"]),
+        "sparsity": last["sparsity"],
+        "up_per_round": last["bytes_up"] / max(1, last["reported"]),
         "exports": exports,
         "train_step_ms": step_ms(artifact, OpResolverType.AUTO, steps),
     }

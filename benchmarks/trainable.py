@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,13 +28,22 @@ from fedprune.coordinator import models  # noqa: E402
 BATCH = 32
 
 
+def step_inputs(train: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A batch for a training artifact's ``train`` signature: random ``x`` and, as its ``y``
+    asks, integer labels (a classifier) or float32 targets (a reconstruction: ``x`` itself)."""
+    details = train.get_input_details()
+    rng = np.random.default_rng(0)
+    x = rng.random(details["x"]["shape"], dtype=np.float32)
+    if details["y"]["dtype"] != np.float32:
+        return x, rng.integers(0, 10, x.shape[0]).astype(np.int64)
+    return x, x.reshape(details["y"]["shape"])
+
+
 def step_ms(artifact: bytes, resolver: OpResolverType, steps: int) -> float:
+    """The median ``train`` step (ms) of a training artifact, after 10 untimed steps."""
     interpreter = Interpreter(model_content=artifact, experimental_op_resolver_type=resolver)
     train = interpreter.get_signature_runner("train")
-    shape = train.get_input_details()["x"]["shape"]
-    rng = np.random.default_rng(0)
-    x = rng.random(shape, dtype=np.float32)
-    y = rng.integers(0, 10, BATCH).astype(np.int64)
+    x, y = step_inputs(train)
     times = []
     for i in range(steps + 10):
         start = time.perf_counter()
