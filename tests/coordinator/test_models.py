@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import tf_keras
 
+from fedprune.converters.task import task_of
 from fedprune.coordinator import models
 from fedprune.coordinator.config import ScheduleConfig
 from fedprune.coordinator.pruning import Pruner
+from fedprune.edge_client.task import Task
 from fedprune.protocol.errors import ConfigError
 
 
@@ -152,3 +154,22 @@ def test_a_model_with_a_lambda_layer_is_refused_at_start(tmp_path: Path) -> None
     message = str(caught.value)
     assert message.startswith(f"{path}: ")
     assert "Lambda" in message and "\n" not in message
+
+
+def test_the_autoencoder_preset_saved_as_a_users_file_loads_as_a_reconstruction(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    path = tmp_path / "autoencoder.keras"
+    models.build("autoencoder", seed=3).save(path)
+
+    # Execute
+    loaded = models.build(str(path))
+
+    # Assert: the same model, and what it learns read from its output
+    assert task_of(loaded) is Task.RECONSTRUCT
+    assert loaded.count_params() == 36_456
+    for a, b in zip(
+        loaded.get_weights(), models.build("autoencoder", seed=3).get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
