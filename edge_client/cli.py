@@ -197,19 +197,37 @@ def _status_line() -> Iterator[Callable[[str], None] | None]:
         yield show
 
 
+class Stop(threading.Event):
+    """A request to leave: SIGTERM (``systemctl stop``, a shutdown; exit 0) or Ctrl-C (SIGINT;
+    exit 130). The loop ends after its current step and the device leaves cleanly, saying offline
+    first. The handler only sets this flag: an exception raised from it (KeyboardInterrupt) could
+    land inside a lock's wait and leave the lock broken, a traceback instead of an exit. A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal = ""
+        self.code = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signal, self.code = signal.Signals(signum).name, 0
+        if signum == signal.SIGINT:
+            self.code = 130
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.set()
+
+
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM (``systemctl stop``, a shutdown) asks the loop to end after its current step, and
-    # the device leaves cleanly, saying offline first. The handler only sets a flag: an exception
-    # raised from it could land inside a lock's wait and leave the lock broken.
-    stopping = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    stopping = Stop()
+    previous = {s: signal.signal(s, stopping) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(argv, stopping)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _main(argv: list[str] | None, stopping: threading.Event) -> int:
+def _main(argv: list[str] | None, stopping: Stop) -> int:
     try:
         args = parse(argv)
     except ConfigError as exc:
@@ -283,8 +301,8 @@ def _main(argv: list[str] | None, stopping: threading.Event) -> int:
     except KeyboardInterrupt:
         return 130
     if stopping.is_set():
-        log.info("stopped (SIGTERM); said offline to the broker")
-        return 0
+        log.info("stopped (%s); said offline to the broker", stopping.signal)
+        return stopping.code
     log.info(
         "done: %d round(s), %d bytes sent, %d bytes received, peak memory %.1f MB, TensorFlow"
         " loaded: %s",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import start_device
 
 from fedprune.edge_client.cli import main
 from fedprune.protocol.envelope import decode
@@ -78,5 +79,45 @@ def test_the_systemd_units_command_serves_the_device_and_sigterm_makes_it_say_of
     assert time.monotonic() - started < 10
     assert "waiting for the coordinator of run 'service'" in out
     assert "stopped (SIGTERM)" in out
+    assert isinstance(_status(watcher, 10), Offline)
+    watcher.close()
+
+
+def test_ctrl_c_makes_a_waiting_device_say_offline_and_exit_130_without_a_traceback(
+    mosquitto: str, tmp_path: Path
+) -> None:
+    # Prepare: a device waiting for a coordinator that never comes, and a watcher of its status
+    data = tmp_path / "local.npz"
+    np.savez(data, x=np.zeros((12, 64), np.float32), y=np.arange(12) % 3)
+    watcher = MqttTransport(mosquitto, client_id="watcher")
+    watcher.subscribe(Topics("ctrl-c").client_status("pi-c"))
+    device = start_device(
+        mosquitto,
+        "ctrl-c",
+        "pi-c",
+        data,
+        "--trainer",
+        "litert",
+        "--forever",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert isinstance(_status(watcher, 60), Hello)
+        time.sleep(1.5)  # inside its loop's wait for a message
+
+        # Execute
+        started = time.monotonic()
+        device.send_signal(signal.SIGINT)
+        out, _ = device.communicate(timeout=30)
+    finally:
+        if device.poll() is None:
+            device.kill()
+
+    # Assert: it left promptly, said so and told the broker, as after SIGTERM
+    assert device.returncode == 130, out[-2000:]
+    assert time.monotonic() - started < 10
+    assert "stopped (SIGINT)" in out and "Traceback" not in out
     assert isinstance(_status(watcher, 10), Offline)
     watcher.close()
