@@ -95,9 +95,14 @@ def plots(run: Run, out: Path) -> list[tuple[str, str]]:
         made.append((name, caption))
 
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("accuracy", "held-out (coordinator)"), ("client_accuracy", "devices")):
+    auc = any(r.get("auc") is not None for r in run.rounds)  # an autoencoder's score
+    scores = (
+        ("auc", "held-out AUC (coordinator)") if auc else ("accuracy", "held-out (coordinator)")
+    )
+    for key, label in (scores, ("client_accuracy", "devices")):
         acc.plot(rounds, [r.get(key) for r in run.rounds], marker=".", label=label)
-    acc.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="Accuracy")
+    metric = "AUC" if auc else "accuracy"
+    acc.set(xlabel="round", ylabel=metric, ylim=(0, 1), title=metric.capitalize())
     acc.legend()
     for key, label in (("loss", "held-out (coordinator)"), ("client_loss", "devices")):
         loss.plot(rounds, [r.get(key) for r in run.rounds], marker=".", label=label)
@@ -189,6 +194,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _score(export: dict[str, Any], side: str) -> Any:
+    """An export's accuracy on ``side`` (``tflite``, ``keras``), or an autoencoder's AUC."""
+    accuracy = export.get(f"{side}_accuracy")
+    return export.get(f"{side}_auc") if accuracy is None else accuracy
+
+
 def _fmt(value: Any, spec: str) -> Any:
     return "-" if value is None else format(value, spec)
 
@@ -204,6 +215,7 @@ def page(run: Run, made: list[tuple[str, str]]) -> str:
         [
             ["rounds", len(run.rounds)],
             ["final held-out accuracy", _fmt(last.get("accuracy"), ".4f")],
+            *([["final held-out AUC", _fmt(last["auc"], ".4f")]] if last.get("auc") else []),
             [
                 "final held-out recall per class",
                 ", ".join(f"{c}: {r:.2f}" for c, r in enumerate(last.get("recall") or [])) or "-",
@@ -227,8 +239,8 @@ def page(run: Run, made: list[tuple[str, str]]) -> str:
                 "precision",
                 "tflite bytes",
                 "gzip bytes",
-                "LiteRT accuracy",
-                "Keras accuracy",
+                "LiteRT accuracy (AUC)",
+                "Keras accuracy (AUC)",
                 "latency p50 ms",
                 "latency p95 ms",
                 "runtime",
@@ -239,8 +251,8 @@ def page(run: Run, made: list[tuple[str, str]]) -> str:
                     e.get("precision"),
                     e.get("tflite_bytes"),
                     e.get("gzip_bytes"),
-                    _fmt(e.get("tflite_accuracy"), ".4f"),
-                    _fmt(e.get("keras_accuracy"), ".4f"),
+                    _fmt(_score(e, "tflite"), ".4f"),
+                    _fmt(_score(e, "keras"), ".4f"),
                     _fmt(e.get("latency_ms_p50"), ".3f"),
                     _fmt(e.get("latency_ms_p95"), ".3f"),
                     e.get("runtime", ""),

@@ -137,3 +137,27 @@ def test_devices_named_like_math_and_large_fleets_are_plotted(tmp_path: Path, co
 
     image = matplotlib.image.imread(run / "report" / "participation.png")
     assert 200 < image.shape[1] < 3000
+
+
+def test_an_autoencoders_report_gives_its_auc_where_a_classifiers_gives_accuracy(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a reconstruction's run: no accuracy, an AUC per round and for its export
+    run = _run_dir(tmp_path)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r, line in enumerate(lines, start=1):
+        line.update(accuracy=None, client_accuracy=None, auc=0.6 + 0.08 * r)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    export_json = run / "export" / "raspberry-pi-4" / "export.json"
+    export = json.loads(export_json.read_text())
+    export.update(tflite_accuracy=None, keras_accuracy=None, tflite_auc=0.9123, keras_auc=0.9134)
+    export_json.write_text(json.dumps(export))
+
+    # Execute
+    code = main([str(run)])
+
+    # Assert
+    page = (run / "report" / "index.html").read_text()
+    assert code == 0
+    assert "final held-out AUC" in page and "0.9200" in page
+    assert "0.9123" in page and "0.9134" in page
