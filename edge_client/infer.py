@@ -29,6 +29,7 @@ from fedprune.edge_client import data as local_data
 from fedprune.edge_client import litert
 from fedprune.edge_client.litert import Latency, TensorFormat
 from fedprune.edge_client.quiet import native_log_filtered
+from fedprune.edge_client.task import Task, errors
 from fedprune.protocol.errors import ConfigError, FedpruneError, ModelError, print_error
 from fedprune.protocol.options import at_least_one
 
@@ -48,12 +49,16 @@ class Export:
     accuracy: float | None
     n_eval: int | None
     sha256: str | None
+    task: Task = Task.CLASSIFY  # an autoencoder's export says ``reconstruct``
+    auc: float | None = None  # its LiteRT AUC on the held-out anomalies
 
     def describe(self) -> str:
         parts = [f"profile {self.profile or '?'}", f"precision {self.precision or '?'}"]
+        on = f" on {self.n_eval} samples" if self.n_eval is not None else ""
         if self.accuracy is not None:
-            on = f" on {self.n_eval} samples" if self.n_eval is not None else ""
             parts.append(f"accuracy {self.accuracy:.4f}{on}")
+        elif self.auc is not None:
+            parts.append(f"a reconstruction, AUC {self.auc:.4f}{on}")
         parts.append("sha256 verified" if self.sha256 else "no sha256 recorded")
         return ", ".join(parts)
 
@@ -64,6 +69,8 @@ class Export:
             "accuracy": self.accuracy,
             "n_eval": self.n_eval,
             "sha256_verified": self.sha256 is not None,
+            "task": self.task.value,
+            "auc": self.auc,
         }
 
 
@@ -77,7 +84,9 @@ class Features:
 
 @dataclass(frozen=True, kw_only=True)
 class Report:
-    """One invocation's results; ``accuracy``/``predictions`` are ``None`` when not computed."""
+    """One invocation's results; ``accuracy``/``predictions`` are ``None`` when not computed. For
+    an autoencoder the predictions are each sample's reconstruction error (its anomaly score)
+    and ``mse`` their mean."""
 
     model: Path
     model_bytes: int
@@ -91,6 +100,7 @@ class Report:
     accuracy: float | None
     predictions: np.ndarray | None
     labels: np.ndarray | None
+    mse: float | None = None
 
     def to_json(self, *, predictions: bool) -> dict[str, Any]:
         """A JSON-ready dict; the predicted classes only when ``predictions`` is true."""
@@ -102,6 +112,7 @@ class Report:
             "runtime": self.runtime,
             "n": self.n,
             "accuracy": self.accuracy,
+            "mse": self.mse,
             "latency_ms_p50": self.latency.p50_ms,
             "latency_ms_p95": self.latency.p95_ms,
             "latency_ms_iqr": list(self.latency.iqr_ms),
@@ -125,6 +136,8 @@ class Report:
         ]
         if self.accuracy is not None:
             rows.append(("accuracy", f"{self.accuracy:.4f} on {self.n} samples"))
+        if self.mse is not None:
+            rows.append(("MSE", f"{self.mse:.4g} on {self.n} samples (reconstruction error)"))
         latency = self.latency
         timing = f"{latency.runs} runs, {self.threads} thread{'s' if self.threads > 1 else ''}"
         p50, p95 = _ms(latency.p50_ms), _ms(latency.p95_ms)
@@ -144,6 +157,11 @@ class Report:
 
     def _prediction_lines(self, everything: bool) -> list[str]:
         assert self.predictions is not None
+        if self.mse is not None:  # an autoencoder: each sample's error, its anomaly score
+            errors = self.predictions if everything else self.predictions[:SHOWN_PREDICTIONS]
+            more = len(self.predictions) - len(errors)
+            tail = f" ... ({more} more; --predictions lists all)" if more > 0 else ""
+            return [f"{'error':<9} " + " ".join(f"{e:.4g}" for e in errors) + tail]
         if not everything:
             shown = " ".join(str(int(p)) for p in self.predictions[:SHOWN_PREDICTIONS])
             more = len(self.predictions) - SHOWN_PREDICTIONS
@@ -185,7 +203,14 @@ def read_export(path: Path) -> Export:
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: not an export report (expected a JSON object)")
     accuracy, n_eval, sha = raw.get("tflite_accuracy"), raw.get("n_eval"), raw.get("sha256")
+    auc = raw.get("tflite_auc")
+    try:
+        task = Task(raw.get("task", Task.CLASSIFY))
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: unknown task {raw.get('task')!r}") from exc
     return Export(
+        task=task,
+        auc=float(auc) if isinstance(auc, int | float) else None,
         profile=str(raw["profile"]) if "profile" in raw else None,
         precision=str(raw["precision"]) if "precision" in raw else None,
         accuracy=float(accuracy) if isinstance(accuracy, int | float) else None,
@@ -246,12 +271,17 @@ def infer(path: Path, data: Path | None = None, *, threads: int = 1, runs: int =
     interpreter = loaded.interpreter
     shape = litert.input_shape(interpreter)
     features = load_features(data, shape) if data is not None else None
-    predictions = accuracy = None
+    predictions = accuracy = mse = None
+    task = export.task if export is not None else Task.CLASSIFY
     if features is not None:
         scores = litert.predict(interpreter, features.x)
-        predictions = np.argmax(scores, axis=-1)
-        if features.y is not None:
-            accuracy = litert.accuracy(scores, features.y)
+        if task is Task.RECONSTRUCT:
+            predictions = errors(scores, features.x)
+            mse = float(np.mean(predictions))
+        else:
+            predictions = np.argmax(scores, axis=-1)
+            if features.y is not None:
+                accuracy = litert.accuracy(scores, features.y)
     sample = features.x[0] if features is not None else np.zeros(shape, np.float32)
     latency = litert.measure_latency(interpreter, sample, runs=runs)
     inp, out = litert.io_formats(interpreter)
@@ -268,6 +298,7 @@ def infer(path: Path, data: Path | None = None, *, threads: int = 1, runs: int =
         accuracy=accuracy,
         predictions=predictions,
         labels=features.y if features is not None else None,
+        mse=mse,
     )
 
 

@@ -15,6 +15,7 @@ from fedprune.converters.export import export_model
 from fedprune.converters.task import task_of
 from fedprune.coordinator import models
 from fedprune.device_profiles import DeviceProfile, Precision
+from fedprune.edge_client import infer
 from fedprune.edge_client.task import Task
 from fedprune.protocol.errors import ConfigError, ExportError
 
@@ -137,3 +138,34 @@ def test_an_autoencoder_export_without_anomaly_labels_is_held_to_its_mse(
     )
     assert "max_accuracy_drop -0.5 of it) on 450 samples; nothing written" in str(caught.value)
     assert not (tmp_path / "refused").exists()
+
+
+def test_fedprune_infer_gives_an_autoencoder_export_its_reconstruction_errors(
+    tmp_path: Path,
+    digits: Digits,
+    autoencoder: tf_keras.Model,
+    make_profile: Callable[..., DeviceProfile],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Prepare: the export, and a device's unlabelled samples
+    x, y = digits[2], (digits[3] >= 5).astype(np.int64)
+    report = export_model(
+        autoencoder, make_profile(precision=Precision.DYNAMIC_INT8), x=x, y=y, out_dir=tmp_path
+    )
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=x[:20])
+
+    # Execute
+    code = infer.main([str(tmp_path), "--data", str(samples), "--runs", "3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    text = infer.main([str(tmp_path), "--data", str(samples), "--runs", "3"])
+    lines = capsys.readouterr().out.splitlines()
+
+    # Assert: each sample's error, their mean, no accuracy from an argmax of pixels
+    want = np.mean((autoencoder.predict(x[:20], verbose=0) - x[:20].reshape(20, -1)) ** 2)
+    assert code == text == 0
+    assert out["accuracy"] is None and out["mse"] == pytest.approx(float(want), rel=0.05)
+    assert out["export"]["task"] == "reconstruct" and out["export"]["auc"] == report.tflite_auc
+    assert any(line.startswith("MSE       ") for line in lines)
+    assert any(line.startswith("error     ") for line in lines)
+    assert not any(line.startswith("accuracy") for line in lines)
