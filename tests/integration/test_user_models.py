@@ -253,8 +253,8 @@ def test_a_logits_model_is_refused_at_start_with_one_line(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"fedprune-coordinator: error: {model}: the output layer 'out' ends in 'linear', not a"
-        " softmax; fedprune trains classifiers that output probabilities: give it"
-        " activation='softmax'"
+        " softmax; fedprune trains classifiers that output probabilities (give it"
+        " activation='softmax') and autoencoders whose output has the input's size"
     )
 
 
