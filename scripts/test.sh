@@ -10,4 +10,7 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
-exec .venv/bin/python -m pytest "$@"
+# Two workers: the tests that start brokers and processes run one after another on one of them,
+# as they would alone (tests/conftest.py puts them in one xdist group); the others share the
+# second. "-n 0" runs everything in this process.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

@@ -88,3 +88,12 @@ def edge_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     )
     assert install.returncode == 0, install.stderr[-3000:]
     yield env_dir / "bin"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (scripts/test.sh: ``-n 2 --dist loadgroup``) the tests that start
+    brokers and processes (marked ``integration``, and the installed wheel's) run in one group,
+    one after another on one worker as they would alone; the others share the second worker."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.path.name == "test_package.py":
+            item.add_marker(pytest.mark.xdist_group("processes"))
