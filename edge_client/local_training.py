@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedprune.edge_client.data import LocalData
-from fedprune.edge_client.task import Evaluation
+from fedprune.edge_client.task import Evaluation, Task
 from fedprune.edge_client.trainer import (
     EpochHook,
     Trainer,
@@ -120,12 +120,13 @@ class LocalTraining:
         self, round_: Round, spec: Spec, model: Model, artifact: bytes | None, session: str
     ) -> Trained:
         """Train ``round_`` from ``model``; ``ConfigError`` when this device cannot (its labels
-        do not fit the model, its trainer is not installed)."""
+        do not fit a classifier, its trainer is not installed). A reconstruction learns the
+        samples themselves: its labels play no part."""
         trainer = self._trainer_for(spec, artifact)
         x, x_test = self.data.shaped(spec.input_shape)
         classes = model.weights[-1].shape[-1]  # the output layer's bias
         labels = np.concatenate([self.data.y, self.data.y_test])
-        if labels.min() < 0 or labels.max() >= classes:
+        if trainer.task is Task.CLASSIFY and (labels.min() < 0 or labels.max() >= classes):
             raise ConfigError(
                 f"local labels run from {labels.min()} to {labels.max()}; the model has"
                 f" {classes} classes (0..{classes - 1})"

@@ -116,3 +116,44 @@ def test_the_autoencoder_preset_finds_anomalies_after_training_on_litert_devices
     assert 'task = "reconstruct"' in config
     held_out = np.load(tmp_path / "ae/heldout.npz")
     assert set(np.unique(held_out["y"])) == {0, 1}
+
+
+def test_a_users_convolutional_autoencoder_trains_on_litert_devices_whatever_their_labels(
+    tmp_path: Path,
+) -> None:
+    """A user's file, not a preset: an 8x8x1 image out of an 8x8x1 image (one output channel),
+    while the devices' digits are labelled 0-4: labels play no part in a reconstruction (they
+    were checked against the output's one "class" and every device refused the run)."""
+    # Prepare
+    layers = tf_keras.layers
+    tf_keras.utils.set_random_seed(5)
+    inputs = layers.Input((8, 8, 1))
+    x = layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same", activation="relu")(inputs))
+    x = layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    outputs = layers.Conv2D(1, 3, padding="same", activation="sigmoid")(x)
+    path = tmp_path / "conv-ae.keras"
+    tf_keras.Model(inputs, outputs).save(path)
+
+    # Execute
+    command = demo(
+        "mosquitto",
+        out=tmp_path,
+        run="conv",
+        model=str(path),
+        clients=2,
+        client_profiles="raspberry-pi-4",
+        optimizer="adam",
+        lr=0.01,
+        rounds=6,
+        begin_round=1,
+        end_round=4,
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    # Assert: every round took both devices' updates, and the reconstruction got better
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = [
+        json.loads(line) for line in (tmp_path / "conv/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["reported"] for r in rounds] == [2] * 6
+    assert rounds[-1]["loss"] < 0.7 * rounds[0]["loss"] and rounds[-1]["auc"] is not None
