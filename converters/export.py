@@ -69,6 +69,7 @@ from fedprune.edge_client.litert import (
 )
 from fedprune.edge_client.task import Evaluation, Task
 from fedprune.protocol.errors import ConfigError, ExportError, ModelError
+from fedprune.protocol.options import load_toml
 from fedprune.protocol.topics import check_name
 
 __all__ = [
@@ -308,6 +309,7 @@ class _RunInputs:
     y: np.ndarray
     calibration: np.ndarray | None
     calibration_path: Path | None
+    task: Task  # the run's (its config.toml's ``task``), else read from the model
 
     @classmethod
     def load(cls, run_dir: Path, data: Path | None, calibration: Path | None) -> _RunInputs:
@@ -319,7 +321,10 @@ class _RunInputs:
         x = _shaped(heldout.x, shape, str(data_path))
         samples = None if extra is None else _shaped(extra, shape, str(calibration))
         path = None if calibration is None else Path(calibration)
-        return cls(run_dir, model, data_path, x, heldout.y, samples, path)
+        config = run_dir / "config.toml"
+        asked = load_toml(config).get("task", "auto") if config.is_file() else "auto"
+        task = task_of(model, str(asked), source=str(run_dir))
+        return cls(run_dir, model, data_path, x, heldout.y, samples, path, task)
 
     def export(
         self, profile: DeviceProfile, max_accuracy_drop: float | None, int8_io: bool
@@ -336,6 +341,7 @@ class _RunInputs:
             calibration_source=self.calibration_path,
             max_accuracy_drop=max_accuracy_drop,
             int8_io=int8_io,
+            task=self.task,
         )
 
 
@@ -397,10 +403,9 @@ def _check_scores(
         else (max_accuracy_drop, "max_accuracy_drop")
     )
     if keras.score is not None and tflite.score is not None:
-        name = "accuracy" if keras.accuracy is not None else "AUC"
         if tflite.score < keras.score - tolerance - _SLACK:
             raise ExportError(
-                f"profile {profile.name}: LiteRT {name} {tflite.score:.4f} is below "
+                f"profile {profile.name}: LiteRT {tflite.metric} {tflite.score:.4f} is below "
                 f"{keras.score - tolerance:.4f} (Keras {keras.score:.4f} minus {limit_name} "
                 f"{tolerance:g}) on {tflite.n} samples; nothing written"
             )

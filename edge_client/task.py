@@ -69,6 +69,11 @@ class Evaluation:
         """Higher is better, chance is known: the accuracy, or the AUC (``None``: neither)."""
         return self.accuracy if self.accuracy is not None else self.auc
 
+    @property
+    def metric(self) -> str:
+        """What ``score`` is: ``accuracy`` or ``AUC``."""
+        return "AUC" if self.accuracy is None and self.auc is not None else "accuracy"
+
     def describe(self) -> str:
         """``accuracy 0.912``, ``AUC 0.950, MSE 0.0492`` or ``MSE 0.0492``."""
         if self.accuracy is not None:
