@@ -27,7 +27,7 @@ from fedprune.protocol.messages import KINDS, Kind, Message
 from fedprune.protocol.signing import SigningKey, Trust
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 12
+PROTOCOL_MINOR = 13
 """Minors only add optional fields and kinds; docs/protocol.md, "Versioning", says what each did."""
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 

@@ -17,6 +17,13 @@ from fedprune.protocol.telemetry import DeviceRow, Event, Progress, RunInfo
 COORDINATOR = "coordinator"
 """The sender id of every message the coordinator publishes."""
 
+PROX = "prox"
+"""A device's training rule (``Hello.training``): it adds ``Spec.prox_mu``'s proximal term."""
+SCHEDULE = "schedule"
+"""A device's training rule: it trains each round at ``Round.learning_rate``."""
+TRAINING_RULES = (PROX, SCHEDULE)
+"""The local training rules a device of this version follows."""
+
 KINDS: dict[Kind, type[Message]] = {}
 """Every message class by its kind (filled as each is defined)."""
 
@@ -74,6 +81,9 @@ class Hello(Message):
     max_payload: int = 0  # the largest message it takes (1.6; its profile's): 0 = any
     codecs: list[str] = field(default_factory=lambda: ["f32"])  # the codec parts it can use (1.7)
     unanswered: Unanswered | None = None  # the update it resends for want of a notice (1.9)
+    # The local training rules it follows (1.13; TRAINING_RULES): a run that uses one a device
+    # lacks does not select it.
+    training: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +137,8 @@ class Spec(Message):
     artifact_error: str | None = None  # why there is none: litert clients cannot train (1.2)
     codec: str = ""  # how updates travel (1.7; codec.Codec); "" = each device by its profile
     task: str = "classify"  # what the model learns (1.12; edge_client.task.Task)
+    # FedProx (1.13): the device adds prox_mu / 2 * ||w - w_round||^2 to its loss (0: off).
+    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +180,8 @@ class Round(Message):
     # The L2 norm this round's updates are clipped to (1.11, 0: none): the coordinator's
     # aggregators clip to it; devices need not know it.
     norm_bound: float = 0.0
+    # The devices' learning rate this round (1.13, the run's schedule over rounds): 0 = the Spec's.
+    learning_rate: float = 0.0
 
     def selects(self, client_id: str) -> bool:
         """Whether this round selects ``client_id``."""
