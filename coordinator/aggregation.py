@@ -81,9 +81,16 @@ class Aggregator(ABC):
                     self._metrics[key] = self._metrics.get(key, 0.0) + n_eval * update.metrics[key]
             self._metric_weight += n_eval
 
+    def delta(self, weights: list[np.ndarray]) -> list[np.ndarray] | None:
+        """The combined delta of the round that trained ``weights`` (float64); ``None`` when
+        nothing was added. The server optimizer (server_optimizer.py) takes it from here."""
+        return self._delta() if self.count else None
+
     def apply(self, weights: list[np.ndarray]) -> list[np.ndarray]:
-        """The new model; ``weights`` unchanged when nothing was added."""
-        return plus(weights, self._delta()) if self.count else weights
+        """The new model as FedAvg writes it, ``weights + delta``; ``weights`` unchanged when
+        nothing was added."""
+        delta = self.delta(weights)
+        return weights if delta is None else plus(weights, delta)
 
     @property
     def evaluated(self) -> float:

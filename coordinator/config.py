@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from fedprune.coordinator.aggregation import Rule
+from fedprune.coordinator.server_optimizer import ServerOptimizer, ServerRule
 from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.protocol.codec import Codec
 from fedprune.protocol.connection import BrokerSettings
 from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.messages import PROX, SCHEDULE
 from fedprune.protocol.signing import SigningKey, Trust, load_signing_key
 from fedprune.protocol.topics import check_name
 
@@ -69,6 +72,21 @@ class Downlink(StrEnum):
     DELTA = "delta"  # also as a change to the previous round's, int8 (or the codec's f32/f16)
     CODEC = "codec"  # also as a change in the run's codec, top-k and zstd included
     FULL = "full"  # only whole (float32 values at the kept positions)
+
+
+class LrSchedule(StrEnum):
+    """How the devices' learning rate goes over the rounds."""
+
+    CONSTANT = "constant"  # --lr every round
+    EXPONENTIAL = "exponential"  # --lr * --lr-decay ** (round - 1)
+    COSINE = "cosine"  # from --lr at round 1 down along a half cosine, --lr / rounds at the last
+
+
+class Keep(StrEnum):
+    """Which round's model the run exports and deploys."""
+
+    LAST = "last"
+    BEST = "best"  # the best score on the validation half of --heldout
 
 
 class UnitNorm(StrEnum):
@@ -192,6 +210,13 @@ class ScheduleConfig:
         return self.begin_round if self.m_by_n is not None else self.units_end
 
     @property
+    def at_target(self) -> int:
+        """The first round whose model is at the schedule's target (1: a run that prunes
+        nothing)."""
+        pruned = self.target or self.structure or self.units or self.weight_target
+        return self.last_round if pruned else 1
+
+    @property
     def m_by_n(self) -> tuple[int, int] | None:
         """``structure`` as TF-MOT's ``sparsity_m_by_n``; ``None`` for magnitude schedules."""
         if not self.structure:
@@ -251,6 +276,50 @@ class RunConfig:
     optimizer: str = option("sgd", "(default: %(default)s)", choices=OPTIMIZERS)
     learning_rate: float = option(0.05, "(default: %(default)s)", flag="lr")
     momentum: float = option(0.9, "(default: %(default)s)")
+    lr_schedule: LrSchedule = option(
+        LrSchedule.CONSTANT,
+        "the devices' learning rate over the rounds: constant, exponential (times --lr-decay each"
+        " round) or cosine (a half cosine from --lr to --lr / rounds; default: %(default)s)",
+    )
+    lr_decay: float = option(
+        0.95, "exponential --lr-schedule: the factor each round (default: %(default)s)"
+    )
+    prox_mu: float = option(
+        0.0,
+        "FedProx: devices add mu/2 * ||w - w_round||^2 to their loss, which holds them near the"
+        " round's model on skewed data (default: 0 = off)",
+        metavar="MU",
+    )
+    server_optimizer: ServerRule = option(
+        ServerRule.SGD,
+        "the coordinator's optimizer, which takes the round's aggregate as a pseudo-gradient"
+        " (Reddi et al. 2021): sgd (with --server-lr 1: FedAvg), momentum (FedAvgM), adam, yogi,"
+        " adagrad (default: %(default)s)",
+    )
+    server_lr: float = option(
+        0.0,
+        "its learning rate (default: 1 for sgd, 1 - --server-momentum for momentum, 0.01 for"
+        " adam, yogi and adagrad)",
+    )
+    server_momentum: float = option(0.9, "momentum's (default: %(default)s)")
+    server_beta1: float = option(
+        0.9, "adam, yogi, adagrad: the aggregate's average (default: %(default)s)"
+    )
+    server_beta2: float = option(
+        0.99, "adam, yogi: the squared aggregate's average (default: %(default)s)"
+    )
+    server_tau: float = option(
+        1e-3, "adam, yogi, adagrad: their adaptivity, as tau in Reddi et al. (default: %(default)s)"
+    )
+    keep: Keep = option(
+        Keep.LAST,
+        "the round whose model is exported and deployed: last, or best, the best score on a"
+        " validation share of --heldout among the rounds at the pruning target (the rest of"
+        " --heldout then reports every round's figures; default: %(default)s)",
+    )
+    validation: float = option(
+        0.5, "with --keep best: the share of --heldout that chooses (default: %(default)s)"
+    )
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     max_payload: int = option(
         256 * 1024, "largest MQTT payload in bytes; bigger ones are chunked (default: %(default)s)"
@@ -351,6 +420,9 @@ class RunConfig:
         _check_types(self)
         _enum(self, "downlink", Downlink)
         _enum(self, "aggregation", Rule)
+        _enum(self, "lr_schedule", LrSchedule)
+        _enum(self, "keep", Keep)
+        _enum(self, "server_optimizer", ServerRule)
         if self.aggregation is Rule.AUTO:
             robust = self.signing_key and not self.aggregators and not self.staleness_weight
             chosen = Rule.SCREENED if self.heldout else Rule.MEDIAN
@@ -368,6 +440,14 @@ class RunConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+            ("lr_decay", 0.0 < self.lr_decay <= 1.0, "in (0, 1]"),
+            ("validation", 0.0 < self.validation < 1.0, "in (0, 1)"),
+            ("prox_mu", 0.0 <= self.prox_mu < math.inf, ">= 0"),
+            ("server_lr", 0.0 <= self.server_lr < math.inf, "> 0 (0 = the optimizer's default)"),
+            ("server_momentum", 0.0 <= self.server_momentum < 1.0, "in [0, 1)"),
+            ("server_beta1", 0.0 <= self.server_beta1 < 1.0, "in [0, 1)"),
+            ("server_beta2", 0.0 <= self.server_beta2 < 1.0, "in [0, 1)"),
+            ("server_tau", 0.0 < self.server_tau < math.inf, "> 0"),
             ("max_payload", self.max_payload >= 4096, ">= 4096 bytes"),
             ("max_update_bytes", self.max_update_bytes >= 0, ">= 0 (0 = twice the dense model)"),
             ("max_norm", self.max_norm > 0, "> 0"),
@@ -404,6 +484,11 @@ class RunConfig:
             raise ConfigError(
                 "--aggregation screened measures each update on the held-out set: give --heldout"
             )
+        if self.keep is Keep.BEST and not self.heldout:
+            raise ConfigError(
+                "--keep best chooses the round on a validation share of the held-out set:"
+                " give --heldout"
+            )
         if self.staleness_weight and self.aggregation != "fedavg":
             raise ConfigError(
                 f"staleness_weight needs --aggregation fedavg ({self.aggregation} weighs every"
@@ -437,10 +522,39 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out) / self.run
 
+    def learning_rate_of(self, round_: int) -> float:
+        """The devices' learning rate in round ``round_`` (``--lr-schedule``)."""
+        if self.lr_schedule is LrSchedule.EXPONENTIAL:
+            return self.learning_rate * self.lr_decay ** (round_ - 1)
+        if self.lr_schedule is LrSchedule.COSINE:
+            lowest = self.learning_rate / self.rounds
+            share = (round_ - 1) / max(1, self.rounds - 1)
+            return lowest + (self.learning_rate - lowest) * 0.5 * (1 + math.cos(math.pi * share))
+        return self.learning_rate
+
+    @property
+    def training_rules(self) -> frozenset[str]:
+        """The local training rules devices must follow for this run (Hello.training)."""
+        rules = {PROX} if self.prox_mu else set()
+        return frozenset(
+            rules | ({SCHEDULE} if self.lr_schedule is not LrSchedule.CONSTANT else set())
+        )
+
+    def server(self) -> ServerOptimizer:
+        """The run's server optimizer, with no state yet."""
+        return ServerOptimizer(
+            self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["schedule"]["kind"] = self.schedule.kind.value
-        data["downlink"] = self.downlink.value
-        data["aggregation"] = self.aggregation.value
-        data["schedule"]["units"] = self.schedule.units.value
+        def plain(value: Any) -> Any:
+            return value.value if isinstance(value, StrEnum) else value
+
+        data = {k: plain(v) for k, v in dataclasses.asdict(self).items()}
+        data["schedule"] = {k: plain(v) for k, v in data["schedule"].items()}
         return data

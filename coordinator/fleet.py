@@ -56,9 +56,16 @@ class Fleet:
     """The devices online, by id, with what they announced."""
 
     def __init__(
-        self, *, seed: int, clients_per_round: int, max_payload: int, codec: Codec | None
+        self,
+        *,
+        seed: int,
+        clients_per_round: int,
+        max_payload: int,
+        codec: Codec | None,
+        rules: frozenset[str] = frozenset(),
     ) -> None:
         self.seed = seed
+        self.rules = rules  # the local training rules a device must follow (Hello.training)
         self.clients_per_round = clients_per_round
         self.max_payload = max_payload
         self.codec = codec  # the run's (None: each device picks its own)
@@ -137,8 +144,14 @@ class Fleet:
         log.info("client %s went offline", client_id)
         return True
 
-    def cannot_encode(self, hello: Hello) -> str | None:
-        """Why a device cannot send updates in the run's codec (``None``: it can)."""
+    def cannot_follow(self, hello: Hello) -> str | None:
+        """Why a device cannot send updates in the run's codec or train by the run's rules
+        (``rules``: FedProx, a learning-rate schedule); ``None``: it can."""
+        if lacking := self.rules.difference(hello.training):
+            return (
+                f"this run trains with {', '.join(sorted(lacking))}, which this device (protocol"
+                " older than 1.13) does not follow: it is not selected"
+            )
         if self.codec is None:
             return None
         missing = self.codec.features() - set(hello.codecs)
@@ -152,7 +165,7 @@ class Fleet:
     def can_train(self, hello: Hello) -> bool:
         """Devices whose trainer needs the artifact cannot train when it could not be built, nor
         devices that cannot use the run's codec."""
-        if self.cannot_encode(hello):
+        if self.cannot_follow(hello):
             return False
         return self.artifact_error is None or not needs_artifact(hello.backend)
 
@@ -162,7 +175,7 @@ class Fleet:
 
     def why_not(self, hello: Hello) -> str:
         """Why a device that cannot train this run cannot."""
-        return self.cannot_encode(hello) or (
+        return self.cannot_follow(hello) or (
             f"its trainer ({hello.backend}) needs a TFLite training artifact, and this model has"
             f" none: {self.artifact_error}"
         )

@@ -74,6 +74,7 @@ class Parts:
             clients_per_round=config.clients_per_round,
             max_payload=config.max_payload,
             codec=codec,
+            rules=config.training_rules,
         )
         spec = SpecPublisher(
             config,

@@ -12,6 +12,8 @@ def _kb(n: int) -> str:
 
 def round_line(r: RoundResult) -> str:
     score = "  -  " if r.score is None else f"{r.score:.3f}"
+    if r.validation is not None:
+        score += f" (val {r.validation:.3f})"
     rejected = sum(r.rejected.values())
     line = (
         f"round {r.round:3d}  {r.metric[:3].lower()} {score}  sparsity {r.sparsity:.2f}"
@@ -31,12 +33,19 @@ def _traffic(label: str, sent: int, dense: int) -> str:
 def summary_lines(summary: Summary, *, seconds: float) -> list[str]:
     results = summary.results
     last = results[-1]
-    score = "n/a" if last.score is None else f"{last.score:.4f}"
+    kept = next((r for r in results if r.round == summary.kept_round), last)
+    score = "n/a" if kept.score is None else f"{kept.score:.4f}"
+    held_out = "held-out" if kept.validation is None else "test share of held-out"
     lines = [
         "",
         f"done in {seconds:.0f} s: {len(results)} rounds",
-        f"  {last.metric:<10} {score} (held-out, Keras)   sparsity {last.sparsity:.4f}"
-        f"   parameters {last.parameters:,}",
+        *(
+            [f"  kept       round {kept.round} (the best on validation, {kept.validation:.4f})"]
+            if kept is not last and kept.validation is not None
+            else []
+        ),
+        f"  {kept.metric:<10} {score} ({held_out}, Keras)   sparsity {kept.sparsity:.4f}"
+        f"   parameters {kept.parameters:,}",
         _traffic(
             "uplink", sum(r.bytes_up for r in results), sum(r.dense_bytes_up for r in results)
         ),

@@ -40,6 +40,7 @@ class RoundResult:
     clipped: int = 0  # updates larger than norm_bound, scaled down to it
     left_out: int = 0  # accepted updates the rule left out (screened: they made the loss worse)
     auc: float | None = None  # a reconstruction's held-out AUC on anomaly labels (edge_client.task)
+    validation: float | None = None  # the score on the validation split (--keep best)
 
     @property
     def score(self) -> float | None:
@@ -63,6 +64,7 @@ class RoundResult:
         parameters: int,
         bytes_down: int,
         seconds: float,
+        validation: float | None = None,
     ) -> RoundResult:
         """A closed round's line: ``drawn`` devices were selected at the draw; ``dense`` is the
         float32 size of the model the run began with (what dense FedAvg would send each way)."""
@@ -94,6 +96,7 @@ class RoundResult:
             clipped=state.aggregator.clipped(),
             left_out=len(state.aggregator.left_out),
             auc=None if evaluation is None else evaluation.auc,
+            validation=validation,
         )
 
     def to_dict(self) -> dict[str, Any]:

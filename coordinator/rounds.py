@@ -4,9 +4,9 @@ Per round: draw the devices (:class:`~fedprune.coordinator.fleet.Fleet`), publis
 and the round announcement (:class:`~fedprune.coordinator.downlink.Downlink`), collect updates
 until the quorum or the deadline (:class:`~fedprune.coordinator.intake.UpdateIntake`, or the
 aggregators' :class:`~fedprune.coordinator.aggregator.PartialSums`), write the aggregate into the
-global model, advance its pruning schedule by one step, evaluate, and hand one metrics line to
-``on_round`` (which checkpoints) and to the monitors. New behaviour arrives as a new part or a new
-implementation of one, not as more steps here.
+global model (a step of the server optimizer), advance its pruning schedule by one step,
+evaluate, and hand one metrics line to ``on_round`` (which checkpoints) and to the monitors. New
+behaviour arrives as a new part or a new implementation of one, not as more steps here.
 """
 
 from __future__ import annotations
@@ -60,11 +60,13 @@ class Coordinator:
         *,
         evaluate: Evaluator,
         loss: Loss | None = None,
+        validate: Callable[[], float | None] | None = None,
         on_round: Callable[[RoundResult], None] | None = None,
     ) -> None:
         """Runs the rounds of ``model`` with ``parts`` (:meth:`Parts.build`): ``evaluate``
         measures the global model, ``loss`` the held-out loss of given weights (the screened
-        rule), and ``on_round`` hears each round's result (and checkpoints)."""
+        rule), ``validate`` its score on the validation split (``--keep best``), and
+        ``on_round`` hears each round's result (and checkpoints)."""
         self.transport, self.config, self.topics = parts.transport, parts.config, parts.topics
         self.codec, self.downlink, self.fleet = parts.codec, parts.downlink, parts.fleet
         self.telemetry, self.observer = parts.telemetry, parts.observer
@@ -73,6 +75,7 @@ class Coordinator:
         self.pruner = model
         self.evaluate = evaluate
         self.loss = loss
+        self.validate = validate or (lambda: None)
         self.on_round = on_round or (lambda result: None)
         self.deployments = Deployments(self.fleet, self.downlink, self.observer, self.pump)
         self.results: list[RoundResult] = []
@@ -80,6 +83,7 @@ class Coordinator:
         self._down_counted = 0  # bytes_down already in a round's result
         self._dense = 4 * model.parameters()  # float32 bytes of the model the run began with
         self.bound = NormBound(fixed=self.config.clip_norm, multiple=self.config.clip_multiple)
+        self.server = self.config.server()  # its state goes into the checkpoint (rundir.py)
 
     @property
     def bytes_down(self) -> int:
@@ -187,8 +191,9 @@ class Coordinator:
             )
         self.intake.close()
         self.downlink.holders = set(state.reported)  # they hold this model: a change's base
-        if state.aggregator.count:
-            self.pruner.set_weights(state.aggregator.apply(model.weights))
+        delta = state.aggregator.delta(model.weights)
+        if delta is not None:
+            self.pruner.set_weights(self.server.step(model, delta))
             if state.aggregator.left_out:
                 log.info(
                     "round %d: left out the update(s) of %s: without each, the held-out loss"
@@ -240,6 +245,7 @@ class Coordinator:
             delta=release.delta,
             base=release.base,
             norm_bound=norm_bound,
+            learning_rate=self.config.learning_rate_of(round_),
         )
         size = self.downlink.publish(self.topics.round, announcement, receivers=len(self.fleet))
         self.downlink.joining["round"] = size
@@ -256,6 +262,7 @@ class Coordinator:
             parameters=self.pruner.parameters(),
             bytes_down=self.bytes_down - self._down_counted,  # since the last round's end
             seconds=seconds,
+            validation=self.validate(),
         )
         self.last_round = round_report(state, set(self.fleet))
         self._down_counted = self.bytes_down
@@ -274,6 +281,7 @@ class Coordinator:
             round_,
             self.pruner.parameters(),
         )
+        self.server.reset("the model was rebuilt smaller")
         self.downlink.forget_model()
         self.intake.forget_previous()  # late updates of the old shapes cannot count any more
         self.spec.publish()
@@ -339,7 +347,7 @@ class Coordinator:
         self.downlink.joined(hello, artifact=needs)
         if needs:
             self.spec.joined(self.fleet.fit([hello]))
-        if (unable := self.fleet.cannot_encode(hello)) is not None:
+        if (unable := self.fleet.cannot_follow(hello)) is not None:
             self.downlink.notify(hello.client_id, Notice(round=0, accepted=False, reason=unable))
 
     # -- what devices read ----------------------------------------------------------------------

@@ -17,9 +17,13 @@ from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.result import RoundResult
+from fedprune.coordinator.server_optimizer import ServerOptimizer
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.files import write_atomic
 from fedprune.protocol.telemetry import as_json
+
+SERVER = "server_"
+"""The prefix of the server optimizer's arrays in a checkpoint."""
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -49,7 +53,7 @@ class RunDir:
             shutil.rmtree(path / "export", ignore_errors=True)
         for sub in ("checkpoints", "model"):
             (path / sub).mkdir(parents=True, exist_ok=True)
-        for old in (path / "checkpoints").glob("round-*.npz"):
+        for old in (path / "checkpoints").glob("*.npz"):  # the rounds', and the best (keeper)
             old.unlink()
         self.metrics.write_text("")
 
@@ -86,13 +90,15 @@ class RunDir:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def checkpoint(self, round_: int, pruner: Pruner, ledger: Ledger) -> Path:
+    def checkpoint(
+        self, round_: int, pruner: Pruner, ledger: Ledger, server: ServerOptimizer | None = None
+    ) -> Path:
         """What a resumed run continues from, written in one step once the round's metrics line
         is written: every variable of the wrapped model (weights, masks, thresholds, TF-MOT
         steps, hence the schedule's position), its architecture (unit pruning rebuilds it
-        smaller) and the device ledger. The coordinator owns no other state: FedAvg and the
-        robust rules keep none across rounds, the codec is stateless, and each round's
-        selection is drawn from the seed and the round."""
+        smaller), the device ledger and the server optimizer's state. The coordinator owns no
+        other state: FedAvg and the robust rules keep none across rounds, the codec is
+        stateless, and each round's selection is drawn from the seed and the round."""
         path = self.path / "checkpoints" / f"round-{round_:04d}.npz"
         arrays: dict[str, Any] = {
             "round": np.int64(round_),
@@ -102,13 +108,17 @@ class RunDir:
         arrays.update(
             (f"w{i:03d}", np.asarray(w)) for i, w in enumerate(pruner.wrapped.get_weights())
         )
+        if server is not None:
+            arrays.update((SERVER + name, a) for name, a in server.state().items())
         _atomic(path, lambda f: np.savez(f, **arrays))
         for old in path.parent.glob("round-*.npz"):
             if old != path:
                 old.unlink()
         return path
 
-    def restore(self, pruner: Pruner, ledger: Ledger) -> list[RoundResult]:
+    def restore(
+        self, pruner: Pruner, ledger: Ledger, server: ServerOptimizer | None = None
+    ) -> list[RoundResult]:
         """Load the last checkpoint into ``pruner`` and ``ledger``; the rounds it holds, from
         metrics.jsonl (whose lines after the checkpoint, rounds that did not end, are dropped).
         No checkpoint yet: nothing to load, the run starts at round 1."""
@@ -121,9 +131,13 @@ class RunDir:
                 done = int(saved["round"])
                 weights = [saved[f"w{i:03d}"] for i in range(sum(n[0] == "w" for n in saved.files))]
                 book = json.loads(str(saved["ledger"]))
+                found_server = [(n, saved[n]) for n in saved.files if n.startswith(SERVER)]
                 if "architecture" in saved.files:  # a unit-pruned model may have been rebuilt
                     pruner.load_architecture(str(saved["architecture"]), done)
             pruner.wrapped.set_weights(weights)
+            if server is not None:
+                shapes = [w.shape for w in pruner.model().weights]
+                server.load({n[len(SERVER) :]: state for n, state in found_server}, shapes)
             ledger.restore(book["devices"], book["events"])
             lines = self.metrics.read_text().splitlines()[:done]  # a torn last line is later
             results = [RoundResult(**json.loads(line)) for line in lines]

@@ -40,11 +40,11 @@ class Screened(Aggregator):
     def _add(self, deltas: list[np.ndarray], num_samples: float) -> None:
         self._updates.append((deltas, num_samples))
 
-    def apply(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+    def delta(self, weights: list[np.ndarray]) -> list[np.ndarray] | None:
         if len(self._updates) >= 3:  # of two, which one lies?
             self._out = self._screen(weights)
             self.left_out = [self.sources[i] for i in self._out]
-        return super().apply(weights)
+        return super().delta(weights)
 
     def _screen(self, weights: list[np.ndarray]) -> list[int]:
         """Leave out, one at a time, the update whose absence lowers the held-out loss most, and

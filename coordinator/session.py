@@ -18,8 +18,9 @@ from fedprune.converters.export import ExportReport, export_profiles, resolve_pr
 from fedprune.converters.task import task_of
 from fedprune.coordinator import models
 from fedprune.coordinator.aggregation import Loss
-from fedprune.coordinator.config import RunConfig
+from fedprune.coordinator.config import Keep, RunConfig
 from fedprune.coordinator.health import chance, verdict
+from fedprune.coordinator.keeper import Best, split
 from fedprune.coordinator.keys import DeviceKeys
 from fedprune.coordinator.observer import Observer
 from fedprune.coordinator.parts import Parts
@@ -50,6 +51,7 @@ class Summary:
     not_installed: list[str] = dataclasses.field(default_factory=list)  # devices that did not
     # confirm the deployed model within the install wait
     bytes_down: int = 0  # everything the devices received, the deployment after the rounds too
+    kept_round: int | None = None  # the round whose model was exported (--keep)
 
 
 def evaluator(
@@ -75,6 +77,16 @@ def evaluator(
         return dataclasses.replace(evaluation, recall=[round(float(r), 4) for r in recall])
 
     return evaluate
+
+
+def _score(evaluate: Callable[[], Evaluation | None]) -> Callable[[], float | None]:
+    """The score (accuracy, or AUC) of what ``evaluate`` measures."""
+
+    def score() -> float | None:
+        evaluation = evaluate()
+        return None if evaluation is None else evaluation.score
+
+    return score
 
 
 def held_out_loss(
@@ -119,11 +131,20 @@ def run(
     rundir = RunDir(config.run_dir, overwrite=config.overwrite, resume=resume)
     rundir.write_config(config)
     x, y = _heldout(config, pruner, rundir)
+    best, validate, x_choose, y_choose = None, None, x, y
+    if config.keep is Keep.BEST and x is not None and y is not None:
+        (x_choose, y_choose), (x, y) = split(x, y, config.validation, config.seed)
+        best = Best(rundir.path / "checkpoints" / "best.npz", config.schedule.at_target)
+        validate = _score(evaluator(pruner, x_choose, y_choose, task))
 
     def after_round(result: RoundResult) -> None:
+        if best is not None:
+            best.saw(result, pruner)  # before the round's checkpoint: a resume keeps it
         rundir.append(result)
         rundir.write_round_report(coordinator.last_round)
-        rundir.checkpoint(result.round, pruner, coordinator.telemetry.ledger)  # the commit point
+        rundir.checkpoint(
+            result.round, pruner, coordinator.telemetry.ledger, coordinator.server
+        )  # the commit point
         rundir.write_devices(coordinator.telemetry.ledger)
         if on_round is not None:
             on_round(result)
@@ -152,15 +173,20 @@ def run(
         parts,
         pruner,
         evaluate=evaluator(pruner, x, y, task),
-        loss=held_out_loss(pruner, x, y, task),
+        loss=held_out_loss(pruner, x_choose, y_choose, task),  # choosing: never the test share
+        validate=validate,
         on_round=after_round,
     )
     coordinator.telemetry.listeners.extend(listeners or [])
     if resume:
-        coordinator.resume(rundir.restore(pruner, coordinator.telemetry.ledger))
+        coordinator.resume(rundir.restore(pruner, coordinator.telemetry.ledger, coordinator.server))
+        if best is not None:
+            best.resume(len(coordinator.results))
     restore_hangup = _reload_keys_on_hangup(keys)
     try:
         results = coordinator.train()
+        kept = best.load_into(pruner) if best is not None else 0
+        judged = results[:kept] if kept else results  # the model exported is the kept round's
         if pruner.rebuild():  # unit pruning: what is exported is the smaller model
             log.info(
                 "the model is rebuilt without its removed units: %d parameters",
@@ -168,7 +194,7 @@ def run(
             )
         rundir.save_models(pruner)
         unhealthy = verdict(
-            results,
+            judged,
             None if y is None else chance(task, y),
             class_drop=config.class_drop,
             support=() if y is None or task is not Task.CLASSIFY else np.bincount(y).tolist(),
@@ -184,7 +210,8 @@ def run(
             deployed=sorted(deployable),
             not_installed=not_installed,
             unhealthy=unhealthy,
-            recall=results[-1].recall if results else None,  # the final model's, per class
+            recall=judged[-1].recall if judged else None,  # the exported model's, per class
+            kept_round=judged[-1].round if judged else None,
         )
     except BaseException:
         with contextlib.suppress(Exception):
@@ -201,6 +228,7 @@ def run(
         unhealthy=unhealthy,
         not_installed=not_installed,
         bytes_down=coordinator.bytes_down,
+        kept_round=judged[-1].round if judged else None,
     )
 
 

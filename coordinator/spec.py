@@ -105,4 +105,5 @@ class SpecPublisher:
             batch_size=config.batch_size,
             codec=self.codec.name if self.codec else "",
             task=config.task,
+            prox_mu=config.prox_mu,
         )

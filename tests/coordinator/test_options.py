@@ -42,6 +42,17 @@ EVERY_OPTION_CHANGED = RunConfig(
     optimizer="adam",
     learning_rate=0.01,
     momentum=0.5,
+    lr_schedule="cosine",
+    lr_decay=0.9,
+    prox_mu=0.01,
+    server_optimizer="yogi",
+    server_lr=0.03,
+    server_momentum=0.8,
+    server_beta1=0.8,
+    server_beta2=0.95,
+    server_tau=0.01,
+    keep="best",
+    validation=0.3,
     schedule=ScheduleConfig(
         kind=ScheduleKind.CONSTANT,
         target=0.5,
@@ -142,6 +153,10 @@ def test_flags_set_every_option_as_the_config_file_does(tmp_path: Path) -> None:
         *("--trim", "0.2", "--max-update-bytes", "1000000", "--max-norm", "100"),
         *("--max-samples", "5000", "--max-pending-bytes", str(2**20)),
         *("--codec", config.codec, "--downlink", "codec"),
+        *("--lr-schedule", "cosine", "--lr-decay", "0.9", "--prox-mu", "0.01"),
+        *("--server-optimizer", "yogi", "--server-lr", "0.03", "--server-momentum", "0.8"),
+        *("--server-beta1", "0.8", "--server-beta2", "0.95", "--server-tau", "0.01"),
+        *("--keep", "best", "--validation", "0.3"),
     ]
 
     assert config_from(cli.parse(argv)) == config

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from results import round_result
 
 from fedprune.coordinator import models
 from fedprune.coordinator.config import RunConfig, ScheduleConfig
@@ -44,22 +45,7 @@ def pruner() -> Pruner:
 
 
 def _result(round_: int) -> RoundResult:
-    return RoundResult(
-        round=round_,
-        accuracy=0.5,
-        loss=1.0,
-        client_accuracy=None,
-        client_loss=None,
-        sparsity=0.25,
-        bytes_up=1,
-        bytes_down=2,
-        dense_bytes_up=3,
-        dense_bytes_down=4,
-        selected=1,
-        reported=1,
-        rejected={},
-        seconds=0.1,
-    )
+    return round_result(round_)
 
 
 @pytest.mark.parametrize("torn", [False, True])

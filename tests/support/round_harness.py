@@ -25,7 +25,7 @@ from fedprune.coordinator.validation import Limits
 from fedprune.protocol.chunks import Reassembler, sha256, split
 from fedprune.protocol.codec import Model, Update, decode_model, encode_update
 from fedprune.protocol.envelope import decode, encode
-from fedprune.protocol.messages import Hello, Notice, Round, Status
+from fedprune.protocol.messages import TRAINING_RULES, Hello, Notice, Round, Status
 from fedprune.protocol.topics import Topics
 
 RUN = "unit"
@@ -75,7 +75,11 @@ class FakeClient:
     it read on the status topic, as a device does) and reads its inbox."""
 
     def __init__(
-        self, broker: ScriptedBroker, client_id: str, codecs: tuple[str, ...] = ("f32",)
+        self,
+        broker: ScriptedBroker,
+        client_id: str,
+        codecs: tuple[str, ...] = ("f32",),
+        training: tuple[str, ...] = TRAINING_RULES,
     ) -> None:
         self.id = client_id
         self.transport = MemoryTransport(broker)
@@ -89,6 +93,7 @@ class FakeClient:
             num_samples=100,
             backend="scripted",
             codecs=list(codecs),
+            training=list(training),
         )
         self.transport.publish(
             TOPICS.client_status(client_id), encode(hello, run=RUN, sender=client_id), retain=True
