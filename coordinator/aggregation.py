@@ -26,11 +26,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedprune.protocol.codec import Update
 from fedprune.protocol.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedprune.coordinator.scaffold import Control
 
 Loss = Callable[[list[np.ndarray]], float]
 """The held-out loss of a model with these weights (the screened rule's measure)."""
@@ -49,6 +53,7 @@ class Aggregator(ABC):
         self.left_out: list[str] = []  # devices whose update the rule left out (screened)
         self._metrics: dict[str, float] = {}
         self._metric_weight = 0.0
+        self.control: Control | None = None  # SCAFFOLD: takes each update's control change
 
     def add(self, update: Update, *, weight: float = 1.0, source: str = "") -> None:
         """Take one update of device ``source``; ``weight`` scales its samples (a stale or a
@@ -60,6 +65,8 @@ class Aggregator(ABC):
         if self.clip_norm and norm > self.clip_norm:
             deltas = [d * (self.clip_norm / norm) for d in deltas]
         self._take(deltas, update, weight)
+        if self.control is not None and update.control is not None:
+            self.control.add(update.control)
 
     def merge(self, partial: Update, *, weight: float, norms: Sequence[float]) -> None:
         """Take the partial sum of an aggregator process (FedAvg): its average delta, already

@@ -15,7 +15,7 @@ from fedprune.device_profiles import DEFAULT_PROFILE
 from fedprune.protocol.codec import Codec
 from fedprune.protocol.connection import BrokerSettings
 from fedprune.protocol.errors import ConfigError
-from fedprune.protocol.messages import PROX, SCHEDULE
+from fedprune.protocol.messages import PROX, SCAFFOLD, SCHEDULE
 from fedprune.protocol.signing import SigningKey, Trust, load_signing_key
 from fedprune.protocol.topics import check_name
 
@@ -290,6 +290,12 @@ class RunConfig:
         " round's model on skewed data (default: 0 = off)",
         metavar="MU",
     )
+    scaffold: bool = option(
+        False,
+        "SCAFFOLD: devices correct each local step by control variates (theirs, kept in their"
+        " cache, and the coordinator's, sent each round) and send their variate's change with"
+        " each update (about twice the uplink and a model's more downlink)",
+    )
     server_optimizer: ServerRule = option(
         ServerRule.SGD,
         "the coordinator's optimizer, which takes the round's aggregate as a pseudo-gradient"
@@ -468,6 +474,8 @@ class RunConfig:
                 raise ConfigError(f"codec: {exc}") from exc
         elif self.downlink is Downlink.CODEC:
             raise ConfigError("--downlink codec sends changes in the run's codec: give --codec")
+        if self.aggregators and self.scaffold:
+            raise ConfigError("aggregators add partial sums of updates, not SCAFFOLD's variates")
         if self.aggregators and (self.aggregation != "fedavg" or self.staleness_weight):
             raise ConfigError(
                 "aggregators add partial sums: they need --aggregation fedavg and"
@@ -535,10 +543,12 @@ class RunConfig:
     @property
     def training_rules(self) -> frozenset[str]:
         """The local training rules devices must follow for this run (Hello.training)."""
-        rules = {PROX} if self.prox_mu else set()
-        return frozenset(
-            rules | ({SCHEDULE} if self.lr_schedule is not LrSchedule.CONSTANT else set())
-        )
+        rules = {
+            PROX: bool(self.prox_mu),
+            SCHEDULE: self.lr_schedule is not LrSchedule.CONSTANT,
+            SCAFFOLD: self.scaffold,
+        }
+        return frozenset(rule for rule, used in rules.items() if used)
 
     def server(self) -> ServerOptimizer:
         """The run's server optimizer, with no state yet."""

@@ -169,6 +169,14 @@ class Downlink:
         self._model_topics += [f"{prefix}/{i}" for i in range(manifest.chunks)]
         return manifest, sent
 
+    def publish_control(
+        self, version: int, payload: bytes, limit: int, *, receivers: int
+    ) -> tuple[Manifest, int]:
+        """SCAFFOLD's control variate of a round (a model payload), retained with its model."""
+        return self._chunked_model(
+            self.topics.control(version), payload, limit, receivers=receivers
+        )
+
     def forget_model(self) -> None:
         """No device holds a model of the current shapes (it was rebuilt): the next goes whole."""
         self.held, self.holders = None, set()

@@ -5,6 +5,7 @@ sums. A test or another deployment builds them differently; the loop only orders
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,7 +88,8 @@ class Parts:
         intake = UpdateIntake(
             fleet=fleet,
             trust=keys.trust if keys is not None else trust or Trust(),
-            limits=limits or Limits(),
+            # SCAFFOLD's updates carry their control change: validation asks for it
+            limits=dataclasses.replace(limits or Limits(), control=config.scaffold),
             codec=codec,
             clients_per_round=config.clients_per_round,
             staleness_weight=config.staleness_weight,

@@ -24,6 +24,8 @@ from fedprune.coordinator.global_model import Evaluator, GlobalModel
 from fedprune.coordinator.intake import RoundState
 from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.result import RoundResult, round_report
+from fedprune.coordinator.scaffold import Control
+from fedprune.coordinator.server_optimizer import ServerOptimizer
 from fedprune.coordinator.telemetry import clipping, tolerance
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
@@ -84,6 +86,14 @@ class Coordinator:
         self._dense = 4 * model.parameters()  # float32 bytes of the model the run began with
         self.bound = NormBound(fixed=self.config.clip_norm, multiple=self.config.clip_multiple)
         self.server = self.config.server()  # its state goes into the checkpoint (rundir.py)
+        self.control = Control(multiple=self.config.clip_multiple) if self.config.scaffold else None
+
+    def states(self) -> dict[str, ServerOptimizer | Control]:
+        """What the loop keeps across rounds, by the prefix of its arrays in a checkpoint."""
+        states: dict[str, ServerOptimizer | Control] = {"server_": self.server}
+        if self.control is not None:
+            states["control_"] = self.control
+        return states
 
     @property
     def bytes_down(self) -> int:
@@ -167,6 +177,7 @@ class Coordinator:
             trim=self.config.trim,
             loss=self.loss,
         )
+        aggregator.control = self.control
         announcement, sent = self._announce(round_, model, draw, aggregator.clip_norm)
         self.observer.round_started(round_, draw.selected, announcement.deadline, sent)
         self.status(Phase.TRAINING, round_)
@@ -203,6 +214,8 @@ class Coordinator:
                 )
         else:
             log.warning("round %d: no valid update arrived; the model is unchanged", round_)
+        if self.control is not None:
+            self.control.close(model, len(self.fleet))
         self.pruner.step(round_)
         if self.pruner.rebuild_due(round_) and self.pruner.rebuild():
             self._rebuilt(round_)
@@ -231,6 +244,12 @@ class Coordinator:
         release, model_bytes = self.downlink.publish_model(
             round_, model, draw.selected, limit=limit, mode=self.config.downlink, codec=self.codec
         )
+        control = None
+        if self.control is not None:
+            control, more = self.downlink.publish_control(
+                round_, self.control.payload(model), limit, receivers=len(draw.selected)
+            )
+            model_bytes += more
         announcement = Round(
             round=round_,
             model_version=round_,
@@ -246,6 +265,7 @@ class Coordinator:
             base=release.base,
             norm_bound=norm_bound,
             learning_rate=self.config.learning_rate_of(round_),
+            control=control,
         )
         size = self.downlink.publish(self.topics.round, announcement, receivers=len(self.fleet))
         self.downlink.joining["round"] = size
@@ -282,6 +302,8 @@ class Coordinator:
             self.pruner.parameters(),
         )
         self.server.reset("the model was rebuilt smaller")
+        if self.control is not None:
+            self.control.reset()
         self.downlink.forget_model()
         self.intake.forget_previous()  # late updates of the old shapes cannot count any more
         self.spec.publish()

@@ -7,8 +7,9 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import tomli_w
@@ -17,13 +18,16 @@ from fedprune.coordinator.config import RunConfig
 from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.pruning import Pruner
 from fedprune.coordinator.result import RoundResult
-from fedprune.coordinator.server_optimizer import ServerOptimizer
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.files import write_atomic
 from fedprune.protocol.telemetry import as_json
 
-SERVER = "server_"
-"""The prefix of the server optimizer's arrays in a checkpoint."""
+
+class Stateful(Protocol):
+    """A part of the coordinator with state across rounds, kept in the checkpoint."""
+
+    def state(self) -> dict[str, np.ndarray]: ...
+    def load(self, state: Mapping[str, np.ndarray], shapes: Sequence[tuple[int, ...]]) -> None: ...
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -91,14 +95,19 @@ class RunDir:
             os.fsync(handle.fileno())
 
     def checkpoint(
-        self, round_: int, pruner: Pruner, ledger: Ledger, server: ServerOptimizer | None = None
+        self,
+        round_: int,
+        pruner: Pruner,
+        ledger: Ledger,
+        states: Mapping[str, Stateful] | None = None,
     ) -> Path:
         """What a resumed run continues from, written in one step once the round's metrics line
         is written: every variable of the wrapped model (weights, masks, thresholds, TF-MOT
         steps, hence the schedule's position), its architecture (unit pruning rebuilds it
-        smaller), the device ledger and the server optimizer's state. The coordinator owns no
-        other state: FedAvg and the robust rules keep none across rounds, the codec is
-        stateless, and each round's selection is drawn from the seed and the round."""
+        smaller), the device ledger and the ``states`` by prefix (the server optimizer's,
+        SCAFFOLD's control variate: Coordinator.states). The coordinator owns no other state:
+        FedAvg and the robust rules keep none across rounds, the codec is stateless, and each
+        round's selection is drawn from the seed and the round."""
         path = self.path / "checkpoints" / f"round-{round_:04d}.npz"
         arrays: dict[str, Any] = {
             "round": np.int64(round_),
@@ -108,8 +117,8 @@ class RunDir:
         arrays.update(
             (f"w{i:03d}", np.asarray(w)) for i, w in enumerate(pruner.wrapped.get_weights())
         )
-        if server is not None:
-            arrays.update((SERVER + name, a) for name, a in server.state().items())
+        for prefix, part in (states or {}).items():
+            arrays.update((prefix + name, a) for name, a in part.state().items())
         _atomic(path, lambda f: np.savez(f, **arrays))
         for old in path.parent.glob("round-*.npz"):
             if old != path:
@@ -117,7 +126,7 @@ class RunDir:
         return path
 
     def restore(
-        self, pruner: Pruner, ledger: Ledger, server: ServerOptimizer | None = None
+        self, pruner: Pruner, ledger: Ledger, states: Mapping[str, Stateful] | None = None
     ) -> list[RoundResult]:
         """Load the last checkpoint into ``pruner`` and ``ledger``; the rounds it holds, from
         metrics.jsonl (whose lines after the checkpoint, rounds that did not end, are dropped).
@@ -131,13 +140,18 @@ class RunDir:
                 done = int(saved["round"])
                 weights = [saved[f"w{i:03d}"] for i in range(sum(n[0] == "w" for n in saved.files))]
                 book = json.loads(str(saved["ledger"]))
-                found_server = [(n, saved[n]) for n in saved.files if n.startswith(SERVER)]
+                kept = {
+                    prefix: {
+                        n[len(prefix) :]: saved[n] for n in saved.files if n.startswith(prefix)
+                    }
+                    for prefix in states or {}
+                }
                 if "architecture" in saved.files:  # a unit-pruned model may have been rebuilt
                     pruner.load_architecture(str(saved["architecture"]), done)
             pruner.wrapped.set_weights(weights)
-            if server is not None:
-                shapes = [w.shape for w in pruner.model().weights]
-                server.load({n[len(SERVER) :]: state for n, state in found_server}, shapes)
+            shapes = [w.shape for w in pruner.model().weights]
+            for prefix, part in (states or {}).items():
+                part.load(kept[prefix], shapes)
             ledger.restore(book["devices"], book["events"])
             lines = self.metrics.read_text().splitlines()[:done]  # a torn last line is later
             results = [RoundResult(**json.loads(line)) for line in lines]

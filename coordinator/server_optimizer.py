@@ -19,7 +19,7 @@ changes the weights' shapes, and the state starts again from zero there (said in
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 import numpy as np
@@ -129,7 +129,7 @@ class ServerOptimizer:
             **{f"v{i:03d}": a for i, a in enumerate(self.v)},
         }
 
-    def load(self, state: Mapping[str, np.ndarray], shapes: Collection[tuple[int, ...]]) -> None:
+    def load(self, state: Mapping[str, np.ndarray], shapes: Sequence[tuple[int, ...]]) -> None:
         """Continue from a checkpoint's :meth:`state` for weights of ``shapes``."""
         count = sum(name.startswith("m") for name in state)
         m = [np.asarray(state[f"m{i:03d}"], np.float64) for i in range(count)]

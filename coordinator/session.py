@@ -143,7 +143,7 @@ def run(
         rundir.append(result)
         rundir.write_round_report(coordinator.last_round)
         rundir.checkpoint(
-            result.round, pruner, coordinator.telemetry.ledger, coordinator.server
+            result.round, pruner, coordinator.telemetry.ledger, coordinator.states()
         )  # the commit point
         rundir.write_devices(coordinator.telemetry.ledger)
         if on_round is not None:
@@ -179,7 +179,9 @@ def run(
     )
     coordinator.telemetry.listeners.extend(listeners or [])
     if resume:
-        coordinator.resume(rundir.restore(pruner, coordinator.telemetry.ledger, coordinator.server))
+        coordinator.resume(
+            rundir.restore(pruner, coordinator.telemetry.ledger, coordinator.states())
+        )
         if best is not None:
             best.resume(len(coordinator.results))
     restore_hangup = _reload_keys_on_hangup(keys)

@@ -106,4 +106,5 @@ class SpecPublisher:
             codec=self.codec.name if self.codec else "",
             task=config.task,
             prox_mu=config.prox_mu,
+            scaffold=config.scaffold,
         )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedprune.coordinator.aggregation import l2_norm
 from fedprune.protocol.codec import Model, Update, decode_update
 from fedprune.protocol.errors import (
     ConfigError,
@@ -65,6 +66,7 @@ class Limits:
     max_samples: int = 10_000_000
     max_payloads_per_device: int = 2
     max_pending_bytes: int = 512 * 1024 * 1024
+    control: bool = False  # SCAFFOLD: an update carries its control variate's change
 
     def __post_init__(self) -> None:
         for name in ("max_update_bytes", "max_samples", "max_payloads_per_device"):
@@ -83,11 +85,12 @@ class Limits:
         """The run's limits for updates of ``model``; by default an update may be twice the
         dense float32 model (a sparse one is at most the dense values, a bitmask and framing)."""
         dense = 4 * sum(int(np.prod(w.shape)) for w in model.weights)
+        twice = (4 if config.scaffold else 2) * dense  # SCAFFOLD sends two model-sized parts
         return cls(
-            max_update_bytes=config.max_update_bytes or 2 * dense + 64 * 1024,
+            max_update_bytes=config.max_update_bytes or twice + 64 * 1024,
             max_norm=config.max_norm,
             max_samples=config.max_samples,
-            max_pending_bytes=config.max_pending_bytes,
+            max_pending_bytes=max(config.max_pending_bytes, twice + 64 * 1024),
         )
 
     def for_device(self, hello: Hello | None) -> Limits:
@@ -137,7 +140,15 @@ def validate(payload: bytes, model: Model, *, round_: int, limits: Limits) -> Up
         or not 0 <= metrics.get("batch_size", 0.0) <= 1e9
     ):
         raise Rejected(Reason.SAMPLES, f"reported metrics out of range: {metrics}")
-    norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in update.deltas)))
+    norm = l2_norm(update.deltas)
     if norm > limits.max_norm:
         raise Rejected(Reason.NORM, f"update norm {norm:.3g} > {limits.max_norm:.3g}")
+    if not limits.control:
+        return dataclasses.replace(update, control=None)  # not asked for: not used
+    if update.control is None:
+        raise Rejected(Reason.SHAPE, "a SCAFFOLD run's update carries its control change: none")
+    if not all(np.all(np.isfinite(c)) for c in update.control):
+        raise Rejected(Reason.NONFINITE, "the control change contains NaN or Inf")
+    if (norm := l2_norm(update.control)) > limits.max_norm:
+        raise Rejected(Reason.NORM, f"control change norm {norm:.3g} > {limits.max_norm:.3g}")
     return update

@@ -157,6 +157,9 @@ class Update:
     deltas: list[np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
     codec: str = "f32"  # how it travelled (decoded payloads say; encoding takes a Codec)
+    # SCAFFOLD (1.13): the change of the device's control variate, in the update's codec, at the
+    # same positions as ``deltas``; None without.
+    control: list[np.ndarray] | None = None
 
 
 def _values(array: np.ndarray, mask: np.ndarray | None) -> bytes:
@@ -314,14 +317,23 @@ def encode_update(
         "metrics": update.metrics,
     }
     if codec == F32:  # the layout of protocol 1.6 and before
-        body["values"] = [_values(d, m) for d, m in zip(update.deltas, masks, strict=True)]
-        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
-    body["codec"] = codec.name
+        key = "values"
+    else:
+        body["codec"], key = codec.name, "tensors"
     rng = rng or np.random.default_rng()
-    body["tensors"] = [
-        _encode_tensor(np.frombuffer(_values(d, m), _F32), carried.codec(i, codec), rng)
-        for i, (d, m) in enumerate(zip(update.deltas, masks, strict=True))
-    ]
+
+    def tensors(arrays: list[np.ndarray]) -> list[Any]:
+        values = [_values(d, m) for d, m in zip(arrays, masks, strict=True)]
+        if codec == F32:
+            return values
+        return [
+            _encode_tensor(np.frombuffer(v, _F32), carried.codec(i, codec), rng)
+            for i, v in enumerate(values)
+        ]
+
+    body[key] = tensors(update.deltas)
+    if update.control is not None:
+        body["control"] = tensors(update.control)
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return _compress(packed) if codec.zstd else packed
 
@@ -369,34 +381,44 @@ def decode_update(payload: bytes, model: Model) -> Update:
             raise WireError("malformed update payload (not a map)")
         codec = Codec.parse(str(body.get("codec", "f32")))
         values = body["values"] if "codec" not in body else body["tensors"]
-        if len(values) != len(model.weights):
-            raise ShapeError(f"update has {len(values)} tensors, model has {len(model.weights)}")
-        deltas = []
-        for i, (raw, weight, mask) in enumerate(
-            zip(values, model.weights, model.masks, strict=True)
-        ):
-            n = model.kept(i)
-            flat = (
-                _unpack(raw, n, f"tensor {i}")
-                if "codec" not in body
-                else (_decode_tensor(raw, n, model.codec(i, codec), f"tensor {i}"))
-            )
-            if mask is None:
-                deltas.append(flat.reshape(weight.shape))
-            else:
-                dense = np.zeros(weight.size, dtype=np.float32)
-                dense[mask.reshape(-1).astype(bool)] = flat
-                deltas.append(dense.reshape(weight.shape))
+        layout = None if "codec" not in body else codec  # None: 1.6's float32 layout
+        control = body.get("control")
         metrics = {str(k): float(v) for k, v in dict(body.get("metrics", {})).items()}
         return Update(
             round=int(body["round"]),
             num_samples=int(body["num_samples"]),
-            deltas=deltas,
+            deltas=_decode_tensors(values, model, layout),
             metrics=metrics,
             codec=codec.name,
+            control=None if control is None else _decode_tensors(control, model, layout, "control"),
         )
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise WireError(f"malformed update payload ({exc})") from exc
+
+
+def _decode_tensors(
+    values: Any, model: Model, codec: Codec | None, what: str = "tensor"
+) -> list[np.ndarray]:
+    """One value per weight of ``model`` at its kept positions, zero elsewhere (``codec`` None:
+    the float32 layout of protocol 1.6)."""
+    if not isinstance(values, list) or len(values) != len(model.weights):
+        count = len(values) if isinstance(values, list) else "no list of"
+        raise ShapeError(f"update has {count} {what}s, model has {len(model.weights)} tensors")
+    out = []
+    for i, (raw, weight, mask) in enumerate(zip(values, model.weights, model.masks, strict=True)):
+        n = model.kept(i)
+        flat = (
+            _unpack(raw, n, f"{what} {i}")
+            if codec is None
+            else _decode_tensor(raw, n, model.codec(i, codec), f"{what} {i}")
+        )
+        if mask is None:
+            out.append(flat.reshape(weight.shape))
+        else:
+            dense = np.zeros(weight.size, dtype=np.float32)
+            dense[mask.reshape(-1).astype(bool)] = flat
+            out.append(dense.reshape(weight.shape))
+    return out
 
 
 def _decode_tensor(tensor: Any, n: int, codec: Codec, what: str) -> np.ndarray:

@@ -21,7 +21,10 @@ PROX = "prox"
 """A device's training rule (``Hello.training``): it adds ``Spec.prox_mu``'s proximal term."""
 SCHEDULE = "schedule"
 """A device's training rule: it trains each round at ``Round.learning_rate``."""
-TRAINING_RULES = (PROX, SCHEDULE)
+SCAFFOLD = "scaffold"
+"""A device's training rule: it corrects its steps by ``Round.control`` and its own control
+variate, and sends that variate's change with its update (``Spec.scaffold``)."""
+TRAINING_RULES = (PROX, SCHEDULE, SCAFFOLD)
 """The local training rules a device of this version follows."""
 
 KINDS: dict[Kind, type[Message]] = {}
@@ -139,6 +142,8 @@ class Spec(Message):
     task: str = "classify"  # what the model learns (1.12; edge_client.task.Task)
     # FedProx (1.13): the device adds prox_mu / 2 * ||w - w_round||^2 to its loss (0: off).
     prox_mu: float = 0.0
+    # SCAFFOLD (1.13): devices correct their gradients by c - c_i and send c_i's change.
+    scaffold: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +187,9 @@ class Round(Message):
     norm_bound: float = 0.0
     # The devices' learning rate this round (1.13, the run's schedule over rounds): 0 = the Spec's.
     learning_rate: float = 0.0
+    # SCAFFOLD's global control variate c (1.13, with Spec.scaffold): a model payload (the round
+    # model's masks) at ``model/<version>/control/<i>``.
+    control: Manifest | None = None
 
     def selects(self, client_id: str) -> bool:
         """Whether this round selects ``client_id``."""

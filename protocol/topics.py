@@ -69,6 +69,10 @@ class Topics:
         """Prefix of the chunks of one model version as a change to the previous one."""
         return f"{self.model(version)}/delta"
 
+    def control(self, version: int) -> str:
+        """Prefix of the chunks of a round's SCAFFOLD control variate (Round.control)."""
+        return f"{self.model(version)}/control"
+
     def deploy(self, profile: str) -> str:
         """Retained ``Deployment`` of one profile; its chunks are under ``<this>/chunks/<i>``."""
         return f"{self.root}/deploy/{profile}"

@@ -45,6 +45,7 @@ EVERY_OPTION_CHANGED = RunConfig(
     lr_schedule="cosine",
     lr_decay=0.9,
     prox_mu=0.01,
+    scaffold=True,
     server_optimizer="yogi",
     server_lr=0.03,
     server_momentum=0.8,
@@ -156,7 +157,7 @@ def test_flags_set_every_option_as_the_config_file_does(tmp_path: Path) -> None:
         *("--lr-schedule", "cosine", "--lr-decay", "0.9", "--prox-mu", "0.01"),
         *("--server-optimizer", "yogi", "--server-lr", "0.03", "--server-momentum", "0.8"),
         *("--server-beta1", "0.8", "--server-beta2", "0.95", "--server-tau", "0.01"),
-        *("--keep", "best", "--validation", "0.3"),
+        *("--keep", "best", "--validation", "0.3", "--scaffold"),
     ]
 
     assert config_from(cli.parse(argv)) == config

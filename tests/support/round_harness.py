@@ -25,7 +25,7 @@ from fedprune.coordinator.validation import Limits
 from fedprune.protocol.chunks import Reassembler, sha256, split
 from fedprune.protocol.codec import Model, Update, decode_model, encode_update
 from fedprune.protocol.envelope import decode, encode
-from fedprune.protocol.messages import TRAINING_RULES, Hello, Notice, Round, Status
+from fedprune.protocol.messages import TRAINING_RULES, Hello, Manifest, Notice, Round, Status
 from fedprune.protocol.topics import Topics
 
 RUN = "unit"
@@ -57,7 +57,10 @@ class ScriptedBroker(MemoryBroker):
 
     def model(self, announcement: Round) -> Model:
         """The global model, read back from its retained chunks as a client would."""
-        manifest = announcement.model
+        return self.payload(announcement.model)
+
+    def payload(self, manifest: Manifest) -> Model:
+        """A model payload (the model, SCAFFOLD's control variate) from its retained chunks."""
         parts = Reassembler(max_size=manifest.size)
         payload = None
         for index in range(manifest.chunks):
