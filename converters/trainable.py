@@ -30,6 +30,7 @@ Signatures, for B = ``batch_size``, S = the input shape, K = classes, N = ``len(
     get_weights()                              -> {"w000": float32[...], ..., "w<N-1>": ...}
     set_weights(w000=float32[...], ...)        -> {"ok": int32[]}  (always 1)
     set_masks(m000=float32[...], ...)          -> {"ok": int32[]}  (always 1)
+    set_lr(lr: float32[])                      -> {"ok": int32[]}  (always 1)
     moments(x: float32[B, *S])                 -> {"w<i>": float32[C], ...}  (with BN only)
 
 ``train`` is one optimizer step as tf_keras takes it (mean sparse categorical cross-entropy on the
@@ -40,9 +41,14 @@ trainable weight is multiplied by its mask (1 = kept); the returned loss is the 
 step. The weights are ``model.get_weights()`` in order, non-trainable ones included (a
 BatchNormalization's moving mean and variance, which ``train`` updates and no optimizer touches).
 ``set_weights`` also zeroes the optimizer state: each round starts with a fresh optimizer, like
-the keras trainer. Masks start as ones; ``set_masks`` takes one per weight (ones for biases and
-for weights that are not pruned). A model with BatchNormalization also has ``moments``: the batch
-statistics each layer's moving mean and variance follow in ``train`` (named by their weight
+the keras trainer. ``set_lr`` sets the learning rate of the steps that follow (a round's, from the
+coordinator's schedule; it starts at ``learning_rate``), until it is set again. With ``prox_mu``
+(FedProx), ``set_weights`` also keeps a copy of the trainable weights, the round's anchor, and
+``train`` minimizes the loss plus ``prox_mu / 2 * sum ||w - anchor||^2`` over the trainable weights
+(not the moving statistics); the loss it returns is still the data loss alone, comparable with
+and without the term. Masks start as ones; ``set_masks`` takes one per weight (ones for biases
+and for weights that are not pruned). A model with BatchNormalization also has ``moments``: the
+batch statistics each layer's moving mean and variance follow in ``train`` (named by their weight
 index), which a device averages over its data at the end of a round (edge_client/trainer.py,
 ``calibrated``).
 """
@@ -64,8 +70,9 @@ from fedprune.converters import graph
 from fedprune.converters._errors import short_reason
 from fedprune.converters.tflite import sample_shape
 from fedprune.converters.training_layers import ACTIVATIONS, LAYERS, Step, Unsupported
+from fedprune.edge_client.keras_trainer import proximal
 from fedprune.edge_client.litert import Runtime, load_interpreter
-from fedprune.edge_client.litert_trainer import MOMENTS, SIGNATURES
+from fedprune.edge_client.litert_trainer import MOMENTS, SET_LR, SIGNATURES
 from fedprune.edge_client.task import Task
 from fedprune.protocol.errors import ConfigError, ExportError, ModelError
 
@@ -75,12 +82,26 @@ _Fn = Callable[[tf.Tensor], tf.Tensor]
 # --- optimizers: the tf_keras update rules, with state that set_weights zeroes ------------------
 
 
-class _Sgd(tf.Module):  # type: ignore[misc]
-    """tf_keras SGD: ``m = -g * lr + m * momentum; w += m`` (no buffer when momentum is 0)."""
+class _Optimizer(tf.Module):  # type: ignore[misc]
+    """What every update rule has: its learning rate, a float32 variable as tf_keras's is (which
+    ``set_lr`` assigns), and its state, ``slots`` (which ``set_weights`` zeroes). Each rule
+    overrides ``apply``."""
 
     def __init__(self, variables: Sequence[tf.Variable], *, lr: float, momentum: float) -> None:
         super().__init__()
-        self.lr, self.momentum = tf.constant(lr, tf.float32), tf.constant(momentum, tf.float32)
+        self.lr = tf.Variable(lr, dtype=tf.float32, trainable=False, name="lr")
+        self.slots: list[tf.Variable] = []
+
+    def apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable]) -> None:
+        raise NotImplementedError
+
+
+class _Sgd(_Optimizer):
+    """tf_keras SGD: ``m = -g * lr + m * momentum; w += m`` (no buffer when momentum is 0)."""
+
+    def __init__(self, variables: Sequence[tf.Variable], *, lr: float, momentum: float) -> None:
+        super().__init__(variables, lr=lr, momentum=momentum)
+        self.momentum = tf.constant(momentum, tf.float32)
         self.slots = [_zeros_like(v) for v in variables] if momentum else []
 
     def apply(self, grads: Sequence[tf.Tensor], variables: Sequence[tf.Variable]) -> None:
@@ -93,14 +114,13 @@ class _Sgd(tf.Module):  # type: ignore[misc]
             w.assign_add(m)
 
 
-class _Adam(tf.Module):  # type: ignore[misc]
+class _Adam(_Optimizer):
     """tf_keras Adam with its defaults (beta_1 0.9, beta_2 0.999, epsilon 1e-7)."""
 
     BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7
 
     def __init__(self, variables: Sequence[tf.Variable], *, lr: float, momentum: float) -> None:
-        super().__init__()
-        self.lr = tf.constant(lr, tf.float32)
+        super().__init__(variables, lr=lr, momentum=momentum)
         self.step = tf.Variable(0.0, trainable=False, name="step")
         self.m = [_zeros_like(v) for v in variables]
         self.v = [_zeros_like(v) for v in variables]
@@ -118,7 +138,7 @@ class _Adam(tf.Module):  # type: ignore[misc]
         self.step.assign_add(1.0)
 
 
-_OPTIMIZERS: dict[str, type[_Sgd] | type[_Adam]] = {"sgd": _Sgd, "adam": _Adam}
+_OPTIMIZERS: dict[str, type[_Optimizer]] = {"sgd": _Sgd, "adam": _Adam}
 
 
 def _zeros_like(v: tf.Variable) -> tf.Variable:
@@ -137,12 +157,14 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         sources: list[tuple[int, ...]],
         weights: list[tf.Variable],
         trainable: list[bool],
-        optimizer: type[_Sgd] | type[_Adam],
+        optimizer: type[_Optimizer],
         hyper: dict[str, float],
         x_spec: tf.TensorSpec,
         output: Sequence[int] | None,
+        prox_mu: float = 0.0,
     ) -> None:
-        """``output``: the shape a reconstruction learns (``None``: a classifier)."""
+        """``output``: the shape a reconstruction learns (``None``: a classifier); ``prox_mu``:
+        FedProx's weight (0: no anchors, no term)."""
         super().__init__()
         self.output = output
         self.steps, self.sources = steps, sources
@@ -150,6 +172,8 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         self.masks = [tf.Variable(tf.ones(w.shape), trainable=False) for w in weights]
         self.trained = [i for i, flag in enumerate(trainable) if flag]
         self.optimizer = optimizer([weights[i] for i in self.trained], **hyper)
+        self.prox_mu = tf.constant(prox_mu, tf.float32)
+        self.anchors = [_zeros_like(weights[i]) for i in self.trained] if prox_mu else []
         batch = int(x_spec.shape[0])
         y_spec = (
             tf.TensorSpec([batch], tf.int64, name="y")
@@ -175,6 +199,9 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         self.get_weights = tf.function(self._get_weights, input_signature=[])
         self.set_weights = tf.function(self._set_weights, input_signature=w_specs)
         self.set_masks = tf.function(self._set_masks, input_signature=m_specs)
+        self.set_lr = tf.function(
+            self._set_lr, input_signature=[tf.TensorSpec([], tf.float32, name="lr")]
+        )
 
     def _logits(
         self, x: tf.Tensor, *, training: bool, found: dict[str, tf.Tensor] | None = None
@@ -208,7 +235,11 @@ class _Trainable(tf.Module):  # type: ignore[misc]
                 loss = -tf.reduce_mean(tf.reduce_sum(picked, axis=-1))
             else:
                 loss = tf.reduce_mean(tf.square(self._activated(logits) - y))
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
+            if self.anchors:  # FedProx
+                objective = loss + proximal(self.prox_mu, variables, self.anchors)
+            else:
+                objective = loss
+        self.optimizer.apply(tape.gradient(objective, variables), variables)
         for i in self.trained:
             self.weights[i].assign(self.weights[i] * self.masks[i])
         return {"loss": loss}
@@ -229,11 +260,18 @@ class _Trainable(tf.Module):  # type: ignore[misc]
             w.assign(value)
         for slot in self.optimizer.slots:
             slot.assign(tf.zeros_like(slot))
+        if self.anchors:  # FedProx: the round's trainable weights
+            for anchor, i in zip(self.anchors, self.trained, strict=True):
+                anchor.assign(values[i])
         return {"ok": tf.constant(1)}
 
     def _set_masks(self, *values: tf.Tensor) -> dict[str, tf.Tensor]:
         for m, value in zip(self.masks, values, strict=True):
             m.assign(value)
+        return {"ok": tf.constant(1)}
+
+    def _set_lr(self, lr: tf.Tensor) -> dict[str, tf.Tensor]:
+        self.optimizer.lr.assign(lr)
         return {"ok": tf.constant(1)}
 
 
@@ -248,6 +286,7 @@ def build_trainable(
     learning_rate: float,
     momentum: float = 0.0,
     task: Task = Task.CLASSIFY,
+    prox_mu: float = 0.0,
 ) -> bytes:
     """The LiteRT training artifact (see the module docstring) for a stripped tf_keras model.
 
@@ -255,12 +294,13 @@ def build_trainable(
     a reconstruction (``task``) in any supported activation. Dropout is
     off in on-device training (it is the identity). The artifact's variables start at the model's
     weights, masks at ones and optimizer state at zero. ``momentum`` is ignored by Adam.
+    ``prox_mu`` > 0 adds FedProx's proximal term to what ``train`` minimizes (module docstring).
 
     Raises:
         ConfigError: an unknown optimizer or a hyperparameter out of range.
         ExportError: an unsupported layer or model shape, or the conversion fails.
     """
-    hyper = _hyper(optimizer, batch_size, learning_rate, momentum)
+    hyper = _hyper(optimizer, batch_size, learning_rate, momentum, prox_mu)
     calls = graph.calls(model, _refused)
     weights = [tf.Variable(np.asarray(w, np.float32)) for w in model.get_weights()]
     index = {id(v): i for i, v in enumerate(model.weights)}
@@ -295,19 +335,23 @@ def build_trainable(
     sources = [inputs for _, inputs in calls]
     output = None if task is Task.CLASSIFY else tuple(int(d) for d in model.output_shape[1:])
     module = _Trainable(
-        steps, sources, weights, trainable, _OPTIMIZERS[optimizer], hyper, x_spec, output
+        steps, sources, weights, trainable, _OPTIMIZERS[optimizer], hyper, x_spec, output, prox_mu
     )
     content = _convert(module)
     _verify(content)
     return content
 
 
-def _hyper(optimizer: str, batch_size: int, lr: float, momentum: float) -> dict[str, float]:
+def _hyper(
+    optimizer: str, batch_size: int, lr: float, momentum: float, prox_mu: float
+) -> dict[str, float]:
+    """The optimizer's keywords, once every hyperparameter is in range."""
     checks = [
         ("optimizer", optimizer in _OPTIMIZERS, f"one of {', '.join(_OPTIMIZERS)}", optimizer),
         ("batch_size", isinstance(batch_size, int) and batch_size >= 1, ">= 1", batch_size),
         ("learning_rate", math.isfinite(lr) and lr > 0, "> 0", lr),
         ("momentum", 0.0 <= momentum < 1.0, "in [0, 1)", momentum),
+        ("prox_mu", math.isfinite(prox_mu) and prox_mu >= 0, "finite and >= 0", prox_mu),
     ]
     for name, ok, rule, value in checks:
         if not ok:
@@ -334,7 +378,7 @@ def _convert(module: _Trainable) -> bytes:
     """Trace the signatures, save them as a SavedModel and convert that with builtin ops only."""
     folder = Path(tempfile.mkdtemp(prefix="fedprune-trainable-"))
     try:
-        keys = [*SIGNATURES, *([MOMENTS] if module.followed else [])]
+        keys = [*SIGNATURES, SET_LR, *([MOMENTS] if module.followed else [])]
         signatures = {key: getattr(module, key).get_concrete_function() for key in keys}
         tf.saved_model.save(module, str(folder), signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder), signature_keys=keys)

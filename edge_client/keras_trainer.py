@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,16 @@ def _layers(config: Any) -> Iterator[dict[str, Any]]:
         yield from _layers(layer)
 
 
+def proximal(mu: Any, variables: Sequence[Any], anchors: Sequence[Any]) -> Any:
+    """FedProx's proximal term (Li et al. 2020), ``mu / 2 * sum ||w - anchor||^2``, as a float32
+    tensor. The litert artifact (converters.trainable) adds the same expression to its loss, so
+    that both trainers take the same gradient, ``mu * (w - anchor)``."""
+    import tensorflow as tf
+
+    squares = [tf.reduce_sum(tf.square(w - a)) for w, a in zip(variables, anchors, strict=True)]
+    return mu / 2 * tf.add_n(squares)
+
+
 def _all_layers(model: Any) -> Iterator[Any]:
     """The layers of ``model``, those of nested models in their place."""
     for layer in model.layers:
@@ -122,7 +132,9 @@ def _all_layers(model: Any) -> Iterator[Any]:
 
 class KerasTrainer(Trainer):
     """Builds the run's architecture once; each round trains a few epochs in a compiled step that
-    multiplies every masked weight by its mask right after the optimizer update."""
+    multiplies every masked weight by its mask right after the optimizer update. With
+    ``spec.prox_mu`` the step minimizes the loss plus FedProx's term (:func:`proximal`) toward
+    the trainable weights the round started from; it returns the data loss alone."""
 
     def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
         super().__init__(spec)
@@ -147,6 +159,11 @@ class KerasTrainer(Trainer):
         self._masks = [
             tf.Variable(tf.ones_like(v), trainable=False) for v in self.model.trainable_variables
         ]
+        self._anchors = (
+            [tf.Variable(v, trainable=False) for v in self.model.trainable_variables]
+            if spec.prox_mu > 0
+            else []
+        )
         self._step = tf.function(self._train_step)
         found = list(_all_layers(self.model))
         norms = [la for la in found if isinstance(la, tf_keras.layers.BatchNormalization)]
@@ -159,13 +176,19 @@ class KerasTrainer(Trainer):
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             loss = self._loss(y, self.model(x, training=True))
-        grads = tape.gradient(loss, variables)
+            objective = (
+                loss + proximal(self.spec.prox_mu, variables, self._anchors)
+                if self._anchors
+                else loss
+            )
+        grads = tape.gradient(objective, variables)
         self._optimizer.apply_gradients(zip(grads, variables, strict=True))
         for variable, mask in zip(variables, self._masks, strict=True):
             variable.assign(variable * mask)
         return loss
 
-    def _load(self, model: Model) -> None:
+    def _load(self, model: Model, learning_rate: float) -> None:
+        """The round's weights, masks and anchors, a fresh optimizer at ``learning_rate``."""
         self.model.set_weights(model.weights)
         index = {id(w): i for i, w in enumerate(self.model.weights)}
         for variable, mask_var in zip(self.model.trainable_variables, self._masks, strict=True):
@@ -174,6 +197,11 @@ class KerasTrainer(Trainer):
             mask_var.assign(np.ones(variable.shape, np.float32) if mask is None else mask)
         for v in self._optimizer.variables:
             v.assign(self._tf.zeros_like(v))
+        # A variable the compiled step reads: a new rate does not retrace it.
+        self._optimizer.learning_rate = learning_rate
+        if self._anchors:  # FedProx: the round's trainable weights
+            for anchor, variable in zip(self._anchors, self.model.trainable_variables, strict=True):
+                anchor.assign(variable)
 
     def fit(
         self,
@@ -184,8 +212,9 @@ class KerasTrainer(Trainer):
         epochs: int,
         seed: int,
         on_epoch: EpochHook | None = None,
+        learning_rate: float | None = None,
     ) -> list[np.ndarray]:
-        self._load(model)
+        self._load(model, self._rate(learning_rate))
         targets = self.task.targets(x, y, self.model.output_shape[1:])
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):

@@ -5,8 +5,9 @@ are the contract: ``train(x, y) -> loss`` (one optimizer step on one fixed-size 
 applied after it), ``infer(x) -> probs``, ``get_weights() -> w000...``, ``set_weights(w000=...)``
 (which also resets the optimizer state: a new round starts fresh) and ``set_masks(m000=...)``; with
 BatchNormalization also ``moments(x)``, which sets the moving statistics at the end of a round
-(``trainer.calibrated``). The weights are ordered as the stripped Keras model's ``get_weights()``,
-like every payload on the wire.
+(``trainer.calibrated``); since protocol 1.13 also ``set_lr(lr)``, for a round's learning rate.
+FedProx's term (``Spec.prox_mu``) is built into the artifact's ``train``. The weights are ordered
+as the stripped Keras model's ``get_weights()``, like every payload on the wire.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from fedprune.protocol.messages import Spec
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights", "set_masks")
 """The signature keys every training artifact holds: the contract with converters.trainable."""
+SET_LR = "set_lr"
+"""The signature that sets the learning rate of the steps that follow (1.13). An artifact built by
+an older coordinator lacks it, and then trains at the Spec's rate only."""
 MOMENTS = "moments"
 """The signature an artifact of a model with BatchNormalization holds too: the batch statistics
 its moving mean and variance follow, by weight name."""
@@ -50,7 +54,7 @@ class LiteRTTrainer(Trainer):
                 raise ModelError(f"the training artifact lacks signature(s) {', '.join(missing)}")
             self._run: dict[str, Any] = {
                 s: self._interpreter.get_signature_runner(s)
-                for s in (*SIGNATURES, MOMENTS)
+                for s in (*SIGNATURES, SET_LR, MOMENTS)
                 if s in found
             }
         except ValueError as exc:
@@ -79,6 +83,18 @@ class LiteRTTrainer(Trainer):
             }
         )
 
+    def _set_rate(self, lr: float) -> None:
+        """Have the artifact train at ``lr``. Set on every round, not only when it differs from
+        the Spec's: the artifact keeps the last rate set. An artifact without ``set_lr`` trains
+        at the rate it was built with, the Spec's."""
+        if SET_LR in self._run:
+            self._run[SET_LR](lr=np.float32(lr))
+        elif lr != self.spec.learning_rate:
+            raise ModelError(
+                f"the training artifact has no {SET_LR} signature (built by a coordinator older"
+                f" than protocol 1.13): it cannot train at this round's learning rate {lr:g}"
+            )
+
     def _weights(self, count: int) -> list[np.ndarray]:
         out = self._run["get_weights"]()
         return [np.array(out[_name("w", i)], np.float32) for i in range(count)]
@@ -92,7 +108,9 @@ class LiteRTTrainer(Trainer):
         epochs: int,
         seed: int,
         on_epoch: EpochHook | None = None,
+        learning_rate: float | None = None,
     ) -> list[np.ndarray]:
+        self._set_rate(self._rate(learning_rate))
         self._set(model.weights, model.masks)
         x = x.reshape((-1, *self._input_shape)).astype(np.float32)
         y = self.task.targets(x, y, self._output_shape).astype(self._y_dtype)

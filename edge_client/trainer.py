@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from fedprune.edge_client.task import Evaluation, Task
 from fedprune.protocol.codec import Model
-from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.errors import ConfigError, WireError
 from fedprune.protocol.messages import Spec
 
 EpochHook = Callable[[int], None]
@@ -65,6 +66,8 @@ class Trainer(ABC):
     needs_artifact = False
 
     def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
+        if not (math.isfinite(spec.prox_mu) and spec.prox_mu >= 0):
+            raise WireError(f"the run's prox_mu must be finite and >= 0, got {spec.prox_mu!r}")
         self.spec = spec
         self.task = Task(spec.task)
 
@@ -83,9 +86,21 @@ class Trainer(ABC):
         epochs: int,
         seed: int,
         on_epoch: EpochHook | None = None,
+        learning_rate: float | None = None,
     ) -> list[np.ndarray]:
         """Train from ``model`` for ``epochs`` and return the new weights (masked entries zero);
-        ``on_epoch`` hears the number of epochs done after each one."""
+        ``on_epoch`` hears the number of epochs done after each one. ``learning_rate`` is this
+        round's (``None``: the Spec's); with ``spec.prox_mu`` > 0 the loss has FedProx's term,
+        ``prox_mu / 2 * ||w - w_round||^2`` over the trainable weights, ``model`` the anchor."""
+
+    def _rate(self, learning_rate: float | None) -> float:
+        """The learning rate a ``fit`` trains at: ``learning_rate``, else the Spec's. Both come
+        from the coordinator's messages: one that is not finite and positive is a ``WireError``
+        (the round fails; the device stays)."""
+        lr = self.spec.learning_rate if learning_rate is None else float(learning_rate)
+        if not (math.isfinite(lr) and lr > 0):
+            raise WireError(f"the round's learning rate must be finite and > 0, got {lr!r}")
+        return lr
 
     @abstractmethod
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation: ...

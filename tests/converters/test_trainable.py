@@ -75,6 +75,7 @@ def test_signatures_follow_the_contract(training_cases: Cases, name: str) -> Non
         "get_weights": {"inputs": [], "outputs": w_names},
         "set_weights": {"inputs": w_names, "outputs": ["ok"]},
         "set_masks": {"inputs": m_names, "outputs": ["ok"]},
+        "set_lr": {"inputs": ["lr"], "outputs": ["ok"]},
     }
     train_in = device.run["train"].get_input_details()
     assert (tuple(train_in["x"]["shape"]), train_in["x"]["dtype"]) == ((BATCH, *sample), np.float32)

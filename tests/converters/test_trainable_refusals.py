@@ -201,6 +201,9 @@ def test_a_graph_the_artifact_cannot_take_is_refused_naming_why(
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
         ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0.0"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+        ({"prox_mu": -0.1}, "prox_mu must be finite and >= 0, got -0.1"),
+        ({"prox_mu": float("nan")}, "prox_mu must be finite and >= 0, got nan"),
+        ({"prox_mu": float("inf")}, "prox_mu must be finite and >= 0, got inf"),
     ],
 )
 def test_bad_hyperparameters_raise_config_error(kwargs: dict[str, Any], message: str) -> None:

@@ -261,6 +261,7 @@ class BrokenTrainer(AddOneTrainer):
         epochs: int,
         seed: int,
         on_epoch: EpochHook | None = None,
+        learning_rate: float | None = None,
     ) -> list[np.ndarray]:
         raise RuntimeError("interpreter lost its tensors")
 

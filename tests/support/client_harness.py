@@ -41,7 +41,12 @@ SPEC = Spec(
 
 
 class AddOneTrainer(Trainer):
-    """Adds 1.0 to every weight and keeps masked ones at zero; "evaluates" to fixed numbers."""
+    """Adds 1.0 to every weight and keeps masked ones at zero; "evaluates" to fixed numbers;
+    keeps the learning rate each ``fit`` was given in ``rates``."""
+
+    def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
+        super().__init__(spec, artifact=artifact)
+        self.rates: list[float | None] = []
 
     def fit(
         self,
@@ -52,7 +57,9 @@ class AddOneTrainer(Trainer):
         epochs: int,
         seed: int,
         on_epoch: EpochHook | None = None,
+        learning_rate: float | None = None,
     ) -> list[np.ndarray]:
+        self.rates.append(learning_rate)
         for epoch in range(1, epochs + 1):
             if on_epoch is not None:
                 on_epoch(epoch)

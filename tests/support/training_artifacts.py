@@ -17,6 +17,7 @@ from keras_models import SPARSITY
 from trainable_models import BUILDS
 
 from fedprune.converters.trainable import SIGNATURES, build_trainable
+from fedprune.edge_client.litert_trainer import SET_LR
 
 BATCH = 32
 LR, MOMENTUM, ADAM_LR = 0.05, 0.9, 0.01
@@ -35,14 +36,24 @@ class Case:
 
 
 class Cases(dict[str, Case]):
-    """The cases of BUILDS by name, each built the first time it is asked for."""
+    """The cases of BUILDS by name, each built the first time it is asked for; their artifacts
+    with FedProx's term at ``prox_mu``."""
+
+    def __init__(self, prox_mu: float = 0.0) -> None:
+        super().__init__()
+        self.prox_mu = prox_mu
 
     def __missing__(self, key: str) -> Case:
         build, optimizer = BUILDS[key]
         model = build()
         lr = ADAM_LR if optimizer == "adam" else LR
         artifact = build_trainable(
-            model, batch_size=BATCH, optimizer=optimizer, learning_rate=lr, momentum=MOMENTUM
+            model,
+            batch_size=BATCH,
+            optimizer=optimizer,
+            learning_rate=lr,
+            momentum=MOMENTUM,
+            prox_mu=self.prox_mu,
         )
         self[key] = Case(model=model, artifact=artifact, optimizer=optimizer)
         return self[key]
@@ -60,7 +71,9 @@ class Device:
         self.interpreter = Interpreter(
             model_content=artifact, experimental_op_resolver_type=self.RESOLVERS[resolver]
         )
-        self.run = {key: self.interpreter.get_signature_runner(key) for key in SIGNATURES}
+        self.run = {
+            key: self.interpreter.get_signature_runner(key) for key in (*SIGNATURES, SET_LR)
+        }
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
         self.run["set_weights"](**{f"w{i:03d}": w for i, w in enumerate(weights)})
@@ -68,6 +81,9 @@ class Device:
     def set_masks(self, masks: list[np.ndarray | None], weights: list[np.ndarray]) -> None:
         full = [_ones_if_none(m, w.shape) for w, m in zip(weights, masks, strict=True)]
         self.run["set_masks"](**{f"m{i:03d}": m for i, m in enumerate(full)})
+
+    def set_lr(self, lr: float) -> None:
+        self.run[SET_LR](lr=np.float32(lr))
 
     def get_weights(self) -> list[np.ndarray]:
         out = self.run["get_weights"]()
@@ -110,15 +126,21 @@ def keras_steps(
     batches: list[tuple[np.ndarray, np.ndarray]],
     *,
     training: bool = True,
+    lr: float | None = None,
+    prox_mu: float = 0.0,
 ) -> tuple[list[np.ndarray], list[float]]:
-    """The same steps in tf_keras, as edge_client/keras_trainer.py takes them."""
+    """The same steps in tf_keras, as edge_client/keras_trainer.py takes them: at ``lr`` (None:
+    the case's), and with ``prox_mu`` minimizing the loss plus FedProx's proximal term,
+    ``prox_mu / 2`` times the squared distance of the trainable variables from ``weights``. The
+    losses are the data losses alone."""
     model = tf_keras.models.clone_model(case.model)
     model.set_weights(weights)
     variables = model.trainable_variables
+    anchors = [tf.constant(v.numpy()) for v in variables]
     if case.optimizer == "adam":
-        optimizer: Any = tf_keras.optimizers.Adam(ADAM_LR)
+        optimizer: Any = tf_keras.optimizers.Adam(ADAM_LR if lr is None else lr)
     else:
-        optimizer = tf_keras.optimizers.SGD(LR, momentum=MOMENTUM)
+        optimizer = tf_keras.optimizers.SGD(LR if lr is None else lr, momentum=MOMENTUM)
     optimizer.build(variables)
     loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
     index = {id(w): i for i, w in enumerate(model.weights)}
@@ -128,7 +150,12 @@ def keras_steps(
     def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=training))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+            distance = sum(
+                tf.reduce_sum((v - a) ** 2) for v, a in zip(variables, anchors, strict=True)
+            )
+            objective = loss + prox_mu / 2 * distance if prox_mu else loss
+        grads = tape.gradient(objective, variables)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
         for variable, mask in zip(variables, mask_vars, strict=True):
             variable.assign(variable * mask)
         return loss
