@@ -1,8 +1,9 @@
 """A round's local training on a device: the trainer for the run's Spec, the device's own data and
 epochs, and the update it makes, in the device's codec.
 
-The trainer is made anew only when what it trains changes (a new Spec or training artifact). A
-profile bounds the work (its local epochs and batch size where they are smaller than the run's).
+The trainer is made anew only when what it trains changes (a new Spec or training artifact), not
+for a round's learning rate (the coordinator's schedule), which each ``fit`` is given. A profile
+bounds the work (its local epochs and batch size where they are smaller than the run's).
 A lossy codec adds to each update what earlier ones did not send (error feedback) and keeps what
 this one does not, in a residual that survives a restart when the device has a cache folder.
 """
@@ -141,7 +142,15 @@ class LocalTraining:
         )
         seed = self.seed * 100_003 + round_.round
         hook = self._epoch_hook(round_.round, epochs)
-        new = trainer.fit(model, x, self.data.y, epochs=epochs, seed=seed, on_epoch=hook)
+        new = trainer.fit(
+            model,
+            x,
+            self.data.y,
+            epochs=epochs,
+            seed=seed,
+            on_epoch=hook,
+            learning_rate=round_.learning_rate or spec.learning_rate,
+        )
         train_seconds = time.perf_counter() - started
         evaluation = (
             trainer.evaluate(new, x_test, self.data.y_test)

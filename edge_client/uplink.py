@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fedprune.edge_client.trainer import RULES
 from fedprune.protocol.chunks import sha256, split_to_fit
 from fedprune.protocol.codec import features
 from fedprune.protocol.envelope import encode
@@ -74,6 +75,7 @@ class Identity:
             deploys=deploys,
             max_payload=self.max_payload,
             codecs=features(),
+            training=list(RULES),
             unanswered=unanswered,
         )
         return Topics(self.run).client_status(self.client_id), self.encode(message)
