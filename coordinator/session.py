@@ -328,6 +328,7 @@ def _trainable(pruner: Pruner, config: RunConfig) -> bytes:
             learning_rate=config.learning_rate,
             momentum=config.momentum,
             task=Task(config.task),
+            prox_mu=config.prox_mu,
         )
 
 
