@@ -57,7 +57,7 @@ RULES: dict[str, dict[str, Any]] = {
     "best": {"keep": "best"},
 }
 """Each rule alone (RunConfig options), as a user gives them; combinations are joined with +
-(``adam+cosine+best``)."""
+(``adam+cosine+best``), and an option's value overrides with = (``adam+server_lr=0.03``)."""
 
 TARGET_SHARE = 0.95  # of the centralized accuracy: the rounds-to-target figure
 SPREAD_ROUNDS = 5
@@ -86,6 +86,10 @@ def options(rule: str) -> dict[str, Any]:
     if rule == "centralized":  # the baseline trains with the run's own defaults
         return out
     for part in rule.split("+"):
+        if "=" in part:  # an option's value, as in a sweep: adam+server_lr=0.03
+            name, _, value = part.partition("=")
+            out[name] = float(value)
+            continue
         if part not in RULES:
             raise SystemExit(f"unknown rule {part!r} (one of {', '.join(RULES)})")
         out.update(RULES[part])
