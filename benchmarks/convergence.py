@@ -52,7 +52,7 @@ RULES: dict[str, dict[str, Any]] = {
     "adam": {"server_optimizer": "adam"},
     "yogi": {"server_optimizer": "yogi"},
     "adagrad": {"server_optimizer": "adagrad"},
-    "prox": {"prox_mu": 0.01},
+    "prox": {"prox_mu": 0.1},
     "cosine": {"lr_schedule": "cosine"},
     "best": {"keep": "best"},
 }

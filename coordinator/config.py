@@ -304,8 +304,8 @@ class RunConfig:
     )
     server_lr: float = option(
         0.0,
-        "its learning rate (default: 1 for sgd, 1 - --server-momentum for momentum, 0.01 for"
-        " adam, yogi and adagrad)",
+        "its learning rate (default: 1 for sgd and momentum, 0.01 for adam and yogi, 0.03 for"
+        ' adagrad: docs/benchmarks.md, "Convergence on skewed data")',
     )
     server_momentum: float = option(0.9, "momentum's (default: %(default)s)")
     server_beta1: float = option(

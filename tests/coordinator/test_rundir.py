@@ -14,6 +14,8 @@ from fedprune.coordinator.ledger import Ledger
 from fedprune.coordinator.pruning import Pruner, pruner_for
 from fedprune.coordinator.result import RoundResult
 from fedprune.coordinator.rundir import RunDir
+from fedprune.coordinator.scaffold import Control
+from fedprune.coordinator.server_optimizer import ServerOptimizer
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import Hello
 
@@ -125,3 +127,34 @@ def test_resuming_what_is_not_a_run_or_a_broken_checkpoint_is_a_one_line_error(
     (tmp_path / "run" / "checkpoints" / "round-0001.npz").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="cannot resume from this checkpoint"):
         RunDir(tmp_path / "run", resume=True).restore(pruner, Ledger())
+
+
+def test_the_server_optimizers_and_scaffolds_state_come_back_with_the_checkpoint(
+    tmp_path: Path, pruner: Pruner
+) -> None:
+    # Prepare: a server Adam and a SCAFFOLD variate that took a round each, checkpointed
+    model = pruner.model()
+    adam, control = ServerOptimizer("adam"), Control()
+    delta = [np.full(w.shape, 0.01) for w in model.weights]
+    adam.step(model, delta)
+    control.payload(model)
+    control.add(delta)
+    control.close(model, fleet=2)
+    run = RunDir(tmp_path / "run")
+    run.write_config(RunConfig())
+    run.append(_result(1))
+    run.checkpoint(1, pruner, Ledger(), {"server_": adam, "control_": control})
+    again_adam, again_control = ServerOptimizer("adam"), Control()
+
+    # Execute
+    RunDir(tmp_path / "run", resume=True).restore(
+        pruner, Ledger(), {"server_": again_adam, "control_": again_control}
+    )
+
+    # Assert: the next step is the one the uninterrupted run takes
+    assert again_adam.state().keys() == adam.state().keys() != set()
+    want, got = adam.step(model, delta), again_adam.step(model, delta)
+    for a, b in zip(want, got, strict=True):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(control.c, again_control.c, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -45,9 +45,10 @@ def test_momentum_accumulates_the_aggregates() -> None:
     np.testing.assert_allclose(second, [0.05 + 0.095, -0.1 - 0.19], rtol=1e-6)
 
 
-def test_momentum_defaults_to_one_minus_its_momentum_as_lr() -> None:
-    assert ServerOptimizer("momentum", momentum=0.8).lr == pytest.approx(0.2)
-    assert ServerOptimizer("adam").lr == 0.01
+def test_each_rule_has_its_default_lr() -> None:
+    assert ServerOptimizer("momentum", momentum=0.8).lr == 1.0
+    assert ServerOptimizer("adam").lr == ServerOptimizer("yogi").lr == 0.01
+    assert ServerOptimizer("adagrad").lr == 0.03
     assert ServerOptimizer("sgd").lr == 1.0
 
 

@@ -79,8 +79,12 @@ def _metrics(run_dir: Path) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize(
     ("pruning", "kill_after"),
-    [((), 3), (("--units", "l1", "--target", "0.5", "--rebuild-every", "2"), 5)],
-    ids=["weights", "units-rebuilt-at-4"],
+    [
+        ((), 3),
+        (("--units", "l1", "--target", "0.5", "--rebuild-every", "2"), 5),
+        (("--server-optimizer", "adam", "--lr-schedule", "cosine", "--keep", "best"), 4),
+    ],
+    ids=["weights", "units-rebuilt-at-4", "server-adam-cosine-best"],
 )
 def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     mosquitto: str,
@@ -134,8 +138,11 @@ def test_a_coordinator_killed_mid_run_and_resumed_ends_as_the_uninterrupted_run(
     assert [r["parameters"] for r in got] == [r["parameters"] for r in expected]
     assert [r["reported"] for r in got] == [CLIENTS] * ROUNDS, resumed.stderr[-6000:]
     assert abs(got[-1]["accuracy"] - expected[-1]["accuracy"]) <= 0.005  # type: ignore[operator]
+    assert got[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=0.02)
     assert len(list((run_dir / "checkpoints").glob("round-*.npz"))) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
+    base_summary = json.loads((tmp_path / "base" / "crash" / "summary.json").read_text())
+    assert summary["kept_round"] == base_summary["kept_round"]  # --keep best: the same round
     assert summary["bytes_down"] >= sum(r["bytes_down"] for r in got)  # the whole run's
     report = json.loads((run_dir / "rounds" / f"round-{ROUNDS:04d}.json").read_text())
     assert report == {
