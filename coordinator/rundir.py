@@ -65,8 +65,10 @@ class RunDir:
         data = {k: v for k, v in config.to_dict().items() if v is not None}
         _atomic(self.path / "config.toml", lambda f: tomli_w.dump(data, f))
 
-    def write_heldout(self, x: np.ndarray, y: np.ndarray) -> Path:
-        path = self.path / "heldout.npz"
+    def write_heldout(self, x: np.ndarray, y: np.ndarray, *, name: str = "heldout.npz") -> Path:
+        """heldout.npz: what the run reports its figures and verifies its exports on (with
+        ``--keep best``, the test share; validation.npz: the share that chose the round)."""
+        path = self.path / name
         _atomic(path, lambda f: np.savez(f, x=x, y=y))
         return path
 

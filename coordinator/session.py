@@ -130,12 +130,10 @@ def run(
     pruner = pruner_for(model, config.schedule)
     rundir = RunDir(config.run_dir, overwrite=config.overwrite, resume=resume)
     rundir.write_config(config)
-    x, y = _heldout(config, pruner, rundir)
-    best, validate, x_choose, y_choose = None, None, x, y
-    if config.keep is Keep.BEST and x is not None and y is not None:
-        (x_choose, y_choose), (x, y) = split(x, y, config.validation, config.seed)
-        best = Best(rundir.path / "checkpoints" / "best.npz", config.schedule.at_target)
-        validate = _score(evaluator(pruner, x_choose, y_choose, task))
+    x, y, choose = _heldout(config, pruner, rundir)
+    best_file = rundir.path / "checkpoints" / "best.npz"
+    best = None if choose is None else Best(best_file, config.schedule.at_target)
+    validate = None if choose is None else _score(evaluator(pruner, *choose, task))
 
     def after_round(result: RoundResult) -> None:
         if best is not None:
@@ -173,7 +171,7 @@ def run(
         parts,
         pruner,
         evaluate=evaluator(pruner, x, y, task),
-        loss=held_out_loss(pruner, x_choose, y_choose, task),  # choosing: never the test share
+        loss=held_out_loss(pruner, *(choose or (x, y)), task),  # it chooses: not the test share
         validate=validate,
         on_round=after_round,
     )
@@ -249,11 +247,13 @@ def _reload_keys_on_hangup(keys: DeviceKeys | None) -> Callable[[], None]:
 
 def _heldout(
     config: RunConfig, pruner: Pruner, rundir: RunDir
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The run's held-out set (``--heldout``), shaped for the model and kept in the run
-    directory; ``None`` twice without one."""
+) -> tuple[np.ndarray | None, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+    """The run's held-out set (``--heldout``) shaped for the model, ``None`` twice without one;
+    with ``--keep best`` its test share, and the validation share that chooses the round (else
+    ``None``). The run directory keeps what reports the figures and verifies the exports,
+    heldout.npz, never what chose (validation.npz)."""
     if not config.heldout:
-        return None, None
+        return None, None, None
     heldout = local_data.load(Path(config.heldout), holdout=0.0)
     x, _ = heldout.shaped(pruner.input_shape())
     y = heldout.y
@@ -263,8 +263,12 @@ def _heldout(
             f"{config.heldout}: labels run from {y.min()} to {y.max()}; the model has"
             f" {classes} classes"
         )
+    choose = None
+    if config.keep is Keep.BEST:
+        choose, (x, y) = split(x, y, config.validation, config.seed)
+        rundir.write_heldout(*choose, name="validation.npz")
     rundir.write_heldout(x, y)
-    return x, y
+    return x, y, choose
 
 
 def _deploy(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from results import round_result
 
-from fedprune.coordinator import models
+from fedprune.coordinator import models, session
 from fedprune.coordinator.config import RunConfig, ScheduleConfig
 from fedprune.coordinator.keeper import Best, split
 from fedprune.coordinator.pruning import Pruner, pruner_for
@@ -99,3 +99,28 @@ def test_only_rounds_at_the_pruning_target_are_eligible() -> None:
     assert ScheduleConfig(target=0.0).at_target == 1  # nothing pruned: every round
     hybrid = ScheduleConfig(target=0.5, units="l2", end_round=6, weight_target=0.5)  # type: ignore[arg-type]
     assert hybrid.at_target == hybrid.last_round == 10
+
+
+def test_keep_best_reports_and_verifies_exports_on_the_test_share_only(
+    tmp_path: Path, pruner: Pruner
+) -> None:
+    # Prepare: a held-out file of 40 labelled samples and a run that keeps the best round
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "h.npz", x=rng.random((40, 64), np.float32), y=np.arange(40) % 10)
+    config = RunConfig(model="mlp", keep="best", heldout=str(tmp_path / "h.npz"), out=str(tmp_path))  # type: ignore[arg-type]
+    rundir = RunDir(config.run_dir)
+
+    # Execute
+    x, y, choose = session._heldout(config, pruner, rundir)
+
+    # Assert: heldout.npz (what exports are verified on) is the test share, apart from the
+    # validation share that chooses
+    assert choose is not None and x is not None and y is not None
+    with (
+        np.load(rundir.path / "heldout.npz") as test,
+        np.load(rundir.path / "validation.npz") as val,
+    ):
+        assert list(test["y"]) == list(y) and len(y) == 20
+        assert list(val["y"]) == list(choose[1]) and len(choose[1]) == 20
+        together = np.concatenate([test["x"], val["x"]])
+    assert sorted(map(tuple, together)) == sorted(map(tuple, np.load(tmp_path / "h.npz")["x"]))
