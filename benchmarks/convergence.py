@@ -59,6 +59,7 @@ RULES: dict[str, dict[str, Any]] = {
 """Each rule alone (RunConfig options), as a user gives them; combinations are joined with +
 (``adam+cosine+best``), and an option's value overrides with = (``adam+server_lr=0.03``)."""
 
+MIN_SIZE = 10  # samples a device gets at least: 20 devices at alpha 0.05 cannot all get 20
 TARGET_SHARE = 0.95  # of the centralized accuracy: the rounds-to-target figure
 SPREAD_ROUNDS = 5
 PRUNINGS = {"dense": 0.0, "80": 0.8, "units75": 0.75}
@@ -122,7 +123,7 @@ def devices_data(setting: Setting) -> tuple[list[Any], Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, heldout = digits.write_demo_data(
-            Path(tmp), setting.devices, alpha=setting.alpha, seed=setting.seed
+            Path(tmp), setting.devices, alpha=setting.alpha, seed=setting.seed, min_size=MIN_SIZE
         )
         devices = [local_data.load(p, seed=setting.seed + i) for i, p in enumerate(paths)]
         return devices, local_data.load(heldout, holdout=0.0)
@@ -396,7 +397,13 @@ def main() -> None:
         print(f"{len(todo)} runs to do", file=sys.stderr, flush=True)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for setting, result in zip(todo, pool.map(_work, todo), strict=True):
+            futures = [pool.submit(_work, setting) for setting in todo]
+            for setting, future in zip(todo, futures, strict=True):
+                try:
+                    result = future.result()
+                except Exception as exc:  # one setting that cannot run: said, and the rest go on
+                    print(f"{setting}: {exc}", file=sys.stderr, flush=True)
+                    continue
                 with args.results.open("a") as handle:
                     handle.write(json.dumps(result) + "\n")
                 final = result["accuracy"][-1]

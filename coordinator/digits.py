@@ -53,8 +53,10 @@ def write_demo_data(
     seed: int,
     test_fraction: float = 0.25,
     normal: tuple[int, ...] | None = None,
+    min_size: int = 20,
 ) -> tuple[list[Path], Path]:
-    """One .npz per client (x, y and its own held-out x_test, y_test) plus the coordinator's.
+    """One .npz per client (x, y and its own held-out x_test, y_test) plus the coordinator's;
+    each client gets at least ``min_size`` samples (dirichlet_split).
 
     With ``normal`` classes (anomaly detection), the clients get only those, and the held-out
     set keeps every class, labelled 0 (normal) or 1 (an anomaly)."""
@@ -70,7 +72,9 @@ def write_demo_data(
     heldout = folder / "heldout.npz"
     np.savez(heldout, x=x_test, y=y_test)
     paths = []
-    for i, idx in enumerate(dirichlet_split(y_train, n_clients, alpha=alpha, seed=seed)):
+    for i, idx in enumerate(
+        dirichlet_split(y_train, n_clients, alpha=alpha, seed=seed, min_size=min_size)
+    ):
         cut = max(1, len(idx) // 5)
         rng = np.random.default_rng(seed + i)
         idx = rng.permutation(idx)
