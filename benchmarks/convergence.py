@@ -59,7 +59,6 @@ RULES: dict[str, dict[str, Any]] = {
 """Each rule alone (RunConfig options), as a user gives them; combinations are joined with +
 (``adam+cosine+best``), and an option's value overrides with = (``adam+server_lr=0.03``)."""
 
-MIN_SIZE = 10  # samples a device gets at least: 20 devices at alpha 0.05 cannot all get 20
 TARGET_SHARE = 0.95  # of the centralized accuracy: the rounds-to-target figure
 SPREAD_ROUNDS = 5
 PRUNINGS = {"dense": 0.0, "80": 0.8, "units75": 0.75}
@@ -75,6 +74,7 @@ class Setting:
     rounds: int
     devices: int
     per_round: int
+    min_size: int = 20  # samples each device gets at least (digits.dirichlet_split)
 
     @property
     def key(self) -> str:
@@ -123,7 +123,11 @@ def devices_data(setting: Setting) -> tuple[list[Any], Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, heldout = digits.write_demo_data(
-            Path(tmp), setting.devices, alpha=setting.alpha, seed=setting.seed, min_size=MIN_SIZE
+            Path(tmp),
+            setting.devices,
+            alpha=setting.alpha,
+            seed=setting.seed,
+            min_size=setting.min_size,
         )
         devices = [local_data.load(p, seed=setting.seed + i) for i, p in enumerate(paths)]
         return devices, local_data.load(heldout, holdout=0.0)
@@ -367,6 +371,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--per-round", type=int, default=10)
+    p.add_argument(
+        "--min-size",
+        type=int,
+        default=20,
+        help="samples each device gets at least (20 devices at alpha 0.05 need 10)",
+    )
     p.add_argument("--rules", default="fedavg,momentum,adam,yogi,adagrad,prox,cosine")
     p.add_argument("--pruning", default="dense,80", help=f"of {', '.join(PRUNINGS)}")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/convergence.jsonl"))
@@ -375,7 +385,9 @@ def main() -> None:
     p.add_argument("--plot", type=Path, help="write the accuracy curves here (PNG)")
     args = p.parse_args()
     if not args.report_only:
-        done = {json.dumps(r["setting"], sort_keys=True) for r in read(args.results)}
+        done = {  # runs of before --min-size had 20
+            json.dumps({"min_size": 20, **r["setting"]}, sort_keys=True) for r in read(args.results)
+        }
         todo = []
         for model in args.models.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
@@ -387,6 +399,7 @@ def main() -> None:
                         rounds=args.rounds,
                         devices=args.devices,
                         per_round=args.per_round,
+                        min_size=args.min_size,
                     )
                     todo.append(Setting(pruning="dense", rule="centralized", **base))  # type: ignore[arg-type]
                     for pruning in args.pruning.split(","):
