@@ -196,7 +196,7 @@ def run(setting: Setting) -> dict[str, Any]:
         pruner.set_weights(server.step(model, delta))
         pruner.step(round_)
         if pruner.rebuild_due(round_) and pruner.rebuild():  # as the round loop does
-            server.reset("the model was rebuilt smaller")
+            server.cut(pruner.cut)
             trainer = trainer_for(config, pruner)
         evaluation, chosen_by = test(), validate()
         assert evaluation is not None and chosen_by is not None

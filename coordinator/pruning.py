@@ -22,6 +22,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 
 from fedprune.coordinator import structure
 from fedprune.coordinator.config import ScheduleConfig, ScheduleKind
+from fedprune.coordinator.global_model import Cutter
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 
@@ -104,6 +105,9 @@ class Pruner:
         # m-by-n sparsity is applied at TF-MOT step 1: a structured run counts from begin_round
         self.step_offset = schedule.begin_round - 1 if schedule.m_by_n else 0
         self.units: dict[str, int] = {}
+        # What cuts arrays laid out as the weights before the last rebuild to the model after it
+        # (a server optimizer's state, SCAFFOLD's control variate: structure.Cutter).
+        self.cut: Cutter | None = None
         self.weight_phase = False  # a hybrid schedule wraps for its weights once units are done
         self._adopt(wrap(model, schedule), round_=self.step_offset - 1)
         if self.coupling is not None:  # family -> its groups at the start: the schedule's share
@@ -238,10 +242,11 @@ class Pruner:
             w.layer.name: w.pruning_vars[0][1].numpy() for w in self.wrappers if w.pruning_vars
         }
         keep = {name: structure.alive(masks[name]) for name in self.coupling.producers}
-        small, small_masks = self.stripped, masks
+        small, small_masks, cut = self.stripped, masks, None
         if not all(units.all() for units in keep.values()):
-            small, small_masks = structure.rebuild(self.stripped, masks, keep)
+            small, small_masks, cut = structure.rebuild(self.stripped, masks, keep)
         smaller = bool(small.count_params() < self.stripped.count_params())
+        self.cut = cut if smaller else None
         if smaller or self._weight_phase(round_) != self.weight_phase:
             self.adopt(small, round_, small_masks)
         return smaller

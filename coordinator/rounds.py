@@ -301,9 +301,9 @@ class Coordinator:
             round_,
             self.pruner.parameters(),
         )
-        self.server.reset("the model was rebuilt smaller")
+        self.server.cut(self.pruner.cut)  # its state goes on, cut as the weights were
         if self.control is not None:
-            self.control.reset()
+            self.control.cut(self.pruner.cut)
         self.downlink.forget_model()
         self.intake.forget_previous()  # late updates of the old shapes cannot count any more
         self.spec.publish()

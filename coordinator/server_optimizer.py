@@ -13,7 +13,7 @@ with m = 0 and v = tau² at the start, as in the paper (no bias correction). Pru
 zero: the step is masked by the model's TF-MOT masks and so is the momentum they would carry. A
 BatchNormalization's moving statistics are not learned by gradients: they take Δ as it is. The
 state is in the checkpoint (rundir.py), so a resumed run goes on with it; unit pruning's rebuild
-changes the weights' shapes, and the state starts again from zero there (said in the log).
+cuts it as it cuts the weights (pruning.Pruner.cut).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from fedprune.coordinator.global_model import Cutter
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 
@@ -113,6 +114,14 @@ class ServerOptimizer:
             v[i] = self.beta2 * v[i] + (1 - self.beta2) * square
         step: np.ndarray = self.lr * m[i] / (np.sqrt(v[i]) + self.tau)
         return step
+
+    def cut(self, cut: Cutter | None) -> None:
+        """The model was rebuilt smaller: cut the state as its weights were (``None``: start
+        again from zero)."""
+        if cut is None:
+            self.reset("the model was rebuilt smaller")
+        elif self.m:
+            self.m, self.v = cut(self.m), cut(self.v)
 
     def reset(self, why: str) -> None:
         """Start the state again from zero (the model changed shape)."""

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tf_keras
 
 from fedprune.converters import graph
+from fedprune.coordinator.global_model import Cutter
 from fedprune.protocol.errors import ConfigError
 
 log = logging.getLogger("fedprune.coordinator")
@@ -306,12 +307,13 @@ class Coupling:
 
 def rebuild(
     model: tf_keras.Model, masks: dict[str, np.ndarray], keep: dict[str, np.ndarray]
-) -> tuple[tf_keras.Model, dict[str, np.ndarray]]:
+) -> tuple[tf_keras.Model, dict[str, np.ndarray], Cutter]:
     """The model without the units ``keep`` leaves out (by producer name, a boolean per unit),
     with the weights of ``model`` and its kernel ``masks`` (by layer name) cut to match. A group
     stays if any of its units does, and so does a removed group whose constant output cannot be
     folded into the next producer (a convolution with ``same`` padding or no bias next).
-    Returns the new model and its kernel masks."""
+    Returns the new model, its kernel masks, and what cuts other arrays laid out as the
+    model's weights the same way (:data:`Cutter`)."""
     coupling = Coupling(model)
     groups = coupling.alive(
         {name: np.asarray(units, bool)[None, :] for name, units in keep.items()}
@@ -335,7 +337,41 @@ def rebuild(
     for layer in rebuilt.layers:
         if layer.name in cut.weights:
             layer.set_weights(cut.weights[layer.name])
-    return rebuilt, cut.masks
+    return rebuilt, cut.masks, _cutter(model, rebuilt, cut.slices)
+
+
+Slice = Callable[[list[np.ndarray]], list[np.ndarray]]
+"""How one layer's weights are cut (without the constants folded into its bias)."""
+
+
+def _unchanged(values: list[np.ndarray]) -> list[np.ndarray]:
+    return values
+
+
+def _cutter(old: Any, new: Any, slices: dict[str, Slice]) -> Cutter:
+    """Cuts arrays laid out as ``old``'s weights to ``new``'s, layer by layer, by ``slices``
+    (a layer without one is carried as it is)."""
+    old_at = {id(v): i for i, v in enumerate(old.weights)}
+    new_at = {id(v): i for i, v in enumerate(new.weights)}
+    layers_of = [
+        (
+            la.name,
+            [old_at[id(v)] for v in la.weights],
+            [new_at[id(v)] for v in new.get_layer(la.name).weights],
+        )
+        for la in old.layers
+        if la.weights
+    ]
+
+    def cut(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.zeros(0)] * len(new_at)
+        for name, before, after in layers_of:
+            values = [np.asarray(arrays[i]) for i in before]
+            for i, value in zip(after, slices.get(name, _unchanged)(values), strict=True):
+                out[i] = value
+        return out
+
+    return cut
 
 
 class _Cut:
@@ -351,6 +387,8 @@ class _Cut:
         self.stuck: set[int] = set()
         self.weights: dict[str, list[np.ndarray]] = {}
         self.masks: dict[str, np.ndarray] = {}
+        # layer -> how its weights are cut (the weights then take the folded constants too)
+        self.slices: dict[str, Slice] = {}
 
     def walk(self) -> dict[str, Any]:
         """The new model's config (``weights`` and ``masks`` filled on the way)."""
@@ -386,7 +424,8 @@ class _Cut:
         elif kind is layers.Reshape:
             entry["target_shape"] = [*entry["target_shape"][:-1], int(kept.sum())]
         elif kind is layers.BatchNormalization:
-            self.weights[layer.name] = [np.asarray(w)[kept] for w in layer.get_weights()]
+            self.slices[layer.name] = lambda ws: [np.asarray(w)[kept] for w in ws]
+            self.weights[layer.name] = self.slices[layer.name](layer.get_weights())
             gamma = np.ones(const.size) if layer.gamma is None else layer.gamma.numpy()
             beta = np.zeros(const.size) if layer.beta is None else layer.beta.numpy()
             scale = gamma / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
@@ -418,7 +457,8 @@ class _Cut:
         out = (const[:, None] * kernel.sum(axis=(0, 1))).reshape(-1)
         out = out + rest[0] if rest else out
         through = np.repeat(kept, layer.depth_multiplier)
-        self.weights[layer.name] = [kernel[:, :, kept]] + [b[through] for b in rest]
+        self.slices[layer.name] = lambda ws: [ws[0][:, :, kept]] + [b[through] for b in ws[1:]]
+        self.weights[layer.name] = self.slices[layer.name]([kernel, *rest])
         if layer.name in self.old_masks:
             self.masks[layer.name] = self.old_masks[layer.name][:, :, kept]
         return _apply(layers.Activation(layer.activation), np.where(through, np.nan, out))
@@ -456,9 +496,17 @@ class _Cut:
             spread = kernel[..., carrying, :].reshape(-1, int(carrying.sum()), kernel.shape[-1])
             bias += np.einsum("pio,i->o", spread, const[carrying])
         units = self.coupling.kept(i, self.groups)
-        self.weights[layer.name] = [*head, kernel[..., through, :][..., units]] + (
-            [bias[units]] if bias is not None else []
-        )
+        separable = bool(head)
+
+        def cut(ws: list[np.ndarray]) -> list[np.ndarray]:
+            k = 1 if separable else 0
+            out = [ws[0][:, :, kept]] if separable else []
+            out.append(ws[k][..., through, :][..., units])
+            return out + [b[units] for b in ws[k + 1 :]]
+
+        self.slices[layer.name] = cut
+        originals = weights[:1] if separable else []  # a separable layer's depthwise kernel
+        self.weights[layer.name] = cut([*originals, kernel, *([] if bias is None else [bias])])
         if layer.name in self.old_masks:
             self.masks[layer.name] = self.old_masks[layer.name][..., through, :][..., units]
         entry[_PRODUCERS[type(layer)]] = int(units.sum())

@@ -95,7 +95,7 @@ def test_rebuilt_model_gives_the_masked_models_outputs(
     masks, keep = _prune(model, share)
     x = rng.random((32, *model.input_shape[1:])).astype(np.float32)
 
-    small, small_masks = rebuild(model, masks, keep)
+    small, small_masks, _ = rebuild(model, masks, keep)
 
     np.testing.assert_allclose(small(x).numpy(), model(x).numpy(), atol=2e-5)
     assert small.count_params() < model.count_params()
@@ -107,7 +107,7 @@ def test_units_and_the_next_layers_inputs_shrink_after_flatten() -> None:
     model = models.cnn()
     masks, keep = _prune(model, 0.75)  # 16 -> 4 filters, 128 -> 32 units
 
-    small, _ = rebuild(model, masks, keep)
+    small, _, _ = rebuild(model, masks, keep)
 
     shapes = [w.shape for w in small.get_weights()]
     assert shapes == [(3, 3, 1, 4), (4,), (8 * 8 * 4, 32), (32,), (32, 10), (10,)]
@@ -128,7 +128,7 @@ def test_a_removed_filter_a_same_padded_conv_cannot_fold_is_kept(
     constant = np.maximum(0.0, normalized)
     carrying = int(np.count_nonzero(constant[~keep[conv.name]]))  # relu(BN(bias)) > 0
 
-    small, _ = rebuild(model, masks, keep)
+    small, _, _ = rebuild(model, masks, keep)
 
     assert 0 < carrying < 3
     assert small.get_layer(conv.name).filters == 3 + carrying  # the zero ones removed
@@ -176,7 +176,7 @@ def test_coupled_channels_go_together_and_the_rebuilt_graph_gives_the_same_outpu
     coupling.silence(groups)  # as the pruner does: removed channels give zero
     x = _input(model)
 
-    small, small_masks = rebuild(model, masks, keep)
+    small, small_masks, _ = rebuild(model, masks, keep)
 
     np.testing.assert_allclose(small(x).numpy(), model(x).numpy(), atol=2e-5)
     assert small.count_params() < model.count_params()
@@ -204,7 +204,7 @@ def test_constants_removed_channels_carry_are_folded_or_their_groups_kept(
     _, _, masks, keep = _prune_groups(model, 0.5)
     x = _input(model)
 
-    small, _ = rebuild(model, masks, keep)
+    small, _, _ = rebuild(model, masks, keep)
 
     np.testing.assert_allclose(small(x).numpy(), model(x).numpy(), atol=2e-5)
     assert small.count_params() <= model.count_params()
@@ -275,7 +275,7 @@ def test_channels_a_layer_cannot_cut_stay_and_the_rest_is_pruned(
     coupling, groups, masks, keep = _prune_groups(model, 0.5)
     x = _input(model)
 
-    small, _ = rebuild(model, masks, keep)
+    small, _, _ = rebuild(model, masks, keep)
 
     assert f"{graph_named(layer)}: {why}" in caplog.text
     assert "first" not in coupling.producers  # next to the layer: its channels stay
@@ -320,7 +320,7 @@ def test_a_one_channel_gate_stays_apart_when_its_partner_is_down_to_one_channel(
     coupling, groups, masks, keep = _prune_groups(model, 0.75)
     coupling.silence(groups)
 
-    small, _ = rebuild(model, masks, keep)
+    small, _, _ = rebuild(model, masks, keep)
 
     assert small.get_layer("a").filters == 1
     assert set(Coupling(small).families) == {"b"}  # "a", down to one channel, is left alone

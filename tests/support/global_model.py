@@ -30,6 +30,7 @@ class MaskedModel:
             for shape, m in zip(SHAPES, self.masks, strict=True)
         ]
         self.steps: list[int] = []
+        self.cut = None  # it is never rebuilt
 
     def model(self) -> Model:
         return Model(
