@@ -32,6 +32,8 @@ Signatures, for B = ``batch_size``, S = the input shape, K = classes, N = ``len(
     set_masks(m000=float32[...], ...)          -> {"ok": int32[]}  (always 1)
     set_lr(lr: float32[])                      -> {"ok": int32[]}  (always 1)
     moments(x: float32[B, *S])                 -> {"w<i>": float32[C], ...}  (with BN only)
+    set_correction(c000=float32[...], ...)     -> {"ok": int32[]}  (with scaffold only)
+    get_gradient()                             -> {"g000": float32[...], ...}  (with scaffold)
 
 ``train`` is one optimizer step as tf_keras takes it (mean sparse categorical cross-entropy on the
 final softmax's logits; for a reconstruction, with O the output shape, the mean squared error of
@@ -50,7 +52,12 @@ and without the term. Masks start as ones; ``set_masks`` takes one per weight (o
 and for weights that are not pruned). A model with BatchNormalization also has ``moments``: the
 batch statistics each layer's moving mean and variance follow in ``train`` (named by their weight
 index), which a device averages over its data at the end of a round (edge_client/trainer.py,
-``calibrated``).
+``calibrated``). With ``scaffold`` (SCAFFOLD), ``train`` adds the correction ``c - c_i`` that
+``set_correction`` set (one array per weight, like ``set_masks``; those of weights no optimizer
+trains are ignored; zeros at first) to each step's gradient, and sums the raw gradients (before
+the correction) and counts its steps, which ``set_weights`` resets; ``get_gradient`` gives their
+mean per weight (zeros for the weights no optimizer trains, and before any step), the device's
+new control variate. Without it the artifact has none of these variables.
 """
 
 from __future__ import annotations
@@ -72,7 +79,12 @@ from fedprune.converters.tflite import sample_shape
 from fedprune.converters.training_layers import ACTIVATIONS, LAYERS, Step, Unsupported
 from fedprune.edge_client.keras_trainer import proximal
 from fedprune.edge_client.litert import Runtime, load_interpreter
-from fedprune.edge_client.litert_trainer import MOMENTS, SET_LR, SIGNATURES
+from fedprune.edge_client.litert_trainer import (
+    MOMENTS,
+    SCAFFOLD_SIGNATURES,
+    SET_LR,
+    SIGNATURES,
+)
 from fedprune.edge_client.task import Task
 from fedprune.protocol.errors import ConfigError, ExportError, ModelError
 
@@ -162,9 +174,11 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         x_spec: tf.TensorSpec,
         output: Sequence[int] | None,
         prox_mu: float = 0.0,
+        scaffold: bool = False,
     ) -> None:
         """``output``: the shape a reconstruction learns (``None``: a classifier); ``prox_mu``:
-        FedProx's weight (0: no anchors, no term)."""
+        FedProx's weight (0: no anchors, no term); ``scaffold``: SCAFFOLD's correction and
+        gradient sums (module docstring)."""
         super().__init__()
         self.output = output
         self.steps, self.sources = steps, sources
@@ -174,6 +188,11 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         self.optimizer = optimizer([weights[i] for i in self.trained], **hyper)
         self.prox_mu = tf.constant(prox_mu, tf.float32)
         self.anchors = [_zeros_like(weights[i]) for i in self.trained] if prox_mu else []
+        self.scaffold = scaffold
+        if scaffold:
+            self.corrections = [_zeros_like(weights[i]) for i in self.trained]
+            self.sums = [_zeros_like(weights[i]) for i in self.trained]
+            self.count = tf.Variable(0.0, trainable=False, name="steps")
         batch = int(x_spec.shape[0])
         y_spec = (
             tf.TensorSpec([batch], tf.int64, name="y")
@@ -183,9 +202,10 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         w_specs = [
             tf.TensorSpec(w.shape, tf.float32, name=f"w{i:03d}") for i, w in enumerate(weights)
         ]
-        m_specs = [
-            tf.TensorSpec(w.shape, tf.float32, name=f"m{i:03d}") for i, w in enumerate(weights)
-        ]
+        m_specs, c_specs = (
+            [tf.TensorSpec(w.shape, tf.float32, name=f"{p}{i:03d}") for i, w in enumerate(weights)]
+            for p in "mc"
+        )
         self.train = tf.function(self._train, input_signature=[x_spec, y_spec])
         self.infer = tf.function(self._infer, input_signature=[x_spec])
         position = {id(w): i for i, w in enumerate(weights)}
@@ -202,6 +222,9 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         self.set_lr = tf.function(
             self._set_lr, input_signature=[tf.TensorSpec([], tf.float32, name="lr")]
         )
+        if scaffold:
+            self.set_correction = tf.function(self._set_correction, input_signature=c_specs)
+            self.get_gradient = tf.function(self._get_gradient, input_signature=[])
 
     def _logits(
         self, x: tf.Tensor, *, training: bool, found: dict[str, tf.Tensor] | None = None
@@ -239,7 +262,13 @@ class _Trainable(tf.Module):  # type: ignore[misc]
                 objective = loss + proximal(self.prox_mu, variables, self.anchors)
             else:
                 objective = loss
-        self.optimizer.apply(tape.gradient(objective, variables), variables)
+        grads = tape.gradient(objective, variables)
+        if self.scaffold:  # g + c - c_i; the raw g summed for get_gradient
+            for total, g in zip(self.sums, grads, strict=True):
+                total.assign_add(g)
+            self.count.assign_add(1.0)
+            grads = [g + c for g, c in zip(grads, self.corrections, strict=True)]
+        self.optimizer.apply(grads, variables)
         for i in self.trained:
             self.weights[i].assign(self.weights[i] * self.masks[i])
         return {"loss": loss}
@@ -263,6 +292,10 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         if self.anchors:  # FedProx: the round's trainable weights
             for anchor, i in zip(self.anchors, self.trained, strict=True):
                 anchor.assign(values[i])
+        if self.scaffold:  # a new round: no step taken from these weights yet
+            for total in self.sums:
+                total.assign(tf.zeros_like(total))
+            self.count.assign(0.0)
         return {"ok": tf.constant(1)}
 
     def _set_masks(self, *values: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -273,6 +306,18 @@ class _Trainable(tf.Module):  # type: ignore[misc]
     def _set_lr(self, lr: tf.Tensor) -> dict[str, tf.Tensor]:
         self.optimizer.lr.assign(lr)
         return {"ok": tf.constant(1)}
+
+    def _set_correction(self, *values: tf.Tensor) -> dict[str, tf.Tensor]:
+        for c, i in zip(self.corrections, self.trained, strict=True):
+            c.assign(values[i])
+        return {"ok": tf.constant(1)}
+
+    def _get_gradient(self) -> dict[str, tf.Tensor]:
+        steps = tf.maximum(self.count, 1.0)
+        out = {f"g{i:03d}": tf.zeros(w.shape, tf.float32) for i, w in enumerate(self.weights)}
+        for total, i in zip(self.sums, self.trained, strict=True):
+            out[f"g{i:03d}"] = total / steps
+        return out
 
 
 # --- building and converting ---------------------------------------------------------------------
@@ -287,6 +332,7 @@ def build_trainable(
     momentum: float = 0.0,
     task: Task = Task.CLASSIFY,
     prox_mu: float = 0.0,
+    scaffold: bool = False,
 ) -> bytes:
     """The LiteRT training artifact (see the module docstring) for a stripped tf_keras model.
 
@@ -294,7 +340,9 @@ def build_trainable(
     a reconstruction (``task``) in any supported activation. Dropout is
     off in on-device training (it is the identity). The artifact's variables start at the model's
     weights, masks at ones and optimizer state at zero. ``momentum`` is ignored by Adam.
-    ``prox_mu`` > 0 adds FedProx's proximal term to what ``train`` minimizes (module docstring).
+    ``prox_mu`` > 0 adds FedProx's proximal term to what ``train`` minimizes; ``scaffold`` adds
+    SCAFFOLD's correction and the ``set_correction`` and ``get_gradient`` signatures (module
+    docstring).
 
     Raises:
         ConfigError: an unknown optimizer or a hyperparameter out of range.
@@ -335,7 +383,16 @@ def build_trainable(
     sources = [inputs for _, inputs in calls]
     output = None if task is Task.CLASSIFY else tuple(int(d) for d in model.output_shape[1:])
     module = _Trainable(
-        steps, sources, weights, trainable, _OPTIMIZERS[optimizer], hyper, x_spec, output, prox_mu
+        steps,
+        sources,
+        weights,
+        trainable,
+        _OPTIMIZERS[optimizer],
+        hyper,
+        x_spec,
+        output,
+        prox_mu,
+        scaffold,
     )
     content = _convert(module)
     _verify(content)
@@ -378,7 +435,12 @@ def _convert(module: _Trainable) -> bytes:
     """Trace the signatures, save them as a SavedModel and convert that with builtin ops only."""
     folder = Path(tempfile.mkdtemp(prefix="fedprune-trainable-"))
     try:
-        keys = [*SIGNATURES, SET_LR, *([MOMENTS] if module.followed else [])]
+        keys = [
+            *SIGNATURES,
+            SET_LR,
+            *([MOMENTS] if module.followed else []),
+            *(SCAFFOLD_SIGNATURES if module.scaffold else ()),
+        ]
         signatures = {key: getattr(module, key).get_concrete_function() for key in keys}
         tf.saved_model.save(module, str(folder), signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(folder), signature_keys=keys)

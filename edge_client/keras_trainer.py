@@ -134,7 +134,9 @@ class KerasTrainer(Trainer):
     """Builds the run's architecture once; each round trains a few epochs in a compiled step that
     multiplies every masked weight by its mask right after the optimizer update. With
     ``spec.prox_mu`` the step minimizes the loss plus FedProx's term (:func:`proximal`) toward
-    the trainable weights the round started from; it returns the data loss alone."""
+    the trainable weights the round started from; it returns the data loss alone. With
+    ``spec.scaffold`` the step adds SCAFFOLD's correction (variables set per fit) to each
+    gradient, and sums the raw gradients and counts its steps for :meth:`mean_gradient`."""
 
     def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
         super().__init__(spec)
@@ -164,6 +166,10 @@ class KerasTrainer(Trainer):
             if spec.prox_mu > 0
             else []
         )
+        scaffold = self.model.trainable_variables if spec.scaffold else []
+        self._corrections = [tf.Variable(tf.zeros_like(v), trainable=False) for v in scaffold]
+        self._sums = [tf.Variable(tf.zeros_like(v), trainable=False) for v in scaffold]
+        self._count = tf.Variable(0.0, trainable=False)
         self._step = tf.function(self._train_step)
         found = list(_all_layers(self.model))
         norms = [la for la in found if isinstance(la, tf_keras.layers.BatchNormalization)]
@@ -182,15 +188,24 @@ class KerasTrainer(Trainer):
                 else loss
             )
         grads = tape.gradient(objective, variables)
+        if self._corrections:  # SCAFFOLD: g + c - c_i; the raw g summed for mean_gradient
+            for total, g in zip(self._sums, grads, strict=True):
+                total.assign_add(g)
+            self._count.assign_add(1.0)
+            grads = [g + c for g, c in zip(grads, self._corrections, strict=True)]
         self._optimizer.apply_gradients(zip(grads, variables, strict=True))
         for variable, mask in zip(variables, self._masks, strict=True):
             variable.assign(variable * mask)
         return loss
 
-    def _load(self, model: Model, learning_rate: float) -> None:
-        """The round's weights, masks and anchors, a fresh optimizer at ``learning_rate``."""
+    def _load(
+        self, model: Model, learning_rate: float, correction: list[np.ndarray] | None
+    ) -> None:
+        """The round's weights, masks, anchors and SCAFFOLD correction (``None``: zeros), a fresh
+        optimizer at ``learning_rate``, no gradient summed yet."""
+        self._check_scaffold(correction)
         self.model.set_weights(model.weights)
-        index = {id(w): i for i, w in enumerate(self.model.weights)}
+        index = self._index
         for variable, mask_var in zip(self.model.trainable_variables, self._masks, strict=True):
             i = index[id(variable)]
             mask = model.masks[i]
@@ -202,6 +217,14 @@ class KerasTrainer(Trainer):
         if self._anchors:  # FedProx: the round's trainable weights
             for anchor, variable in zip(self._anchors, self.model.trainable_variables, strict=True):
                 anchor.assign(variable)
+        if self._corrections:  # SCAFFOLD: this round's correction, no gradient summed yet
+            for variable, c, total in zip(
+                self.model.trainable_variables, self._corrections, self._sums, strict=True
+            ):
+                zeros = self._tf.zeros_like(total)
+                c.assign(zeros if correction is None else correction[index[id(variable)]])
+                total.assign(zeros)
+            self._count.assign(0.0)
 
     def fit(
         self,
@@ -213,8 +236,9 @@ class KerasTrainer(Trainer):
         seed: int,
         on_epoch: EpochHook | None = None,
         learning_rate: float | None = None,
+        correction: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
-        self._load(model, self._rate(learning_rate))
+        self._load(model, self._rate(learning_rate), correction)
         targets = self.task.targets(x, y, self.model.output_shape[1:])
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):
@@ -224,6 +248,15 @@ class KerasTrainer(Trainer):
                 on_epoch(epoch)
         weights = [np.asarray(w) for w in self.model.get_weights()]
         return calibrated(weights, self._statistics(x, seed))
+
+    def mean_gradient(self) -> list[np.ndarray]:
+        if not self.spec.scaffold:
+            raise ValueError("the mean gradient is kept for a SCAFFOLD run only")
+        out = [np.zeros(w.shape, np.float32) for w in self.model.weights]
+        steps = max(float(self._count.numpy()), 1.0)
+        for variable, total in zip(self.model.trainable_variables, self._sums, strict=True):
+            out[self._index[id(variable)]] = (total.numpy() / np.float32(steps)).astype(np.float32)
+        return out
 
     def _statistics(self, x: np.ndarray, seed: int) -> Iterator[dict[int, np.ndarray]]:
         """Per batch of one pass, the batch statistics each BatchNormalization's moving mean and

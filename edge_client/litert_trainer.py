@@ -6,8 +6,10 @@ applied after it), ``infer(x) -> probs``, ``get_weights() -> w000...``, ``set_we
 (which also resets the optimizer state: a new round starts fresh) and ``set_masks(m000=...)``; with
 BatchNormalization also ``moments(x)``, which sets the moving statistics at the end of a round
 (``trainer.calibrated``); since protocol 1.13 also ``set_lr(lr)``, for a round's learning rate.
-FedProx's term (``Spec.prox_mu``) is built into the artifact's ``train``. The weights are ordered
-as the stripped Keras model's ``get_weights()``, like every payload on the wire.
+FedProx's term (``Spec.prox_mu``) is built into the artifact's ``train``; for a SCAFFOLD run
+(``Spec.scaffold``) the artifact also has ``set_correction(c000=...)`` and ``get_gradient()``.
+The weights are ordered as the stripped Keras model's ``get_weights()``, like every payload on the
+wire.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ an older coordinator lacks it, and then trains at the Spec's rate only."""
 MOMENTS = "moments"
 """The signature an artifact of a model with BatchNormalization holds too: the batch statistics
 its moving mean and variance follow, by weight name."""
+SET_CORRECTION, GET_GRADIENT = "set_correction", "get_gradient"
+SCAFFOLD_SIGNATURES = (SET_CORRECTION, GET_GRADIENT)
+"""The signatures of an artifact built for SCAFFOLD (``build_trainable(scaffold=True)``): the
+correction added to each step's gradients, and the mean raw gradient of the steps since
+``set_weights``."""
 
 
 def _name(prefix: str, index: int) -> str:
@@ -54,15 +61,21 @@ class LiteRTTrainer(Trainer):
                 raise ModelError(f"the training artifact lacks signature(s) {', '.join(missing)}")
             self._run: dict[str, Any] = {
                 s: self._interpreter.get_signature_runner(s)
-                for s in (*SIGNATURES, SET_LR, MOMENTS)
+                for s in (*SIGNATURES, SET_LR, MOMENTS, *SCAFFOLD_SIGNATURES)
                 if s in found
             }
         except ValueError as exc:
             raise ModelError(f"LiteRT cannot load the training artifact: {exc}") from exc
+        if spec.scaffold and not all(s in found for s in SCAFFOLD_SIGNATURES):
+            raise ModelError(
+                f"the training artifact has no {SET_CORRECTION} and {GET_GRADIENT} signatures"
+                " (built without SCAFFOLD): it cannot train this SCAFFOLD run"
+            )
         x_detail = self._run["train"].get_input_details()["x"]
         self._batch = int(x_detail["shape"][0])
         self._input_shape = tuple(int(d) for d in x_detail["shape"][1:])
         self._y_dtype = self._run["train"].get_input_details()["y"]["dtype"]
+        self._gradient: list[np.ndarray] = []  # SCAFFOLD: the last fit's mean raw gradient
         (output,) = self._run["infer"].get_output_details().values()
         self._output_shape = tuple(int(d) for d in output["shape"][1:])
 
@@ -95,9 +108,24 @@ class LiteRTTrainer(Trainer):
                 f" than protocol 1.13): it cannot train at this round's learning rate {lr:g}"
             )
 
-    def _weights(self, count: int) -> list[np.ndarray]:
-        out = self._run["get_weights"]()
-        return [np.array(out[_name("w", i)], np.float32) for i in range(count)]
+    def _read(self, key: str, prefix: str) -> list[np.ndarray]:
+        """What signature ``key`` gives, one array per weight, named ``prefix`` and its index."""
+        out = self._run[key]()
+        return [np.array(out[_name(prefix, i)], np.float32) for i in range(len(out))]
+
+    def _set_correction(
+        self, shapes: list[tuple[int, ...]], correction: list[np.ndarray] | None
+    ) -> None:
+        """SCAFFOLD: the correction of this fit's steps (``None``: zeros), set each fit, since the
+        artifact keeps the last one set."""
+        self._run[SET_CORRECTION](
+            **{
+                _name("c", i): np.asarray(
+                    np.zeros(shape) if correction is None else correction[i], np.float32
+                )
+                for i, shape in enumerate(shapes)
+            }
+        )
 
     def fit(
         self,
@@ -109,9 +137,13 @@ class LiteRTTrainer(Trainer):
         seed: int,
         on_epoch: EpochHook | None = None,
         learning_rate: float | None = None,
+        correction: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
+        self._check_scaffold(correction)
         self._set_rate(self._rate(learning_rate))
         self._set(model.weights, model.masks)
+        if self.spec.scaffold:
+            self._set_correction([w.shape for w in model.weights], correction)
         x = x.reshape((-1, *self._input_shape)).astype(np.float32)
         y = self.task.targets(x, y, self._output_shape).astype(self._y_dtype)
         rng = np.random.default_rng(seed)
@@ -120,7 +152,9 @@ class LiteRTTrainer(Trainer):
                 self._run["train"](x=x[idx], y=y[idx])
             if on_epoch is not None:
                 on_epoch(epoch)
-        weights = self._weights(len(model.weights))
+        weights = self._read("get_weights", "w")
+        if self.spec.scaffold:  # read now: evaluate's set_weights starts the sums again
+            self._gradient = self._read(GET_GRADIENT, "g")
         if MOMENTS not in self._run:
             return weights
         statistics = (
@@ -128,6 +162,11 @@ class LiteRTTrainer(Trainer):
             for idx in batches(len(x), self._batch, np.random.default_rng(seed))
         )
         return calibrated(weights, statistics)
+
+    def mean_gradient(self) -> list[np.ndarray]:
+        if not self.spec.scaffold:
+            raise ValueError("the mean gradient is kept for a SCAFFOLD run only")
+        return list(self._gradient)
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
         self._set(weights, None)

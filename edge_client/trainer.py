@@ -92,11 +92,29 @@ class Trainer(ABC):
         seed: int,
         on_epoch: EpochHook | None = None,
         learning_rate: float | None = None,
+        correction: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         """Train from ``model`` for ``epochs`` and return the new weights (masked entries zero);
         ``on_epoch`` hears the number of epochs done after each one. ``learning_rate`` is this
         round's (``None``: the Spec's); with ``spec.prox_mu`` > 0 the loss has FedProx's term,
-        ``prox_mu / 2 * ||w - w_round||^2`` over the trainable weights, ``model`` the anchor."""
+        ``prox_mu / 2 * ||w - w_round||^2`` over the trainable weights, ``model`` the anchor.
+        With ``spec.scaffold``, ``correction`` (one array per weight, ``c - c_i``; ``None``:
+        zeros) is added to every step's gradient of each trainable weight before the
+        optimizer takes it."""
+
+    @abstractmethod
+    def mean_gradient(self) -> list[np.ndarray]:
+        """SCAFFOLD (``spec.scaffold``): the mean over the last ``fit``'s steps of each weight's
+        raw gradient (that of the objective, before the correction), in ``get_weights`` order,
+        zeros for the weights no optimizer trains (BatchNormalization's moving statistics).
+
+        It is SCAFFOLD's option-II control variate ``c_i - c + (x - y_i) / (K lr)`` as plain SGD
+        would give it, taken exactly whatever the device's optimizer (momentum, Adam)."""
+
+    def _check_scaffold(self, correction: list[np.ndarray] | None) -> None:
+        """A ``correction`` is for a trainer built for a SCAFFOLD run only."""
+        if correction is not None and not self.spec.scaffold:
+            raise ValueError("a SCAFFOLD correction given to a trainer of a run without SCAFFOLD")
 
     def _rate(self, learning_rate: float | None) -> float:
         """The learning rate a ``fit`` trains at: ``learning_rate``, else the Spec's. Both come

@@ -263,6 +263,7 @@ class BrokenTrainer(AddOneTrainer):
         seed: int,
         on_epoch: EpochHook | None = None,
         learning_rate: float | None = None,
+        correction: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         raise RuntimeError("interpreter lost its tensors")
 

@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from artifact_signatures import without
 from client_harness import SPEC, AddOneTrainer
 
 from fedprune.edge_client.data import LocalData
@@ -136,24 +137,12 @@ def test_the_litert_trainer_goes_back_to_the_specs_rate(
     assert _max_diff(got, other) > 1e-2
 
 
-def _without(artifact: bytes, key: str) -> bytes:
-    """``artifact`` without signature ``key``, as a coordinator older than it built it."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    tree = schema.ModelT.InitFromPackedBuf(artifact, 0)
-    tree.signatureDefs = [s for s in tree.signatureDefs if s.signatureKey.decode() != key]
-    builder = flatbuffers.Builder(len(artifact))
-    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
 def test_an_artifact_without_set_lr_trains_at_the_specs_rate_only(
     mlp: tuple[Spec, Model, bytes], data: LocalData
 ) -> None:
     # Prepare
     spec, model, artifact = mlp
-    old = _without(artifact, SET_LR)
+    old = without(artifact, SET_LR)
     trainer = LiteRTTrainer(spec, artifact=old)
     want = LiteRTTrainer(spec, artifact=artifact).fit(model, data.x, data.y, epochs=1, seed=4)
 

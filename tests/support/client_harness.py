@@ -42,11 +42,17 @@ SPEC = Spec(
 
 class AddOneTrainer(Trainer):
     """Adds 1.0 to every weight and keeps masked ones at zero; "evaluates" to fixed numbers;
-    keeps the learning rate each ``fit`` was given in ``rates``."""
+    keeps the learning rate and the SCAFFOLD correction each ``fit`` was given in ``rates`` and
+    ``corrections``. Its mean gradient is :data:`GRADIENT` times the number of fits so far, at
+    every position (pruned ones too, as a real gradient)."""
+
+    GRADIENT = 0.5
 
     def __init__(self, spec: Spec, *, artifact: bytes | None = None) -> None:
         super().__init__(spec, artifact=artifact)
         self.rates: list[float | None] = []
+        self.corrections: list[list[np.ndarray] | None] = []
+        self._shapes: list[tuple[int, ...]] = []
 
     def fit(
         self,
@@ -58,8 +64,12 @@ class AddOneTrainer(Trainer):
         seed: int,
         on_epoch: EpochHook | None = None,
         learning_rate: float | None = None,
+        correction: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
+        self._check_scaffold(correction)
         self.rates.append(learning_rate)
+        self.corrections.append(correction)
+        self._shapes = [w.shape for w in model.weights]
         for epoch in range(1, epochs + 1):
             if on_epoch is not None:
                 on_epoch(epoch)
@@ -67,6 +77,10 @@ class AddOneTrainer(Trainer):
             (w + np.float32(1.0)) * (np.float32(1.0) if m is None else m)
             for w, m in zip(model.weights, model.masks, strict=True)
         ]
+
+    def mean_gradient(self) -> list[np.ndarray]:
+        value = np.float32(self.GRADIENT * len(self.rates))
+        return [np.full(shape, value, np.float32) for shape in self._shapes]
 
     def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> Evaluation:
         return Evaluation(loss=0.25, accuracy=0.5, n=len(y))

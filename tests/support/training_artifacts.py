@@ -17,7 +17,7 @@ from keras_models import SPARSITY
 from trainable_models import BUILDS
 
 from fedprune.converters.trainable import SIGNATURES, build_trainable
-from fedprune.edge_client.litert_trainer import SET_LR
+from fedprune.edge_client.litert_trainer import GET_GRADIENT, SCAFFOLD_SIGNATURES, SET_LR
 
 BATCH = 32
 LR, MOMENTUM, ADAM_LR = 0.05, 0.9, 0.01
@@ -37,11 +37,12 @@ class Case:
 
 class Cases(dict[str, Case]):
     """The cases of BUILDS by name, each built the first time it is asked for; their artifacts
-    with FedProx's term at ``prox_mu``."""
+    with FedProx's term at ``prox_mu``, and SCAFFOLD's correction with ``scaffold``."""
 
-    def __init__(self, prox_mu: float = 0.0) -> None:
+    def __init__(self, prox_mu: float = 0.0, *, scaffold: bool = False) -> None:
         super().__init__()
         self.prox_mu = prox_mu
+        self.scaffold = scaffold
 
     def __missing__(self, key: str) -> Case:
         build, optimizer = BUILDS[key]
@@ -54,6 +55,7 @@ class Cases(dict[str, Case]):
             learning_rate=lr,
             momentum=MOMENTUM,
             prox_mu=self.prox_mu,
+            scaffold=self.scaffold,
         )
         self[key] = Case(model=model, artifact=artifact, optimizer=optimizer)
         return self[key]
@@ -71,8 +73,11 @@ class Device:
         self.interpreter = Interpreter(
             model_content=artifact, experimental_op_resolver_type=self.RESOLVERS[resolver]
         )
+        found = self.interpreter.get_signature_list()
         self.run = {
-            key: self.interpreter.get_signature_runner(key) for key in (*SIGNATURES, SET_LR)
+            key: self.interpreter.get_signature_runner(key)
+            for key in (*SIGNATURES, SET_LR, *SCAFFOLD_SIGNATURES)
+            if key in found
         }
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
@@ -84,6 +89,13 @@ class Device:
 
     def set_lr(self, lr: float) -> None:
         self.run[SET_LR](lr=np.float32(lr))
+
+    def set_correction(self, correction: list[np.ndarray]) -> None:
+        self.run["set_correction"](**{f"c{i:03d}": c for i, c in enumerate(correction)})
+
+    def get_gradient(self) -> list[np.ndarray]:
+        out = self.run[GET_GRADIENT]()
+        return [out[f"g{i:03d}"] for i in range(len(out))]
 
     def get_weights(self) -> list[np.ndarray]:
         out = self.run["get_weights"]()
@@ -133,6 +145,26 @@ def keras_steps(
     the case's), and with ``prox_mu`` minimizing the loss plus FedProx's proximal term,
     ``prox_mu / 2`` times the squared distance of the trainable variables from ``weights``. The
     losses are the data losses alone."""
+    weights, losses, _ = keras_corrected_steps(
+        case, weights, masks, batches, training=training, lr=lr, prox_mu=prox_mu
+    )
+    return weights, losses
+
+
+def keras_corrected_steps(
+    case: Case,
+    weights: list[np.ndarray],
+    masks: list[np.ndarray | None],
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    training: bool = True,
+    lr: float | None = None,
+    prox_mu: float = 0.0,
+    correction: list[np.ndarray] | None = None,
+) -> tuple[list[np.ndarray], list[float], list[np.ndarray]]:
+    """:func:`keras_steps`, each gradient of a trainable variable plus its ``correction`` (one
+    array per weight, in ``get_weights`` order; SCAFFOLD's), and also the mean over the steps of
+    the raw gradients (without it) per weight, zeros for the weights that are not trainable."""
     model = tf_keras.models.clone_model(case.model)
     model.set_weights(weights)
     variables = model.trainable_variables
@@ -145,9 +177,15 @@ def keras_steps(
     loss_fn = tf_keras.losses.SparseCategoricalCrossentropy()
     index = {id(w): i for i, w in enumerate(model.weights)}
     mask_vars = [tf.constant(_ones_if_none(masks[index[id(v)]], v.shape)) for v in variables]
+    added = [
+        tf.constant(
+            np.zeros(v.shape, np.float32) if correction is None else correction[index[id(v)]]
+        )
+        for v in variables
+    ]
 
     @tf.function
-    def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=training))
             distance = sum(
@@ -155,13 +193,19 @@ def keras_steps(
             )
             objective = loss + prox_mu / 2 * distance if prox_mu else loss
         grads = tape.gradient(objective, variables)
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        corrected = [g + c for g, c in zip(grads, added, strict=True)]
+        optimizer.apply_gradients(zip(corrected, variables, strict=True))
         for variable, mask in zip(variables, mask_vars, strict=True):
             variable.assign(variable * mask)
-        return loss
+        return loss, grads
 
-    losses = [float(step(x, y)) for x, y in batches]
-    return model.get_weights(), losses
+    losses, mean = [], [np.zeros(w.shape, np.float64) for w in weights]
+    for x, y in batches:
+        loss, grads = step(x, y)
+        losses.append(float(loss))
+        for v, g in zip(variables, grads, strict=True):
+            mean[index[id(v)]] += g.numpy() / len(batches)
+    return model.get_weights(), losses, [m.astype(np.float32) for m in mean]
 
 
 def _ones_if_none(mask: np.ndarray | None, shape: Any) -> np.ndarray:
