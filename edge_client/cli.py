@@ -67,8 +67,9 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("fedprune-cache"),
         metavar="DIR",
-        help="where the litert trainer keeps training artifacts, by SHA-256, so that each is "
-        "downloaded once (default: %(default)s)",
+        help="where the device keeps what outlives a restart: the litert trainer's training "
+        "artifacts, by SHA-256, so that each is downloaded once, a lossy codec's residual and "
+        "SCAFFOLD's control variate (default: %(default)s)",
     )
     p.add_argument(
         "--no-deploy",

@@ -118,6 +118,8 @@ class EdgeClient:
             local_epochs=local_epochs,
             seed=seed,
             residual_file=None if cache is None else cache / f"residual-{identity.client_id}.npz",
+            run=identity.run,
+            control_file=None if cache is None else cache / f"control-{identity.client_id}.npz",
             show=self._show_state,
         )
         self.artifacts = ArtifactStore(cache) if self.training.needs_artifact else None
@@ -246,6 +248,8 @@ class EdgeClient:
             return f"the next round (round {round_.round}'s time ran out)"
         if self.download.model(round_) is None:
             return f"round {round_.round}'s model ({round_.model.size:,} bytes)"
+        if round_.control is not None and self.download.control(round_) is None:
+            return f"round {round_.round}'s control variate ({round_.control.size:,} bytes)"
         return None
 
     def _report_waiting(self) -> None:
@@ -299,7 +303,7 @@ class EdgeClient:
             if self.deploy is not None:
                 self._installed(self.deploy.on_chunk(chunk))
         else:
-            self.download.on_chunk(chunk, self._round)
+            self.download.on_chunk(topic, chunk, self._round)
 
     def _on_round(self, round_: Round) -> None:
         if self._round_seen is None or self._round_seen.round != round_.round:
@@ -369,8 +373,8 @@ class EdgeClient:
         if (why := self._cannot_train(spec)) is not None:  # only when serving forever
             self._fail(round_.round, why)
             return
-        payload = self.download.model(round_)
-        if payload is None:
+        payload, control = self.download.model(round_), self.download.control(round_)
+        if payload is None or (round_.control is not None and control is None):
             return
         if round_.architecture and round_.architecture != architecture(spec.model_json):
             return  # the model was rebuilt: its Spec (retained) is on its way
@@ -381,11 +385,16 @@ class EdgeClient:
         self._trained.add(round_.round)
         try:
             model = decode_model(payload)
+            c = None if control is None else decode_model(control)
         except WireError as exc:
-            log.warning("round %d: the global model cannot be decoded (%s)", round_.round, exc)
+            log.warning(
+                "round %d: the global model or its control variate cannot be decoded (%s)",
+                round_.round,
+                exc,
+            )
             return
         try:
-            self.train_round(round_, spec, model, artifact)
+            self.train_round(round_, spec, model, artifact, c)
         except ConfigError as exc:  # this device cannot take part (its labels, its trainer)
             if not self._forever:
                 raise  # it says so and stops
@@ -405,11 +414,17 @@ class EdgeClient:
         return self.artifacts.get(spec.artifact)
 
     def train_round(
-        self, round_: Round, spec: Spec, model: Model, artifact: bytes | None = None
+        self,
+        round_: Round,
+        spec: Spec,
+        model: Model,
+        artifact: bytes | None = None,
+        control: Model | None = None,
     ) -> None:
-        """Train ``round_`` on the local data and send the update."""
+        """Train ``round_`` on the local data (a SCAFFOLD round with its ``control`` variate)
+        and send the update."""
         session = self.following.session or ""
-        trained = self.training.train(round_, spec, model, artifact, session)
+        trained = self.training.train(round_, spec, model, artifact, session, control)
         sent = self.uplink.update(round_.round, session, trained.payload)
         metrics = trained.update.metrics
         log.info(

@@ -5,7 +5,9 @@ The trainer is made anew only when what it trains changes (a new Spec or trainin
 for a round's learning rate (the coordinator's schedule), which each ``fit`` is given. A profile
 bounds the work (its local epochs and batch size where they are smaller than the run's).
 A lossy codec adds to each update what earlier ones did not send (error feedback) and keeps what
-this one does not, in a residual that survives a restart when the device has a cache folder.
+this one does not, in a residual that survives a restart when the device has a cache folder. A
+SCAFFOLD run (``Spec.scaffold``) corrects the steps by the round's control variate and the
+device's own, which it keeps there too (edge_client/control.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedprune.edge_client.control import ControlVariate, RoundControl, control_key
 from fedprune.edge_client.data import LocalData
 from fedprune.edge_client.task import Evaluation, Task
 from fedprune.edge_client.trainer import (
@@ -40,7 +43,7 @@ from fedprune.protocol.codec import (
     encode_update,
     features,
 )
-from fedprune.protocol.errors import ConfigError
+from fedprune.protocol.errors import ConfigError, WireError
 from fedprune.protocol.messages import Manifest, Round, Spec
 
 if TYPE_CHECKING:
@@ -64,8 +67,9 @@ class Trained:
 
 class LocalTraining:
     """Trains a round's model on ``data`` with the ``backend`` trainer. ``local_epochs``
-    overrides the run's; ``residual_file`` keeps a lossy codec's residual; ``show`` hears how
-    far training is."""
+    overrides the run's; ``residual_file`` keeps a lossy codec's residual, ``control_file``
+    SCAFFOLD's control variate of this device in run ``run``; ``show`` hears how far training
+    is."""
 
     def __init__(
         self,
@@ -76,6 +80,8 @@ class LocalTraining:
         local_epochs: int | None = None,
         seed: int = 0,
         residual_file: Path | None = None,
+        run: str = "",
+        control_file: Path | None = None,
         show: Callable[[str], None] = lambda text: None,
     ) -> None:
         self.backend = backend
@@ -87,6 +93,8 @@ class LocalTraining:
         self.show = show
         self.residual_file = residual_file
         self.residual = Residual() if residual_file is None else Residual.load(residual_file)
+        self.run = run
+        self.control = ControlVariate(control_file)
         self._trainer: Trainer | None = None
         self._trainer_key: tuple[Spec, Manifest | None] | None = None
 
@@ -118,11 +126,23 @@ class LocalTraining:
         return F32 if self.profile is None else default_codec(self.profile.uplink_kbps)
 
     def train(
-        self, round_: Round, spec: Spec, model: Model, artifact: bytes | None, session: str
+        self,
+        round_: Round,
+        spec: Spec,
+        model: Model,
+        artifact: bytes | None,
+        session: str,
+        control: Model | None = None,
     ) -> Trained:
         """Train ``round_`` from ``model``; ``ConfigError`` when this device cannot (its labels
         do not fit a classifier, its trainer is not installed). A reconstruction learns the
-        samples themselves: its labels play no part."""
+        samples themselves: its labels play no part. A SCAFFOLD run's round comes with its
+        ``control`` variate c (``WireError`` without it)."""
+        scaffold = None
+        if spec.scaffold:
+            if control is None:
+                raise WireError(f"round {round_.round} of a SCAFFOLD run came without its control")
+            scaffold = RoundControl.begin(control_key(self.run, spec), self.control, control, model)
         trainer = self._trainer_for(spec, artifact)
         x, x_test = self.data.shaped(spec.input_shape)
         classes = model.weights[-1].shape[-1]  # the output layer's bias
@@ -150,6 +170,7 @@ class LocalTraining:
             seed=seed,
             on_epoch=hook,
             learning_rate=round_.learning_rate or spec.learning_rate,
+            correction=None if scaffold is None else scaffold.correction,
         )
         train_seconds = time.perf_counter() - started
         evaluation = (
@@ -171,8 +192,11 @@ class LocalTraining:
                 "epochs": float(epochs),
                 "batch_size": float(trainer.batch_size),
             },
+            control=None if scaffold is None else scaffold.change(trainer.mean_gradient(), model),
         )
-        payload = self._encode(update, model, spec, seed, session)
+        payload, sent = self._encode(update, model, spec, seed, session)
+        if scaffold is not None and sent.control is not None:
+            self.control.keep(scaffold.key, scaffold.sent(sent.control))
         if self.profile is not None and update.metrics["peak_memory_mb"] > self.profile.memory_mb:
             log.warning(
                 "round %d: peak memory %.0f MB is over profile %s's %d MB",
@@ -196,24 +220,28 @@ class LocalTraining:
             self._trainer_key = key
         return self._trainer
 
-    def _encode(self, update: Update, model: Model, spec: Spec, seed: int, session: str) -> bytes:
-        """The update's payload in this device's codec; a lossy codec adds what earlier updates
-        did not send (error feedback) and keeps what this one does not."""
+    def _encode(
+        self, update: Update, model: Model, spec: Spec, seed: int, session: str
+    ) -> tuple[bytes, Update]:
+        """The update's payload in this device's codec, and the update as the coordinator
+        decodes it; a lossy codec adds what earlier updates did not send (error feedback) and
+        keeps what this one does not."""
         codec = self.codec(spec)
-        if not codec.lossy:
-            return encode_update(update, model.masks, codec, exact=model.exact)
+        if not codec.lossy:  # what it decodes is the update's float32 values where kept
+            return encode_update(update, model.masks, codec, exact=model.exact), update
         with_residual = self.residual.add(update.deltas, session, model.masks)
         wanted = dataclasses.replace(update, deltas=with_residual)
         payload = encode_update(
             wanted, model.masks, codec, rng=np.random.default_rng(seed), exact=model.exact
         )
-        self.residual.keep(wanted.deltas, decode_update(payload, model).deltas, session)
+        sent = decode_update(payload, model)
+        self.residual.keep(wanted.deltas, sent.deltas, session)
         if self.residual_file is not None:
             try:
                 self.residual.save(self.residual_file)
             except OSError as exc:
                 log.warning("cannot keep the codec's residual in %s: %s", self.residual_file, exc)
-        return payload
+        return payload, sent
 
     def _epoch_hook(self, round_: int, epochs: int) -> EpochHook:
         """Progress through a round's local epochs: on the live line after each one, and in the

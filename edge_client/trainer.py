@@ -18,14 +18,14 @@ import numpy as np
 from fedprune.edge_client.task import Evaluation, Task
 from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError, WireError
-from fedprune.protocol.messages import PROX, SCHEDULE, Spec
+from fedprune.protocol.messages import PROX, SCAFFOLD, SCHEDULE, Spec
 
 EpochHook = Callable[[int], None]
 
-RULES = (PROX, SCHEDULE)
+RULES = (PROX, SCHEDULE, SCAFFOLD)
 """The local training rules (``Hello.training``) every trainer here follows: FedProx's term
-(``Spec.prox_mu``) and a round's learning rate. Not ``TRAINING_RULES`` whole: a device does not
-follow SCAFFOLD (yet), and a hello that named it would have it selected for runs that need it."""
+(``Spec.prox_mu``), a round's learning rate, and SCAFFOLD's corrected steps (``Spec.scaffold``;
+edge_client/control.py keeps the device's control variate)."""
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

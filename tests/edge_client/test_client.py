@@ -105,7 +105,7 @@ def test_a_client_announces_itself_with_a_retained_hello(data: LocalData) -> Non
         num_samples=24,
         backend="fake",
         codecs=["f32", "f16", "int8", "int8sr", "topk", "zstd"],
-        training=["prox", "schedule"],  # the local training rules it follows: not SCAFFOLD
+        training=["prox", "schedule", "scaffold"],  # the local training rules it follows
     )
 
 

@@ -114,20 +114,15 @@ def publish_run(
     session: str = "",
     local_epochs: int = 1,
     codec: str = "",
+    control: Model | None = None,
 ) -> None:
-    """What the coordinator leaves retained for a round: spec, model chunks, announcement."""
+    """What the coordinator leaves retained for a round: spec, model chunks, announcement; with
+    ``control``, a SCAFFOLD run's, whose round has that control variate (its chunks retained
+    under ``TOPICS.control(VERSION)``)."""
     coordinator = MemoryTransport(broker)
-    spec = dataclasses.replace(SPEC, codec=codec)
+    spec = dataclasses.replace(SPEC, codec=codec, scaffold=control is not None)
     coordinator.publish(TOPICS.spec, encode_message(spec), retain=True)
-    payload = encode_model(model)
-    chunks = list(split(payload, max_chunk=700))
-    for chunk in chunks:
-        coordinator.publish(
-            f"{TOPICS.model(VERSION)}/{chunk.index}", encode_message(chunk), retain=True
-        )
-    manifest = Manifest(
-        topic=TOPICS.model(VERSION), size=len(payload), chunks=len(chunks), sha256=sha256(payload)
-    )
+    manifest = publish_chunks(coordinator, TOPICS.model(VERSION), encode_model(model))
     announcement = Round(
         round=ROUND,
         model_version=VERSION,
@@ -137,9 +132,20 @@ def publish_run(
         local_epochs=local_epochs,
         duration=duration,
         session=session,
+        control=None
+        if control is None
+        else publish_chunks(coordinator, TOPICS.control(VERSION), encode_model(control)),
     )
     coordinator.publish(TOPICS.round, encode_message(announcement), retain=True)
     coordinator.close()
+
+
+def publish_chunks(coordinator: MemoryTransport, prefix: str, payload: bytes) -> Manifest:
+    """``payload`` retained in 700-byte chunks at ``<prefix>/<i>``, as the coordinator does."""
+    chunks = list(split(payload, max_chunk=700))
+    for chunk in chunks:
+        coordinator.publish(f"{prefix}/{chunk.index}", encode_message(chunk), retain=True)
+    return Manifest(topic=prefix, size=len(payload), chunks=len(chunks), sha256=sha256(payload))
 
 
 def make_client(
