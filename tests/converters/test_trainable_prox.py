@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from training_artifacts import (
-    Case,
     Cases,
     Device,
-    epoch_batches,
+    first_batches,
     keras_steps,
     masked,
     max_diff,
@@ -35,11 +34,6 @@ def prox_cases() -> Cases:
     return Cases(prox_mu=MU)
 
 
-def _steps(case: Case, digits: Digits, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    x, y = case.data(digits[0]), digits[1]
-    return [(x[idx], y[idx]) for idx in epoch_batches(len(x), seed=3)[:count]]
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_steps_with_the_proximal_term_match_tf_keras(
     prox_cases: Cases, digits: Digits, name: str
@@ -48,7 +42,7 @@ def test_steps_with_the_proximal_term_match_tf_keras(
     case = prox_cases[name]
     masks = random_masks(case.model.get_weights())
     start = masked(case.model.get_weights(), masks)
-    batches = _steps(case, digits, STEPS)
+    batches = first_batches(case, digits[0], digits[1], STEPS)
     want, want_losses = keras_steps(case, start, masks, batches, prox_mu=MU)
     without, _ = keras_steps(case, start, masks, batches)
     device = Device(case.artifact)
@@ -75,7 +69,7 @@ def test_the_proximal_term_leaves_out_the_moving_statistics(
     names = [w.name for w in case.model.weights]
     moving = [i for i, n in enumerate(names) if "moving_" in n and not n.startswith("bn_frozen/")]
     frozen = [i for i, n in enumerate(names) if n.startswith("bn_frozen/")]
-    batches = _steps(case, digits, STEPS)
+    batches = first_batches(case, digits[0], digits[1], STEPS)
     want, _ = keras_steps(case, start, [None] * len(start), batches, prox_mu=MU)
     device = Device(case.artifact)
     device.set_weights(start)
@@ -97,7 +91,7 @@ def test_set_weights_moves_the_anchor(prox_cases: Cases, digits: Digits) -> None
     case = prox_cases["mlp-tanh-adam"]
     start = case.model.get_weights()
     other = [w + np.float32(0.1) for w in start]
-    batches = _steps(case, digits, STEPS)
+    batches = first_batches(case, digits[0], digits[1], STEPS)
     used, fresh = Device(case.artifact), Device(case.artifact)
     used.set_weights(other)
     for xb, yb in batches:
@@ -123,7 +117,7 @@ def test_a_step_after_set_lr_matches_tf_keras_at_that_rate(
     case = training_cases[name]
     masks = random_masks(case.model.get_weights())
     start = masked(case.model.get_weights(), masks)
-    batches = _steps(case, digits, 3)
+    batches = first_batches(case, digits[0], digits[1], 3)
     want, want_losses = keras_steps(case, start, masks, batches, lr=rate)
     built_rate, _ = keras_steps(case, start, masks, batches)
     device = Device(case.artifact)

@@ -13,7 +13,7 @@ from training_artifacts import (
     Case,
     Cases,
     Device,
-    epoch_batches,
+    first_batches,
     keras_corrected_steps,
     keras_steps,
     masked,
@@ -39,11 +39,6 @@ def scaffold_cases() -> Cases:
     return Cases(scaffold=True)
 
 
-def _steps(case: Case, digits: Digits, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    x, y = case.data(digits[0]), digits[1]
-    return [(x[idx], y[idx]) for idx in epoch_batches(len(x), seed=3)[:count]]
-
-
 def _correction(weights: list[np.ndarray], masks: list[np.ndarray | None]) -> list[np.ndarray]:
     """A correction of about the gradients' size, zero where pruned, one for every weight (those
     of the moving statistics too: the artifact must leave them out)."""
@@ -65,7 +60,7 @@ def test_corrected_steps_and_the_mean_gradient_match_tf_keras(
     masks = random_masks(case.model.get_weights())
     start = masked(case.model.get_weights(), masks)
     correction = _correction(start, masks)
-    batches = _steps(case, digits, STEPS)
+    batches = first_batches(case, digits[0], digits[1], STEPS)
     want, want_losses, want_gradient = keras_corrected_steps(
         case, start, masks, batches, correction=correction
     )
@@ -96,7 +91,7 @@ def test_set_weights_starts_the_gradient_sums_again(scaffold_cases: Cases, digit
     # Prepare: a device that took steps of a round
     case = scaffold_cases["mlp-tanh-adam"]
     start = case.model.get_weights()
-    batches = _steps(case, digits, STEPS)
+    batches = first_batches(case, digits[0], digits[1], STEPS)
     device = Device(case.artifact)
     device.set_weights(start)
     for xb, yb in batches[:3]:

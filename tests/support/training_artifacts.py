@@ -131,6 +131,14 @@ def epoch_batches(n: int, seed: int) -> list[np.ndarray]:
     return list(np.resize(order, count * BATCH).reshape(count, BATCH))
 
 
+def first_batches(
+    case: Case, x: np.ndarray, y: np.ndarray, count: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first ``count`` batches of an epoch (seed 3) of ``x`` in the case's input shape."""
+    x = case.data(x)
+    return [(x[idx], y[idx]) for idx in epoch_batches(len(x), seed=3)[:count]]
+
+
 def keras_steps(
     case: Case,
     weights: list[np.ndarray],
