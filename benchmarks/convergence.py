@@ -8,8 +8,10 @@ the same model trained centrally.
 
 The real parts of a round run in one process, without MQTT (as in benchmarks/poisoning.py): the
 keras trainer trains each selected device as a device does (FedProx's term from the Spec, the
-round's learning rate from the schedule, SCAFFOLD's correction and control variate), FedAvg
-combines the updates, the run's server optimizer takes the step, the pruner applies TF-MOT's mask
+round's learning rate from the schedule, SCAFFOLD's correction by c - c_i and its c_i, the mean
+raw gradient of its steps, as edge_client/control.py keeps it), FedAvg combines the updates, the
+coordinator's Control takes the devices' control changes, the run's server optimizer takes the
+step, the pruner applies TF-MOT's mask
 update, and the global model is scored on the test share of the held-out digits (the validation
 share only chooses the round ``--keep best`` keeps). Every option comes from ``RunConfig``, so a
 rule here is the run a user starts with the same flags.
@@ -54,6 +56,7 @@ RULES: dict[str, dict[str, Any]] = {
     "adagrad": {"server_optimizer": "adagrad"},
     "prox": {"prox_mu": 0.1},
     "cosine": {"lr_schedule": "cosine"},
+    "scaffold": {"scaffold": True},
     "best": {"keep": "best"},
 }
 """Each rule alone (RunConfig options), as a user gives them; combinations are joined with +
@@ -147,6 +150,7 @@ def trainer_for(config: Any, pruner: Any) -> Any:
             local_epochs=config.local_epochs,
             batch_size=config.batch_size,
             prox_mu=config.prox_mu,
+            scaffold=config.scaffold,
         )
     )
 
@@ -160,6 +164,7 @@ def run(setting: Setting) -> dict[str, Any]:
     from fedprune.coordinator.aggregation import make_aggregator
     from fedprune.coordinator.keeper import split
     from fedprune.coordinator.pruning import pruner_for
+    from fedprune.coordinator.scaffold import Control
     from fedprune.coordinator.session import evaluator
     from fedprune.protocol.codec import Update
 
@@ -173,14 +178,24 @@ def run(setting: Setting) -> dict[str, Any]:
     test, validate = evaluator(pruner, x_test, y_test), evaluator(pruner, x_val, y_val)
     trainer = trainer_for(config, pruner)
     server = config.server()
+    control = Control(multiple=config.clip_multiple) if config.scaffold else None
+    own: dict[int, list[np.ndarray]] = {}  # SCAFFOLD: each device's c_i
     pick = np.random.default_rng([setting.seed, 77])
     accuracy, validation = [], []
     for round_ in range(1, config.rounds + 1):
         model = pruner.model()
         aggregator = make_aggregator("fedavg", [w.shape for w in model.weights])
+        aggregator.control = control
+        c = None
+        if control is not None:
+            control.payload(model)  # c for this round (what devices fetch)
+            c = [a.astype(np.float32) for a in control.c]
         chosen = pick.choice(setting.devices, setting.per_round, replace=False)
         for i in sorted(chosen):
             x, _ = devices[i].shaped(shape)
+            c_i = own.get(int(i))
+            if c is not None and (c_i is None or [a.shape for a in c_i] != [a.shape for a in c]):
+                c_i = [np.zeros_like(a) for a in c]  # new, or the model was rebuilt
             new = trainer.fit(
                 model,
                 x,
@@ -188,15 +203,34 @@ def run(setting: Setting) -> dict[str, Any]:
                 epochs=config.local_epochs,
                 seed=setting.seed * 100_003 + round_ * 101 + int(i),
                 learning_rate=config.learning_rate_of(round_),
+                correction=None
+                if c is None or c_i is None
+                else _masked([a - b for a, b in zip(c, c_i, strict=True)], model),
             )
+            change = None
+            if c_i is not None:
+                fresh = _masked(trainer.mean_gradient(), model)
+                change = [a - b for a, b in zip(fresh, c_i, strict=True)]
+                own[int(i)] = fresh
             deltas = [n - w for n, w in zip(new, model.weights, strict=True)]
-            aggregator.add(Update(round=round_, num_samples=devices[i].num_samples, deltas=deltas))
+            aggregator.add(
+                Update(
+                    round=round_,
+                    num_samples=devices[i].num_samples,
+                    deltas=deltas,
+                    control=change,
+                )
+            )
         delta = aggregator.delta(model.weights)
         assert delta is not None
         pruner.set_weights(server.step(model, delta))
+        if control is not None:
+            control.close(model, setting.devices)
         pruner.step(round_)
         if pruner.rebuild_due(round_) and pruner.rebuild():  # as the round loop does
             server.cut(pruner.cut)
+            if control is not None:
+                control.cut(pruner.cut)
             trainer = trainer_for(config, pruner)
         evaluation, chosen_by = test(), validate()
         assert evaluation is not None and chosen_by is not None
@@ -242,6 +276,14 @@ def centralized(setting: Setting) -> dict[str, Any]:
     _, (x_test, y_test) = split(x_all, heldout.y, config.validation, config.seed)
     evaluation = trainer.evaluate(new, x_test, y_test)
     return {"setting": dataclasses.asdict(setting), "accuracy": [_finite(evaluation.accuracy)]}
+
+
+def _masked(arrays: list[np.ndarray], model: Any) -> list[np.ndarray]:
+    """``arrays`` zero where ``model`` is pruned, as a device keeps SCAFFOLD's variates."""
+    return [
+        np.asarray(a, np.float32) * (1 if m is None else m)
+        for a, m in zip(arrays, model.masks, strict=True)
+    ]
 
 
 def _finite(value: float | None) -> float:

@@ -333,6 +333,7 @@ def _trainable(pruner: Pruner, config: RunConfig) -> bytes:
             momentum=config.momentum,
             task=Task(config.task),
             prox_mu=config.prox_mu,
+            scaffold=config.scaffold,
         )
 
 
