@@ -322,8 +322,21 @@ def read(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+def key(setting: dict[str, Any]) -> str:
+    """A run's setting as text (runs of before --min-size had 20)."""
+    return json.dumps({"min_size": 20, **setting}, sort_keys=True)
+
+
+def unique(path: Path) -> list[dict[str, Any]]:
+    """The runs in ``path``, the first of each setting (two grids may both have run one)."""
+    first: dict[str, dict[str, Any]] = {}
+    for r in read(path):
+        first.setdefault(key(r["setting"]), r)
+    return list(first.values())
+
+
 def report(path: Path) -> None:
-    results = list(read(path))
+    results = unique(path)
     central = {
         (r["setting"]["model"], r["setting"]["alpha"], r["setting"]["seed"]): r["accuracy"][0]
         for r in results
@@ -370,7 +383,7 @@ def plot(path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in read(path) if r["setting"]["rule"] != "centralized"]
+    results = [r for r in unique(path) if r["setting"]["rule"] != "centralized"]
     panels = sorted({(r["setting"]["model"], r["setting"]["alpha"]) for r in results})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (model, alpha) in zip(axes[0], panels, strict=True):
@@ -427,9 +440,7 @@ def main() -> None:
     p.add_argument("--plot", type=Path, help="write the accuracy curves here (PNG)")
     args = p.parse_args()
     if not args.report_only:
-        done = {  # runs of before --min-size had 20
-            json.dumps({"min_size": 20, **r["setting"]}, sort_keys=True) for r in read(args.results)
-        }
+        done = {key(r["setting"]) for r in read(args.results)}
         todo = []
         for model in args.models.split(","):
             for alpha in (float(a) for a in args.alphas.split(",")):
