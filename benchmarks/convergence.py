@@ -230,7 +230,7 @@ def run(setting: Setting) -> dict[str, Any]:
         if pruner.rebuild_due(round_) and pruner.rebuild():  # as the round loop does
             server.cut(pruner.cut)
             if control is not None:
-                control.cut(pruner.cut)
+                control.reset()  # as each device's c_i (other shapes now)
             trainer = trainer_for(config, pruner)
         evaluation, chosen_by = test(), validate()
         assert evaluation is not None and chosen_by is not None

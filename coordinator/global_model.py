@@ -18,7 +18,7 @@ Evaluator = Callable[[], Evaluation | None]
 
 Cutter = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 """Cuts arrays laid out as the model's weights before a rebuild to the rebuilt (smaller) model's,
-as its weights were cut: a server optimizer's state, SCAFFOLD's control variate."""
+as its weights were cut: the server optimizer's state."""
 
 
 class GlobalModel(Protocol):

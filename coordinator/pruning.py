@@ -106,7 +106,7 @@ class Pruner:
         self.step_offset = schedule.begin_round - 1 if schedule.m_by_n else 0
         self.units: dict[str, int] = {}
         # What cuts arrays laid out as the weights before the last rebuild to the model after it
-        # (a server optimizer's state, SCAFFOLD's control variate: structure.Cutter).
+        # (the server optimizer's state: global_model.Cutter).
         self.cut: Cutter | None = None
         self.weight_phase = False  # a hybrid schedule wraps for its weights once units are done
         self._adopt(wrap(model, schedule), round_=self.step_offset - 1)

@@ -303,7 +303,7 @@ class Coordinator:
         )
         self.server.cut(self.pruner.cut)  # its state goes on, cut as the weights were
         if self.control is not None:
-            self.control.cut(self.pruner.cut)
+            self.control.reset()  # as the devices' c_i: c stays their mean
         self.downlink.forget_model()
         self.intake.forget_previous()  # late updates of the old shapes cannot count any more
         self.spec.publish()

@@ -8,8 +8,9 @@ devices to c, N being the devices of the fleet (Alg. 1, line 17).
 
 A device's Δc_i is taken like its update: clipped to ``multiple`` times the median norm of the
 previous round's (:class:`~fedprune.coordinator.aggregation.NormBound`), so a stolen device moves
-c by at most that, divided by N. Pruned positions of c stay zero; a rebuilt (smaller) model cuts
-c as it cuts its weights, and each device starts its c_i again (its shapes no longer fit).
+c by at most that, divided by N. Pruned positions of c stay zero. A rebuilt (smaller) model
+starts c again from zero, as each device starts its c_i again (its shapes no longer fit): c
+stays their mean.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedprune.coordinator.aggregation import NormBound, l2_norm, median_norm
-from fedprune.coordinator.global_model import Cutter
 from fedprune.protocol.codec import Model, encode_model
 from fedprune.protocol.errors import ConfigError
 
@@ -69,11 +69,12 @@ class Control:
             ]
         self.bound.observe(median_norm(self._norms))
 
-    def cut(self, cut: Cutter | None) -> None:
-        """The model was rebuilt smaller: cut c as its weights were (``None``: start again)."""
-        if cut is None and self.c:
-            log.info("SCAFFOLD's control variate starts again: the model was rebuilt")
-        self.c = [] if cut is None or not self.c else cut(self.c)
+    def reset(self) -> None:
+        """The model was rebuilt smaller: c starts again from zero, as every device's c_i does
+        (its shapes no longer fit), so that c stays the mean of the c_i."""
+        if self.c:
+            log.info("SCAFFOLD's control variates start again: the model was rebuilt")
+        self.c = []
 
     def state(self) -> dict[str, np.ndarray]:
         return {f"c{i:03d}": a for i, a in enumerate(self.c)}

@@ -41,7 +41,7 @@ def test_a_pruned_position_of_c_stays_zero_and_a_rebuild_starts_it_again() -> No
     control.close(MODEL, fleet=1)
     assert control.c[0][1] == 0.0
 
-    control.cut(None)
+    control.reset()
     control.payload(Model(weights=[np.zeros(2, np.float32)], masks=[None]))  # rebuilt smaller
     assert [a.shape for a in control.c] == [(2,)]
     assert not np.any(control.c[0])

@@ -22,7 +22,7 @@ from fedprune.coordinator.digits import write_demo_data
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROUNDS = 4
-TRAINERS = ("keras", "keras", "keras")
+TRAINERS = ("litert", "litert", "keras")
 RUN = "scaffold"
 
 
