@@ -376,42 +376,49 @@ def report(path: Path) -> None:
                 )
 
 
+PLOTTED = ("fedavg", "momentum", "yogi", "scaffold", "momentum+best", "scaffold+best")
+"""The rules the plot shows, each in its one colour in every panel."""
+
+
 def plot(path: Path, out: Path) -> None:
-    """Accuracy over rounds, median over seeds, one panel per model and alpha (dense runs)."""
+    """Accuracy over rounds of the model a run would export, median over seeds, one panel per
+    model and alpha (dense runs of the rules in ``PLOTTED``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in unique(path) if r["setting"]["rule"] != "centralized"]
-    panels = sorted({(r["setting"]["model"], r["setting"]["alpha"]) for r in results})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (model, alpha) in zip(axes[0], panels, strict=True):
-        rules = sorted(
-            {
-                r["setting"]["rule"]
-                for r in results
-                if (r["setting"]["model"], r["setting"]["alpha"]) == (model, alpha)
-            }
-        )
-        for rule in rules:
+    results = [r for r in unique(path) if r["setting"]["pruning"] == "dense"]
+    panels = sorted(
+        {(r["setting"]["model"], r["setting"]["alpha"]) for r in results},
+        key=lambda p: (p[0] != "cnn", p),
+    )
+    columns = 3
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    colours = dict(zip(PLOTTED, plt.get_cmap("tab10").colors, strict=False))
+    for ax, (model, alpha) in zip(axes.flat, panels, strict=False):
+        for rule in PLOTTED:
             curves = [
                 deployed(r)
                 for r in results
                 if (r["setting"]["model"], r["setting"]["alpha"], r["setting"]["rule"])
                 == (model, alpha, rule)
-                and r["setting"]["pruning"] == "dense"
             ]
             if curves:
-                ax.plot(np.median(np.array(curves), axis=0), label=rule, linewidth=1.2)
-        ax.set_title(f"{model}, alpha {alpha:g} (dense)")
-        ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0.5, 1.0)
+                rounds = np.arange(1, len(curves[0]) + 1)
+                median = np.median(np.array(curves), axis=0)
+                ax.plot(rounds, median, label=rule, color=colours[rule], linewidth=1.2)
+        ax.set_title(f"{model}, alpha {alpha:g}", fontsize=9)
+        ax.set_xlabel("round", fontsize=8)
+        ax.set_ylabel("test accuracy", fontsize=8)
+        ax.set_ylim(0.6, 1.0)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
 
 
 def _work(setting: Setting) -> dict[str, Any]:
