@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from round_harness import (
     ROUND,
     TOPICS,
@@ -17,7 +18,7 @@ from round_harness import (
     update_payload,
 )
 
-from fedprune.protocol.codec import Model
+from fedprune.protocol.codec import Codec, Model, Update, decode_update, encode_update
 from fedprune.protocol.envelope import decode
 from fedprune.protocol.messages import Round, Spec
 
@@ -103,3 +104,40 @@ def test_a_plain_run_selects_a_device_that_follows_no_training_rule(
 
     assert result.selected == 3
     assert old.notices() == []
+
+
+@pytest.mark.parametrize("codec", ["int8", "int8+top0.1"])
+def test_the_server_optimizer_steps_on_what_a_lossy_codec_delivered(
+    harness: Callable[..., Harness], codec: str
+) -> None:
+    # Prepare: server Adam in a run forcing a lossy codec; both devices send in it
+    h = harness(server_optimizer="adam", server_lr=0.05, codec=codec)
+    for name in ("a", "b"):
+        h.clients[name] = FakeClient(h.broker, name, codecs=("f32", "f16", "int8", "topk"))
+    h.coordinator.pump(0.1)
+    h.coordinator.pump(0.1)
+    sent: list[Update] = []
+
+    def answer(announcement: Round, model: Model) -> None:
+        for seed, name in enumerate(("a", "b")):
+            update = Update(round=ROUND, num_samples=100, deltas=random_delta(model, seed))
+            payload = encode_update(update, model.masks, Codec.parse(codec))
+            sent.append(decode_update(payload, model))  # what the coordinator receives
+            h.clients[name].send(ROUND, payload)
+
+    h.on_round(answer)
+
+    # Execute
+    before, result, after = h.run_round()
+
+    # Assert: the first Adam step of the mean of the decoded updates; pruned weights still zero
+    assert (result.reported, result.codecs) == (2, {codec: 2})
+    mean = [
+        (x.astype(np.float64) + y) / 2 for x, y in zip(sent[0].deltas, sent[1].deltas, strict=True)
+    ]
+    tau = 1e-3
+    want = [
+        w + 0.05 * (0.1 * d) / (np.sqrt(0.99 * tau**2 + 0.01 * d**2) + tau)
+        for w, d in zip(before.weights, mean, strict=True)
+    ]
+    assert_weights(after, want)
