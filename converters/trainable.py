@@ -30,7 +30,7 @@ Signatures, for B = ``batch_size``, S = the input shape, K = classes, N = ``len(
     get_weights()                              -> {"w000": float32[...], ..., "w<N-1>": ...}
     set_weights(w000=float32[...], ...)        -> {"ok": int32[]}  (always 1)
     set_masks(m000=float32[...], ...)          -> {"ok": int32[]}  (always 1)
-    set_lr(lr: float32[])                      -> {"ok": int32[]}  (always 1)
+    set_lr(lr: float32[1])                     -> {"ok": int32[]}  (always 1)
     moments(x: float32[B, *S])                 -> {"w<i>": float32[C], ...}  (with BN only)
     set_correction(c000=float32[...], ...)     -> {"ok": int32[]}  (with scaffold only)
     get_gradient()                             -> {"g000": float32[...], ...}  (with scaffold)
@@ -220,7 +220,10 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         self.set_weights = tf.function(self._set_weights, input_signature=w_specs)
         self.set_masks = tf.function(self._set_masks, input_signature=m_specs)
         self.set_lr = tf.function(
-            self._set_lr, input_signature=[tf.TensorSpec([], tf.float32, name="lr")]
+            # rank 1, not a scalar: LiteRT for aarch64 crashed (SIGSEGV, under qemu) on a rank-0
+            # signature input (tests/integration/test_arm64.py)
+            self._set_lr,
+            input_signature=[tf.TensorSpec([1], tf.float32, name="lr")],
         )
         if scaffold:
             self.set_correction = tf.function(self._set_correction, input_signature=c_specs)
@@ -304,7 +307,7 @@ class _Trainable(tf.Module):  # type: ignore[misc]
         return {"ok": tf.constant(1)}
 
     def _set_lr(self, lr: tf.Tensor) -> dict[str, tf.Tensor]:
-        self.optimizer.lr.assign(lr)
+        self.optimizer.lr.assign(tf.reshape(lr, []))
         return {"ok": tf.constant(1)}
 
     def _set_correction(self, *values: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -101,7 +101,7 @@ class LiteRTTrainer(Trainer):
         the Spec's: the artifact keeps the last rate set. An artifact without ``set_lr`` trains
         at the rate it was built with, the Spec's."""
         if SET_LR in self._run:
-            self._run[SET_LR](lr=np.float32(lr))
+            self._run[SET_LR](lr=np.array([lr], np.float32))  # rank 1: see converters.trainable
         elif lr != self.spec.learning_rate:
             raise ModelError(
                 f"the training artifact has no {SET_LR} signature (built by a coordinator older"

@@ -88,7 +88,7 @@ class Device:
         self.run["set_masks"](**{f"m{i:03d}": m for i, m in enumerate(full)})
 
     def set_lr(self, lr: float) -> None:
-        self.run[SET_LR](lr=np.float32(lr))
+        self.run[SET_LR](lr=np.array([lr], np.float32))
 
     def set_correction(self, correction: list[np.ndarray]) -> None:
         self.run["set_correction"](**{f"c{i:03d}": c for i, c in enumerate(correction)})
