@@ -264,11 +264,20 @@ def _heldout(
             f" {classes} classes"
         )
     choose = None
-    if config.keep is Keep.BEST:
+    validation = rundir.path / "validation.npz"
+    if config.keep is Keep.BEST and _own_copy(config, rundir) and validation.is_file():
+        kept = local_data.load(validation, holdout=0.0)  # a resumed run's, split already
+        choose = kept.shaped(pruner.input_shape())[0], kept.y
+    elif config.keep is Keep.BEST:
         choose, (x, y) = split(x, y, config.validation, config.seed)
-        rundir.write_heldout(*choose, name="validation.npz")
+        rundir.write_heldout(*choose, name=validation.name)
     rundir.write_heldout(x, y)
     return x, y, choose
+
+
+def _own_copy(config: RunConfig, rundir: RunDir) -> bool:
+    """Whether ``--heldout`` is the run directory's heldout.npz (what a resumed run reads)."""
+    return Path(config.heldout).resolve() == (rundir.path / "heldout.npz").resolve()
 
 
 def _deploy(

@@ -124,3 +124,33 @@ def test_keep_best_reports_and_verifies_exports_on_the_test_share_only(
         assert list(val["y"]) == list(choose[1]) and len(choose[1]) == 20
         together = np.concatenate([test["x"], val["x"]])
     assert sorted(map(tuple, together)) == sorted(map(tuple, np.load(tmp_path / "h.npz")["x"]))
+
+
+def test_a_resumed_run_reads_its_own_shares_and_does_not_split_them_again(
+    tmp_path: Path, pruner: Pruner
+) -> None:
+    # Prepare: a run that split its held-out set; resumed, it reads the run directory's copy
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "h.npz", x=rng.random((40, 64), np.float32), y=np.arange(40) % 10)
+    first = RunConfig(model="mlp", keep="best", heldout=str(tmp_path / "h.npz"), out=str(tmp_path))  # type: ignore[arg-type]
+    rundir = RunDir(first.run_dir)
+    rundir.write_config(first)
+    x, y, choose = session._heldout(first, pruner, rundir)
+    resumed = RunConfig(
+        model="mlp",
+        keep="best",
+        heldout=str(rundir.path / "heldout.npz"),
+        out=str(tmp_path),  # type: ignore[arg-type]
+    )
+
+    # Execute
+    x2, y2, choose2 = session._heldout(resumed, pruner, RunDir(first.run_dir, resume=True))
+
+    # Assert: the same test share reports, the same validation share chooses
+    assert choose is not None and choose2 is not None and x is not None and x2 is not None
+
+    def rows(a: np.ndarray) -> list[tuple[float, ...]]:  # loading shuffles: compare the sets
+        return sorted(map(tuple, a.reshape(len(a), -1)))
+
+    assert rows(x2) == rows(x) and rows(choose2[0]) == rows(choose[0])
+    assert len(y2) == len(y) == 20  # type: ignore[arg-type]
