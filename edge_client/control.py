@@ -8,9 +8,9 @@ codec. What it keeps is ``c_i`` plus the change *as the coordinator decodes it*,
 codec never lets the two sides disagree; the next change carries what this one did not.
 
 c_i belongs to a run and an architecture (:func:`control_key`): one of another run, or of other
-shapes, starts again from zeros. A model rebuilt smaller is of other shapes: the coordinator cuts
-its c as it cut the weights, which a device cannot do to its c_i, not knowing the units cut.
-Pruned positions are zero on both sides.
+shapes, starts again from zeros. A model rebuilt smaller is of other shapes: every device starts
+its c_i again, and so does the coordinator its c (coordinator/scaffold.py), which stays their
+mean. Pruned positions are zero on both sides.
 """
 
 from __future__ import annotations
