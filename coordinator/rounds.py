@@ -19,9 +19,11 @@ from typing import Any
 
 from fedprune.coordinator.aggregation import Loss, NormBound, make_aggregator
 from fedprune.coordinator.deployment import Deployments
-from fedprune.coordinator.fleet import Change, Draw, needs_artifact
+from fedprune.coordinator.fleet import Draw
 from fedprune.coordinator.global_model import Evaluator, GlobalModel
+from fedprune.coordinator.inbox import Inbox
 from fedprune.coordinator.intake import RoundState
+from fedprune.coordinator.keys import DeviceKeys
 from fedprune.coordinator.parts import Parts
 from fedprune.coordinator.result import RoundResult, round_report
 from fedprune.coordinator.scaffold import Control
@@ -31,8 +33,6 @@ from fedprune.protocol.codec import Model
 from fedprune.protocol.errors import ConfigError
 from fedprune.protocol.messages import (
     Close,
-    Hello,
-    Notice,
     Phase,
     Round,
     RoundMetrics,
@@ -73,7 +73,7 @@ class Coordinator:
         self.codec, self.downlink, self.fleet = parts.codec, parts.downlink, parts.fleet
         self.telemetry, self.observer = parts.telemetry, parts.observer
         self.spec, self.intake, self.partials = parts.spec, parts.intake, parts.partials
-        self.keys = parts.keys
+        self.inbox = Inbox(parts)  # what the coordinator receives, handled
         self.pruner = model
         self.evaluate = evaluate
         self.loss = loss
@@ -94,6 +94,15 @@ class Coordinator:
         if self.control is not None:
             states["control_"] = self.control
         return states
+
+    @property
+    def keys(self) -> DeviceKeys | None:
+        """The devices' verify keys, read again when they change (the inbox reads them)."""
+        return self.inbox.keys
+
+    @keys.setter
+    def keys(self, keys: DeviceKeys | None) -> None:
+        self.inbox.keys = keys
 
     @property
     def bytes_down(self) -> int:
@@ -324,53 +333,8 @@ class Coordinator:
     # -- receiving -------------------------------------------------------------------------------
 
     def pump(self, timeout: float) -> bool:
-        """Handle one message if one arrives within ``timeout`` seconds; ``False`` if none did."""
-        for event in self.transport.connection_events():
-            self.observer.connection(event)
-        self.observer.tick()
-        if self.keys is not None:
-            for client_id in self.intake.reload_keys(self.keys):
-                self.observer.left(client_id)
-        item = self.transport.get(timeout)
-        if item is None:
-            return False
-        self.handle(*item)
-        return True
-
-    def handle(self, topic: str, payload: bytes) -> None:
-        """One message: an update, a device's status, or an aggregator's tally or partial sum."""
-        if self.partials is not None and topic.startswith(self.partials.root):
-            self.partials.on_message(topic, payload, self.intake.current)
-        elif (parsed := self.topics.parse_update(topic)) is not None:
-            self.intake.on_message(parsed[0], parsed[1], payload)
-        elif (client_id := self.topics.client_of_status(topic)) is not None:
-            change = self.fleet.on_status(
-                client_id, payload, self.intake.trust, run=self.topics.run
-            )
-            if change is not None:
-                self._changed(change)
-
-    def _changed(self, change: Change) -> None:
-        """A device said hello (joined, came back, installed a model) or went offline."""
-        hello = change.hello
-        if hello is None:
-            self.observer.left(change.client_id)
-            return
-        if change.joined:
-            self._joined(hello)
-        self.intake.claimed(hello.client_id, hello.unanswered)
-        self.observer.hello(hello)
-
-    def _joined(self, hello: Hello) -> None:
-        """A device joined: it got what is retained, and the artifact again in chunks it takes
-        if it needs smaller ones. A device that cannot use the run's codec is told (it is never
-        selected)."""
-        needs = needs_artifact(hello.backend) and bool(self.spec.artifact)
-        self.downlink.joined(hello, artifact=needs)
-        if needs:
-            self.spec.joined(self.fleet.fit([hello]))
-        if (unable := self.fleet.cannot_follow(hello)) is not None:
-            self.downlink.notify(hello.client_id, Notice(round=0, accepted=False, reason=unable))
+        """Handle one message if one arrives within ``timeout`` seconds (inbox.Inbox)."""
+        return self.inbox.pump(timeout)
 
     # -- what devices read ----------------------------------------------------------------------
 
