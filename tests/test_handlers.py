@@ -141,7 +141,7 @@ def test_a_coordinator_survives_any_message_between_rounds_and_inside_one(
 
     def answer(announcement: Round, model: Model) -> None:
         for topic, payload in during:
-            h.coordinator.handle(topic, payload)
+            h.coordinator.inbox.handle(topic, payload)
         for name, seed in (("a", 1), ("b", 2)):
             h.clients[name].send(
                 announcement.round, update_payload(model, random_delta(model, seed))
@@ -151,7 +151,7 @@ def test_a_coordinator_survives_any_message_between_rounds_and_inside_one(
 
     # Execute: nothing it handles raises; the round still ends
     for topic, payload in before:
-        h.coordinator.handle(topic, payload)
+        h.coordinator.inbox.handle(topic, payload)
     try:
         _, result, _ = h.run_round()
     except ConfigError as exc:  # every device gone (forged last wills): the run ends cleanly

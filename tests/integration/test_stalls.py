@@ -130,7 +130,7 @@ def test_a_reader_held_up_past_the_keepalive_grace_during_a_burst_loses_no_updat
     coordinator = Coordinator(Parts.build(transport, config, pruner), pruner, evaluate=lambda: None)
     connections = Connections()
     coordinator.observer.observers.append(connections)
-    handle, held = coordinator.handle, threading.Event()
+    handle, held = coordinator.inbox.handle, threading.Event()
 
     def held_up(topic: str, payload: bytes) -> None:
         if not held.is_set() and coordinator.topics.parse_update(topic) is not None:
@@ -138,7 +138,7 @@ def test_a_reader_held_up_past_the_keepalive_grace_during_a_burst_loses_no_updat
             time.sleep(5)  # the reader is busy; the burst goes on
         handle(topic, payload)
 
-    coordinator.handle = held_up  # type: ignore[method-assign]
+    coordinator.inbox.handle = held_up  # type: ignore[method-assign]
     burst = Burst(mosquitto, run, devices)
 
     # Execute
